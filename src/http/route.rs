@@ -1,0 +1,137 @@
+//! Parsing `/v2/...` paths into endpoints, from the right end (names may contain `manifests`,
+//! `blobs`, any number of `/`). Names, references and digests are validated here, before any
+//! handler runs — so nothing below the edge sees an unparsed string.
+
+use crate::oci::{Digest, ErrorCode, Reference, ReferenceError, RegistryError, RepoName};
+
+/// A parsed `/v2/` endpoint.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v2/`
+    Base,
+    /// `/v2/_catalog`
+    Catalog,
+    /// `/v2/<name>/tags/list`
+    Tags(RepoName),
+    /// `/v2/<name>/manifests/<reference>`
+    Manifest(RepoName, Reference),
+    /// `/v2/<name>/blobs/<digest>`
+    Blob(RepoName, Digest),
+    /// `/v2/<name>/blobs/uploads/...` (push: unsupported)
+    Upload,
+}
+
+fn name(s: &str) -> Result<RepoName, RegistryError> {
+    s.parse::<RepoName>()
+        .map_err(|e| RegistryError::new(ErrorCode::NameInvalid, e.to_string()))
+}
+
+fn digest(s: &str) -> Result<Digest, RegistryError> {
+    s.parse::<Digest>()
+        .map_err(|e| RegistryError::new(ErrorCode::DigestInvalid, e.to_string()))
+}
+
+fn unknown_endpoint(path: &str) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::NameUnknown,
+        format!("no such endpoint: {}", crate::oci::digest::truncate(path)),
+    )
+}
+
+/// Parses the path after `/v2/`.
+pub fn parse(rest: &str) -> Result<Endpoint, RegistryError> {
+    if rest.is_empty() {
+        return Ok(Endpoint::Base);
+    }
+    if rest == "_catalog" {
+        return Ok(Endpoint::Catalog);
+    }
+    // No valid name, tag or digest contains '%': refuse encoded slashes, dots, NULs outright.
+    if rest.contains('%') {
+        return Err(RegistryError::new(
+            ErrorCode::NameInvalid,
+            "percent-encoded characters are not allowed in repository paths",
+        ));
+    }
+    if let Some(n) = rest.strip_suffix("/tags/list") {
+        return Ok(Endpoint::Tags(name(n)?));
+    }
+    if let Some(i) = rest.find("/blobs/uploads") {
+        let tail = &rest[i + "/blobs/uploads".len()..];
+        if tail.is_empty() || tail.starts_with('/') {
+            return Ok(Endpoint::Upload);
+        }
+    }
+    let (head, last) = rest
+        .rsplit_once('/')
+        .ok_or_else(|| unknown_endpoint(rest))?;
+    let (n, kind) = head
+        .rsplit_once('/')
+        .ok_or_else(|| unknown_endpoint(rest))?;
+    match kind {
+        "manifests" => {
+            let repo = name(n)?;
+            let reference = last.parse::<Reference>().map_err(|e| match e {
+                ReferenceError::Tag(t) => RegistryError::new(ErrorCode::TagInvalid, t.to_string()),
+                ReferenceError::Digest(d) => {
+                    RegistryError::new(ErrorCode::DigestInvalid, d.to_string())
+                }
+            })?;
+            Ok(Endpoint::Manifest(repo, reference))
+        }
+        "blobs" => {
+            let repo = name(n)?;
+            Ok(Endpoint::Blob(repo, digest(last)?))
+        }
+        _ => Err(unknown_endpoint(rest)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+    fn code(rest: &str) -> ErrorCode {
+        parse(rest).unwrap_err().code
+    }
+
+    #[test]
+    fn endpoints_parse_from_the_right() {
+        assert_eq!(parse("").unwrap(), Endpoint::Base);
+        assert_eq!(parse("_catalog").unwrap(), Endpoint::Catalog);
+        assert!(
+            matches!(parse("a/b/tags/list").unwrap(), Endpoint::Tags(n) if n.as_str() == "a/b")
+        );
+        match parse("manifests/blobs/manifests/latest").unwrap() {
+            Endpoint::Manifest(n, Reference::Tag(t)) => {
+                assert_eq!((n.as_str(), t.as_str()), ("manifests/blobs", "latest"))
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&format!("library/alpine/blobs/{D}")).unwrap() {
+            Endpoint::Blob(n, d) => {
+                assert_eq!((n.as_str(), d.to_string().as_str()), ("library/alpine", D))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(parse("x/blobs/uploads/").unwrap(), Endpoint::Upload);
+        assert_eq!(parse("x/blobs/uploads/uuid-1").unwrap(), Endpoint::Upload);
+    }
+
+    #[test]
+    fn bad_parts_get_their_codes() {
+        assert_eq!(code("UPPER/manifests/latest"), ErrorCode::NameInvalid);
+        assert_eq!(code("../etc/manifests/latest"), ErrorCode::NameInvalid);
+        assert_eq!(code("a/%2e%2e/manifests/latest"), ErrorCode::NameInvalid);
+        assert_eq!(code("a/manifests/-bad"), ErrorCode::TagInvalid);
+        assert_eq!(code("a/manifests/sha256:xyz"), ErrorCode::DigestInvalid);
+        assert_eq!(code("a/blobs/sha256:xyz"), ErrorCode::DigestInvalid);
+        assert_eq!(code("a/blobs/latest"), ErrorCode::DigestInvalid);
+        assert_eq!(code("a/unknown/x"), ErrorCode::NameUnknown);
+        assert_eq!(code("justone"), ErrorCode::NameUnknown);
+        let long = format!("{}/manifests/latest", "a/".repeat(10_000));
+        assert_eq!(code(&long), ErrorCode::NameInvalid);
+    }
+}

@@ -1,0 +1,697 @@
+//! Talking to upstream registries: one [`Upstream`] client per configured registry, routing of a
+//! client's request to one of them ([`route`]), token auth ([`auth`]), and redirects followed by
+//! hand so that credentials never leave the registry's origin.
+
+pub mod auth;
+pub mod route;
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use reqwest::Response;
+
+use crate::cache::BlobBody;
+use crate::config::UpstreamConfig;
+use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
+use auth::{Challenge, Secret, TokenCache};
+
+pub use route::{Route, Router};
+
+/// Largest manifest accepted from upstream (containerd's limit is ~4 MiB).
+pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
+const MAX_REDIRECTS: usize = 5;
+
+/// What went wrong talking to an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Could not connect, timed out, or the connection broke.
+    #[error("upstream {host} unreachable: {message}")]
+    Unreachable { host: String, message: String },
+    /// The upstream answered with an error status.
+    #[error("upstream {host} answered {status}{}", code.map(|c| format!(" {}", c.as_str())).unwrap_or_default())]
+    Status {
+        host: String,
+        status: u16,
+        code: Option<ErrorCode>,
+        retry_after: Option<u64>,
+    },
+    /// The upstream answered something we cannot use.
+    #[error("upstream {host}: {message}")]
+    Protocol { host: String, message: String },
+}
+
+impl UpstreamError {
+    /// Whether the upstream could not be asked at all (connection, timeout, 5xx): the case where
+    /// serving from cache is the right fallback.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable { .. } => true,
+            UpstreamError::Status { status, .. } => *status >= 500 || *status == 429,
+            UpstreamError::Protocol { .. } => false,
+        }
+    }
+
+    /// The error a client sees, for a request about `what` (blob / manifest).
+    pub fn to_registry_error(&self, not_found: ErrorCode) -> RegistryError {
+        match self {
+            UpstreamError::Unreachable { .. } => {
+                RegistryError::new(ErrorCode::Unavailable, self.to_string())
+            }
+            UpstreamError::Status {
+                status,
+                code,
+                retry_after,
+                ..
+            } => match status {
+                404 => RegistryError::new(code.unwrap_or(not_found), self.to_string()),
+                401 | 403 => RegistryError::new(
+                    ErrorCode::NameUnknown,
+                    format!("{self}: repository not found upstream, or not visible with the mirror's credentials"),
+                ),
+                429 => RegistryError::new(ErrorCode::TooManyRequests, self.to_string())
+                    .with_retry_after(*retry_after),
+                400..=499 => RegistryError::new(code.unwrap_or(not_found), self.to_string()),
+                _ => RegistryError::new(ErrorCode::Unavailable, self.to_string())
+                    .with_retry_after(*retry_after),
+            },
+            UpstreamError::Protocol { .. } => {
+                RegistryError::new(ErrorCode::Unknown, self.to_string()).with_status(502)
+            }
+        }
+    }
+}
+
+/// A manifest as the upstream sent it.
+#[derive(Debug)]
+pub struct FetchedManifest {
+    pub bytes: Bytes,
+    pub media_type: String,
+    pub digest: Digest,
+}
+
+/// The upstream's answer to a manifest HEAD.
+#[derive(Debug)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+    pub media_type: Option<String>,
+}
+
+/// One configured upstream registry.
+pub struct Upstream {
+    pub config: UpstreamConfig,
+    client: reqwest::Client,
+    tokens: TokenCache,
+    /// How each repository scope authenticates, learnt from its first challenge.
+    modes: Mutex<HashMap<String, AuthMode>>,
+}
+
+/// How requests for a repository are authenticated.
+#[derive(Clone, Debug)]
+enum AuthMode {
+    /// With the bearer token cached under this [`TokenCache`] key.
+    Bearer(String),
+    /// With the configured username and password.
+    Basic,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("host", &self.config.host)
+            .finish()
+    }
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Result<Upstream, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .user_agent(concat!("stowage/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Upstream {
+            config,
+            client,
+            tokens: TokenCache::default(),
+            modes: Mutex::default(),
+        })
+    }
+
+    /// The configured host name (`docker.io`).
+    pub fn host(&self) -> &str {
+        &self.config.host
+    }
+
+    fn api_url(&self, repo: &RepoName, rest: &str) -> String {
+        let base = self.config.url.as_str().trim_end_matches('/');
+        format!("{base}/v2/{repo}/{rest}")
+    }
+
+    fn unreachable(&self, e: impl std::fmt::Display) -> UpstreamError {
+        UpstreamError::Unreachable {
+            host: self.config.host.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn basic_auth(&self) -> Option<HeaderValue> {
+        use base64::Engine as _;
+        let user = self.config.username.as_deref()?;
+        let pass = self.config.password.as_deref().unwrap_or("");
+        let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        let mut v = HeaderValue::from_str(&format!("Basic {encoded}")).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    fn default_scope(repo: &RepoName) -> String {
+        format!("repository:{repo}:pull")
+    }
+
+    /// Sends a request to `/v2/<repo>/<rest>`, doing the auth dance and following redirects.
+    /// Non-2xx answers become [`UpstreamError::Status`].
+    pub async fn send(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        rest: &str,
+        headers: HeaderMap,
+    ) -> Result<Response, UpstreamError> {
+        let url = self.api_url(repo, rest);
+        let scope = Self::default_scope(repo);
+        // A token we already hold for this repository, from an earlier challenge.
+        let mut auth = self.cached_auth(&scope);
+        let mut retried_auth = false;
+        loop {
+            let resp = self
+                .send_following_redirects(&method, &url, &headers, auth.clone())
+                .await?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !retried_auth {
+                retried_auth = true;
+                let challenge = resp
+                    .headers()
+                    .get_all(http::header::WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(auth::parse_challenge);
+                match challenge {
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope: challenged,
+                    }) => {
+                        let scope = challenged.unwrap_or_else(|| scope.clone());
+                        let token = self.fetch_token(&realm, service.as_deref(), &scope).await?;
+                        // Remember which token serves this repository from now on.
+                        let key = TokenCache::key(&realm, service.as_deref(), Some(&scope));
+                        self.set_mode(&Self::default_scope(repo), AuthMode::Bearer(key));
+                        auth = Some(bearer(&token));
+                        continue;
+                    }
+                    Some(Challenge::Basic) if self.config.username.is_some() => {
+                        auth = self.basic_auth();
+                        self.set_mode(&scope, AuthMode::Basic);
+                        continue;
+                    }
+                    _ => {}
+                }
+            }
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                // A fresh token that still is not enough: the repository is not visible to us.
+                self.forget_auth(&scope);
+            }
+            return self.check_status(resp).await;
+        }
+    }
+
+    async fn send_following_redirects(
+        &self,
+        method: &Method,
+        url: &str,
+        headers: &HeaderMap,
+        auth: Option<HeaderValue>,
+    ) -> Result<Response, UpstreamError> {
+        let origin = reqwest::Url::parse(url).map_err(|e| self.unreachable(e))?;
+        let mut current = origin.clone();
+        for _ in 0..=MAX_REDIRECTS {
+            let mut req = self
+                .client
+                .request(method.clone(), current.clone())
+                .headers(headers.clone());
+            // Credentials go only to the registry's own origin, never to a CDN.
+            if let Some(a) = &auth {
+                if same_origin(&origin, &current) {
+                    req = req.header(http::header::AUTHORIZATION, a.clone());
+                }
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| self.unreachable(describe(&e)))?;
+            if !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let Some(location) = resp
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+            else {
+                return Ok(resp);
+            };
+            current = current
+                .join(location)
+                .map_err(|e| UpstreamError::Protocol {
+                    host: self.config.host.clone(),
+                    message: format!("bad redirect location: {e}"),
+                })?;
+            tracing::debug!(upstream = %self.config.host, to = %current.host_str().unwrap_or(""), "following redirect");
+        }
+        Err(UpstreamError::Protocol {
+            host: self.config.host.clone(),
+            message: "too many redirects".into(),
+        })
+    }
+
+    async fn check_status(&self, resp: Response) -> Result<Response, UpstreamError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let retry_after = resp
+            .headers()
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        // Read a bounded prefix of the error body for its OCI code.
+        let code = read_error_code(resp).await;
+        Err(UpstreamError::Status {
+            host: self.config.host.clone(),
+            status: status.as_u16(),
+            code,
+            retry_after,
+        })
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<Secret, UpstreamError> {
+        let key = TokenCache::key(realm, service, Some(scope));
+        if let Some(t) = self.tokens.get(&key) {
+            return Ok(t);
+        }
+        let mut url = reqwest::Url::parse(realm).map_err(|e| UpstreamError::Protocol {
+            host: self.config.host.clone(),
+            message: format!("bad token realm: {e}"),
+        })?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", scope);
+        }
+        let mut req = self.client.get(url);
+        if let Some(basic) = self.basic_auth() {
+            req = req.header(http::header::AUTHORIZATION, basic);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.unreachable(describe(&e)))?;
+        let resp = self.check_status(resp).await?;
+        let body = read_limited(resp, 1 << 20)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let parsed: auth::TokenResponse =
+            serde_json::from_slice(&body).map_err(|e| UpstreamError::Protocol {
+                host: self.config.host.clone(),
+                message: format!("token endpoint answered invalid JSON: {e}"),
+            })?;
+        let (token, lifetime) = parsed.into_token().ok_or_else(|| UpstreamError::Protocol {
+            host: self.config.host.clone(),
+            message: "token endpoint answered no token".into(),
+        })?;
+        self.tokens.put(key, token.clone(), lifetime);
+        Ok(token)
+    }
+
+    fn set_mode(&self, repo_scope: &str, mode: AuthMode) {
+        let mut modes = self.modes.lock().unwrap_or_else(|p| p.into_inner());
+        if modes.len() > 100_000 {
+            modes.clear();
+        }
+        modes.insert(repo_scope.to_owned(), mode);
+    }
+
+    fn mode(&self, repo_scope: &str) -> Option<AuthMode> {
+        let modes = self.modes.lock().unwrap_or_else(|p| p.into_inner());
+        modes.get(repo_scope).cloned()
+    }
+
+    // A fresh token was not enough: drop it so the next request asks again.
+    fn forget_auth(&self, repo_scope: &str) {
+        if let Some(AuthMode::Bearer(key)) = self.mode(repo_scope) {
+            self.tokens.remove(&key);
+        }
+    }
+
+    fn cached_auth(&self, repo_scope: &str) -> Option<HeaderValue> {
+        match self.mode(repo_scope)? {
+            AuthMode::Basic => self.basic_auth(),
+            AuthMode::Bearer(key) => self.tokens.get(&key).map(|t| bearer(&t)),
+        }
+    }
+
+    fn manifest_headers(accept: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(accept) {
+            h.insert(http::header::ACCEPT, v);
+        }
+        h
+    }
+
+    /// `HEAD /v2/<repo>/manifests/<reference>` — free against Docker Hub's rate limit.
+    pub async fn head_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+    ) -> Result<ManifestHead, UpstreamError> {
+        let resp = self
+            .send(
+                Method::HEAD,
+                repo,
+                &format!("manifests/{reference}"),
+                Self::manifest_headers(accept),
+            )
+            .await?;
+        let h = resp.headers();
+        Ok(ManifestHead {
+            digest: h
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            media_type: h
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| crate::oci::media::bare_content_type(v).to_owned()),
+        })
+    }
+
+    /// `GET /v2/<repo>/manifests/<reference>`: the exact bytes, their digest and media type.
+    /// A by-digest fetch is verified against the digest asked for; a by-tag fetch against the
+    /// upstream's `Docker-Content-Digest` when it sends one.
+    pub async fn get_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &str,
+        expected: Option<&Digest>,
+        accept: &str,
+    ) -> Result<FetchedManifest, UpstreamError> {
+        let resp = self
+            .send(
+                Method::GET,
+                repo,
+                &format!("manifests/{reference}"),
+                Self::manifest_headers(accept),
+            )
+            .await?;
+        let header_digest: Option<Digest> = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let content_type = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| crate::oci::media::bare_content_type(v).to_owned());
+        let bytes =
+            read_limited(resp, MAX_MANIFEST_SIZE)
+                .await
+                .map_err(|e| UpstreamError::Protocol {
+                    host: self.config.host.clone(),
+                    message: format!("manifest {reference}: {e}"),
+                })?;
+        let digest = Digest::of(&bytes);
+        if let Some(want) = expected.or(header_digest.as_ref()) {
+            if *want != digest {
+                return Err(UpstreamError::Protocol {
+                    host: self.config.host.clone(),
+                    message: format!(
+                        "manifest {reference}: expected {want}, bytes hash to {digest}"
+                    ),
+                });
+            }
+        }
+        // The manifest's own mediaType is authoritative; fall back to the Content-Type.
+        let media_type = crate::oci::media::media_type_in_json(&bytes)
+            .or(content_type)
+            .ok_or_else(|| UpstreamError::Protocol {
+                host: self.config.host.clone(),
+                message: format!("manifest {reference} has no media type"),
+            })?;
+        Ok(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        })
+    }
+
+    /// `HEAD /v2/<repo>/blobs/<digest>`: the blob's size, without downloading it.
+    pub async fn head_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, UpstreamError> {
+        let resp = self
+            .send(
+                Method::HEAD,
+                repo,
+                &format!("blobs/{digest}"),
+                HeaderMap::new(),
+            )
+            .await?;
+        Ok(content_length(resp.headers()))
+    }
+
+    /// `GET /v2/<repo>/blobs/<digest>` from `offset` on. Returns the total size (when known) and
+    /// the body stream. Bytes are requested as-is (no content coding).
+    pub async fn get_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<BlobBody, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+        if offset > 0 {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+                headers.insert(http::header::RANGE, v);
+            }
+        }
+        let resp = self
+            .send(Method::GET, repo, &format!("blobs/{digest}"), headers)
+            .await?;
+        let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
+        let len = content_length(resp.headers());
+        let (start, total) = if partial {
+            let cr = resp
+                .headers()
+                .get(http::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_content_range);
+            match cr {
+                Some((s, t)) => (s, t),
+                None => {
+                    return Err(UpstreamError::Protocol {
+                        host: self.config.host.clone(),
+                        message: "206 without a usable Content-Range".into(),
+                    })
+                }
+            }
+        } else {
+            (0, len)
+        };
+        let host = self.config.host.clone();
+        let stream = resp.bytes_stream().map(move |r| {
+            r.map_err(|e| std::io::Error::other(format!("upstream {host}: {}", describe(&e))))
+        });
+        Ok(BlobBody {
+            start,
+            total,
+            stream: Box::pin(stream),
+        })
+    }
+
+    /// `GET /v2/<repo>/tags/list?<query>`: the body and the `Link` header, as sent.
+    pub async fn tags_list(
+        &self,
+        repo: &RepoName,
+        query: Option<&str>,
+    ) -> Result<(Bytes, Option<String>), UpstreamError> {
+        let rest = match query {
+            Some(q) if !q.is_empty() => format!("tags/list?{q}"),
+            _ => "tags/list".to_owned(),
+        };
+        let resp = self
+            .send(Method::GET, repo, &rest, HeaderMap::new())
+            .await?;
+        let link = resp
+            .headers()
+            .get(http::header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = read_limited(resp, 16 << 20)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok((body, link))
+    }
+}
+
+fn bearer(token: &Secret) -> HeaderValue {
+    let mut v = HeaderValue::from_str(&format!("Bearer {}", token.0))
+        .unwrap_or_else(|_| HeaderValue::from_static("Bearer invalid"));
+    v.set_sensitive(true);
+    v
+}
+
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// reqwest's error with its causes, for logs (URLs only; they carry no credentials).
+fn describe(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// `bytes <start>-<end>/<total>` → (start, total).
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
+    Some((start.parse().ok()?, total))
+}
+
+async fn read_limited(resp: Response, limit: usize) -> Result<Bytes, String> {
+    if content_length(resp.headers()).is_some_and(|l| l > limit as u64) {
+        return Err(format!("response larger than {limit} bytes"));
+    }
+    let mut out = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| describe(&e))?;
+        if out.len() + chunk.len() > limit {
+            return Err(format!("response larger than {limit} bytes"));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(out))
+}
+
+async fn read_error_code(resp: Response) -> Option<ErrorCode> {
+    let body = read_limited(resp, 64 * 1024).await.ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+    let code = v.get("errors")?.get(0)?.get("code")?.as_str()?;
+    Some(match code {
+        "BLOB_UNKNOWN" => ErrorCode::BlobUnknown,
+        "MANIFEST_UNKNOWN" => ErrorCode::ManifestUnknown,
+        "NAME_UNKNOWN" => ErrorCode::NameUnknown,
+        "NAME_INVALID" => ErrorCode::NameInvalid,
+        "TAG_INVALID" => ErrorCode::TagInvalid,
+        "DIGEST_INVALID" => ErrorCode::DigestInvalid,
+        "MANIFEST_INVALID" => ErrorCode::ManifestInvalid,
+        "DENIED" => ErrorCode::Denied,
+        "UNAUTHORIZED" => ErrorCode::Unauthorized,
+        "TOOMANYREQUESTS" => ErrorCode::TooManyRequests,
+        "UNSUPPORTED" => ErrorCode::Unsupported,
+        _ => ErrorCode::Unknown,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range_parsing() {
+        assert_eq!(
+            parse_content_range("bytes 10-99/100"),
+            Some((10, Some(100)))
+        );
+        assert_eq!(parse_content_range("bytes 0-0/*"), Some((0, None)));
+        assert_eq!(parse_content_range("bytes */100"), None);
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn origin_comparison_includes_port_and_scheme() {
+        let a = reqwest::Url::parse("https://registry-1.docker.io/v2/x").unwrap();
+        let b = reqwest::Url::parse("https://registry-1.docker.io:443/other").unwrap();
+        let c = reqwest::Url::parse("https://production.cloudflare.docker.com/x").unwrap();
+        let d = reqwest::Url::parse("http://registry-1.docker.io/v2/x").unwrap();
+        assert!(same_origin(&a, &b));
+        assert!(!same_origin(&a, &c));
+        assert!(!same_origin(&a, &d));
+    }
+
+    #[test]
+    fn upstream_errors_map_to_client_errors() {
+        let e = UpstreamError::Status {
+            host: "h".into(),
+            status: 404,
+            code: None,
+            retry_after: None,
+        };
+        assert_eq!(
+            e.to_registry_error(ErrorCode::BlobUnknown).code,
+            ErrorCode::BlobUnknown
+        );
+        let e = UpstreamError::Status {
+            host: "h".into(),
+            status: 429,
+            code: Some(ErrorCode::TooManyRequests),
+            retry_after: Some(30),
+        };
+        let r = e.to_registry_error(ErrorCode::ManifestUnknown);
+        assert_eq!((r.status(), r.retry_after), (429, Some(30)));
+        let e = UpstreamError::Unreachable {
+            host: "h".into(),
+            message: "refused".into(),
+        };
+        assert!(e.is_unavailable());
+        assert_eq!(e.to_registry_error(ErrorCode::BlobUnknown).status(), 503);
+    }
+}

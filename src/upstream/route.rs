@@ -1,0 +1,196 @@
+//! Which upstream a client's repository name goes to, and under which name.
+//!
+//! Precedence (protocol.md §7): an explicit path prefix naming a configured host
+//! (`/v2/ghcr.io/org/app/...`), then containerd's `?ns=<host>`, then the default (first) upstream.
+//! After stripping the prefix, Docker Hub names get `library/` when they have one component.
+
+use std::sync::Arc;
+
+use crate::oci::{ErrorCode, RegistryError, RepoName};
+
+use super::Upstream;
+
+/// A routed request: the upstream and the repository name as that upstream knows it.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub upstream: Arc<Upstream>,
+    /// The repository on the upstream (prefix stripped, `library/` added for Docker Hub).
+    pub repo: RepoName,
+    /// The path prefix the client used (`ghcr.io`), if any — to rewrite `Link` headers back.
+    pub prefix: Option<String>,
+}
+
+impl Route {
+    /// Index key namespace for this upstream.
+    pub fn host(&self) -> &str {
+        self.upstream.host()
+    }
+}
+
+/// All configured upstreams, the first being the default.
+#[derive(Debug)]
+pub struct Router {
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+/// Host names that mean Docker Hub.
+fn canonical_host(host: &str) -> String {
+    let h = host.trim().to_ascii_lowercase();
+    match h.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".into()
+        }
+        _ => h,
+    }
+}
+
+impl Router {
+    pub fn new(upstreams: Vec<Arc<Upstream>>) -> Router {
+        Router { upstreams }
+    }
+
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    fn find(&self, host: &str) -> Option<&Arc<Upstream>> {
+        let want = canonical_host(host);
+        self.upstreams
+            .iter()
+            .find(|u| canonical_host(u.host()) == want)
+    }
+
+    fn known_hosts(&self) -> String {
+        self.upstreams
+            .iter()
+            .map(|u| u.host())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The upstream with this configured host (canonicalised), if any.
+    pub fn by_host(&self, host: &str) -> Option<&Arc<Upstream>> {
+        self.find(host)
+    }
+
+    /// Routes a client's repository name (and `ns` query parameter, if any).
+    pub fn route(&self, name: &RepoName, ns: Option<&str>) -> Result<Route, RegistryError> {
+        let first = name.components().next().unwrap_or("");
+        let looks_like_host = first.contains('.') || first == "localhost";
+        if name.depth() > 1 && looks_like_host {
+            if let Some(up) = self.find(first) {
+                let rest = name.strip_components(1).ok_or_else(|| {
+                    RegistryError::new(
+                        ErrorCode::NameInvalid,
+                        "repository name is missing after the host prefix",
+                    )
+                })?;
+                return Ok(self.finish(up.clone(), rest, Some(first.to_owned())));
+            }
+        }
+        if let Some(ns) = ns.filter(|n| !n.is_empty()) {
+            return match self.find(ns) {
+                Some(up) => Ok(self.finish(up.clone(), name.clone(), None)),
+                None => Err(RegistryError::new(
+                    ErrorCode::NameUnknown,
+                    format!(
+                        "upstream {:?} (from ns=) is not configured on this mirror; configured: {}",
+                        crate::oci::digest::truncate(ns),
+                        self.known_hosts()
+                    ),
+                )),
+            };
+        }
+        let default = self.upstreams.first().ok_or_else(|| {
+            RegistryError::new(ErrorCode::NameUnknown, "no upstream is configured")
+        })?;
+        if name.depth() > 1 && looks_like_host && default.config.is_docker_hub() {
+            // Docker Hub namespaces cannot contain dots: this names a registry we don't mirror.
+            return Err(RegistryError::new(
+                ErrorCode::NameUnknown,
+                format!(
+                    "upstream {first:?} is not configured on this mirror; configured: {}",
+                    self.known_hosts()
+                ),
+            ));
+        }
+        Ok(self.finish(default.clone(), name.clone(), None))
+    }
+
+    fn finish(&self, upstream: Arc<Upstream>, repo: RepoName, prefix: Option<String>) -> Route {
+        let repo = if upstream.config.is_docker_hub() {
+            repo.with_library_prefix()
+        } else {
+            repo
+        };
+        Route {
+            upstream,
+            repo,
+            prefix,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn router() -> Router {
+        let c = Config::from_toml(
+            r#"
+            [[upstreams]]
+            host = "docker.io"
+            url = "http://127.0.0.1:1"
+            [[upstreams]]
+            host = "ghcr.io"
+            url = "http://127.0.0.1:2"
+            "#,
+        )
+        .unwrap();
+        Router::new(
+            c.upstreams
+                .into_iter()
+                .map(|u| Arc::new(Upstream::new(u).unwrap()))
+                .collect(),
+        )
+    }
+
+    fn name(s: &str) -> RepoName {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn bare_names_go_to_the_default_with_library() {
+        let r = router().route(&name("alpine"), None).unwrap();
+        assert_eq!((r.host(), r.repo.as_str()), ("docker.io", "library/alpine"));
+        let r = router().route(&name("org/app"), None).unwrap();
+        assert_eq!(r.repo.as_str(), "org/app");
+    }
+
+    #[test]
+    fn ns_selects_an_upstream() {
+        let r = router().route(&name("org/app"), Some("ghcr.io")).unwrap();
+        assert_eq!((r.host(), r.repo.as_str()), ("ghcr.io", "org/app"));
+        let r = router()
+            .route(&name("alpine"), Some("registry-1.docker.io"))
+            .unwrap();
+        assert_eq!((r.host(), r.repo.as_str()), ("docker.io", "library/alpine"));
+        let e = router().route(&name("x/y"), Some("quay.io")).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NameUnknown);
+        assert!(e.message.contains("ghcr.io"), "{}", e.message);
+    }
+
+    #[test]
+    fn path_prefix_selects_an_upstream_and_is_stripped() {
+        let r = router().route(&name("ghcr.io/org/app"), None).unwrap();
+        assert_eq!((r.host(), r.repo.as_str()), ("ghcr.io", "org/app"));
+        assert_eq!(r.prefix.as_deref(), Some("ghcr.io"));
+        let r = router()
+            .route(&name("docker.io/alpine"), Some("ghcr.io"))
+            .unwrap();
+        assert_eq!((r.host(), r.repo.as_str()), ("docker.io", "library/alpine"));
+        let e = router().route(&name("quay.io/org/app"), None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NameUnknown);
+    }
+}
