@@ -343,20 +343,55 @@ impl Mirror {
         })
     }
 
-    /// The upstream's tag list, with its `Link` rewritten into the client's namespace.
+    /// A page of the upstream's tag list, in lexical order with `n` / `last` applied here (some
+    /// registries ignore them), named as the client named the repository. `next` is the `last`
+    /// value for the following page, when there is one.
     pub async fn tags(
         &self,
         route: &Route,
         client_name: &RepoName,
-        query: Option<&str>,
-    ) -> Result<(Bytes, Option<String>), RegistryError> {
+        page: &TagPage,
+    ) -> Result<TagList, RegistryError> {
+        // Ask upstream for the same window; a registry that honours it saves transfer, one that
+        // does not is windowed below. An upstream `Link` means it holds more than it sent.
+        let query = {
+            // (The serializer is not `Send`; keep it out of the await below.)
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            if let Some(n) = page.n {
+                q.append_pair("n", &n.to_string());
+            }
+            if let Some(l) = &page.last {
+                q.append_pair("last", l);
+            }
+            q.finish()
+        };
         let (body, link) = route
             .upstream
-            .tags_list(&route.repo, query)
+            .tags_list(&route.repo, Some(&query))
             .await
             .map_err(|e| e.to_registry_error(ErrorCode::NameUnknown))?;
-        let link = link.and_then(|l| rewrite_link(&l, &route.repo, client_name));
-        Ok((body, link))
+        #[derive(serde::Deserialize)]
+        struct Upstream {
+            tags: Option<Vec<String>>,
+        }
+        let parsed: Upstream = serde_json::from_slice(&body).map_err(|e| {
+            RegistryError::new(
+                ErrorCode::Unknown,
+                format!("upstream tag list is not valid JSON: {e}"),
+            )
+            .with_status(502)
+        })?;
+        let mut tags = parsed.tags.unwrap_or_default();
+        let upstream_has_more = link.is_some();
+        let (tags, truncated) = window_tags(&mut tags, page);
+        let next = (truncated || (upstream_has_more && page.n != Some(0)))
+            .then(|| tags.last().cloned())
+            .flatten();
+        Ok(TagList {
+            name: client_name.to_string(),
+            tags,
+            next,
+        })
     }
 
     /// Repositories in the cache, as clients name them: bare for the default upstream,
@@ -381,33 +416,36 @@ impl Mirror {
     }
 }
 
-/// Rewrites an upstream `Link: </v2/<repo>/tags/list?...>; rel="next"` for the client's name.
-fn rewrite_link(link: &str, upstream_repo: &RepoName, client_name: &RepoName) -> Option<String> {
-    let start = link.find('<')? + 1;
-    let end = start + link[start..].find('>')?;
-    let target = &link[start..end];
-    // Absolute URLs point at the upstream host; keep only path and query.
-    let path_and_query = match target.find("://") {
-        Some(i) => {
-            let after = &target[i + 3..];
-            &after[after.find('/')?..]
-        }
-        None => target,
+/// Which page of a tag list a client asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TagPage {
+    pub n: Option<usize>,
+    pub last: Option<String>,
+}
+
+/// A page of tags, as the client sees it.
+#[derive(Debug, serde::Serialize)]
+pub struct TagList {
+    pub name: String,
+    pub tags: Vec<String>,
+    /// `last` for the next page, if there is one.
+    #[serde(skip)]
+    pub next: Option<String>,
+}
+
+/// Sorts, drops tags up to `last` (exclusive), keeps `n`. Returns the page and whether it was cut.
+fn window_tags(tags: &mut Vec<String>, page: &TagPage) -> (Vec<String>, bool) {
+    tags.sort();
+    tags.dedup();
+    let start = match &page.last {
+        Some(l) => tags.partition_point(|t| t.as_str() <= l.as_str()),
+        None => 0,
     };
-    let (path, query) = match path_and_query.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (path_and_query, None),
-    };
-    let expected = format!("/v2/{upstream_repo}/tags/list");
-    if path != expected {
-        return None;
+    let rest = &tags[start..];
+    match page.n {
+        Some(n) if rest.len() > n => (rest[..n].to_vec(), n > 0),
+        _ => (rest.to_vec(), false),
     }
-    let mut new_target = format!("/v2/{client_name}/tags/list");
-    if let Some(q) = query {
-        new_target.push('?');
-        new_target.push_str(q);
-    }
-    Some(format!("{}{}{}", &link[..start], new_target, &link[end..]))
 }
 
 #[cfg(test)]
@@ -415,27 +453,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn link_headers_are_rewritten_into_the_client_namespace() {
-        let up: RepoName = "org/app".parse().unwrap();
-        let client: RepoName = "ghcr.io/org/app".parse().unwrap();
+    fn tag_windows_are_lexical_and_exclusive_of_last() {
+        let all = || {
+            vec![
+                "latest".to_string(),
+                "2.0".into(),
+                "1.1".into(),
+                "1.0".into(),
+            ]
+        };
+        let page = |n: Option<usize>, last: Option<&str>| TagPage {
+            n,
+            last: last.map(str::to_owned),
+        };
         assert_eq!(
-            rewrite_link(
-                r#"</v2/org/app/tags/list?last=b&n=2>; rel="next""#,
-                &up,
-                &client
+            window_tags(&mut all(), &page(None, None)),
+            (
+                vec!["1.0".into(), "1.1".into(), "2.0".into(), "latest".into()],
+                false
             )
-            .as_deref(),
-            Some(r#"</v2/ghcr.io/org/app/tags/list?last=b&n=2>; rel="next""#)
         );
         assert_eq!(
-            rewrite_link(
-                r#"<https://ghcr.io/v2/org/app/tags/list?n=1>; rel="next""#,
-                &up,
-                &client
-            )
-            .as_deref(),
-            Some(r#"</v2/ghcr.io/org/app/tags/list?n=1>; rel="next""#)
+            window_tags(&mut all(), &page(Some(2), None)),
+            (vec!["1.0".into(), "1.1".into()], true)
         );
-        assert_eq!(rewrite_link("</elsewhere>; rel=next", &up, &client), None);
+        assert_eq!(
+            window_tags(&mut all(), &page(Some(2), Some("1.1"))),
+            (vec!["2.0".into(), "latest".into()], false)
+        );
+        assert_eq!(
+            window_tags(&mut all(), &page(Some(0), None)),
+            (vec![], false)
+        );
+        assert_eq!(
+            window_tags(&mut all(), &page(None, Some("1.05"))),
+            (vec!["1.1".into(), "2.0".into(), "latest".into()], false)
+        );
     }
 }

@@ -18,7 +18,7 @@ use axum::Router;
 use http::{header, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 
-use crate::mirror::{BlobAnswer, ManifestAnswer, Mirror, Outcome};
+use crate::mirror::{BlobAnswer, ManifestAnswer, Mirror, Outcome, TagPage};
 use crate::oci::{Accept, Digest, ErrorCode, RegistryError};
 use route::Endpoint;
 
@@ -129,7 +129,9 @@ async fn dispatch(State(mirror): State<AppState>, req: Request) -> Response {
 }
 
 async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError> {
-    let path = req.uri().path();
+    // Only the head matters for a pull API; dropping the body keeps the future `Send`.
+    let (req, _body) = req.into_parts();
+    let path = req.uri.path();
     let rest = if path == "/v2" {
         ""
     } else if let Some(rest) = path.strip_prefix("/v2/") {
@@ -142,7 +144,7 @@ async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError
         .with_status(404));
     };
     let endpoint = route::parse(rest)?;
-    let method = req.method().clone();
+    let method = req.method.clone();
     if method != Method::GET && method != Method::HEAD {
         return Err(RegistryError::new(
             ErrorCode::Unsupported,
@@ -150,7 +152,7 @@ async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError
         ));
     }
     let head = method == Method::HEAD;
-    let query = req.uri().query().unwrap_or("");
+    let query = req.uri.query().unwrap_or("");
     let q: Query = serde_urlencoded_lite(query);
     let ns = q.ns.as_deref();
     match endpoint {
@@ -162,17 +164,28 @@ async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError
         )),
         Endpoint::Tags(name) => {
             let route = mirror.route(&name, ns)?;
-            let forwarded = forward_tag_query(query);
-            let (body, link) = mirror.tags(&route, &name, forwarded.as_deref()).await?;
-            let mut resp = json_response(body.to_vec(), head, Some(Outcome::Upstream));
-            if let Some(l) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
-                resp.headers_mut().insert(header::LINK, l);
+            let (n, last) = pagination(query)?;
+            let page = TagPage { n, last };
+            let list = mirror.tags(&route, &name, &page).await?;
+            let body = serde_json::to_vec(&list)
+                .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
+            let mut resp = json_response(body, head, Some(Outcome::Upstream));
+            if let (Some(next), Some(n)) = (&list.next, n) {
+                let mut q = url::form_urlencoded::Serializer::new(String::new());
+                q.append_pair("n", &n.to_string()).append_pair("last", next);
+                if let Some(ns) = ns {
+                    q.append_pair("ns", ns);
+                }
+                let link = format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish());
+                if let Ok(v) = HeaderValue::from_str(&link) {
+                    resp.headers_mut().insert(header::LINK, v);
+                }
             }
             Ok(resp)
         }
         Endpoint::Manifest(name, reference) => {
             let route = mirror.route(&name, ns)?;
-            let accept = Accept::from_headers(req.headers());
+            let accept = Accept::from_headers(&req.headers);
             let answer = mirror.manifest(&route, &reference, &accept).await?;
             let mut resp = manifest_response(answer, head);
             echo_ns(&mut resp, ns);
@@ -197,19 +210,6 @@ fn serde_urlencoded_lite(query: &str) -> Query {
         }
     }
     q
-}
-
-/// Only `n` and `last` are passed upstream for tag lists.
-fn forward_tag_query(query: &str) -> Option<String> {
-    let mut out = url::form_urlencoded::Serializer::new(String::new());
-    let mut any = false;
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        if k == "n" || k == "last" {
-            out.append_pair(&k, &v);
-            any = true;
-        }
-    }
-    any.then(|| out.finish())
 }
 
 fn echo_ns(resp: &mut Response, ns: Option<&str>) {

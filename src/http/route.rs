@@ -46,13 +46,8 @@ pub fn parse(rest: &str) -> Result<Endpoint, RegistryError> {
     if rest == "_catalog" {
         return Ok(Endpoint::Catalog);
     }
-    // No valid name, tag or digest contains '%': refuse encoded slashes, dots, NULs outright.
-    if rest.contains('%') {
-        return Err(RegistryError::new(
-            ErrorCode::NameInvalid,
-            "percent-encoded characters are not allowed in repository paths",
-        ));
-    }
+    // Structure is found on literal '/' only; an encoded `%2F` or `%2e` stays inside its
+    // component, whose grammar (name, tag or digest) then rejects the '%'.
     if let Some(n) = rest.strip_suffix("/tags/list") {
         return Ok(Endpoint::Tags(name(n)?));
     }
@@ -125,6 +120,12 @@ mod tests {
         assert_eq!(code("UPPER/manifests/latest"), ErrorCode::NameInvalid);
         assert_eq!(code("../etc/manifests/latest"), ErrorCode::NameInvalid);
         assert_eq!(code("a/%2e%2e/manifests/latest"), ErrorCode::NameInvalid);
+        assert_eq!(code("a/manifests/%2e%2e"), ErrorCode::TagInvalid);
+        assert_eq!(
+            code("a/blobs/..%2f..%2fetc%2fpasswd"),
+            ErrorCode::DigestInvalid
+        );
+        assert_eq!(code("a%2fb/tags/list"), ErrorCode::NameInvalid);
         assert_eq!(code("a/manifests/-bad"), ErrorCode::TagInvalid);
         assert_eq!(code("a/manifests/sha256:xyz"), ErrorCode::DigestInvalid);
         assert_eq!(code("a/blobs/sha256:xyz"), ErrorCode::DigestInvalid);
