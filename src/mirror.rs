@@ -152,8 +152,9 @@ impl Mirror {
                 ),
             ));
         }
-        let manifest =
-            self.store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)?;
+        let manifest = self
+            .store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)
+            .await?;
         Ok(ManifestAnswer {
             manifest,
             outcome: Outcome::Miss,
@@ -183,8 +184,9 @@ impl Mirror {
             )
             .await
             .map_err(|e| e.to_registry_error(ErrorCode::ManifestUnknown))?;
-        let manifest =
-            self.store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)?;
+        let manifest = self
+            .store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)
+            .await?;
         Ok(ManifestAnswer {
             manifest,
             outcome: Outcome::Miss,
@@ -208,7 +210,7 @@ impl Mirror {
             Ok(h) => {
                 if let Some(d) = &h.digest {
                     if let Some(m) = self.cache.manifest(d)? {
-                        self.remember_tag(route, tag, &m, cached.as_ref())?;
+                        self.remember_tag(route, tag, &m, cached.as_ref()).await?;
                         return Ok(ManifestAnswer {
                             manifest: m,
                             outcome: Outcome::Revalidated,
@@ -228,9 +230,10 @@ impl Mirror {
                     )
                     .await
                     .map_err(|e| e.to_registry_error(ErrorCode::ManifestUnknown))?;
-                let m =
-                    self.store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)?;
-                self.remember_tag(route, tag, &m, cached.as_ref())?;
+                let m = self
+                    .store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)
+                    .await?;
+                self.remember_tag(route, tag, &m, cached.as_ref()).await?;
                 Ok(ManifestAnswer {
                     manifest: m,
                     outcome: Outcome::Miss,
@@ -269,7 +272,7 @@ impl Mirror {
         }
     }
 
-    fn store_manifest(
+    async fn store_manifest(
         &self,
         route: &Route,
         digest: Digest,
@@ -282,10 +285,11 @@ impl Mirror {
             bytes,
         })?;
         self.cache.touch_repo(route.host(), &route.repo)?;
+        self.cache.index().durable().await;
         Ok(m)
     }
 
-    fn remember_tag(
+    async fn remember_tag(
         &self,
         route: &Route,
         tag: &Tag,
@@ -307,6 +311,7 @@ impl Mirror {
             },
         )?;
         self.cache.touch_repo(route.host(), &route.repo)?;
+        self.cache.index().durable().await;
         Ok(())
     }
 

@@ -204,19 +204,27 @@ struct ReaderState {
 impl ReaderState {
     async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
         loop {
-            let (written, phase) = {
+            let (written, total, phase) = {
                 let s = self.rx.borrow_and_update();
-                (s.written, s.phase.clone())
+                (s.written, s.total, s.phase.clone())
             };
             if let Phase::Failed(e) = phase {
                 return Err(std::io::Error::other(e.to_string()));
             }
-            if self.pos < written {
+            // Until the blob is verified, hold back its last byte: a client must never receive a
+            // complete body that could still turn out wrong. If the fill fails, the response
+            // ends short and the connection is aborted.
+            let readable = match (&phase, total) {
+                (Phase::Committed, _) => written,
+                (_, Some(t)) => written.min(t.saturating_sub(1)),
+                (_, None) => written,
+            };
+            if self.pos < readable {
                 let file = self
                     .file
                     .as_mut()
                     .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
-                let want = (written - self.pos).min(READ_CHUNK as u64) as usize;
+                let want = (readable - self.pos).min(READ_CHUNK as u64) as usize;
                 let mut buf = BytesMut::zeroed(want);
                 let n = file.read(&mut buf).await?;
                 if n == 0 {
@@ -328,6 +336,7 @@ async fn run(
             },
         )
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
+    index.durable().await;
     tx.send_modify(|s| s.total = Some(written));
     tracing::debug!(%digest, bytes = written, "blob committed");
     Ok(())

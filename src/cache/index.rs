@@ -101,6 +101,15 @@ impl Index {
         Ok(())
     }
 
+    /// Makes every write so far durable (an fsync of sled's log). Called after writes that a
+    /// crash must not lose: committed blobs, new manifests, moved tags. Failures are logged —
+    /// sled's own periodic flush still runs.
+    pub async fn durable(&self) {
+        if let Err(e) = self.db.flush_async().await {
+            tracing::warn!(error = %e, "index flush failed");
+        }
+    }
+
     pub fn blob(&self, digest: &Digest) -> Result<Option<BlobMeta>, IndexError> {
         match self.blobs.get(digest.hex())? {
             None => Ok(None),

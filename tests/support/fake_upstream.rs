@@ -1,0 +1,934 @@
+//! `FakeUpstream`: an in-process, fault-injecting stand-in for an upstream registry.
+//!
+//! A real `registry:2` container cannot do what Docker Hub does (bearer-token auth with a separate
+//! token service, 307 blob redirects to a CDN on another host) and will never serve bytes that do
+//! not match their digest. This fake can. It is deliberately small and strict: it serves exactly
+//! the manifests and blobs a test registers, records every request it sees, and enforces the parts
+//! of the protocol the mirror must get right (scoped tokens, no `Authorization` at the CDN, signed
+//! redirect URLs).
+//!
+//! It runs on its own background thread with its own tokio runtime, so both blocking tests
+//! (`reqwest::blocking`) and async tests can use it; dropping the handle stops it.
+//!
+//! ```ignore
+//! let fake = FakeUpstream::builder().token_auth().redirect_blobs_to_cdn().start();
+//! let layer = fake.add_blob("library/alpine", b"layer bytes".to_vec());
+//! // ... point stowage at fake.url(), pull, then inspect fake.requests() / fake.count(..)
+//! ```
+//!
+//! Behaviour, by listener:
+//! - registry (`http://127.0.0.1:<port>`): `/v2/`, `/v2/<name>/manifests/<ref>` (GET, HEAD),
+//!   `/v2/<name>/blobs/<digest>` (GET, HEAD, single `Range`), `/v2/<name>/tags/list`, and the token
+//!   endpoint `/token`. Routes are parsed from the right end of the path.
+//! - CDN (`http://127.0.0.2:<port>`, only with [`FakeUpstreamBuilder::redirect_blobs_to_cdn`]):
+//!   `/registry-v2/docker/registry/v2/blobs/sha256/<2hex>/<hex>/data?verify=<expiry>-<sig>`. Like a
+//!   pre-signed S3/Cloudflare URL it answers 403 to a missing or wrong signature and 400 to a
+//!   request that also carries `Authorization` (only one auth mechanism is allowed).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use axum::Router;
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use sha2::{Digest as _, Sha256};
+
+use super::sha256_digest;
+
+/// The `service` the fake's token challenge names and its token endpoint insists on.
+pub const SERVICE: &str = "fake.registry";
+
+/// Path prefix of redirected blob URLs on the CDN listener (the shape Docker Hub uses).
+const CDN_PREFIX: &str = "/registry-v2/docker/registry/v2/blobs/sha256/";
+
+/// Secret mixed into the CDN URL signature.
+const CDN_SECRET: &str = "fake-cdn-signing-secret";
+
+/// Which of the fake's listeners saw a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// The registry API and token endpoint on 127.0.0.1.
+    Registry,
+    /// The blob CDN on 127.0.0.2 (a different host from the registry).
+    Cdn,
+}
+
+/// One request as the fake saw it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub listener: Listener,
+    pub method: String,
+    pub path: String,
+    /// Raw query string, without the `?`.
+    pub query: Option<String>,
+    /// The full `Authorization` header value, if any.
+    pub authorization: Option<String>,
+    pub range: Option<String>,
+    /// Every `Accept` header line, in order.
+    pub accept: Vec<String>,
+}
+
+impl RecordedRequest {
+    /// Whether an `Authorization` header arrived.
+    pub fn has_authorization(&self) -> bool {
+        self.authorization.is_some()
+    }
+
+    /// The bearer token presented, if the request was `Authorization: Bearer <token>`.
+    pub fn bearer(&self) -> Option<&str> {
+        self.authorization.as_deref()?.strip_prefix("Bearer ")
+    }
+
+    /// All values of query parameter `name` (percent-decoded).
+    pub fn query_param(&self, name: &str) -> Vec<String> {
+        query_params(self.query.as_deref())
+            .into_iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v)
+            .collect()
+    }
+}
+
+/// How to serve a blob whose bytes should not be trusted (see [`FakeUpstream::serve_wrong_bytes`]).
+#[derive(Clone, Debug)]
+pub enum WrongBytes {
+    /// Same length as the real blob, one byte flipped in the middle: only the hash can tell.
+    FlippedByte,
+    /// Only the first `n` bytes, announced honestly (`Content-Length: n`).
+    Truncated(usize),
+    /// Exactly these bytes instead of the real ones.
+    Replaced(Vec<u8>),
+    /// The real `Content-Length`, but the connection drops after the first `n` correct bytes.
+    /// Applies to whole-blob requests only; ranged requests (resumes) are served correctly, like a
+    /// flaky network in front of a healthy server.
+    CutOff(usize),
+}
+
+/// Builder for [`FakeUpstream`]. All options are off by default: an anonymous registry that serves
+/// blobs directly.
+#[derive(Clone, Debug, Default)]
+pub struct FakeUpstreamBuilder {
+    token_auth: bool,
+    credentials: Option<(String, String)>,
+    redirect_blobs: bool,
+}
+
+impl FakeUpstreamBuilder {
+    /// Docker Hub-like bearer auth: every `/v2/...` request needs a token from `/token`, scoped to
+    /// its repository.
+    pub fn token_auth(mut self) -> Self {
+        self.token_auth = true;
+        self
+    }
+
+    /// Token endpoint requires `Authorization: Basic base64(user:password)`. Implies token auth.
+    pub fn token_credentials(mut self, username: &str, password: &str) -> Self {
+        self.token_auth = true;
+        self.credentials = Some((username.to_owned(), password.to_owned()));
+        self
+    }
+
+    /// Blob GETs answer `307` to a signed URL on the CDN listener (127.0.0.2).
+    pub fn redirect_blobs_to_cdn(mut self) -> Self {
+        self.redirect_blobs = true;
+        self
+    }
+
+    /// Bind the listeners and start serving on a background thread.
+    pub fn start(self) -> FakeUpstream {
+        FakeUpstream::start_with(self)
+    }
+}
+
+#[derive(Clone)]
+struct StoredManifest {
+    media_type: String,
+    bytes: Bytes,
+}
+
+#[derive(Default)]
+struct Repo {
+    /// By tag and by digest.
+    manifests: HashMap<String, StoredManifest>,
+    tags: HashSet<String>,
+    blobs: HashMap<String, Bytes>,
+}
+
+#[derive(Default)]
+struct Content {
+    repos: BTreeMap<String, Repo>,
+    wrong: HashMap<String, WrongBytes>,
+    hidden: HashSet<String>,
+    /// token -> repositories it grants pull on.
+    tokens: HashMap<String, HashSet<String>>,
+    /// Every token ever issued, in order (revocation does not remove them from here).
+    issued: Vec<String>,
+}
+
+struct Shared {
+    options: FakeUpstreamBuilder,
+    registry_addr: SocketAddr,
+    cdn_addr: Option<SocketAddr>,
+    content: Mutex<Content>,
+    log: Mutex<Vec<RecordedRequest>>,
+}
+
+impl Shared {
+    fn content(&self) -> MutexGuard<'_, Content> {
+        self.content.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn log(&self) -> MutexGuard<'_, Vec<RecordedRequest>> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running fake upstream registry. Stops when dropped.
+pub struct FakeUpstream {
+    shared: Arc<Shared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FakeUpstream {
+    pub fn builder() -> FakeUpstreamBuilder {
+        FakeUpstreamBuilder::default()
+    }
+
+    /// An anonymous fake with no redirects.
+    pub fn start() -> Self {
+        Self::builder().start()
+    }
+
+    fn start_with(options: FakeUpstreamBuilder) -> Self {
+        let registry = StdTcpListener::bind("127.0.0.1:0").expect("bind fake registry");
+        let cdn = options
+            .redirect_blobs
+            .then(|| StdTcpListener::bind("127.0.0.2:0").expect("bind fake CDN on 127.0.0.2"));
+        let shared = Arc::new(Shared {
+            registry_addr: registry.local_addr().unwrap(),
+            cdn_addr: cdn.as_ref().map(|l| l.local_addr().unwrap()),
+            options,
+            content: Mutex::default(),
+            log: Mutex::default(),
+        });
+        registry.set_nonblocking(true).unwrap();
+        if let Some(cdn) = &cdn {
+            cdn.set_nonblocking(true).unwrap();
+        }
+
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let state = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("fake-upstream".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("fake upstream runtime");
+                rt.block_on(async move {
+                    let registry = tokio::net::TcpListener::from_std(registry).unwrap();
+                    let app = Router::new()
+                        .fallback(registry_handler)
+                        .with_state(state.clone());
+                    tokio::spawn(async move { axum::serve(registry, app).await.ok() });
+                    if let Some(cdn) = cdn {
+                        let cdn = tokio::net::TcpListener::from_std(cdn).unwrap();
+                        let app = Router::new().fallback(cdn_handler).with_state(state);
+                        tokio::spawn(async move { axum::serve(cdn, app).await.ok() });
+                    }
+                    ready_tx.send(()).ok();
+                    stop.await.ok();
+                });
+                // Dropping the runtime aborts the servers and any open connections.
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .expect("spawn fake upstream thread");
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("fake upstream did not start");
+        FakeUpstream {
+            shared,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    /// Base URL of the registry, e.g. `http://127.0.0.1:41234` (what stowage's config takes).
+    pub fn url(&self) -> String {
+        format!("http://{}", self.shared.registry_addr)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.registry_addr
+    }
+
+    /// Base URL of the CDN listener, if redirects are enabled.
+    pub fn cdn_url(&self) -> Option<String> {
+        self.shared.cdn_addr.map(|a| format!("http://{a}"))
+    }
+
+    /// The token endpoint named as `realm` in challenges.
+    pub fn realm(&self) -> String {
+        format!("{}/token", self.url())
+    }
+
+    /// Register a manifest under `tag` (and its digest); returns the digest of `bytes`.
+    pub fn add_manifest(
+        &self,
+        repo: &str,
+        tag: &str,
+        media_type: &str,
+        bytes: impl Into<Bytes>,
+    ) -> String {
+        let bytes = bytes.into();
+        let digest = self.add_manifest_by_digest(repo, media_type, bytes);
+        let mut content = self.shared.content();
+        let repo = content.repos.get_mut(repo).unwrap();
+        let stored = repo.manifests[&digest].clone();
+        repo.manifests.insert(tag.to_owned(), stored);
+        repo.tags.insert(tag.to_owned());
+        digest
+    }
+
+    /// Register a manifest reachable only by digest; returns the digest.
+    pub fn add_manifest_by_digest(
+        &self,
+        repo: &str,
+        media_type: &str,
+        bytes: impl Into<Bytes>,
+    ) -> String {
+        let bytes = bytes.into();
+        let digest = sha256_digest(&bytes);
+        let stored = StoredManifest {
+            media_type: media_type.to_owned(),
+            bytes,
+        };
+        self.shared
+            .content()
+            .repos
+            .entry(repo.to_owned())
+            .or_default()
+            .manifests
+            .insert(digest.clone(), stored);
+        digest
+    }
+
+    /// Register a blob in `repo`; returns its digest.
+    pub fn add_blob(&self, repo: &str, bytes: impl Into<Bytes>) -> String {
+        let bytes = bytes.into();
+        let digest = sha256_digest(&bytes);
+        self.shared
+            .content()
+            .repos
+            .entry(repo.to_owned())
+            .or_default()
+            .blobs
+            .insert(digest.clone(), bytes);
+        digest
+    }
+
+    /// From now on, serve `digest` wrongly (on the registry and the CDN alike).
+    pub fn serve_wrong_bytes(&self, digest: &str, how: WrongBytes) {
+        self.shared.content().wrong.insert(digest.to_owned(), how);
+    }
+
+    /// Undo [`Self::serve_wrong_bytes`]: serve the real bytes again.
+    pub fn serve_correct_bytes(&self, digest: &str) {
+        self.shared.content().wrong.remove(digest);
+    }
+
+    /// Make `repo` invisible to the token server: tokens are still issued for it (with an empty
+    /// access list, as the token spec demands), but the registry keeps answering 401.
+    pub fn hide_repo(&self, repo: &str) {
+        self.shared.content().hidden.insert(repo.to_owned());
+    }
+
+    /// Invalidate every token issued so far (as if they all expired early).
+    pub fn revoke_all_tokens(&self) {
+        self.shared.content().tokens.clear();
+    }
+
+    /// Every token value the token endpoint has handed out.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.shared.content().issued.clone()
+    }
+
+    /// Every request seen so far, on both listeners, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.log().clone()
+    }
+
+    /// Requests to the token endpoint.
+    pub fn token_requests(&self) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.listener == Listener::Registry && r.path == "/token")
+            .collect()
+    }
+
+    /// Requests that reached the CDN listener.
+    pub fn cdn_requests(&self) -> Vec<RecordedRequest> {
+        self.requests()
+            .into_iter()
+            .filter(|r| r.listener == Listener::Cdn)
+            .collect()
+    }
+
+    /// Number of requests with this method whose path contains `path_contains`.
+    pub fn count(&self, method: &str, path_contains: &str) -> usize {
+        self.shared
+            .log()
+            .iter()
+            .filter(|r| r.method.eq_ignore_ascii_case(method) && r.path.contains(path_contains))
+            .count()
+    }
+
+    /// Forget the request log.
+    pub fn clear_requests(&self) {
+        self.shared.log().clear();
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            tx.send(()).ok();
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().ok();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+
+fn record(state: &Shared, listener: Listener, req: &Request) {
+    let headers = req.headers();
+    let text = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let entry = RecordedRequest {
+        listener,
+        method: req.method().to_string(),
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().map(str::to_owned),
+        authorization: text(header::AUTHORIZATION),
+        range: text(header::RANGE),
+        accept: headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+            .collect(),
+    };
+    state.log().push(entry);
+}
+
+async fn registry_handler(State(state): State<Arc<Shared>>, req: Request) -> Response {
+    record(&state, Listener::Registry, &req);
+    let path = req.uri().path().to_owned();
+    let method = req.method().clone();
+    let head = method == Method::HEAD;
+
+    if path == "/token" {
+        return token_endpoint(&state, &req);
+    }
+    if path == "/v2/" || path == "/v2" {
+        if state.options.token_auth && bearer_grant(&state, req.headers()).is_none() {
+            return challenge(&state, None, false, head);
+        }
+        return respond(
+            StatusCode::OK,
+            "application/json",
+            Bytes::from_static(b"{}"),
+            head,
+        );
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such route", head);
+    };
+
+    // Parse from the right: <name>/manifests/<ref>, <name>/blobs/<digest>, <name>/tags/list.
+    let mut parts = rest.rsplitn(3, '/');
+    let (last, kind, repo) = match (parts.next(), parts.next(), parts.next()) {
+        (Some(last), Some(kind), Some(repo)) if !repo.is_empty() => (last, kind, repo),
+        _ => return error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such route", head),
+    };
+
+    if state.options.token_auth {
+        match bearer_grant(&state, req.headers()) {
+            Some(grant) if grant.contains(repo) => {}
+            Some(_) => return challenge(&state, Some(repo), true, head),
+            None => return challenge(&state, Some(repo), false, head),
+        }
+    }
+
+    match (kind, last) {
+        ("tags", "list") if method == Method::GET => tags_list(&state, repo),
+        ("manifests", reference) if method == Method::GET || head => {
+            manifest(&state, repo, reference, head)
+        }
+        ("blobs", digest) if method == Method::GET || head => {
+            registry_blob(&state, repo, digest, head, req.headers())
+        }
+        ("tags", "list") | ("manifests", _) | ("blobs", _) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            "the fake upstream is read-only",
+            head,
+        ),
+        _ => error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such route", head),
+    }
+}
+
+async fn cdn_handler(State(state): State<Arc<Shared>>, req: Request) -> Response {
+    record(&state, Listener::Cdn, &req);
+    let head = req.method() == Method::HEAD;
+    if req.method() != Method::GET && !head {
+        return plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    }
+    let Some(hex) = req
+        .uri()
+        .path()
+        .strip_prefix(CDN_PREFIX)
+        .and_then(|p| p.strip_suffix("/data"))
+        .and_then(|p| p.split_once('/'))
+        .map(|(_, hex)| hex.to_owned())
+    else {
+        return plain(StatusCode::NOT_FOUND, "not found");
+    };
+    let digest = format!("sha256:{hex}");
+    let verify = query_params(req.uri().query())
+        .into_iter()
+        .find(|(k, _)| k == "verify")
+        .map(|(_, v)| v);
+    if verify.as_deref() != Some(cdn_signature(&digest).as_str()) {
+        return plain(StatusCode::FORBIDDEN, "bad or missing signature");
+    }
+    if req.headers().contains_key(header::AUTHORIZATION) {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "only one auth mechanism allowed: the URL is pre-signed, do not send Authorization",
+        );
+    }
+    let found = {
+        let content = state.content();
+        content
+            .repos
+            .values()
+            .find_map(|r| r.blobs.get(&digest).cloned())
+            .map(|bytes| (bytes, content.wrong.get(&digest).cloned()))
+    };
+    match found {
+        Some((bytes, wrong)) => serve_blob(&digest, bytes, wrong, req.headers(), head),
+        None => plain(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn token_endpoint(state: &Shared, req: &Request) -> Response {
+    if req.method() != Method::GET {
+        return json(StatusCode::METHOD_NOT_ALLOWED, r#"{"details":"use GET"}"#);
+    }
+    if let Some((user, password)) = &state.options.credentials {
+        let expected = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let got = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if got != Some(expected.as_bytes()) {
+            let mut resp = json(
+                StatusCode::UNAUTHORIZED,
+                r#"{"details":"incorrect username or password"}"#,
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Basic realm="fake token service""#),
+            );
+            return resp;
+        }
+    }
+    let params = query_params(req.uri().query());
+    if !params.iter().any(|(k, v)| k == "service" && v == SERVICE) {
+        return json(
+            StatusCode::BAD_REQUEST,
+            r#"{"details":"missing or unknown service"}"#,
+        );
+    }
+
+    let mut content = state.content();
+    // Each `scope` parameter may itself hold several space-separated scopes.
+    let mut grant = HashSet::new();
+    for (_, scope) in params.iter().filter(|(k, _)| k == "scope") {
+        for scope in scope.split_whitespace() {
+            let Some((resource, actions)) = scope.rsplit_once(':') else {
+                continue;
+            };
+            let Some(repo) = resource.strip_prefix("repository:") else {
+                continue;
+            };
+            // A repo the caller cannot see is not an error: the token just grants nothing on it.
+            if actions.split(',').any(|a| a == "pull") && !content.hidden.contains(repo) {
+                grant.insert(repo.to_owned());
+            }
+        }
+    }
+    let token = format!("fake-bearer-{:032x}", rand::random::<u128>());
+    content.tokens.insert(token.clone(), grant);
+    content.issued.push(token.clone());
+    drop(content);
+
+    let body = serde_json::json!({
+        "token": token,
+        "access_token": token,
+        "expires_in": 300,
+        "issued_at": rfc3339_now(),
+    });
+    json(StatusCode::OK, &body.to_string())
+}
+
+/// The repositories the request's bearer token grants, or `None` without a known token.
+fn bearer_grant(state: &Shared, headers: &HeaderMap) -> Option<HashSet<String>> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ")?;
+    state.content().tokens.get(token).cloned()
+}
+
+fn challenge(state: &Shared, repo: Option<&str>, insufficient: bool, head: bool) -> Response {
+    let mut value = format!(
+        r#"Bearer realm="http://{}/token",service="{SERVICE}""#,
+        state.registry_addr
+    );
+    if let Some(repo) = repo {
+        value.push_str(&format!(r#",scope="repository:{repo}:pull""#));
+    }
+    if insufficient {
+        value.push_str(r#",error="insufficient_scope""#);
+    }
+    let mut resp = error(
+        StatusCode::UNAUTHORIZED,
+        "UNAUTHORIZED",
+        "authentication required",
+        head,
+    );
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_str(&value).unwrap(),
+    );
+    resp
+}
+
+fn tags_list(state: &Shared, repo: &str) -> Response {
+    let content = state.content();
+    let Some(r) = content.repos.get(repo) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            "repository name not known to registry",
+            false,
+        );
+    };
+    let mut tags: Vec<&String> = r.tags.iter().collect();
+    tags.sort();
+    let body = serde_json::json!({ "name": repo, "tags": tags });
+    json(StatusCode::OK, &body.to_string())
+}
+
+fn manifest(state: &Shared, repo: &str, reference: &str, head: bool) -> Response {
+    let found = state
+        .content()
+        .repos
+        .get(repo)
+        .and_then(|r| r.manifests.get(reference).cloned());
+    let Some(m) = found else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            "manifest unknown",
+            head,
+        );
+    };
+    let digest = sha256_digest(&m.bytes);
+    let mut resp = respond(StatusCode::OK, &m.media_type, m.bytes, head);
+    let headers = resp.headers_mut();
+    headers.insert(
+        "docker-content-digest",
+        HeaderValue::from_str(&digest).unwrap(),
+    );
+    headers.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{digest}\"")).unwrap(),
+    );
+    resp
+}
+
+fn registry_blob(
+    state: &Shared,
+    repo: &str,
+    digest: &str,
+    head: bool,
+    headers: &HeaderMap,
+) -> Response {
+    let found = {
+        let content = state.content();
+        content
+            .repos
+            .get(repo)
+            .and_then(|r| r.blobs.get(digest).cloned())
+            .map(|bytes| (bytes, content.wrong.get(digest).cloned()))
+    };
+    let Some((bytes, wrong)) = found else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "BLOB_UNKNOWN",
+            "blob unknown to registry",
+            head,
+        );
+    };
+    if let (Some(cdn), false) = (state.cdn_addr, head) {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let location = format!(
+            "http://{cdn}{CDN_PREFIX}{}/{hex}/data?verify={}",
+            &hex[..2.min(hex.len())],
+            cdn_signature(digest)
+        );
+        return Response::builder()
+            .status(StatusCode::TEMPORARY_REDIRECT)
+            .header(header::LOCATION, location)
+            .header("docker-distribution-api-version", "registry/2.0")
+            .header(header::CONTENT_LENGTH, "0")
+            .body(Body::empty())
+            .unwrap();
+    }
+    serve_blob(digest, bytes, wrong, headers, head)
+}
+
+/// Serve blob bytes (honouring a single `Range` and any injected fault).
+fn serve_blob(
+    digest: &str,
+    real: Bytes,
+    wrong: Option<WrongBytes>,
+    headers: &HeaderMap,
+    head: bool,
+) -> Response {
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let served = match &wrong {
+        Some(WrongBytes::FlippedByte) => {
+            let mut v = real.to_vec();
+            if !v.is_empty() {
+                let mid = v.len() / 2;
+                v[mid] ^= 0xff;
+            }
+            Bytes::from(v)
+        }
+        Some(WrongBytes::Truncated(n)) => real.slice(..(*n).min(real.len())),
+        Some(WrongBytes::Replaced(v)) => Bytes::from(v.clone()),
+        Some(WrongBytes::CutOff(_)) | None => real,
+    };
+    let total = served.len();
+
+    let mut status = StatusCode::OK;
+    let mut body = served.clone();
+    let mut content_range = None;
+    if let Some(range) = range {
+        match parse_range(range, total) {
+            RangeSpec::Whole => {}
+            RangeSpec::Part(start, end) => {
+                status = StatusCode::PARTIAL_CONTENT;
+                body = served.slice(start..=end);
+                content_range = Some(format!("bytes {start}-{end}/{total}"));
+            }
+            RangeSpec::Unsatisfiable => {
+                return Response::builder()
+                    .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                    .header(header::CONTENT_RANGE, format!("bytes */{total}"))
+                    .header(header::CONTENT_LENGTH, "0")
+                    .body(Body::empty())
+                    .unwrap();
+            }
+        }
+    }
+
+    let builder = Response::builder()
+        .status(status)
+        .header("docker-distribution-api-version", "registry/2.0")
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("docker-content-digest", digest)
+        .header(header::ETAG, format!("\"{digest}\""));
+    let builder = match content_range {
+        Some(cr) => builder.header(header::CONTENT_RANGE, cr),
+        None => builder,
+    };
+
+    if let (Some(WrongBytes::CutOff(n)), None, false) = (&wrong, range, head) {
+        // Announce the full length, send a prefix, then fail the body: hyper aborts the connection.
+        let prefix = body.slice(..(*n).min(body.len()));
+        // The pause makes the body stream return Pending, so hyper flushes the headers and the
+        // prefix before the error tears the connection down.
+        let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]).chain(
+            futures_util::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "fake cut-off",
+                ))
+            }),
+        );
+        return builder
+            .header(header::CONTENT_LENGTH, body.len().to_string())
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    let len = body.len();
+    builder
+        .header(header::CONTENT_LENGTH, len.to_string())
+        .body(if head {
+            Body::empty()
+        } else {
+            Body::from(body)
+        })
+        .unwrap()
+}
+
+enum RangeSpec {
+    Whole,
+    Part(usize, usize),
+    Unsatisfiable,
+}
+
+/// Single `bytes=N-`, `bytes=N-M` or `bytes=-K`; anything else is ignored (served whole).
+fn parse_range(value: &str, total: usize) -> RangeSpec {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Whole;
+    };
+    if spec.contains(',') {
+        return RangeSpec::Whole;
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return RangeSpec::Whole;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        let Ok(k) = b.parse::<usize>() else {
+            return RangeSpec::Whole;
+        };
+        if k == 0 || total == 0 {
+            return RangeSpec::Unsatisfiable;
+        }
+        return RangeSpec::Part(total - k.min(total), total - 1);
+    }
+    let Ok(start) = a.parse::<usize>() else {
+        return RangeSpec::Whole;
+    };
+    if start >= total {
+        return RangeSpec::Unsatisfiable;
+    }
+    let end = if b.is_empty() {
+        total - 1
+    } else {
+        match b.parse::<usize>() {
+            Ok(e) if e >= start => e.min(total - 1),
+            _ => return RangeSpec::Whole,
+        }
+    };
+    RangeSpec::Part(start, end)
+}
+
+fn cdn_signature(digest: &str) -> String {
+    let expiry = 4_102_444_800u64; // 2100-01-01: signed URLs in tests never expire
+    let sig = hex::encode(Sha256::digest(format!("{CDN_SECRET}{digest}{expiry}")));
+    format!("{expiry}-{}", &sig[..32])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Response helpers
+
+fn respond(status: StatusCode, content_type: &str, body: Bytes, head: bool) -> Response {
+    Response::builder()
+        .status(status)
+        .header("docker-distribution-api-version", "registry/2.0")
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, body.len().to_string())
+        .body(if head {
+            Body::empty()
+        } else {
+            Body::from(body)
+        })
+        .unwrap()
+}
+
+fn error(status: StatusCode, code: &str, message: &str, head: bool) -> Response {
+    let body = serde_json::json!({ "errors": [{ "code": code, "message": message }] });
+    respond(
+        status,
+        "application/json",
+        Bytes::from(body.to_string()),
+        head,
+    )
+}
+
+fn json(status: StatusCode, body: &str) -> Response {
+    respond(
+        status,
+        "application/json",
+        Bytes::from(body.to_owned()),
+        false,
+    )
+}
+
+fn plain(status: StatusCode, body: &'static str) -> Response {
+    respond(
+        status,
+        "text/plain",
+        Bytes::from_static(body.as_bytes()),
+        false,
+    )
+}
+
+fn query_params(query: Option<&str>) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// Current UTC time as RFC 3339 (`2024-01-02T03:04:05Z`).
+fn rfc3339_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

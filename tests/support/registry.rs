@@ -1,0 +1,255 @@
+//! A real upstream registry for tests: Debian's `docker-registry` (distribution 2.8) as a child
+//! process with its own temp dir, ephemeral port and access log.
+//!
+//! distribution writes one combined-log-format line per request, e.g.
+//! `127.0.0.1 - - [23/Nov/2026:10:58:11 +0000] "GET /v2/library/x/blobs/sha256:… HTTP/1.1" 200 2 "" "ua"`,
+//! interleaved with logrus lines. [`Registry::access_log`] parses the former, so a test can
+//! count exactly which requests reached the upstream. The line is written after the response,
+//! so call [`Registry::sync_log`] (done by the counting helpers) before trusting a count.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use super::{free_port, http, tail, wait_until, READY_TIMEOUT};
+
+/// Marker query used by [`Registry::sync_log`]; lines carrying it are excluded from counts.
+const MARKER: &str = "stowage-test-log-marker";
+
+/// One parsed access-log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLine {
+    pub method: String,
+    /// The request target as sent, including any query string.
+    pub uri: String,
+    pub status: u16,
+}
+
+/// A running `docker-registry serve`. Killed on [`Registry::stop`] and on drop.
+pub struct Registry {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    log_path: PathBuf,
+    markers: AtomicU64,
+}
+
+impl Registry {
+    /// Starts a fresh, empty registry and waits until `GET /v2/` answers 200.
+    /// Retries with another port if the chosen one was taken in the meantime.
+    pub fn start() -> Registry {
+        let mut dir = tempfile::Builder::new()
+            .prefix("stowage-upstream-")
+            .tempdir()
+            .expect("temp dir for docker-registry");
+        let log_path = dir.path().join("registry.log");
+        let mut last_log = String::new();
+        for _attempt in 0..3 {
+            let port = free_port();
+            let config_path = dir.path().join("config.yml");
+            std::fs::write(&config_path, config_yaml(&dir.path().join("data"), port))
+                .expect("write docker-registry config");
+            let log = File::options()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .expect("open registry log file");
+            let child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone log handle"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn docker-registry (is the docker-registry package installed?)");
+            let mut registry = Registry {
+                child: Some(child),
+                dir,
+                port,
+                log_path: log_path.clone(),
+                markers: AtomicU64::new(0),
+            };
+            if registry.wait_ready() {
+                return registry;
+            }
+            last_log = registry.log();
+            registry.kill();
+            // Take the dir back for the next attempt (Drop only kills the child).
+            dir = std::mem::replace(
+                &mut registry.dir,
+                tempfile::tempdir().expect("placeholder temp dir"),
+            );
+        }
+        panic!(
+            "docker-registry did not become ready within {READY_TIMEOUT:?} (3 attempts)\n--- log\n{}",
+            tail(&last_log, 40)
+        );
+    }
+
+    /// Polls `/v2/` until 200; false if the child exits or the timeout passes.
+    fn wait_ready(&mut self) -> bool {
+        let client = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("readiness client");
+        let url = format!("{}/v2/", self.url());
+        let mut exited = false;
+        let ready = wait_until(READY_TIMEOUT, || {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    exited = true;
+                    return true;
+                }
+            }
+            matches!(client.get(&url).send(), Ok(r) if r.status().as_u16() == 200)
+        });
+        ready && !exited
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:<port>`, as used in `docker://` references.
+    pub fn host_port(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The registry's private temp dir (config, data, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the registry printed so far (logrus lines and access lines).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Makes sure every request answered before this call has its access line in the log:
+    /// sends a uniquely-marked `GET /v2/?<marker>` and waits until its line appears.
+    /// Does nothing if the registry is stopped.
+    pub fn sync_log(&self) {
+        if self.child.is_none() {
+            return;
+        }
+        let n = self.markers.fetch_add(1, Ordering::SeqCst);
+        let marker = format!("{MARKER}={n}");
+        let url = format!("{}/v2/?{marker}", self.url());
+        let resp = http().get(&url).send();
+        assert!(
+            matches!(&resp, Ok(r) if r.status().is_success()),
+            "upstream registry did not answer the log marker request: {resp:?}"
+        );
+        let needle = format!("/v2/?{marker} ");
+        let seen = wait_until(READY_TIMEOUT, || self.log().contains(&needle));
+        assert!(
+            seen,
+            "marker {marker} never appeared in the registry access log\n{}",
+            tail(&self.log(), 20)
+        );
+    }
+
+    /// All access-log lines so far (after [`sync_log`](Self::sync_log)), marker requests excluded.
+    pub fn access_log(&self) -> Vec<AccessLine> {
+        self.sync_log();
+        self.log()
+            .lines()
+            .filter_map(parse_access_line)
+            .filter(|l| !l.uri.contains(MARKER))
+            .collect()
+    }
+
+    /// The raw access-log lines as `"METHOD URI"` strings (marker requests excluded).
+    pub fn access_log_lines(&self) -> Vec<String> {
+        self.access_log()
+            .into_iter()
+            .map(|l| format!("{} {}", l.method, l.uri))
+            .collect()
+    }
+
+    /// How many requests with this method had a URI containing `path_substring`.
+    pub fn count_requests(&self, method: &str, path_substring: &str) -> usize {
+        self.access_log()
+            .iter()
+            .filter(|l| l.method == method && l.uri.contains(path_substring))
+            .count()
+    }
+
+    /// How many `GET …/blobs/…` requests reached the registry (any repository).
+    pub fn blob_gets(&self) -> usize {
+        self.count_requests("GET", "/blobs/sha256:")
+    }
+
+    /// Whether the child is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Kills the registry (SIGKILL) and waits for it. The temp dir and log stay until drop.
+    pub fn stop(&mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            // logrus repeats every access line as `msg="response completed"`; skip those.
+            let full = self.log();
+            let log: Vec<&str> = full
+                .lines()
+                .filter(|l| !l.contains("msg=\"response completed\""))
+                .collect();
+            eprintln!(
+                "--- upstream docker-registry log ({}), last 30 lines:\n{}",
+                self.log_path.display(),
+                tail(&log.join("\n"), 30)
+            );
+        }
+    }
+}
+
+fn config_yaml(data: &Path, port: u16) -> String {
+    format!(
+        "version: 0.1\n\
+         log:\n  level: info\n  accesslog:\n    disabled: false\n\
+         storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
+         http:\n  addr: 127.0.0.1:{port}\n  secret: stowage-tests-secret\n",
+        data = data.display()
+    )
+}
+
+/// Parses `IP - - [date] "METHOD URI PROTO" STATUS SIZE "ref" "ua"`; `None` for other lines.
+pub fn parse_access_line(line: &str) -> Option<AccessLine> {
+    let bracket = line.find("] \"")?;
+    if !line.starts_with(|c: char| c.is_ascii_digit() || c == '[' || c == ':') {
+        return None;
+    }
+    let rest = &line[bracket + 3..];
+    let close = rest.find('"')?;
+    let mut request = rest[..close].split(' ');
+    let method = request.next()?.to_string();
+    let uri = request.next()?.to_string();
+    let status = rest[close + 1..].split_whitespace().next()?.parse().ok()?;
+    Some(AccessLine {
+        method,
+        uri,
+        status,
+    })
+}
