@@ -75,6 +75,7 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
 
 async fn run(config: Config) -> Result<(), stowage::Error> {
     let listen = config.server.listen;
+    let shutdown = shutdown_signal()?;
     let mirror = Arc::new(Mirror::new(config)?);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -94,7 +95,7 @@ async fn run(config: Config) -> Result<(), stowage::Error> {
     stowage::http::serve(
         listener,
         mirror.clone(),
-        shutdown_signal(),
+        shutdown,
         Duration::from_secs(10),
     )
     .await?;
@@ -103,24 +104,17 @@ async fn run(config: Config) -> Result<(), stowage::Error> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Registers SIGTERM / SIGINT handlers *now* (before the port opens, so an early signal is never
+/// met by the default action) and returns a future that resolves on the first of them.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
-    }
-    tracing::info!("shutdown signal received");
+        tracing::info!("shutdown signal received");
+    })
 }
