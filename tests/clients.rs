@@ -20,16 +20,20 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
+use serde_json::json;
+
 use support::clients::{
-    assert_unpacked, containerd_hosts_toml, docker_daemon_json, registries_conf, stowage_blob_gets,
+    assert_unpacked, containerd_hosts_toml, containerd_override_path_hosts_toml,
+    docker_daemon_json, image_files, layer_files, registries_conf, stowage_blob_gets,
     stowage_requests, unpacked_test_files, Containerd, ContainersEnv, Dockerd,
 };
-use support::images::{self, Format, Image, ImageIndex, Pushed, TestImage};
+use support::images::{self, Blob, Format, Image, ImageIndex, Layer, Manifest, Pushed, TestImage};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
-use support::{sha256_hex, wait_until};
+use support::{sha256_digest, sha256_hex, wait_until};
 
 /// Two real upstreams behind one stowage.
 struct World {
@@ -198,13 +202,14 @@ fn docker_inspect(docker: &Dockerd, reference: &str) -> (String, String, Vec<Str
 
 /// `docker pull <reference> [--platform p]` through the mirror, then checks that dockerd holds
 /// exactly `image` (config digest = image ID, diff_ids = RootFS layers, the manifest digest that
-/// was pushed) and unpacked all of its files.
+/// was pushed) and unpacked all of its `files`.
 fn docker_pull_and_verify(
     docker: &Dockerd,
     reference: &str,
     platform: Option<&str>,
     pushed: &Pushed,
     image: &Image,
+    files: &[(String, u64)],
 ) {
     let mut args = vec!["pull"];
     if let Some(p) = platform {
@@ -234,7 +239,7 @@ fn docker_pull_and_verify(
             "{what}: RepoDigests {repo_digests:?} should contain {expected_repo_digest} (the pushed manifest's digest)"
         );
     }
-    assert_unpacked(&docker.data_root(), image, &what);
+    assert_unpacked(&docker.data_root(), files, &what);
 }
 
 struct DockerWorld {
@@ -261,7 +266,14 @@ fn dockerd_pulls_a_bare_name_through_the_mirror_and_repulls_from_the_cache() {
 
     // `alpine:3.19` = docker.io/library/alpine:3.19; Docker Hub is unreachable, so success
     // means the mirror answered.
-    docker_pull_and_verify(&docker, "alpine:3.19", None, &pushed, &image);
+    docker_pull_and_verify(
+        &docker,
+        "alpine:3.19",
+        None,
+        &pushed,
+        &image,
+        &image_files(&image),
+    );
     assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull alpine:3.19");
     let requests = stowage_requests(&w.stowage);
     assert!(
@@ -278,7 +290,14 @@ fn dockerd_pulls_a_bare_name_through_the_mirror_and_repulls_from_the_cache() {
     docker.docker_ok(&["rmi", "alpine:3.19"]);
     assert_nothing_unpacked(&docker.data_root(), "docker rmi alpine:3.19");
     let before = before_repull(&w, &image);
-    docker_pull_and_verify(&docker, "alpine:3.19", None, &pushed, &image);
+    docker_pull_and_verify(
+        &docker,
+        "alpine:3.19",
+        None,
+        &pushed,
+        &image,
+        &image_files(&image),
+    );
     assert_repull_served_from_cache(&w, &image, &before, "second docker pull alpine:3.19");
 }
 
@@ -294,7 +313,14 @@ fn dockerd_pulls_a_multi_arch_image_for_the_default_platform_and_for_arm64() {
     let amd = arch(&pushed, "amd64").clone();
     let arm = arch(&pushed, "arm64").clone();
 
-    docker_pull_and_verify(&docker, "multi:1.0", None, &pushed, &amd);
+    docker_pull_and_verify(
+        &docker,
+        "multi:1.0",
+        None,
+        &pushed,
+        &amd,
+        &image_files(&amd),
+    );
     assert_fetched_through_stowage(&w, &w.hub, &amd, "docker pull multi:1.0");
     for blob in arm.blobs() {
         assert_eq!(
@@ -305,7 +331,14 @@ fn dockerd_pulls_a_multi_arch_image_for_the_default_platform_and_for_arm64() {
         );
     }
 
-    docker_pull_and_verify(&docker, "multi:1.0", Some("linux/arm64"), &pushed, &arm);
+    docker_pull_and_verify(
+        &docker,
+        "multi:1.0",
+        Some("linux/arm64"),
+        &pushed,
+        &arm,
+        &image_files(&arm),
+    );
     assert_fetched_through_stowage(&w, &w.hub, &arm, "docker pull --platform linux/arm64");
 
     // Remove both (the arm64 pull left the amd64 image untagged), then pull both again.
@@ -313,8 +346,22 @@ fn dockerd_pulls_a_multi_arch_image_for_the_default_platform_and_for_arm64() {
     assert_nothing_unpacked(&docker.data_root(), "docker rmi multi:1.0");
     let before_amd = before_repull(&w, &amd);
     let before_arm = before_repull(&w, &arm);
-    docker_pull_and_verify(&docker, "multi:1.0", None, &pushed, &amd);
-    docker_pull_and_verify(&docker, "multi:1.0", Some("linux/arm64"), &pushed, &arm);
+    docker_pull_and_verify(
+        &docker,
+        "multi:1.0",
+        None,
+        &pushed,
+        &amd,
+        &image_files(&amd),
+    );
+    docker_pull_and_verify(
+        &docker,
+        "multi:1.0",
+        Some("linux/arm64"),
+        &pushed,
+        &arm,
+        &image_files(&arm),
+    );
     assert_repull_served_from_cache(&w, &amd, &before_amd, "second docker pull multi:1.0");
     assert_repull_served_from_cache(
         &w,
@@ -335,21 +382,125 @@ fn dockerd_pulls_an_oci_index_image() {
     );
     let image = amd64(&pushed).clone();
 
-    docker_pull_and_verify(&docker, "ociapp:2.0", None, &pushed, &image);
+    docker_pull_and_verify(
+        &docker,
+        "ociapp:2.0",
+        None,
+        &pushed,
+        &image,
+        &image_files(&image),
+    );
     assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull ociapp:2.0 (OCI index)");
 
     docker.docker_ok(&["rmi", "ociapp:2.0"]);
     assert_nothing_unpacked(&docker.data_root(), "docker rmi ociapp:2.0");
     let before = before_repull(&w, &image);
-    docker_pull_and_verify(&docker, "ociapp:2.0", None, &pushed, &image);
+    docker_pull_and_verify(
+        &docker,
+        "ociapp:2.0",
+        None,
+        &pushed,
+        &image,
+        &image_files(&image),
+    );
     assert_repull_served_from_cache(&w, &image, &before, "second docker pull ociapp:2.0");
+}
+
+/// A linux/amd64 Docker image of `big` random bytes in one layer plus a small layer, built with
+/// the system's tools (`head /dev/urandom`, `tar`, `gzip -1`, `sha256sum`): the harness's
+/// pure-Rust path takes minutes for this size in an unoptimised test build on a busy machine.
+/// Returns the image and the files its layers hold.
+fn big_image(big: u64) -> (Image, Vec<(String, u64)>) {
+    let dir = tempfile::tempdir().expect("temp dir for the big layer");
+    let d = dir.path();
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(d)
+            .output()
+            .expect("run sh");
+        assert!(
+            out.status.success(),
+            "building the big layer failed: {script}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    sh(&format!(
+        "mkdir -p root/stowage-test && head -c {big} /dev/urandom > root/stowage-test/file-0.bin && \
+         tar --format=gnu --owner=0 --group=0 --numeric-owner --mtime=@1700000000 \
+             -cf layer.tar -C root stowage-test && \
+         gzip -1 -n -c layer.tar > layer.tar.gz"
+    ));
+    let sha = |file: &str| {
+        let out = sh(&format!("sha256sum {file}"));
+        format!(
+            "sha256:{}",
+            out.split_whitespace().next().expect("sha256sum output")
+        )
+    };
+    let diff_id = sha("layer.tar");
+    let big_layer = Layer {
+        blob: Blob {
+            media_type: images::DOCKER_LAYER.to_string(),
+            digest: sha("layer.tar.gz"),
+            bytes: std::fs::read(d.join("layer.tar.gz")).expect("read big layer"),
+        },
+        diff_id,
+    };
+    let small = images::random_layer(Format::Docker, 5_000);
+    let mut files = vec![("stowage-test/file-0.bin".to_string(), big)];
+    files.extend(layer_files(&small));
+    let layers = vec![big_layer, small];
+    let config = Blob::new(
+        images::DOCKER_CONFIG,
+        serde_json::to_vec(&json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "created": "2024-01-01T00:00:00Z",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {
+                "type": "layers",
+                "diff_ids": layers.iter().map(|l| l.diff_id.clone()).collect::<Vec<_>>()
+            },
+            "history": [
+                {"created": "2024-01-01T00:00:00Z", "created_by": "big layer"},
+                {"created": "2024-01-01T00:00:00Z", "created_by": "small layer"}
+            ]
+        }))
+        .expect("serialise config"),
+    );
+    let manifest_bytes = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": images::DOCKER_MANIFEST,
+        "config": {"mediaType": config.media_type, "size": config.size(), "digest": config.digest},
+        "layers": layers.iter().map(|l| json!({
+            "mediaType": l.blob.media_type, "size": l.blob.size(), "digest": l.blob.digest
+        })).collect::<Vec<_>>()
+    }))
+    .expect("serialise manifest");
+    let image = Image {
+        format: Format::Docker,
+        os: "linux".to_string(),
+        architecture: "amd64".to_string(),
+        variant: None,
+        manifest: Manifest {
+            media_type: images::DOCKER_MANIFEST.to_string(),
+            digest: sha256_digest(&manifest_bytes),
+            bytes: manifest_bytes,
+        },
+        config,
+        layers,
+    };
+    (image, files)
 }
 
 #[test]
 fn dockerd_pulls_an_image_of_at_least_128_mib() {
     let DockerWorld { docker, w } = docker_world();
     // Random content does not compress: the big layer is ~130 MiB on the wire too.
-    let image = Image::build(Format::Docker, &[130 * 1024 * 1024, 5_000]);
+    let (image, files) = big_image(130 * 1024 * 1024);
     let total: usize = image.blobs().iter().map(|b| b.size()).sum();
     assert!(
         total >= 128 * 1024 * 1024,
@@ -357,14 +508,37 @@ fn dockerd_pulls_an_image_of_at_least_128_mib() {
     );
     let pushed = images::push(&w.hub.url(), "library/big", "1", image.clone());
 
-    docker_pull_and_verify(&docker, "big:1", None, &pushed, &image);
+    docker_pull_and_verify(&docker, "big:1", None, &pushed, &image, &files);
     assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull big:1");
 
     docker.docker_ok(&["rmi", "big:1"]);
     assert_nothing_unpacked(&docker.data_root(), "docker rmi big:1");
     let before = before_repull(&w, &image);
-    docker_pull_and_verify(&docker, "big:1", None, &pushed, &image);
+    docker_pull_and_verify(&docker, "big:1", None, &pushed, &image, &files);
     assert_repull_served_from_cache(&w, &image, &before, "second docker pull big:1");
+}
+
+#[test]
+fn dockerd_pulls_another_upstream_by_naming_stowage_with_a_host_prefix() {
+    // registry-mirrors only ever apply to Docker Hub; other upstreams are pulled from stowage
+    // as a registry of its own, `<stowage>/ghcr.io/<repo>` (127.0.0.0/8 is insecure by default).
+    let DockerWorld { docker, w } = docker_world();
+    let pushed = images::push(
+        &w.ghcr.url(),
+        "acme/tool",
+        "1.0",
+        ImageIndex::build(Format::Oci, &["amd64", "arm64"], SMALL),
+    );
+    let image = amd64(&pushed).clone();
+    let reference = format!("{}/ghcr.io/acme/tool:1.0", w.stowage.host_port());
+    docker.docker_ok(&["pull", &reference]);
+    let (id, _, layers, _) = docker_inspect(&docker, &reference);
+    assert_eq!(id, image.config.digest, "docker pull {reference}: image ID");
+    let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
+    assert_eq!(layers, diff_ids, "docker pull {reference}: RootFS.Layers");
+    assert_unpacked(&docker.data_root(), &image_files(&image), &reference);
+    assert_fetched_through_stowage(&w, &w.ghcr, &image, &reference);
+    assert_nothing_reached_hub(&w, "acme/tool");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -405,7 +579,7 @@ fn ctr_pull_and_verify(containerd: &Containerd, reference: &str, pushed: &Pushed
         "{what}: ctr images ls should show the pushed digest {}: {line}",
         pushed.digest()
     );
-    assert_unpacked(&containerd.root(), image, &what);
+    assert_unpacked(&containerd.root(), &image_files(image), &what);
 }
 
 /// Every request stowage logged for repository path `repo_path` carried `?ns=<ns>`.
@@ -477,6 +651,37 @@ fn containerd_mirrors_a_second_upstream_host_through_the_same_stowage_by_ns() {
     assert_repull_served_from_cache(&w, &image, &before, "second ctr pull of ghcr.io/acme/tool");
 }
 
+#[test]
+fn containerd_reaches_a_path_prefixed_mirror_with_override_path() {
+    let w = world();
+    let containerd = Containerd::start();
+    // The mirror URL names the API root itself (`/v2/ghcr.io`): without `override_path`
+    // containerd would append another `/v2`.
+    containerd.write_hosts_toml(
+        "ghcr.io",
+        &containerd_override_path_hosts_toml("https://ghcr.io", &w.stowage, "ghcr.io"),
+    );
+    let pushed = images::push(
+        &w.ghcr.url(),
+        "acme/tool",
+        "1.0",
+        Image::build(Format::Oci, SMALL),
+    );
+    let image = amd64(&pushed).clone();
+    let reference = "ghcr.io/acme/tool:1.0";
+
+    ctr_pull_and_verify(&containerd, reference, &pushed, &image);
+    assert_fetched_through_stowage(&w, &w.ghcr, &image, "ctr pull with override_path");
+    assert_all_carry_ns(&w, "ghcr.io/acme/tool", "ghcr.io");
+    assert_nothing_reached_hub(&w, "acme/tool");
+
+    containerd.ctr_ok(&["images", "rm", "--sync", reference]);
+    assert_nothing_unpacked(&containerd.root(), "ctr images rm --sync");
+    let before = before_repull(&w, &image);
+    ctr_pull_and_verify(&containerd, reference, &pushed, &image);
+    assert_repull_served_from_cache(&w, &image, &before, "second ctr pull with override_path");
+}
+
 // ---------------------------------------------------------------------------------------------
 // podman
 // ---------------------------------------------------------------------------------------------
@@ -511,7 +716,7 @@ fn podman_pull_and_verify(env: &ContainersEnv, reference: &str, pushed: &Pushed,
         layers, diff_ids,
         "{what}: RootFS.Layers are not the diff_ids"
     );
-    assert_unpacked(&env.graphroot(), image, &what);
+    assert_unpacked(&env.graphroot(), &image_files(image), &what);
 }
 
 #[test]

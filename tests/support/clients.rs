@@ -296,6 +296,15 @@ pub fn containerd_hosts_toml(server: &str, mirror: &Stowage) -> String {
     )
 }
 
+/// `hosts.toml` whose mirror URL carries its own API root, `<stowage>/v2/<prefix>`, used
+/// verbatim thanks to `override_path = true` (stowage then routes by the path prefix).
+pub fn containerd_override_path_hosts_toml(server: &str, mirror: &Stowage, prefix: &str) -> String {
+    format!(
+        "server = \"{server}\"\n\n[host.\"{}/v2/{prefix}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  override_path = true\n",
+        mirror.url()
+    )
+}
+
 /// A private `containerd` (own root, state, sockets; CRI plugin disabled). Stopped on drop.
 pub struct Containerd {
     child: Option<Child>,
@@ -606,24 +615,27 @@ pub fn unpacked_test_files(root: &Path) -> Vec<(PathBuf, u64)> {
         .collect()
 }
 
-/// Panics unless every file of every layer of `image` was unpacked somewhere under `root` (a
-/// file `…/stowage-test/file-N.bin` of the same size; vfs and the native snapshotter keep one
+/// Every regular file of every layer of `image` (path inside the tar, size).
+pub fn image_files(image: &Image) -> Vec<(String, u64)> {
+    image.layers.iter().flat_map(layer_files).collect()
+}
+
+/// Panics unless every file in `files` (from [`image_files`]) was unpacked somewhere under `root`
+/// (a file `…/stowage-test/file-N.bin` of the same size; vfs and the native snapshotter keep one
 /// full directory per layer, so each layer's own files are present in its directory).
-pub fn assert_unpacked(root: &Path, image: &Image, what: &str) {
+pub fn assert_unpacked(root: &Path, files: &[(String, u64)], what: &str) {
+    assert!(!files.is_empty(), "{what}: no expected files given");
     let found = unpacked_test_files(root);
-    for (i, layer) in image.layers.iter().enumerate() {
-        for (path, size) in layer_files(layer) {
-            let name = Path::new(&path).file_name().expect("file name").to_owned();
-            let present = found
-                .iter()
-                .any(|(p, s)| *s == size && p.file_name() == Some(name.as_os_str()));
-            assert!(
-                present,
-                "{what}: layer {i} ({}) file {path} ({size} bytes) is not unpacked under {}; unpacked test files: {found:#?}",
-                layer.blob.digest,
-                root.display()
-            );
-        }
+    for (path, size) in files {
+        let name = Path::new(path).file_name().expect("file name").to_owned();
+        let present = found
+            .iter()
+            .any(|(p, s)| s == size && p.file_name() == Some(name.as_os_str()));
+        assert!(
+            present,
+            "{what}: file {path} ({size} bytes) of the image is not unpacked under {}; unpacked test files: {found:#?}",
+            root.display()
+        );
     }
 }
 
