@@ -302,6 +302,30 @@ fn dockerd_pulls_a_bare_name_through_the_mirror_and_repulls_from_the_cache() {
 }
 
 #[test]
+fn dockerd_falls_back_to_docker_hub_silently_when_the_mirror_has_no_such_image() {
+    // Pins the quirk the README warns about: a mirror error is not reported as such; dockerd
+    // retries at Docker Hub (unreachable here) and only that error reaches the user.
+    let DockerWorld { docker, w } = docker_world();
+    let out = docker.docker(&["pull", "nosuch:1.0"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "pulling an image that exists nowhere must fail: {stderr}"
+    );
+    assert!(
+        stderr.contains("registry-1.docker.io"),
+        "dockerd should report the failure of its fallback to Docker Hub, not the mirror's 404: {stderr}"
+    );
+    let requests = stowage_requests(&w.stowage);
+    assert!(
+        requests
+            .iter()
+            .any(|l| l.path == "/v2/library/nosuch/manifests/1.0" && l.status == 404),
+        "dockerd should have asked the mirror first and got 404: {requests:#?}"
+    );
+}
+
+#[test]
 fn dockerd_pulls_a_multi_arch_image_for_the_default_platform_and_for_arm64() {
     let DockerWorld { docker, w } = docker_world();
     let pushed = images::push(
