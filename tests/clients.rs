@@ -774,6 +774,34 @@ fn podman_pulls_docker_io_through_a_registries_conf_mirror_and_repulls_from_the_
 }
 
 #[test]
+fn podman_without_insecure_on_the_mirror_never_reaches_plain_http_stowage() {
+    // Pins the README's quirk: `insecure = true` belongs on the mirror entry; without it podman
+    // only tries HTTPS at the mirror, then falls back to the (unreachable) primary location.
+    let w = world();
+    let conf = registries_conf(&w.stowage, &[]).replace("insecure = true\n", "");
+    assert!(!conf.contains("insecure"), "{conf}");
+    let env = ContainersEnv::new(&conf);
+    images::push(
+        &w.hub.url(),
+        "library/alpine",
+        "3.19",
+        Image::build(Format::Docker, SMALL),
+    );
+    let out = env.podman(&["pull", "docker.io/library/alpine:3.19"]);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "podman must not pull over plain http from a mirror that is not insecure: {stderr}"
+    );
+    let requests = stowage_requests(&w.stowage);
+    assert!(
+        requests.iter().all(|l| !l.path.starts_with("/v2/library/")),
+        "podman should not have spoken plain HTTP to the mirror: {requests:#?}"
+    );
+    assert_eq!(w.hub.blob_gets(), 0, "nothing may reach the upstream");
+}
+
+#[test]
 fn podman_pulls_a_second_upstream_through_a_prefix_style_mirror_location() {
     let w = world();
     let env = podman_env(&w);
