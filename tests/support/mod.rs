@@ -13,6 +13,7 @@
 //! prints the tail of its log when the test is failing.
 #![allow(dead_code)]
 
+pub mod clients;
 pub mod fake_upstream;
 pub mod images;
 pub mod registry;
