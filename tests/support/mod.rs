@@ -112,8 +112,9 @@ pub fn manifest_accept() -> String {
 
 /// Runs `skopeo` hermetically: the machine's `/etc/containers` and `~/.config/containers` cannot
 /// influence it. The wrapper
-/// - points `CONTAINERS_REGISTRIES_CONF` at an empty file and `--registries.d` at an empty dir
-///   (skopeo 1.9 has no `--registries-conf` flag; the env var is how it is overridden),
+/// - passes an empty registries.conf with the global `--registries-conf` flag (hidden in
+///   skopeo 1.9's help, and the only override it honours: it ignores
+///   `CONTAINERS_REGISTRIES_CONF`) and an empty `--registries.d`,
 /// - passes its own permissive `--policy` and an empty auth file,
 /// - sets `HOME` / `XDG_RUNTIME_DIR` / `XDG_CONFIG_HOME` to a private temp dir,
 /// - adds `--override-os linux --override-arch amd64`,
@@ -143,12 +144,13 @@ pub fn skopeo(args: &[&str]) -> Output {
     cmd.env("HOME", home.path())
         .env("XDG_RUNTIME_DIR", home.path())
         .env("XDG_CONFIG_HOME", home.path())
-        .env("CONTAINERS_REGISTRIES_CONF", &registries_conf)
         .env("REGISTRY_AUTH_FILE", &auth)
         .env_remove("http_proxy")
         .env_remove("https_proxy")
         .env_remove("HTTP_PROXY")
         .env_remove("HTTPS_PROXY")
+        .arg("--registries-conf")
+        .arg(&registries_conf)
         .arg("--policy")
         .arg(&policy)
         .arg("--registries.d")
