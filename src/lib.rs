@@ -32,6 +32,7 @@
 pub mod cache;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod upstream;
