@@ -384,8 +384,10 @@ fn prometheus_scrapes_stowage_and_every_dashboard_and_alert_expression_evaluates
 
 #[test]
 fn healthz_is_liveness_and_readyz_needs_a_writable_cache_but_not_the_upstream() {
-    // Nothing listens on the upstream's port: not fatal for readiness.
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    // An upstream that accepts connections (kernel backlog) but never answers: unreachable, and
+    // not fatal for readiness. Holding the socket keeps anyone else from taking the port.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("http://{}", silent.local_addr().unwrap());
     let live = FakeUpstream::start();
     let stowage = Stowage::start(&[
         UpstreamSpec::new("docker.io", &dead),

@@ -656,3 +656,81 @@ async fn search(
     });
     json_response(body.to_string().into_bytes(), false, Some(Outcome::Hit))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels_are_templates() {
+        for (path, label) in [
+            ("/v2/", "base"),
+            ("/v2", "base"),
+            ("/v2/_catalog", "catalog"),
+            ("/v2/library/alpine/tags/list", "tags"),
+            ("/v2/library/alpine/manifests/3.19", "manifests"),
+            ("/v2/ghcr.io/a/b/manifests/sha256:00", "manifests"),
+            ("/v2/library/alpine/blobs/sha256:00", "blobs"),
+            ("/v2/library/alpine/blobs/uploads/", "blobs"),
+            ("/v1/search", "search"),
+            ("/metrics", "metrics"),
+            ("/healthz", "health"),
+            ("/readyz", "health"),
+            ("/v2/library/alpine", "other"),
+            ("/favicon.ico", "other"),
+        ] {
+            assert_eq!(route_label(path), label, "{path}");
+        }
+    }
+
+    #[test]
+    fn only_manifest_and_blob_answers_move_cache_counters() {
+        assert_eq!(
+            cache_event("manifests", Outcome::Revalidated),
+            Some((Kind::Manifest, true))
+        );
+        assert_eq!(
+            cache_event("manifests", Outcome::Stale),
+            Some((Kind::Manifest, true))
+        );
+        assert_eq!(
+            cache_event("manifests", Outcome::Miss),
+            Some((Kind::Manifest, false))
+        );
+        assert_eq!(cache_event("blobs", Outcome::Hit), Some((Kind::Blob, true)));
+        assert_eq!(
+            cache_event("blobs", Outcome::Joined),
+            Some((Kind::Blob, false))
+        );
+        assert_eq!(
+            cache_event("blobs", Outcome::Upstream),
+            Some((Kind::Blob, false))
+        );
+        assert_eq!(cache_event("catalog", Outcome::Hit), None);
+        assert_eq!(cache_event("tags", Outcome::Upstream), None);
+    }
+
+    #[test]
+    fn sensitive_query_values_are_redacted() {
+        assert_eq!(redact_query("ns=docker.io&n=10"), "ns=docker.io&n=10");
+        let r = redact_query("ns=x&access_token=abc&X-Amz-Signature=def&password=p");
+        assert!(
+            !r.contains("abc") && !r.contains("def") && !r.contains("=p"),
+            "{r}"
+        );
+        assert!(r.contains("ns=x"), "{r}");
+    }
+
+    #[test]
+    fn request_ids_from_clients_must_be_short_and_plain() {
+        let mut h = http::HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("pull-42.a"));
+        assert_eq!(request_id(&h), "pull-42.a");
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+        let long = "a".repeat(65);
+        h.insert(REQUEST_ID, HeaderValue::from_str(&long).unwrap());
+        assert_eq!(request_id(&http::HeaderMap::new()).len(), 16);
+        assert_ne!(request_id(&h), long);
+    }
+}
