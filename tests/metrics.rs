@@ -66,120 +66,76 @@ fn cold_then_warm_pull_counts_misses_then_hits_and_fetches_each_blob_once() {
         (20u64 << 30) as f64
     );
 
-    // Cold: everything is a miss, every blob is fetched once and streamed while it fills.
+    const UP_HEAD: &[(&str, &str)] = &[
+        ("upstream", "docker.io"),
+        ("method", "HEAD"),
+        ("status", "200"),
+    ];
+    const UP_GET: &[(&str, &str)] = &[
+        ("upstream", "docker.io"),
+        ("method", "GET"),
+        ("status", "200"),
+    ];
+    const MANIFEST: &[(&str, &str)] = &[("kind", "manifest")];
+    const BLOB: &[(&str, &str)] = &[("kind", "blob")];
+    const FILL: &[(&str, &str)] = &[("source", "fill")];
+    const CACHE: &[(&str, &str)] = &[("source", "cache")];
+    const DOCKER_IO: &[(&str, &str)] = &[("upstream", "docker.io")];
+    const BLOB_GETS: &[(&str, &str)] = &[("route", "blobs"), ("method", "GET"), ("status", "200")];
+    const BASE: &[(&str, &str)] = &[("route", "base")];
+    // (The harness's readiness probe asked for `/v2/` before the pulls.)
+    let probes = before.value("stowage_http_requests_total", BASE);
+
+    // Cold: everything is a miss, every blob is fetched once and streamed while it fills. The tag
+    // is revalidated with a HEAD, then the manifest fetched by digest, then the blobs.
     assert_eq!(pull(&stowage, "library/counted", "1.0", &image), blob_bytes);
-    let cold = Scrape::get(&base);
-    let v = |s: &Scrape, name: &str, labels: &[(&str, &str)]| s.value(name, labels);
-    assert_eq!(
-        v(&cold, "stowage_cache_misses_total", &[("kind", "manifest")]),
-        1.0
-    );
-    assert_eq!(
-        v(&cold, "stowage_cache_hits_total", &[("kind", "manifest")]),
-        0.0
-    );
-    assert_eq!(
-        v(&cold, "stowage_cache_misses_total", &[("kind", "blob")]),
-        blobs
-    );
-    assert_eq!(
-        v(&cold, "stowage_cache_hits_total", &[("kind", "blob")]),
-        0.0
-    );
-    assert_eq!(
-        v(&cold, "stowage_served_bytes_total", &[("source", "fill")]),
-        gb
-    );
-    assert_eq!(
-        v(&cold, "stowage_served_bytes_total", &[("source", "cache")]),
-        0.0
-    );
-    assert_eq!(
-        v(
-            &cold,
-            "stowage_upstream_bytes_total",
-            &[("upstream", "docker.io")]
-        ),
-        gb
-    );
-    let up = |s: &Scrape, method: &str| {
-        s.find(
-            "stowage_upstream_requests_total",
-            &[
-                ("upstream", "docker.io"),
-                ("method", method),
-                ("status", "200"),
-            ],
-        )
-        .unwrap_or(0.0)
-    };
-    // The tag is revalidated with a HEAD, then the manifest fetched by digest, then the blobs.
-    assert_eq!(up(&cold, "HEAD"), 1.0);
-    assert_eq!(up(&cold, "GET"), 1.0 + blobs);
-    assert_eq!(v(&cold, "stowage_fill_joins_total", &[]), 0.0);
-    assert_eq!(v(&cold, "stowage_fills_in_flight", &[]), 0.0);
-    assert_eq!(v(&cold, "stowage_cache_blobs", &[]), blobs);
-    assert_eq!(v(&cold, "stowage_cache_size_bytes", &[]), gb);
-    assert_eq!(
-        v(
-            &cold,
-            "stowage_http_requests_total",
-            &[("route", "blobs"), ("method", "GET"), ("status", "200")]
-        ),
-        blobs
-    );
-    assert_eq!(
-        v(
-            &cold,
-            "stowage_http_request_duration_seconds_count",
-            &[("route", "blobs")]
-        ),
-        blobs
-    );
-    // (The harness's readiness probe asked for `/v2/` before us.)
-    assert_eq!(
-        v(&cold, "stowage_http_requests_total", &[("route", "base")]),
-        v(&before, "stowage_http_requests_total", &[("route", "base")]) + 1.0
+    Scrape::get(&base).assert_values(
+        "after the cold pull",
+        &[
+            ("stowage_cache_misses_total", MANIFEST, 1.0),
+            ("stowage_cache_hits_total", MANIFEST, 0.0),
+            ("stowage_cache_misses_total", BLOB, blobs),
+            ("stowage_cache_hits_total", BLOB, 0.0),
+            ("stowage_served_bytes_total", FILL, gb),
+            ("stowage_served_bytes_total", CACHE, 0.0),
+            ("stowage_upstream_bytes_total", DOCKER_IO, gb),
+            ("stowage_upstream_requests_total", UP_HEAD, 1.0),
+            ("stowage_upstream_requests_total", UP_GET, 1.0 + blobs),
+            ("stowage_fill_joins_total", &[], 0.0),
+            ("stowage_fills_in_flight", &[], 0.0),
+            ("stowage_cache_blobs", &[], blobs),
+            ("stowage_cache_size_bytes", &[], gb),
+            ("stowage_http_requests_total", BLOB_GETS, blobs),
+            (
+                "stowage_http_request_duration_seconds_count",
+                &[("route", "blobs")],
+                blobs,
+            ),
+            ("stowage_http_requests_total", BASE, probes + 1.0),
+        ],
     );
 
     // Warm: everything is a hit; only the tag's HEAD reaches the upstream.
     assert_eq!(pull(&stowage, "library/counted", "1.0", &image), blob_bytes);
-    let warm = Scrape::get(&base);
-    assert_eq!(
-        v(&warm, "stowage_cache_misses_total", &[("kind", "manifest")]),
-        1.0
+    Scrape::get(&base).assert_values(
+        "after the warm pull",
+        &[
+            ("stowage_cache_misses_total", MANIFEST, 1.0),
+            ("stowage_cache_hits_total", MANIFEST, 1.0),
+            ("stowage_cache_misses_total", BLOB, blobs),
+            ("stowage_cache_hits_total", BLOB, blobs),
+            ("stowage_served_bytes_total", FILL, gb),
+            ("stowage_served_bytes_total", CACHE, gb),
+            ("stowage_upstream_bytes_total", DOCKER_IO, gb),
+            ("stowage_upstream_requests_total", UP_HEAD, 2.0),
+            ("stowage_upstream_requests_total", UP_GET, 1.0 + blobs),
+            ("stowage_fill_joins_total", &[], 0.0),
+            ("stowage_cache_blobs", &[], blobs),
+            ("stowage_cache_size_bytes", &[], gb),
+            ("stowage_http_requests_total", BLOB_GETS, 2.0 * blobs),
+            ("stowage_http_requests_total", BASE, probes + 2.0),
+        ],
     );
-    assert_eq!(
-        v(&warm, "stowage_cache_hits_total", &[("kind", "manifest")]),
-        1.0
-    );
-    assert_eq!(
-        v(&warm, "stowage_cache_misses_total", &[("kind", "blob")]),
-        blobs
-    );
-    assert_eq!(
-        v(&warm, "stowage_cache_hits_total", &[("kind", "blob")]),
-        blobs
-    );
-    assert_eq!(
-        v(&warm, "stowage_served_bytes_total", &[("source", "fill")]),
-        gb
-    );
-    assert_eq!(
-        v(&warm, "stowage_served_bytes_total", &[("source", "cache")]),
-        gb
-    );
-    assert_eq!(
-        v(
-            &warm,
-            "stowage_upstream_bytes_total",
-            &[("upstream", "docker.io")]
-        ),
-        gb
-    );
-    assert_eq!(up(&warm, "HEAD"), 2.0);
-    assert_eq!(up(&warm, "GET"), 1.0 + blobs);
-    assert_eq!(v(&warm, "stowage_cache_blobs", &[]), blobs);
     // The upstream's own log agrees: each blob was downloaded once.
     assert_eq!(
         upstream.blob_gets(),
@@ -190,12 +146,13 @@ fn cold_then_warm_pull_counts_misses_then_hits_and_fetches_each_blob_once() {
 
     // After a restart the counters start again, the cache gauges come from the index.
     stowage.restart();
-    let after = Scrape::get(&base);
-    assert_eq!(v(&after, "stowage_cache_blobs", &[]), blobs);
-    assert_eq!(v(&after, "stowage_cache_size_bytes", &[]), gb);
-    assert_eq!(
-        v(&after, "stowage_cache_hits_total", &[("kind", "blob")]),
-        0.0
+    Scrape::get(&base).assert_values(
+        "after a restart",
+        &[
+            ("stowage_cache_blobs", &[], blobs),
+            ("stowage_cache_size_bytes", &[], gb),
+            ("stowage_cache_hits_total", BLOB, 0.0),
+        ],
     );
 }
 

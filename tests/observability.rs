@@ -261,13 +261,15 @@ fn prometheus_scrapes_stowage_and_every_dashboard_and_alert_expression_evaluates
     // is served stale.
     let client = http();
     let base = stowage.url();
-    for _ in 0..2 {
-        let r = client
+    let tag = || {
+        client
             .get(format!("{base}/v2/{name}/manifests/1"))
             .header("Accept", manifest_accept())
             .send()
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 200);
+            .unwrap()
+    };
+    for _ in 0..2 {
+        assert_eq!(tag().status().as_u16(), 200);
         for b in image.blobs() {
             let r = client
                 .get(format!("{base}/v2/{name}/blobs/{}", b.digest))
@@ -281,11 +283,7 @@ fn prometheus_scrapes_stowage_and_every_dashboard_and_alert_expression_evaluates
         .send()
         .map(|r| r.bytes());
     drop(fake);
-    let r = client
-        .get(format!("{base}/v2/{name}/manifests/1"))
-        .header("Accept", manifest_accept())
-        .send()
-        .unwrap();
+    let r = tag();
     assert_eq!(r.status().as_u16(), 200);
     assert!(
         r.headers().get("warning").is_some(),

@@ -3,6 +3,9 @@
 
 use std::collections::BTreeMap;
 
+/// An expected sample: metric name, labels it must carry (others are summed over), value.
+pub type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
 /// One scrape of `/metrics`.
 #[derive(Debug, Clone)]
 pub struct Scrape {
@@ -69,6 +72,18 @@ impl Scrape {
                 self.metric_lines(name)
             )
         })
+    }
+
+    /// Asserts every `(name, labels, value)` at once; the failure lists each mismatch.
+    pub fn assert_values(&self, context: &str, expected: &[Expected]) {
+        let wrong: Vec<String> = expected
+            .iter()
+            .filter_map(|(name, labels, want)| {
+                let got = self.find(name, labels);
+                (got != Some(*want)).then(|| format!("{name}{labels:?}: {got:?}, expected {want}"))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{context}:\n{}", wrong.join("\n"));
     }
 
     /// Every label value of `label` on series named `name`.
