@@ -46,7 +46,7 @@ pub struct Metrics {
     pub cache_misses: IntCounterVec,
     pub fill_joins: IntCounter,
     pub fills_in_flight: IntGauge,
-    /// Wired by issue 3 (fill resume).
+    /// Wired by issue 3 (fill resume): `metrics().fill_resumes.inc()` per `Range` reopen.
     pub fill_resumes: IntCounter,
     pub fill_failures: IntCounterVec,
     pub served_bytes: IntCounterVec,
@@ -57,9 +57,9 @@ pub struct Metrics {
     pub cache_size_bytes: IntGauge,
     pub cache_budget_bytes: IntGauge,
     pub cache_blobs: IntGauge,
-    /// Wired by issue 5 (eviction).
+    /// Wired by issue 5 (eviction), through [`Metrics::blob_evicted`].
     pub evictions: IntCounter,
-    /// Wired by issue 5 (eviction).
+    /// Wired by issue 5 (eviction), through [`Metrics::blob_evicted`].
     pub evicted_bytes: IntCounter,
 }
 
@@ -365,6 +365,15 @@ impl Metrics {
             .add(i64::try_from(size).unwrap_or(i64::MAX));
     }
 
+    /// A committed blob was evicted (for issue 5's eviction): counts it and shrinks the gauges.
+    pub fn blob_evicted(&self, size: u64) {
+        self.evictions.inc();
+        self.evicted_bytes.inc_by(size);
+        self.cache_blobs.dec();
+        self.cache_size_bytes
+            .sub(i64::try_from(size).unwrap_or(i64::MAX));
+    }
+
     /// A response (or `None`: no response) from upstream `host` to a `method` request. Records
     /// the request and Docker Hub's rate-limit header when present.
     pub fn upstream_response(
@@ -449,6 +458,19 @@ mod tests {
                 "{name} missing from:\n{text}"
             );
         }
+    }
+
+    #[test]
+    fn commits_and_evictions_move_the_cache_gauges() {
+        // A registry of its own: the global one is shared by the tests of this process.
+        let m = Metrics::new();
+        m.blob_committed(100);
+        m.blob_committed(50);
+        m.blob_evicted(100);
+        assert_eq!(m.cache_blobs.get(), 1);
+        assert_eq!(m.cache_size_bytes.get(), 50);
+        assert_eq!(m.evictions.get(), 1);
+        assert_eq!(m.evicted_bytes.get(), 100);
     }
 
     #[test]
