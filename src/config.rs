@@ -23,6 +23,9 @@ pub struct Config {
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    /// A second listener serving only `/metrics` and health (e.g. on an internal interface).
+    /// `/metrics` stays available on `listen` too.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Clone, Debug)]
@@ -92,6 +95,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +153,9 @@ impl Config {
         if let Some(v) = env("STOWAGE_LISTEN") {
             raw.server.listen = Some(v);
         }
+        if let Some(v) = env("STOWAGE_METRICS_LISTEN") {
+            raw.server.metrics_listen = Some(v);
+        }
         if let Some(v) = env("STOWAGE_STORAGE_PATH") {
             raw.storage.path = Some(v);
         }
@@ -163,6 +170,21 @@ impl Config {
                 format!("{listen_text:?} is not an address like \"0.0.0.0:5000\""),
             )
         })?;
+        let metrics_listen = match raw.server.metrics_listen.as_deref() {
+            None | Some("") => None,
+            Some(t) => Some(t.parse::<SocketAddr>().map_err(|_| {
+                invalid(
+                    "server.metrics_listen",
+                    format!("{t:?} is not an address like \"127.0.0.1:9090\""),
+                )
+            })?),
+        };
+        if metrics_listen == Some(listen) {
+            return Err(invalid(
+                "server.metrics_listen",
+                "must differ from server.listen (/metrics is served there anyway)",
+            ));
+        }
 
         let path = PathBuf::from(raw.storage.path.as_deref().unwrap_or(DEFAULT_STORAGE_PATH));
         if path.as_os_str().is_empty() {
@@ -234,7 +256,10 @@ impl Config {
         }
 
         Ok(Config {
-            server: ServerConfig { listen },
+            server: ServerConfig {
+                listen,
+                metrics_listen,
+            },
             storage: StorageConfig { path, max_size },
             upstreams,
         })
@@ -368,6 +393,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.storage.max_size, 40 << 20);
+        assert_eq!(c.server.metrics_listen, None);
         assert_eq!(c.upstreams[1].host, "ghcr.io");
         assert_eq!(c.upstreams[0].username.as_deref(), Some("u"));
     }
@@ -385,6 +411,14 @@ mod tests {
         let e = err("[storage]\npath = 5");
         assert!(e.contains("path"), "{e}");
         assert!(err("upstreams = []").contains("upstreams"));
+        assert!(err("[server]\nmetrics_listen = \"x\"").contains("server.metrics_listen"));
+        let same = "[server]\nlisten = \"127.0.0.1:1\"\nmetrics_listen = \"127.0.0.1:1\"";
+        assert!(err(same).contains("server.metrics_listen"));
+        let c = Config::from_toml("[server]\nmetrics_listen = \"127.0.0.1:9464\"").unwrap();
+        assert_eq!(
+            c.server.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
         let dup = "[[upstreams]]\nhost=\"a.io\"\nurl=\"http://x\"\n[[upstreams]]\nhost=\"a.io\"\nurl=\"http://y\"";
         assert!(err(dup).contains("upstreams[1].host"));
     }

@@ -13,7 +13,12 @@
 //! - [`oci`] — protocol vocabulary, pure and unit-tested: [`oci::Digest`], [`oci::RepoName`],
 //!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body.
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), the one
-//!   place errors become responses, the request log line, `/v1/search`, graceful shutdown.
+//!   place errors become responses, per-request observability (request id, request metrics,
+//!   cache hit / miss counters, the log line), `/metrics`, `/healthz`, `/readyz`, `/v1/search`,
+//!   graceful shutdown.
+//! - [`metrics`] — every Prometheus metric in one struct, registered once and reached through
+//!   `metrics::metrics()` (the one allowed global), so any layer counts with a one-line increment.
+//!   `dashboards/` holds the Grafana dashboard and example alert rules built on these names.
 //! - [`mirror`] — the policy: tag revalidation with `HEAD`, by-digest hits without upstream,
 //!   Accept-variant fetches, stale serving when upstream is down, blob hit / join / start fill.
 //! - [`upstream`] — one client per configured registry: routing (`?ns=`, path prefix, default,
@@ -23,7 +28,8 @@
 //!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`],
 //!   hot manifests in moka.
 //!
-//! `main.rs` is the CLI (clap): `stowage serve [--config PATH]`.
+//! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]`; it also
+//! runs the optional `server.metrics_listen` listener and sets the cache gauges at startup.
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, and an
@@ -32,6 +38,7 @@
 pub mod cache;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod upstream;

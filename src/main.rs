@@ -27,27 +27,48 @@ enum Command {
         /// Config file (default: ./config.toml if it exists, else built-in defaults).
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Log format: `text` for people, `json` (one object per line) for machines.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => serve(config),
+        Command::Serve { config, log_format } => serve(config, log_format),
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // One JSON object per line; event fields at the top level, the request span (with the
+        // request id) under "span".
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
-fn serve(config_path: Option<PathBuf>) -> ExitCode {
+fn serve(config_path: Option<PathBuf>, log_format: LogFormat) -> ExitCode {
     let config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -55,7 +76,7 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging();
+    init_logging(log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -75,11 +96,22 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
 
 async fn run(config: Config) -> Result<(), stowage::Error> {
     let listen = config.server.listen;
-    let shutdown = shutdown_signal()?;
+    let metrics_listen = config.server.metrics_listen;
+    // Before any listener is bound: a signal from here on stops the server cleanly.
+    let signal = shutdown_signal();
     let mirror = Arc::new(Mirror::new(config)?);
+    init_metrics(&mirror).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| stowage::Error::Startup(format!("cannot listen on {listen}: {e}")))?;
+    let metrics_listener = match metrics_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            stowage::Error::Startup(format!(
+                "cannot listen on {addr} (server.metrics_listen): {e}"
+            ))
+        })?),
+        None => None,
+    };
     let upstreams: Vec<String> = mirror
         .router
         .upstreams()
@@ -88,33 +120,94 @@ async fn run(config: Config) -> Result<(), stowage::Error> {
         .collect();
     tracing::info!(
         listen = %listener.local_addr()?,
+        metrics_listen = %metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into()),
         storage = %mirror.config.storage.path.display(),
         upstreams = %upstreams.join(","),
         "stowage listening"
     );
-    stowage::http::serve(
+    // One signal stops both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let metrics_server = metrics_listener.map(|l| {
+        tokio::spawn(stowage::http::serve_metrics(
+            l,
+            mirror.clone(),
+            stopped(stop_rx.clone()),
+        ))
+    });
+    let result = stowage::http::serve(
         listener,
         mirror.clone(),
-        shutdown,
+        stopped(stop_rx),
         Duration::from_secs(10),
     )
-    .await?;
+    .await;
+    if let Some(task) = metrics_server {
+        // It stops on the same signal; if the main server ended for another reason, stop it too.
+        task.abort();
+        let _ = task.await;
+    }
+    result?;
     mirror.cache.flush()?;
     tracing::info!("stowage stopped cleanly");
     Ok(())
 }
 
-/// Registers SIGTERM / SIGINT handlers *now* (before the port opens, so an early signal is never
-/// met by the default action) and returns a future that resolves on the first of them.
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+/// Sets the gauges that come from configuration and the index, and creates the per-upstream
+/// series so that dashboards have zeros before the first event.
+async fn init_metrics(mirror: &Arc<Mirror>) -> Result<(), stowage::Error> {
+    let m = stowage::metrics::metrics();
+    m.cache_budget_bytes
+        .set(i64::try_from(mirror.config.storage.max_size).unwrap_or(i64::MAX));
+    m.init_upstreams(mirror.router.upstreams().iter().map(|u| u.host()));
+    let index = mirror.cache.index().clone();
+    let (blobs, bytes) = tokio::task::spawn_blocking(move || index.blob_totals())
+        .await
+        .map_err(|e| stowage::Error::Startup(format!("scanning the index: {e}")))?
+        .map_err(stowage::cache::CacheError::from)?;
+    m.cache_blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
+    m.cache_size_bytes
+        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when the
+/// future is first polled), so a signal arriving right after the listener is bound is not lost.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate());
+        let int = signal(SignalKind::interrupt());
+        async move {
+            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = wait(term) => {}
+                _ = wait(int) => {}
+            }
+            tracing::info!("shutdown signal received");
         }
+    }
+    #[cfg(not(unix))]
+    async {
+        let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutdown signal received");
-    })
+    }
 }

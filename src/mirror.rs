@@ -262,6 +262,7 @@ impl Mirror {
         match manifest {
             Some(m) => {
                 tracing::warn!(upstream = %route.host(), repo = %route.repo, %tag, error = %err, "upstream unavailable; serving cached tag");
+                crate::metrics::metrics().stale(route.host());
                 Ok(ManifestAnswer {
                     manifest: m,
                     outcome: Outcome::Stale,
@@ -340,6 +341,9 @@ impl Mirror {
                 digest: digest.clone(),
             })
         })?;
+        crate::metrics::metrics()
+            .fill_joins
+            .inc_by(u64::from(joined));
         let total = fill.started().await?;
         Ok(BlobAnswer::Filling {
             fill,

@@ -100,6 +100,7 @@ impl Fill {
             final_path: final_path.clone(),
             state: rx,
         });
+        crate::metrics::metrics().fills_in_flight.inc();
         tokio::spawn(async move {
             let file = tokio::fs::File::from_std(file);
             let outcome = run(
@@ -118,6 +119,7 @@ impl Fill {
                 let mut map = fills.lock().unwrap_or_else(|p| p.into_inner());
                 map.remove(&digest);
             }
+            crate::metrics::metrics().fills_in_flight.dec();
             match outcome {
                 Ok(()) => tx.send_modify(|s| s.phase = Phase::Committed),
                 Err(e) => {
@@ -127,6 +129,7 @@ impl Fill {
                         }
                     }
                     tracing::warn!(%digest, error = %e, "blob fill failed");
+                    crate::metrics::metrics().fill_failed(&e);
                     tx.send_modify(|s| s.phase = Phase::Failed(e));
                 }
             }
@@ -336,6 +339,7 @@ async fn run(
             },
         )
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
+    crate::metrics::metrics().blob_committed(written);
     index.durable().await;
     tx.send_modify(|s| s.total = Some(written));
     tracing::debug!(%digest, bytes = written, "blob committed");

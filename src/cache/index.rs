@@ -141,6 +141,21 @@ impl Index {
         self.blobs.len()
     }
 
+    /// Number and total size of committed blobs (a full scan: for startup and reports).
+    pub fn blob_totals(&self) -> Result<(u64, u64), IndexError> {
+        let (mut count, mut bytes) = (0u64, 0u64);
+        for item in self.blobs.iter() {
+            let (key, v) = item?;
+            let meta: BlobMeta = serde_json::from_slice(&v).map_err(|e| IndexError::Corrupt {
+                key: String::from_utf8_lossy(&key).into_owned(),
+                message: e.to_string(),
+            })?;
+            count += 1;
+            bytes += meta.size;
+        }
+        Ok((count, bytes))
+    }
+
     /// Manifest record layout: media type, `\n`, then the exact bytes.
     pub fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, IndexError> {
         let Some(v) = self.manifests.get(digest.hex())? else {

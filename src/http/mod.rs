@@ -1,12 +1,13 @@
 //! The HTTP edge (axum): parses requests into typed endpoints ([`route`]), asks the
 //! [`Mirror`](crate::mirror::Mirror), and turns answers and [`RegistryError`]s into responses
-//! — the one place where errors become OCI error bodies. Also the request log line, the
-//! `Docker-Distribution-API-Version` header, `/v1/search`, and graceful shutdown.
+//! — the one place where errors become OCI error bodies. Also the per-request observability
+//! (request id, request metrics, cache hit / miss counters, the log line), `/metrics`,
+//! `/healthz`, `/readyz`, the `Docker-Distribution-API-Version` header, `/v1/search`, and
+//! graceful shutdown.
 
 pub mod route;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,9 +16,12 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures_util::StreamExt as _;
 use http::{header, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
+use tracing::Instrument as _;
 
+use crate::metrics::{method_label, metrics, Kind, Source};
 use crate::mirror::{BlobAnswer, ManifestAnswer, Mirror, Outcome, TagPage};
 use crate::oci::{Accept, Digest, ErrorCode, RegistryError};
 use route::Endpoint;
@@ -30,10 +34,22 @@ const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 /// Builds the router.
 pub fn router(mirror: AppState) -> Router {
     Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/metrics", axum::routing::get(metrics_endpoint))
         .route("/v1/search", axum::routing::get(search))
         .fallback(dispatch)
-        .layer(axum::middleware::from_fn(log_request))
+        .layer(axum::middleware::from_fn(observe))
+        .with_state(mirror)
+}
+
+/// The router of the optional `server.metrics_listen` listener: `/metrics` and health only.
+pub fn metrics_router(mirror: AppState) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(metrics_endpoint))
+        .route("/healthz", axum::routing::get(healthz))
+        .route("/readyz", axum::routing::get(readyz))
+        .layer(axum::middleware::from_fn(observe))
         .with_state(mirror)
 }
 
@@ -60,21 +76,153 @@ pub async fn serve(
     }
 }
 
-/// Request log line: one per request, with id, cache outcome, bytes and duration.
-async fn log_request(req: Request, next: Next) -> Response {
-    static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+/// Serves the metrics router on its own listener until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    mirror: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_router(mirror))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Request ids accepted from a client's `X-Request-Id`: short and plain, so they are safe in
+/// logs. Anything else is replaced by an id of our own.
+fn request_id(headers: &http::HeaderMap) -> String {
+    headers
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        })
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// The `route` label: a template, never the raw path, so label cardinality stays bounded.
+pub fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v2" | "/v2/" => return "base",
+        "/v2/_catalog" => return "catalog",
+        "/v1/search" => return "search",
+        "/metrics" => return "metrics",
+        "/healthz" | "/readyz" => return "health",
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return "other";
+    };
+    if rest.ends_with("/tags/list") {
+        "tags"
+    } else if rest.contains("/manifests/") {
+        "manifests"
+    } else if rest.contains("/blobs/") {
+        "blobs"
+    } else {
+        "other"
+    }
+}
+
+/// Which cache counter an answered request moves: `(kind, hit)`. Only manifest and blob
+/// answers count; tag lists, the catalog and search are not cache lookups.
+fn cache_event(route: &str, outcome: Outcome) -> Option<(Kind, bool)> {
+    let kind = match route {
+        "manifests" => Kind::Manifest,
+        "blobs" => Kind::Blob,
+        _ => return None,
+    };
+    let hit = match outcome {
+        Outcome::Hit | Outcome::Revalidated | Outcome::Stale => true,
+        Outcome::Miss | Outcome::Joined | Outcome::Upstream => false,
+    };
+    Some((kind, hit))
+}
+
+/// Query parameters whose values never reach the log.
+fn redact_query(query: &str) -> std::borrow::Cow<'_, str> {
+    const SENSITIVE: &[&str] = &[
+        "token",
+        "password",
+        "passwd",
+        "secret",
+        "auth",
+        "key",
+        "sig",
+        "credential",
+    ];
+    let sensitive = |k: &str| {
+        let k = k.to_ascii_lowercase();
+        SENSITIVE.iter().any(|s| k.contains(s))
+    };
+    let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if !pairs.iter().any(|(k, _)| sensitive(k)) {
+        return query.into();
+    }
+    let mut out = url::form_urlencoded::Serializer::new(String::new());
+    for (k, v) in &pairs {
+        out.append_pair(k, if sensitive(k) { "REDACTED" } else { v });
+    }
+    out.finish().into()
+}
+
+/// Decrements the in-flight gauge however the request ends (also when the client goes away).
+struct InFlight;
+
+impl InFlight {
+    fn start() -> InFlight {
+        metrics().http_requests_in_flight.inc();
+        InFlight
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics().http_requests_in_flight.dec();
+    }
+}
+
+/// Per-request observability: a request id (accepted from `X-Request-Id` or made up, returned in
+/// `X-Request-Id`, and on every log line of the request through a span), the request metrics, the
+/// cache hit / miss counters, and one log line per request with the cache outcome, bytes and
+/// duration. Headers are never logged (so neither is `Authorization`); sensitive-looking query
+/// parameters are redacted.
+async fn observe(req: Request, next: Next) -> Response {
+    let id = request_id(req.headers());
     let method = req.method().clone();
     let uri = req.uri().clone();
+    let route = route_label(uri.path());
+    let _in_flight = InFlight::start();
     let start = Instant::now();
-    let mut resp = next.run(req).await;
-    resp.headers_mut()
-        .insert("docker-distribution-api-version", API_VERSION);
-    let outcome = resp
-        .extensions()
-        .get::<Outcome>()
-        .map(|o| o.as_str())
-        .unwrap_or("-");
+    let span = tracing::info_span!("request", id = %id);
+    let mut resp = next.run(req).instrument(span).await;
+    let elapsed = start.elapsed();
+    let headers = resp.headers_mut();
+    headers.insert("docker-distribution-api-version", API_VERSION);
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID, v);
+    }
+    let status = resp.status().as_u16();
+    let outcome = resp.extensions().get::<Outcome>().copied();
+    let m = metrics();
+    m.http_requests
+        .with_label_values(&[route, method_label(&method), &status.to_string()])
+        .inc();
+    m.http_request_duration
+        .with_label_values(&[route])
+        .observe(elapsed.as_secs_f64());
+    match outcome.and_then(|o| cache_event(route, o)) {
+        Some((kind, true)) => m.hit(kind),
+        Some((kind, false)) => m.miss(kind),
+        None => {}
+    }
     let bytes = resp
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -82,17 +230,108 @@ async fn log_request(req: Request, next: Next) -> Response {
         .unwrap_or("-")
         .to_owned();
     tracing::info!(
-        req = id,
+        req = %id,
         method = %method,
         path = %uri.path(),
-        query = uri.query().unwrap_or(""),
-        status = resp.status().as_u16(),
-        cache = outcome,
+        query = %redact_query(uri.query().unwrap_or("")),
+        route,
+        status,
+        cache = outcome.map(|o| o.as_str()).unwrap_or("-"),
         bytes = %bytes,
-        ms = start.elapsed().as_millis() as u64,
+        ms = elapsed.as_millis() as u64,
         "request"
     );
     resp
+}
+
+/// `GET /metrics`: the Prometheus text format.
+async fn metrics_endpoint() -> Response {
+    match metrics().render() {
+        Ok(body) => Response::builder()
+            .status(StatusCode::OK)
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(Body::from(body))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode metrics");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+/// `GET /healthz`: the process is alive and answering.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// How long `/readyz` waits for each upstream's `/v2/`.
+const UPSTREAM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /readyz`: 200 when the cache directory is writable and the index answers, else 503.
+/// Upstream reachability is reported in the body but never makes the mirror unready: with a warm
+/// cache it is useful offline.
+async fn readyz(State(mirror): State<AppState>) -> Response {
+    let tmp = mirror.cache.root().join("tmp");
+    let writable = tokio::task::spawn_blocking(move || {
+        let probe = tmp.join(format!(".readyz-{:016x}", rand::random::<u64>()));
+        std::fs::write(&probe, b"ok")?;
+        std::fs::remove_file(&probe)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r);
+    let index = mirror
+        .cache
+        .index()
+        .manifest(&Digest::of(b"stowage readiness probe"));
+    let probes = mirror.router.upstreams().iter().map(|u| async move {
+        let answer = u.ping(UPSTREAM_PROBE_TIMEOUT).await;
+        serde_json::json!({
+            "host": u.host(),
+            "reachable": answer.is_ok(),
+            "status": answer.as_ref().ok(),
+        })
+    });
+    let upstreams = futures_util::future::join_all(probes).await;
+    let ready = writable.is_ok() && index.is_ok();
+    if let Err(e) = &writable {
+        tracing::warn!(error = %e, "not ready: cache directory is not writable");
+    }
+    if let Err(e) = &index {
+        tracing::warn!(error = %e, "not ready: index does not answer");
+    }
+    let body = serde_json::json!({
+        "ready": ready,
+        "cache": {
+            "writable": writable.is_ok(),
+            "error": writable.as_ref().err().map(|e| e.to_string()),
+        },
+        "index": {
+            "open": index.is_ok(),
+            "error": index.as_ref().err().map(|e| e.to_string()),
+        },
+        "upstreams": upstreams,
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut resp = json_response(body.to_string().into_bytes(), false, None);
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Counts blob bytes as they are handed to the connection.
+fn counted(stream: crate::cache::ByteStream, source: Source) -> crate::cache::ByteStream {
+    Box::pin(stream.inspect(move |chunk| {
+        if let Ok(b) = chunk {
+            metrics().served(source, b.len() as u64);
+        }
+    }))
 }
 
 /// The one mapping from [`RegistryError`] to an HTTP response.
@@ -282,7 +521,10 @@ fn blob_response(
             let body = if head {
                 Body::empty()
             } else {
-                Body::from_stream(crate::cache::fill::file_stream(b.file, 0, b.size))
+                Body::from_stream(counted(
+                    crate::cache::fill::file_stream(b.file, 0, b.size),
+                    Source::Cache,
+                ))
             };
             (Some(b.size), body, Outcome::Hit)
         }
@@ -294,7 +536,7 @@ fn blob_response(
             let body = if head {
                 Body::empty()
             } else {
-                Body::from_stream(fill.reader())
+                Body::from_stream(counted(fill.reader(), Source::Fill))
             };
             (
                 total,
@@ -413,4 +655,82 @@ async fn search(
         "results": results,
     });
     json_response(body.to_string().into_bytes(), false, Some(Outcome::Hit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_labels_are_templates() {
+        for (path, label) in [
+            ("/v2/", "base"),
+            ("/v2", "base"),
+            ("/v2/_catalog", "catalog"),
+            ("/v2/library/alpine/tags/list", "tags"),
+            ("/v2/library/alpine/manifests/3.19", "manifests"),
+            ("/v2/ghcr.io/a/b/manifests/sha256:00", "manifests"),
+            ("/v2/library/alpine/blobs/sha256:00", "blobs"),
+            ("/v2/library/alpine/blobs/uploads/", "blobs"),
+            ("/v1/search", "search"),
+            ("/metrics", "metrics"),
+            ("/healthz", "health"),
+            ("/readyz", "health"),
+            ("/v2/library/alpine", "other"),
+            ("/favicon.ico", "other"),
+        ] {
+            assert_eq!(route_label(path), label, "{path}");
+        }
+    }
+
+    #[test]
+    fn only_manifest_and_blob_answers_move_cache_counters() {
+        assert_eq!(
+            cache_event("manifests", Outcome::Revalidated),
+            Some((Kind::Manifest, true))
+        );
+        assert_eq!(
+            cache_event("manifests", Outcome::Stale),
+            Some((Kind::Manifest, true))
+        );
+        assert_eq!(
+            cache_event("manifests", Outcome::Miss),
+            Some((Kind::Manifest, false))
+        );
+        assert_eq!(cache_event("blobs", Outcome::Hit), Some((Kind::Blob, true)));
+        assert_eq!(
+            cache_event("blobs", Outcome::Joined),
+            Some((Kind::Blob, false))
+        );
+        assert_eq!(
+            cache_event("blobs", Outcome::Upstream),
+            Some((Kind::Blob, false))
+        );
+        assert_eq!(cache_event("catalog", Outcome::Hit), None);
+        assert_eq!(cache_event("tags", Outcome::Upstream), None);
+    }
+
+    #[test]
+    fn sensitive_query_values_are_redacted() {
+        assert_eq!(redact_query("ns=docker.io&n=10"), "ns=docker.io&n=10");
+        let r = redact_query("ns=x&access_token=abc&X-Amz-Signature=def&password=p");
+        assert!(
+            !r.contains("abc") && !r.contains("def") && !r.contains("=p"),
+            "{r}"
+        );
+        assert!(r.contains("ns=x"), "{r}");
+    }
+
+    #[test]
+    fn request_ids_from_clients_must_be_short_and_plain() {
+        let mut h = http::HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("pull-42.a"));
+        assert_eq!(request_id(&h), "pull-42.a");
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        assert_ne!(request_id(&h), "has space");
+        let long = "a".repeat(65);
+        h.insert(REQUEST_ID, HeaderValue::from_str(&long).unwrap());
+        assert_eq!(request_id(&http::HeaderMap::new()).len(), 16);
+        assert_ne!(request_id(&h), long);
+    }
 }

@@ -248,10 +248,13 @@ impl Upstream {
                     req = req.header(http::header::AUTHORIZATION, a.clone());
                 }
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| self.unreachable(describe(&e)))?;
+            let resp = req.send().await;
+            crate::metrics::metrics().upstream_response(
+                self.host(),
+                method,
+                resp.as_ref().ok().map(|r| (r.status(), r.headers())),
+            );
+            let resp = resp.map_err(|e| self.unreachable(describe(&e)))?;
             if !resp.status().is_redirection() {
                 return Ok(resp);
             }
@@ -321,10 +324,13 @@ impl Upstream {
         if let Some(basic) = self.basic_auth() {
             req = req.header(http::header::AUTHORIZATION, basic);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|e| self.unreachable(describe(&e)))?;
+        let resp = req.send().await;
+        crate::metrics::metrics().upstream_response(
+            self.host(),
+            &Method::GET,
+            resp.as_ref().ok().map(|r| (r.status(), r.headers())),
+        );
+        let resp = resp.map_err(|e| self.unreachable(describe(&e)))?;
         let resp = self.check_status(resp).await?;
         let body = read_limited(resp, 1 << 20)
             .await
@@ -525,6 +531,9 @@ impl Upstream {
         };
         let host = self.config.host.clone();
         let stream = resp.bytes_stream().map(move |r| {
+            if let Ok(b) = &r {
+                crate::metrics::metrics().upstream_bytes(&host, b.len() as u64);
+            }
             r.map_err(|e| std::io::Error::other(format!("upstream {host}: {}", describe(&e))))
         });
         Ok(BlobBody {
@@ -556,6 +565,25 @@ impl Upstream {
             .await
             .map_err(|e| self.unreachable(e))?;
         Ok((body, link))
+    }
+
+    /// `GET /v2/` with a short timeout, for the readiness report: the status the registry
+    /// answered (a 401 challenge still means reachable), or why it could not be asked.
+    pub async fn ping(&self, timeout: std::time::Duration) -> Result<u16, UpstreamError> {
+        let base = self.config.url.as_str().trim_end_matches('/');
+        let resp = self
+            .client
+            .get(format!("{base}/v2/"))
+            .timeout(timeout)
+            .send()
+            .await;
+        crate::metrics::metrics().upstream_response(
+            self.host(),
+            &Method::GET,
+            resp.as_ref().ok().map(|r| (r.status(), r.headers())),
+        );
+        resp.map(|r| r.status().as_u16())
+            .map_err(|e| self.unreachable(describe(&e)))
     }
 }
 

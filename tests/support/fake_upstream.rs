@@ -180,6 +180,17 @@ struct Shared {
     cdn_addr: Option<SocketAddr>,
     content: Mutex<Content>,
     log: Mutex<Vec<RecordedRequest>>,
+    hooks: Hooks,
+}
+
+/// Test hooks applied around every registry response (see [`FakeUpstream::hold_blob`] and
+/// [`FakeUpstream::send_ratelimit`]).
+#[derive(Default)]
+struct Hooks {
+    /// Blob digests whose GET responses wait until released.
+    held: Mutex<HashSet<String>>,
+    /// A `ratelimit-remaining` value sent on every registry response.
+    ratelimit_remaining: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -220,6 +231,7 @@ impl FakeUpstream {
             options,
             content: Mutex::default(),
             log: Mutex::default(),
+            hooks: Hooks::default(),
         });
         registry.set_nonblocking(true).unwrap();
         if let Some(cdn) = &cdn {
@@ -241,6 +253,7 @@ impl FakeUpstream {
                     let registry = tokio::net::TcpListener::from_std(registry).unwrap();
                     let app = Router::new()
                         .fallback(registry_handler)
+                        .layer(axum::middleware::from_fn_with_state(state.clone(), hooks))
                         .with_state(state.clone());
                     tokio::spawn(async move { axum::serve(registry, app).await.ok() });
                     if let Some(cdn) = cdn {
@@ -399,6 +412,23 @@ impl FakeUpstream {
     pub fn clear_requests(&self) {
         self.shared.log().clear();
     }
+
+    /// From now on, `GET /v2/<name>/blobs/<digest>` waits (before any response byte) until
+    /// [`Self::release_blob`]: a cold blob whose fill a test can keep in flight.
+    pub fn hold_blob(&self, digest: &str) {
+        lock(&self.shared.hooks.held).insert(digest.to_owned());
+    }
+
+    /// Lets held and future GETs of `digest` proceed.
+    pub fn release_blob(&self, digest: &str) {
+        lock(&self.shared.hooks.held).remove(digest);
+    }
+
+    /// Sends Docker Hub's `ratelimit-limit` / `ratelimit-remaining` headers on every registry
+    /// response from now on (`remaining;w=21600`).
+    pub fn send_ratelimit(&self, remaining: u32) {
+        *lock(&self.shared.hooks.ratelimit_remaining) = Some(format!("{remaining};w=21600"));
+    }
 }
 
 impl Drop for FakeUpstream {
@@ -414,6 +444,38 @@ impl Drop for FakeUpstream {
 
 // ---------------------------------------------------------------------------------------------
 // Handlers
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Applies [`Hooks`]: holds blob GETs that a test asked to hold, adds rate-limit headers.
+async fn hooks(
+    State(state): State<Arc<Shared>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let blob = (req.method() == Method::GET)
+        .then(|| {
+            req.uri()
+                .path()
+                .rsplit_once("/blobs/")
+                .map(|(_, d)| d.to_owned())
+        })
+        .flatten();
+    if let Some(digest) = blob {
+        while lock(&state.hooks.held).contains(&digest) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let mut resp = next.run(req).await;
+    if let Some(v) = lock(&state.hooks.ratelimit_remaining).clone() {
+        let h = resp.headers_mut();
+        h.insert("ratelimit-limit", HeaderValue::from_static("100;w=21600"));
+        h.insert("ratelimit-remaining", HeaderValue::from_str(&v).unwrap());
+    }
+    resp
+}
 
 fn record(state: &Shared, listener: Listener, req: &Request) {
     let headers = req.headers();
