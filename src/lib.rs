@@ -14,14 +14,17 @@
 //!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body.
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), the one
 //!   place errors become responses, the request log line, `/v1/search`, graceful shutdown.
-//! - [`mirror`] — the policy: tag revalidation with `HEAD`, by-digest hits without upstream,
-//!   Accept-variant fetches, stale serving when upstream is down, blob hit / join / start fill.
-//! - [`upstream`] — one client per configured registry: routing (`?ns=`, path prefix, default,
-//!   Docker Hub's `library/`), bearer-token and basic auth, redirects followed by hand so that
-//!   credentials never leave the registry's origin, manifest verification.
+//! - [`mirror`] — the policy: tags fresh within `manifest_ttl` (or `immutable_tags`) without
+//!   upstream, then revalidated with one `HEAD`; by-digest hits without upstream; per-Accept tag
+//!   variants; stale serving (bounded by `max_stale`) when upstream fails; negative cache of
+//!   upstream 404s; blob hit / join / start fill.
+//! - [`upstream`] — one client per configured registry: routing (path prefix, `?ns=`, default,
+//!   Docker Hub's `library/`, unknown hosts refused), bearer-token and basic auth, redirects
+//!   followed by hand so that credentials never leave the registry's origin, manifest
+//!   verification, the latest Docker Hub rate-limit headers.
 //! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, fills in `tmp/`
-//!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`],
-//!   hot manifests in moka.
+//!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`]
+//!   (tag records with their variants; check times batched in memory), hot manifests in moka.
 //!
 //! `main.rs` is the CLI (clap): `stowage serve [--config PATH]`.
 //!

@@ -465,3 +465,34 @@ fn upstream_404_for_a_tag_is_remembered_for_negative_ttl() {
     let r = get(&url);
     assert_eq!((r.status, r.digest()), (200, pushed.digest().to_string()));
 }
+
+#[test]
+fn variants_are_dropped_when_the_tag_moves() {
+    let upstream = Registry::start();
+    let ttl = Duration::from_secs(2);
+    let stowage = hub(&upstream.url(), "manifest_ttl = \"2s\"");
+    let old = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[128]);
+    images::push(&upstream.url(), "library/moving", "1.0", old.clone());
+    let url = format!("{}/v2/library/moving/manifests/1.0", stowage.url());
+    let narrow = || request(reqwest::Method::GET, &url, &[DOCKER_MANIFEST]);
+    assert_eq!(get(&url).header("content-type"), DOCKER_LIST);
+    let r = narrow();
+    let checked = Instant::now();
+    assert_eq!(r.status, 200);
+    assert!(old.children.iter().any(|c| c.manifest.digest == r.digest()));
+
+    let new = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[128]);
+    let pushed = images::push(&upstream.url(), "library/moving", "1.0", new.clone());
+    sleep_past(checked, ttl);
+    // The narrow client first: the HEAD finds the tag moved, so its variant is fetched anew.
+    let r = narrow();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), DOCKER_MANIFEST);
+    assert!(
+        new.children.iter().any(|c| c.manifest.digest == r.digest()),
+        "after the move a child of the new list, got {}",
+        r.digest()
+    );
+    let full = get(&url);
+    assert_eq!(full.digest(), pushed.digest());
+}

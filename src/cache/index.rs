@@ -271,23 +271,41 @@ impl Index {
             let t = p.times.entry(tag_key(upstream, repo, tag)).or_insert(0);
             *t = (*t).max(at_ms);
             let since = *p.since.get_or_insert_with(Instant::now);
-            since.elapsed() >= CHECK_PERSIST_INTERVAL || p.times.len() >= CHECK_PERSIST_MAX
+            (since.elapsed() >= CHECK_PERSIST_INTERVAL || p.times.len() >= CHECK_PERSIST_MAX)
+                .then(|| Self::take_pending(&mut p))
         };
-        if due {
-            self.persist_checks()?;
+        if let Some(times) = due {
+            // Off the async workers when there is a runtime: the sweep touches many records.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let index = self.clone();
+                    rt.spawn_blocking(move || {
+                        if let Err(e) = index.write_checks(times) {
+                            tracing::warn!(error = %e, "writing tag check times failed");
+                        }
+                    });
+                }
+                Err(_) => self.write_checks(times)?,
+            }
         }
         Ok(())
+    }
+
+    fn take_pending(p: &mut PendingChecks) -> HashMap<Vec<u8>, u64> {
+        p.since = None;
+        std::mem::take(&mut p.times)
+    }
+
+    /// Writes every pending check time now.
+    fn persist_checks(&self) -> Result<(), IndexError> {
+        let times = Self::take_pending(&mut self.pending());
+        self.write_checks(times)
     }
 
     /// Writes pending check times into their tag records. Each record is updated atomically
     /// (compare-and-swap), so a concurrent write of a moved tag is never overwritten, and a
     /// check time only ever moves forward.
-    fn persist_checks(&self) -> Result<(), IndexError> {
-        let times = {
-            let mut p = self.pending();
-            p.since = None;
-            std::mem::take(&mut p.times)
-        };
+    fn write_checks(&self, times: HashMap<Vec<u8>, u64>) -> Result<(), IndexError> {
         for (key, at) in times {
             self.tags.fetch_and_update(&key, |old| {
                 let old = old?;
