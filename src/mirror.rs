@@ -5,7 +5,8 @@
 //!   for `immutable_tags`), then revalidated with a `HEAD` (free against Docker Hub's rate
 //!   limit); a `GET` (by digest) follows only for a digest we do not hold. If the upstream fails
 //!   (connection, timeout, 5xx, 429) the cached tag is served with a `Warning`, within
-//!   `max_stale`; an upstream 404 is remembered for `negative_ttl`.
+//!   `max_stale`; after a 429 with `Retry-After`, cached tags are not revalidated until it has
+//!   passed. An upstream 404 is remembered for `negative_ttl`.
 //! - A manifest whose type the client does not accept (a list for a client that wants one image)
 //!   is never handed over: the tag's variant for the client's Accept set is fetched once with
 //!   the client's own `Accept` and kept beside the tag until it moves.
@@ -302,6 +303,17 @@ impl Mirror {
                     ));
                 }
             }
+        }
+
+        // The upstream said (429 + Retry-After) to come back later: don't ask for cached tags.
+        if let (Some(left), Some(_)) = (route.upstream.backing_off(), &cached) {
+            let err = UpstreamError::Status {
+                host: host.to_owned(),
+                status: 429,
+                code: Some(ErrorCode::TooManyRequests),
+                retry_after: Some(left.as_secs().max(1)),
+            };
+            return self.upstream_failed(route, tag, accept, cached, err);
         }
 
         // Revalidate (or resolve for the first time) with a HEAD: free on Docker Hub. When we

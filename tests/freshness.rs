@@ -335,6 +335,16 @@ fn upstream_429_serves_stale_when_cached_and_passes_429_with_retry_after_when_no
         "the revalidation was tried (and answered 429)"
     );
 
+    // Retry-After is honoured: until it passes, cached tags are served without asking.
+    let r = get(&url);
+    assert_eq!((r.status, r.digest()), (200, pushed.digest().to_string()));
+    assert!(r.header("warning").contains("stale"));
+    assert_eq!(
+        gate.count("HEAD", "/v2/library/limited/manifests/1.0"),
+        heads_before + 1,
+        "no revalidation while the upstream's Retry-After runs"
+    );
+
     let uncached = format!("{}/v2/library/limited/manifests/2.0", stowage.url());
     let r = get(&uncached);
     assert_eq!(
@@ -346,18 +356,24 @@ fn upstream_429_serves_stale_when_cached_and_passes_429_with_retry_after_when_no
     let h = head(&uncached);
     assert_eq!((h.status, h.header("retry-after")), (429, "42".to_string()));
 
-    // 5xx is "unavailable" too.
+    // Upstream back: fresh answers, no warning (and the backoff ends).
+    gate.pass();
+    let r = get(&uncached);
+    assert_eq!((r.status, r.header("warning")), (200, String::new()));
+    let r = get(&url);
+    assert_eq!((r.status, r.header("warning")), (200, String::new()));
+
+    // 5xx is "unavailable" too: stale when cached, 503 when not.
     gate.fail_with(503, None);
     let r = get(&url);
     assert_eq!((r.status, r.digest()), (200, pushed.digest().to_string()));
     assert!(r.header("warning").contains("stale"));
-    let r = get(&uncached);
+    let r = get(&format!(
+        "{}/v2/library/limited/manifests/3.0",
+        stowage.url()
+    ));
     assert_eq!(r.status, 503);
-
-    // Upstream back: fresh answers, no warning.
-    gate.pass();
-    let r = get(&uncached);
-    assert_eq!((r.status, r.header("warning")), (200, String::new()));
+    assert_eq!(error_codes(&r.body, "5xx, uncached"), ["UNAVAILABLE"]);
 }
 
 #[test]

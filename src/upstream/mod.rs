@@ -154,7 +154,13 @@ pub struct Upstream {
     modes: Mutex<HashMap<String, AuthMode>>,
     /// The latest rate-limit headers seen.
     ratelimit: Mutex<Option<RateLimit>>,
+    /// Until when a manifest 429's `Retry-After` asks us to stay away.
+    backoff: Mutex<Option<std::time::Instant>>,
 }
+
+/// Longest `Retry-After` honoured for backing off (a bogus huge value must not stop revalidation
+/// for days).
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// How requests for a repository are authenticated.
 #[derive(Clone, Debug)]
@@ -187,6 +193,7 @@ impl Upstream {
             tokens: TokenCache::default(),
             modes: Mutex::default(),
             ratelimit: Mutex::default(),
+            backoff: Mutex::default(),
         })
     }
 
@@ -202,6 +209,36 @@ impl Upstream {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// While a manifest request's 429 `Retry-After` has not passed: how long is left. The mirror
+    /// then serves cached tags without asking (uncached ones still ask).
+    pub fn backing_off(&self) -> Option<std::time::Duration> {
+        let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let left = b.and_then(|until| until.checked_duration_since(std::time::Instant::now()));
+        if left.is_none() {
+            *b = None;
+        }
+        left.filter(|d| !d.is_zero())
+    }
+
+    /// Notes the outcome of a manifest request for the backoff: a 429 with `Retry-After` starts
+    /// it, a success ends it.
+    fn note_manifest_result<T>(&self, r: &Result<T, UpstreamError>) {
+        let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(_) => *b = None,
+            Err(UpstreamError::Status {
+                status: 429,
+                retry_after: Some(secs),
+                ..
+            }) => {
+                let d = std::time::Duration::from_secs(*secs).min(MAX_BACKOFF);
+                *b = Some(std::time::Instant::now() + d);
+                tracing::warn!(upstream = %self.config.host, retry_after = secs, "upstream rate limit reached; backing off tag revalidation");
+            }
+            Err(_) => {}
+        }
     }
 
     fn record_ratelimit(&self, headers: &HeaderMap) {
@@ -457,7 +494,9 @@ impl Upstream {
                 &format!("manifests/{reference}"),
                 Self::manifest_headers(accept),
             )
-            .await?;
+            .await;
+        self.note_manifest_result(&resp);
+        let resp = resp?;
         let h = resp.headers();
         Ok(ManifestHead {
             digest: h
@@ -488,7 +527,9 @@ impl Upstream {
                 &format!("manifests/{reference}"),
                 Self::manifest_headers(accept),
             )
-            .await?;
+            .await;
+        self.note_manifest_result(&resp);
+        let resp = resp?;
         let header_digest: Option<Digest> = resp
             .headers()
             .get("docker-content-digest")
@@ -710,6 +751,7 @@ async fn read_error_code(resp: Response) -> Option<ErrorCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn content_range_parsing() {
@@ -731,6 +773,33 @@ mod tests {
         assert!(same_origin(&a, &b));
         assert!(!same_origin(&a, &c));
         assert!(!same_origin(&a, &d));
+    }
+
+    #[test]
+    fn a_429_with_retry_after_starts_a_backoff_that_a_success_ends() {
+        let c = crate::config::Config::from_toml(
+            "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://127.0.0.1:1\"",
+        )
+        .unwrap();
+        let up = Upstream::new(c.upstreams[0].clone()).unwrap();
+        assert_eq!(up.backing_off(), None);
+        let limited = |retry_after| -> Result<(), UpstreamError> {
+            Err(UpstreamError::Status {
+                host: "a.io".into(),
+                status: 429,
+                code: None,
+                retry_after,
+            })
+        };
+        up.note_manifest_result(&limited(None));
+        assert_eq!(up.backing_off(), None, "no Retry-After, no backoff");
+        up.note_manifest_result(&limited(Some(30)));
+        let left = up.backing_off().unwrap();
+        assert!(left <= Duration::from_secs(30), "{left:?}");
+        up.note_manifest_result(&limited(Some(10_000_000)));
+        assert!(up.backing_off().unwrap() <= MAX_BACKOFF);
+        up.note_manifest_result(&Ok::<(), UpstreamError>(()));
+        assert_eq!(up.backing_off(), None);
     }
 
     #[test]
