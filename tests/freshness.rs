@@ -512,3 +512,29 @@ fn variants_are_dropped_when_the_tag_moves() {
     let full = get(&url);
     assert_eq!(full.digest(), pushed.digest());
 }
+
+#[test]
+fn a_fresh_tag_stays_fresh_across_a_restart() {
+    let upstream = Registry::start();
+    let ttl = Duration::from_secs(120);
+    let mut stowage = hub(&upstream.url(), "manifest_ttl = \"120s\"");
+    let pushed = images::push(
+        &upstream.url(),
+        "library/durable",
+        "1.0",
+        Image::build(Format::Docker, &[128]),
+    );
+    let url = format!("{}/v2/library/durable/manifests/1.0", stowage.url());
+    assert_eq!(get(&url).digest(), pushed.digest());
+    let checked = Instant::now();
+    stowage.restart();
+    let before = log_len(&upstream);
+    let r = get(&url);
+    assert_eq!((r.status, r.digest()), (200, pushed.digest().to_string()));
+    assert!(checked.elapsed() < ttl, "test premise broken");
+    assert_eq!(
+        since(&upstream, before),
+        Vec::<String>::new(),
+        "the tag record (with its check time) is durable"
+    );
+}

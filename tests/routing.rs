@@ -352,3 +352,53 @@ fn skopeo_pulls_through_bare_and_prefix_styles() {
         "ns=ghcr.io",
     );
 }
+
+#[test]
+fn each_upstream_uses_its_own_credentials_from_password_env() {
+    use support::fake_upstream::FakeUpstream;
+    let hub = Registry::start();
+    let ghcr = FakeUpstream::builder()
+        .token_credentials("robot", "env-s3cret")
+        .start();
+    let image = Image::build(Format::Oci, &[64]);
+    for b in image.blobs() {
+        ghcr.add_blob(REPO, b.bytes.clone());
+    }
+    ghcr.add_manifest(
+        REPO,
+        "1.0",
+        &image.manifest.media_type,
+        image.manifest.bytes.clone(),
+    );
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &hub.url()))
+        .upstream(
+            UpstreamSpec::new("ghcr.io", &ghcr.url())
+                .with_extra("username = \"robot\"\npassword_env = \"STOWAGE_TEST_GHCR_TOKEN\""),
+        )
+        .env("STOWAGE_TEST_GHCR_TOKEN", "env-s3cret")
+        .start();
+    pull_over_http(
+        &format!("{}/v2/ghcr.io/{REPO}", stowage.url()),
+        "",
+        &image,
+        "ghcr.io with password_env",
+    );
+    let tokens = ghcr.token_requests();
+    assert!(!tokens.is_empty(), "the token endpoint was used");
+    use base64::Engine as _;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("robot:env-s3cret")
+    );
+    assert!(
+        tokens
+            .iter()
+            .all(|t| t.authorization.as_deref() == Some(basic.as_str())),
+        "the password came from the environment"
+    );
+    assert!(
+        !stowage.log().contains("env-s3cret"),
+        "the password is never logged"
+    );
+}
