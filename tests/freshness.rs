@@ -2,8 +2,10 @@
 //! costs no upstream request at all; after it, one `HEAD` (and a `GET` by digest only when the
 //! tag moved); `immutable_tags` are never revalidated; upstream failures (stopped, 503, 429)
 //! serve the cached tag with a `Warning`, bounded by `max_stale`, while uncached tags get the
-//! upstream's error (503, or 429 with its `Retry-After`); 404s are remembered for
-//! `negative_ttl`; per-Accept variants of a multi-arch tag are cached and never mixed up.
+//! upstream's error (503, or 429 with its `Retry-After`, which is then honoured); a hanging
+//! upstream is given up after `revalidate_timeout`; 404s are remembered for `negative_ttl`;
+//! per-Accept variants of a multi-arch tag are cached, never mixed up, and dropped when the tag
+//! moves; tag records survive a restart.
 //!
 //! TTLs are short and the tests sleep past them; nothing here asserts how long anything took.
 
@@ -536,5 +538,33 @@ fn a_fresh_tag_stays_fresh_across_a_restart() {
         since(&upstream, before),
         Vec::<String>::new(),
         "the tag record (with its check time) is durable"
+    );
+}
+
+#[test]
+fn a_hanging_upstream_is_given_up_after_revalidate_timeout_and_the_cache_served() {
+    let upstream = Registry::start();
+    let gate = Gate::start(&upstream.url());
+    // read_timeout is far longer than the test client's patience (120 s): only
+    // revalidate_timeout can produce an answer.
+    let stowage = hub(
+        &gate.url(),
+        "manifest_ttl = \"0\"\nrevalidate_timeout = \"1s\"\nread_timeout = \"600s\"",
+    );
+    let pushed = images::push(
+        &upstream.url(),
+        "library/slow",
+        "1.0",
+        Image::build(Format::Docker, &[64]),
+    );
+    let url = format!("{}/v2/library/slow/manifests/1.0", stowage.url());
+    assert_eq!(get(&url).status, 200);
+    gate.hang();
+    let r = get(&url);
+    assert_eq!((r.status, r.digest()), (200, pushed.digest().to_string()));
+    let warning = r.header("warning");
+    assert!(
+        warning.starts_with("299 - \"stale: ") && warning.contains("revalidate_timeout"),
+        "{warning:?}"
     );
 }

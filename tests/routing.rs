@@ -4,7 +4,8 @@
 //! and `?ns=<host>` to the named upstream; tags are kept per upstream, blobs once per digest
 //! (a layer both images share is stored and fetched once); `tags/list` links stay in the form
 //! the client used; unknown hosts are `NAME_UNKNOWN` naming the configured ones; skopeo pulls
-//! through the bare and prefix styles (containerd's `ns` has no skopeo spelling: reqwest).
+//! through the bare and prefix styles (containerd's `ns` has no skopeo spelling: reqwest); each
+//! upstream authenticates with its own credentials (`password_env`).
 
 mod support;
 

@@ -939,7 +939,7 @@ fn rfc3339_now() -> String {
 /// A fault the [`Gate`] answers with instead of forwarding.
 #[derive(Clone, Debug)]
 pub struct GateFault {
-    /// HTTP status, e.g. 429 or 503.
+    /// HTTP status, e.g. 429 or 503; 0 = never answer.
     pub status: u16,
     /// `Retry-After` value to send, if any.
     pub retry_after: Option<String>,
@@ -955,7 +955,8 @@ struct GateState {
 /// An in-process HTTP front for a real upstream ([`super::registry::Registry`] or a
 /// [`FakeUpstream`]): it forwards every request unchanged until [`Gate::fail_with`], after which
 /// every `/v2/<name>/...` request is answered with that status (and `Retry-After`, and an OCI
-/// error body: `TOOMANYREQUESTS` for 429, `UNAVAILABLE` otherwise) without reaching the target.
+/// error body: `TOOMANYREQUESTS` for 429, `UNAVAILABLE` otherwise) without reaching the target,
+/// or — after [`Gate::hang`] — not answered at all.
 /// `/v2/` itself keeps being forwarded. Stops when dropped.
 pub struct Gate {
     state: Arc<GateState>,
@@ -1025,6 +1026,11 @@ impl Gate {
         });
     }
 
+    /// From now on never answer `/v2/<name>/...` (the connection stays open, silent).
+    pub fn hang(&self) {
+        self.fail_with(0, None);
+    }
+
     /// Forward everything again.
     pub fn pass(&self) {
         *self.state.fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -1082,6 +1088,9 @@ async fn gate_handler(
         .clone();
     let path = req.uri().path();
     if let Some(f) = fault.filter(|_| path != "/v2/" && path != "/v2") {
+        if f.status == 0 {
+            std::future::pending::<()>().await;
+        }
         let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let code = if f.status == 429 {
             "TOOMANYREQUESTS"
