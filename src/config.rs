@@ -48,6 +48,19 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     /// Longest silence tolerated while reading an upstream response.
     pub read_timeout: Duration,
+    /// How long a tag answer is trusted without asking upstream (`manifest_ttl`, default 5m;
+    /// zero = revalidate on every request).
+    pub manifest_ttl: Duration,
+    /// Tags matching any of these patterns never change once cached (`immutable_tags`).
+    pub immutable_tags: Vec<regex::Regex>,
+    /// How long past its last successful check a tag may still be served when the upstream
+    /// fails (`max_stale`; `None` = without limit).
+    pub max_stale: Option<Duration>,
+    /// How long an upstream "no such tag" is remembered (`negative_ttl`, default 30s; zero = not).
+    pub negative_ttl: Duration,
+    /// Upper bound on a tag revalidation (`HEAD`) before the cached answer is served stale
+    /// (`revalidate_timeout`, default 10s).
+    pub revalidate_timeout: Duration,
 }
 
 impl UpstreamConfig {
@@ -58,7 +71,16 @@ impl UpstreamConfig {
             "docker.io" | "index.docker.io" | "registry-1.docker.io"
         )
     }
+
+    /// Whether `tag` matches one of the `immutable_tags` patterns.
+    pub fn is_immutable(&self, tag: &str) -> bool {
+        self.immutable_tags.iter().any(|r| r.is_match(tag))
+    }
 }
+
+pub const DEFAULT_MANIFEST_TTL: &str = "5m";
+pub const DEFAULT_NEGATIVE_TTL: &str = "30s";
+pub const DEFAULT_REVALIDATE_TIMEOUT: &str = "10s";
 
 /// A configuration problem, naming the key.
 #[derive(Debug, thiserror::Error)]
@@ -112,8 +134,14 @@ struct RawUpstream {
     url: String,
     username: Option<String>,
     password: Option<String>,
+    password_env: Option<String>,
     connect_timeout: Option<String>,
     read_timeout: Option<String>,
+    manifest_ttl: Option<String>,
+    immutable_tags: Option<Vec<String>>,
+    max_stale: Option<String>,
+    negative_ttl: Option<String>,
+    revalidate_timeout: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -199,8 +227,14 @@ impl Config {
                 url: "https://registry-1.docker.io".into(),
                 username: None,
                 password: None,
+                password_env: None,
                 connect_timeout: None,
                 read_timeout: None,
+                manifest_ttl: None,
+                immutable_tags: None,
+                max_stale: None,
+                negative_ttl: None,
+                revalidate_timeout: None,
             }]
         });
         if raw_upstreams.is_empty() {
@@ -238,20 +272,81 @@ impl Config {
                     format!("{:?} must be an http:// or https:// URL", u.url),
                 ));
             }
-            if u.password.is_some() && u.username.is_none() {
-                return Err(invalid(key("password"), "a password needs a username"));
+            let password_key = if u.password_env.is_some() {
+                "password_env"
+            } else {
+                "password"
+            };
+            let password = match (u.password, u.password_env) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        key("password_env"),
+                        "set either password or password_env, not both",
+                    ))
+                }
+                (Some(p), None) => Some(p),
+                (None, Some(var)) => match env(&var) {
+                    Some(p) if !p.is_empty() => Some(p),
+                    _ => {
+                        return Err(invalid(
+                            key("password_env"),
+                            format!("environment variable {var:?} is not set or empty"),
+                        ))
+                    }
+                },
+                (None, None) => None,
+            };
+            if password.is_some() && u.username.is_none() {
+                return Err(invalid(key(password_key), "a password needs a username"));
             }
             let connect_timeout = parse_duration(u.connect_timeout.as_deref().unwrap_or("10s"))
                 .map_err(|m| invalid(key("connect_timeout"), m))?;
             let read_timeout = parse_duration(u.read_timeout.as_deref().unwrap_or("60s"))
                 .map_err(|m| invalid(key("read_timeout"), m))?;
+            let manifest_ttl =
+                parse_duration(u.manifest_ttl.as_deref().unwrap_or(DEFAULT_MANIFEST_TTL))
+                    .map_err(|m| invalid(key("manifest_ttl"), m))?;
+            let negative_ttl =
+                parse_duration(u.negative_ttl.as_deref().unwrap_or(DEFAULT_NEGATIVE_TTL))
+                    .map_err(|m| invalid(key("negative_ttl"), m))?;
+            let revalidate_timeout = parse_duration(
+                u.revalidate_timeout
+                    .as_deref()
+                    .unwrap_or(DEFAULT_REVALIDATE_TIMEOUT),
+            )
+            .map_err(|m| invalid(key("revalidate_timeout"), m))?;
+            if revalidate_timeout.is_zero() {
+                return Err(invalid(key("revalidate_timeout"), "must be more than zero"));
+            }
+            let max_stale =
+                match u.max_stale.as_deref().map(str::trim) {
+                    None | Some("unlimited") => None,
+                    Some(t) => Some(parse_duration(t).map_err(|m| {
+                        invalid(key("max_stale"), format!("{m} (or \"unlimited\")"))
+                    })?),
+                };
+            let mut immutable_tags = Vec::new();
+            for (j, pattern) in u.immutable_tags.unwrap_or_default().iter().enumerate() {
+                let re = regex::Regex::new(pattern).map_err(|e| {
+                    invalid(
+                        format!("upstreams[{i}].immutable_tags[{j}]"),
+                        format!("{pattern:?} is not a regular expression: {e}"),
+                    )
+                })?;
+                immutable_tags.push(re);
+            }
             upstreams.push(UpstreamConfig {
                 host,
                 url,
                 username: u.username,
-                password: u.password,
+                password,
                 connect_timeout,
                 read_timeout,
+                manifest_ttl,
+                immutable_tags,
+                max_stale,
+                negative_ttl,
+                revalidate_timeout,
             });
         }
 
@@ -421,6 +516,77 @@ mod tests {
         );
         let dup = "[[upstreams]]\nhost=\"a.io\"\nurl=\"http://x\"\n[[upstreams]]\nhost=\"a.io\"\nurl=\"http://y\"";
         assert!(err(dup).contains("upstreams[1].host"));
+    }
+
+    #[test]
+    fn freshness_keys_have_defaults_and_parse() {
+        let c = Config::from_toml("").unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.manifest_ttl, Duration::from_secs(300));
+        assert_eq!(u.negative_ttl, Duration::from_secs(30));
+        assert_eq!(u.revalidate_timeout, Duration::from_secs(10));
+        assert_eq!(u.max_stale, None);
+        assert!(u.immutable_tags.is_empty());
+        let c = Config::from_toml(
+            r#"
+            [[upstreams]]
+            host = "docker.io"
+            url = "http://127.0.0.1:9000"
+            manifest_ttl = "0"
+            immutable_tags = ['^v?\d+\.\d+\.\d+$', "^sha-"]
+            max_stale = "1d"
+            negative_ttl = "5s"
+            revalidate_timeout = "2s"
+            "#,
+        )
+        .unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.manifest_ttl, Duration::ZERO);
+        assert_eq!(u.max_stale, Some(Duration::from_secs(86400)));
+        assert_eq!(u.negative_ttl, Duration::from_secs(5));
+        assert!(u.is_immutable("v1.2.3") && u.is_immutable("1.2.3"));
+        assert!(u.is_immutable("sha-abc"));
+        assert!(!u.is_immutable("latest") && !u.is_immutable("1.2"));
+        let c = Config::from_toml(
+            "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\nmax_stale = \"unlimited\"",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].max_stale, None);
+    }
+
+    #[test]
+    fn freshness_key_errors_name_the_key() {
+        let up =
+            |extra: &str| format!("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\n{extra}");
+        assert!(err(&up("manifest_ttl = \"soon\"")).contains("upstreams[0].manifest_ttl"));
+        assert!(err(&up("max_stale = \"-1s\"")).contains("upstreams[0].max_stale"));
+        assert!(err(&up("negative_ttl = \"x\"")).contains("upstreams[0].negative_ttl"));
+        assert!(err(&up("revalidate_timeout = \"0\"")).contains("upstreams[0].revalidate_timeout"));
+        let e = err(&up("immutable_tags = [\"^v\", \"(\"]"));
+        assert!(e.contains("upstreams[0].immutable_tags[1]"), "{e}");
+    }
+
+    #[test]
+    fn password_env_reads_the_environment() {
+        let text = "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\nusername = \"u\"\npassword_env = \"HUB_TOKEN\"";
+        let raw = || parse_raw(text, Path::new("x")).unwrap();
+        let c =
+            Config::from_raw(raw(), |k| (k == "HUB_TOKEN").then(|| "s3cret".to_string())).unwrap();
+        assert_eq!(c.upstreams[0].password.as_deref(), Some("s3cret"));
+        let e = Config::from_raw(raw(), |_| None).unwrap_err().to_string();
+        assert!(
+            e.contains("upstreams[0].password_env") && e.contains("HUB_TOKEN"),
+            "{e}"
+        );
+        let both = format!("{text}\npassword = \"p\"");
+        assert!(err(&both).contains("upstreams[0].password_env"));
+        let no_user = "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\npassword_env = \"H\"";
+        let e = Config::from_raw(parse_raw(no_user, Path::new("x")).unwrap(), |k| {
+            (k == "H").then(|| "p".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("upstreams[0].password_env"), "{e}");
     }
 
     #[test]

@@ -19,14 +19,17 @@
 //! - [`metrics`] — every Prometheus metric in one struct, registered once and reached through
 //!   `metrics::metrics()` (the one allowed global), so any layer counts with a one-line increment.
 //!   `dashboards/` holds the Grafana dashboard and example alert rules built on these names.
-//! - [`mirror`] — the policy: tag revalidation with `HEAD`, by-digest hits without upstream,
-//!   Accept-variant fetches, stale serving when upstream is down, blob hit / join / start fill.
-//! - [`upstream`] — one client per configured registry: routing (`?ns=`, path prefix, default,
-//!   Docker Hub's `library/`), bearer-token and basic auth, redirects followed by hand so that
-//!   credentials never leave the registry's origin, manifest verification.
+//! - [`mirror`] — the policy: tags fresh within `manifest_ttl` (or `immutable_tags`) without
+//!   upstream, then revalidated with one `HEAD`; by-digest hits without upstream; per-Accept tag
+//!   variants; stale serving (bounded by `max_stale`) when upstream fails; negative cache of
+//!   upstream 404s; blob hit / join / start fill.
+//! - [`upstream`] — one client per configured registry: routing (path prefix, `?ns=`, default,
+//!   Docker Hub's `library/`, unknown hosts refused), bearer-token and basic auth, redirects
+//!   followed by hand so that credentials never leave the registry's origin, manifest
+//!   verification, the latest Docker Hub rate-limit headers.
 //! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, fills in `tmp/`
-//!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`],
-//!   hot manifests in moka.
+//!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`]
+//!   (tag records with their variants; check times batched in memory), hot manifests in moka.
 //!
 //! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]`; it also
 //! runs the optional `server.metrics_listen` listener and sets the cache gauges at startup.

@@ -390,11 +390,13 @@ impl Metrics {
         self.upstream_requests
             .with_label_values(&[host, method_label(method), &status_label])
             .inc();
-        if let Some(remaining) = response.and_then(|(_, h)| ratelimit_remaining(h)) {
-            self.upstream_ratelimit_remaining
-                .with_label_values(&[host])
-                .set(remaining);
-        }
+    }
+
+    /// Docker Hub's `ratelimit-remaining`, as parsed by [`crate::upstream::RateLimit`].
+    pub fn ratelimit_remaining(&self, host: &str, remaining: u64) {
+        self.upstream_ratelimit_remaining
+            .with_label_values(&[host])
+            .set(i64::try_from(remaining).unwrap_or(i64::MAX));
     }
 
     pub fn upstream_bytes(&self, host: &str, bytes: u64) {
@@ -418,12 +420,6 @@ pub fn method_label(m: &http::Method) -> &'static str {
         "OPTIONS" => "OPTIONS",
         _ => "other",
     }
-}
-
-/// Docker Hub's `ratelimit-remaining: 76;w=21600` → 76.
-pub fn ratelimit_remaining(h: &http::HeaderMap) -> Option<i64> {
-    let v = h.get("ratelimit-remaining")?.to_str().ok()?;
-    v.split(';').next()?.trim().parse().ok()
 }
 
 #[cfg(test)]
@@ -471,18 +467,6 @@ mod tests {
         assert_eq!(m.cache_size_bytes.get(), 50);
         assert_eq!(m.evictions.get(), 1);
         assert_eq!(m.evicted_bytes.get(), 100);
-    }
-
-    #[test]
-    fn ratelimit_header_parses_docker_hub_format() {
-        let mut h = http::HeaderMap::new();
-        assert_eq!(ratelimit_remaining(&h), None);
-        h.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
-        assert_eq!(ratelimit_remaining(&h), Some(76));
-        h.insert("ratelimit-remaining", "12".parse().unwrap());
-        assert_eq!(ratelimit_remaining(&h), Some(12));
-        h.insert("ratelimit-remaining", "lots".parse().unwrap());
-        assert_eq!(ratelimit_remaining(&h), None);
     }
 
     #[test]

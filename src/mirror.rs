@@ -1,18 +1,25 @@
 //! The mirror's policy: answer from the cache when it can, from the upstream otherwise.
 //!
 //! - Manifests by digest are content-addressed: a cached one is served without asking upstream.
-//! - Manifests by tag are revalidated upstream with a `HEAD` (free against Docker Hub's rate
-//!   limit); a `GET` follows only for a digest we do not hold. If the upstream cannot be reached,
-//!   the cached tag is served with a `Warning`.
+//! - Manifests by tag are answered from the cache within the upstream's `manifest_ttl` (forever
+//!   for `immutable_tags`), then revalidated with a `HEAD` (free against Docker Hub's rate
+//!   limit); a `GET` (by digest) follows only for a digest we do not hold. If the upstream fails
+//!   (connection, timeout, 5xx, 429) the cached tag is served with a `Warning`, within
+//!   `max_stale`; after a 429 with `Retry-After`, cached tags are not revalidated until it has
+//!   passed. An upstream 404 is remembered for `negative_ttl`.
 //! - A manifest whose type the client does not accept (a list for a client that wants one image)
-//!   is fetched again upstream with the client's own `Accept`, never handed over.
+//!   is never handed over: the tag's variant for the client's Accept set is fetched once with
+//!   the client's own `Accept` and kept beside the tag until it moves.
 //! - Blobs: a hit streams the file; a miss joins or starts a fill (see [`crate::cache::fill`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
+use crate::cache::index::{unix_now_ms, TagVariant};
 use crate::cache::{BlobBody, BlobSource, Cache, CachedBlob, Fill, StoredManifest, TagEntry};
 use crate::config::Config;
 use crate::oci::media::{self, Accept};
@@ -76,6 +83,89 @@ pub struct Mirror {
     pub config: Config,
     pub cache: Cache,
     pub router: Router,
+    /// Tags upstream said do not exist, until when.
+    negative: NegativeCache,
+}
+
+fn answer(manifest: Arc<StoredManifest>, outcome: Outcome) -> ManifestAnswer {
+    ManifestAnswer {
+        manifest,
+        outcome,
+        warning: None,
+    }
+}
+
+/// Which digest of a tag entry this client may be given: the tag's own manifest if its type is
+/// acceptable, else the variant stored for the client's Accept set (if still acceptable).
+/// `None` when the variant has yet to be fetched.
+fn pick(entry: &TagEntry, accept: &Accept) -> Option<Digest> {
+    if accept.allows(&entry.media_type) {
+        return entry.digest.parse().ok();
+    }
+    let v = entry.variants.get(&accept.variant_key())?;
+    if !accept.allows(&v.media_type) {
+        return None;
+    }
+    v.digest.parse().ok()
+}
+
+/// `text` reduced to what a header value may carry (printable ASCII), at most `max` bytes.
+fn header_safe(text: &str, max: usize) -> String {
+    text.chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .take(max)
+        .collect()
+}
+
+/// Upstream 404s for tags, remembered for the upstream's `negative_ttl` (in memory only).
+#[derive(Default)]
+struct NegativeCache {
+    until: Mutex<HashMap<String, Instant>>,
+}
+
+impl NegativeCache {
+    const MAX_ENTRIES: usize = 10_000;
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn contains(&self, key: &str) -> bool {
+        let mut map = self.map();
+        match map.get(key) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                map.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&self, key: String, ttl: Duration) {
+        let now = Instant::now();
+        let mut map = self.map();
+        if map.len() >= Self::MAX_ENTRIES {
+            map.retain(|_, until| *until > now);
+            if map.len() >= Self::MAX_ENTRIES {
+                map.clear();
+            }
+        }
+        map.insert(key, now + ttl);
+    }
+
+    fn remove(&self, key: &str) {
+        let mut map = self.map();
+        if !map.is_empty() {
+            map.remove(key);
+        }
+    }
 }
 
 /// A fill source reading a blob from an upstream repository.
@@ -110,6 +200,7 @@ impl Mirror {
             config,
             cache,
             router: Router::new(upstreams),
+            negative: NegativeCache::default(),
         })
     }
 
@@ -118,25 +209,221 @@ impl Mirror {
         self.router.route(name, ns)
     }
 
-    /// A manifest by tag or digest.
+    /// A manifest by tag or digest. By digest it is content-addressed (never a tag
+    /// revalidation); by tag see [`Mirror::manifest_by_tag`].
     pub async fn manifest(
         &self,
         route: &Route,
         reference: &Reference,
         accept: &Accept,
     ) -> Result<ManifestAnswer, RegistryError> {
-        let answer = match reference {
-            Reference::Digest(d) => self.manifest_by_digest(route, d).await?,
-            Reference::Tag(t) => self.manifest_by_tag(route, t).await?,
-        };
-        if accept.allows(&answer.manifest.media_type) || matches!(reference, Reference::Digest(_)) {
-            return Ok(answer);
+        match reference {
+            Reference::Digest(d) => self.manifest_by_digest(route, d).await,
+            Reference::Tag(t) => self.manifest_by_tag(route, t, accept).await,
         }
-        // The client does not accept what the tag points to (e.g. a list): ask upstream for the
-        // variant it does accept, with its own Accept. Cached by digest, not under the tag.
-        let Reference::Tag(tag) = reference else {
-            return Ok(answer);
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        route: &Route,
+        digest: &Digest,
+    ) -> Result<ManifestAnswer, RegistryError> {
+        let (manifest, fetched) = self.manifest_or_fetch(route, digest).await?;
+        Ok(answer(
+            manifest,
+            if fetched { Outcome::Miss } else { Outcome::Hit },
+        ))
+    }
+
+    /// The manifest `digest` from the cache, or fetched by digest (verified) and stored. The
+    /// flag says whether it was fetched.
+    async fn manifest_or_fetch(
+        &self,
+        route: &Route,
+        digest: &Digest,
+    ) -> Result<(Arc<StoredManifest>, bool), RegistryError> {
+        if let Some(m) = self.cache.manifest(digest)? {
+            return Ok((m, false));
+        }
+        let fetched = route
+            .upstream
+            .get_manifest(
+                &route.repo,
+                &digest.to_string(),
+                Some(digest),
+                &media::upstream_manifest_accept(),
+            )
+            .await
+            .map_err(|e| e.to_registry_error(ErrorCode::ManifestUnknown))?;
+        let m = self
+            .store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)
+            .await?;
+        Ok((m, true))
+    }
+
+    /// A manifest by tag:
+    /// 1. fresh (checked within `manifest_ttl`, or an `immutable_tags` match) → from the cache,
+    ///    no upstream request;
+    /// 2. otherwise one `HEAD` with the full Accept; the manifest is fetched (by digest) only if
+    ///    the digest is new to us; an unchanged digest only moves the check time (in memory);
+    /// 3. upstream failing (connection, timeout, 5xx, 429) → the cached answer with a `Warning`,
+    ///    within `max_stale`; a 404 is remembered for `negative_ttl`.
+    ///
+    /// Whatever the tag resolves to is then matched against the client's Accept: a client that
+    /// does not accept the tag's type (a list, for a client wanting one image) is served the
+    /// variant stored for its Accept set, fetched once with its own Accept — never the list.
+    async fn manifest_by_tag(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<ManifestAnswer, RegistryError> {
+        let config = &route.upstream.config;
+        let host = route.host();
+        let cached = self.cache.tag(host, &route.repo, tag)?;
+        let negative_key = format!("{host}\0{}\0{tag}", route.repo);
+        match &cached {
+            Some(entry) => {
+                let age = Duration::from_millis(unix_now_ms().saturating_sub(entry.checked));
+                if config.is_immutable(tag.as_str()) || age < config.manifest_ttl {
+                    return match pick(entry, accept) {
+                        Some(d) => self.manifest_by_digest(route, &d).await,
+                        None => self.fetch_variant(route, tag, accept, entry.clone()).await,
+                    };
+                }
+            }
+            None => {
+                if self.negative.contains(&negative_key) {
+                    return Err(RegistryError::new(
+                        ErrorCode::ManifestUnknown,
+                        format!(
+                            "{}:{tag} was not found on upstream {host} moments ago (remembered for negative_ttl)",
+                            route.repo
+                        ),
+                    ));
+                }
+            }
+        }
+
+        // The upstream said (429 + Retry-After) to come back later: don't ask for cached tags.
+        if let (Some(left), Some(_)) = (route.upstream.backing_off(), &cached) {
+            let err = UpstreamError::Status {
+                host: host.to_owned(),
+                status: 429,
+                code: Some(ErrorCode::TooManyRequests),
+                retry_after: Some(left.as_secs().max(1)),
+            };
+            return self.upstream_failed(route, tag, accept, cached, err);
+        }
+
+        // Revalidate (or resolve for the first time) with a HEAD: free on Docker Hub. When we
+        // have something to fall back on, don't wait for a hanging upstream for long.
+        let accept_all = media::upstream_manifest_accept();
+        let head_call = route
+            .upstream
+            .head_manifest(&route.repo, tag.as_str(), &accept_all);
+        let head = if cached.is_some() {
+            match tokio::time::timeout(config.revalidate_timeout, head_call).await {
+                Ok(r) => r,
+                Err(_) => Err(UpstreamError::Unreachable {
+                    host: host.to_owned(),
+                    message: format!(
+                        "no answer within revalidate_timeout ({:?})",
+                        config.revalidate_timeout
+                    ),
+                }),
+            }
+        } else {
+            head_call.await
         };
+        let head = match head {
+            Ok(h) => h,
+            Err(e) => return self.upstream_failed(route, tag, accept, cached, e),
+        };
+        let checked = unix_now_ms();
+        self.negative.remove(&negative_key);
+
+        // The tag's full-Accept manifest: held already, or fetched by digest (or by tag when
+        // the upstream sent no digest).
+        let held = match &head.digest {
+            Some(d) => self.cache.manifest(d)?,
+            None => None,
+        };
+        let (primary, fetched) = match held {
+            Some(m) => (m, false),
+            None => {
+                let reference = head.digest.as_ref().map(Digest::to_string);
+                let got = route
+                    .upstream
+                    .get_manifest(
+                        &route.repo,
+                        reference.as_deref().unwrap_or(tag.as_str()),
+                        head.digest.as_ref(),
+                        &accept_all,
+                    )
+                    .await;
+                match got {
+                    Ok(f) => (
+                        self.store_manifest(route, f.digest, f.media_type, f.bytes)
+                            .await?,
+                        true,
+                    ),
+                    Err(e) => return self.upstream_failed(route, tag, accept, cached, e),
+                }
+            }
+        };
+        let digest = primary.digest.to_string();
+        let entry = match cached {
+            Some(mut e) if e.digest == digest => {
+                // Unchanged: only the check time moves (in memory, persisted in batches).
+                self.cache
+                    .index()
+                    .tag_checked(host, &route.repo, tag, checked)
+                    .map_err(crate::cache::CacheError::from)?;
+                e.checked = checked;
+                e
+            }
+            previous => {
+                let e = TagEntry {
+                    digest,
+                    media_type: primary.media_type.clone(),
+                    checked,
+                    variants: Default::default(),
+                };
+                if let Some(p) = previous {
+                    tracing::info!(upstream = %host, repo = %route.repo, %tag, from = %p.digest, to = %e.digest, "tag moved upstream");
+                }
+                self.cache.put_tag(host, &route.repo, tag, &e)?;
+                self.cache.touch_repo(host, &route.repo)?;
+                self.cache.index().durable().await;
+                e
+            }
+        };
+        let outcome = if fetched {
+            Outcome::Miss
+        } else {
+            Outcome::Revalidated
+        };
+        match pick(&entry, accept) {
+            Some(d) if d == primary.digest => Ok(answer(primary, outcome)),
+            Some(d) => {
+                let (m, fetched) = self.manifest_or_fetch(route, &d).await?;
+                Ok(answer(m, if fetched { Outcome::Miss } else { outcome }))
+            }
+            None => self.fetch_variant(route, tag, accept, entry).await,
+        }
+    }
+
+    /// The client does not accept what the tag resolves to (e.g. a list): ask upstream for the
+    /// tag with the client's own Accept, refuse anything it still does not accept, and remember
+    /// the answer as the tag's variant for that Accept set (valid until the tag moves).
+    async fn fetch_variant(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        accept: &Accept,
+        mut entry: TagEntry,
+    ) -> Result<ManifestAnswer, RegistryError> {
         let client_accept = accept.types().join(", ");
         let fetched = route
             .upstream
@@ -152,125 +439,82 @@ impl Mirror {
                 ),
             ));
         }
-        let manifest = self
+        let m = self
             .store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)
             .await?;
-        Ok(ManifestAnswer {
-            manifest,
-            outcome: Outcome::Miss,
-            warning: None,
-        })
+        entry.variants.insert(
+            accept.variant_key(),
+            TagVariant {
+                digest: m.digest.to_string(),
+                media_type: m.media_type.clone(),
+            },
+        );
+        self.cache.put_tag(route.host(), &route.repo, tag, &entry)?;
+        self.cache.index().durable().await;
+        Ok(answer(m, Outcome::Miss))
     }
 
-    async fn manifest_by_digest(
-        &self,
-        route: &Route,
-        digest: &Digest,
-    ) -> Result<ManifestAnswer, RegistryError> {
-        if let Some(m) = self.cache.manifest(digest)? {
-            return Ok(ManifestAnswer {
-                manifest: m,
-                outcome: Outcome::Hit,
-                warning: None,
-            });
-        }
-        let fetched = route
-            .upstream
-            .get_manifest(
-                &route.repo,
-                &digest.to_string(),
-                Some(digest),
-                &media::upstream_manifest_accept(),
-            )
-            .await
-            .map_err(|e| e.to_registry_error(ErrorCode::ManifestUnknown))?;
-        let manifest = self
-            .store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)
-            .await?;
-        Ok(ManifestAnswer {
-            manifest,
-            outcome: Outcome::Miss,
-            warning: None,
-        })
-    }
-
-    async fn manifest_by_tag(
+    /// Revalidating (or resolving) a tag failed. Unavailable upstream (connection, timeout,
+    /// 5xx, 429) → the cached answer, marked stale, while within `max_stale`. A 404 is
+    /// remembered for `negative_ttl` and drops the tag. Anything else is the client's error.
+    fn upstream_failed(
         &self,
         route: &Route,
         tag: &Tag,
-    ) -> Result<ManifestAnswer, RegistryError> {
-        let host = route.host();
-        let cached = self.cache.tag(host, &route.repo, tag)?;
-        let accept_all = media::upstream_manifest_accept();
-        let head = route
-            .upstream
-            .head_manifest(&route.repo, tag.as_str(), &accept_all)
-            .await;
-        match head {
-            Ok(h) => {
-                if let Some(d) = &h.digest {
-                    if let Some(m) = self.cache.manifest(d)? {
-                        self.remember_tag(route, tag, &m, cached.as_ref()).await?;
-                        return Ok(ManifestAnswer {
-                            manifest: m,
-                            outcome: Outcome::Revalidated,
-                            warning: None,
-                        });
-                    }
-                }
-                // Unknown digest (or none sent): fetch it — by digest when we know it.
-                let reference = h.digest.as_ref().map(Digest::to_string);
-                let fetched = route
-                    .upstream
-                    .get_manifest(
-                        &route.repo,
-                        reference.as_deref().unwrap_or(tag.as_str()),
-                        h.digest.as_ref(),
-                        &accept_all,
-                    )
-                    .await
-                    .map_err(|e| e.to_registry_error(ErrorCode::ManifestUnknown))?;
-                let m = self
-                    .store_manifest(route, fetched.digest, fetched.media_type, fetched.bytes)
-                    .await?;
-                self.remember_tag(route, tag, &m, cached.as_ref()).await?;
-                Ok(ManifestAnswer {
-                    manifest: m,
-                    outcome: Outcome::Miss,
-                    warning: None,
-                })
-            }
-            Err(e) if e.is_unavailable() => self.stale_tag(route, tag, cached, e),
-            Err(e) => Err(e.to_registry_error(ErrorCode::ManifestUnknown)),
-        }
-    }
-
-    fn stale_tag(
-        &self,
-        route: &Route,
-        tag: &Tag,
+        accept: &Accept,
         cached: Option<TagEntry>,
         err: UpstreamError,
     ) -> Result<ManifestAnswer, RegistryError> {
-        let manifest = match cached
-            .as_ref()
-            .and_then(|c| c.digest.parse::<Digest>().ok())
-        {
+        let config = &route.upstream.config;
+        let host = route.host();
+        if err.status() == Some(404) {
+            if !config.negative_ttl.is_zero() {
+                self.negative.insert(
+                    format!("{host}\0{}\0{tag}", route.repo),
+                    config.negative_ttl,
+                );
+            }
+            if cached.is_some() {
+                tracing::info!(upstream = %host, repo = %route.repo, %tag, "tag gone upstream; forgetting it");
+                self.cache
+                    .index()
+                    .remove_tag(host, &route.repo, tag)
+                    .map_err(crate::cache::CacheError::from)?;
+            }
+        }
+        let client_error = err.to_registry_error(ErrorCode::ManifestUnknown);
+        if !err.is_unavailable() {
+            return Err(client_error);
+        }
+        let Some(entry) = cached else {
+            return Err(client_error);
+        };
+        let age = Duration::from_millis(unix_now_ms().saturating_sub(entry.checked));
+        if config.max_stale.is_some_and(|max| age > max) {
+            tracing::warn!(upstream = %host, repo = %route.repo, %tag, age_secs = age.as_secs(), error = %err, "upstream unavailable and the cached tag is older than max_stale");
+            return Err(client_error);
+        }
+        let manifest = match pick(&entry, accept) {
             Some(d) => self.cache.manifest(&d)?,
             None => None,
         };
-        match manifest {
-            Some(m) => {
-                tracing::warn!(upstream = %route.host(), repo = %route.repo, %tag, error = %err, "upstream unavailable; serving cached tag");
-                crate::metrics::metrics().stale(route.host());
-                Ok(ManifestAnswer {
-                    manifest: m,
-                    outcome: Outcome::Stale,
-                    warning: Some(format!("stale: upstream {} unavailable", route.host())),
-                })
-            }
-            None => Err(err.to_registry_error(ErrorCode::ManifestUnknown)),
-        }
+        let Some(m) = manifest else {
+            return Err(client_error);
+        };
+        // The stale-serve event (metrics can count `stowage::stale`).
+        tracing::warn!(target: "stowage::stale", upstream = %host, repo = %route.repo, %tag, age_secs = age.as_secs(), error = %err, "upstream unavailable; serving the cached tag");
+        crate::metrics::metrics().stale(host);
+        let warning = format!(
+            "stale: {}:{tag} could not be revalidated ({}); last checked {}s ago",
+            route.repo,
+            err,
+            age.as_secs()
+        );
+        Ok(ManifestAnswer {
+            manifest: m,
+            outcome: Outcome::Stale,
+            warning: Some(header_safe(&warning, 512)),
+        })
     }
 
     async fn store_manifest(
@@ -288,32 +532,6 @@ impl Mirror {
         self.cache.touch_repo(route.host(), &route.repo)?;
         self.cache.index().durable().await;
         Ok(m)
-    }
-
-    async fn remember_tag(
-        &self,
-        route: &Route,
-        tag: &Tag,
-        m: &StoredManifest,
-        previous: Option<&TagEntry>,
-    ) -> Result<(), RegistryError> {
-        let digest = m.digest.to_string();
-        if previous.is_some_and(|p| p.digest == digest) {
-            return Ok(());
-        }
-        self.cache.put_tag(
-            route.host(),
-            &route.repo,
-            tag,
-            &TagEntry {
-                digest,
-                media_type: m.media_type.clone(),
-                checked: crate::cache::index::unix_now(),
-            },
-        )?;
-        self.cache.touch_repo(route.host(), &route.repo)?;
-        self.cache.index().durable().await;
-        Ok(())
     }
 
     /// A blob: the cached file, a fill (started or joined), or for HEAD the upstream's size.

@@ -1,11 +1,21 @@
 //! The durable index, in sled: what blobs exist (size, when added), manifests by digest (exact
-//! bytes and media type), tag → digest per (upstream, repository), and the repositories seen.
+//! bytes and media type), tag → digest per (upstream, repository) with the per-`Accept` variants
+//! seen, and the repositories seen.
 //!
 //! Blob *bytes* never live here — only in files under `blobs/`. Keys are built from validated
 //! names, separated by `\0`, which no name, tag or host can contain.
+//!
+//! Tag check times: a revalidation that finds the digest unchanged only moves the tag's `checked`
+//! time. That is held in memory ([`Index::tag_checked`]) and written to sled in one sweep at most
+//! every [`CHECK_PERSIST_INTERVAL`] (piggybacked on a later check) and on [`Index::flush`] — never
+//! a sled write per request. A crash loses at most that interval of check times, which costs one
+//! extra `HEAD` per tag afterwards; the tag → digest association itself is written (and made
+//! durable) whenever it changes.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -40,10 +50,36 @@ pub struct StoredManifest {
 /// What a tag pointed to when last checked.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TagEntry {
+    /// What the tag resolves to for a client accepting every manifest type (the answer to the
+    /// mirror's own full-`Accept` request upstream).
     pub digest: String,
     pub media_type: String,
-    /// Unix seconds of the last successful check upstream.
+    /// Unix *milliseconds* of the last successful check upstream.
     pub checked: u64,
+    /// What the tag resolved to for clients that do not accept `media_type` (e.g. a single
+    /// manifest instead of a list), keyed by [`Accept::variant_key`](crate::oci::Accept::variant_key).
+    /// Valid as long as `digest` is: cleared when the tag moves.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub variants: BTreeMap<String, TagVariant>,
+}
+
+/// One per-`Accept` answer for a tag.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TagVariant {
+    pub digest: String,
+    pub media_type: String,
+}
+
+/// How long check times may wait in memory before they are written to sled.
+pub const CHECK_PERSIST_INTERVAL: Duration = Duration::from_secs(15);
+/// Pending check times that force a write regardless of the interval.
+const CHECK_PERSIST_MAX: usize = 4096;
+
+/// Tag check times not yet written to sled.
+#[derive(Default)]
+struct PendingChecks {
+    times: HashMap<Vec<u8>, u64>,
+    since: Option<Instant>,
 }
 
 /// A repository present in the cache.
@@ -61,12 +97,21 @@ pub struct Index {
     manifests: sled::Tree,
     tags: sled::Tree,
     repos: sled::Tree,
+    checks: Arc<Mutex<PendingChecks>>,
 }
 
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Unix time in milliseconds (tag check times).
+pub fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -91,12 +136,14 @@ impl Index {
             manifests: db.open_tree("manifests")?,
             tags: db.open_tree("tags")?,
             repos: db.open_tree("repos")?,
+            checks: Arc::default(),
             db,
         })
     }
 
-    /// Flushes everything to disk.
+    /// Flushes everything to disk, pending tag check times included.
     pub fn flush(&self) -> Result<(), IndexError> {
+        self.persist_checks()?;
         self.db.flush()?;
         Ok(())
     }
@@ -191,6 +238,7 @@ impl Index {
         Ok(())
     }
 
+    /// A tag's record, with the latest check time (including one not yet written to sled).
     pub fn tag(
         &self,
         upstream: &str,
@@ -198,15 +246,94 @@ impl Index {
         tag: &Tag,
     ) -> Result<Option<TagEntry>, IndexError> {
         let key = tag_key(upstream, repo, tag);
-        match self.tags.get(&key)? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| IndexError::Corrupt {
-                    key: format!("{upstream}/{repo}:{tag}"),
-                    message: e.to_string(),
-                }),
+        let Some(v) = self.tags.get(&key)? else {
+            return Ok(None);
+        };
+        let mut entry: TagEntry = serde_json::from_slice(&v).map_err(|e| IndexError::Corrupt {
+            key: format!("{upstream}/{repo}:{tag}"),
+            message: e.to_string(),
+        })?;
+        if let Some(t) = self.pending().times.get(&key) {
+            entry.checked = entry.checked.max(*t);
         }
+        Ok(Some(entry))
+    }
+
+    /// Forgets a tag (it no longer exists upstream).
+    pub fn remove_tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Result<(), IndexError> {
+        let key = tag_key(upstream, repo, tag);
+        self.pending().times.remove(&key);
+        self.tags.remove(key)?;
+        Ok(())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingChecks> {
+        self.checks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records that upstream confirmed a tag at `at_ms` (unix ms) without it changing. Held in
+    /// memory; written to sled together with the others once [`CHECK_PERSIST_INTERVAL`] has
+    /// passed since the oldest pending one (or on [`Index::flush`]).
+    pub fn tag_checked(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        at_ms: u64,
+    ) -> Result<(), IndexError> {
+        let due = {
+            let mut p = self.pending();
+            let t = p.times.entry(tag_key(upstream, repo, tag)).or_insert(0);
+            *t = (*t).max(at_ms);
+            let since = *p.since.get_or_insert_with(Instant::now);
+            (since.elapsed() >= CHECK_PERSIST_INTERVAL || p.times.len() >= CHECK_PERSIST_MAX)
+                .then(|| Self::take_pending(&mut p))
+        };
+        if let Some(times) = due {
+            // Off the async workers when there is a runtime: the sweep touches many records.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    let index = self.clone();
+                    rt.spawn_blocking(move || {
+                        if let Err(e) = index.write_checks(times) {
+                            tracing::warn!(error = %e, "writing tag check times failed");
+                        }
+                    });
+                }
+                Err(_) => self.write_checks(times)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn take_pending(p: &mut PendingChecks) -> HashMap<Vec<u8>, u64> {
+        p.since = None;
+        std::mem::take(&mut p.times)
+    }
+
+    /// Writes every pending check time now.
+    fn persist_checks(&self) -> Result<(), IndexError> {
+        let times = Self::take_pending(&mut self.pending());
+        self.write_checks(times)
+    }
+
+    /// Writes pending check times into their tag records. Each record is updated atomically
+    /// (compare-and-swap), so a concurrent write of a moved tag is never overwritten, and a
+    /// check time only ever moves forward.
+    fn write_checks(&self, times: HashMap<Vec<u8>, u64>) -> Result<(), IndexError> {
+        for (key, at) in times {
+            self.tags.fetch_and_update(&key, |old| {
+                let old = old?;
+                match serde_json::from_slice::<TagEntry>(old) {
+                    Ok(mut e) if e.checked < at => {
+                        e.checked = at;
+                        serde_json::to_vec(&e).ok().or_else(|| Some(old.to_vec()))
+                    }
+                    _ => Some(old.to_vec()),
+                }
+            })?;
+        }
+        Ok(())
     }
 
     pub fn put_tag(
@@ -220,7 +347,15 @@ impl Index {
             key: format!("{upstream}/{repo}:{tag}"),
             message: e.to_string(),
         })?;
-        self.tags.insert(tag_key(upstream, repo, tag), v)?;
+        let key = tag_key(upstream, repo, tag);
+        {
+            // The record carries the newest check time; a pending older one is moot.
+            let mut p = self.pending();
+            if p.times.get(&key).is_some_and(|t| *t <= entry.checked) {
+                p.times.remove(&key);
+            }
+        }
+        self.tags.insert(key, v)?;
         Ok(())
     }
 
@@ -278,6 +413,7 @@ mod tests {
             digest: m.digest.to_string(),
             media_type: m.media_type.clone(),
             checked: 7,
+            variants: BTreeMap::new(),
         };
         idx.put_tag("docker.io", &repo, &tag, &e).unwrap();
         assert_eq!(idx.tag("docker.io", &repo, &tag).unwrap(), Some(e));
@@ -285,6 +421,9 @@ mod tests {
 
         idx.touch_repo("docker.io", &repo).unwrap();
         idx.touch_repo("docker.io", &repo).unwrap();
+
+        idx.remove_tag("docker.io", &repo, &tag).unwrap();
+        assert_eq!(idx.tag("docker.io", &repo, &tag).unwrap(), None);
         assert_eq!(
             idx.repos().unwrap(),
             vec![RepoEntry {
@@ -292,5 +431,62 @@ mod tests {
                 repo: "library/alpine".into()
             }]
         );
+    }
+
+    #[test]
+    fn check_times_live_in_memory_until_flushed_and_never_clobber_a_moved_tag() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index")).unwrap();
+        let repo: RepoName = "org/app".parse().unwrap();
+        let tag: Tag = "latest".parse().unwrap();
+        let mut variants = BTreeMap::new();
+        variants.insert(
+            "k".to_string(),
+            TagVariant {
+                digest: "sha256:bb".into(),
+                media_type: "m".into(),
+            },
+        );
+        let e = TagEntry {
+            digest: "sha256:aa".into(),
+            media_type: "t".into(),
+            checked: 1_000,
+            variants,
+        };
+        idx.put_tag("ghcr.io", &repo, &tag, &e).unwrap();
+        idx.tag_checked("ghcr.io", &repo, &tag, 5_000).unwrap();
+        // Visible at once, though not written yet.
+        assert_eq!(
+            idx.tag("ghcr.io", &repo, &tag).unwrap().unwrap().checked,
+            5_000
+        );
+        let raw = idx
+            .tags
+            .get(tag_key("ghcr.io", &repo, &tag))
+            .unwrap()
+            .unwrap();
+        let stored: TagEntry = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(stored.checked, 1_000, "no sled write per check");
+        idx.flush().unwrap();
+        let raw = idx
+            .tags
+            .get(tag_key("ghcr.io", &repo, &tag))
+            .unwrap()
+            .unwrap();
+        let stored: TagEntry = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(stored.checked, 5_000);
+        assert_eq!(stored.variants, e.variants, "variants survive");
+
+        // A pending check older than a newer record does not roll it back.
+        idx.tag_checked("ghcr.io", &repo, &tag, 6_000).unwrap();
+        let moved = TagEntry {
+            digest: "sha256:cc".into(),
+            media_type: "t".into(),
+            checked: 7_000,
+            variants: BTreeMap::new(),
+        };
+        idx.put_tag("ghcr.io", &repo, &tag, &moved).unwrap();
+        idx.flush().unwrap();
+        assert_eq!(idx.tag("ghcr.io", &repo, &tag).unwrap(), Some(moved));
     }
 }

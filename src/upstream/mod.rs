@@ -1,6 +1,7 @@
 //! Talking to upstream registries: one [`Upstream`] client per configured registry, routing of a
 //! client's request to one of them ([`route`]), token auth ([`auth`]), and redirects followed by
-//! hand so that credentials never leave the registry's origin.
+//! hand so that credentials never leave the registry's origin. Each client keeps the latest
+//! Docker Hub `ratelimit-limit` / `ratelimit-remaining` it was sent ([`Upstream::ratelimit`]).
 
 pub mod auth;
 pub mod route;
@@ -54,6 +55,14 @@ impl UpstreamError {
         }
     }
 
+    /// The upstream's HTTP status, when it answered with an error status.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            UpstreamError::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
     /// The error a client sees, for a request about `what` (blob / manifest).
     pub fn to_registry_error(&self, not_found: ErrorCode) -> RegistryError {
         match self {
@@ -99,6 +108,43 @@ pub struct ManifestHead {
     pub media_type: Option<String>,
 }
 
+/// Docker Hub's pull-rate headers as last seen from an upstream
+/// (`ratelimit-limit: 100;w=21600`, `ratelimit-remaining: 76;w=21600`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimit {
+    /// Pulls allowed per window.
+    pub limit: u64,
+    /// Pulls left in the current window.
+    pub remaining: u64,
+    /// The window in seconds (`w=`), when sent.
+    pub window_secs: Option<u64>,
+    /// When the headers were seen.
+    pub observed: std::time::SystemTime,
+}
+
+impl RateLimit {
+    /// Reads the headers of one response; `None` when it carries no (valid) rate-limit headers,
+    /// which on Docker Hub means the pull is not limited.
+    pub fn from_headers(h: &HeaderMap) -> Option<RateLimit> {
+        // `<n>;w=<secs>`
+        fn parse(v: &HeaderValue) -> Option<(u64, Option<u64>)> {
+            let v = v.to_str().ok()?;
+            let mut parts = v.split(';');
+            let n = parts.next()?.trim().parse().ok()?;
+            let w = parts.find_map(|p| p.trim().strip_prefix("w=")?.trim().parse().ok());
+            Some((n, w))
+        }
+        let (limit, w1) = parse(h.get("ratelimit-limit")?)?;
+        let (remaining, w2) = parse(h.get("ratelimit-remaining")?)?;
+        Some(RateLimit {
+            limit,
+            remaining,
+            window_secs: w2.or(w1),
+            observed: std::time::SystemTime::now(),
+        })
+    }
+}
+
 /// One configured upstream registry.
 pub struct Upstream {
     pub config: UpstreamConfig,
@@ -106,7 +152,15 @@ pub struct Upstream {
     tokens: TokenCache,
     /// How each repository scope authenticates, learnt from its first challenge.
     modes: Mutex<HashMap<String, AuthMode>>,
+    /// The latest rate-limit headers seen.
+    ratelimit: Mutex<Option<RateLimit>>,
+    /// Until when a manifest 429's `Retry-After` asks us to stay away.
+    backoff: Mutex<Option<std::time::Instant>>,
 }
+
+/// Longest `Retry-After` honoured for backing off (a bogus huge value must not stop revalidation
+/// for days).
+const MAX_BACKOFF: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// How requests for a repository are authenticated.
 #[derive(Clone, Debug)]
@@ -138,12 +192,61 @@ impl Upstream {
             client,
             tokens: TokenCache::default(),
             modes: Mutex::default(),
+            ratelimit: Mutex::default(),
+            backoff: Mutex::default(),
         })
     }
 
     /// The configured host name (`docker.io`).
     pub fn host(&self) -> &str {
         &self.config.host
+    }
+
+    /// The latest Docker Hub rate-limit headers this upstream sent (for metrics and operators);
+    /// `None` until a response carried them.
+    pub fn ratelimit(&self) -> Option<RateLimit> {
+        self.ratelimit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// While a manifest request's 429 `Retry-After` has not passed: how long is left. The mirror
+    /// then serves cached tags without asking (uncached ones still ask).
+    pub fn backing_off(&self) -> Option<std::time::Duration> {
+        let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        let left = b.and_then(|until| until.checked_duration_since(std::time::Instant::now()));
+        if left.is_none() {
+            *b = None;
+        }
+        left.filter(|d| !d.is_zero())
+    }
+
+    /// Notes the outcome of a manifest request for the backoff: a 429 with `Retry-After` starts
+    /// it, a success ends it.
+    fn note_manifest_result<T>(&self, r: &Result<T, UpstreamError>) {
+        let mut b = self.backoff.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Ok(_) => *b = None,
+            Err(UpstreamError::Status {
+                status: 429,
+                retry_after: Some(secs),
+                ..
+            }) => {
+                let d = std::time::Duration::from_secs(*secs).min(MAX_BACKOFF);
+                *b = Some(std::time::Instant::now() + d);
+                tracing::warn!(upstream = %self.config.host, retry_after = secs, "upstream rate limit reached; backing off tag revalidation");
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn record_ratelimit(&self, headers: &HeaderMap) {
+        if let Some(r) = RateLimit::from_headers(headers) {
+            tracing::debug!(upstream = %self.config.host, limit = r.limit, remaining = r.remaining, "upstream rate limit");
+            crate::metrics::metrics().ratelimit_remaining(self.host(), r.remaining);
+            *self.ratelimit.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        }
     }
 
     fn api_url(&self, repo: &RepoName, rest: &str) -> String {
@@ -190,6 +293,7 @@ impl Upstream {
             let resp = self
                 .send_following_redirects(&method, &url, &headers, auth.clone())
                 .await?;
+            self.record_ratelimit(resp.headers());
             if resp.status() == StatusCode::UNAUTHORIZED && !retried_auth {
                 retried_auth = true;
                 let challenge = resp
@@ -397,7 +501,9 @@ impl Upstream {
                 &format!("manifests/{reference}"),
                 Self::manifest_headers(accept),
             )
-            .await?;
+            .await;
+        self.note_manifest_result(&resp);
+        let resp = resp?;
         let h = resp.headers();
         Ok(ManifestHead {
             digest: h
@@ -428,7 +534,9 @@ impl Upstream {
                 &format!("manifests/{reference}"),
                 Self::manifest_headers(accept),
             )
-            .await?;
+            .await;
+        self.note_manifest_result(&resp);
+        let resp = resp?;
         let header_digest: Option<Digest> = resp
             .headers()
             .get("docker-content-digest")
@@ -672,6 +780,7 @@ async fn read_error_code(resp: Response) -> Option<ErrorCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn content_range_parsing() {
@@ -693,6 +802,51 @@ mod tests {
         assert!(same_origin(&a, &b));
         assert!(!same_origin(&a, &c));
         assert!(!same_origin(&a, &d));
+    }
+
+    #[test]
+    fn a_429_with_retry_after_starts_a_backoff_that_a_success_ends() {
+        let c = crate::config::Config::from_toml(
+            "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://127.0.0.1:1\"",
+        )
+        .unwrap();
+        let up = Upstream::new(c.upstreams[0].clone()).unwrap();
+        assert_eq!(up.backing_off(), None);
+        let limited = |retry_after| -> Result<(), UpstreamError> {
+            Err(UpstreamError::Status {
+                host: "a.io".into(),
+                status: 429,
+                code: None,
+                retry_after,
+            })
+        };
+        up.note_manifest_result(&limited(None));
+        assert_eq!(up.backing_off(), None, "no Retry-After, no backoff");
+        up.note_manifest_result(&limited(Some(30)));
+        let left = up.backing_off().unwrap();
+        assert!(left <= Duration::from_secs(30), "{left:?}");
+        up.note_manifest_result(&limited(Some(10_000_000)));
+        assert!(up.backing_off().unwrap() <= MAX_BACKOFF);
+        up.note_manifest_result(&Ok::<(), UpstreamError>(()));
+        assert_eq!(up.backing_off(), None);
+    }
+
+    #[test]
+    fn ratelimit_headers_are_parsed() {
+        let mut h = HeaderMap::new();
+        assert_eq!(RateLimit::from_headers(&h), None);
+        h.insert("ratelimit-limit", HeaderValue::from_static("100;w=21600"));
+        h.insert(
+            "ratelimit-remaining",
+            HeaderValue::from_static("76;w=21600"),
+        );
+        let r = RateLimit::from_headers(&h).unwrap();
+        assert_eq!(
+            (r.limit, r.remaining, r.window_secs),
+            (100, 76, Some(21600))
+        );
+        h.insert("ratelimit-remaining", HeaderValue::from_static("many"));
+        assert_eq!(RateLimit::from_headers(&h), None);
     }
 
     #[test]

@@ -3,6 +3,14 @@
 //! Precedence (protocol.md §7): an explicit path prefix naming a configured host
 //! (`/v2/ghcr.io/org/app/...`), then containerd's `?ns=<host>`, then the default (first) upstream.
 //! After stripping the prefix, Docker Hub names get `library/` when they have one component.
+//!
+//! A first component that looks like a registry host (it contains a `.`, or is `localhost`, the
+//! rule clients use to split `host/path` references) but names no configured upstream is a
+//! `404 NAME_UNKNOWN` listing the configured hosts — never silently sent to the default, where
+//! it would be cached under a name that collides with the wrong registry.
+//!
+//! Cache keys follow the route: tags are keyed by (upstream host, repository, tag); blobs are
+//! global by digest.
 
 use std::sync::Arc;
 
@@ -104,12 +112,12 @@ impl Router {
         let default = self.upstreams.first().ok_or_else(|| {
             RegistryError::new(ErrorCode::NameUnknown, "no upstream is configured")
         })?;
-        if name.depth() > 1 && looks_like_host && default.config.is_docker_hub() {
-            // Docker Hub namespaces cannot contain dots: this names a registry we don't mirror.
+        if name.depth() > 1 && looks_like_host {
+            // A path prefix naming a registry we don't mirror.
             return Err(RegistryError::new(
                 ErrorCode::NameUnknown,
                 format!(
-                    "upstream {first:?} is not configured on this mirror; configured: {}",
+                    "upstream {first:?} (from the path prefix) is not configured on this mirror; configured: {}",
                     self.known_hosts()
                 ),
             ));
@@ -192,5 +200,34 @@ mod tests {
         assert_eq!((r.host(), r.repo.as_str()), ("docker.io", "library/alpine"));
         let e = router().route(&name("quay.io/org/app"), None).unwrap_err();
         assert_eq!(e.code, ErrorCode::NameUnknown);
+        assert!(
+            e.message.contains("docker.io, ghcr.io") && e.message.contains("quay.io"),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn unknown_prefix_is_refused_even_when_the_default_is_not_docker_hub() {
+        let c =
+            Config::from_toml("[[upstreams]]\nhost = \"ghcr.io\"\nurl = \"http://127.0.0.1:2\"")
+                .unwrap();
+        let r = Router::new(
+            c.upstreams
+                .into_iter()
+                .map(|u| Arc::new(Upstream::new(u).unwrap()))
+                .collect(),
+        );
+        let e = r.route(&name("quay.io/org/app"), None).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NameUnknown);
+        assert!(e.message.contains("ghcr.io"), "{}", e.message);
+        // No library/ for other registries; a one-component name stays as it is.
+        assert_eq!(r.route(&name("app"), None).unwrap().repo.as_str(), "app");
+        // The host prefix beats ns.
+        let r2 = router();
+        let r = r2
+            .route(&name("ghcr.io/org/app"), Some("docker.io"))
+            .unwrap();
+        assert_eq!((r.host(), r.repo.as_str()), ("ghcr.io", "org/app"));
     }
 }

@@ -994,3 +994,208 @@ fn rfc3339_now() -> String {
         rem % 60
     )
 }
+
+// ---------------------------------------------------------------------------------------------
+// Gate: a switchable front for any upstream (429 / 5xx injection)
+
+/// A fault the [`Gate`] answers with instead of forwarding.
+#[derive(Clone, Debug)]
+pub struct GateFault {
+    /// HTTP status, e.g. 429 or 503; 0 = never answer.
+    pub status: u16,
+    /// `Retry-After` value to send, if any.
+    pub retry_after: Option<String>,
+}
+
+struct GateState {
+    target: String,
+    fault: Mutex<Option<GateFault>>,
+    /// `(method, path?query)` of every request, in arrival order.
+    seen: Mutex<Vec<(String, String)>>,
+}
+
+/// An in-process HTTP front for a real upstream ([`super::registry::Registry`] or a
+/// [`FakeUpstream`]): it forwards every request unchanged until [`Gate::fail_with`], after which
+/// every `/v2/<name>/...` request is answered with that status (and `Retry-After`, and an OCI
+/// error body: `TOOMANYREQUESTS` for 429, `UNAVAILABLE` otherwise) without reaching the target,
+/// or — after [`Gate::hang`] — not answered at all.
+/// `/v2/` itself keeps being forwarded. Stops when dropped.
+pub struct Gate {
+    state: Arc<GateState>,
+    addr: SocketAddr,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Gate {
+    /// Starts a gate forwarding to `target_url` (e.g. `registry.url()`).
+    pub fn start(target_url: &str) -> Gate {
+        let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind gate");
+        listener.set_nonblocking(true).expect("gate nonblocking");
+        let addr = listener.local_addr().expect("gate addr");
+        let state = Arc::new(GateState {
+            target: target_url.trim_end_matches('/').to_owned(),
+            fault: Mutex::new(None),
+            seen: Mutex::default(),
+        });
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let s = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("gate".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("gate runtime");
+                rt.block_on(async move {
+                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                    let client = reqwest::Client::builder()
+                        .no_proxy()
+                        .redirect(reqwest::redirect::Policy::none())
+                        .build()
+                        .expect("gate client");
+                    let app = Router::new().fallback(gate_handler).with_state((s, client));
+                    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+                    ready_tx.send(()).ok();
+                    stop.await.ok();
+                });
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .expect("spawn gate thread");
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("gate did not start");
+        Gate {
+            state,
+            addr,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`: configure this as the upstream's `url`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// From now on answer `/v2/<name>/...` with `status` (and `Retry-After: retry_after`).
+    pub fn fail_with(&self, status: u16, retry_after: Option<&str>) {
+        *self.state.fault.lock().unwrap_or_else(|e| e.into_inner()) = Some(GateFault {
+            status,
+            retry_after: retry_after.map(str::to_owned),
+        });
+    }
+
+    /// From now on never answer `/v2/<name>/...` (the connection stays open, silent).
+    pub fn hang(&self) {
+        self.fail_with(0, None);
+    }
+
+    /// Forward everything again.
+    pub fn pass(&self) {
+        *self.state.fault.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// `(method, path?query)` of every request the gate saw (forwarded or failed).
+    pub fn requests(&self) -> Vec<(String, String)> {
+        self.state
+            .seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// How many requests with `method` had a path containing `path_contains`.
+    pub fn count(&self, method: &str, path_contains: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|(m, p)| m == method && p.contains(path_contains))
+            .count()
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            tx.send(()).ok();
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().ok();
+        }
+    }
+}
+
+async fn gate_handler(
+    State((state, client)): State<(Arc<GateState>, reqwest::Client)>,
+    req: Request,
+) -> Response {
+    let method = req.method().clone();
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    state
+        .seen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((method.to_string(), target.clone()));
+    let head = method == Method::HEAD;
+    let fault = state
+        .fault
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let path = req.uri().path();
+    if let Some(f) = fault.filter(|_| path != "/v2/" && path != "/v2") {
+        if f.status == 0 {
+            std::future::pending::<()>().await;
+        }
+        let status = StatusCode::from_u16(f.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let code = if f.status == 429 {
+            "TOOMANYREQUESTS"
+        } else {
+            "UNAVAILABLE"
+        };
+        let mut resp = error(status, code, "injected by the test gate", head);
+        if let Some(ra) = f.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_str(&ra).unwrap());
+        }
+        return resp;
+    }
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
+    let mut out = client.request(parts.method, format!("{}{target}", state.target));
+    for (name, value) in &parts.headers {
+        if name != header::HOST {
+            out = out.header(name, value);
+        }
+    }
+    match out.body(body).send().await {
+        Ok(resp) => {
+            let mut builder = Response::builder().status(resp.status());
+            for (name, value) in resp.headers() {
+                builder = builder.header(name, value);
+            }
+            let bytes = resp.bytes().await.unwrap_or_default();
+            builder
+                .body(if head {
+                    Body::empty()
+                } else {
+                    Body::from(bytes)
+                })
+                .unwrap()
+        }
+        Err(e) => respond(
+            StatusCode::BAD_GATEWAY,
+            "text/plain",
+            Bytes::from(e.to_string()),
+            false,
+        ),
+    }
+}
