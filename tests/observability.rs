@@ -244,7 +244,8 @@ fn prometheus_scrapes_stowage_and_every_dashboard_and_alert_expression_evaluates
     fake.serve_wrong_bytes(&bad, WrongBytes::FlippedByte);
     let metrics_port = free_port();
     let stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &fake.url()))
+        // Revalidate on every request, so the tag is served stale once the upstream is gone.
+        .upstream(UpstreamSpec::new("docker.io", &fake.url()).with_extra("manifest_ttl = \"0\""))
         .server_toml(&format!("metrics_listen = \"127.0.0.1:{metrics_port}\""))
         .start();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}");
