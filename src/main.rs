@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stowage::config::Config;
+use stowage::http::listener::Security;
 use stowage::mirror::Mirror;
 
 #[derive(Parser)]
@@ -55,6 +56,14 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Certificate, key and htpasswd are read now, so a bad one is a config error (exit 2).
+    let security = match stowage::http::listener::Security::from_config(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -63,7 +72,7 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, security)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "stowage stopped");
@@ -73,7 +82,7 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> Result<(), stowage::Error> {
+async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
     let listen = config.server.listen;
     let mirror = Arc::new(Mirror::new(config)?);
     let listener = tokio::net::TcpListener::bind(listen)
@@ -89,18 +98,41 @@ async fn run(config: Config) -> Result<(), stowage::Error> {
         listen = %listener.local_addr()?,
         storage = %mirror.config.storage.path.display(),
         upstreams = %upstreams.join(","),
+        tls = security.tls.is_some(),
+        auth = security.auth.is_some(),
         "stowage listening"
     );
+    let reloader = tokio::spawn(reload_on_sighup(security.clone()));
     stowage::http::serve(
         listener,
         mirror.clone(),
+        security,
         shutdown_signal(),
         Duration::from_secs(10),
     )
     .await?;
+    reloader.abort();
     mirror.cache.flush()?;
     tracing::info!("stowage stopped cleanly");
     Ok(())
+}
+
+/// SIGHUP re-reads the TLS certificate/key and the htpasswd file without dropping connections.
+async fn reload_on_sighup(security: Security) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; certificate reload needs a restart");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP received: reloading TLS certificate and htpasswd");
+            security.reload();
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = security;
 }
 
 async fn shutdown_signal() {

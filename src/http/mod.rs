@@ -2,8 +2,13 @@
 //! [`Mirror`](crate::mirror::Mirror), and turns answers and [`RegistryError`]s into responses
 //! — the one place where errors become OCI error bodies. Also the request log line, the
 //! `Docker-Distribution-API-Version` header, `/v1/search`, and graceful shutdown.
+//! Below the router, [`listener`] owns connections (TLS from [`tls`], limits); [`auth`] is the
+//! client-authentication middleware.
 
+pub mod auth;
+pub mod listener;
 pub mod route;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,12 +32,13 @@ pub type AppState = Arc<Mirror>;
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
-/// Builds the router.
-pub fn router(mirror: AppState) -> Router {
+/// Builds the router; `auth` (from `[auth]`) guards everything but its open paths.
+pub fn router(mirror: AppState, auth: Option<Arc<auth::Auth>>) -> Router {
     Router::new()
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/v1/search", axum::routing::get(search))
         .fallback(dispatch)
+        .layer(axum::middleware::from_fn_with_state(auth, auth::require))
         .layer(axum::middleware::from_fn(log_request))
         .with_state(mirror)
 }
@@ -41,23 +47,20 @@ pub fn router(mirror: AppState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     mirror: AppState,
+    security: listener::Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let app = router(mirror);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(());
-    });
-    let server = std::pin::pin!(std::future::IntoFuture::into_future(server));
-    tokio::select! {
-        r = server => r,
-        _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
-            tracing::warn!("requests still in flight after {grace:?}; closing them");
-            Ok(())
-        }
-    }
+    let app = router(mirror, security.auth.clone());
+    listener::run(
+        listener,
+        app,
+        security.tls,
+        security.limits,
+        shutdown,
+        grace,
+    )
+    .await
 }
 
 /// Request log line: one per request, with id, cache outcome, bytes and duration.
@@ -96,7 +99,7 @@ async fn log_request(req: Request, next: Next) -> Response {
 }
 
 /// The one mapping from [`RegistryError`] to an HTTP response.
-fn error_response(e: &RegistryError, head: bool) -> Response {
+pub(crate) fn error_response(e: &RegistryError, head: bool) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = e.body();
     let mut resp = Response::builder()
