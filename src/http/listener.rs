@@ -3,7 +3,10 @@
 //!
 //! - at most `server.max_connections` connections at once — one more is closed on accept rather
 //!   than left waiting in the kernel's backlog;
-//! - `server.header_read_timeout` for the TLS handshake and for every request head (slow-loris);
+//! - `server.header_read_timeout` for a new connection's first bytes, the TLS handshake and every
+//!   HTTP/1.1 request head, idle keep-alive included (slow-loris). The protocol is chosen before
+//!   hyper sees the connection — by ALPN over TLS, by the HTTP/2 preface on plain TCP — because
+//!   hyper-util's own sniffing waits for bytes without a deadline;
 //! - `server.max_header_size` for a request head (HTTP/1.1 read buffer → `431`; HTTP/2 header
 //!   list), `server.max_uri_length` for the request target (→ `414`);
 //! - at most 100 concurrent HTTP/2 streams per connection.
@@ -119,7 +122,7 @@ pub async fn run(
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
         .max_concurrent_streams(100);
-    let builder = Arc::new(builder);
+    let builders = Arc::new((builder.clone().http1_only(), builder.http2_only()));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -154,13 +157,18 @@ pub async fn run(
         let _ = stream.set_nodelay(true);
         let service = service(app.clone(), peer, limits.max_uri_length);
         let watcher = graceful.watcher();
-        let builder = builder.clone();
+        let builders = builders.clone();
         let tls = tls.clone();
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let _permit = permit;
+            let (h1, h2) = &*builders;
             let result = match tls {
                 None => {
+                    let Some(is_h2) = sniff_h2(&stream, handshake_timeout).await else {
+                        return;
+                    };
+                    let builder = if is_h2 { h2 } else { h1 };
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     watcher.watch(conn).await
                 }
@@ -169,6 +177,8 @@ pub async fn run(
                     else {
                         return;
                     };
+                    let is_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let builder = if is_h2 { h2 } else { h1 };
                     let conn = builder.serve_connection(TokioIo::new(stream), service);
                     watcher.watch(conn).await
                 }
@@ -228,6 +238,35 @@ fn service(
                 .unwrap_or_else(|never| match never {}))
         }
     })
+}
+
+/// Waits (up to `timeout`) until the client's first bytes tell HTTP/2 prior knowledge (the
+/// 24-byte preface) from HTTP/1.1. `None`: nothing useful arrived in time, or the peer left.
+async fn sniff_h2(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut buf = [0u8; 24];
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Some(false);
+        }
+        if n == PREFACE.len() {
+            return Some(true);
+        }
+        // A prefix of the preface so far: peek returns at once while bytes are waiting, so
+        // pause before looking again.
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// The TLS handshake within `timeout`; a plain-HTTP request gets a readable 400 instead.
