@@ -13,7 +13,12 @@
 //! - [`oci`] — protocol vocabulary, pure and unit-tested: [`oci::Digest`], [`oci::RepoName`],
 //!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body.
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), the one
-//!   place errors become responses, the request log line, `/v1/search`, graceful shutdown.
+//!   place errors become responses, the request log line, `/v1/search`, graceful shutdown;
+//!   htpasswd client auth (`http::auth`); under the router the connection layer
+//!   (`http::listener`: hyper-util accept loop, connection/header/URI limits, slow-loris timeout)
+//!   with rustls TLS reloadable on SIGHUP (`http::tls`).
+//! - [`policy`] — per-upstream `allow` / `deny` repository globs, checked by the upstream router
+//!   so a denied name never reaches the cache or an upstream.
 //! - [`mirror`] — the policy: tag revalidation with `HEAD`, by-digest hits without upstream,
 //!   Accept-variant fetches, stale serving when upstream is down, blob hit / join / start fill.
 //! - [`upstream`] — one client per configured registry: routing (`?ns=`, path prefix, default,
@@ -23,11 +28,13 @@
 //!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`],
 //!   hot manifests in moka.
 //!
-//! `main.rs` is the CLI (clap): `stowage serve [--config PATH]`.
+//! `main.rs` is the CLI (clap): `stowage serve [--config PATH]`; SIGHUP reloads the TLS
+//! certificate and the htpasswd file.
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, and an
-//! in-process fake upstream for faults a real registry cannot produce).
+//! in-process fake upstream for faults a real registry cannot produce). `tests/fuzz.rs` is the
+//! proptest suite for every parser that sees client input.
 
 pub mod cache;
 pub mod config;

@@ -381,3 +381,58 @@ fn connections_over_the_cap_are_closed_on_accept() {
         "connections were not served after the held ones closed"
     );
 }
+
+/// A hostile upstream: answers bigger than they may be are refused, not cached.
+#[test]
+fn oversized_upstream_answers_are_refused_and_not_cached() {
+    use support::fake_upstream::{FakeUpstream, WrongBytes};
+    let fake = FakeUpstream::start();
+    // A "manifest" of 5 MiB (over the 4 MiB limit), valid JSON so only its size is wrong.
+    let mut huge =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","pad":""#
+            .to_vec();
+    huge.extend(std::iter::repeat_n(b'x', 5 << 20));
+    huge.extend_from_slice(b"\"}");
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    fake.add_manifest("library/huge", "latest", oci, huge.clone());
+    // A blob served with more bytes than it has (announced honestly: Content-Length is larger).
+    let real = vec![7u8; 10_000];
+    let digest = fake.add_blob("library/huge", real.clone());
+    let mut longer = real.clone();
+    longer.extend_from_slice(&[0u8; 5_000]);
+    fake.serve_wrong_bytes(&digest, WrongBytes::Replaced(longer));
+    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+
+    let accept = support::manifest_accept();
+    let target = "/v2/library/huge/manifests/latest";
+    let r = raw_request(stowage.port(), "GET", target, &[("Accept", &accept)]);
+    assert!(r.status >= 400, "a 5 MiB manifest was served: {}", r.status);
+    assert!(
+        r.body.len() < 64 * 1024,
+        "the error body carries the manifest"
+    );
+    let r = raw_request(
+        stowage.port(),
+        "GET",
+        &format!("/v2/library/huge/blobs/{digest}"),
+        &[],
+    );
+    assert!(
+        !(r.status == 200 && r.body.len() > real.len()),
+        "more bytes than the blob has were passed on as a 200"
+    );
+    let clean = wait_until(Duration::from_secs(30), || stowage.tmp_files().is_empty());
+    assert!(clean, "leftovers in tmp/: {:?}", stowage.tmp_files());
+    assert!(
+        stowage.blob_files().is_empty(),
+        "{:?}",
+        stowage.blob_files()
+    );
+    let catalog = raw_request(stowage.port(), "GET", "/v2/_catalog", &[]);
+    assert_eq!(
+        catalog.body_text(),
+        "{\"repositories\":[]}",
+        "nothing indexed"
+    );
+    assert!(!stowage.log().contains("panicked"));
+}
