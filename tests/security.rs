@@ -315,6 +315,7 @@ fn http2_is_negotiated_by_alpn_and_plain_http_to_the_tls_port_fails_cleanly() {
         &pki.server_cert("localhost"),
         "http://127.0.0.1:9",
     )
+    .server_toml("header_read_timeout = \"1s\"")
     .start();
 
     let resp = https_client(&pki)
@@ -345,7 +346,20 @@ fn http2_is_negotiated_by_alpn_and_plain_http_to_the_tls_port_fails_cleanly() {
         plain.body_text()
     );
 
-    // The listener is unharmed.
+    // A client that never starts the handshake is closed after the header read timeout.
+    let mut idle = TcpStream::connect(("127.0.0.1", stowage.port())).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut out = Vec::new();
+    let closed = idle.read_to_end(&mut out);
+    assert!(
+        closed.is_ok() && out.is_empty(),
+        "a silent client held the TLS port: {closed:?}"
+    );
+
+    // The listener is unharmed. (The first connection has idled past the 1 s head timeout,
+    // which also bounds keep-alive idling, so open a new one.)
+    let mut conn = TlsConn::open(&pki, stowage.port());
     assert_eq!(conn.get("/v2/"), 200);
     let resp = https_client(&pki)
         .get(format!("{}/v2/", stowage.url()))

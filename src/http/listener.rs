@@ -9,7 +9,8 @@
 //!   hyper-util's own sniffing waits for bytes without a deadline;
 //! - `server.max_header_size` for a request head (HTTP/1.1 read buffer → `431`; HTTP/2 header
 //!   list), `server.max_uri_length` for the request target (→ `414`);
-//! - at most 100 concurrent HTTP/2 streams per connection.
+//! - at most 100 concurrent HTTP/2 streams per connection, and HTTP/2 keep-alive pings so a
+//!   vanished peer does not hold a connection slot.
 //!
 //! A plain-HTTP request sent to the TLS port is answered with a plain `400` saying so, then
 //! closed. Each request carries the peer address as axum's [`ConnectInfo`], which the auth
@@ -121,7 +122,11 @@ pub async fn run(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
-        .max_concurrent_streams(100);
+        .max_concurrent_streams(100)
+        // An HTTP/2 peer that stops answering pings is dropped (HTTP/1.1 idles are bounded by
+        // the header read timeout).
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
     let builders = Arc::new((builder.clone().http1_only(), builder.http2_only()));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -290,6 +295,10 @@ async fn tls_handshake(
         if first[0].is_ascii_uppercase() {
             tracing::info!(client = %peer, "plain HTTP on the TLS port; answered 400");
             let _ = tokio::time::timeout(timeout, async {
+                // Read what the client sent first: closing a socket with unread bytes makes
+                // the kernel reset the connection, and the client might lose the answer.
+                let mut sink = [0u8; 16 * 1024];
+                let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await;
                 let response = format!(
                     "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\n\
                      Connection: close\r\nContent-Length: {}\r\n\r\n{PLAIN_HTTP_ON_TLS}",
