@@ -102,7 +102,7 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
         auth = security.auth.is_some(),
         "stowage listening"
     );
-    let reloader = tokio::spawn(reload_on_sighup(security.clone()));
+    let reloader = reload_on_sighup(security.clone());
     stowage::http::serve(
         listener,
         mirror.clone(),
@@ -118,21 +118,30 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
 }
 
 /// SIGHUP re-reads the TLS certificate/key and the htpasswd file without dropping connections.
-async fn reload_on_sighup(security: Security) {
+/// The handler is installed before this returns (so a SIGHUP right after startup cannot kill the
+/// process); the returned task serves it.
+fn reload_on_sighup(security: Security) -> tokio::task::JoinHandle<()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP; certificate reload needs a restart");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP received: reloading TLS certificate and htpasswd");
-            security.reload();
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP received: reloading TLS certificate and htpasswd");
+                    security.reload();
+                }
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate reload needs a restart");
+                tokio::spawn(async {})
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = security;
+    {
+        let _ = security;
+        tokio::spawn(async {})
+    }
 }
 
 async fn shutdown_signal() {

@@ -274,6 +274,13 @@ fn bad_range_headers_never_get_a_5xx_or_wrong_bytes() {
                 r.body == blob.bytes,
                 "Range {shown:?}: 200 with wrong bytes"
             ),
+            206 if r
+                .header("content-type")
+                .is_some_and(|t| t.starts_with("multipart/byteranges")) =>
+            {
+                // A multi-range answer: each part carries its own Content-Range.
+                assert!(!r.body.is_empty(), "Range {shown:?}: empty multipart body");
+            }
             206 => {
                 let cr = r
                     .header("content-range")
@@ -299,12 +306,15 @@ fn bad_range_headers_never_get_a_5xx_or_wrong_bytes() {
             ),
         }
     }
-    // The blob was cached whole and right, once.
-    assert_eq!(
-        std::fs::read(w.stowage.blob_path(&blob.digest)).unwrap(),
-        blob.bytes
-    );
-    assert!(w.stowage.tmp_files().is_empty());
+    // The blob was cached whole and right (the commit may trail the last response).
+    let cached = wait_until(Duration::from_secs(30), || {
+        std::fs::read(w.stowage.blob_path(&blob.digest)).is_ok_and(|b| b == blob.bytes)
+    });
+    assert!(cached, "the blob was not cached whole and right");
+    assert!(wait_until(Duration::from_secs(30), || w
+        .stowage
+        .tmp_files()
+        .is_empty()));
     assert!(!w.stowage.log().contains("panicked"));
 }
 
@@ -319,8 +329,11 @@ fn a_slow_loris_is_cut_off_by_the_header_read_timeout() {
     let mut out = Vec::new();
     // Without the timeout this read blocks until the 30 s client timeout and errors.
     let closed = s.read_to_end(&mut out);
+    let reset = closed
+        .as_ref()
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
     assert!(
-        closed.is_ok(),
+        closed.is_ok() || reset,
         "server kept a half-sent request open: {closed:?}"
     );
     let text = String::from_utf8_lossy(&out);
