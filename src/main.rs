@@ -57,7 +57,7 @@ fn serve(config_path: Option<PathBuf>) -> ExitCode {
         }
     };
     // Certificate, key and htpasswd are read now, so a bad one is a config error (exit 2).
-    let security = match stowage::http::listener::Security::from_config(&config) {
+    let security = match Security::from_config(&config) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("stowage: {e}");
