@@ -18,6 +18,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Upstream registries; the first is the default for un-prefixed names.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Client authentication (`[auth]`); off unless `htpasswd` is set.
+    pub auth: AuthConfig,
 }
 
 #[derive(Clone, Debug)]
@@ -26,6 +28,39 @@ pub struct ServerConfig {
     /// A second listener serving only `/metrics` and health (e.g. on an internal interface).
     /// `/metrics` stays available on `listen` too.
     pub metrics_listen: Option<SocketAddr>,
+    /// `tls_cert` + `tls_key`: serve HTTPS (HTTP/1.1 and HTTP/2) instead of plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Connections served at once; further ones are closed on accept.
+    pub max_connections: usize,
+    /// Time a client gets to send a complete request head (and the TLS handshake) — the
+    /// slow-loris bound.
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line + headers) accepted, in bytes.
+    pub max_header_size: usize,
+    /// Longest request target (path + query) accepted, in bytes.
+    pub max_uri_length: usize,
+}
+
+/// PEM files for the HTTPS listener; re-read on SIGHUP.
+#[derive(Clone, Debug)]
+pub struct TlsConfig {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[auth]`: htpasswd Basic authentication of clients.
+#[derive(Clone, Debug)]
+pub struct AuthConfig {
+    /// bcrypt htpasswd file (`htpasswd -B`); `None` = open mirror.
+    pub htpasswd: Option<PathBuf>,
+    /// Paths answered without credentials even when auth is on (a subset of `/healthz`,
+    /// `/readyz`, `/metrics`).
+    pub open_paths: Vec<String>,
+    /// Failed logins one client IP may make within `failed_login_window` before it gets 429.
+    pub failed_login_limit: u32,
+    pub failed_login_window: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -61,6 +96,8 @@ pub struct UpstreamConfig {
     /// Upper bound on a tag revalidation (`HEAD`) before the cached answer is served stale
     /// (`revalidate_timeout`, default 10s).
     pub revalidate_timeout: Duration,
+    /// `allow` / `deny` repository patterns (see [`crate::policy`]).
+    pub policy: crate::policy::RepoPolicy,
 }
 
 impl UpstreamConfig {
@@ -111,6 +148,8 @@ struct RawConfig {
     #[serde(default)]
     storage: RawStorage,
     upstreams: Option<Vec<RawUpstream>>,
+    #[serde(default)]
+    auth: RawAuth,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -118,6 +157,21 @@ struct RawConfig {
 struct RawServer {
     listen: Option<String>,
     metrics_listen: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    max_connections: Option<usize>,
+    header_read_timeout: Option<String>,
+    max_header_size: Option<String>,
+    max_uri_length: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    htpasswd: Option<String>,
+    open_paths: Option<Vec<String>>,
+    failed_login_limit: Option<u32>,
+    failed_login_window: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,11 +196,19 @@ struct RawUpstream {
     max_stale: Option<String>,
     negative_ttl: Option<String>,
     revalidate_timeout: Option<String>,
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
 pub const DEFAULT_STORAGE_PATH: &str = "data";
 pub const DEFAULT_MAX_SIZE: &str = "20GiB";
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_HEADER_READ_TIMEOUT: &str = "10s";
+pub const DEFAULT_MAX_HEADER_SIZE: &str = "64KiB";
+pub const DEFAULT_MAX_URI_LENGTH: &str = "8KiB";
+/// The endpoints that may be left open when auth is on.
+pub const OPERATIONAL_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 
 impl Config {
     /// Loads the configuration the way `stowage serve` does: `path` if given, else `./config.toml`
@@ -235,6 +297,8 @@ impl Config {
                 max_stale: None,
                 negative_ttl: None,
                 revalidate_timeout: None,
+                allow: None,
+                deny: None,
             }]
         });
         if raw_upstreams.is_empty() {
@@ -335,6 +399,20 @@ impl Config {
                 })?;
                 immutable_tags.push(re);
             }
+            let patterns = |list: Option<Vec<String>>, k: &str| {
+                list.unwrap_or_default()
+                    .iter()
+                    .enumerate()
+                    .map(|(j, p)| {
+                        crate::policy::Pattern::new(p)
+                            .map_err(|m| invalid(key(&format!("{k}[{j}]")), m))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            };
+            let policy = crate::policy::RepoPolicy {
+                allow: patterns(u.allow, "allow")?,
+                deny: patterns(u.deny, "deny")?,
+            };
             upstreams.push(UpstreamConfig {
                 host,
                 url,
@@ -347,18 +425,120 @@ impl Config {
                 max_stale,
                 negative_ttl,
                 revalidate_timeout,
+                policy,
             });
         }
 
         Ok(Config {
-            server: ServerConfig {
-                listen,
-                metrics_listen,
-            },
+            server: server_config(listen, metrics_listen, raw.server)?,
             storage: StorageConfig { path, max_size },
             upstreams,
+            auth: auth_config(raw.auth)?,
         })
     }
+}
+
+fn server_config(
+    listen: SocketAddr,
+    metrics_listen: Option<SocketAddr>,
+    raw: RawServer,
+) -> Result<ServerConfig, ConfigError> {
+    let nonempty = |v: Option<String>, key: &str| match v {
+        Some(p) if p.trim().is_empty() => Err(invalid(key, "must not be empty")),
+        other => Ok(other.map(PathBuf::from)),
+    };
+    let tls = match (
+        nonempty(raw.tls_cert, "server.tls_cert")?,
+        nonempty(raw.tls_key, "server.tls_key")?,
+    ) {
+        (Some(cert), Some(key)) => Some(TlsConfig { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => return Err(invalid("server.tls_key", "tls_cert needs tls_key")),
+        (None, Some(_)) => return Err(invalid("server.tls_cert", "tls_key needs tls_cert")),
+    };
+    let max_connections = raw.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        return Err(invalid("server.max_connections", "must be at least 1"));
+    }
+    let header_read_timeout = parse_duration(
+        raw.header_read_timeout
+            .as_deref()
+            .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT),
+    )
+    .map_err(|m| invalid("server.header_read_timeout", m))?;
+    if header_read_timeout.is_zero() {
+        return Err(invalid("server.header_read_timeout", "must be positive"));
+    }
+    let size = |v: Option<String>, default: &str, key: &str, min: u64, max: u64| {
+        let bytes =
+            parse_byte_size(v.as_deref().unwrap_or(default)).map_err(|m| invalid(key, m))?;
+        if !(min..=max).contains(&bytes) {
+            return Err(invalid(
+                key,
+                format!("must be between {min} and {max} bytes"),
+            ));
+        }
+        Ok(bytes as usize)
+    };
+    // hyper needs a read buffer of at least 8 KiB; more than 1 MiB of headers is never a pull.
+    let max_header_size = size(
+        raw.max_header_size,
+        DEFAULT_MAX_HEADER_SIZE,
+        "server.max_header_size",
+        8192,
+        1 << 20,
+    )?;
+    let max_uri_length = size(
+        raw.max_uri_length,
+        DEFAULT_MAX_URI_LENGTH,
+        "server.max_uri_length",
+        1024,
+        1 << 20,
+    )?;
+    Ok(ServerConfig {
+        listen,
+        metrics_listen,
+        tls,
+        max_connections,
+        header_read_timeout,
+        max_header_size,
+        max_uri_length,
+    })
+}
+
+fn auth_config(raw: RawAuth) -> Result<AuthConfig, ConfigError> {
+    let htpasswd = match raw.htpasswd {
+        Some(p) if p.trim().is_empty() => {
+            return Err(invalid("auth.htpasswd", "must not be empty"))
+        }
+        other => other.map(PathBuf::from),
+    };
+    let open_paths = raw
+        .open_paths
+        .unwrap_or_else(|| vec!["/healthz".into(), "/readyz".into()]);
+    for (i, p) in open_paths.iter().enumerate() {
+        if !OPERATIONAL_PATHS.contains(&p.as_str()) {
+            return Err(invalid(
+                format!("auth.open_paths[{i}]"),
+                format!(
+                    "{p:?} cannot be left open; only {} can",
+                    OPERATIONAL_PATHS.join(", ")
+                ),
+            ));
+        }
+    }
+    let failed_login_limit = raw.failed_login_limit.unwrap_or(10);
+    if failed_login_limit == 0 {
+        return Err(invalid("auth.failed_login_limit", "must be at least 1"));
+    }
+    let failed_login_window = parse_duration(raw.failed_login_window.as_deref().unwrap_or("1m"))
+        .map_err(|m| invalid("auth.failed_login_window", m))?;
+    Ok(AuthConfig {
+        htpasswd,
+        open_paths,
+        failed_login_limit,
+        failed_login_window,
+    })
 }
 
 fn read_raw(path: &Path) -> Result<RawConfig, ConfigError> {
@@ -587,6 +767,75 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("upstreams[0].password_env"), "{e}");
+    }
+
+    #[test]
+    fn security_keys_parse() {
+        let c = Config::from_toml(
+            r#"
+            [server]
+            tls_cert = "/etc/stowage/cert.pem"
+            tls_key = "/etc/stowage/key.pem"
+            max_connections = 50
+            header_read_timeout = "5s"
+            max_header_size = "32KiB"
+            max_uri_length = "4KiB"
+            [auth]
+            htpasswd = "/etc/stowage/htpasswd"
+            open_paths = ["/healthz", "/metrics"]
+            failed_login_limit = 3
+            failed_login_window = "30s"
+            [[upstreams]]
+            host = "docker.io"
+            url = "https://registry-1.docker.io"
+            allow = ["library/*", "myorg/**"]
+            deny = ["myorg/secret"]
+            "#,
+        )
+        .unwrap();
+        let tls = c.server.tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("/etc/stowage/cert.pem"));
+        assert_eq!(tls.key, PathBuf::from("/etc/stowage/key.pem"));
+        assert_eq!(c.server.max_connections, 50);
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(
+            (c.server.max_header_size, c.server.max_uri_length),
+            (32768, 4096)
+        );
+        assert_eq!(
+            c.auth.htpasswd,
+            Some(PathBuf::from("/etc/stowage/htpasswd"))
+        );
+        assert_eq!(c.auth.open_paths, ["/healthz", "/metrics"]);
+        assert_eq!(c.auth.failed_login_limit, 3);
+        assert_eq!(c.auth.failed_login_window, Duration::from_secs(30));
+        assert_eq!(c.upstreams[0].policy.allow.len(), 2);
+        assert_eq!(c.upstreams[0].policy.deny.len(), 1);
+
+        let d = Config::from_toml("").unwrap();
+        assert!(d.server.tls.is_none() && d.auth.htpasswd.is_none());
+        assert!(d.upstreams[0].policy.is_open());
+        assert_eq!(d.auth.open_paths, ["/healthz", "/readyz"]);
+    }
+
+    #[test]
+    fn security_errors_name_the_key() {
+        assert!(err("[server]\ntls_cert = \"c.pem\"").contains("server.tls_key"));
+        assert!(err("[server]\ntls_key = \"k.pem\"").contains("server.tls_cert"));
+        assert!(err("[server]\nmax_connections = 0").contains("server.max_connections"));
+        assert!(
+            err("[server]\nheader_read_timeout = \"0s\"").contains("server.header_read_timeout")
+        );
+        assert!(err("[server]\nmax_header_size = \"1KiB\"").contains("server.max_header_size"));
+        assert!(err("[server]\nmax_uri_length = \"1TiB\"").contains("server.max_uri_length"));
+        assert!(err("[auth]\nhtpasswd = \"\"").contains("auth.htpasswd"));
+        assert!(err("[auth]\nopen_paths = [\"/v2/\"]").contains("auth.open_paths[0]"));
+        assert!(err("[auth]\nfailed_login_limit = 0").contains("auth.failed_login_limit"));
+        let e =
+            err("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\nallow = [\"ok/*\", \"Bad\"]");
+        assert!(e.contains("upstreams[0].allow[1]"), "{e}");
+        let e = err("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\ndeny = [\"\"]");
+        assert!(e.contains("upstreams[0].deny[0]"), "{e}");
     }
 
     #[test]

@@ -15,10 +15,14 @@
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), the one
 //!   place errors become responses, per-request observability (request id, request metrics,
 //!   cache hit / miss counters, the log line), `/metrics`, `/healthz`, `/readyz`, `/v1/search`,
-//!   graceful shutdown.
+//!   graceful shutdown; htpasswd client auth (`http::auth`); under the router the connection
+//!   layer (`http::listener`: hyper-util accept loop, connection/header/URI limits, slow-loris
+//!   timeout) with rustls TLS reloadable on SIGHUP (`http::tls`).
 //! - [`metrics`] — every Prometheus metric in one struct, registered once and reached through
 //!   `metrics::metrics()` (the one allowed global), so any layer counts with a one-line increment.
 //!   `dashboards/` holds the Grafana dashboard and example alert rules built on these names.
+//! - [`policy`] — per-upstream `allow` / `deny` repository globs, checked by the upstream router
+//!   so a denied name never reaches the cache or an upstream.
 //! - [`mirror`] — the policy: tags fresh within `manifest_ttl` (or `immutable_tags`) without
 //!   upstream, then revalidated with one `HEAD`; by-digest hits without upstream; per-Accept tag
 //!   variants; stale serving (bounded by `max_stale`) when upstream fails; negative cache of
@@ -32,11 +36,13 @@
 //!   (tag records with their variants; check times batched in memory), hot manifests in moka.
 //!
 //! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]`; it also
-//! runs the optional `server.metrics_listen` listener and sets the cache gauges at startup.
+//! runs the optional `server.metrics_listen` listener, sets the cache gauges at startup, and
+//! reloads the TLS certificate and the htpasswd file on SIGHUP.
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, and an
-//! in-process fake upstream for faults a real registry cannot produce).
+//! in-process fake upstream for faults a real registry cannot produce). `tests/fuzz.rs` is the
+//! proptest suite for every parser that sees client input.
 
 pub mod cache;
 pub mod config;
@@ -44,6 +50,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+pub mod policy;
 pub mod upstream;
 
 /// Startup and top-level failures.

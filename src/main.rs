@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stowage::config::Config;
+use stowage::http::listener::Security;
 use stowage::mirror::Mirror;
 
 #[derive(Parser)]
@@ -76,6 +77,14 @@ fn serve(config_path: Option<PathBuf>, log_format: LogFormat) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Certificate, key and htpasswd are read now, so a bad one is a config error (exit 2).
+    let security = match Security::from_config(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::from(2);
+        }
+    };
     init_logging(log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -84,7 +93,7 @@ fn serve(config_path: Option<PathBuf>, log_format: LogFormat) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(config, security)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "stowage stopped");
@@ -94,11 +103,12 @@ fn serve(config_path: Option<PathBuf>, log_format: LogFormat) -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> Result<(), stowage::Error> {
+async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
     let listen = config.server.listen;
     let metrics_listen = config.server.metrics_listen;
     // Before any listener is bound: a signal from here on stops the server cleanly.
     let signal = shutdown_signal();
+    let reloader = reload_on_sighup(security.clone());
     let mirror = Arc::new(Mirror::new(config)?);
     init_metrics(&mirror).await?;
     let listener = tokio::net::TcpListener::bind(listen)
@@ -127,6 +137,8 @@ async fn run(config: Config) -> Result<(), stowage::Error> {
             .unwrap_or_else(|| "-".into()),
         storage = %mirror.config.storage.path.display(),
         upstreams = %upstreams.join(","),
+        tls = security.tls.is_some(),
+        auth = security.auth.is_some(),
         "stowage listening"
     );
     // One signal stops both listeners.
@@ -142,12 +154,14 @@ async fn run(config: Config) -> Result<(), stowage::Error> {
         tokio::spawn(stowage::http::serve_metrics(
             l,
             mirror.clone(),
+            security.auth.clone(),
             stopped(stop_rx.clone()),
         ))
     });
     let result = stowage::http::serve(
         listener,
         mirror.clone(),
+        security,
         stopped(stop_rx),
         Duration::from_secs(10),
     )
@@ -157,6 +171,7 @@ async fn run(config: Config) -> Result<(), stowage::Error> {
         task.abort();
         let _ = task.await;
     }
+    reloader.abort();
     result?;
     mirror.cache.flush()?;
     tracing::info!("stowage stopped cleanly");
@@ -209,5 +224,32 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutdown signal received");
+    }
+}
+
+/// SIGHUP re-reads the TLS certificate/key and the htpasswd file without dropping connections.
+/// The handler is installed before this returns (so a SIGHUP right after startup cannot kill the
+/// process); the returned task serves it.
+fn reload_on_sighup(security: Security) -> tokio::task::JoinHandle<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP received: reloading TLS certificate and htpasswd");
+                    security.reload();
+                }
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate reload needs a restart");
+                tokio::spawn(async {})
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = security;
+        tokio::spawn(async {})
     }
 }

@@ -3,9 +3,13 @@
 //! — the one place where errors become OCI error bodies. Also the per-request observability
 //! (request id, request metrics, cache hit / miss counters, the log line), `/metrics`,
 //! `/healthz`, `/readyz`, the `Docker-Distribution-API-Version` header, `/v1/search`, and
-//! graceful shutdown.
+//! graceful shutdown. Below the router, [`listener`] owns connections (TLS from [`tls`], limits); [`auth`] is the
+//! client-authentication middleware.
 
+pub mod auth;
+pub mod listener;
 pub mod route;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,24 +35,30 @@ pub type AppState = Arc<Mirror>;
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
-/// Builds the router.
-pub fn router(mirror: AppState) -> Router {
+/// Builds the router; `auth` (from `[auth]`) guards everything but its open paths.
+pub fn router(mirror: AppState, auth: Option<Arc<auth::Auth>>) -> Router {
     Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .route("/metrics", axum::routing::get(metrics_endpoint))
         .route("/v1/search", axum::routing::get(search))
         .fallback(dispatch)
+        .layer(axum::middleware::from_fn_with_state(
+            auth.clone(),
+            auth::require,
+        ))
         .layer(axum::middleware::from_fn(observe))
         .with_state(mirror)
 }
 
-/// The router of the optional `server.metrics_listen` listener: `/metrics` and health only.
-pub fn metrics_router(mirror: AppState) -> Router {
+/// The router of the optional `server.metrics_listen` listener: `/metrics` and health only,
+/// behind the same client authentication (its open paths apply).
+pub fn metrics_router(mirror: AppState, auth: Option<Arc<auth::Auth>>) -> Router {
     Router::new()
         .route("/metrics", axum::routing::get(metrics_endpoint))
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
+        .layer(axum::middleware::from_fn_with_state(auth, auth::require))
         .layer(axum::middleware::from_fn(observe))
         .with_state(mirror)
 }
@@ -57,32 +67,30 @@ pub fn metrics_router(mirror: AppState) -> Router {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     mirror: AppState,
+    security: listener::Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let app = router(mirror);
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(());
-    });
-    let server = std::pin::pin!(std::future::IntoFuture::into_future(server));
-    tokio::select! {
-        r = server => r,
-        _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
-            tracing::warn!("requests still in flight after {grace:?}; closing them");
-            Ok(())
-        }
-    }
+    let app = router(mirror, security.auth.clone());
+    listener::run(
+        listener,
+        app,
+        security.tls,
+        security.limits,
+        shutdown,
+        grace,
+    )
+    .await
 }
 
 /// Serves the metrics router on its own listener until `shutdown` resolves.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     mirror: AppState,
+    auth: Option<Arc<auth::Auth>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, metrics_router(mirror))
+    axum::serve(listener, metrics_router(mirror, auth))
         .with_graceful_shutdown(shutdown)
         .await
 }
@@ -335,7 +343,7 @@ fn counted(stream: crate::cache::ByteStream, source: Source) -> crate::cache::By
 }
 
 /// The one mapping from [`RegistryError`] to an HTTP response.
-fn error_response(e: &RegistryError, head: bool) -> Response {
+pub(crate) fn error_response(e: &RegistryError, head: bool) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = e.body();
     let mut resp = Response::builder()

@@ -11,6 +11,9 @@
 //!
 //! Cache keys follow the route: tags are keyed by (upstream host, repository, tag); blobs are
 //! global by digest.
+//!
+//! Then the upstream's repository policy ([`crate::policy`]) is checked, so every route handed
+//! out is one the operator allows: nothing is looked up, fetched or cached for a denied name.
 
 use std::sync::Arc;
 
@@ -93,12 +96,12 @@ impl Router {
                         "repository name is missing after the host prefix",
                     )
                 })?;
-                return Ok(self.finish(up.clone(), rest, Some(first.to_owned())));
+                return self.finish(up.clone(), rest, Some(first.to_owned()));
             }
         }
         if let Some(ns) = ns.filter(|n| !n.is_empty()) {
             return match self.find(ns) {
-                Some(up) => Ok(self.finish(up.clone(), name.clone(), None)),
+                Some(up) => self.finish(up.clone(), name.clone(), None),
                 None => Err(RegistryError::new(
                     ErrorCode::NameUnknown,
                     format!(
@@ -122,20 +125,26 @@ impl Router {
                 ),
             ));
         }
-        Ok(self.finish(default.clone(), name.clone(), None))
+        self.finish(default.clone(), name.clone(), None)
     }
 
-    fn finish(&self, upstream: Arc<Upstream>, repo: RepoName, prefix: Option<String>) -> Route {
+    fn finish(
+        &self,
+        upstream: Arc<Upstream>,
+        repo: RepoName,
+        prefix: Option<String>,
+    ) -> Result<Route, RegistryError> {
         let repo = if upstream.config.is_docker_hub() {
             repo.with_library_prefix()
         } else {
             repo
         };
-        Route {
+        upstream.config.policy.check(upstream.host(), &repo)?;
+        Ok(Route {
             upstream,
             repo,
             prefix,
-        }
+        })
     }
 }
 
@@ -145,7 +154,7 @@ mod tests {
     use crate::config::Config;
 
     fn router() -> Router {
-        let c = Config::from_toml(
+        router_from(
             r#"
             [[upstreams]]
             host = "docker.io"
@@ -155,7 +164,10 @@ mod tests {
             url = "http://127.0.0.1:2"
             "#,
         )
-        .unwrap();
+    }
+
+    fn router_from(toml: &str) -> Router {
+        let c = Config::from_toml(toml).unwrap();
         Router::new(
             c.upstreams
                 .into_iter()
@@ -229,5 +241,37 @@ mod tests {
             .route(&name("ghcr.io/org/app"), Some("docker.io"))
             .unwrap();
         assert_eq!((r.host(), r.repo.as_str()), ("ghcr.io", "org/app"));
+    }
+
+    #[test]
+    fn policy_is_checked_on_the_normalised_name() {
+        let r = router_from(
+            r#"
+            [[upstreams]]
+            host = "docker.io"
+            url = "http://127.0.0.1:1"
+            allow = ["library/*", "myorg/**"]
+            deny = ["myorg/private/**"]
+            [[upstreams]]
+            host = "ghcr.io"
+            url = "http://127.0.0.1:2"
+            deny = ["**"]
+            "#,
+        );
+        // `alpine` is `library/alpine` once normalised, whichever way it arrives.
+        assert!(r.route(&name("alpine"), None).is_ok());
+        assert!(r.route(&name("docker.io/alpine"), None).is_ok());
+        assert!(r.route(&name("alpine"), Some("docker.io")).is_ok());
+        assert!(r.route(&name("myorg/team/app"), None).is_ok());
+        for (n, ns) in [
+            ("evil/miner", None),
+            ("myorg/private/x", None),
+            ("docker.io/evil/miner", None),
+            ("ghcr.io/org/app", None),
+            ("org/app", Some("ghcr.io")),
+        ] {
+            let e = r.route(&name(n), ns).unwrap_err();
+            assert_eq!((e.code, e.status()), (ErrorCode::Denied, 403), "{n} {ns:?}");
+        }
     }
 }

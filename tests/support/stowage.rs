@@ -60,6 +60,11 @@ pub struct StowageBuilder {
     extra_toml: String,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    /// PEM of the CA that signed the server certificate: the mirror speaks HTTPS, its URL is
+    /// `https://localhost:<port>` and the readiness probe trusts only this CA.
+    tls_ca: Option<Vec<u8>>,
+    /// Client auth is on: the readiness probe takes `401` on `/v2/` as ready.
+    auth: bool,
 }
 
 impl StowageBuilder {
@@ -101,6 +106,16 @@ impl StowageBuilder {
     /// Extra command-line arguments after `serve --config PATH`.
     pub fn arg(mut self, arg: &str) -> Self {
         self.args.push(arg.to_string());
+        self
+    }
+    /// The config sets `server.tls_cert`/`tls_key` for a certificate signed by `ca_pem`.
+    pub fn https(mut self, ca_pem: &[u8]) -> Self {
+        self.tls_ca = Some(ca_pem.to_vec());
+        self
+    }
+    /// The config turns on `[auth]`: readiness is `401` on `/v2/`.
+    pub fn auth_required(mut self) -> Self {
+        self.auth = true;
         self
     }
     pub fn start(self) -> Stowage {
@@ -211,11 +226,17 @@ impl Stowage {
     }
 
     fn wait_ready(&mut self) -> Result<(), String> {
-        let client = reqwest::blocking::Client::builder()
+        let mut client = reqwest::blocking::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_secs(2))
-            .build()
-            .expect("readiness client");
+            .timeout(Duration::from_secs(2));
+        if let Some(ca) = &self.options.tls_ca {
+            let ca = reqwest::Certificate::from_pem(ca).expect("test CA is PEM");
+            client = client
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let client = client.build().expect("readiness client");
+        let ready_status: &[u16] = if self.options.auth { &[401] } else { &[200] };
         let url = format!("{}/v2/", self.url());
         let mut exit: Option<ExitStatus> = None;
         let ready = wait_until(READY_TIMEOUT, || {
@@ -225,13 +246,13 @@ impl Stowage {
                     return true;
                 }
             }
-            matches!(client.get(&url).send(), Ok(r) if r.status().as_u16() == 200)
+            matches!(client.get(&url).send(), Ok(r) if ready_status.contains(&r.status().as_u16()))
         });
         match (ready, exit) {
             (_, Some(status)) => Err(format!("stowage exited early: {status}")),
             (true, None) => Ok(()),
             (false, None) => Err(format!(
-                "GET {url} did not answer 200 within {READY_TIMEOUT:?}"
+                "GET {url} did not answer {ready_status:?} within {READY_TIMEOUT:?}"
             )),
         }
     }
@@ -278,9 +299,13 @@ impl Stowage {
         t
     }
 
-    /// `http://127.0.0.1:<port>`
+    /// `http://127.0.0.1:<port>`, or `https://localhost:<port>` with [`StowageBuilder::https`].
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        if self.options.tls_ca.is_some() {
+            format!("https://localhost:{}", self.port)
+        } else {
+            format!("http://127.0.0.1:{}", self.port)
+        }
     }
 
     /// `127.0.0.1:<port>`, as used in `docker://` references.
