@@ -34,6 +34,7 @@ pub mod config;
 pub mod http;
 pub mod mirror;
 pub mod oci;
+pub mod ops;
 pub mod upstream;
 
 /// Startup and top-level failures.

@@ -279,12 +279,13 @@ fn blob_response(
         .header(header::CACHE_CONTROL, "max-age=31536000");
     let (size, body, outcome) = match answer {
         BlobAnswer::Cached(b) => {
+            let size = b.size;
             let body = if head {
                 Body::empty()
             } else {
-                Body::from_stream(crate::cache::fill::file_stream(b.file, 0, b.size))
+                Body::from_stream(b.into_stream(0, size))
             };
-            (Some(b.size), body, Outcome::Hit)
+            (Some(size), body, Outcome::Hit)
         }
         BlobAnswer::Filling {
             fill,
