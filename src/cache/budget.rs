@@ -490,8 +490,9 @@ mod tests {
         drop(lease);
         b.release(15);
         let ev = Recorder::default();
+        // b was leased after c was committed, so c is the older one.
         b.reserve(50, &ev).unwrap();
-        assert_eq!(*ev.deleted.lock().unwrap(), vec!["b", "c"]);
+        assert_eq!(*ev.deleted.lock().unwrap(), vec!["c", "b"]);
     }
 
     #[test]
