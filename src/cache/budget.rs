@@ -285,6 +285,31 @@ impl Budget {
         let mut s = self.lock();
         let l = self.limits;
         if s.used() + s.reserved + n > l.high {
+            // Refuse up front what would not fit even with everything evictable gone: evicting
+            // for a fill that fails anyway would only empty the cache.
+            let evictable: u64 = s
+                .order
+                .iter()
+                .filter(|(_, h)| {
+                    !(s.pinned.contains(h) || s.readers.contains_key(h) || ev.held_by_fill(h))
+                })
+                .filter_map(|(_, h)| s.blobs.get(h))
+                .map(|e| e.size)
+                .sum();
+            if s.used() - evictable + s.reserved + n > l.max {
+                self.fills_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(Full {
+                    needed: n,
+                    message: format!(
+                        "the cache budget of {} bytes cannot hold {n} more bytes: {} are held \
+                         ({evictable} evictable), {} reserved by fills in flight, and the rest \
+                         is pinned or being read",
+                        l.max,
+                        s.used(),
+                        s.reserved
+                    ),
+                });
+            }
             let target = l.low.saturating_sub(s.reserved + n);
             self.evict_locked(&mut s, target, ev);
         }
@@ -487,6 +512,11 @@ mod tests {
         let e = b.reserve(50, &ev).unwrap_err();
         assert!(e.message.contains("budget"), "{}", e.message);
         assert_eq!(b.stats().fills_refused, 1);
+        assert_eq!(
+            ev.deleted.lock().unwrap().len(),
+            1,
+            "nothing evicted for a refused fill"
+        );
         drop(lease);
         b.release(15);
         let ev = Recorder::default();
