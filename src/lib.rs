@@ -21,9 +21,14 @@
 //!   credentials never leave the registry's origin, manifest verification.
 //! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, fills in `tmp/`
 //!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`],
-//!   hot manifests in moka.
+//!   hot manifests in moka, and the lifecycle in [`cache::budget`]: the byte budget, LRU order
+//!   and eviction (fills reserve their size first; leased, pinned and filling blobs are skipped),
+//!   recency flushed to sled in batches, crash reconciliation at open, the cache lock file.
+//! - [`ops`] — operator commands on a stopped cache: `pin`, `unpin`, `ls`, `verify [--repair]`,
+//!   `gc`, and Docker-style image reference parsing.
 //!
-//! `main.rs` is the CLI (clap): `stowage serve [--config PATH]`.
+//! `main.rs` is the CLI (clap): `stowage serve|pin|unpin|ls|verify|gc [--config PATH]`; `serve`
+//! also owns the housekeeping task (recency flush, deferred eviction).
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, and an
