@@ -544,3 +544,98 @@ fn gc_removes_unused_tags_manifests_and_orphaned_blobs_but_keeps_pins() {
     stowage.restart();
     pull(&stowage, &drop_me);
 }
+
+/// A tmpfs mounted for one test, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. "24m"); `None` where mounting is not allowed (not root).
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::Builder::new()
+            .prefix("stowage-tmpfs-")
+            .tempdir()
+            .ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        ok.then_some(Tmpfs { dir })
+    }
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_disk_smaller_than_the_budget_evicts_for_space_and_refuses_what_cannot_fit() {
+    let Some(fs) = Tmpfs::mount("24m") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root); disk-full behaviour untested");
+        return;
+    };
+    let data = fs.path().join("data");
+    let upstream = Registry::start();
+    // The budget (1 GiB) is far above the disk (24 MiB): only the disk check can save us.
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .max_size("1GiB")
+        .env("STOWAGE_STORAGE_PATH", &data.display().to_string())
+        .start();
+    let imgs: Vec<Pushed> = (0..8)
+        .map(|i| push(&upstream, &format!("d{i}"), &[2 * MIB, 2 * MIB]))
+        .collect();
+    for p in &imgs {
+        pull(&stowage, p); // ~32 MiB through a 24 MiB disk
+    }
+    assert!(
+        has_no_layers_in(&data, &imgs[0]),
+        "the disk never filled up: the test proves nothing"
+    );
+    let last = imgs.last().expect("images");
+    let gets = upstream.blob_gets();
+    pull(&stowage, last);
+    assert_eq!(
+        upstream.blob_gets(),
+        gets,
+        "the newest image should be a hit"
+    );
+
+    // A blob the disk cannot hold even with every cached blob gone: refused up front with a
+    // clear error, temp file removed, nothing evicted, hits keep working.
+    let big = push(&upstream, "big", &[26 * MIB]);
+    let layer = big.image_layers()[0].clone();
+    let r = http()
+        .get(format!("{}/v2/{}/blobs/{layer}", stowage.url(), big.name))
+        .send()
+        .expect("GET big blob");
+    assert_eq!(r.status().as_u16(), 507);
+    let body = r.text().unwrap_or_default();
+    assert!(body.contains("disk"), "{body}");
+    assert!(files_under(&data.join("tmp")).is_empty(), "temp file left");
+    let gets = upstream.blob_gets();
+    pull(&stowage, last);
+    assert_eq!(
+        upstream.blob_gets(),
+        gets,
+        "hits broke after a refused fill"
+    );
+}
+
+fn has_no_layers_in(data: &Path, p: &Pushed) -> bool {
+    p.image_layers().iter().all(|d| {
+        let hex = d.trim_start_matches("sha256:");
+        !data.join("blobs/sha256").join(&hex[..2]).join(hex).exists()
+    })
+}

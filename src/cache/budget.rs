@@ -287,15 +287,7 @@ impl Budget {
         if s.used() + s.reserved + n > l.high {
             // Refuse up front what would not fit even with everything evictable gone: evicting
             // for a fill that fails anyway would only empty the cache.
-            let evictable: u64 = s
-                .order
-                .iter()
-                .filter(|(_, h)| {
-                    !(s.pinned.contains(h) || s.readers.contains_key(h) || ev.held_by_fill(h))
-                })
-                .filter_map(|(_, h)| s.blobs.get(h))
-                .map(|e| e.size)
-                .sum();
+            let evictable = evictable(&s, ev);
             if s.used() - evictable + s.reserved + n > l.max {
                 self.fills_refused.fetch_add(1, Ordering::Relaxed);
                 return Err(Full {
@@ -317,6 +309,16 @@ impl Budget {
         if let Some(avail) = ev.available_space() {
             if avail < n + DISK_SLACK {
                 let short = n + DISK_SLACK - avail;
+                if evictable(&s, ev) < short {
+                    self.fills_refused.fetch_add(1, Ordering::Relaxed);
+                    return Err(Full {
+                        needed: n,
+                        message: format!(
+                            "the cache's disk has {avail} bytes free and the blob needs {n}; \
+                             evicting every unused blob would not free enough"
+                        ),
+                    });
+                }
                 let target = s.used().saturating_sub(short);
                 self.evict_locked(&mut s, target, ev);
                 if let Some(avail) = ev.available_space() {
@@ -435,6 +437,16 @@ impl Budget {
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
         }
     }
+}
+
+/// Bytes of blobs that eviction may remove now (not pinned, leased or held by a fill).
+fn evictable(s: &State, ev: &dyn Evictor) -> u64 {
+    s.order
+        .iter()
+        .filter(|(_, h)| !(s.pinned.contains(h) || s.readers.contains_key(h) || ev.held_by_fill(h)))
+        .filter_map(|(_, h)| s.blobs.get(h))
+        .map(|e| e.size)
+        .sum()
 }
 
 fn touch_blob(s: &mut State, hex: &str) {
