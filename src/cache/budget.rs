@@ -179,6 +179,21 @@ impl Budget {
         s.clock = s.clock.max(tick);
     }
 
+    /// Loads many blobs at startup: (hex, size, persisted tick), under one lock.
+    pub fn load_blobs(&self, blobs: Vec<(String, u64, u64)>) {
+        let mut s = self.lock();
+        s.blobs.reserve(blobs.len());
+        for (hex, size, tick) in blobs {
+            if let Some(old) = s.blobs.insert(hex.clone(), Entry { size, tick }) {
+                s.order.remove(&(old.tick, hex.clone()));
+                s.blob_bytes -= old.size;
+            }
+            s.order.insert((tick, hex));
+            s.blob_bytes += size;
+            s.clock = s.clock.max(tick);
+        }
+    }
+
     /// Advances the clock past a persisted tick (startup), so new uses sort after old ones.
     pub fn observe_tick(&self, tick: u64) {
         let mut s = self.lock();
