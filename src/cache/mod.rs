@@ -725,7 +725,9 @@ impl BlobSource for BudgetedSource {
                     }
                 }
                 None => {
-                    // Size unknown: reserve step by step as bytes arrive.
+                    // Size unknown (no Content-Length; registries send one for blobs, so this is
+                    // rare): reserve step by step as bytes arrive. The reservation runs inline
+                    // on the fill task, which is acceptable for this fallback.
                     let budget = self.budget.clone();
                     let evictor = self.evictor.clone();
                     let reserved = self.reserved.clone();
