@@ -67,8 +67,17 @@ pub struct AuthConfig {
 pub struct StorageConfig {
     /// Cache directory: blobs, temp files and the sled index live below it.
     pub path: PathBuf,
-    /// Byte budget for cached content.
+    /// Byte budget for cached content (blob + manifest bytes), never exceeded by fills.
     pub max_size: u64,
+    /// Fraction of `max_size` at which eviction starts (`0 < low_watermark <= high_watermark <= 1`).
+    pub high_watermark: f64,
+    /// Fraction of `max_size` eviction frees down to.
+    pub low_watermark: f64,
+    /// How often recency (last use of blobs, manifests, tags) is written to the index in a batch.
+    pub access_flush_interval: Duration,
+    /// `stowage gc` removes tags and manifests not used for this long, and blobs no manifest
+    /// references that were not used for this long.
+    pub gc_max_age: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -179,6 +188,10 @@ struct RawAuth {
 struct RawStorage {
     path: Option<String>,
     max_size: Option<String>,
+    high_watermark: Option<f64>,
+    low_watermark: Option<f64>,
+    access_flush_interval: Option<String>,
+    gc_max_age: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -282,6 +295,35 @@ impl Config {
         }
         let size_text = raw.storage.max_size.as_deref().unwrap_or(DEFAULT_MAX_SIZE);
         let max_size = parse_byte_size(size_text).map_err(|m| invalid("storage.max_size", m))?;
+
+        let high_watermark = raw.storage.high_watermark.unwrap_or(0.95);
+        let low_watermark = raw.storage.low_watermark.unwrap_or(0.85);
+        if !(high_watermark > 0.0 && high_watermark <= 1.0) {
+            return Err(invalid(
+                "storage.high_watermark",
+                format!("{high_watermark} must be a fraction in (0, 1]"),
+            ));
+        }
+        if !(low_watermark > 0.0 && low_watermark <= high_watermark) {
+            return Err(invalid(
+                "storage.low_watermark",
+                format!(
+                    "{low_watermark} must be a fraction above 0 and at most high_watermark ({high_watermark})"
+                ),
+            ));
+        }
+        let access_flush_interval = parse_duration(
+            raw.storage
+                .access_flush_interval
+                .as_deref()
+                .unwrap_or("10s"),
+        )
+        .map_err(|m| invalid("storage.access_flush_interval", m))?;
+        if access_flush_interval.is_zero() {
+            return Err(invalid("storage.access_flush_interval", "must be above 0"));
+        }
+        let gc_max_age = parse_duration(raw.storage.gc_max_age.as_deref().unwrap_or("30d"))
+            .map_err(|m| invalid("storage.gc_max_age", m))?;
 
         let raw_upstreams = raw.upstreams.unwrap_or_else(|| {
             vec![RawUpstream {
@@ -431,7 +473,14 @@ impl Config {
 
         Ok(Config {
             server: server_config(listen, metrics_listen, raw.server)?,
-            storage: StorageConfig { path, max_size },
+            storage: StorageConfig {
+                path,
+                max_size,
+                high_watermark,
+                low_watermark,
+                access_flush_interval,
+                gc_max_age,
+            },
             upstreams,
             auth: auth_config(raw.auth)?,
         })
@@ -634,6 +683,9 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
         assert_eq!(c.storage.path, PathBuf::from("data"));
         assert_eq!(c.storage.max_size, 20 << 30);
+        assert_eq!(c.storage.high_watermark, 0.95);
+        assert_eq!(c.storage.low_watermark, 0.85);
+        assert_eq!(c.storage.gc_max_age, Duration::from_secs(30 * 86400));
         assert_eq!(c.upstreams.len(), 1);
         assert_eq!(c.upstreams[0].host, "docker.io");
         assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
@@ -694,6 +746,11 @@ mod tests {
             c.server.metrics_listen,
             Some("127.0.0.1:9464".parse().unwrap())
         );
+        assert!(err("[storage]\nhigh_watermark = 1.5").contains("storage.high_watermark"));
+        assert!(err("[storage]\nlow_watermark = 0.99").contains("storage.low_watermark"));
+        assert!(err("[storage]\ngc_max_age = \"soon\"").contains("storage.gc_max_age"));
+        assert!(err("[storage]\naccess_flush_interval = \"0s\"")
+            .contains("storage.access_flush_interval"));
         let dup = "[[upstreams]]\nhost=\"a.io\"\nurl=\"http://x\"\n[[upstreams]]\nhost=\"a.io\"\nurl=\"http://y\"";
         assert!(err(dup).contains("upstreams[1].host"));
     }

@@ -33,11 +33,18 @@
 //!   verification, the latest Docker Hub rate-limit headers.
 //! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, fills in `tmp/`
 //!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`]
-//!   (tag records with their variants; check times batched in memory), hot manifests in moka.
+//!   (tag records with their variants; check times batched in memory), hot manifests in moka,
+//!   and the lifecycle in [`cache::budget`]: the byte budget, LRU order and eviction (fills
+//!   reserve their size first; leased, pinned and filling blobs are skipped), recency flushed to
+//!   sled in batches, crash reconciliation at open, the cache lock file.
+//! - [`ops`] — operator commands on a stopped cache: `pin`, `unpin`, `ls`, `verify [--repair]`,
+//!   `gc`, and Docker-style image reference parsing.
 //!
-//! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]`; it also
-//! runs the optional `server.metrics_listen` listener, sets the cache gauges at startup, and
-//! reloads the TLS certificate and the htpasswd file on SIGHUP.
+//! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]` and the
+//! operator commands `pin|unpin|ls|verify|gc [--config PATH]`. `serve` also runs the optional
+//! `server.metrics_listen` listener, sets the cache gauges at startup, owns the housekeeping task
+//! (recency flush, deferred eviction), and reloads the TLS certificate and the htpasswd file on
+//! SIGHUP.
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, and an
@@ -50,6 +57,7 @@ pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
+pub mod ops;
 pub mod policy;
 pub mod upstream;
 

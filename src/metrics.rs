@@ -365,7 +365,7 @@ impl Metrics {
             .add(i64::try_from(size).unwrap_or(i64::MAX));
     }
 
-    /// A committed blob was evicted (for issue 5's eviction): counts it and shrinks the gauges.
+    /// A committed blob was evicted (by `cache::budget`): counts it and shrinks the gauges.
     pub fn blob_evicted(&self, size: u64) {
         self.evictions.inc();
         self.evicted_bytes.inc_by(size);

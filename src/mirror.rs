@@ -189,7 +189,7 @@ impl BlobSource for UpstreamSource {
 impl Mirror {
     /// Opens the cache and builds the upstream clients.
     pub fn new(config: Config) -> Result<Mirror, crate::Error> {
-        let cache = Cache::open(&config.storage.path)?;
+        let cache = Cache::open(&config.storage)?;
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
             upstreams.push(Arc::new(Upstream::new(u.clone()).map_err(|e| {

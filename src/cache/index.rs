@@ -2,6 +2,10 @@
 //! bytes and media type), tag → digest per (upstream, repository) with the per-`Accept` variants
 //! seen, and the repositories seen.
 //!
+//! Lifecycle trees: `access` (last use of blobs `b<hex>`, manifests `m<hex>` and tags `t<tag key>`:
+//! a logical tick and unix seconds, written in batches, never per request) and `pins` (pinned
+//! manifests by hex, with the reference the operator named).
+//!
 //! Blob *bytes* never live here — only in files under `blobs/`. Keys are built from validated
 //! names, separated by `\0`, which no name, tag or host can contain.
 //!
@@ -98,6 +102,26 @@ pub struct Index {
     tags: sled::Tree,
     repos: sled::Tree,
     checks: Arc<Mutex<PendingChecks>>,
+    access: sled::Tree,
+    pins: sled::Tree,
+}
+
+/// A tag record with its key parts, for listing.
+#[derive(Clone, Debug)]
+pub struct TagRecord {
+    pub upstream: String,
+    pub repo: String,
+    pub tag: String,
+    pub entry: TagEntry,
+}
+
+/// A pinned manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Pin {
+    /// The reference the operator pinned (`docker.io/library/alpine:3.19`).
+    pub reference: String,
+    /// Unix seconds.
+    pub pinned: u64,
 }
 
 pub fn unix_now() -> u64 {
@@ -115,8 +139,16 @@ pub fn unix_now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn tag_key(upstream: &str, repo: &RepoName, tag: &Tag) -> Vec<u8> {
+/// The key of a tag record (and, prefixed with `t`, of its access record).
+pub fn tag_key(upstream: &str, repo: &RepoName, tag: &Tag) -> Vec<u8> {
     format!("{upstream}\0{repo}\0{tag}").into_bytes()
+}
+
+/// Decodes an access record: (tick, unix seconds).
+pub fn decode_access(v: &[u8]) -> Option<(u64, u64)> {
+    let tick = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let unix = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    Some((tick, unix))
 }
 
 fn repo_key(upstream: &str, repo: &RepoName) -> Vec<u8> {
@@ -137,6 +169,8 @@ impl Index {
             tags: db.open_tree("tags")?,
             repos: db.open_tree("repos")?,
             checks: Arc::default(),
+            access: db.open_tree("access")?,
+            pins: db.open_tree("pins")?,
             db,
         })
     }
@@ -203,6 +237,157 @@ impl Index {
         Ok((count, bytes))
     }
 
+    /// Every blob record as (hex, meta); corrupt records are reported as `None` meta.
+    pub fn blobs(&self) -> impl Iterator<Item = Result<(String, Option<BlobMeta>), IndexError>> {
+        self.blobs.iter().map(|item| {
+            let (k, v) = item?;
+            Ok((
+                String::from_utf8_lossy(&k).into_owned(),
+                serde_json::from_slice(&v).ok(),
+            ))
+        })
+    }
+
+    /// Removes a blob record by hex (startup reconcile, repair).
+    pub fn remove_blob_hex(&self, hex: &str) -> Result<(), IndexError> {
+        self.blobs.remove(hex.as_bytes())?;
+        Ok(())
+    }
+
+    /// Every access record as (key, tick, unix).
+    pub fn access_records(&self) -> impl Iterator<Item = Result<(Vec<u8>, u64, u64), IndexError>> {
+        self.access.iter().filter_map(|item| match item {
+            Err(e) => Some(Err(e.into())),
+            Ok((k, v)) => decode_access(&v).map(|(t, u)| Ok((k.to_vec(), t, u))),
+        })
+    }
+
+    /// One access record.
+    pub fn access(&self, key: &[u8]) -> Result<Option<(u64, u64)>, IndexError> {
+        Ok(self.access.get(key)?.and_then(|v| decode_access(&v)))
+    }
+
+    /// Writes a batch of access updates (`None` deletes) in one sled batch.
+    pub fn write_access<'a>(
+        &self,
+        updates: impl IntoIterator<Item = (&'a Vec<u8>, &'a Option<(u64, u64)>)>,
+    ) -> Result<(), IndexError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in updates {
+            match v {
+                Some((tick, unix)) => {
+                    let mut val = [0u8; 16];
+                    val[..8].copy_from_slice(&tick.to_be_bytes());
+                    val[8..].copy_from_slice(&unix.to_be_bytes());
+                    batch.insert(k.as_slice(), &val[..]);
+                }
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        self.access.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Every manifest as (hex, stored length in bytes, media type + bytes record).
+    pub fn manifest_sizes(&self) -> impl Iterator<Item = Result<(String, u64), IndexError>> {
+        self.manifests.iter().map(|item| {
+            let (k, v) = item?;
+            let nl = v
+                .iter()
+                .position(|&b| b == b'\n')
+                .map(|p| p + 1)
+                .unwrap_or(0);
+            Ok((
+                String::from_utf8_lossy(&k).into_owned(),
+                (v.len() - nl) as u64,
+            ))
+        })
+    }
+
+    /// Removes a manifest; returns the bytes it held.
+    pub fn remove_manifest(&self, digest: &Digest) -> Result<u64, IndexError> {
+        Ok(self
+            .manifests
+            .remove(digest.hex())?
+            .map(|v| {
+                let nl = v
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map(|p| p + 1)
+                    .unwrap_or(0);
+                (v.len() - nl) as u64
+            })
+            .unwrap_or(0))
+    }
+
+    /// Every tag record.
+    pub fn tags(&self) -> Result<Vec<TagRecord>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.tags.iter() {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let mut parts = key.splitn(3, '\0');
+            let (Some(upstream), Some(repo), Some(tag)) =
+                (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let Ok(entry) = serde_json::from_slice::<TagEntry>(&v) else {
+                continue;
+            };
+            out.push(TagRecord {
+                upstream: upstream.to_owned(),
+                repo: repo.to_owned(),
+                tag: tag.to_owned(),
+                entry,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Removes a tag record by its raw key parts.
+    pub fn remove_tag_raw(&self, upstream: &str, repo: &str, tag: &str) -> Result<(), IndexError> {
+        self.tags
+            .remove(format!("{upstream}\0{repo}\0{tag}").as_bytes())?;
+        Ok(())
+    }
+
+    /// Removes a repository record.
+    pub fn remove_repo_raw(&self, upstream: &str, repo: &str) -> Result<(), IndexError> {
+        self.repos
+            .remove(format!("{upstream}\0{repo}").as_bytes())?;
+        Ok(())
+    }
+
+    /// Pinned manifests by digest.
+    pub fn pins(&self) -> Result<Vec<(Digest, Pin)>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.pins.iter() {
+            let (k, v) = item?;
+            let Ok(d) = format!("sha256:{}", String::from_utf8_lossy(&k)).parse::<Digest>() else {
+                continue;
+            };
+            if let Ok(p) = serde_json::from_slice::<Pin>(&v) {
+                out.push((d, p));
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn put_pin(&self, digest: &Digest, pin: &Pin) -> Result<(), IndexError> {
+        let v = serde_json::to_vec(pin).map_err(|e| IndexError::Corrupt {
+            key: digest.to_string(),
+            message: e.to_string(),
+        })?;
+        self.pins.insert(digest.hex(), v)?;
+        Ok(())
+    }
+
+    /// Unpins; returns whether it was pinned.
+    pub fn remove_pin(&self, digest: &Digest) -> Result<bool, IndexError> {
+        Ok(self.pins.remove(digest.hex())?.is_some())
+    }
+
     /// Manifest record layout: media type, `\n`, then the exact bytes.
     pub fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, IndexError> {
         let Some(v) = self.manifests.get(digest.hex())? else {
@@ -227,6 +412,10 @@ impl Index {
             media_type: media_type.to_owned(),
             bytes,
         }))
+    }
+
+    pub fn has_manifest(&self, digest: &Digest) -> Result<bool, IndexError> {
+        Ok(self.manifests.contains_key(digest.hex())?)
     }
 
     pub fn put_manifest(&self, m: &StoredManifest) -> Result<(), IndexError> {

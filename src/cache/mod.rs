@@ -6,17 +6,32 @@
 //! blobs/sha256/<2 hex>/<64 hex>   committed, verified blobs (written only by rename from tmp/)
 //! tmp/<64 hex>.<rand>.partial     fills in progress; anything here at startup is garbage
 //! index/                          the sled database (see [`index`])
+//! lock                            held (flock) by the one process using the cache; holds its pid
 //! ```
+//!
+//! Lifecycle (see [`budget`]): every committed blob and stored manifest counts against
+//! `storage.max_size`; fills reserve their size first and evict least recently used blobs when
+//! needed. [`Cache::open`] reconciles the index with the files after a crash: temp files are
+//! discarded, index entries without a file dropped, files without an index entry re-hashed and
+//! adopted (or removed if their bytes do not match their name).
 
+pub mod budget;
 pub mod fill;
 pub mod index;
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt;
+
+use crate::config::StorageConfig;
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
+pub use budget::{BlobLease, Budget, CacheStats, Limits};
 pub use fill::{BlobBody, BlobSource, ByteStream, Fill, FillMap};
-pub use index::{BlobMeta, Index, IndexError, RepoEntry, StoredManifest, TagEntry};
+pub use index::{BlobMeta, Index, IndexError, Pin, RepoEntry, StoredManifest, TagEntry, TagRecord};
 
 /// Local store failures. Clients see them as `500 UNKNOWN`; the log has the detail.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +43,11 @@ pub enum CacheError {
     },
     #[error(transparent)]
     Index(#[from] IndexError),
+    #[error(
+        "the cache at {path} is in use by another stowage process{pid}: `stowage serve` holds it \
+         while it runs. Stop the server, then run this command again"
+    )]
+    Locked { path: PathBuf, pid: String },
 }
 
 impl From<CacheError> for RegistryError {
@@ -44,10 +64,143 @@ fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     }
 }
 
-/// A committed blob, opened for reading.
+/// A committed blob, opened for reading. While it lives (and the stream made from it), the blob
+/// is leased: eviction leaves it alone.
 pub struct CachedBlob {
     pub file: std::fs::File,
     pub size: u64,
+    pub lease: BlobLease,
+}
+
+impl CachedBlob {
+    /// Streams `len` bytes from `offset`, keeping the lease until the stream is dropped.
+    pub fn into_stream(self, offset: u64, len: u64) -> ByteStream {
+        let lease = self.lease;
+        let stream = fill::file_stream(self.file, offset, len);
+        Box::pin(stream.map(move |item| {
+            let _held = &lease;
+            item
+        }))
+    }
+}
+
+/// Fills that may still have readers, by hex: their blob is not evicted while any `Arc<Fill>`
+/// (held by every reader of the fill) is alive.
+type HeldFills = Arc<Mutex<HashMap<String, Weak<Fill>>>>;
+
+/// What the budget uses to evict: checks fills' readers, deletes index entry then file.
+#[derive(Clone)]
+struct CacheEvictor {
+    root: PathBuf,
+    index: Index,
+    held: HeldFills,
+}
+
+impl budget::Evictor for CacheEvictor {
+    fn held_by_fill(&self, hex: &str) -> bool {
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(hex).is_some_and(|w| w.strong_count() > 0)
+    }
+
+    fn delete(&self, victim: &budget::Victim) -> std::io::Result<()> {
+        self.index
+            .remove_blob_hex(&victim.hex)
+            .map_err(std::io::Error::other)?;
+        match std::fs::remove_file(blob_path_in(&self.root, &victim.hex)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    fn available_space(&self) -> Option<u64> {
+        fs2::available_space(&self.root).ok()
+    }
+}
+
+/// Blob files under `blobs/sha256` by hex, and stray paths (anything not named like a blob).
+type Listing = (HashSet<String>, Vec<PathBuf>);
+
+fn list_blob_files(blobs_dir: &Path) -> std::io::Result<Listing> {
+    let mut on_disk = HashSet::new();
+    let mut strays = Vec::new();
+    for dir in std::fs::read_dir(blobs_dir)? {
+        let dir = dir?;
+        let dpath = dir.path();
+        if !dir.file_type()?.is_dir() {
+            strays.push(dpath);
+            continue;
+        }
+        for f in std::fs::read_dir(&dpath)? {
+            let f = f?;
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.len() == 64 && format!("sha256:{name}").parse::<Digest>().is_ok() {
+                on_disk.insert(name);
+            } else {
+                strays.push(f.path());
+            }
+        }
+    }
+    Ok((on_disk, strays))
+}
+
+fn blob_path_in(root: &Path, hex: &str) -> PathBuf {
+    root.join("blobs")
+        .join("sha256")
+        .join(hex.get(..2).unwrap_or("xx"))
+        .join(hex)
+}
+
+/// What a manifest references: blobs (config, layers) with their sizes, and child manifests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct References {
+    pub blobs: Vec<(Digest, u64)>,
+    pub children: Vec<Digest>,
+}
+
+/// Parses the descriptors of an image manifest (config, layers) or index (manifests).
+pub fn references(bytes: &[u8]) -> References {
+    let mut out = References::default();
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return out;
+    };
+    let desc = |d: &serde_json::Value| -> Option<(Digest, u64)> {
+        let digest = d.get("digest")?.as_str()?.parse().ok()?;
+        Some((digest, d.get("size").and_then(|s| s.as_u64()).unwrap_or(0)))
+    };
+    if let Some(c) = v.get("config").and_then(desc) {
+        out.blobs.push(c);
+    }
+    for l in v
+        .get("layers")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some(d) = desc(l) {
+            out.blobs.push(d);
+        }
+    }
+    for m in v
+        .get("manifests")
+        .and_then(|l| l.as_array())
+        .into_iter()
+        .flatten()
+    {
+        if let Some((d, _)) = desc(m) {
+            out.children.push(d);
+        }
+    }
+    out
+}
+
+/// What startup reconciliation found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reconciled {
+    pub blobs: u64,
+    pub dropped_entries: u64,
+    pub adopted_files: u64,
+    pub removed_files: u64,
+    pub temp_files: u64,
 }
 
 /// The cache.
@@ -55,16 +208,58 @@ pub struct Cache {
     root: PathBuf,
     index: Index,
     fills: FillMap,
+    held: HeldFills,
     manifests: moka::sync::Cache<Digest, Arc<StoredManifest>>,
+    budget: Arc<Budget>,
+    reconciled: Reconciled,
+    _lock: std::fs::File,
+}
+
+/// Takes the cache's lock file, or explains who holds it.
+fn take_lock(root: &Path) -> Result<std::fs::File, CacheError> {
+    use fs2::FileExt;
+    use std::io::{Read, Seek, Write};
+    let path = root.join("lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_at(&path))?;
+    if f.try_lock_exclusive().is_err() {
+        let mut pid = String::new();
+        let _ = f.read_to_string(&mut pid);
+        let pid = pid.trim();
+        return Err(CacheError::Locked {
+            path: root.to_owned(),
+            pid: if pid.is_empty() {
+                String::new()
+            } else {
+                format!(" (pid {pid})")
+            },
+        });
+    }
+    f.set_len(0).map_err(io_at(&path))?;
+    f.seek(std::io::SeekFrom::Start(0)).map_err(io_at(&path))?;
+    write!(f, "{}", std::process::id()).map_err(io_at(&path))?;
+    Ok(f)
 }
 
 impl Cache {
-    /// Opens the cache at `root`, creating its directories and discarding leftover temp files.
-    pub fn open(root: &Path) -> Result<Cache, CacheError> {
+    /// Opens the cache at `storage.path`: takes the lock, creates the directories, discards
+    /// leftover temp files, reconciles index and files, and loads sizes and recency.
+    pub fn open(storage: &StorageConfig) -> Result<Cache, CacheError> {
+        let root = storage.path.as_path();
         let blobs = root.join("blobs").join("sha256");
         std::fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
+        let lock = take_lock(root)?;
         let tmp = root.join("tmp");
+        let mut reconciled = Reconciled::default();
         if tmp.exists() {
+            reconciled.temp_files = std::fs::read_dir(&tmp)
+                .map(|d| d.count() as u64)
+                .unwrap_or(0);
             std::fs::remove_dir_all(&tmp).map_err(io_at(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
@@ -75,12 +270,191 @@ impl Cache {
             })
             .max_capacity(64 << 20)
             .build();
-        Ok(Cache {
+        let budget = Arc::new(Budget::new(Limits::new(
+            storage.max_size,
+            storage.high_watermark,
+            storage.low_watermark,
+        )));
+        let mut cache = Cache {
             root: root.to_owned(),
             index,
             fills: Arc::default(),
+            held: Arc::default(),
             manifests,
-        })
+            budget,
+            reconciled,
+            _lock: lock,
+        };
+        cache.reconcile()?;
+        cache.refresh_pins()?;
+        let freed = cache.budget.maybe_evict(&cache.evictor());
+        if freed > 0 {
+            tracing::info!(bytes = freed, "evicted at startup to fit the budget");
+        }
+        Ok(cache)
+    }
+
+    /// Makes the index and `blobs/` agree, and loads sizes and recency into the budget.
+    fn reconcile(&mut self) -> Result<(), CacheError> {
+        let blobs_dir = self.root.join("blobs").join("sha256");
+        // List the files on disk (one readdir per fan-out directory, no stat per file) on another
+        // thread while the index is read: both take a few hundred ms with 100k blobs.
+        let lister = {
+            let blobs_dir = blobs_dir.clone();
+            std::thread::spawn(move || list_blob_files(&blobs_dir))
+        };
+        let mut ticks: HashMap<String, u64> = HashMap::new();
+        let mut indexed: Vec<(String, Option<BlobMeta>)> = Vec::new();
+        let read_index = (|| -> Result<(), CacheError> {
+            for rec in self.index.access_records() {
+                let (k, tick, _) = rec?;
+                if let Some(hex) = k.strip_prefix(b"b") {
+                    ticks.insert(String::from_utf8_lossy(hex).into_owned(), tick);
+                } else {
+                    self.budget.observe_tick(tick);
+                }
+            }
+            for rec in self.index.blobs() {
+                indexed.push(rec?);
+            }
+            Ok(())
+        })();
+        let listed = lister
+            .join()
+            .map_err(|_| CacheError::Io {
+                path: blobs_dir.clone(),
+                source: std::io::Error::other("listing blob files panicked"),
+            })?
+            .map_err(io_at(&blobs_dir))?;
+        read_index?;
+        let (mut on_disk, strays) = listed;
+        for p in strays {
+            tracing::warn!(path = %p.display(), "removing a stray file from blobs/");
+            let _ = std::fs::remove_file(&p);
+            self.reconciled.removed_files += 1;
+        }
+        let mut dropped = Vec::new();
+        let mut present = Vec::with_capacity(indexed.len());
+        for (hex, meta) in indexed {
+            match meta {
+                Some(m) if on_disk.remove(&hex) => {
+                    let tick = ticks.get(&hex).copied().unwrap_or(0);
+                    present.push((hex, m.size, tick));
+                }
+                _ => dropped.push(hex),
+            }
+        }
+        self.reconciled.blobs += present.len() as u64;
+        self.budget.load_blobs(present);
+        for hex in dropped {
+            tracing::warn!(digest = %format!("sha256:{hex}"), "index entry without a blob file; dropped");
+            self.index.remove_blob_hex(&hex)?;
+            self.budget.forget_blob(&hex);
+            self.reconciled.dropped_entries += 1;
+        }
+        // Files the index does not know: a crash between rename and index write. Adopt them if
+        // their bytes match their name.
+        for hex in on_disk {
+            let path = blob_path_in(&self.root, &hex);
+            match hash_file(&path, |_| {}) {
+                Ok((actual, size)) if actual.hex() == hex => {
+                    self.index.put_blob(
+                        &actual,
+                        &BlobMeta {
+                            size,
+                            added: index::unix_now(),
+                        },
+                    )?;
+                    self.budget
+                        .load_blob(&hex, size, ticks.get(&hex).copied().unwrap_or(0));
+                    self.reconciled.adopted_files += 1;
+                    self.reconciled.blobs += 1;
+                    tracing::info!(digest = %actual, "adopted an unindexed blob file");
+                }
+                _ => {
+                    tracing::warn!(path = %path.display(), "removing an unindexed blob file that does not match its name");
+                    let _ = std::fs::remove_file(&path);
+                    self.reconciled.removed_files += 1;
+                }
+            }
+        }
+        let mut manifest_bytes = 0;
+        for rec in self.index.manifest_sizes() {
+            manifest_bytes += rec?.1;
+        }
+        self.budget.add_manifest_bytes(manifest_bytes);
+        self.index.flush()?;
+        Ok(())
+    }
+
+    /// What startup reconciliation did.
+    pub fn reconciled(&self) -> &Reconciled {
+        &self.reconciled
+    }
+
+    fn evictor(&self) -> CacheEvictor {
+        CacheEvictor {
+            root: self.root.clone(),
+            index: self.index.clone(),
+            held: self.held.clone(),
+        }
+    }
+
+    /// Sizes, budget and eviction counters.
+    pub fn stats(&self) -> CacheStats {
+        self.budget.stats()
+    }
+
+    /// The budget (LRU order, leases), for operator commands and tests.
+    pub fn budget(&self) -> &Arc<Budget> {
+        &self.budget
+    }
+
+    /// Recomputes the set of pinned blobs from the pinned manifests (and their children held).
+    pub fn refresh_pins(&self) -> Result<(), CacheError> {
+        let (_, blobs) = self.pinned_closure()?;
+        self.budget.set_pinned(blobs);
+        Ok(())
+    }
+
+    /// Pinned manifests (with their children held) and pinned blobs, by hex.
+    pub fn pinned_closure(&self) -> Result<(HashSet<String>, HashSet<String>), CacheError> {
+        let mut manifests = HashSet::new();
+        let mut blobs = HashSet::new();
+        let mut stack: Vec<Digest> = self.index.pins()?.into_iter().map(|(d, _)| d).collect();
+        while let Some(d) = stack.pop() {
+            if !manifests.insert(d.hex().to_owned()) {
+                continue;
+            }
+            let Some(m) = self.index.manifest(&d)? else {
+                continue;
+            };
+            let refs = references(&m.bytes);
+            blobs.extend(refs.blobs.iter().map(|(b, _)| b.hex().to_owned()));
+            stack.extend(refs.children);
+        }
+        Ok((manifests, blobs))
+    }
+
+    /// Writes recency recorded in memory to the index, in one batch. Blocking.
+    pub fn flush_access(&self) -> Result<(), CacheError> {
+        let dirty = self.budget.take_dirty();
+        if dirty.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.index.write_access(dirty.iter()) {
+            self.budget.restore_dirty(dirty);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Periodic housekeeping (blocking): flush recency, evict blobs that became free.
+    pub fn maintain(&self) {
+        if let Err(e) = self.flush_access() {
+            tracing::warn!(error = %e, "could not write access times");
+        }
+        self.budget.maybe_evict(&self.evictor());
     }
 
     pub fn root(&self) -> &Path {
@@ -93,16 +467,14 @@ impl Cache {
 
     /// Where a committed blob lives.
     pub fn blob_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.root
-            .join("blobs")
-            .join("sha256")
-            .join(&hex[..2])
-            .join(hex)
+        blob_path_in(&self.root, digest.hex())
     }
 
-    /// Opens a committed blob, if the cache has it. An index entry whose file vanished is dropped.
+    /// Opens a committed blob, if the cache has it, and marks it used. An index entry whose file
+    /// vanished is dropped.
     pub fn open_blob(&self, digest: &Digest) -> Result<Option<CachedBlob>, CacheError> {
+        // Lease first: from here on eviction leaves the blob alone.
+        let lease = self.budget.lease(digest.hex());
         if self.index.blob(digest)?.is_none() {
             return Ok(None);
         }
@@ -110,14 +482,26 @@ impl Cache {
         match std::fs::File::open(&path) {
             Ok(file) => {
                 let size = file.metadata().map_err(io_at(&path))?.len();
-                Ok(Some(CachedBlob { file, size }))
+                Ok(Some(CachedBlob { file, size, lease }))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 tracing::warn!(%digest, "indexed blob file is missing; dropping the entry");
                 self.index.remove_blob(digest)?;
+                self.budget.forget_blob(digest.hex());
                 Ok(None)
             }
             Err(e) => Err(io_at(&path)(e)),
+        }
+    }
+
+    /// Drops a blob from index, budget and disk (`verify --repair`, `gc`).
+    pub fn remove_blob(&self, digest: &Digest) -> Result<(), CacheError> {
+        self.index.remove_blob(digest)?;
+        self.budget.forget_blob(digest.hex());
+        let path = self.blob_path(digest);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_at(&path)(e)),
+            _ => Ok(()),
         }
     }
 
@@ -142,21 +526,45 @@ impl Cache {
             .create_new(true)
             .open(&tmp_path)
             .map_err(io_at(&tmp_path))?;
+        let source = Box::new(BudgetedSource {
+            inner: make_source(),
+            digest: digest.clone(),
+            budget: self.budget.clone(),
+            evictor: self.evictor(),
+            reserved: Arc::new(AtomicU64::new(0)),
+        });
         let fill = Fill::start(
             digest.clone(),
             tmp_path,
             self.blob_path(digest),
             file,
-            make_source(),
+            source,
             self.index.clone(),
             self.fills.clone(),
         );
         map.insert(digest.clone(), fill.clone());
+        {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            held.retain(|_, w| w.strong_count() > 0);
+            held.insert(digest.hex().to_owned(), Arc::downgrade(&fill));
+        }
         Ok((fill, false))
     }
 
-    /// A manifest by digest, from memory or the index.
+    /// A manifest by digest, from memory or the index; marks it used.
     pub fn manifest(&self, digest: &Digest) -> Result<Option<Arc<StoredManifest>>, CacheError> {
+        let m = self.manifest_untouched(digest)?;
+        if m.is_some() {
+            self.budget.touch_key(manifest_access_key(digest));
+        }
+        Ok(m)
+    }
+
+    /// A manifest by digest without marking it used (operator commands).
+    pub fn manifest_untouched(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<Arc<StoredManifest>>, CacheError> {
         if let Some(m) = self.manifests.get(digest) {
             return Ok(Some(m));
         }
@@ -172,6 +580,10 @@ impl Cache {
 
     /// Stores a verified manifest.
     pub fn put_manifest(&self, m: StoredManifest) -> Result<Arc<StoredManifest>, CacheError> {
+        if !self.index.has_manifest(&m.digest)? {
+            self.budget.add_manifest_bytes(m.bytes.len() as u64);
+        }
+        self.budget.touch_key(manifest_access_key(&m.digest));
         self.index.put_manifest(&m)?;
         let m = Arc::new(m);
         self.manifests.insert(m.digest.clone(), m.clone());
@@ -184,7 +596,20 @@ impl Cache {
         repo: &RepoName,
         tag: &Tag,
     ) -> Result<Option<TagEntry>, CacheError> {
-        Ok(self.index.tag(upstream, repo, tag)?)
+        let t = self.index.tag(upstream, repo, tag)?;
+        if t.is_some() {
+            self.budget.touch_key(tag_access_key(upstream, repo, tag));
+        }
+        Ok(t)
+    }
+
+    /// Removes a manifest (gc); its bytes leave the budget.
+    pub fn remove_manifest(&self, digest: &Digest) -> Result<(), CacheError> {
+        let n = self.index.remove_manifest(digest)?;
+        self.budget.remove_manifest_bytes(n);
+        self.budget.forget_key(manifest_access_key(digest));
+        self.manifests.invalidate(digest);
+        Ok(())
     }
 
     pub fn put_tag(
@@ -194,6 +619,7 @@ impl Cache {
         tag: &Tag,
         e: &TagEntry,
     ) -> Result<(), CacheError> {
+        self.budget.touch_key(tag_access_key(upstream, repo, tag));
         Ok(self.index.put_tag(upstream, repo, tag, e)?)
     }
 
@@ -210,8 +636,145 @@ impl Cache {
         self.fills.lock().map(|m| m.len()).unwrap_or(0)
     }
 
-    /// Flushes the index (on shutdown).
+    /// Writes recency and flushes the index (on shutdown).
     pub fn flush(&self) -> Result<(), CacheError> {
+        self.flush_access()?;
         Ok(self.index.flush()?)
+    }
+}
+
+/// Access-record key of a manifest.
+pub fn manifest_access_key(digest: &Digest) -> Vec<u8> {
+    let mut k = vec![b'm'];
+    k.extend_from_slice(digest.hex().as_bytes());
+    k
+}
+
+/// Access-record key of a tag.
+pub fn tag_access_key(upstream: &str, repo: &RepoName, tag: &Tag) -> Vec<u8> {
+    let mut k = vec![b't'];
+    k.extend_from_slice(&index::tag_key(upstream, repo, tag));
+    k
+}
+
+/// Hashes a file, calling `progress` with each chunk's length. Returns its digest and size.
+pub fn hash_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<(Digest, u64)> {
+    use sha2::Digest as _;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+        progress(n as u64);
+    }
+    Ok((Digest::from_hasher(hasher), size))
+}
+
+/// The fill's source, wrapped so that the blob's bytes are reserved in the budget before the
+/// fill writes them, and the reservation is settled when the fill ends (the fill task drops its
+/// source last): an accounted blob if it was committed, released otherwise.
+struct BudgetedSource {
+    inner: Box<dyn BlobSource>,
+    digest: Digest,
+    budget: Arc<Budget>,
+    evictor: CacheEvictor,
+    reserved: Arc<AtomicU64>,
+}
+
+fn cache_full(message: String) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::Unavailable,
+        format!("stowage cache is full: {message}"),
+    )
+    .with_status(507)
+}
+
+/// Reserves `n` more bytes on a blocking thread.
+async fn reserve(
+    budget: &Arc<Budget>,
+    evictor: &CacheEvictor,
+    n: u64,
+) -> Result<(), RegistryError> {
+    let (b, ev) = (budget.clone(), evictor.clone());
+    tokio::task::spawn_blocking(move || b.reserve(n, &ev))
+        .await
+        .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?
+        .map_err(|f| cache_full(f.message))
+}
+
+/// Reservation step for a blob of unknown size.
+const RESERVE_STEP: u64 = 4 << 20;
+
+impl BlobSource for BudgetedSource {
+    fn open(&self, offset: u64) -> BoxFuture<'_, Result<BlobBody, RegistryError>> {
+        Box::pin(async move {
+            let mut body = self.inner.open(offset).await?;
+            match body.total {
+                Some(total) => {
+                    let have = self.reserved.load(Ordering::SeqCst);
+                    if total > have {
+                        reserve(&self.budget, &self.evictor, total - have).await?;
+                        self.reserved.fetch_add(total - have, Ordering::SeqCst);
+                    }
+                }
+                None => {
+                    // Size unknown (no Content-Length; registries send one for blobs, so this is
+                    // rare): reserve step by step as bytes arrive. The reservation runs inline
+                    // on the fill task, which is acceptable for this fallback.
+                    let budget = self.budget.clone();
+                    let evictor = self.evictor.clone();
+                    let reserved = self.reserved.clone();
+                    let mut seen = body.start;
+                    body.stream = Box::pin(body.stream.map(move |item| {
+                        let chunk = item?;
+                        seen += chunk.len() as u64;
+                        let have = reserved.load(Ordering::SeqCst);
+                        if seen > have {
+                            let more = (seen - have).max(RESERVE_STEP);
+                            budget
+                                .reserve(more, &evictor)
+                                .map_err(|f| std::io::Error::other(f.message))?;
+                            reserved.fetch_add(more, Ordering::SeqCst);
+                        }
+                        Ok(chunk)
+                    }));
+                }
+            }
+            Ok(body)
+        })
+    }
+}
+
+impl Drop for BudgetedSource {
+    fn drop(&mut self) {
+        let reserved = self.reserved.load(Ordering::SeqCst);
+        let committed = match self.evictor.index.blob(&self.digest) {
+            Ok(Some(meta)) => Some(meta.size),
+            _ => None,
+        };
+        match committed {
+            Some(size) => self.budget.commit(self.digest.hex(), reserved, size),
+            None => {
+                self.budget.release(reserved);
+                // A fill that failed for lack of disk (ENOSPC) makes room for the next try.
+                use budget::Evictor as _;
+                if reserved > 0
+                    && self
+                        .evictor
+                        .available_space()
+                        .is_some_and(|a| a < reserved + (1 << 20))
+                    && self.budget.reserve(reserved, &self.evictor).is_ok()
+                {
+                    self.budget.release(reserved);
+                }
+            }
+        }
     }
 }

@@ -526,15 +526,13 @@ fn blob_response(
         .header(header::CACHE_CONTROL, "max-age=31536000");
     let (size, body, outcome) = match answer {
         BlobAnswer::Cached(b) => {
+            let size = b.size;
             let body = if head {
                 Body::empty()
             } else {
-                Body::from_stream(counted(
-                    crate::cache::fill::file_stream(b.file, 0, b.size),
-                    Source::Cache,
-                ))
+                Body::from_stream(counted(b.into_stream(0, size), Source::Cache))
             };
-            (Some(b.size), body, Outcome::Hit)
+            (Some(size), body, Outcome::Hit)
         }
         BlobAnswer::Filling {
             fill,

@@ -178,7 +178,7 @@ impl Stowage {
                     last_log = format!("{why}\n{}", stowage.log());
                     stowage.kill();
                     // Only a lost port race is worth retrying; anything else is a real failure.
-                    if !last_log.to_ascii_lowercase().contains("address in use")
+                    if !last_log.to_ascii_lowercase().contains("already in use")
                         && !last_log.to_ascii_lowercase().contains("addrinuse")
                     {
                         break;
