@@ -31,6 +31,10 @@ pub struct StorageConfig {
     pub path: PathBuf,
     /// Byte budget for cached content.
     pub max_size: u64,
+    /// Blob fills (upstream downloads) running at once; further misses wait for a slot.
+    pub max_concurrent_fills: usize,
+    /// Consecutive failed resume attempts tolerated per fill before its clients are aborted.
+    pub fill_retries: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -99,6 +103,8 @@ struct RawServer {
 struct RawStorage {
     path: Option<String>,
     max_size: Option<String>,
+    max_concurrent_fills: Option<i64>,
+    fill_retries: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -115,6 +121,8 @@ struct RawUpstream {
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
 pub const DEFAULT_STORAGE_PATH: &str = "data";
 pub const DEFAULT_MAX_SIZE: &str = "20GiB";
+pub const DEFAULT_MAX_CONCURRENT_FILLS: usize = 16;
+pub const DEFAULT_FILL_RETRIES: u32 = 5;
 
 impl Config {
     /// Loads the configuration the way `stowage serve` does: `path` if given, else `./config.toml`
@@ -170,6 +178,26 @@ impl Config {
         }
         let size_text = raw.storage.max_size.as_deref().unwrap_or(DEFAULT_MAX_SIZE);
         let max_size = parse_byte_size(size_text).map_err(|m| invalid("storage.max_size", m))?;
+        let max_concurrent_fills = match raw.storage.max_concurrent_fills {
+            None => DEFAULT_MAX_CONCURRENT_FILLS,
+            Some(n) if (1..=4096).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "storage.max_concurrent_fills",
+                    format!("{n} is not between 1 and 4096"),
+                ))
+            }
+        };
+        let fill_retries = match raw.storage.fill_retries {
+            None => DEFAULT_FILL_RETRIES,
+            Some(n) if (0..=100).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(invalid(
+                    "storage.fill_retries",
+                    format!("{n} is not between 0 and 100"),
+                ))
+            }
+        };
 
         let raw_upstreams = raw.upstreams.unwrap_or_else(|| {
             vec![RawUpstream {
@@ -235,7 +263,12 @@ impl Config {
 
         Ok(Config {
             server: ServerConfig { listen },
-            storage: StorageConfig { path, max_size },
+            storage: StorageConfig {
+                path,
+                max_size,
+                max_concurrent_fills,
+                fill_retries,
+            },
             upstreams,
         })
     }
@@ -334,6 +367,8 @@ mod tests {
         assert_eq!(c.server.listen.to_string(), "0.0.0.0:5000");
         assert_eq!(c.storage.path, PathBuf::from("data"));
         assert_eq!(c.storage.max_size, 20 << 30);
+        assert_eq!(c.storage.max_concurrent_fills, 16);
+        assert_eq!(c.storage.fill_retries, 5);
         assert_eq!(c.upstreams.len(), 1);
         assert_eq!(c.upstreams[0].host, "docker.io");
         assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
@@ -356,6 +391,8 @@ mod tests {
             [storage]
             path = "/var/cache/stowage"
             max_size = "40MiB"
+            max_concurrent_fills = 4
+            fill_retries = 2
             [[upstreams]]
             host = "docker.io"
             url = "http://127.0.0.1:9000"
@@ -368,6 +405,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.storage.max_size, 40 << 20);
+        assert_eq!(
+            (c.storage.max_concurrent_fills, c.storage.fill_retries),
+            (4, 2)
+        );
         assert_eq!(c.upstreams[1].host, "ghcr.io");
         assert_eq!(c.upstreams[0].username.as_deref(), Some("u"));
     }
@@ -385,6 +426,8 @@ mod tests {
         let e = err("[storage]\npath = 5");
         assert!(e.contains("path"), "{e}");
         assert!(err("upstreams = []").contains("upstreams"));
+        assert!(err("[storage]\nmax_concurrent_fills = 0").contains("storage.max_concurrent_fills"));
+        assert!(err("[storage]\nfill_retries = -1").contains("storage.fill_retries"));
         let dup = "[[upstreams]]\nhost=\"a.io\"\nurl=\"http://x\"\n[[upstreams]]\nhost=\"a.io\"\nurl=\"http://y\"";
         assert!(err(dup).contains("upstreams[1].host"));
     }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
-pub use fill::{BlobBody, BlobSource, ByteStream, Fill, FillMap};
+pub use fill::{BlobBody, BlobSource, ByteStream, Fill, FillMap, FillPolicy};
 pub use index::{BlobMeta, Index, IndexError, RepoEntry, StoredManifest, TagEntry};
 
 /// Local store failures. Clients see them as `500 UNKNOWN`; the log has the detail.
@@ -55,6 +55,9 @@ pub struct Cache {
     root: PathBuf,
     index: Index,
     fills: FillMap,
+    fill_policy: FillPolicy,
+    /// One permit per fill allowed to run at once.
+    fill_slots: Arc<tokio::sync::Semaphore>,
     manifests: moka::sync::Cache<Digest, Arc<StoredManifest>>,
 }
 
@@ -79,8 +82,19 @@ impl Cache {
             root: root.to_owned(),
             index,
             fills: Arc::default(),
+            fill_policy: FillPolicy::default(),
+            fill_slots: Arc::new(tokio::sync::Semaphore::new(
+                FillPolicy::default().max_concurrent,
+            )),
             manifests,
         })
+    }
+
+    /// Sets how fills retry and how many run at once (before any fill starts).
+    pub fn with_fill_policy(mut self, policy: FillPolicy) -> Cache {
+        self.fill_slots = Arc::new(tokio::sync::Semaphore::new(policy.max_concurrent.max(1)));
+        self.fill_policy = policy;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -130,6 +144,7 @@ impl Cache {
     ) -> Result<(Arc<Fill>, bool), CacheError> {
         let mut map = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = map.get(digest) {
+            tracing::debug!(%digest, written = f.state().written, "joined fill in flight");
             return Ok((f.clone(), true));
         }
         let tmp_path = self.root.join("tmp").join(format!(
@@ -144,12 +159,16 @@ impl Cache {
             .map_err(io_at(&tmp_path))?;
         let fill = Fill::start(
             digest.clone(),
-            tmp_path,
-            self.blob_path(digest),
-            file,
             make_source(),
-            self.index.clone(),
-            self.fills.clone(),
+            fill::FillContext {
+                tmp_path,
+                final_path: self.blob_path(digest),
+                file,
+                index: self.index.clone(),
+                fills: self.fills.clone(),
+                policy: self.fill_policy.clone(),
+                slots: self.fill_slots.clone(),
+            },
         );
         map.insert(digest.clone(), fill.clone());
         Ok((fill, false))
