@@ -310,7 +310,7 @@ fn breaks_stalls_and_5xx_midway_are_resumed_with_range() {
         ],
     );
     // A short idle timeout so the stall is noticed quickly; generous enough for a busy machine.
-    let stowage = stowage(&fake.url(), "read_timeout = \"3s\"", "");
+    let stowage = stowage(&fake.url(), "read_timeout = \"5s\"", "");
     let url = blob_url(&stowage, &digest);
 
     let first = Reader::start(&url, &[], true, None);
