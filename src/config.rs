@@ -78,6 +78,10 @@ pub struct StorageConfig {
     /// `stowage gc` removes tags and manifests not used for this long, and blobs no manifest
     /// references that were not used for this long.
     pub gc_max_age: Duration,
+    /// Blob fills (upstream downloads) running at once; further misses wait for a slot.
+    pub max_concurrent_fills: usize,
+    /// Consecutive failed resume attempts tolerated per fill before its clients are aborted.
+    pub fill_retries: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -192,6 +196,8 @@ struct RawStorage {
     low_watermark: Option<f64>,
     access_flush_interval: Option<String>,
     gc_max_age: Option<String>,
+    max_concurrent_fills: Option<i64>,
+    fill_retries: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -222,6 +228,8 @@ pub const DEFAULT_MAX_HEADER_SIZE: &str = "64KiB";
 pub const DEFAULT_MAX_URI_LENGTH: &str = "8KiB";
 /// The endpoints that may be left open when auth is on.
 pub const OPERATIONAL_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+pub const DEFAULT_MAX_CONCURRENT_FILLS: usize = 16;
+pub const DEFAULT_FILL_RETRIES: u32 = 5;
 
 impl Config {
     /// Loads the configuration the way `stowage serve` does: `path` if given, else `./config.toml`
@@ -295,6 +303,26 @@ impl Config {
         }
         let size_text = raw.storage.max_size.as_deref().unwrap_or(DEFAULT_MAX_SIZE);
         let max_size = parse_byte_size(size_text).map_err(|m| invalid("storage.max_size", m))?;
+        let max_concurrent_fills = match raw.storage.max_concurrent_fills {
+            None => DEFAULT_MAX_CONCURRENT_FILLS,
+            Some(n) if (1..=4096).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    "storage.max_concurrent_fills",
+                    format!("{n} is not between 1 and 4096"),
+                ))
+            }
+        };
+        let fill_retries = match raw.storage.fill_retries {
+            None => DEFAULT_FILL_RETRIES,
+            Some(n) if (0..=100).contains(&n) => n as u32,
+            Some(n) => {
+                return Err(invalid(
+                    "storage.fill_retries",
+                    format!("{n} is not between 0 and 100"),
+                ))
+            }
+        };
 
         let high_watermark = raw.storage.high_watermark.unwrap_or(0.95);
         let low_watermark = raw.storage.low_watermark.unwrap_or(0.85);
@@ -480,6 +508,8 @@ impl Config {
                 low_watermark,
                 access_flush_interval,
                 gc_max_age,
+                max_concurrent_fills,
+                fill_retries,
             },
             upstreams,
             auth: auth_config(raw.auth)?,
@@ -686,6 +716,8 @@ mod tests {
         assert_eq!(c.storage.high_watermark, 0.95);
         assert_eq!(c.storage.low_watermark, 0.85);
         assert_eq!(c.storage.gc_max_age, Duration::from_secs(30 * 86400));
+        assert_eq!(c.storage.max_concurrent_fills, 16);
+        assert_eq!(c.storage.fill_retries, 5);
         assert_eq!(c.upstreams.len(), 1);
         assert_eq!(c.upstreams[0].host, "docker.io");
         assert_eq!(c.upstreams[0].url.as_str(), "https://registry-1.docker.io/");
@@ -708,6 +740,8 @@ mod tests {
             [storage]
             path = "/var/cache/stowage"
             max_size = "40MiB"
+            max_concurrent_fills = 4
+            fill_retries = 2
             [[upstreams]]
             host = "docker.io"
             url = "http://127.0.0.1:9000"
@@ -721,6 +755,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.storage.max_size, 40 << 20);
         assert_eq!(c.server.metrics_listen, None);
+        assert_eq!(
+            (c.storage.max_concurrent_fills, c.storage.fill_retries),
+            (4, 2)
+        );
         assert_eq!(c.upstreams[1].host, "ghcr.io");
         assert_eq!(c.upstreams[0].username.as_deref(), Some("u"));
     }
@@ -751,6 +789,8 @@ mod tests {
         assert!(err("[storage]\ngc_max_age = \"soon\"").contains("storage.gc_max_age"));
         assert!(err("[storage]\naccess_flush_interval = \"0s\"")
             .contains("storage.access_flush_interval"));
+        assert!(err("[storage]\nmax_concurrent_fills = 0").contains("storage.max_concurrent_fills"));
+        assert!(err("[storage]\nfill_retries = -1").contains("storage.fill_retries"));
         let dup = "[[upstreams]]\nhost=\"a.io\"\nurl=\"http://x\"\n[[upstreams]]\nhost=\"a.io\"\nurl=\"http://y\"";
         assert!(err(dup).contains("upstreams[1].host"));
     }

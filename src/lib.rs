@@ -12,8 +12,8 @@
 //!   errors name the key.
 //! - [`oci`] — protocol vocabulary, pure and unit-tested: [`oci::Digest`], [`oci::RepoName`],
 //!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body.
-//! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), the one
-//!   place errors become responses, per-request observability (request id, request metrics,
+//! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), blob
+//!   `Range` parsing (`http::range`, 206/416), the one place errors become responses, per-request observability (request id, request metrics,
 //!   cache hit / miss counters, the log line), `/metrics`, `/healthz`, `/readyz`, `/v1/search`,
 //!   graceful shutdown; htpasswd client auth (`http::auth`); under the router the connection
 //!   layer (`http::listener`: hyper-util accept loop, connection/header/URI limits, slow-loris
@@ -32,7 +32,8 @@
 //!   followed by hand so that credentials never leave the registry's origin, manifest
 //!   verification, the latest Docker Hub rate-limit headers.
 //! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, fills in `tmp/`
-//!   owned by the cache and shared by every reader (single flight), the sled [`cache::index`]
+//!   owned by the cache and shared by every reader (single flight), resumed with `Range` when the
+//!   upstream breaks ([`cache::fill`]), the sled [`cache::index`]
 //!   (tag records with their variants; check times batched in memory), hot manifests in moka,
 //!   and the lifecycle in [`cache::budget`]: the byte budget, LRU order and eviction (fills
 //!   reserve their size first; leased, pinned and filling blobs are skipped), recency flushed to
@@ -44,7 +45,8 @@
 //! operator commands `pin|unpin|ls|verify|gc [--config PATH]`. `serve` also runs the optional
 //! `server.metrics_listen` listener, sets the cache gauges at startup, owns the housekeeping task
 //! (recency flush, deferred eviction), and reloads the TLS certificate and the htpasswd file on
-//! SIGHUP.
+//! SIGHUP. `src/bin/stowage-bench.rs` is the benchmark command (stowage vs distribution's proxy;
+//! results in `BENCHMARKS.md`).
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, and an

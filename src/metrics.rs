@@ -46,7 +46,7 @@ pub struct Metrics {
     pub cache_misses: IntCounterVec,
     pub fill_joins: IntCounter,
     pub fills_in_flight: IntGauge,
-    /// Wired by issue 3 (fill resume): `metrics().fill_resumes.inc()` per `Range` reopen.
+    /// One per resume attempt of a broken upstream transfer (`cache::fill`).
     pub fill_resumes: IntCounter,
     pub fill_failures: IntCounterVec,
     pub served_bytes: IntCounterVec,
@@ -57,9 +57,9 @@ pub struct Metrics {
     pub cache_size_bytes: IntGauge,
     pub cache_budget_bytes: IntGauge,
     pub cache_blobs: IntGauge,
-    /// Wired by issue 5 (eviction), through [`Metrics::blob_evicted`].
+    /// Counted by `cache::budget`'s eviction, through [`Metrics::blob_evicted`].
     pub evictions: IntCounter,
-    /// Wired by issue 5 (eviction), through [`Metrics::blob_evicted`].
+    /// Counted by `cache::budget`'s eviction, through [`Metrics::blob_evicted`].
     pub evicted_bytes: IntCounter,
 }
 

@@ -20,7 +20,9 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::cache::index::{unix_now_ms, TagVariant};
-use crate::cache::{BlobBody, BlobSource, Cache, CachedBlob, Fill, StoredManifest, TagEntry};
+use crate::cache::{
+    BlobBody, BlobSource, Cache, CachedBlob, Fill, FillPolicy, StoredManifest, TagEntry,
+};
 use crate::config::Config;
 use crate::oci::media::{self, Accept};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
@@ -184,12 +186,20 @@ impl BlobSource for UpstreamSource {
                 .map_err(|e| e.to_registry_error(ErrorCode::BlobUnknown))
         })
     }
+
+    fn idle_timeout(&self) -> Option<std::time::Duration> {
+        Some(self.upstream.config.read_timeout)
+    }
 }
 
 impl Mirror {
     /// Opens the cache and builds the upstream clients.
     pub fn new(config: Config) -> Result<Mirror, crate::Error> {
-        let cache = Cache::open(&config.storage)?;
+        let cache = Cache::open(&config.storage)?.with_fill_policy(FillPolicy {
+            max_concurrent: config.storage.max_concurrent_fills,
+            retries: config.storage.fill_retries,
+            ..FillPolicy::default()
+        });
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for u in &config.upstreams {
             upstreams.push(Arc::new(Upstream::new(u.clone()).map_err(|e| {

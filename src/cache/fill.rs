@@ -1,26 +1,38 @@
 //! Blob fills: a cache miss becomes a task owned by the cache, not by the request.
 //!
 //! The fill writes `tmp/<hex>.<rand>.partial`, hashes as it writes, and publishes how many bytes
-//! are durably in the file through a `watch` channel. Every reader — the client that caused the
-//! fill and any that join it later — tails the partial file up to the published length, so all of
-//! them stream bytes as they arrive, and a client hanging up does not touch the fill. On success
-//! (size and sha256 match) the file is fsynced, renamed into `blobs/` and indexed; on failure it is
-//! deleted and every reader's stream ends in an error, which aborts its connection — a client
-//! never sees a clean end to a wrong or truncated body.
+//! are in the file through a `watch` channel. Every reader — the client that caused the fill and
+//! any that join it later, whole-blob or ranged — tails the partial file up to the published
+//! length, so all of them stream bytes as they arrive, and a client hanging up does not touch the
+//! fill: it always runs to completion (there is no abandon switch; [`FillPolicy`] bounds how many
+//! run at once and how long a broken upstream is retried). On success (size and sha256 match) the
+//! file is fsynced, renamed into `blobs/` and indexed; on failure it is deleted and every reader's
+//! stream ends in an error, which aborts its connection. A reader never receives its last byte
+//! before the fill is committed, so a client never sees a clean end to a wrong or truncated body.
 //!
-//! The upstream side is a [`BlobSource`] that can be opened at an offset.
+//! The upstream side is a [`BlobSource`] that can be opened at an offset. When the upstream
+//! breaks, stalls longer than the source's idle timeout, or answers 5xx midway, the fill opens it
+//! again at the number of bytes it holds (`Range: bytes=<written>-`), with bounded retries and
+//! exponential backoff; the hash simply continues. If the source ignores the offset and starts
+//! from zero (a `200` to a ranged request), the fill re-reads the prefix it already has without
+//! writing it, checks that it hashes the same as what readers were given, and carries on: the
+//! published length never goes backwards and no reader sees a byte twice.
+//!
+//! Bytes are written in batches (up to [`FLUSH_AT`], or whatever has arrived when the upstream
+//! pauses) by a blocking task that also hashes them, so the runtime threads do neither.
 
 use std::collections::HashMap;
-use std::io::SeekFrom;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::BoxFuture;
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::{watch, Semaphore};
 
 use super::index::{unix_now, BlobMeta, Index};
 use crate::oci::{Digest, ErrorCode, RegistryError};
@@ -39,14 +51,45 @@ pub struct BlobBody {
 
 /// Where a fill gets its bytes (an upstream registry, in practice).
 pub trait BlobSource: Send + Sync + 'static {
-    /// Opens the blob at `offset`.
+    /// Opens the blob at `offset`. A source that cannot honour the offset may answer from 0
+    /// (`start == 0`); the fill copes.
     fn open(&self, offset: u64) -> BoxFuture<'_, Result<BlobBody, RegistryError>>;
+
+    /// The longest silence tolerated mid-body before the fill gives up on this connection and
+    /// resumes. `None`: rely on the source's own timeouts.
+    fn idle_timeout(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// How fills cope with a flaky upstream, and how many run at once.
+#[derive(Clone, Debug)]
+pub struct FillPolicy {
+    /// Fills running at once; more wait (their clients see no headers yet) for a free slot.
+    pub max_concurrent: usize,
+    /// Consecutive failed attempts tolerated after the source first answered; an attempt that
+    /// delivered bytes resets the count.
+    pub retries: u32,
+    /// Pause before the first retry; doubles each time, up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for FillPolicy {
+    fn default() -> FillPolicy {
+        FillPolicy {
+            max_concurrent: 16,
+            retries: 5,
+            backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(8),
+        }
+    }
 }
 
 /// How far a fill has got.
 #[derive(Clone, Debug)]
 pub enum Phase {
-    /// Waiting for the source to answer.
+    /// Waiting for a fill slot or for the source to answer.
     Starting,
     /// Bytes are arriving; `total` is known if the source said.
     Streaming,
@@ -60,7 +103,7 @@ pub enum Phase {
 #[derive(Clone, Debug)]
 pub struct FillState {
     pub total: Option<u64>,
-    /// Bytes written to the partial file and readable by other file handles.
+    /// Bytes written to the partial file and readable by other file handles. Never decreases.
     pub written: u64,
     pub phase: Phase,
 }
@@ -78,17 +121,23 @@ pub type FillMap = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
 
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Bytes gathered before a write to the partial file (earlier if the upstream pauses).
+pub const FLUSH_AT: usize = 256 * 1024;
+
+/// What a fill needs besides its source: where it writes and what it updates.
+pub(super) struct FillContext {
+    pub tmp_path: PathBuf,
+    pub final_path: PathBuf,
+    pub file: std::fs::File,
+    pub index: Index,
+    pub fills: FillMap,
+    pub policy: FillPolicy,
+    pub slots: Arc<Semaphore>,
+}
+
 impl Fill {
     /// Starts a fill of `digest` from `source`, as a task of its own.
-    pub(super) fn start(
-        digest: Digest,
-        tmp_path: PathBuf,
-        final_path: PathBuf,
-        file: std::fs::File,
-        source: Box<dyn BlobSource>,
-        index: Index,
-        fills: FillMap,
-    ) -> Arc<Fill> {
+    pub(super) fn start(digest: Digest, source: Box<dyn BlobSource>, cx: FillContext) -> Arc<Fill> {
         let (tx, rx) = watch::channel(FillState {
             total: None,
             written: 0,
@@ -96,23 +145,15 @@ impl Fill {
         });
         let fill = Arc::new(Fill {
             digest: digest.clone(),
-            tmp_path: tmp_path.clone(),
-            final_path: final_path.clone(),
+            tmp_path: cx.tmp_path.clone(),
+            final_path: cx.final_path.clone(),
             state: rx,
         });
         crate::metrics::metrics().fills_in_flight.inc();
         tokio::spawn(async move {
-            let file = tokio::fs::File::from_std(file);
-            let outcome = run(
-                &digest,
-                file,
-                &tmp_path,
-                &final_path,
-                source.as_ref(),
-                &index,
-                &tx,
-            )
-            .await;
+            let tmp_path = cx.tmp_path.clone();
+            let fills = cx.fills.clone();
+            let outcome = run(&digest, source.as_ref(), cx, &tx).await;
             // Leave the single-flight map before publishing the end, so that a request arriving
             // after a failure starts afresh and one arriving after success finds the file.
             {
@@ -128,7 +169,7 @@ impl Fill {
                             tracing::warn!(%digest, error = %rm, "could not remove partial file");
                         }
                     }
-                    tracing::warn!(%digest, error = %e, "blob fill failed");
+                    tracing::warn!(%digest, error = %e, "blob fill failed; readers aborted");
                     crate::metrics::metrics().fill_failed(&e);
                     tx.send_modify(|s| s.phase = Phase::Failed(e));
                 }
@@ -161,15 +202,26 @@ impl Fill {
         }
     }
 
-    /// Streams the blob's bytes as they arrive. The stream ends with an error if the fill fails.
+    /// Streams the whole blob as it arrives. The stream ends with an error if the fill fails.
     pub fn reader(self: &Arc<Fill>) -> ByteStream {
-        let file =
-            std::fs::File::open(&self.tmp_path).or_else(|_| std::fs::File::open(&self.final_path));
+        self.reader_range(0, None)
+    }
+
+    /// Streams bytes `start..end` (`end` exclusive; `None`: to the end of the blob) as they
+    /// arrive. The last byte is held back until the fill is committed.
+    pub fn reader_range(self: &Arc<Fill>, start: u64, end: Option<u64>) -> ByteStream {
+        let file = std::fs::File::open(&self.tmp_path)
+            .or_else(|_| std::fs::File::open(&self.final_path))
+            .and_then(|mut f| {
+                f.seek(SeekFrom::Start(start))?;
+                Ok(f)
+            });
         let state = ReaderState {
             fill: self.clone(),
             rx: self.state.clone(),
             file: file.map(tokio::fs::File::from_std),
-            pos: 0,
+            pos: start,
+            end,
             done: false,
         };
         Box::pin(futures_util::stream::unfold(state, |mut st| async move {
@@ -201,26 +253,38 @@ struct ReaderState {
     rx: watch::Receiver<FillState>,
     file: std::io::Result<tokio::fs::File>,
     pos: u64,
+    /// Exclusive end of the range, if the reader wants less than the whole blob.
+    end: Option<u64>,
     done: bool,
 }
 
 impl ReaderState {
+    /// How far this reader may read now. Until the blob is verified, hold back the reader's last
+    /// byte (the range's, or the blob's; if the size is unknown, the last byte written): a client
+    /// must never receive a complete body that could still turn out wrong. If the fill fails, the
+    /// response ends short and the connection is aborted.
+    fn readable(end: Option<u64>, s: &FillState) -> u64 {
+        let committed = matches!(s.phase, Phase::Committed);
+        let limit = end.or(s.total);
+        match (committed, limit) {
+            (true, Some(l)) => s.written.min(l),
+            (true, None) => s.written,
+            (false, Some(l)) => s.written.min(l.saturating_sub(1)),
+            (false, None) => s.written.saturating_sub(1),
+        }
+    }
+
     async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
         loop {
-            let (written, total, phase) = {
+            let (readable, committed) = {
                 let s = self.rx.borrow_and_update();
-                (s.written, s.total, s.phase.clone())
-            };
-            if let Phase::Failed(e) = phase {
-                return Err(std::io::Error::other(e.to_string()));
-            }
-            // Until the blob is verified, hold back its last byte: a client must never receive a
-            // complete body that could still turn out wrong. If the fill fails, the response
-            // ends short and the connection is aborted.
-            let readable = match (&phase, total) {
-                (Phase::Committed, _) => written,
-                (_, Some(t)) => written.min(t.saturating_sub(1)),
-                (_, None) => written,
+                if let Phase::Failed(e) = &s.phase {
+                    return Err(std::io::Error::other(e.to_string()));
+                }
+                (
+                    Self::readable(self.end, &s),
+                    matches!(s.phase, Phase::Committed),
+                )
             };
             if self.pos < readable {
                 let file = self
@@ -240,14 +304,16 @@ impl ReaderState {
                 self.pos += n as u64;
                 return Ok(Some(buf.freeze()));
             }
-            if matches!(phase, Phase::Committed) {
+            if committed {
                 return Ok(None);
             }
             if self.rx.changed().await.is_err() {
                 // The fill task ended; its last state is final.
                 let s = self.rx.borrow().clone();
                 match s.phase {
-                    Phase::Committed if self.pos >= s.written => return Ok(None),
+                    Phase::Committed if self.pos >= Self::readable(self.end, &s) => {
+                        return Ok(None)
+                    }
                     Phase::Committed => continue,
                     _ => {
                         return Err(std::io::Error::other(
@@ -260,77 +326,225 @@ impl ReaderState {
     }
 }
 
+/// The partial file and its hash, written in batches off the runtime threads.
+struct Sink {
+    file: Option<std::fs::File>,
+    hasher: Option<Sha256>,
+    pending: BytesMut,
+    /// Bytes in the file (and in the hasher), as published.
+    written: u64,
+}
+
+impl Sink {
+    fn hasher(&self) -> Sha256 {
+        self.hasher.clone().unwrap_or_default()
+    }
+
+    /// Writes and hashes what is pending, then publishes the new length.
+    async fn flush(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let buf = self.pending.split().freeze();
+        let (Some(mut file), Some(mut hasher)) = (self.file.take(), self.hasher.take()) else {
+            return Err(std::io::Error::other(
+                "partial file lost after an earlier error",
+            ));
+        };
+        let (file, hasher, result) = tokio::task::spawn_blocking(move || {
+            let r = file.write_all(&buf);
+            if r.is_ok() {
+                hasher.update(&buf);
+            }
+            (file, hasher, r.map(|()| buf.len() as u64))
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        self.file = Some(file);
+        self.hasher = Some(hasher);
+        self.written += result?;
+        let written = self.written;
+        tx.send_modify(|s| s.written = written);
+        Ok(())
+    }
+}
+
+/// While a source that ignored a Range re-sends the prefix the fill already holds: the prefix is
+/// hashed again (not written) and must hash like the bytes already in the file.
+struct Replay {
+    /// The prefix length (the file's length when the source restarted).
+    upto: u64,
+    /// Hasher state over the file's prefix, restored if this attempt breaks.
+    held: Sha256,
+    fresh: Sha256,
+    /// Bytes of the prefix re-read so far.
+    seen: u64,
+}
+
+/// Why one attempt at reading the source ended.
+enum AttemptEnd {
+    /// The source ended its body.
+    Eof,
+    /// The connection broke or went quiet: resume.
+    Broken(String),
+    /// Give up (disk error, too many bytes, a different prefix).
+    Fatal(RegistryError),
+}
+
+fn unavailable(msg: String) -> RegistryError {
+    RegistryError::new(ErrorCode::Unavailable, msg)
+}
+
+/// Whether a failed `open` is worth retrying (connection trouble, 5xx, 429).
+fn retryable(e: &RegistryError) -> bool {
+    let s = e.status();
+    s >= 500 || s == 429
+}
+
 async fn run(
     digest: &Digest,
-    mut file: tokio::fs::File,
-    tmp_path: &std::path::Path,
-    final_path: &std::path::Path,
     source: &dyn BlobSource,
-    index: &Index,
+    cx: FillContext,
     tx: &watch::Sender<FillState>,
 ) -> Result<(), RegistryError> {
-    let body = source.open(0).await?;
-    if body.start != 0 {
-        return Err(RegistryError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "source answered from offset {} when asked for 0",
-                body.start
-            ),
-        ));
-    }
-    let total = body.total;
-    tx.send_modify(|s| {
-        s.total = total;
-        s.phase = Phase::Streaming;
-    });
-    let mut stream = body.stream;
-    let mut hasher = Sha256::new();
-    let mut written: u64 = 0;
-    let io_err = |what: &str, e: std::io::Error| {
-        RegistryError::new(ErrorCode::Unavailable, format!("{what} {digest}: {e}"))
+    let _slot = cx
+        .slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| unavailable("fills are shutting down".into()))?;
+    let policy = &cx.policy;
+    let idle = source.idle_timeout();
+    let mut sink = Sink {
+        file: Some(cx.file),
+        hasher: Some(Sha256::new()),
+        pending: BytesMut::new(),
+        written: 0,
     };
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| io_err("reading", e))?;
-        if let Some(t) = total {
-            if written + chunk.len() as u64 > t {
-                return Err(RegistryError::new(
-                    ErrorCode::Unavailable,
-                    format!("upstream sent more than the {t} bytes of {digest}"),
-                ));
+    let mut total: Option<u64> = None;
+    let mut answered = false;
+    let mut failures: u32 = 0;
+    loop {
+        let offset = sink.written;
+        let failure = match source.open(offset).await {
+            Err(e) if !answered || !retryable(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(%digest, offset, error = %e, "upstream refused the resume");
+                (e.to_string(), e.retry_after)
             }
+            Ok(body) => {
+                if let (Some(t), Some(b)) = (total, body.total) {
+                    if t != b {
+                        return Err(unavailable(format!(
+                            "upstream changed the size of {digest} from {t} to {b} bytes"
+                        )));
+                    }
+                }
+                total = total.or(body.total);
+                if !answered {
+                    answered = true;
+                    tracing::info!(%digest, size = ?total, "fill started");
+                    tx.send_modify(|s| {
+                        s.total = total;
+                        s.phase = Phase::Streaming;
+                    });
+                } else {
+                    tracing::info!(%digest, offset, from = body.start, "fill resumed");
+                }
+                let mut replay = None;
+                let before = (sink.written, body.start);
+                if body.start == offset {
+                    // The normal case, and every resume the source honoured.
+                } else if body.start == 0 {
+                    tracing::warn!(%digest, offset, "upstream ignored the range; re-reading from 0");
+                    replay = Some(Replay {
+                        upto: offset,
+                        held: sink.hasher(),
+                        fresh: Sha256::new(),
+                        seen: 0,
+                    });
+                } else {
+                    return Err(unavailable(format!(
+                        "upstream answered {digest} from offset {} when asked for {offset}",
+                        body.start
+                    )));
+                }
+                let end = pump(body.stream, &mut sink, &mut replay, total, idle, digest, tx).await;
+                let progressed =
+                    sink.written > before.0 || replay.as_ref().is_some_and(|r| r.seen > 0);
+                if let Some(r) = replay.take() {
+                    // Broke while re-reading the prefix: the file and its hash are as before.
+                    sink.hasher = Some(r.held);
+                }
+                match end {
+                    AttemptEnd::Fatal(e) => return Err(e),
+                    AttemptEnd::Eof if total.is_none_or(|t| sink.written >= t) => break,
+                    AttemptEnd::Eof => {
+                        let msg = format!(
+                            "upstream ended {digest} after {} of {} bytes",
+                            sink.written,
+                            total.unwrap_or(0)
+                        );
+                        if progressed {
+                            failures = 0;
+                        }
+                        (msg, None)
+                    }
+                    AttemptEnd::Broken(msg) => {
+                        if progressed {
+                            failures = 0;
+                        }
+                        (msg, None)
+                    }
+                }
+            }
+        };
+        failures += 1;
+        let (msg, retry_after) = failure;
+        if failures > policy.retries {
+            return Err(unavailable(format!(
+                "giving up on {digest} after {} failed attempts at offset {}: {msg}",
+                failures, sink.written
+            )));
         }
-        file.write_all(&chunk)
-            .await
-            .map_err(|e| io_err("writing", e))?;
-        // Flush so the bytes are in the file (readable through other handles) before publishing.
-        file.flush().await.map_err(|e| io_err("writing", e))?;
-        hasher.update(&chunk);
-        written += chunk.len() as u64;
-        tx.send_modify(|s| s.written = written);
+        let pause = policy
+            .backoff
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(policy.max_backoff)
+            .max(Duration::from_secs(retry_after.unwrap_or(0).min(30)));
+        tracing::warn!(%digest, offset = sink.written, attempt = failures, error = %msg, pause_ms = pause.as_millis() as u64, "upstream transfer broke; resuming");
+        crate::metrics::metrics().fill_resumes.inc();
+        tokio::time::sleep(pause).await;
     }
+
+    let written = sink.written;
     if let Some(t) = total {
         if written != t {
-            return Err(RegistryError::new(
-                ErrorCode::Unavailable,
-                format!("upstream ended {digest} after {written} of {t} bytes"),
-            ));
+            return Err(unavailable(format!(
+                "upstream ended {digest} after {written} of {t} bytes"
+            )));
         }
     }
-    let actual = Digest::from_hasher(hasher);
+    let actual = Digest::from_hasher(sink.hasher());
     if actual != *digest {
         tracing::error!(expected = %digest, actual = %actual, bytes = written, "upstream sent wrong bytes for blob; discarded");
-        return Err(RegistryError::new(
-            ErrorCode::Unavailable,
-            format!("upstream bytes for {digest} hash to {actual}; discarded"),
-        ));
+        return Err(unavailable(format!(
+            "upstream bytes for {digest} hash to {actual}; discarded"
+        )));
     }
-    file.sync_all().await.map_err(|e| io_err("syncing", e))?;
-    drop(file);
-    commit(tmp_path, final_path)
+    let io_err = |what: &str, e: std::io::Error| unavailable(format!("{what} {digest}: {e}"));
+    let file = sink
+        .file
+        .take()
+        .ok_or_else(|| unavailable(format!("partial file of {digest} lost")))?;
+    tokio::task::spawn_blocking(move || file.sync_all())
+        .await
+        .map_err(|e| io_err("syncing", std::io::Error::other(e)))?
+        .map_err(|e| io_err("syncing", e))?;
+    commit(&cx.tmp_path, &cx.final_path)
         .await
         .map_err(|e| io_err("committing", e))?;
-    index
+    cx.index
         .put_blob(
             digest,
             &BlobMeta {
@@ -340,10 +554,100 @@ async fn run(
         )
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     crate::metrics::metrics().blob_committed(written);
-    index.durable().await;
+    cx.index.durable().await;
     tx.send_modify(|s| s.total = Some(written));
-    tracing::debug!(%digest, bytes = written, "blob committed");
+    tracing::info!(%digest, bytes = written, "blob committed");
     Ok(())
+}
+
+/// Copies one source body into the sink until it ends, breaks or goes quiet.
+async fn pump(
+    mut stream: ByteStream,
+    sink: &mut Sink,
+    replay: &mut Option<Replay>,
+    total: Option<u64>,
+    idle: Option<Duration>,
+    digest: &Digest,
+    tx: &watch::Sender<FillState>,
+) -> AttemptEnd {
+    let disk = |e: std::io::Error| {
+        AttemptEnd::Fatal(unavailable(format!(
+            "writing the partial file of {digest}: {e}"
+        )))
+    };
+    loop {
+        // Take what is ready without waiting; when the upstream pauses, write what we have so
+        // readers get it promptly, then wait (bounded by the idle timeout).
+        let next = match stream.next().now_or_never() {
+            Some(item) => item,
+            None => {
+                if let Err(e) = sink.flush(tx).await {
+                    return disk(e);
+                }
+                match idle {
+                    Some(d) => match tokio::time::timeout(d, stream.next()).await {
+                        Ok(item) => item,
+                        Err(_) => {
+                            return AttemptEnd::Broken(format!("no bytes from upstream for {d:?}"))
+                        }
+                    },
+                    None => stream.next().await,
+                }
+            }
+        };
+        let mut chunk = match next {
+            None => {
+                if let Err(e) = sink.flush(tx).await {
+                    return disk(e);
+                }
+                return if replay.is_some() {
+                    AttemptEnd::Broken("upstream ended while re-sending the prefix".into())
+                } else {
+                    AttemptEnd::Eof
+                };
+            }
+            Some(Err(e)) => {
+                if let Err(e) = sink.flush(tx).await {
+                    return disk(e);
+                }
+                return AttemptEnd::Broken(e.to_string());
+            }
+            Some(Ok(c)) => c,
+        };
+        if let Some(r) = replay.as_mut() {
+            let take = (r.upto - r.seen).min(chunk.len() as u64) as usize;
+            r.fresh.update(&chunk[..take]);
+            r.seen += take as u64;
+            chunk = chunk.slice(take..);
+            if r.seen == r.upto {
+                if r.fresh.clone().finalize() != r.held.clone().finalize() {
+                    return AttemptEnd::Fatal(unavailable(format!(
+                        "upstream re-sent the first {} bytes of {digest} differently",
+                        r.upto
+                    )));
+                }
+                sink.hasher = Some(r.fresh.clone());
+                *replay = None;
+            }
+        }
+        if chunk.is_empty() {
+            continue;
+        }
+        let have = sink.written + sink.pending.len() as u64;
+        if let Some(t) = total {
+            if have + chunk.len() as u64 > t {
+                return AttemptEnd::Fatal(unavailable(format!(
+                    "upstream sent more than the {t} bytes of {digest}"
+                )));
+            }
+        }
+        sink.pending.extend_from_slice(&chunk);
+        if sink.pending.len() >= FLUSH_AT {
+            if let Err(e) = sink.flush(tx).await {
+                return disk(e);
+            }
+        }
+    }
 }
 
 /// Atomically moves a verified temp file into the content store and makes the rename durable.
@@ -391,4 +695,219 @@ pub fn file_stream(file: std::fs::File, offset: u64, len: u64) -> ByteStream {
             }
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use super::*;
+    use crate::cache::Cache;
+
+    /// What one `open` of the scripted source does.
+    #[derive(Clone, Copy, Debug)]
+    enum Step {
+        /// Serve from the offset asked for, breaking off at this absolute offset.
+        CutAt(u64),
+        /// Answer from 0 whatever was asked (a 200 to a Range).
+        IgnoreOffset,
+        /// Answer from 0 whatever was asked, breaking off at this offset.
+        IgnoreOffsetCutAt(u64),
+        /// Refuse with this HTTP status.
+        Status(u16),
+    }
+
+    struct Script {
+        data: Bytes,
+        plan: Mutex<VecDeque<Step>>,
+        opens: Arc<Mutex<Vec<u64>>>,
+    }
+
+    impl BlobSource for Script {
+        fn open(&self, offset: u64) -> BoxFuture<'_, Result<BlobBody, RegistryError>> {
+            Box::pin(async move {
+                self.opens.lock().unwrap().push(offset);
+                let step = self.plan.lock().unwrap().pop_front();
+                let len = self.data.len() as u64;
+                let (start, stop, broken) = match step {
+                    None => (offset, len, false),
+                    Some(Step::CutAt(n)) => (offset, n, true),
+                    Some(Step::IgnoreOffset) => (0, len, false),
+                    Some(Step::IgnoreOffsetCutAt(n)) => (0, n, true),
+                    Some(Step::Status(s)) => {
+                        return Err(
+                            RegistryError::new(ErrorCode::Unavailable, "scripted").with_status(s)
+                        )
+                    }
+                };
+                let body = self.data.slice(start as usize..stop as usize);
+                let chunks: Vec<std::io::Result<Bytes>> = body
+                    .chunks(1000)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .chain(broken.then(|| Err(std::io::Error::other("scripted cut"))))
+                    .collect();
+                Ok(BlobBody {
+                    start,
+                    total: Some(len),
+                    stream: Box::pin(futures_util::stream::iter(chunks)),
+                })
+            })
+        }
+    }
+
+    fn data(n: usize) -> Bytes {
+        (0..n)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect::<Vec<u8>>()
+            .into()
+    }
+
+    fn cache(dir: &std::path::Path) -> Cache {
+        let mut storage = crate::config::Config::from_toml("").unwrap().storage;
+        storage.path = dir.to_owned();
+        Cache::open(&storage).unwrap().with_fill_policy(FillPolicy {
+            max_concurrent: 2,
+            retries: 2,
+            backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(5),
+        })
+    }
+
+    /// Fills `bytes` (whose digest is `digest`) through the script; returns what a reader got
+    /// (or its error) and the offsets the source was opened at.
+    async fn fill_with(
+        bytes: &Bytes,
+        digest: &Digest,
+        plan: &[Step],
+    ) -> (Result<Vec<u8>, String>, Vec<u64>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        let opens = Arc::new(Mutex::new(Vec::new()));
+        let script = Script {
+            data: bytes.clone(),
+            plan: Mutex::new(plan.iter().copied().collect()),
+            opens: opens.clone(),
+        };
+        let (fill, joined) = cache.fill(digest, || Box::new(script)).unwrap();
+        assert!(!joined);
+        let mut reader = fill.reader();
+        let mut got = Vec::new();
+        let mut result = Ok(());
+        while let Some(chunk) = reader.next().await {
+            match chunk {
+                Ok(c) => got.extend_from_slice(&c),
+                Err(e) => {
+                    result = Err(e.to_string());
+                    break;
+                }
+            }
+        }
+        let opens = opens.lock().unwrap().clone();
+        (result.map(|()| got), opens, dir)
+    }
+
+    #[tokio::test]
+    async fn breaks_are_resumed_at_the_written_offset() {
+        let bytes = data(1_000_000);
+        let digest = Digest::of(&bytes);
+        let plan = [
+            Step::CutAt(300_000),
+            Step::CutAt(900_000),
+            Step::Status(503),
+        ];
+        let (got, opens, dir) = fill_with(&bytes, &digest, &plan).await;
+        assert_eq!(got.unwrap(), bytes.to_vec());
+        assert_eq!(opens, vec![0, 300_000, 900_000, 900_000]);
+        let cache = cache(dir.path());
+        assert_eq!(cache.open_blob(&digest).unwrap().unwrap().size, 1_000_000);
+    }
+
+    #[tokio::test]
+    async fn a_source_ignoring_the_offset_is_re_read_without_duplicates() {
+        let bytes = data(500_000);
+        let digest = Digest::of(&bytes);
+        let plan = [Step::CutAt(200_000), Step::IgnoreOffset];
+        let (got, opens, _dir) = fill_with(&bytes, &digest, &plan).await;
+        assert_eq!(got.unwrap(), bytes.to_vec());
+        assert_eq!(opens, vec![0, 200_000]);
+        // The restart breaks while re-sending the prefix: resume again from the file's length.
+        let plan = [Step::CutAt(300_000), Step::IgnoreOffsetCutAt(100_000)];
+        let (got, opens, _dir) = fill_with(&bytes, &digest, &plan).await;
+        assert_eq!(got.unwrap(), bytes.to_vec());
+        assert_eq!(opens, vec![0, 300_000, 300_000]);
+        // ... or after it: resume from where the restart got to.
+        let plan = [Step::CutAt(300_000), Step::IgnoreOffsetCutAt(400_000)];
+        let (got, opens, _dir) = fill_with(&bytes, &digest, &plan).await;
+        assert_eq!(got.unwrap(), bytes.to_vec());
+        assert_eq!(opens, vec![0, 300_000, 400_000]);
+    }
+
+    #[tokio::test]
+    async fn retries_are_bounded_and_nothing_is_committed() {
+        let bytes = data(100_000);
+        let digest = Digest::of(&bytes);
+        let plan = [
+            Step::CutAt(10_000),
+            Step::Status(503),
+            Step::Status(502),
+            Step::Status(503),
+        ];
+        let (got, opens, dir) = fill_with(&bytes, &digest, &plan).await;
+        assert!(
+            got.is_err(),
+            "a fill that ran out of retries must abort readers"
+        );
+        // The break, then two retries (policy.retries = 2); the last step is never reached.
+        assert_eq!(opens, vec![0, 10_000, 10_000]);
+        let cache = cache(dir.path());
+        assert!(cache.open_blob(&digest).unwrap().is_none());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_first_refusal_is_not_retried() {
+        let bytes = data(1000);
+        let digest = Digest::of(&bytes);
+        let (got, opens, _dir) = fill_with(&bytes, &digest, &[Step::Status(503)]).await;
+        assert!(got.is_err());
+        assert_eq!(opens, vec![0]);
+    }
+
+    #[tokio::test]
+    async fn wrong_bytes_are_never_delivered_whole() {
+        let bytes = data(100_000);
+        let wrong = Digest::of(b"something else");
+        let (got, _opens, dir) = fill_with(&bytes, &wrong, &[]).await;
+        let err = got.unwrap_err();
+        assert!(err.contains("hash to"), "{err}");
+        let cache = cache(dir.path());
+        assert!(cache.open_blob(&wrong).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn ranged_readers_get_exactly_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        let bytes = data(300_000);
+        let digest = Digest::of(&bytes);
+        let script = Script {
+            data: bytes.clone(),
+            plan: Mutex::new([Step::CutAt(150_000)].into_iter().collect()),
+            opens: Arc::default(),
+        };
+        let (fill, _) = cache.fill(&digest, || Box::new(script)).unwrap();
+        for (start, end) in [(0, Some(10)), (149_990, Some(150_010)), (299_999, None)] {
+            let got: Vec<u8> = fill
+                .reader_range(start, end)
+                .map(|c| c.unwrap().to_vec())
+                .concat()
+                .await;
+            let end = end.unwrap_or(300_000) as usize;
+            assert_eq!(got, bytes[start as usize..end].to_vec(), "{start}..{end}");
+        }
+        assert!(matches!(fill.state().phase, Phase::Committed));
+    }
 }

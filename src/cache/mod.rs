@@ -30,7 +30,7 @@ use futures_util::StreamExt;
 use crate::config::StorageConfig;
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
 pub use budget::{BlobLease, Budget, CacheStats, Limits};
-pub use fill::{BlobBody, BlobSource, ByteStream, Fill, FillMap};
+pub use fill::{BlobBody, BlobSource, ByteStream, Fill, FillMap, FillPolicy};
 pub use index::{BlobMeta, Index, IndexError, Pin, RepoEntry, StoredManifest, TagEntry, TagRecord};
 
 /// Local store failures. Clients see them as `500 UNKNOWN`; the log has the detail.
@@ -209,6 +209,9 @@ pub struct Cache {
     index: Index,
     fills: FillMap,
     held: HeldFills,
+    fill_policy: FillPolicy,
+    /// One permit per fill allowed to run at once.
+    fill_slots: Arc<tokio::sync::Semaphore>,
     manifests: moka::sync::Cache<Digest, Arc<StoredManifest>>,
     budget: Arc<Budget>,
     reconciled: Reconciled,
@@ -280,6 +283,10 @@ impl Cache {
             index,
             fills: Arc::default(),
             held: Arc::default(),
+            fill_policy: FillPolicy::default(),
+            fill_slots: Arc::new(tokio::sync::Semaphore::new(
+                FillPolicy::default().max_concurrent,
+            )),
             manifests,
             budget,
             reconciled,
@@ -457,6 +464,13 @@ impl Cache {
         self.budget.maybe_evict(&self.evictor());
     }
 
+    /// Sets how fills retry and how many run at once (before any fill starts).
+    pub fn with_fill_policy(mut self, policy: FillPolicy) -> Cache {
+        self.fill_slots = Arc::new(tokio::sync::Semaphore::new(policy.max_concurrent.max(1)));
+        self.fill_policy = policy;
+        self
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -514,6 +528,7 @@ impl Cache {
     ) -> Result<(Arc<Fill>, bool), CacheError> {
         let mut map = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(f) = map.get(digest) {
+            tracing::debug!(%digest, written = f.state().written, "joined fill in flight");
             return Ok((f.clone(), true));
         }
         let tmp_path = self.root.join("tmp").join(format!(
@@ -535,12 +550,16 @@ impl Cache {
         });
         let fill = Fill::start(
             digest.clone(),
-            tmp_path,
-            self.blob_path(digest),
-            file,
             source,
-            self.index.clone(),
-            self.fills.clone(),
+            fill::FillContext {
+                tmp_path,
+                final_path: self.blob_path(digest),
+                file,
+                index: self.index.clone(),
+                fills: self.fills.clone(),
+                policy: self.fill_policy.clone(),
+                slots: self.fill_slots.clone(),
+            },
         );
         map.insert(digest.clone(), fill.clone());
         {

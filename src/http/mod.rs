@@ -3,11 +3,12 @@
 //! — the one place where errors become OCI error bodies. Also the per-request observability
 //! (request id, request metrics, cache hit / miss counters, the log line), `/metrics`,
 //! `/healthz`, `/readyz`, the `Docker-Distribution-API-Version` header, `/v1/search`, and
-//! graceful shutdown. Below the router, [`listener`] owns connections (TLS from [`tls`], limits); [`auth`] is the
+//! graceful shutdown, and blob `Range` answers ([`range`]). Below the router, [`listener`] owns connections (TLS from [`tls`], limits); [`auth`] is the
 //! client-authentication middleware.
 
 pub mod auth;
 pub mod listener;
+pub mod range;
 pub mod route;
 pub mod tls;
 
@@ -28,6 +29,7 @@ use tracing::Instrument as _;
 use crate::metrics::{method_label, metrics, Kind, Source};
 use crate::mirror::{BlobAnswer, ManifestAnswer, Mirror, Outcome, TagPage};
 use crate::oci::{Accept, Digest, ErrorCode, RegistryError};
+use range::RangeRequest;
 use route::Endpoint;
 
 /// Shared state of the HTTP edge.
@@ -441,7 +443,8 @@ async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError
         Endpoint::Blob(name, digest) => {
             let route = mirror.route(&name, ns)?;
             let answer = mirror.blob(&route, &digest, head).await?;
-            let mut resp = blob_response(answer, &digest, head)?;
+            let range = blob_range(&req.headers, &digest);
+            let mut resp = blob_response(answer, &digest, head, range)?;
             echo_ns(&mut resp, ns);
             Ok(resp)
         }
@@ -513,57 +516,105 @@ fn manifest_response(answer: ManifestAnswer, head: bool) -> Response {
     resp
 }
 
+/// The blob answer as a response: 200 with the whole blob, 206 for a satisfiable single `Range`
+/// (also while the blob is still being filled: the range streams as its bytes arrive), 416 with
+/// `Content-Range: bytes */<size>` for an unsatisfiable or malformed one. A multi-range request
+/// gets the whole blob; so does any range while the size is still unknown.
 fn blob_response(
     answer: BlobAnswer,
     digest: &Digest,
     head: bool,
+    range: RangeRequest,
 ) -> Result<Response, RegistryError> {
+    let (size, outcome) = match &answer {
+        BlobAnswer::Cached(b) => (Some(b.size), Outcome::Hit),
+        BlobAnswer::Filling { total, joined, .. } => (
+            *total,
+            if *joined {
+                Outcome::Joined
+            } else {
+                Outcome::Miss
+            },
+        ),
+        BlobAnswer::Head { size } => (*size, Outcome::Upstream),
+    };
+    // `None`: the whole blob; `Some(Ok(span))`: a 206; `Some(Err(size))`: a 416.
+    let part = match (range, size, head) {
+        (_, _, true) | (_, None, _) | (RangeRequest::Whole | RangeRequest::Multiple, _, _) => None,
+        (RangeRequest::Single(r), Some(size), false) => Some(r.resolve(size).ok_or(size)),
+        (RangeRequest::Invalid, Some(size), false) => Some(Err(size)),
+    };
+    if let Some(Err(size)) = part {
+        let e = RegistryError::new(
+            ErrorCode::RangeInvalid,
+            format!("requested range not satisfiable for {digest} ({size} bytes)"),
+        );
+        let mut resp = error_response(&e, head);
+        if let Ok(v) = HeaderValue::from_str(&range::unsatisfied_content_range(size)) {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
+        resp.headers_mut()
+            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        resp.extensions_mut().insert(outcome);
+        return Ok(resp);
+    }
+    let span = part.and_then(Result::ok);
     let mut builder = Response::builder()
-        .status(StatusCode::OK)
+        .status(if span.is_some() {
+            StatusCode::PARTIAL_CONTENT
+        } else {
+            StatusCode::OK
+        })
         .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes")
         .header("docker-content-digest", digest_value(digest))
         .header(header::ETAG, format!("\"{digest}\""))
         .header(header::CACHE_CONTROL, "max-age=31536000");
-    let (size, body, outcome) = match answer {
-        BlobAnswer::Cached(b) => {
-            let size = b.size;
-            let body = if head {
-                Body::empty()
-            } else {
-                Body::from_stream(counted(b.into_stream(0, size), Source::Cache))
-            };
-            (Some(size), body, Outcome::Hit)
+    let length = match (span, size) {
+        (Some(span), Some(size)) => {
+            builder = builder.header(header::CONTENT_RANGE, span.content_range(size));
+            Some(span.len())
         }
-        BlobAnswer::Filling {
-            fill,
-            total,
-            joined,
-        } => {
-            let body = if head {
-                Body::empty()
-            } else {
-                Body::from_stream(counted(fill.reader(), Source::Fill))
-            };
-            (
-                total,
-                body,
-                if joined {
-                    Outcome::Joined
-                } else {
-                    Outcome::Miss
-                },
-            )
-        }
-        BlobAnswer::Head { size } => (size, Body::empty(), Outcome::Upstream),
+        _ => size,
     };
-    if let Some(s) = size {
-        builder = builder.header(header::CONTENT_LENGTH, s);
+    if let Some(l) = length {
+        builder = builder.header(header::CONTENT_LENGTH, l);
     }
+    let body = match answer {
+        _ if head => Body::empty(),
+        BlobAnswer::Cached(b) => {
+            let (start, len) = span.map_or((0, b.size), |s| (s.start, s.len()));
+            // The stream holds the blob's read lease: it is not evicted while being sent.
+            Body::from_stream(counted(b.into_stream(start, len), Source::Cache))
+        }
+        BlobAnswer::Filling { fill, .. } => Body::from_stream(counted(
+            match span {
+                Some(s) => fill.reader_range(s.start, Some(s.end + 1)),
+                None => fill.reader(),
+            },
+            Source::Fill,
+        )),
+        BlobAnswer::Head { .. } => Body::empty(),
+    };
     let mut resp = builder
         .body(body)
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     resp.extensions_mut().insert(outcome);
     Ok(resp)
+}
+
+/// The client's `Range`, unless an `If-Range` names another version than this blob's ETag.
+fn blob_range(headers: &http::HeaderMap, digest: &Digest) -> RangeRequest {
+    if let Some(if_range) = headers.get(header::IF_RANGE) {
+        if if_range.as_bytes() != format!("\"{digest}\"").as_bytes() {
+            return RangeRequest::Whole;
+        }
+    }
+    RangeRequest::parse(
+        headers
+            .get(header::RANGE)
+            .map(|v| v.to_str().unwrap_or("invalid")),
+    )
 }
 
 fn pagination(query: &str) -> Result<(Option<usize>, Option<String>), RegistryError> {

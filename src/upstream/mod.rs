@@ -596,8 +596,11 @@ impl Upstream {
         Ok(content_length(resp.headers()))
     }
 
-    /// `GET /v2/<repo>/blobs/<digest>` from `offset` on. Returns the total size (when known) and
-    /// the body stream. Bytes are requested as-is (no content coding).
+    /// `GET /v2/<repo>/blobs/<digest>` from `offset` on (`Range: bytes=<offset>-`). Each call is
+    /// a fresh request: the registry's redirect is followed again (a fresh signed CDN URL) and an
+    /// expired token is renewed by [`Upstream::send`]. Returns where the body starts (0 if the
+    /// upstream ignored the range and answered 200), the total size (when known) and the body
+    /// stream. Bytes are requested as-is (no content coding).
     pub async fn get_blob(
         &self,
         repo: &RepoName,
@@ -617,6 +620,18 @@ impl Upstream {
         let resp = self
             .send(Method::GET, repo, &format!("blobs/{digest}"), headers)
             .await?;
+        // The hash covers the stored bytes: an HTTP content coding would change them.
+        if let Some(coding) = resp
+            .headers()
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .filter(|c| !c.trim().eq_ignore_ascii_case("identity"))
+        {
+            return Err(UpstreamError::Protocol {
+                host: self.config.host.clone(),
+                message: format!("blob {digest} came with Content-Encoding: {coding}"),
+            });
+        }
         let partial = resp.status() == StatusCode::PARTIAL_CONTENT;
         let len = content_length(resp.headers());
         let (start, total) = if partial {

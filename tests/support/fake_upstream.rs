@@ -24,6 +24,11 @@
 //!   `/registry-v2/docker/registry/v2/blobs/sha256/<2hex>/<hex>/data?verify=<expiry>-<sig>`. Like a
 //!   pre-signed S3/Cloudflare URL it answers 403 to a missing or wrong signature and 400 to a
 //!   request that also carries `Authorization` (only one auth mechanism is allowed).
+//!
+//! Faults for the blob fill engine: [`FakeUpstream::push_faults`] queues one-shot [`Fault`]s per
+//! blob (cut the connection or stall at an offset, hold the rest until
+//! [`FakeUpstream::release_holds`], answer a 5xx, ignore `Range`), and
+//! [`FakeUpstream::blob_gets`] lists the `GET`s of a blob with their `Range` headers.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -113,6 +118,24 @@ pub enum WrongBytes {
     CutOff(usize),
 }
 
+/// A one-shot fault for the next `GET` of a blob (see [`FakeUpstream::push_faults`]). Offsets are
+/// absolute positions in the blob, so a resumed (ranged) request is cut at the same place in the
+/// blob whatever offset it starts from.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Send the bytes before this offset, then reset the connection.
+    CutAt(u64),
+    /// Send the bytes before this offset, then go silent for this long, then reset.
+    StallAt(u64, Duration),
+    /// Send the bytes before this offset, then wait for [`FakeUpstream::release_holds`] and send
+    /// the rest normally.
+    HoldAt(u64),
+    /// Answer with this status (and an OCI error body) instead of the blob.
+    Status(u16),
+    /// Ignore any `Range` header: answer 200 with the whole blob.
+    IgnoreRange,
+}
+
 /// Builder for [`FakeUpstream`]. All options are off by default: an anonymous registry that serves
 /// blobs directly.
 #[derive(Clone, Debug, Default)]
@@ -167,6 +190,8 @@ struct Repo {
 struct Content {
     repos: BTreeMap<String, Repo>,
     wrong: HashMap<String, WrongBytes>,
+    /// Per blob digest, faults consumed one per `GET` (registry or CDN, not redirects).
+    faults: HashMap<String, std::collections::VecDeque<Fault>>,
     hidden: HashSet<String>,
     /// token -> repositories it grants pull on.
     tokens: HashMap<String, HashSet<String>>,
@@ -180,6 +205,8 @@ struct Shared {
     cdn_addr: Option<SocketAddr>,
     content: Mutex<Content>,
     log: Mutex<Vec<RecordedRequest>>,
+    /// Opened by [`FakeUpstream::release_holds`]; [`Fault::HoldAt`] waits for it.
+    holds: tokio::sync::watch::Sender<bool>,
     hooks: Hooks,
 }
 
@@ -232,6 +259,7 @@ impl FakeUpstream {
             content: Mutex::default(),
             log: Mutex::default(),
             hooks: Hooks::default(),
+            holds: tokio::sync::watch::channel(false).0,
         });
         registry.set_nonblocking(true).unwrap();
         if let Some(cdn) = &cdn {
@@ -360,6 +388,34 @@ impl FakeUpstream {
     /// Undo [`Self::serve_wrong_bytes`]: serve the real bytes again.
     pub fn serve_correct_bytes(&self, digest: &str) {
         self.shared.content().wrong.remove(digest);
+    }
+
+    /// Queue faults for the next `GET`s of `digest`: each blob `GET` (on the registry, or on the
+    /// CDN when redirecting) takes the next one; when the queue is empty blobs are served
+    /// normally. Combines with [`Self::serve_wrong_bytes`].
+    pub fn push_faults(&self, digest: &str, faults: impl IntoIterator<Item = Fault>) {
+        self.shared
+            .content()
+            .faults
+            .entry(digest.to_owned())
+            .or_default()
+            .extend(faults);
+    }
+
+    /// Lets every response held by [`Fault::HoldAt`] (now or later) continue.
+    pub fn release_holds(&self) {
+        self.shared.holds.send_replace(true);
+    }
+
+    /// Every `GET` that asked for the bytes of `digest` (registry or CDN), in arrival order.
+    /// `range` shows which of them were resumes.
+    pub fn blob_gets(&self, digest: &str) -> Vec<RecordedRequest> {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.requests()
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.path.contains(hex))
+            .filter(|r| r.listener == Listener::Cdn || self.shared.cdn_addr.is_none())
+            .collect()
     }
 
     /// Make `repo` invisible to the token server: tokens are still issued for it (with an empty
@@ -596,7 +652,10 @@ async fn cdn_handler(State(state): State<Arc<Shared>>, req: Request) -> Response
             .map(|bytes| (bytes, content.wrong.get(&digest).cloned()))
     };
     match found {
-        Some((bytes, wrong)) => serve_blob(&digest, bytes, wrong, req.headers(), head),
+        Some((bytes, wrong)) => {
+            let fault = take_fault(&state, &digest, head);
+            serve_blob(&state, &digest, bytes, wrong, fault, req.headers(), head)
+        }
         None => plain(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -778,18 +837,41 @@ fn registry_blob(
             .body(Body::empty())
             .unwrap();
     }
-    serve_blob(digest, bytes, wrong, headers, head)
+    let fault = take_fault(state, digest, head);
+    serve_blob(state, digest, bytes, wrong, fault, headers, head)
+}
+
+fn take_fault(state: &Shared, digest: &str, head: bool) -> Option<Fault> {
+    if head {
+        return None;
+    }
+    state
+        .content()
+        .faults
+        .get_mut(digest)
+        .and_then(|q| q.pop_front())
 }
 
 /// Serve blob bytes (honouring a single `Range` and any injected fault).
 fn serve_blob(
+    state: &Shared,
     digest: &str,
     real: Bytes,
     wrong: Option<WrongBytes>,
+    fault: Option<Fault>,
     headers: &HeaderMap,
     head: bool,
 ) -> Response {
+    if let Some(Fault::Status(code)) = fault {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return error(status, "UNAVAILABLE", "injected fault", head);
+    }
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = if matches!(fault, Some(Fault::IgnoreRange)) {
+        None
+    } else {
+        range
+    };
     let served = match &wrong {
         Some(WrongBytes::FlippedByte) => {
             let mut v = real.to_vec();
@@ -808,10 +890,12 @@ fn serve_blob(
     let mut status = StatusCode::OK;
     let mut body = served.clone();
     let mut content_range = None;
+    let mut body_start = 0u64;
     if let Some(range) = range {
         match parse_range(range, total) {
             RangeSpec::Whole => {}
             RangeSpec::Part(start, end) => {
+                body_start = start as u64;
                 status = StatusCode::PARTIAL_CONTENT;
                 body = served.slice(start..=end);
                 content_range = Some(format!("bytes {start}-{end}/{total}"));
@@ -853,6 +937,46 @@ fn serve_blob(
                 ))
             }),
         );
+        return builder
+            .header(header::CONTENT_LENGTH, body.len().to_string())
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    let broken_at = match &fault {
+        Some(Fault::CutAt(n) | Fault::StallAt(n, _) | Fault::HoldAt(n)) if !head => Some(*n),
+        _ => None,
+    };
+    if let Some(at) = broken_at {
+        // Send the bytes before `at` (absolute), then misbehave. The pause / wait makes the body
+        // stream return Pending, so hyper flushes the headers and the prefix first.
+        let split = (at.saturating_sub(body_start) as usize).min(body.len());
+        let prefix = body.slice(..split);
+        let rest = body.slice(split..);
+        let mut holds = state.holds.subscribe();
+        let fault = fault.clone();
+        let tail = futures_util::stream::once(async move {
+            match fault {
+                Some(Fault::HoldAt(_)) => {
+                    let _ = holds.wait_for(|open| *open).await;
+                    Ok(rest)
+                }
+                Some(Fault::StallAt(_, pause)) => {
+                    tokio::time::sleep(pause).await;
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "fake stall ended",
+                    ))
+                }
+                _ => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "fake cut",
+                    ))
+                }
+            }
+        });
+        let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]).chain(tail);
         return builder
             .header(header::CONTENT_LENGTH, body.len().to_string())
             .body(Body::from_stream(stream))
