@@ -340,6 +340,13 @@ fn breaks_stalls_and_5xx_midway_are_resumed_with_range() {
     );
     wait_committed(&stowage, &digest, &blob);
     assert!(stowage.log().contains("fill resumed"));
+    // Four breaks, four resumes — and the metric says so.
+    let scrape = support::scrape::Scrape::get(&stowage.url());
+    assert_eq!(
+        scrape.value("stowage_fill_resumes_total", &[]),
+        4.0,
+        "stowage_fill_resumes_total after four breaks"
+    );
 }
 
 #[test]
