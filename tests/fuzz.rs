@@ -1,6 +1,6 @@
 //! Property-based fuzzing (proptest) of every parser that sees client input before a path, key
 //! or upstream URL is built: repository names, tags, references, digests, whole `/v2/` paths,
-//! `Accept` headers, policy globs, htpasswd files and config sizes/durations.
+//! `Accept` headers, blob `Range` headers, policy globs, htpasswd files and config sizes/durations.
 //!
 //! Two kinds of properties: *no input panics* (arbitrary strings, including non-ASCII, NUL,
 //! `%`-escapes and huge inputs), and *what is accepted is safe and exact* (accepted names and
@@ -246,5 +246,34 @@ proptest! {
         let _ = stowage::http::auth::Htpasswd::parse(&s);
         let _ = stowage::config::parse_byte_size(&s);
         let _ = stowage::config::parse_duration(&s);
+    }
+
+    #[test]
+    fn range_headers_never_panic_and_spans_stay_inside_the_blob(s in any::<String>(), size in 0u64..1 << 40) {
+        use stowage::http::range::RangeRequest;
+        for value in [s.clone(), format!("bytes={s}")] {
+            if let RangeRequest::Single(r) = RangeRequest::parse(Some(&value)) {
+                if let Some(span) = r.resolve(size) {
+                    prop_assert!(span.start <= span.end && span.end < size, "{value:?} -> {span:?} of {size}");
+                    prop_assert_eq!(span.len(), span.end - span.start + 1);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn well_formed_ranges_resolve_exactly(size in 1u64..1 << 40, a in any::<u64>(), b in any::<u64>(), n in 1u64..1 << 41) {
+        use stowage::http::range::{RangeRequest, Span};
+        let (a, b) = (a % size, b % size);
+        let (a, b) = (a.min(b), a.max(b));
+        let single = |v: String| match RangeRequest::parse(Some(&v)) {
+            RangeRequest::Single(r) => r.resolve(size),
+            other => panic!("{v:?} parsed as {other:?}"),
+        };
+        prop_assert_eq!(single(format!("bytes={a}-{b}")), Some(Span { start: a, end: b }));
+        prop_assert_eq!(single(format!("bytes={a}-")), Some(Span { start: a, end: size - 1 }));
+        prop_assert_eq!(single(format!("bytes=-{n}")), Some(Span { start: size - n.min(size), end: size - 1 }));
+        prop_assert_eq!(single(format!("bytes={size}-")), None);
+        prop_assert_eq!(RangeRequest::parse(Some(&format!("bytes={a}-{b}, 0-0"))), RangeRequest::Multiple);
     }
 }
