@@ -495,26 +495,32 @@ impl Upstream {
         accept: &str,
     ) -> Result<ManifestHead, UpstreamError> {
         let resp = self
+            .manifest_request(Method::HEAD, repo, reference, accept)
+            .await?;
+        Ok(ManifestHead {
+            digest: digest_header(resp.headers()),
+            media_type: content_type(resp.headers()),
+        })
+    }
+
+    /// Sends a manifest request with `accept`, noting the outcome (rate-limit backoff).
+    async fn manifest_request(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+    ) -> Result<Response, UpstreamError> {
+        let resp = self
             .send(
-                Method::HEAD,
+                method,
                 repo,
                 &format!("manifests/{reference}"),
                 Self::manifest_headers(accept),
             )
             .await;
         self.note_manifest_result(&resp);
-        let resp = resp?;
-        let h = resp.headers();
-        Ok(ManifestHead {
-            digest: h
-                .get("docker-content-digest")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok()),
-            media_type: h
-                .get(http::header::CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| crate::oci::media::bare_content_type(v).to_owned()),
-        })
+        resp
     }
 
     /// `GET /v2/<repo>/manifests/<reference>`: the exact bytes, their digest and media type.
@@ -528,25 +534,10 @@ impl Upstream {
         accept: &str,
     ) -> Result<FetchedManifest, UpstreamError> {
         let resp = self
-            .send(
-                Method::GET,
-                repo,
-                &format!("manifests/{reference}"),
-                Self::manifest_headers(accept),
-            )
-            .await;
-        self.note_manifest_result(&resp);
-        let resp = resp?;
-        let header_digest: Option<Digest> = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
-        let content_type = resp
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| crate::oci::media::bare_content_type(v).to_owned());
+            .manifest_request(Method::GET, repo, reference, accept)
+            .await?;
+        let header_digest = digest_header(resp.headers());
+        let content_type = content_type(resp.headers());
         let bytes =
             read_limited(resp, MAX_MANIFEST_SIZE)
                 .await
@@ -733,6 +724,17 @@ fn describe(e: &reqwest::Error) -> String {
         src = c.source();
     }
     s
+}
+
+/// `Docker-Content-Digest`, when present and a digest we accept.
+fn digest_header(h: &HeaderMap) -> Option<Digest> {
+    h.get("docker-content-digest")?.to_str().ok()?.parse().ok()
+}
+
+/// `Content-Type` without parameters.
+fn content_type(h: &HeaderMap) -> Option<String> {
+    let v = h.get(http::header::CONTENT_TYPE)?.to_str().ok()?;
+    Some(crate::oci::media::bare_content_type(v).to_owned())
 }
 
 fn content_length(h: &HeaderMap) -> Option<u64> {
