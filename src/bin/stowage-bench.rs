@@ -14,7 +14,14 @@
 //! ```text
 //! cargo build --release --bins
 //! target/release/stowage-bench cold-blob --size-mib 256 --clients 1,8,32
+//! target/release/stowage-bench all --json bench-results.json
 //! ```
+//!
+//! `all` runs, in one process and against one upstream: warm blob throughput (1 and 8 clients)
+//! against nginx with `sendfile` serving the same file and a raw read of it (the ceiling) and
+//! against distribution's proxy; warm manifests by tag and digest with `wrk -t2 -c64`; a cold
+//! pull of a multi-layer image against pulling from the upstream directly; each server's peak
+//! RSS over all of it. It prints one table (stowage, peer, ratio) and writes a JSON file.
 //!
 //! To add a workload: a new [`Workload`] variant and a function that drives clients against a
 //! [`Server`] and returns [`Sample`]s; the servers, upstream and reporting are shared.
