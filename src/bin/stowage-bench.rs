@@ -14,7 +14,14 @@
 //! ```text
 //! cargo build --release --bins
 //! target/release/stowage-bench cold-blob --size-mib 256 --clients 1,8,32
+//! target/release/stowage-bench all --json bench-results.json
 //! ```
+//!
+//! `all` runs, in one process and against one upstream: warm blob throughput (1 and 8 clients)
+//! against nginx with `sendfile` serving the same file and a raw read of it (the ceiling) and
+//! against distribution's proxy; warm manifests by tag and digest with `wrk -t2 -c64`; a cold
+//! pull of a multi-layer image against pulling from the upstream directly; each server's peak
+//! RSS over all of it. It prints one table (stowage, peer, ratio) and writes a JSON file.
 //!
 //! To add a workload: a new [`Workload`] variant and a function that drives clients against a
 //! [`Server`] and returns [`Sample`]s; the servers, upstream and reporting are shared.
@@ -61,6 +68,29 @@ enum Workload {
         /// Client counts, one cold run each.
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         clients: Vec<usize>,
+    },
+    /// Warm blob throughput (vs nginx sendfile and a raw read), warm manifests with `wrk`, a cold
+    /// multi-layer pull (vs the upstream directly) and peak RSS, in one run: one table on stdout
+    /// and a JSON file.
+    All {
+        /// Warm blob size in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: usize,
+        /// Layers of the cold-pull image.
+        #[arg(long, default_value_t = 8)]
+        layers: usize,
+        /// Size of each layer in MiB.
+        #[arg(long, default_value_t = 16)]
+        layer_mib: usize,
+        /// Seconds of each `wrk` run.
+        #[arg(long, default_value_t = 5)]
+        wrk_secs: u64,
+        /// Where to write the JSON results.
+        #[arg(long, default_value = "bench-results.json")]
+        json: PathBuf,
+        /// The nginx binary.
+        #[arg(long, default_value = "nginx")]
+        nginx: String,
     },
 }
 
@@ -445,6 +475,24 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         std::fs::create_dir_all(&work)?;
         match &cli.workload {
+            Workload::All {
+                size_mib,
+                layers,
+                layer_mib,
+                wrk_secs,
+                json,
+                nginx,
+            } => {
+                let opts = all::Opts {
+                    size_mib: *size_mib,
+                    layers: *layers,
+                    layer_mib: *layer_mib,
+                    wrk_secs: *wrk_secs,
+                    json: json.clone(),
+                    nginx: nginx.clone(),
+                };
+                all::run(&cli, &work, &opts).await
+            }
             Workload::ColdBlob { size_mib, clients } => {
                 let samples = cold_blob(&cli, &work, *size_mib, clients).await?;
                 let size = (*size_mib as u64) << 20;
@@ -469,5 +517,510 @@ fn main() -> std::process::ExitCode {
             eprintln!("stowage-bench: {e}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The `all` subcommand: every warm workload, the cold pull and peak RSS in one run.
+mod all {
+    use super::*;
+    use serde_json::json;
+
+    pub struct Opts {
+        pub size_mib: usize,
+        pub layers: usize,
+        pub layer_mib: usize,
+        pub wrk_secs: u64,
+        pub json: PathBuf,
+        pub nginx: String,
+    }
+
+    const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+        application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+
+    /// One row: a workload, stowage's figure, the peer's, and what "better" means.
+    struct Line {
+        workload: String,
+        unit: &'static str,
+        stowage: Option<f64>,
+        peer: Option<f64>,
+        peer_name: &'static str,
+        higher_is_better: bool,
+    }
+
+    fn random(n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        rand::thread_rng().fill_bytes(&mut b);
+        b
+    }
+
+    /// Pushes a schema-2 image of `layers` random layers; returns (manifest digest, blob digests
+    /// with sizes, config digest included).
+    async fn push_image(
+        upstream: &str,
+        repo: &str,
+        tag: &str,
+        layers: usize,
+        layer_bytes: usize,
+    ) -> Result<(String, Vec<(String, u64)>), BoxError> {
+        let mut blobs = Vec::new();
+        let mut layer_json = Vec::new();
+        for _ in 0..layers {
+            let d = push_blob(upstream, repo, random(layer_bytes)).await?;
+            layer_json.push(json!({
+                "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                "size": layer_bytes, "digest": d,
+            }));
+            blobs.push((d, layer_bytes as u64));
+        }
+        let config = serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": []},
+        }))?;
+        let clen = config.len();
+        let cd = push_blob(upstream, repo, config).await?;
+        blobs.push((cd.clone(), clen as u64));
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                       "size": clen, "digest": cd},
+            "layers": layer_json,
+        }))?;
+        let md = format!("sha256:{}", hex::encode(Sha256::digest(&manifest)));
+        let put = reqwest::Client::builder()
+            .no_proxy()
+            .build()?
+            .put(format!("{upstream}/v2/{repo}/manifests/{tag}"))
+            .header("content-type", MANIFEST_TYPE)
+            .body(manifest)
+            .send()
+            .await?;
+        if put.status().as_u16() != 201 {
+            return Err(format!("manifest upload answered {}", put.status()).into());
+        }
+        Ok((md, blobs))
+    }
+
+    /// A pull by one client: the manifest by tag, then every blob in turn, read to the end.
+    async fn pull(
+        base: &str,
+        repo: &str,
+        tag: &str,
+        blobs: &[(String, u64)],
+    ) -> Result<Duration, BoxError> {
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let t0 = Instant::now();
+        let m = client
+            .get(format!("{base}/v2/{repo}/manifests/{tag}"))
+            .header("accept", ACCEPT)
+            .send()
+            .await?;
+        if !m.status().is_success() {
+            return Err(format!("manifest GET answered {}", m.status()).into());
+        }
+        m.bytes().await?;
+        for (d, size) in blobs {
+            let r = client
+                .get(format!("{base}/v2/{repo}/blobs/{d}"))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                return Err(format!("blob GET answered {}", r.status()).into());
+            }
+            let mut s = r.bytes_stream();
+            let mut n = 0u64;
+            while let Some(c) = s.next().await {
+                n += c?.len() as u64;
+            }
+            if n != *size {
+                return Err(format!("blob {d}: {n} of {size} bytes").into());
+            }
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// Warm throughput: `n` clients read `url` (of `size` bytes) at once; GB/s over all clients.
+    async fn throughput(url: &str, size: u64, n: usize) -> Result<f64, BoxError> {
+        let t0 = Instant::now();
+        let tasks: Vec<_> = (0..n)
+            .map(|_| tokio::spawn(fetch(url.to_owned(), t0)))
+            .collect();
+        let mut wall = Duration::ZERO;
+        for t in tasks {
+            let (_, done, got) = t.await??;
+            if got != size {
+                return Err(format!("{url}: got {got} of {size} bytes").into());
+            }
+            wall = wall.max(done);
+        }
+        Ok((size * n as u64) as f64 / wall.as_secs_f64() / 1e9)
+    }
+
+    /// Best of `reps` runs (the machine is shared; the best run is the least disturbed).
+    async fn best_throughput(url: &str, size: u64, n: usize, reps: usize) -> Result<f64, BoxError> {
+        let mut best: f64 = 0.0;
+        for _ in 0..reps {
+            best = best.max(throughput(url, size, n).await?);
+        }
+        Ok(best)
+    }
+
+    /// `wrk` against `url` with the Accept header: (requests/s, p99 ms, non-2xx responses).
+    fn wrk(url: &str, secs: u64) -> Result<(f64, f64, u64), BoxError> {
+        let out = Command::new("wrk")
+            .args([
+                "-t2",
+                "-c64",
+                &format!("-d{secs}s"),
+                "--latency",
+                "--timeout",
+                "5s",
+            ])
+            .arg("-H")
+            .arg(format!("Accept: {ACCEPT}"))
+            .arg(url)
+            .stdin(Stdio::null())
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            return Err(format!("wrk failed: {text}").into());
+        }
+        let rps = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .ok_or_else(|| format!("no Requests/sec in wrk output: {text}"))?;
+        let p99 = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("99%"))
+            .map(|v| parse_wrk_time(v.trim()))
+            .unwrap_or(f64::NAN);
+        let non2xx = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("Non-2xx or 3xx responses:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Ok((rps, p99, non2xx))
+    }
+
+    /// `wrk` times (`812.00us`, `3.21ms`, `1.02s`) in ms.
+    fn parse_wrk_time(v: &str) -> f64 {
+        let (num, scale) = if let Some(n) = v.strip_suffix("us") {
+            (n, 0.001)
+        } else if let Some(n) = v.strip_suffix("ms") {
+            (n, 1.0)
+        } else if let Some(n) = v.strip_suffix('s') {
+            (n, 1000.0)
+        } else {
+            (v, f64::NAN)
+        };
+        num.parse::<f64>().map(|x| x * scale).unwrap_or(f64::NAN)
+    }
+
+    /// nginx with sendfile serving `root` on loopback, its own prefix; one process (no master),
+    /// so killing it stops it.
+    fn start_nginx(nginx: &str, dir: &Path, root: &Path) -> Result<(Proc, String), BoxError> {
+        let port = free_port()?;
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\nuser root;\n\
+                 error_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
+                 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+                 fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+                 server {{\n    listen 127.0.0.1:{port};\n    root {r};\n  }}\n}}\n",
+                d = dir.display(),
+                r = root.display()
+            ),
+        )?;
+        let mut cmd = Command::new(nginx);
+        cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
+        let proc = Proc::spawn(cmd, &dir.join("nginx.out"))?;
+        Ok((proc, format!("http://127.0.0.1:{port}")))
+    }
+
+    async fn wait_get(url: &str) -> Result<(), BoxError> {
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(r) = client.head(url).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("{url} did not answer").into())
+    }
+
+    /// Raw read of a file (page cache warm), GB/s, best of three.
+    fn raw_read(path: &Path) -> Result<f64, BoxError> {
+        use std::io::Read as _;
+        let mut best: f64 = 0.0;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..3 {
+            let mut f = std::fs::File::open(path)?;
+            let t0 = Instant::now();
+            let mut n = 0u64;
+            loop {
+                let k = f.read(&mut buf)?;
+                if k == 0 {
+                    break;
+                }
+                n += k as u64;
+            }
+            best = best.max(n as f64 / t0.elapsed().as_secs_f64() / 1e9);
+        }
+        Ok(best)
+    }
+
+    pub async fn run(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
+        let t_start = Instant::now();
+        let upstream = Upstream::start(&cli.registry, work).await?;
+        let size = (o.size_mib as u64) << 20;
+        let blob_repo = "bench/warm";
+        let digest = push_blob(&upstream.url, blob_repo, random(size as usize)).await?;
+        let (img_repo, tag) = ("bench/image", "v1");
+        let (mdigest, blobs) =
+            push_image(&upstream.url, img_repo, tag, o.layers, o.layer_mib << 20).await?;
+        eprintln!(
+            "upstream {} loaded: blob {digest}, image {img_repo}:{tag} = {mdigest}",
+            upstream.url
+        );
+
+        // The ceiling: the upstream's own file of the blob, by nginx with sendfile and raw.
+        let hexd = digest.trim_start_matches("sha256:");
+        let blob_dir = work.join(format!(
+            "upstream-data/docker/registry/v2/blobs/sha256/{}/{hexd}",
+            &hexd[..2]
+        ));
+        let raw = raw_read(&blob_dir.join("data"))?;
+        let (nginx_proc, nginx_url) = start_nginx(&o.nginx, &work.join("nginx"), &blob_dir)?;
+        let nurl = format!("{nginx_url}/data");
+        wait_get(&nurl).await?;
+        let nginx1 = best_throughput(&nurl, size, 1, 3).await?;
+        let nginx8 = best_throughput(&nurl, size, 8, 2).await?;
+        let nginx_rss = nginx_proc.peak_rss_kib();
+        drop(nginx_proc);
+        eprintln!("ceiling: raw read {raw:.2} GB/s, nginx sendfile {nginx1:.2} GB/s (1), {nginx8:.2} GB/s (8)");
+
+        // Cold pull straight from the upstream (same client code), best of two.
+        let direct = {
+            let a = pull(&upstream.url, img_repo, tag, &blobs).await?;
+            let b = pull(&upstream.url, img_repo, tag, &blobs).await?;
+            a.min(b)
+        };
+
+        let mut per: Vec<(ServerKind, serde_json::Value)> = Vec::new();
+        for &kind in &cli.servers {
+            let dir = work.join(format!("all-{}", kind.name().replace(' ', "-")));
+            let server = Server::start(kind, cli, &upstream, &dir).await?;
+            let cold = pull(&server.url, img_repo, tag, &blobs).await?;
+            eprintln!(
+                "{}: cold pull {:.3} s (direct {:.3} s)",
+                kind.name(),
+                cold.as_secs_f64(),
+                direct.as_secs_f64()
+            );
+            let burl = format!("{}/v2/{blob_repo}/blobs/{digest}", server.url);
+            throughput(&burl, size, 1).await?; // fill the cache
+                                               // distribution stores in the background after answering; let it finish.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let w1 = best_throughput(&burl, size, 1, 3).await?;
+            let w8 = best_throughput(&burl, size, 8, 2).await?;
+            eprintln!(
+                "{}: warm blob {w1:.2} GB/s (1), {w8:.2} GB/s (8)",
+                kind.name()
+            );
+            let by_tag = format!("{}/v2/{img_repo}/manifests/{tag}", server.url);
+            let by_digest = format!("{}/v2/{img_repo}/manifests/{mdigest}", server.url);
+            let (tag_rps, tag_p99, tag_bad) = wrk(&by_tag, o.wrk_secs)?;
+            let (dig_rps, dig_p99, dig_bad) = wrk(&by_digest, o.wrk_secs)?;
+            eprintln!(
+                "{}: manifests by tag {tag_rps:.0}/s p99 {tag_p99:.2} ms ({tag_bad} non-2xx), \
+                 by digest {dig_rps:.0}/s p99 {dig_p99:.2} ms ({dig_bad} non-2xx)",
+                kind.name()
+            );
+            let rss = server.proc.peak_rss_kib();
+            per.push((
+                kind,
+                json!({
+                    "cold_pull_s": cold.as_secs_f64(),
+                    "warm_blob_gbps_1": w1, "warm_blob_gbps_8": w8,
+                    "manifest_tag_rps": tag_rps, "manifest_tag_p99_ms": tag_p99,
+                    "manifest_tag_non2xx": tag_bad,
+                    "manifest_digest_rps": dig_rps, "manifest_digest_p99_ms": dig_p99,
+                    "manifest_digest_non2xx": dig_bad,
+                    "peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
+                }),
+            ));
+            drop(server);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+
+        let get = |k: ServerKind, f: &str| {
+            per.iter()
+                .find(|(kind, _)| *kind == k)
+                .and_then(|(_, v)| v[f].as_f64())
+        };
+        let s = |f: &str| get(ServerKind::Stowage, f);
+        let d = |f: &str| get(ServerKind::Distribution, f);
+        let line = |w: &str, unit, st, pe, peer_name, hib| Line {
+            workload: w.to_owned(),
+            unit,
+            stowage: st,
+            peer: pe,
+            peer_name,
+            higher_is_better: hib,
+        };
+        let lines = vec![
+            line(
+                "warm blob, 1 client",
+                "GB/s",
+                s("warm_blob_gbps_1"),
+                Some(nginx1),
+                "nginx sendfile",
+                true,
+            ),
+            line(
+                "warm blob, 8 clients",
+                "GB/s",
+                s("warm_blob_gbps_8"),
+                Some(nginx8),
+                "nginx sendfile",
+                true,
+            ),
+            line(
+                "warm blob, 1 client",
+                "GB/s",
+                s("warm_blob_gbps_1"),
+                d("warm_blob_gbps_1"),
+                "distribution",
+                true,
+            ),
+            line(
+                "warm blob, 8 clients",
+                "GB/s",
+                s("warm_blob_gbps_8"),
+                d("warm_blob_gbps_8"),
+                "distribution",
+                true,
+            ),
+            line(
+                "raw read of the blob file (ceiling)",
+                "GB/s",
+                None,
+                Some(raw),
+                "raw read",
+                true,
+            ),
+            line(
+                "manifest by tag, wrk -t2 -c64",
+                "req/s",
+                s("manifest_tag_rps"),
+                d("manifest_tag_rps"),
+                "distribution",
+                true,
+            ),
+            line(
+                "manifest by tag, p99",
+                "ms",
+                s("manifest_tag_p99_ms"),
+                d("manifest_tag_p99_ms"),
+                "distribution",
+                false,
+            ),
+            line(
+                "manifest by digest, wrk -t2 -c64",
+                "req/s",
+                s("manifest_digest_rps"),
+                d("manifest_digest_rps"),
+                "distribution",
+                true,
+            ),
+            line(
+                "manifest by digest, p99",
+                "ms",
+                s("manifest_digest_p99_ms"),
+                d("manifest_digest_p99_ms"),
+                "distribution",
+                false,
+            ),
+            line(
+                "cold pull, 1 client",
+                "s",
+                s("cold_pull_s"),
+                Some(direct.as_secs_f64()),
+                "upstream direct",
+                false,
+            ),
+            line(
+                "cold pull, 1 client",
+                "s",
+                s("cold_pull_s"),
+                d("cold_pull_s"),
+                "distribution",
+                false,
+            ),
+            line(
+                "peak RSS over all workloads",
+                "MiB",
+                s("peak_rss_mib"),
+                d("peak_rss_mib"),
+                "distribution",
+                false,
+            ),
+        ];
+        let fmt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "–".into());
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "warm blob {} MiB; cold pull of {} x {} MiB layers; wrk {} s per run\n\n\
+             | workload | unit | stowage | peer | peer figure | stowage / peer |\n|---|---|---|---|---|---|",
+            o.size_mib, o.layers, o.layer_mib, o.wrk_secs
+        )?;
+        let mut rows = Vec::new();
+        for l in &lines {
+            let ratio = match (l.stowage, l.peer) {
+                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                _ => None,
+            };
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                l.workload,
+                l.unit,
+                fmt(l.stowage),
+                l.peer_name,
+                fmt(l.peer),
+                ratio
+                    .map(|r| format!("{r:.2}x"))
+                    .unwrap_or_else(|| "–".into()),
+            )?;
+            rows.push(json!({
+                "workload": l.workload, "unit": l.unit, "stowage": l.stowage,
+                "peer": l.peer_name, "peer_value": l.peer, "ratio": ratio,
+                "higher_is_better": l.higher_is_better,
+            }));
+        }
+        let doc = json!({
+            "config": {"blob_mib": o.size_mib, "layers": o.layers, "layer_mib": o.layer_mib,
+                       "wrk_secs": o.wrk_secs},
+            "ceiling": {"raw_read_gbps": raw, "nginx_gbps_1": nginx1, "nginx_gbps_8": nginx8,
+                        "nginx_peak_rss_mib": nginx_rss.map(|k| k as f64 / 1024.0)},
+            "direct_cold_pull_s": direct.as_secs_f64(),
+            "servers": per.iter().map(|(k, v)| (k.name().to_owned(), v.clone()))
+                .collect::<serde_json::Map<_, _>>(),
+            "rows": rows,
+            "run_seconds": t_start.elapsed().as_secs_f64(),
+        });
+        std::fs::write(&o.json, serde_json::to_vec_pretty(&doc)?)?;
+        writeln!(out, "\nJSON: {}", o.json.display())?;
+        Ok(())
     }
 }
