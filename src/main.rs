@@ -33,6 +33,9 @@ enum Command {
         /// Log format: `text` for people, `json` (one object per line) for machines.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Never contact an upstream: serve only what the cache holds (same as `offline = true`).
+        #[arg(long)]
+        offline: bool,
     },
     /// Pin images (manifest, an index's children held, all their blobs): never evicted.
     Pin {
@@ -79,7 +82,11 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, log_format } => serve(config, log_format),
+        Command::Serve {
+            config,
+            log_format,
+            offline,
+        } => serve(config, log_format, offline),
         Command::Pin { config, images } => operate(config, |c, cfg, out| {
             ops::pin(c, cfg, &images, out).map(|_| true)
         }),
@@ -159,14 +166,15 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(config_path: Option<PathBuf>, log_format: LogFormat) -> ExitCode {
-    let config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
+fn serve(config_path: Option<PathBuf>, log_format: LogFormat, offline: bool) -> ExitCode {
+    let mut config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("stowage: {e}");
             return ExitCode::from(2);
         }
     };
+    config.offline |= offline;
     // Certificate, key and htpasswd are read now, so a bad one is a config error (exit 2).
     let security = match Security::from_config(&config) {
         Ok(s) => s,
@@ -256,6 +264,7 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
         upstreams = %upstreams.join(","),
         tls = security.tls.is_some(),
         auth = security.auth.is_some(),
+        offline = mirror.config.offline,
         "stowage listening"
     );
     // One signal stops both listeners.
