@@ -40,9 +40,12 @@
 //!   sled in batches, crash reconciliation at open, the cache lock file.
 //! - [`ops`] — operator commands on a stopped cache: `pin`, `unpin`, `ls`, `verify [--repair]`,
 //!   `gc`, and Docker-style image reference parsing.
+//! - [`airgap`] — air-gapped sites: `export` of cached images to an OCI image layout (tar or
+//!   directory, readable by skopeo) and `import` of one (every blob verified first, images made
+//!   visible whole, idempotent). `offline = true` / `serve --offline` lives in [`mirror`].
 //!
 //! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]` and the
-//! operator commands `pin|unpin|ls|verify|gc [--config PATH]`. `serve` also runs the optional
+//! operator commands `pin|unpin|ls|verify|gc|export|import [--config PATH]`. `serve` also runs the optional
 //! `server.metrics_listen` listener, sets the cache gauges at startup, owns the housekeeping task
 //! (recency flush, deferred eviction), and reloads the TLS certificate and the htpasswd file on
 //! SIGHUP. `src/bin/stowage-bench.rs` is the benchmark command (stowage vs distribution's proxy;
@@ -53,6 +56,7 @@
 //! in-process fake upstream for faults a real registry cannot produce). `tests/fuzz.rs` is the
 //! proptest suite for every parser that sees client input.
 
+pub mod airgap;
 pub mod cache;
 pub mod config;
 pub mod http;

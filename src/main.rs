@@ -10,7 +10,7 @@ use stowage::cache::Cache;
 use stowage::config::Config;
 use stowage::http::listener::Security;
 use stowage::mirror::Mirror;
-use stowage::ops;
+use stowage::{airgap, ops};
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +70,27 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Write cached images as an OCI image layout: a tar, or a directory with `-o dir/`.
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A file of image references, one a line (`#` comments allowed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// `bundle.tar`, or `dir/` (trailing slash or an existing directory) for a directory.
+        #[arg(long, short, required = true)]
+        output: PathBuf,
+        images: Vec<String>,
+    },
+    /// Load an OCI image layout (tar or directory) into the cache, verifying every blob.
+    Import {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Pin the imported images.
+        #[arg(long)]
+        pin: bool,
+        bundle: PathBuf,
+    },
 }
 
 /// How log lines are written to stderr.
@@ -99,6 +120,22 @@ fn main() -> ExitCode {
         }),
         Command::Gc { config } => operate(config, |c, cfg, out| {
             ops::gc(c, cfg.storage.gc_max_age, out).map(|_| true)
+        }),
+        Command::Export {
+            config,
+            file,
+            output,
+            images,
+        } => operate(config, |c, cfg, out| {
+            let refs = airgap::gather_refs(&images, file.as_deref())?;
+            airgap::export(c, cfg, &refs, &output, out).map(|_| true)
+        }),
+        Command::Import {
+            config,
+            pin,
+            bundle,
+        } => operate(config, |c, _, out| {
+            airgap::import(c, &bundle, pin, out).map(|_| true)
         }),
     }
 }

@@ -60,7 +60,6 @@ fn upstream_requests(upstream: &Registry) -> usize {
     upstream.access_log().len()
 }
 
-#[allow(dead_code)]
 fn text(o: &Output) -> String {
     format!(
         "status {}\n--- stdout\n{}\n--- stderr\n{}",
@@ -110,4 +109,247 @@ fn offline_serves_cached_tags_past_ttl_and_never_contacts_upstream() {
         "an offline mirror contacted the upstream:\n{}",
         upstream.access_log_lines().join("\n")
     );
+}
+
+/// Runs `stowage <args> --config <stowage's config>` (the server must be stopped).
+fn command(stowage: &Stowage, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .arg("--config")
+        .arg(stowage.config_path())
+        .output()
+        .expect("run the stowage binary")
+}
+
+fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
+    let o = command(stowage, args);
+    assert!(o.status.success(), "stowage {args:?} failed: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Every file of a skopeo `dir:` copy whose name is a digest hex hashes to that name; returns
+/// the hexes.
+fn verified_dir_blobs(dir: &std::path::Path) -> Vec<String> {
+    let mut hexes = Vec::new();
+    for e in std::fs::read_dir(dir).expect("read skopeo dir") {
+        let e = e.expect("dir entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let bytes = std::fs::read(e.path()).expect("read blob");
+            assert_eq!(
+                sha256_digest(&bytes),
+                format!("sha256:{name}"),
+                "{}",
+                e.path().display()
+            );
+            hexes.push(name);
+        }
+    }
+    hexes.sort();
+    hexes
+}
+
+fn skopeo_copy_to_dir(src: &str, dest: &std::path::Path) -> Vec<String> {
+    let dest_arg = format!("dir:{}", dest.display());
+    support::skopeo_ok(&["copy", src, &dest_arg], "");
+    verified_dir_blobs(dest)
+}
+
+fn hexes(blobs: &[&images::Blob]) -> Vec<String> {
+    let mut v: Vec<String> = blobs.iter().map(|b| b.hex().to_owned()).collect();
+    v.sort();
+    v
+}
+
+/// A cache holding a single-platform image and one platform (amd64) of an OCI index, pulled
+/// through stowage by skopeo; stopped, so that commands can run on it.
+fn seeded(upstream: &Registry) -> (Stowage, Pushed, images::ImageIndex) {
+    let single = push(upstream, "single", &[48 * KIB, 16 * KIB]);
+    // Docker schema 2 types keep their type and digest through export and import.
+    images::push(
+        &upstream.url(),
+        "test/dockerfmt",
+        "1",
+        Image::build(Format::Docker, &[24 * KIB]),
+    );
+    let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[32 * KIB]);
+    images::push(&upstream.url(), "test/multi", "1", index.clone());
+    let mut stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .start();
+    let work = tempfile::tempdir().expect("temp dir");
+    for name in ["single", "multi", "dockerfmt"] {
+        let src = format!("docker://{}/test/{name}:1", stowage.host_port());
+        skopeo_copy_to_dir(&src, &work.path().join(name));
+    }
+    stowage.stop();
+    (stowage, single, index)
+}
+
+/// A fresh, stopped stowage with no upstream configured, for `--offline` serving.
+fn fresh_offline() -> Stowage {
+    let mut s = Stowage::builder().arg("--offline").start();
+    s.stop();
+    s
+}
+
+#[test]
+fn export_is_read_by_skopeo_and_import_serves_offline_with_every_digest_verified() {
+    let upstream = Registry::start();
+    let (stowage, single, index) = seeded(&upstream);
+    let amd64 = &index.children[0];
+    let work = tempfile::tempdir().expect("temp dir");
+    let tar = work.path().join("bundle.tar");
+    let tar_arg = tar.display().to_string();
+    let layout = format!("{}/layout/", work.path().display());
+    let list = work.path().join("images.txt");
+    std::fs::write(&list, "# images\ntest/multi:1\n\ntest/dockerfmt:1\n")
+        .expect("write images.txt");
+    let list_arg = list.display().to_string();
+    command_ok(
+        &stowage,
+        &[
+            "export",
+            "test/single:1",
+            "--file",
+            &list_arg,
+            "-o",
+            &tar_arg,
+        ],
+    );
+    command_ok(
+        &stowage,
+        &[
+            "export",
+            "docker.io/test/single:1",
+            "test/multi:1",
+            "-o",
+            &layout,
+        ],
+    );
+
+    // The index names the images fully qualified.
+    let index_json = std::fs::read_to_string(format!("{layout}index.json")).expect("index.json");
+    assert!(
+        index_json.contains("\"docker.io/test/single:1\""),
+        "{index_json}"
+    );
+    assert!(
+        index_json.contains("\"docker.io/test/multi:1\""),
+        "{index_json}"
+    );
+
+    // skopeo reads the archive and the directory.
+    let out = work.path().join("from-archive");
+    let got = skopeo_copy_to_dir(
+        &format!("oci-archive:{tar_arg}:docker.io/test/single:1"),
+        &out,
+    );
+    assert_eq!(
+        got,
+        hexes(&single.blobs()),
+        "blobs skopeo read from the archive"
+    );
+    let out = work.path().join("from-layout");
+    let got = skopeo_copy_to_dir(
+        &format!(
+            "oci:{}:docker.io/test/multi:1",
+            layout.trim_end_matches('/')
+        ),
+        &out,
+    );
+    assert_eq!(
+        got,
+        hexes(&amd64.blobs()),
+        "amd64 blobs skopeo read from the layout"
+    );
+
+    // Import into a fresh mirror with no upstream, pinned; a second import changes nothing.
+    let mut fresh = fresh_offline();
+    let first = command_ok(&fresh, &["import", &tar_arg, "--pin"]);
+    assert_eq!(first.matches("imported ").count(), 3, "{first}");
+    let files = fresh.blob_files();
+    let again = command_ok(&fresh, &["import", &tar_arg, "--pin"]);
+    assert_eq!(again.matches("already present").count(), 3, "{again}");
+    assert_eq!(fresh.blob_files(), files, "a re-import wrote blobs");
+    let ls = command_ok(&fresh, &["ls"]);
+    assert!(ls.contains("test/single"), "{ls}");
+
+    fresh.restart();
+    let out = work.path().join("served-single");
+    let src = format!("docker://{}/test/single:1", fresh.host_port());
+    assert_eq!(skopeo_copy_to_dir(&src, &out), hexes(&single.blobs()));
+    let out = work.path().join("served-dockerfmt");
+    let src = format!("docker://{}/test/dockerfmt:1", fresh.host_port());
+    assert_eq!(skopeo_copy_to_dir(&src, &out).len(), 2, "config + layer");
+    let out = work.path().join("served-multi");
+    let src = format!("docker://{}/test/multi:1", fresh.host_port());
+    assert_eq!(skopeo_copy_to_dir(&src, &out), hexes(&amd64.blobs()));
+}
+
+#[test]
+fn tampered_or_truncated_bundle_is_rejected_naming_the_blob_and_nothing_is_visible() {
+    let upstream = Registry::start();
+    let (stowage, single, _) = seeded(&upstream);
+    let work = tempfile::tempdir().expect("temp dir");
+    let layout = format!("{}/layout/", work.path().display());
+    let tar = work.path().join("bundle.tar");
+    let tar_arg = tar.display().to_string();
+    command_ok(&stowage, &["export", "test/single:1", "-o", &layout]);
+    command_ok(&stowage, &["export", "test/single:1", "-o", &tar_arg]);
+
+    // One layer with a byte flipped.
+    let layer = &single.image.blobs()[1].digest;
+    let layer_hex = layer.trim_start_matches("sha256:");
+    let path = format!("{layout}blobs/sha256/{layer_hex}");
+    let mut bytes = std::fs::read(&path).expect("read exported layer");
+    bytes[100] ^= 0xff;
+    std::fs::write(&path, bytes).expect("tamper");
+
+    let mut fresh = fresh_offline();
+    let o = command(&fresh, &["import", &layout]);
+    assert!(
+        !o.status.success(),
+        "tampered import succeeded: {}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(layer.as_str()),
+        "the error names {layer}: {}",
+        text(&o)
+    );
+
+    // A tar cut short.
+    let len = std::fs::metadata(&tar).expect("tar size").len();
+    let cut = work.path().join("cut.tar");
+    let bytes = std::fs::read(&tar).expect("read tar");
+    std::fs::write(&cut, &bytes[..(len as usize) * 2 / 3]).expect("write cut tar");
+    let o = command(&fresh, &["import", &cut.display().to_string()]);
+    assert!(
+        !o.status.success(),
+        "truncated import succeeded: {}",
+        text(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("sha256:"),
+        "the error names a blob: {}",
+        text(&o)
+    );
+
+    fresh.restart();
+    let (status, body) = get(&format!("{}/v2/test/single/manifests/1", fresh.url()));
+    assert_eq!(
+        status, 404,
+        "a failed import left the image visible: {body}"
+    );
+    assert!(
+        fresh.blob_files().is_empty(),
+        "a failed import stored blobs: {:?}",
+        fresh.blob_files()
+    );
+    fresh.stop();
+
+    // The intact tar imports.
+    let o = command_ok(&fresh, &["import", &tar_arg]);
+    assert!(o.contains("imported docker.io/test/single:1"), "{o}");
 }
