@@ -1,4 +1,10 @@
-//! Air-gapped sites: `export` of cached images to an OCI image layout and `import` of one.
+//! Air-gapped sites: `prefetch` into the cache, `export` of cached images to an OCI image
+//! layout and `import` of one. (`offline = true` / `serve --offline` is in [`crate::mirror`].)
+//!
+//! `stowage prefetch REF... [--file] [--platform ...|--all-platforms] [--pin]` runs a
+//! [`crate::mirror::Mirror`] in-process on the cache and drives each image through it: the
+//! manifest (by tag, verified), the selected platforms of an index, and every blob's fill read to
+//! completion (several at once). A failing image is reported and the others continue.
 //!
 //! `stowage export REF... [--file images.txt] -o bundle.tar|dir/` writes a standard OCI image
 //! layout (`oci-layout`, `index.json`, `blobs/sha256/<hex>`), as a tar or (with `-o dir/`, or an
@@ -601,4 +607,218 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
     }
     cache.index().flush()?;
     Ok(())
+}
+
+/// Which platforms of an index `prefetch` takes.
+#[derive(Clone, Debug)]
+pub enum Platforms {
+    All,
+    /// `os/arch` or `os/arch/variant`.
+    Some(Vec<String>),
+}
+
+impl Platforms {
+    fn wants(&self, platform: Option<&serde_json::Value>) -> bool {
+        let Platforms::Some(list) = self else {
+            return true;
+        };
+        let Some(p) = platform else {
+            return false;
+        };
+        let field = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        let (os, arch, variant) = (field("os"), field("architecture"), field("variant"));
+        list.iter().any(|want| {
+            let mut parts = want.split('/');
+            let (wo, wa, wv) = (parts.next(), parts.next(), parts.next());
+            wo == Some(os) && wa == Some(arch) && wv.is_none_or(|v| v == variant)
+        })
+    }
+}
+
+/// Totals of one prefetched image.
+#[derive(Default)]
+struct Fetched {
+    manifests: usize,
+    blobs: usize,
+    cached: usize,
+    bytes: u64,
+}
+
+/// Drives one blob into the cache: nothing if held, else its fill read to the end.
+async fn fetch_blob(
+    mirror: &crate::mirror::Mirror,
+    route: &crate::upstream::Route,
+    digest: &Digest,
+) -> Result<Option<u64>, RegistryError> {
+    use futures_util::StreamExt;
+    match mirror.blob(route, digest, false).await? {
+        crate::mirror::BlobAnswer::Filling { fill, .. } => {
+            let mut n = 0u64;
+            let mut reader = fill.reader();
+            while let Some(chunk) = reader.next().await {
+                let chunk = chunk.map_err(|e| {
+                    RegistryError::new(ErrorCode::BlobUnknown, format!("blob {digest}: {e}"))
+                })?;
+                n += chunk.len() as u64;
+            }
+            loop {
+                match fill.state().phase {
+                    crate::cache::fill::Phase::Committed => break,
+                    crate::cache::fill::Phase::Failed(e) => return Err(e),
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                }
+            }
+            Ok(Some(n))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Prefetches one image: its manifest, the selected platforms' manifests, all their blobs (at
+/// most `parallel` at once).
+async fn prefetch_one(
+    mirror: &crate::mirror::Mirror,
+    r: &ops::ImageRef,
+    platforms: &Platforms,
+    parallel: usize,
+) -> Result<Fetched, RegistryError> {
+    use futures_util::StreamExt;
+    let upstream = mirror
+        .router
+        .upstreams()
+        .iter()
+        .find(|u| u.host() == r.host)
+        .cloned()
+        .ok_or_else(|| {
+            RegistryError::new(ErrorCode::NameUnknown, format!("no upstream {}", r.host))
+        })?;
+    let route = crate::upstream::Route {
+        upstream,
+        repo: r.repo.clone(),
+        prefix: None,
+    };
+    let accept = crate::oci::media::Accept::parse(&crate::oci::media::upstream_manifest_accept());
+    let top = mirror
+        .manifest(&route, &r.reference, &accept)
+        .await?
+        .manifest;
+    let mut done = Fetched {
+        manifests: 1,
+        ..Fetched::default()
+    };
+    let mut images = vec![top.clone()];
+    let v: serde_json::Value = serde_json::from_slice(&top.bytes).unwrap_or_default();
+    if let Some(children) = v.get("manifests").and_then(|m| m.as_array()) {
+        images.clear();
+        for c in children {
+            if !platforms.wants(c.get("platform")) {
+                continue;
+            }
+            let Some(d) = c
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .and_then(|d| d.parse().ok())
+            else {
+                continue;
+            };
+            let m = mirror
+                .manifest(&route, &Reference::Digest(d), &accept)
+                .await?
+                .manifest;
+            done.manifests += 1;
+            images.push(m);
+        }
+        if images.is_empty() {
+            return Err(RegistryError::new(
+                ErrorCode::ManifestUnknown,
+                "the index has no manifest for the requested platform(s)",
+            ));
+        }
+    }
+    let mut blobs: Vec<Digest> = images
+        .iter()
+        .flat_map(|m| references(&m.bytes).blobs.into_iter().map(|(d, _)| d))
+        .collect();
+    blobs.sort();
+    blobs.dedup();
+    done.blobs = blobs.len();
+    let route = &route;
+    let results: Vec<Result<Option<u64>, RegistryError>> = futures_util::stream::iter(blobs.iter())
+        .map(|d| fetch_blob(mirror, route, d))
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    for r in results {
+        match r? {
+            Some(n) => done.bytes += n,
+            None => done.cached += 1,
+        }
+    }
+    Ok(done)
+}
+
+/// `stowage prefetch`: each image through the mirror's fill engine; one line per image and a
+/// summary. Returns whether every image was fetched (an unknown image fails alone).
+pub fn prefetch(
+    config: &Config,
+    refs: &[String],
+    platforms: &Platforms,
+    pin: bool,
+    out: &mut dyn Write,
+) -> Result<bool, OpsError> {
+    if config.offline {
+        return Err(usage(
+            "prefetch needs an upstream; the config says offline = true",
+        ));
+    }
+    let mirror = crate::mirror::Mirror::new(config.clone()).map_err(|e| usage(e.to_string()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| usage(format!("cannot start the runtime: {e}")))?;
+    let parallel = config.storage.max_concurrent_fills.min(8);
+    let mut ok = Vec::new();
+    let mut failed = 0usize;
+    for text in refs {
+        let r = match ops::parse_image_ref(text, config) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("stowage: prefetch {text}: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let started = std::time::Instant::now();
+        match runtime.block_on(prefetch_one(&mirror, &r, platforms, parallel)) {
+            Ok(f) => {
+                let secs = started.elapsed().as_secs_f64().max(0.001);
+                let _ = writeln!(
+                    out,
+                    "prefetched {r}: {} manifest(s), {} blob(s) ({} already cached), {} bytes fetched in {secs:.1}s ({:.1} MiB/s)",
+                    f.manifests,
+                    f.blobs,
+                    f.cached,
+                    f.bytes,
+                    f.bytes as f64 / secs / (1024.0 * 1024.0)
+                );
+                ok.push(text.clone());
+            }
+            Err(e) => {
+                eprintln!("stowage: prefetch {r} failed: {}", e.message);
+                failed += 1;
+            }
+        }
+    }
+    runtime.block_on(mirror.cache.index().durable());
+    if pin && !ok.is_empty() {
+        ops::pin(&mirror.cache, config, &ok, out)?;
+    }
+    mirror.cache.flush()?;
+    let _ = writeln!(
+        out,
+        "prefetch: {} image(s) fetched, {failed} failed",
+        ok.len()
+    );
+    Ok(failed == 0)
 }

@@ -70,6 +70,25 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Pull images (manifests, the selected platforms, all blobs) into the cache through the
+    /// fill engine. Run it with `serve` stopped (it takes the cache lock).
+    Prefetch {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A file of image references, one a line (`#` comments allowed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Platforms of an index to fetch (`linux/amd64`, `linux/arm64/v8`); default linux/amd64.
+        #[arg(long = "platform", conflicts_with = "all_platforms")]
+        platforms: Vec<String>,
+        /// Every platform of an index.
+        #[arg(long)]
+        all_platforms: bool,
+        /// Pin the fetched images.
+        #[arg(long)]
+        pin: bool,
+        images: Vec<String>,
+    },
     /// Write cached images as an OCI image layout: a tar, or a directory with `-o dir/`.
     Export {
         #[arg(long, short)]
@@ -121,6 +140,14 @@ fn main() -> ExitCode {
         Command::Gc { config } => operate(config, |c, cfg, out| {
             ops::gc(c, cfg.storage.gc_max_age, out).map(|_| true)
         }),
+        Command::Prefetch {
+            config,
+            file,
+            platforms,
+            all_platforms,
+            pin,
+            images,
+        } => prefetch(config, file, platforms, all_platforms, pin, images),
         Command::Export {
             config,
             file,
@@ -173,6 +200,54 @@ fn operate(
         return ExitCode::FAILURE;
     }
     match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `stowage prefetch`: needs the whole mirror (upstream clients and the fill engine), so it
+/// opens the cache through [`Mirror`] rather than [`operate`].
+fn prefetch(
+    config_path: Option<PathBuf>,
+    file: Option<PathBuf>,
+    platforms: Vec<String>,
+    all_platforms: bool,
+    pin: bool,
+    images: Vec<String>,
+) -> ExitCode {
+    let config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let refs = match airgap::gather_refs(&images, file.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let platforms = if all_platforms {
+        airgap::Platforms::All
+    } else if platforms.is_empty() {
+        airgap::Platforms::Some(vec!["linux/amd64".into()])
+    } else {
+        airgap::Platforms::Some(platforms)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut out = std::io::stdout().lock();
+    match airgap::prefetch(&config, &refs, &platforms, pin, &mut out) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {

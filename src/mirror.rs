@@ -1,5 +1,8 @@
 //! The mirror's policy: answer from the cache when it can, from the upstream otherwise.
 //!
+//! - Offline (`offline = true` / `serve --offline`): the cache only. Cached tags are served
+//!   whatever their age, tag lists come from the cached tags, and anything missing is a 404 whose
+//!   message says the mirror is offline; no upstream is ever contacted.
 //! - Manifests by digest are content-addressed: a cached one is served without asking upstream.
 //! - Manifests by tag are answered from the cache within the upstream's `manifest_ttl` (forever
 //!   for `immutable_tags`), then revalidated with a `HEAD` (free against Docker Hub's rate

@@ -161,8 +161,8 @@ fn hexes(blobs: &[&images::Blob]) -> Vec<String> {
     v
 }
 
-/// A cache holding a single-platform image and one platform (amd64) of an OCI index, pulled
-/// through stowage by skopeo; stopped, so that commands can run on it.
+/// A stopped cache holding (prefetched, pinned) a single-platform OCI image, one platform
+/// (amd64) of an OCI index and a Docker schema 2 image.
 fn seeded(upstream: &Registry) -> (Stowage, Pushed, images::ImageIndex) {
     let single = push(upstream, "single", &[48 * KIB, 16 * KIB]);
     // Docker schema 2 types keep their type and digest through export and import.
@@ -177,12 +177,17 @@ fn seeded(upstream: &Registry) -> (Stowage, Pushed, images::ImageIndex) {
     let mut stowage = Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .start();
-    let work = tempfile::tempdir().expect("temp dir");
-    for name in ["single", "multi", "dockerfmt"] {
-        let src = format!("docker://{}/test/{name}:1", stowage.host_port());
-        skopeo_copy_to_dir(&src, &work.path().join(name));
-    }
     stowage.stop();
+    command_ok(
+        &stowage,
+        &[
+            "prefetch",
+            "--pin",
+            "test/single:1",
+            "test/multi:1",
+            "test/dockerfmt:1",
+        ],
+    );
     (stowage, single, index)
 }
 
@@ -352,4 +357,82 @@ fn tampered_or_truncated_bundle_is_rejected_naming_the_blob_and_nothing_is_visib
     // The intact tar imports.
     let o = command_ok(&fresh, &["import", &tar_arg]);
     assert!(o.contains("imported docker.io/test/single:1"), "{o}");
+}
+
+/// The `ls` line of `name` ends with its pin state.
+fn ls_pinned(stowage: &Stowage, name: &str) -> Option<bool> {
+    let ls = command_ok(stowage, &["ls"]);
+    ls.lines()
+        .find(|l| l.starts_with(name))
+        .map(|l| l.trim_end().ends_with("yes"))
+}
+
+#[test]
+fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
+    let upstream = Registry::start();
+    let single = push(&upstream, "single", &[40 * KIB, 8 * KIB]);
+    let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[20 * KIB]);
+    images::push(&upstream.url(), "test/multi", "1", index.clone());
+    let (amd64, arm64) = (&index.children[0], &index.children[1]);
+    let mut stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .start();
+    stowage.stop();
+
+    let o = command(
+        &stowage,
+        &[
+            "prefetch",
+            "test/single:1",
+            "test/nope:1",
+            "test/multi:1",
+            "--platform",
+            "linux/amd64",
+            "--pin",
+        ],
+    );
+    let out = text(&o);
+    assert!(!o.status.success(), "an unknown image must fail: {out}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("docker.io/test/nope:1"),
+        "names the unknown image: {out}"
+    );
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("prefetched docker.io/test/single:1"),
+        "{out}"
+    );
+    assert!(
+        stdout.contains("prefetched docker.io/test/multi:1"),
+        "{out}"
+    );
+    assert!(stdout.contains("2 image(s) fetched, 1 failed"), "{out}");
+    for b in single.blobs().into_iter().chain(amd64.blobs()) {
+        assert!(
+            stowage.blob_path(&b.digest).exists(),
+            "{} cached: {out}",
+            b.digest
+        );
+    }
+    for b in arm64.layers.iter().map(|l| &l.blob) {
+        assert!(
+            !stowage.blob_path(&b.digest).exists(),
+            "arm64 {} fetched: {out}",
+            b.digest
+        );
+    }
+    assert_eq!(ls_pinned(&stowage, "docker.io/test/single:1"), Some(true));
+    assert_eq!(ls_pinned(&stowage, "docker.io/test/multi:1"), Some(true));
+
+    // Everything is held now: a second run fetches no blob.
+    upstream.sync_log();
+    let before = upstream.blob_gets();
+    let again = command_ok(&stowage, &["prefetch", "test/single:1"]);
+    assert!(again.contains("3 blob(s) (3 already cached)"), "{again}");
+    upstream.sync_log();
+    assert_eq!(upstream.blob_gets(), before, "{again}");
+
+    // The cache serves them.
+    stowage.restart();
+    pull(&stowage, &single);
 }
