@@ -87,6 +87,12 @@ fn offline_serves_cached_tags_past_ttl_and_never_contacts_upstream() {
     let before = upstream_requests(&upstream);
     // manifest_ttl = 0 would revalidate every time online; offline serves the cached tag.
     pull(&stowage, &cached);
+    let (status, body) = get(&format!("{}/readyz", stowage.url()));
+    assert_eq!(status, 200, "offline readiness: {body}");
+    assert!(
+        body.contains("\"offline\":true"),
+        "offline readiness: {body}"
+    );
     let (status, body) = get(&format!("{}/v2/test/cached/tags/list", stowage.url()));
     assert_eq!(status, 200, "offline tag list: {body}");
     assert!(body.contains("\"1\""), "offline tag list: {body}");
