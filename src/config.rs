@@ -20,6 +20,11 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Client authentication (`[auth]`); off unless `htpasswd` is set.
     pub auth: AuthConfig,
+    /// Air-gapped operation (top-level `offline = true`, or `serve --offline`): no upstream is
+    /// ever contacted; tags are served from the cache regardless of TTL and anything the cache
+    /// lacks is a 404 saying the mirror is offline. `[[upstreams]]` may then be absent (the
+    /// built-in `docker.io` entry only names the default host for routing).
+    pub offline: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -163,6 +168,7 @@ struct RawConfig {
     upstreams: Option<Vec<RawUpstream>>,
     #[serde(default)]
     auth: RawAuth,
+    offline: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -513,6 +519,7 @@ impl Config {
             },
             upstreams,
             auth: auth_config(raw.auth)?,
+            offline: raw.offline.unwrap_or(false),
         })
     }
 }
@@ -703,6 +710,19 @@ mod tests {
 
     fn err(text: &str) -> String {
         Config::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn offline_is_a_top_level_key_and_needs_no_upstreams() {
+        assert!(!Config::from_toml("").unwrap().offline);
+        let c = Config::from_toml("offline = true\n[storage]\npath = \"d\"\n").unwrap();
+        assert!(c.offline);
+        assert_eq!(c.upstreams.len(), 1, "the default host still routes names");
+        assert!(
+            err("offline = 1").contains("offline"),
+            "{}",
+            err("offline = 1")
+        );
     }
 
     #[test]

@@ -26,7 +26,8 @@
 //! - [`mirror`] — the policy: tags fresh within `manifest_ttl` (or `immutable_tags`) without
 //!   upstream, then revalidated with one `HEAD`; by-digest hits without upstream; per-Accept tag
 //!   variants; stale serving (bounded by `max_stale`) when upstream fails; negative cache of
-//!   upstream 404s; blob hit / join / start fill.
+//!   upstream 404s; blob hit / join / start fill; `offline` (cache only, 404 naming the offline
+//!   mirror, no upstream contact).
 //! - [`upstream`] — one client per configured registry: routing (path prefix, `?ns=`, default,
 //!   Docker Hub's `library/`, unknown hosts refused), bearer-token and basic auth, redirects
 //!   followed by hand so that credentials never leave the registry's origin, manifest
@@ -40,11 +41,15 @@
 //!   sled in batches, crash reconciliation at open, the cache lock file.
 //! - [`ops`] — operator commands on a stopped cache: `pin`, `unpin`, `ls`, `verify [--repair]`,
 //!   `gc`, and Docker-style image reference parsing.
+//! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine, `export` of
+//!   cached images to an OCI image layout (tar or directory, readable by skopeo) and `import` of
+//!   one (every blob verified first, images made visible whole, idempotent). `offline = true` /
+//!   `serve --offline` lives in [`mirror`].
 //!
-//! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]` and the
-//! operator commands `pin|unpin|ls|verify|gc [--config PATH]`. `serve` also runs the optional
-//! `server.metrics_listen` listener, sets the cache gauges at startup, owns the housekeeping task
-//! (recency flush, deferred eviction), and reloads the TLS certificate and the htpasswd file on
+//! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]
+//! [--offline]` and the operator commands `pin|unpin|ls|verify|gc|prefetch|export|import
+//! [--config PATH]`. `serve` also runs the optional `server.metrics_listen` listener, sets the
+//! cache gauges at startup, owns the housekeeping task (recency flush, deferred eviction), and reloads the TLS certificate and the htpasswd file on
 //! SIGHUP. `src/bin/stowage-bench.rs` is the benchmark command (stowage vs distribution's proxy;
 //! results in `BENCHMARKS.md`).
 //!
@@ -53,6 +58,7 @@
 //! in-process fake upstream for faults a real registry cannot produce). `tests/fuzz.rs` is the
 //! proptest suite for every parser that sees client input.
 
+pub mod airgap;
 pub mod cache;
 pub mod config;
 pub mod http;

@@ -10,7 +10,7 @@ use stowage::cache::Cache;
 use stowage::config::Config;
 use stowage::http::listener::Security;
 use stowage::mirror::Mirror;
-use stowage::ops;
+use stowage::{airgap, ops};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +33,9 @@ enum Command {
         /// Log format: `text` for people, `json` (one object per line) for machines.
         #[arg(long, value_enum, default_value_t = LogFormat::Text)]
         log_format: LogFormat,
+        /// Never contact an upstream: serve only what the cache holds (same as `offline = true`).
+        #[arg(long)]
+        offline: bool,
     },
     /// Pin images (manifest, an index's children held, all their blobs): never evicted.
     Pin {
@@ -67,6 +70,46 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Pull images (manifests, the selected platforms, all blobs) into the cache through the
+    /// fill engine. Run it with `serve` stopped (it takes the cache lock).
+    Prefetch {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A file of image references, one a line (`#` comments allowed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Platforms of an index to fetch (`linux/amd64`, `linux/arm64/v8`); default linux/amd64.
+        #[arg(long = "platform", conflicts_with = "all_platforms")]
+        platforms: Vec<String>,
+        /// Every platform of an index.
+        #[arg(long)]
+        all_platforms: bool,
+        /// Pin the fetched images.
+        #[arg(long)]
+        pin: bool,
+        images: Vec<String>,
+    },
+    /// Write cached images as an OCI image layout: a tar, or a directory with `-o dir/`.
+    Export {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A file of image references, one a line (`#` comments allowed).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// `bundle.tar`, or `dir/` (trailing slash or an existing directory) for a directory.
+        #[arg(long, short, required = true)]
+        output: PathBuf,
+        images: Vec<String>,
+    },
+    /// Load an OCI image layout (tar or directory) into the cache, verifying every blob.
+    Import {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Pin the imported images.
+        #[arg(long)]
+        pin: bool,
+        bundle: PathBuf,
+    },
 }
 
 /// How log lines are written to stderr.
@@ -79,7 +122,11 @@ enum LogFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config, log_format } => serve(config, log_format),
+        Command::Serve {
+            config,
+            log_format,
+            offline,
+        } => serve(config, log_format, offline),
         Command::Pin { config, images } => operate(config, |c, cfg, out| {
             ops::pin(c, cfg, &images, out).map(|_| true)
         }),
@@ -92,6 +139,30 @@ fn main() -> ExitCode {
         }),
         Command::Gc { config } => operate(config, |c, cfg, out| {
             ops::gc(c, cfg.storage.gc_max_age, out).map(|_| true)
+        }),
+        Command::Prefetch {
+            config,
+            file,
+            platforms,
+            all_platforms,
+            pin,
+            images,
+        } => prefetch(config, file, platforms, all_platforms, pin, images),
+        Command::Export {
+            config,
+            file,
+            output,
+            images,
+        } => operate(config, |c, cfg, out| {
+            let refs = airgap::gather_refs(&images, file.as_deref())?;
+            airgap::export(c, cfg, &refs, &output, out).map(|_| true)
+        }),
+        Command::Import {
+            config,
+            pin,
+            bundle,
+        } => operate(config, |c, _, out| {
+            airgap::import(c, &bundle, pin, out).map(|_| true)
         }),
     }
 }
@@ -138,6 +209,54 @@ fn operate(
     }
 }
 
+/// `stowage prefetch`: needs the whole mirror (upstream clients and the fill engine), so it
+/// opens the cache through [`Mirror`] rather than [`operate`].
+fn prefetch(
+    config_path: Option<PathBuf>,
+    file: Option<PathBuf>,
+    platforms: Vec<String>,
+    all_platforms: bool,
+    pin: bool,
+    images: Vec<String>,
+) -> ExitCode {
+    let config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let refs = match airgap::gather_refs(&images, file.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let platforms = if all_platforms {
+        airgap::Platforms::All
+    } else if platforms.is_empty() {
+        airgap::Platforms::Some(vec!["linux/amd64".into()])
+    } else {
+        airgap::Platforms::Some(platforms)
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let mut out = std::io::stdout().lock();
+    match airgap::prefetch(&config, &refs, &platforms, pin, &mut out) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -159,14 +278,15 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn serve(config_path: Option<PathBuf>, log_format: LogFormat) -> ExitCode {
-    let config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
+fn serve(config_path: Option<PathBuf>, log_format: LogFormat, offline: bool) -> ExitCode {
+    let mut config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("stowage: {e}");
             return ExitCode::from(2);
         }
     };
+    config.offline |= offline;
     // Certificate, key and htpasswd are read now, so a bad one is a config error (exit 2).
     let security = match Security::from_config(&config) {
         Ok(s) => s,
@@ -256,6 +376,7 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
         upstreams = %upstreams.join(","),
         tls = security.tls.is_some(),
         auth = security.auth.is_some(),
+        offline = mirror.config.offline,
         "stowage listening"
     );
     // One signal stops both listeners.

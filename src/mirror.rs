@@ -1,5 +1,8 @@
 //! The mirror's policy: answer from the cache when it can, from the upstream otherwise.
 //!
+//! - Offline (`offline = true` / `serve --offline`): the cache only. Cached tags are served
+//!   whatever their age, tag lists come from the cached tags, and anything missing is a 404 whose
+//!   message says the mirror is offline; no upstream is ever contacted.
 //! - Manifests by digest are content-addressed: a cached one is served without asking upstream.
 //! - Manifests by tag are answered from the cache within the upstream's `manifest_ttl` (forever
 //!   for `immutable_tags`), then revalidated with a `HEAD` (free against Docker Hub's rate
@@ -123,6 +126,14 @@ fn header_safe(text: &str, max: usize) -> String {
         })
         .take(max)
         .collect()
+}
+
+/// The 404 for content the cache lacks while the mirror is offline (`offline = true`).
+fn offline_unknown(code: ErrorCode, what: impl std::fmt::Display) -> RegistryError {
+    RegistryError::new(
+        code,
+        format!("{what} is not in the cache and the mirror is offline (no upstream is contacted)"),
+    )
 }
 
 /// Upstream 404s for tags, remembered for the upstream's `negative_ttl` (in memory only).
@@ -255,6 +266,12 @@ impl Mirror {
         if let Some(m) = self.cache.manifest(digest)? {
             return Ok((m, false));
         }
+        if self.config.offline {
+            return Err(offline_unknown(
+                ErrorCode::ManifestUnknown,
+                format_args!("manifest {}@{digest}", route.repo),
+            ));
+        }
         let fetched = route
             .upstream
             .get_manifest(
@@ -292,6 +309,22 @@ impl Mirror {
         let host = route.host();
         let cached = self.cache.tag(host, &route.repo, tag)?;
         let negative_key = format!("{host}\0{}\0{tag}", route.repo);
+        if self.config.offline {
+            // Offline: the cached answer whatever its age; nothing else exists.
+            let entry = cached.ok_or_else(|| {
+                offline_unknown(
+                    ErrorCode::ManifestUnknown,
+                    format_args!("{}:{tag}", route.repo),
+                )
+            })?;
+            let d = pick(&entry, accept).ok_or_else(|| {
+                offline_unknown(
+                    ErrorCode::ManifestUnknown,
+                    format_args!("a variant of {}:{tag} for this Accept header", route.repo),
+                )
+            })?;
+            return self.manifest_by_digest(route, &d).await;
+        }
         match &cached {
             Some(entry) => {
                 let age = Duration::from_millis(unix_now_ms().saturating_sub(entry.checked));
@@ -554,6 +587,12 @@ impl Mirror {
         if let Some(b) = self.cache.open_blob(digest)? {
             return Ok(BlobAnswer::Cached(b));
         }
+        if self.config.offline {
+            return Err(offline_unknown(
+                ErrorCode::BlobUnknown,
+                format_args!("blob {digest}"),
+            ));
+        }
         if head {
             let size = route
                 .upstream
@@ -591,6 +630,9 @@ impl Mirror {
     ) -> Result<TagList, RegistryError> {
         // Ask upstream for the same window; a registry that honours it saves transfer, one that
         // does not is windowed below. An upstream `Link` means it holds more than it sent.
+        if self.config.offline {
+            return self.cached_tags(route, client_name, page);
+        }
         let query = {
             // (The serializer is not `Send`; keep it out of the await below.)
             let mut q = url::form_urlencoded::Serializer::new(String::new());
@@ -624,6 +666,38 @@ impl Mirror {
         let next = (truncated || (upstream_has_more && page.n != Some(0)))
             .then(|| tags.last().cloned())
             .flatten();
+        Ok(TagList {
+            name: client_name.to_string(),
+            tags,
+            next,
+        })
+    }
+
+    /// Offline tag list: the tags the cache holds for the repository.
+    fn cached_tags(
+        &self,
+        route: &Route,
+        client_name: &RepoName,
+        page: &TagPage,
+    ) -> Result<TagList, RegistryError> {
+        let repo = route.repo.to_string();
+        let mut tags: Vec<String> = self
+            .cache
+            .index()
+            .tags()
+            .map_err(crate::cache::CacheError::from)?
+            .into_iter()
+            .filter(|t| t.upstream == route.host() && t.repo == repo)
+            .map(|t| t.tag)
+            .collect();
+        if tags.is_empty() {
+            return Err(offline_unknown(
+                ErrorCode::NameUnknown,
+                format_args!("repository {}", route.repo),
+            ));
+        }
+        let (tags, truncated) = window_tags(&mut tags, page);
+        let next = truncated.then(|| tags.last().cloned()).flatten();
         Ok(TagList {
             name: client_name.to_string(),
             tags,

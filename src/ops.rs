@@ -116,7 +116,7 @@ pub fn parse_image_ref(text: &str, config: &Config) -> Result<ImageRef, OpsError
 }
 
 /// The manifest digest a reference names in the cache.
-fn resolve(cache: &Cache, r: &ImageRef) -> Result<Digest, OpsError> {
+pub(crate) fn resolve(cache: &Cache, r: &ImageRef) -> Result<Digest, OpsError> {
     let digest = match &r.reference {
         Reference::Digest(d) => d.clone(),
         Reference::Tag(t) => {
@@ -140,10 +140,10 @@ fn resolve(cache: &Cache, r: &ImageRef) -> Result<Digest, OpsError> {
 }
 
 /// Manifests held and blobs (with descriptor sizes) reachable from a manifest.
-type Closure = (Vec<Digest>, Vec<(Digest, u64)>);
+pub(crate) type Closure = (Vec<Digest>, Vec<(Digest, u64)>);
 
 /// Every manifest and blob reachable from `root` that the cache holds: (manifests, blobs).
-fn closure(cache: &Cache, root: &Digest) -> Result<Closure, OpsError> {
+pub(crate) fn closure(cache: &Cache, root: &Digest) -> Result<Closure, OpsError> {
     let mut manifests = Vec::new();
     let mut blobs = Vec::new();
     let mut seen = HashSet::new();

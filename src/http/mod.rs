@@ -297,7 +297,13 @@ async fn readyz(State(mirror): State<AppState>) -> Response {
         .cache
         .index()
         .manifest(&Digest::of(b"stowage readiness probe"));
-    let probes = mirror.router.upstreams().iter().map(|u| async move {
+    // Offline: no upstream is contacted, not even to probe it.
+    let probed = if mirror.config.offline {
+        &[][..]
+    } else {
+        mirror.router.upstreams()
+    };
+    let probes = probed.iter().map(|u| async move {
         let answer = u.ping(UPSTREAM_PROBE_TIMEOUT).await;
         serde_json::json!({
             "host": u.host(),
@@ -324,6 +330,7 @@ async fn readyz(State(mirror): State<AppState>) -> Response {
             "error": index.as_ref().err().map(|e| e.to_string()),
         },
         "upstreams": upstreams,
+        "offline": mirror.config.offline,
     });
     let status = if ready {
         StatusCode::OK

@@ -405,6 +405,11 @@ impl Stowage {
         status
     }
 
+    /// Adds a `serve` argument for the next (re)start (e.g. `--offline`).
+    pub fn push_arg(&mut self, arg: &str) {
+        self.options.args.push(arg.to_string());
+    }
+
     /// Stops the process and starts it again on the same port, config and data dir.
     pub fn restart(&mut self) {
         self.kill();
