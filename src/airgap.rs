@@ -27,10 +27,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest as _, Sha256};
-
 use crate::cache::index::{unix_now, unix_now_ms};
-use crate::cache::{references, BlobBody, BlobSource, Cache, Pin, TagEntry};
+use crate::cache::{hash_copy, references, BlobBody, BlobSource, Cache, Pin, TagEntry};
 use crate::config::Config;
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use crate::ops::{self, OpsError};
@@ -254,28 +252,6 @@ impl BlobSource for FileSource {
     }
 }
 
-/// Hashes `reader` into `dest` (if any): (digest hex, size).
-fn hash_copy(
-    mut reader: impl Read,
-    mut dest: Option<&mut std::fs::File>,
-) -> std::io::Result<(String, u64)> {
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n = 0u64;
-    loop {
-        let k = reader.read(&mut buf)?;
-        if k == 0 {
-            break;
-        }
-        h.update(&buf[..k]);
-        if let Some(d) = dest.as_deref_mut() {
-            d.write_all(&buf[..k])?;
-        }
-        n += k as u64;
-    }
-    Ok((hex::encode(h.finalize()), n))
-}
-
 fn valid_hex(name: &str) -> bool {
     name.len() == 64 && name.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
@@ -321,7 +297,9 @@ fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
             }
             let path = e.path();
             let f = std::fs::File::open(&path).map_err(io_err(path.display()))?;
-            let (got, size) = hash_copy(f, None).map_err(io_err(path.display()))?;
+            let (got, size) = hash_copy(f, None, |_| {})
+                .map(|(d, n)| (d.hex().to_owned(), n))
+                .map_err(io_err(path.display()))?;
             if got != name {
                 return Err(tampered(&name, &got, size));
             }
@@ -366,7 +344,7 @@ fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
             let dest_path = staging.join(hex);
             let mut dest =
                 std::fs::File::create(&dest_path).map_err(io_err(dest_path.display()))?;
-            let (got, size) = hash_copy(&mut entry, Some(&mut dest)).map_err(|e| {
+            let (got, size) = hash_copy(&mut entry, Some(&mut dest), |_| {}).map(|(d, n)| (d.hex().to_owned(), n)).map_err(|e| {
                 usage(format!(
                     "bundle blob sha256:{hex} cannot be read (truncated bundle?): {e}; nothing was imported"
                 ))

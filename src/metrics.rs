@@ -374,15 +374,15 @@ impl Metrics {
             .sub(i64::try_from(size).unwrap_or(i64::MAX));
     }
 
-    /// A response (or `None`: no response) from upstream `host` to a `method` request. Records
-    /// the request and Docker Hub's rate-limit header when present.
+    /// A response status (or `None`: no response) from upstream `host` to a `method` request.
+    /// (The rate-limit gauge is set from `upstream::RateLimit`, the one parser of those headers.)
     pub fn upstream_response(
         &self,
         host: &str,
         method: &http::Method,
-        response: Option<(http::StatusCode, &http::HeaderMap)>,
+        status: Option<http::StatusCode>,
     ) {
-        let status = response.map(|(s, _)| s.as_u16());
+        let status = status.map(|s| s.as_u16());
         let status_label = match status {
             Some(s) => s.to_string(),
             None => "error".to_owned(),

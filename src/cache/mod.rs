@@ -677,19 +677,32 @@ pub fn tag_access_key(upstream: &str, repo: &RepoName, tag: &Tag) -> Vec<u8> {
 }
 
 /// Hashes a file, calling `progress` with each chunk's length. Returns its digest and size.
-pub fn hash_file(path: &Path, mut progress: impl FnMut(u64)) -> std::io::Result<(Digest, u64)> {
+pub fn hash_file(path: &Path, progress: impl FnMut(u64)) -> std::io::Result<(Digest, u64)> {
+    hash_copy(std::fs::File::open(path)?, None, progress)
+}
+
+/// Hashes everything `reader` yields, copying it into `dest` if given and calling `progress` with
+/// each chunk's length. Returns the digest and size. (Verify, repair, startup adoption and bundle
+/// import all hash this way; the fill hashes incrementally as bytes arrive instead.)
+pub fn hash_copy(
+    mut reader: impl std::io::Read,
+    mut dest: Option<&mut std::fs::File>,
+    mut progress: impl FnMut(u64),
+) -> std::io::Result<(Digest, u64)> {
     use sha2::Digest as _;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
+    use std::io::Write as _;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut size = 0u64;
     loop {
-        let n = f.read(&mut buf)?;
+        let n = reader.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        if let Some(d) = dest.as_deref_mut() {
+            d.write_all(&buf[..n])?;
+        }
         size += n as u64;
         progress(n as u64);
     }

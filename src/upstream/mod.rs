@@ -356,7 +356,7 @@ impl Upstream {
             crate::metrics::metrics().upstream_response(
                 self.host(),
                 method,
-                resp.as_ref().ok().map(|r| (r.status(), r.headers())),
+                resp.as_ref().ok().map(|r| r.status()),
             );
             let resp = resp.map_err(|e| self.unreachable(describe(&e)))?;
             if !resp.status().is_redirection() {
@@ -432,7 +432,7 @@ impl Upstream {
         crate::metrics::metrics().upstream_response(
             self.host(),
             &Method::GET,
-            resp.as_ref().ok().map(|r| (r.status(), r.headers())),
+            resp.as_ref().ok().map(|r| r.status()),
         );
         let resp = resp.map_err(|e| self.unreachable(describe(&e)))?;
         let resp = self.check_status(resp).await?;
@@ -694,7 +694,7 @@ impl Upstream {
         crate::metrics::metrics().upstream_response(
             self.host(),
             &Method::GET,
-            resp.as_ref().ok().map(|r| (r.status(), r.headers())),
+            resp.as_ref().ok().map(|r| r.status()),
         );
         resp.map(|r| r.status().as_u16())
             .map_err(|e| self.unreachable(describe(&e)))
