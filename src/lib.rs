@@ -61,12 +61,14 @@
 pub mod airgap;
 pub mod cache;
 pub mod config;
+pub mod fleet;
 pub mod http;
 pub mod metrics;
 pub mod mirror;
 pub mod oci;
 pub mod ops;
 pub mod policy;
+pub mod store;
 pub mod upstream;
 
 /// Startup and top-level failures.

@@ -61,6 +61,13 @@ pub struct Metrics {
     pub evictions: IntCounter,
     /// Counted by `cache::budget`'s eviction, through [`Metrics::blob_evicted`].
     pub evicted_bytes: IntCounter,
+    /// The fleet's shared store (`fleet`): 1 while its last call succeeded, by store.
+    pub object_store_up: IntGaugeVec,
+    pub object_store_requests: IntCounterVec,
+    pub object_store_bytes: IntCounterVec,
+    pub object_store_hits: IntCounterVec,
+    pub object_store_fallbacks: IntCounter,
+    pub fill_sources: IntCounterVec,
 }
 
 /// What kind of content a cache hit or miss was about.
@@ -305,6 +312,46 @@ impl Metrics {
                 "stowage_evicted_bytes_total",
                 "Bytes of blobs evicted to stay within the budget.",
             ),
+            object_store_up: reg(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "stowage_object_store_up",
+                        "1 while the fleet's shared object store answers, 0 after a failed call (by store).",
+                    ),
+                    &["store"],
+                )
+                .unwrap_or_else(|e| panic!("stowage_object_store_up: {e}")),
+            ),
+            object_store_requests: counter_vec(
+                r,
+                "stowage_object_store_requests_total",
+                "Calls to the shared object store, by operation and result (ok, error).",
+                &["op", "result"],
+            ),
+            object_store_bytes: counter_vec(
+                r,
+                "stowage_object_store_bytes_total",
+                "Blob bytes read from / written to the shared object store, by direction.",
+                &["direction"],
+            ),
+            object_store_hits: counter_vec(
+                r,
+                "stowage_object_store_hits_total",
+                "Local misses answered from the shared object store instead of the upstream, by kind (blob, manifest, tag).",
+                &["kind"],
+            ),
+            object_store_fallbacks: counter(
+                r,
+                "stowage_object_store_fallbacks_total",
+                "Fills that went to the upstream because the shared object store failed.",
+            ),
+            fill_sources: counter_vec(
+                r,
+                "stowage_fill_sources_total",
+                "Blob fills by where their bytes came from (upstream, object_store).",
+                &["source"],
+            ),
             registry,
         };
         // Series with known label values exist from the start, so that rates and ratios have
@@ -335,6 +382,23 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)
+    }
+
+    /// One call to the fleet's shared store.
+    pub fn object_store_request(&self, op: &str, result: &str) {
+        self.object_store_requests
+            .with_label_values(&[op, result])
+            .inc();
+    }
+
+    /// A local miss answered by the shared store (`blob`, `manifest`, `tag`).
+    pub fn object_store_hit(&self, kind: &str) {
+        self.object_store_hits.with_label_values(&[kind]).inc();
+    }
+
+    /// A fill started, reading from `source` (`upstream`, `object_store`).
+    pub fn fill_source(&self, source: &str) {
+        self.fill_sources.with_label_values(&[source]).inc();
     }
 
     pub fn hit(&self, kind: Kind) {

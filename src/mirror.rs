@@ -14,6 +14,10 @@
 //!   is never handed over: the tag's variant for the client's Accept set is fetched once with
 //!   the client's own `Accept` and kept beside the tag until it moves.
 //! - Blobs: a hit streams the file; a miss joins or starts a fill (see [`crate::cache::fill`]).
+//! - With a shared store (`storage.backend`, [`crate::fleet`]): local misses of blobs,
+//!   manifests and tags look in the fleet's store before the upstream, and what the upstream
+//!   gives is shared (verified blobs after commit; manifests; tag records with their check
+//!   time, so a tag confirmed by another node within `manifest_ttl` needs no upstream request).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +31,7 @@ use crate::cache::{
     BlobBody, BlobSource, Cache, CachedBlob, Fill, FillPolicy, StoredManifest, TagEntry,
 };
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::oci::media::{self, Accept};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use crate::upstream::{Route, Router, Upstream, UpstreamError};
@@ -88,6 +93,8 @@ pub struct Mirror {
     pub config: Config,
     pub cache: Cache,
     pub router: Router,
+    /// The fleet's shared store, when `storage.backend` names one.
+    pub fleet: Option<Arc<Fleet>>,
     /// Tags upstream said do not exist, until when.
     negative: NegativeCache,
 }
@@ -217,10 +224,23 @@ impl Mirror {
                 crate::Error::Startup(format!("upstream {}: {e}", u.host))
             })?));
         }
+        let fleet = match &config.storage.shared {
+            Some(shared) => {
+                let store = crate::store::open(shared)
+                    .map_err(|e| crate::Error::Startup(format!("storage.backend: {e}")))?;
+                Some(Arc::new(Fleet::new(
+                    store,
+                    shared.fill_lease_ttl,
+                    shared.timeout,
+                )))
+            }
+            None => None,
+        };
         Ok(Mirror {
             config,
             cache,
             router: Router::new(upstreams),
+            fleet,
             negative: NegativeCache::default(),
         })
     }
@@ -266,6 +286,9 @@ impl Mirror {
         if let Some(m) = self.cache.manifest(digest)? {
             return Ok((m, false));
         }
+        if let Some(m) = self.shared_manifest(route, digest).await? {
+            return Ok((m, false));
+        }
         if self.config.offline {
             return Err(offline_unknown(
                 ErrorCode::ManifestUnknown,
@@ -307,7 +330,17 @@ impl Mirror {
     ) -> Result<ManifestAnswer, RegistryError> {
         let config = &route.upstream.config;
         let host = route.host();
-        let cached = self.cache.tag(host, &route.repo, tag)?;
+        let mut cached = self.cache.tag(host, &route.repo, tag)?;
+        if let Some(fleet) = &self.fleet {
+            let fresh = cached.as_ref().is_some_and(|e| {
+                config.is_immutable(tag.as_str())
+                    || Duration::from_millis(unix_now_ms().saturating_sub(e.checked))
+                        < config.manifest_ttl
+            });
+            if !fresh {
+                cached = self.adopt_shared_tag(fleet, route, tag, cached).await?;
+            }
+        }
         let negative_key = format!("{host}\0{}\0{tag}", route.repo);
         if self.config.offline {
             // Offline: the cached answer whatever its age; nothing else exists.
@@ -424,6 +457,9 @@ impl Mirror {
                     .tag_checked(host, &route.repo, tag, checked)
                     .map_err(crate::cache::CacheError::from)?;
                 e.checked = checked;
+                if let Some(fleet) = &self.fleet {
+                    fleet.put_tag(host, &route.repo, tag, &e);
+                }
                 e
             }
             previous => {
@@ -439,6 +475,9 @@ impl Mirror {
                 self.cache.put_tag(host, &route.repo, tag, &e)?;
                 self.cache.touch_repo(host, &route.repo)?;
                 self.cache.index().durable().await;
+                if let Some(fleet) = &self.fleet {
+                    fleet.put_tag(host, &route.repo, tag, &e);
+                }
                 e
             }
         };
@@ -494,6 +533,9 @@ impl Mirror {
         );
         self.cache.put_tag(route.host(), &route.repo, tag, &entry)?;
         self.cache.index().durable().await;
+        if let Some(fleet) = &self.fleet {
+            fleet.put_tag(route.host(), &route.repo, tag, &entry);
+        }
         Ok(answer(m, Outcome::Miss))
     }
 
@@ -523,6 +565,9 @@ impl Mirror {
                     .index()
                     .remove_tag(host, &route.repo, tag)
                     .map_err(crate::cache::CacheError::from)?;
+                if let Some(fleet) = &self.fleet {
+                    fleet.remove_tag(host, &route.repo, tag);
+                }
             }
         }
         let client_error = err.to_registry_error(ErrorCode::ManifestUnknown);
@@ -574,7 +619,59 @@ impl Mirror {
         })?;
         self.cache.touch_repo(route.host(), &route.repo)?;
         self.cache.index().durable().await;
+        if let Some(fleet) = &self.fleet {
+            fleet.put_manifest(&m);
+        }
         Ok(m)
+    }
+
+    /// A manifest from the fleet's shared store (verified against its digest), kept locally.
+    async fn shared_manifest(
+        &self,
+        route: &Route,
+        digest: &Digest,
+    ) -> Result<Option<Arc<StoredManifest>>, RegistryError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(None);
+        };
+        let Some(m) = fleet.manifest(digest).await else {
+            return Ok(None);
+        };
+        let m = self.cache.put_manifest(m)?;
+        self.cache.touch_repo(route.host(), &route.repo)?;
+        self.cache.index().durable().await;
+        Ok(Some(m))
+    }
+
+    /// The local tag record is missing or expired: take the fleet's record if it is newer
+    /// (another node confirmed the tag upstream more recently). Returns the record to go on
+    /// with: the adopted one, or the local one unchanged.
+    async fn adopt_shared_tag(
+        &self,
+        fleet: &Arc<Fleet>,
+        route: &Route,
+        tag: &Tag,
+        local: Option<TagEntry>,
+    ) -> Result<Option<TagEntry>, RegistryError> {
+        let host = route.host();
+        let Some(mut shared) = fleet.tag(host, &route.repo, tag).await else {
+            return Ok(local);
+        };
+        if local.as_ref().is_some_and(|l| l.checked >= shared.checked) {
+            return Ok(local);
+        }
+        // Keep variants this node fetched for the same digest, add the fleet's.
+        if let Some(l) = &local {
+            if l.digest == shared.digest {
+                for (k, v) in &l.variants {
+                    shared.variants.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+        crate::metrics::metrics().object_store_hit("tag");
+        self.cache.put_tag(host, &route.repo, tag, &shared)?;
+        self.cache.touch_repo(host, &route.repo)?;
+        Ok(Some(shared))
     }
 
     /// A blob: the cached file, a fill (started or joined), or for HEAD the upstream's size.
@@ -587,7 +684,16 @@ impl Mirror {
         if let Some(b) = self.cache.open_blob(digest)? {
             return Ok(BlobAnswer::Cached(b));
         }
-        if self.config.offline {
+        let shared_size = match &self.fleet {
+            Some(fleet) if head || self.config.offline => fleet.blob_size(digest).await,
+            _ => None,
+        };
+        if head {
+            if let Some(size) = shared_size {
+                return Ok(BlobAnswer::Head { size: Some(size) });
+            }
+        }
+        if self.config.offline && shared_size.is_none() {
             return Err(offline_unknown(
                 ErrorCode::BlobUnknown,
                 format_args!("blob {digest}"),
@@ -601,13 +707,34 @@ impl Mirror {
                 .map_err(|e| e.to_registry_error(ErrorCode::BlobUnknown))?;
             return Ok(BlobAnswer::Head { size });
         }
-        let (fill, joined) = self.cache.fill(digest, || {
+        let upstream = || -> Box<dyn BlobSource> {
             Box::new(UpstreamSource {
                 upstream: route.upstream.clone(),
                 repo: route.repo.clone(),
                 digest: digest.clone(),
             })
-        })?;
+        };
+        let (fill, joined) = match &self.fleet {
+            None => self.cache.fill(digest, upstream)?,
+            Some(fleet) => {
+                let mut tiered = None;
+                let offline = self.config.offline;
+                let (fill, joined) = self.cache.fill(digest, || {
+                    let (source, mode) = fleet.source(digest, (!offline).then(upstream));
+                    tiered = Some(mode);
+                    Box::new(source)
+                })?;
+                if let Some(mode) = tiered {
+                    fleet.share_after_commit(
+                        fill.clone(),
+                        mode,
+                        self.cache.budget().clone(),
+                        self.cache.blob_path(digest),
+                    );
+                }
+                (fill, joined)
+            }
+        };
         crate::metrics::metrics()
             .fill_joins
             .inc_by(u64::from(joined));

@@ -206,6 +206,24 @@ impl Fill {
         }
     }
 
+    /// Waits until the fill has ended: committed, or the failure its readers saw.
+    pub async fn finished(&self) -> Result<(), RegistryError> {
+        let mut rx = self.state.clone();
+        loop {
+            {
+                let s = rx.borrow_and_update();
+                match &s.phase {
+                    Phase::Starting | Phase::Streaming => {}
+                    Phase::Committed => return Ok(()),
+                    Phase::Failed(e) => return Err(e.clone()),
+                }
+            }
+            if rx.changed().await.is_err() {
+                return Err(fill_vanished(&self.digest));
+            }
+        }
+    }
+
     /// Streams the whole blob as it arrives. The stream ends with an error if the fill fails.
     pub fn reader(self: &Arc<Fill>) -> ByteStream {
         self.reader_range(0, None)

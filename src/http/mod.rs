@@ -312,6 +312,26 @@ async fn readyz(State(mirror): State<AppState>) -> Response {
         })
     });
     let upstreams = futures_util::future::join_all(probes).await;
+    // The fleet's shared store: reported, but not a reason to leave the load balancer — the
+    // node still serves its local tier and fills from the upstream (like an unreachable
+    // upstream, which does not make a node unready either).
+    let object_store = match &mirror.fleet {
+        Some(fleet) => {
+            let probe = fleet.probe().await;
+            if let Err(e) = &probe {
+                tracing::warn!(store = %fleet.describe(), error = %e, "degraded: the shared object store does not answer");
+            }
+            serde_json::json!({
+                "store": fleet.describe(),
+                "reachable": probe.is_ok(),
+                "error": probe.err(),
+            })
+        }
+        None => serde_json::Value::Null,
+    };
+    let degraded = object_store
+        .get("reachable")
+        .is_some_and(|r| r == &serde_json::Value::Bool(false));
     let ready = writable.is_ok() && index.is_ok();
     if let Err(e) = &writable {
         tracing::warn!(error = %e, "not ready: cache directory is not writable");
@@ -330,6 +350,8 @@ async fn readyz(State(mirror): State<AppState>) -> Response {
             "error": index.as_ref().err().map(|e| e.to_string()),
         },
         "upstreams": upstreams,
+        "object_store": object_store,
+        "degraded": degraded,
         "offline": mirror.config.offline,
     });
     let status = if ready {

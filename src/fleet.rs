@@ -1,0 +1,551 @@
+//! The fleet tier: several stowage nodes sharing one [`BlobStore`] (an S3 / GCS / Azure bucket
+//! or a shared directory, `storage.backend`), so that each blob crosses the internet once for
+//! the whole fleet.
+//!
+//! Each node keeps its local cache as a bounded hot tier in front of the shared store:
+//!
+//! - **blobs**: local hit → serve. Local miss → one fill (single flight, as always) whose source
+//!   is a [`TieredSource`]: the shared object if it exists, else the upstream. Every fill is
+//!   hashed and verified locally whatever its source, so a damaged shared object never reaches a
+//!   client as good bytes. A blob that came from the upstream is uploaded to the shared store
+//!   once it is committed (verified) locally: only verified content is ever shared, and an
+//!   interrupted upload leaves no object (see [`BlobStore::put_file`]).
+//! - **fill leases**: before going upstream, a node claims `leases/sha256/<hex>` with a
+//!   conditional create. A node that finds another's live claim waits (up to the claim's expiry,
+//!   `storage.fill_lease_ttl`) for the object to appear and reads it from the store instead. The
+//!   lease is best effort: stores without conditional create (Garage) make it a no-op, and the
+//!   load balancer's consistent hashing (README) is the first line of cross-node dedup.
+//! - **manifests** are shared by digest (`manifests/sha256/<hex>`, checked against the digest on
+//!   the way back in) and **tags** as their records (`tags/<upstream>/<repo>/<tag>`: digest, type,
+//!   the time upstream last confirmed them, Accept variants). A tag confirmed by node A within
+//!   `manifest_ttl` is a hit on node B without an upstream request.
+//! - **losing the store**: every store call is bounded (`storage.object_store_timeout`); a
+//!   failure marks the store down (`stowage_object_store_up`, `/readyz`), counts it, and the node
+//!   carries on with its local tier and the upstream. Shared writes (manifests, tags, uploads)
+//!   happen in the background and never delay or fail a client's request.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+
+use crate::cache::budget::Budget;
+use crate::cache::index::unix_now_ms;
+use crate::cache::{BlobBody, BlobSource, Fill, StoredManifest, TagEntry};
+use crate::metrics::metrics;
+use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
+use crate::store::{BlobStore, Created, StoreError};
+
+/// How often a node waiting on another node's fill lease looks for the finished object.
+const LEASE_POLL: Duration = Duration::from_millis(500);
+
+/// A shared manifest object: the exact bytes and the media type they were served with.
+#[derive(Serialize, Deserialize)]
+struct SharedManifest {
+    media_type: String,
+    /// Base64 of the manifest's bytes (byte-exact: its digest is checked on read).
+    bytes: String,
+}
+
+/// A node's claim to fill one blob from the upstream.
+#[derive(Serialize, Deserialize)]
+struct Lease {
+    node: String,
+    /// Unix milliseconds after which the claim no longer holds anyone off.
+    expires: u64,
+}
+
+/// What a claim attempt found.
+enum Claim {
+    /// Ours: go upstream, then release.
+    Ours,
+    /// Another node is filling until `expires` (Unix ms).
+    Theirs { node: String, expires: u64 },
+    /// No lease possible (store without conditional create, or store trouble): go upstream.
+    None,
+}
+
+/// The shared store with its health, as one node sees it.
+pub struct Fleet {
+    store: Arc<dyn BlobStore>,
+    describe: String,
+    node: String,
+    lease_ttl: Duration,
+    timeout: Duration,
+    up: AtomicBool,
+    last_error: Mutex<Option<String>>,
+    /// Blobs being uploaded by this node (so two commits never upload the same blob twice).
+    uploading: Mutex<HashSet<String>>,
+}
+
+fn blob_key(digest: &Digest) -> String {
+    format!("blobs/sha256/{}", digest.hex())
+}
+
+fn manifest_key(digest: &Digest) -> String {
+    format!("manifests/sha256/{}", digest.hex())
+}
+
+fn lease_key(digest: &Digest) -> String {
+    format!("leases/sha256/{}", digest.hex())
+}
+
+/// `tags/<upstream>/<repo>/<tag>`: repository names and tags are validated at the edge
+/// (lowercase path components, `[A-Za-z0-9_.-]` tags); an upstream host may carry a port.
+fn tag_key(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
+    format!("tags/{}/{repo}/{tag}", upstream.replace(':', "_"))
+}
+
+impl Fleet {
+    pub fn new(store: Arc<dyn BlobStore>, lease_ttl: Duration, timeout: Duration) -> Fleet {
+        let describe = store.describe();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "node".to_owned());
+        metrics()
+            .object_store_up
+            .with_label_values(&[describe.as_str()])
+            .set(1);
+        for kind in ["blob", "manifest", "tag"] {
+            metrics().object_store_hits.with_label_values(&[kind]);
+        }
+        for source in ["upstream", "object_store"] {
+            metrics().fill_sources.with_label_values(&[source]);
+        }
+        Fleet {
+            store,
+            describe,
+            node: format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>()),
+            lease_ttl,
+            timeout,
+            up: AtomicBool::new(true),
+            last_error: Mutex::new(None),
+            uploading: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Where the shared store is (no credentials).
+    pub fn describe(&self) -> &str {
+        &self.describe
+    }
+
+    /// This node's name in fill leases.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the last store call succeeded, and the last error seen.
+    pub fn status(&self) -> (bool, Option<String>) {
+        let err = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        (self.up.load(Ordering::Relaxed), err)
+    }
+
+    /// Records the outcome of one store call: health, the up gauge, the request counter.
+    fn record<T>(&self, op: &'static str, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        match &r {
+            Ok(_) => {
+                metrics().object_store_request(op, "ok");
+                if !self.up.swap(true, Ordering::Relaxed) {
+                    tracing::info!(store = %self.describe, "object store reachable again");
+                    metrics()
+                        .object_store_up
+                        .with_label_values(&[self.describe.as_str()])
+                        .set(1);
+                }
+            }
+            Err(e) => {
+                metrics().object_store_request(op, "error");
+                // A refusal (credentials, permissions) means the store is there but unusable
+                // for us: as much a fault for the fleet as an outage.
+                if self.up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(store = %self.describe, op, error = %e, "object store failing; serving from the local tier and the upstream");
+                    metrics()
+                        .object_store_up
+                        .with_label_values(&[self.describe.as_str()])
+                        .set(0);
+                }
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    /// A live probe for `/readyz`: one bounded `HEAD`.
+    pub async fn probe(&self) -> Result<(), String> {
+        let r = match tokio::time::timeout(self.timeout, self.store.head("health/probe")).await {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "no answer within object_store_timeout ({:?})",
+                self.timeout
+            ))),
+        };
+        self.record("head", r).map_err(|e| e.to_string())
+    }
+
+    /// The size of the shared copy of a blob, if there is one (store trouble: `None`).
+    pub async fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        let r = self.store.head(&blob_key(digest)).await;
+        self.record("head", r).ok().flatten()
+    }
+
+    /// A fill source for `digest`: the shared object if present, else `upstream` (claiming
+    /// the fill first; `None` when offline: the shared object or nothing). After the fill
+    /// commits, [`Fleet::share_after_commit`] uploads what came from the upstream.
+    pub fn source(
+        self: &Arc<Self>,
+        digest: &Digest,
+        upstream: Option<Box<dyn BlobSource>>,
+    ) -> (TieredSource, Arc<Mutex<Mode>>) {
+        let mode = Arc::new(Mutex::new(Mode::Undecided));
+        (
+            TieredSource {
+                fleet: self.clone(),
+                digest: digest.clone(),
+                upstream,
+                mode: mode.clone(),
+            },
+            mode,
+        )
+    }
+
+    /// Waits for `fill` to end; if it committed bytes from the upstream, uploads the verified
+    /// blob file to the shared store (holding a lease on it so eviction leaves it alone), then
+    /// releases this node's fill lease. Runs in the background.
+    pub fn share_after_commit(
+        self: &Arc<Self>,
+        fill: Arc<Fill>,
+        mode: Arc<Mutex<Mode>>,
+        budget: Arc<Budget>,
+        path: PathBuf,
+    ) {
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let digest = fill.digest.clone();
+            let outcome = fill.finished().await;
+            drop(fill);
+            let mode = *mode.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Err(e), Mode::Shared) = (&outcome, mode) {
+                // The shared copy hashed wrong (or was the wrong size): remove it, so that the
+                // next request fills from the upstream and shares a verified copy.
+                if matches!(
+                    crate::metrics::FillFailure::of(e),
+                    crate::metrics::FillFailure::DigestMismatch
+                        | crate::metrics::FillFailure::SizeMismatch
+                ) {
+                    tracing::warn!(%digest, error = %e, "shared blob object is damaged; removing it");
+                    let r = fleet.store.delete(&blob_key(&digest)).await;
+                    let _ = fleet.record("delete", r);
+                }
+            }
+            let (from_upstream, leased) = match mode {
+                Mode::Upstream { leased } => (true, leased),
+                _ => (false, false),
+            };
+            if outcome.is_ok() && from_upstream {
+                fleet.upload(&digest, &budget, &path).await;
+            }
+            if leased {
+                let r = fleet.store.delete(&lease_key(&digest)).await;
+                let _ = fleet.record("delete", r);
+            }
+        });
+    }
+
+    async fn upload(&self, digest: &Digest, budget: &Arc<Budget>, path: &std::path::Path) {
+        let hex = digest.hex().to_owned();
+        if !self
+            .uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(hex.clone())
+        {
+            return;
+        }
+        let _lease = budget.lease(&hex);
+        let key = blob_key(digest);
+        let started = std::time::Instant::now();
+        let r = if tokio::fs::metadata(path).await.is_ok() {
+            let r = self.store.put_file(&key, path).await;
+            self.record("put", r)
+        } else {
+            Ok(())
+        };
+        match r {
+            Ok(()) => {
+                if let Ok(meta) = tokio::fs::metadata(path).await {
+                    metrics()
+                        .object_store_bytes
+                        .with_label_values(&["write"])
+                        .inc_by(meta.len());
+                }
+                tracing::info!(%digest, store = %self.describe, secs = started.elapsed().as_secs_f64(), "blob shared with the fleet");
+            }
+            Err(e) => tracing::warn!(%digest, error = %e, "could not share the blob with the fleet"),
+        }
+        self.uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&hex);
+    }
+
+    /// Tries to claim the upstream fill of `digest` for this node.
+    async fn claim(&self, digest: &Digest) -> Claim {
+        let lease = Lease {
+            node: self.node.clone(),
+            expires: unix_now_ms() + self.lease_ttl.as_millis() as u64,
+        };
+        let Ok(body) = serde_json::to_vec(&lease) else {
+            return Claim::None;
+        };
+        let key = lease_key(digest);
+        let r = self.store.create(&key, Bytes::from(body.clone())).await;
+        match self.record("create", r) {
+            Ok(Created::Created) => Claim::Ours,
+            Ok(Created::Unsupported) | Err(_) => Claim::None,
+            Ok(Created::Exists) => {
+                let r = self.store.get_bytes(&key).await;
+                let held = self
+                    .record("get", r)
+                    .ok()
+                    .flatten()
+                    .and_then(|b| serde_json::from_slice::<Lease>(&b).ok());
+                match held {
+                    Some(l) if l.expires > unix_now_ms() && l.node != self.node => Claim::Theirs {
+                        node: l.node,
+                        expires: l.expires,
+                    },
+                    // Expired (its holder died or is slow) or unreadable: take it over.
+                    _ => {
+                        let r = self.store.put_bytes(&key, Bytes::from(body)).await;
+                        match self.record("put", r) {
+                            Ok(()) => Claim::Ours,
+                            Err(_) => Claim::None,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A shared manifest by digest, verified against it (store trouble or a bad object: `None`).
+    pub async fn manifest(&self, digest: &Digest) -> Option<StoredManifest> {
+        let r = self.store.get_bytes(&manifest_key(digest)).await;
+        let bytes = self.record("get", r).ok().flatten()?;
+        let shared: SharedManifest = serde_json::from_slice(&bytes).ok()?;
+        let body = base64::engine::general_purpose::STANDARD
+            .decode(shared.bytes)
+            .ok()?;
+        if Digest::of(&body) != *digest {
+            tracing::warn!(%digest, "shared manifest object does not match its digest; ignored");
+            return None;
+        }
+        metrics().object_store_hit("manifest");
+        Some(StoredManifest {
+            digest: digest.clone(),
+            media_type: shared.media_type,
+            bytes: Bytes::from(body),
+        })
+    }
+
+    /// Shares a manifest (in the background).
+    pub fn put_manifest(self: &Arc<Self>, m: &StoredManifest) {
+        let shared = SharedManifest {
+            media_type: m.media_type.clone(),
+            bytes: base64::engine::general_purpose::STANDARD.encode(&m.bytes),
+        };
+        let Ok(body) = serde_json::to_vec(&shared) else {
+            return;
+        };
+        let key = manifest_key(&m.digest);
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let r = fleet.store.put_bytes(&key, Bytes::from(body)).await;
+            let _ = fleet.record("put", r);
+        });
+    }
+
+    /// A tag record another node (or this one) shared.
+    pub async fn tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Option<TagEntry> {
+        let r = self.store.get_bytes(&tag_key(upstream, repo, tag)).await;
+        let bytes = self.record("get", r).ok().flatten()?;
+        let entry: TagEntry = serde_json::from_slice(&bytes).ok()?;
+        entry.digest.parse::<Digest>().ok()?;
+        Some(entry)
+    }
+
+    /// Shares a tag record (in the background).
+    pub fn put_tag(self: &Arc<Self>, upstream: &str, repo: &RepoName, tag: &Tag, entry: &TagEntry) {
+        let Ok(body) = serde_json::to_vec(entry) else {
+            return;
+        };
+        let key = tag_key(upstream, repo, tag);
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let r = fleet.store.put_bytes(&key, Bytes::from(body)).await;
+            let _ = fleet.record("put", r);
+        });
+    }
+
+    /// Forgets a shared tag (gone upstream).
+    pub fn remove_tag(self: &Arc<Self>, upstream: &str, repo: &RepoName, tag: &Tag) {
+        let key = tag_key(upstream, repo, tag);
+        let fleet = self.clone();
+        tokio::spawn(async move {
+            let r = fleet.store.delete(&key).await;
+            let _ = fleet.record("delete", r);
+        });
+    }
+}
+
+/// Where a tiered fill is reading from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Not opened yet.
+    Undecided,
+    /// The shared store's object.
+    Shared,
+    /// The upstream; `leased` if this node holds the fill lease.
+    Upstream { leased: bool },
+}
+
+/// A fill source that reads the shared object when the fleet has it and the upstream
+/// otherwise. A shared read that breaks resumes from the upstream at the same offset.
+pub struct TieredSource {
+    fleet: Arc<Fleet>,
+    digest: Digest,
+    upstream: Option<Box<dyn BlobSource>>,
+    mode: Arc<Mutex<Mode>>,
+}
+
+impl TieredSource {
+    fn mode(&self) -> Mode {
+        *self.mode.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_mode(&self, m: Mode) {
+        *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = m;
+    }
+
+    /// First open: the shared object, else a claim on the upstream fill (waiting out another
+    /// node's live claim while polling for its result).
+    async fn decide(&self) -> Mode {
+        let fleet = &self.fleet;
+        if self.upstream.is_none() || fleet.blob_size(&self.digest).await.is_some() {
+            return Mode::Shared;
+        }
+        if !fleet.up.load(Ordering::Relaxed) {
+            metrics().object_store_fallbacks.inc();
+            return Mode::Upstream { leased: false };
+        }
+        match fleet.claim(&self.digest).await {
+            Claim::Ours => Mode::Upstream { leased: true },
+            Claim::None => Mode::Upstream { leased: false },
+            Claim::Theirs { node, expires } => {
+                tracing::info!(digest = %self.digest, %node, "another node is filling this blob; waiting for it to share it");
+                while unix_now_ms() < expires {
+                    tokio::time::sleep(LEASE_POLL).await;
+                    if fleet.blob_size(&self.digest).await.is_some() {
+                        return Mode::Shared;
+                    }
+                    if !fleet.up.load(Ordering::Relaxed) {
+                        metrics().object_store_fallbacks.inc();
+                        break;
+                    }
+                }
+                tracing::info!(digest = %self.digest, %node, "the other node's fill did not appear in time; fetching upstream");
+                Mode::Upstream { leased: false }
+            }
+        }
+    }
+
+    async fn open_shared(&self, offset: u64) -> Option<BlobBody> {
+        let fleet = &self.fleet;
+        let r = fleet.store.get(&blob_key(&self.digest), offset, None).await;
+        let (total, stream) = fleet.record("get", r).ok().flatten()?;
+        let fleet_for_stream = fleet.clone();
+        let stream = stream.map(move |chunk| {
+            match &chunk {
+                Ok(b) => metrics()
+                    .object_store_bytes
+                    .with_label_values(&["read"])
+                    .inc_by(b.len() as u64),
+                Err(e) => {
+                    let _ = fleet_for_stream.record::<()>(
+                        "get",
+                        Err(StoreError::Unavailable(format!("read broke off: {e}"))),
+                    );
+                }
+            }
+            chunk
+        });
+        Some(BlobBody {
+            start: offset,
+            total: Some(total),
+            stream: Box::pin(stream),
+        })
+    }
+}
+
+impl BlobSource for TieredSource {
+    fn open(&self, offset: u64) -> BoxFuture<'_, Result<BlobBody, RegistryError>> {
+        Box::pin(async move {
+            if self.mode() == Mode::Undecided {
+                let decided = self.decide().await;
+                metrics().fill_source(if decided == Mode::Shared {
+                    "object_store"
+                } else {
+                    "upstream"
+                });
+                self.set_mode(decided);
+            }
+            if self.mode() == Mode::Shared {
+                if offset == 0 {
+                    metrics().object_store_hit("blob");
+                }
+                match self.open_shared(offset).await {
+                    Some(body) => return Ok(body),
+                    None if self.upstream.is_none() => {
+                        return Err(RegistryError::new(
+                            ErrorCode::BlobUnknown,
+                            format!(
+                                "blob {} could not be read from the shared store and the mirror is offline",
+                                self.digest
+                            ),
+                        ));
+                    }
+                    None => {
+                        // The shared copy vanished or the store failed: the upstream resumes.
+                        tracing::warn!(digest = %self.digest, offset, "shared blob unreadable; continuing from the upstream");
+                        metrics().object_store_fallbacks.inc();
+                        self.set_mode(Mode::Upstream { leased: false });
+                    }
+                }
+            }
+            match &self.upstream {
+                Some(upstream) => upstream.open(offset).await,
+                None => Err(RegistryError::new(
+                    ErrorCode::BlobUnknown,
+                    format!("blob {} is not in the shared store and the mirror is offline", self.digest),
+                )),
+            }
+        })
+    }
+
+    fn idle_timeout(&self) -> Option<Duration> {
+        match self.upstream.as_ref().and_then(|u| u.idle_timeout()) {
+            Some(t) => Some(t.max(self.fleet.timeout)),
+            None => Some(self.fleet.timeout),
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! A fleet of stowage nodes sharing one object store (issue 11), end to end: a real upstream
+//! (distribution), real Garage (a 3-node S3-compatible cluster started by the test), skopeo as
+//! the client; the in-process fake upstream where a test must hold a blob mid-fill; the shared
+//! directory backend (`storage.shared_path`) where the test needs conditional create, which
+//! Garage lacks.
+//!
+//! Each test starts its own upstream, store and nodes (own ports, own temp dirs).
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::fake_upstream::FakeUpstream;
+use support::garage::Garage;
+use support::images::{self, Format, Image, Pushed};
+use support::registry::Registry;
+use support::scrape::Scrape;
+use support::stowage::{Stowage, UpstreamSpec};
+use support::{http, sha256_hex, skopeo_ok, wait_until};
+
+/// One small and one multi-MiB layer (the latter goes through multipart upload paths).
+const LAYERS: &[usize] = &[1024, 3 * 1024 * 1024];
+
+/// How long background uploads may take on a busy 2-core machine.
+const SHARE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The `[storage]` and `[storage.s3]` TOML for a node on `garage`.
+fn s3_storage(garage: &Garage) -> (String, String) {
+    (
+        "backend = \"s3\"\nobject_store_timeout = \"5s\"\n".to_string(),
+        format!(
+            "[storage.s3]\nbucket = \"{}\"\nendpoint = \"{}\"\nregion = \"{}\"\nprefix = \"fleet/\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
+            garage.bucket(),
+            garage.s3_endpoint(),
+            garage.region(),
+            garage.access_key_id(),
+            garage.secret_access_key(),
+        ),
+    )
+}
+
+/// A node in front of `upstream_url` (as `docker.io`) with the given storage TOML.
+fn node(upstream_url: &str, storage: &str, tables: &str) -> Stowage {
+    Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", upstream_url))
+        .storage_toml(storage)
+        .extra_toml(tables)
+        .start()
+}
+
+/// `skopeo copy` of `fleet/app:<tag>` through `node` into `out`, then a byte-level check of
+/// every file against what was pushed.
+fn pull(node: &Stowage, pushed: &Pushed, out: &Path) {
+    let src = format!("docker://{}/{}:{}", node.host_port(), pushed.name, pushed.tag);
+    let dst = format!("dir:{}", out.display());
+    skopeo_ok(
+        &["copy", "--preserve-digests", &src, &dst],
+        &format!("pulling {}:{} through {}", pushed.name, pushed.tag, node.url()),
+    );
+    let manifest = std::fs::read(out.join("manifest.json")).expect("manifest.json");
+    assert!(
+        manifest == pushed.manifest().bytes,
+        "manifest.json differs from the pushed manifest"
+    );
+    for blob in pushed.blobs() {
+        let got = std::fs::read(out.join(blob.hex()))
+            .unwrap_or_else(|e| panic!("blob {} missing from the copy: {e}", blob.hex()));
+        assert_eq!(sha256_hex(&got), blob.hex(), "blob {} corrupted", blob.hex());
+    }
+}
+
+/// Waits until every blob of `pushed` is in the shared store, read through stowage's own
+/// store client (the same code the nodes use).
+fn wait_shared(store: &Arc<dyn stowage::store::BlobStore>, pushed: &Pushed) {
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let keys: Vec<String> = pushed
+        .blobs()
+        .iter()
+        .map(|b| format!("blobs/sha256/{}", b.hex()))
+        .collect();
+    let all_there = wait_until(SHARE_TIMEOUT, || {
+        keys.iter()
+            .all(|k| matches!(rt.block_on(store.head(k)), Ok(Some(_))))
+    });
+    assert!(all_there, "node A never shared every blob of the image");
+}
+
+fn garage_store(garage: &Garage) -> Arc<dyn stowage::store::BlobStore> {
+    let mut cfg = garage.shared_store_config();
+    if let stowage::config::SharedStoreKind::S3(s3) = &mut cfg.kind {
+        s3.prefix = "fleet/".to_string();
+    }
+    stowage::store::open(&cfg).expect("opening the Garage bucket")
+}
+
+fn metric(node: &Stowage, name: &str, labels: &[(&str, &str)]) -> f64 {
+    Scrape::get(&node.url()).find(name, labels).unwrap_or(0.0)
+}
+
+#[test]
+fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
+    let upstream = Registry::start();
+    let pushed = images::push(
+        &upstream.url(),
+        "fleet/app",
+        "v1",
+        Image::build(Format::Docker, LAYERS),
+    );
+    let garage = Garage::start(3);
+    let (storage, tables) = s3_storage(&garage);
+    let a = node(&upstream.url(), &storage, &tables);
+    let b = node(&upstream.url(), &storage, &tables);
+
+    let out_a = tempfile::tempdir().expect("tempdir");
+    pull(&a, &pushed, out_a.path());
+    let blob_gets_after_a = upstream.blob_gets();
+    assert_eq!(
+        blob_gets_after_a,
+        pushed.blobs().len(),
+        "node A fetches each blob once from the upstream\n{:#?}",
+        upstream.access_log_lines()
+    );
+    wait_shared(&garage_store(&garage), &pushed);
+    let requests_before_b = upstream.access_log().len();
+
+    let out_b = tempfile::tempdir().expect("tempdir");
+    pull(&b, &pushed, out_b.path());
+    let during_b: Vec<String> = upstream.access_log_lines()[requests_before_b..].to_vec();
+    assert!(
+        !during_b.iter().any(|l| l.contains("/blobs/")),
+        "node B must not ask the upstream for any blob: {during_b:#?}"
+    );
+    assert!(
+        !during_b.iter().any(|l| l.contains("/manifests/")),
+        "the tag node A confirmed within manifest_ttl is a hit on node B: {during_b:#?}"
+    );
+    assert_eq!(
+        metric(&b, "stowage_fill_sources_total", &[("source", "object_store")]),
+        pushed.blobs().len() as f64,
+        "every blob of node B came from the object store"
+    );
+    assert_eq!(
+        metric(&b, "stowage_fill_sources_total", &[("source", "upstream")]),
+        0.0
+    );
+    assert!(metric(&b, "stowage_object_store_hits_total", &[("kind", "tag")]) >= 1.0);
+
+    // B's local tier now holds the blobs: a third pull asks nobody.
+    let out_b2 = tempfile::tempdir().expect("tempdir");
+    pull(&b, &pushed, out_b2.path());
+    assert_eq!(
+        metric(&b, "stowage_fill_sources_total", &[("source", "object_store")]),
+        pushed.blobs().len() as f64,
+        "the second pull on node B is served from its local tier"
+    );
+}
+
+#[test]
+fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it() {
+    let upstream = Registry::start();
+    let first = images::push(
+        &upstream.url(),
+        "fleet/app",
+        "v1",
+        Image::build(Format::Docker, LAYERS),
+    );
+    let mut garage = Garage::start(3);
+    let (storage, tables) = s3_storage(&garage);
+    let a = node(&upstream.url(), &storage, &tables);
+    let out = tempfile::tempdir().expect("tempdir");
+    pull(&a, &first, out.path());
+    wait_shared(&garage_store(&garage), &first);
+
+    let ready: serde_json::Value = http()
+        .get(format!("{}/readyz", a.url()))
+        .send()
+        .expect("readyz")
+        .json()
+        .expect("readyz json");
+    assert_eq!(ready["object_store"]["reachable"], true, "{ready}");
+    assert_eq!(ready["degraded"], false, "{ready}");
+
+    garage.stop_all();
+
+    // Hits from the local tier continue, without the store and without the upstream.
+    let blob_gets = upstream.blob_gets();
+    let again = tempfile::tempdir().expect("tempdir");
+    pull(&a, &first, again.path());
+    assert_eq!(upstream.blob_gets(), blob_gets, "local hits need no upstream");
+
+    // Readiness reports the fault (the node still serves: 200, degraded).
+    let resp = http()
+        .get(format!("{}/readyz", a.url()))
+        .send()
+        .expect("readyz");
+    assert_eq!(resp.status().as_u16(), 200);
+    let ready: serde_json::Value = resp.json().expect("readyz json");
+    assert_eq!(ready["object_store"]["reachable"], false, "{ready}");
+    assert_eq!(ready["degraded"], true, "{ready}");
+    assert!(
+        ready["object_store"]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{ready}"
+    );
+    let store = ready["object_store"]["store"].as_str().unwrap_or_default().to_string();
+    assert_eq!(
+        metric(&a, "stowage_object_store_up", &[("store", &store)]),
+        0.0
+    );
+
+    // New content falls back to the upstream, kept locally.
+    let second = images::push(
+        &upstream.url(),
+        "fleet/app",
+        "v2",
+        Image::build(Format::Oci, LAYERS),
+    );
+    let out2 = tempfile::tempdir().expect("tempdir");
+    pull(&a, &second, out2.path());
+    assert!(metric(&a, "stowage_object_store_fallbacks_total", &[]) >= 1.0);
+    assert!(
+        metric(&a, "stowage_object_store_requests_total", &[("op", "head"), ("result", "error")])
+            >= 1.0
+    );
+}
+
+/// Two nodes on one shared directory, a cold blob the upstream holds back: node A claims the
+/// fill; node B, asked for the same blob meanwhile, finds A's lease, waits for A's shared copy
+/// and reads it from the store. One upstream transfer for the fleet.
+#[test]
+fn fill_lease_makes_the_second_node_wait_for_the_first_nodes_copy() {
+    let upstream = FakeUpstream::start();
+    let bytes: Vec<u8> = (0..(2 * 1024 * 1024u32)).map(|i| (i % 251) as u8).collect();
+    let digest = upstream.add_blob("fleet/app", bytes.clone());
+    upstream.hold_blob(&digest);
+    let shared = tempfile::tempdir().expect("tempdir");
+    let storage = format!(
+        "shared_path = \"{}\"\nfill_lease_ttl = \"2m\"\n",
+        shared.path().display()
+    );
+    let a = node(&upstream.url(), &storage, "");
+    let b = node(&upstream.url(), &storage, "");
+    let url_a = format!("{}/v2/fleet/app/blobs/{digest}", a.url());
+    let url_b = format!("{}/v2/fleet/app/blobs/{digest}", b.url());
+
+    let get_a = std::thread::spawn(move || http().get(url_a).send().and_then(|r| r.bytes()));
+    assert!(
+        wait_until(Duration::from_secs(30), || !upstream.blob_gets(&digest).is_empty()),
+        "node A never asked the upstream"
+    );
+    let get_b = std::thread::spawn(move || http().get(url_b).send().and_then(|r| r.bytes()));
+    assert!(
+        wait_until(Duration::from_secs(30), || b
+            .log()
+            .contains("another node is filling this blob")),
+        "node B did not see node A's fill lease\n{}",
+        b.log()
+    );
+    upstream.release_blob(&digest);
+
+    let body_a = get_a.join().expect("thread").expect("node A's answer");
+    let body_b = get_b.join().expect("thread").expect("node B's answer");
+    assert_eq!(sha256_hex(&body_a), sha256_hex(&bytes));
+    assert_eq!(sha256_hex(&body_b), sha256_hex(&bytes));
+    assert_eq!(
+        upstream.blob_gets(&digest).len(),
+        1,
+        "one upstream transfer for the whole fleet"
+    );
+    assert_eq!(
+        metric(&b, "stowage_fill_sources_total", &[("source", "object_store")]),
+        1.0
+    );
+    // The lease is released once the blob is shared.
+    let lease = shared.path().join(format!("leases/sha256/{}", digest.trim_start_matches("sha256:")));
+    assert!(
+        wait_until(SHARE_TIMEOUT, || !lease.exists()),
+        "node A's fill lease was never released"
+    );
+}
+
+/// A shared object that does not hash to its digest is never served as good bytes: the fill
+/// from it fails verification, the object is removed, and the next request fills from the
+/// upstream and shares a verified copy.
+#[test]
+fn a_damaged_shared_blob_is_rejected_removed_and_replaced_from_the_upstream() {
+    let upstream = FakeUpstream::start();
+    let bytes: Vec<u8> = (0..(512 * 1024u32)).map(|i| (i % 241) as u8).collect();
+    let digest = upstream.add_blob("fleet/app", bytes.clone());
+    let hex = digest.trim_start_matches("sha256:").to_string();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let object = shared.path().join(format!("blobs/sha256/{hex}"));
+    std::fs::create_dir_all(object.parent().expect("parent")).expect("mkdir");
+    let mut damaged = bytes.clone();
+    damaged[1000] ^= 0xff;
+    std::fs::write(&object, &damaged).expect("write damaged object");
+    let storage = format!("shared_path = \"{}\"\n", shared.path().display());
+    let a = node(&upstream.url(), &storage, "");
+    let url = format!("{}/v2/fleet/app/blobs/{digest}", a.url());
+
+    let first = http().get(&url).send().and_then(|r| r.bytes());
+    assert!(
+        first.map(|b| sha256_hex(&b) != hex).unwrap_or(true),
+        "damaged bytes must never arrive as a clean, complete body"
+    );
+    assert!(upstream.blob_gets(&digest).is_empty(), "the shared copy was tried first");
+    assert!(
+        wait_until(Duration::from_secs(30), || !object.exists()),
+        "the damaged shared object was not removed"
+    );
+    assert!(a.blob_files().is_empty(), "nothing unverified is committed locally");
+
+    let second = http()
+        .get(&url)
+        .send()
+        .and_then(|r| r.error_for_status())
+        .and_then(|r| r.bytes())
+        .expect("second GET");
+    assert_eq!(sha256_hex(&second), hex);
+    assert_eq!(upstream.blob_gets(&digest).len(), 1);
+    assert!(
+        wait_until(SHARE_TIMEOUT, || std::fs::read(&object)
+            .map(|b| sha256_hex(&b) == hex)
+            .unwrap_or(false)),
+        "the verified copy was not shared"
+    );
+}
