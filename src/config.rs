@@ -87,6 +87,93 @@ pub struct StorageConfig {
     pub max_concurrent_fills: usize,
     /// Consecutive failed resume attempts tolerated per fill before its clients are aborted.
     pub fill_retries: u32,
+    /// The store shared by a fleet of nodes (`storage.backend`, `storage.shared_path`); `None`
+    /// for a single node on its local disk only (`backend = "filesystem"`, the default).
+    pub shared: Option<SharedStoreConfig>,
+}
+
+/// The fleet's shared blob store (see [`crate::store`]).
+#[derive(Clone, Debug)]
+pub struct SharedStoreConfig {
+    pub kind: SharedStoreKind,
+    /// Bound on one object-store request: connect, small operations, silence mid-stream
+    /// (`storage.object_store_timeout`).
+    pub timeout: Duration,
+    /// How long a node's claim to fill a blob holds other nodes off (`storage.fill_lease_ttl`).
+    pub fill_lease_ttl: Duration,
+}
+
+/// Which store, and where.
+#[derive(Clone, Debug)]
+pub enum SharedStoreKind {
+    /// A directory every node mounts (`backend = "filesystem"` with `shared_path`).
+    Dir(PathBuf),
+    /// `backend = "s3"`: AWS S3, Ceph RGW, Garage, MinIO.
+    S3(S3StoreConfig),
+    /// `backend = "gcs"`: Google Cloud Storage.
+    Gcs(GcsStoreConfig),
+    /// `backend = "azure"`: Azure Blob Storage (or Azurite).
+    Azure(AzureStoreConfig),
+}
+
+/// `[storage.s3]`.
+#[derive(Clone, Debug)]
+pub struct S3StoreConfig {
+    pub bucket: String,
+    /// `http(s)://host:port` of a non-AWS server; `None` for AWS.
+    pub endpoint: Option<String>,
+    /// `None`: `AWS_REGION` / `AWS_DEFAULT_REGION`, else `us-east-1`.
+    pub region: Option<String>,
+    /// Prepended to every key; empty or ending in `/`.
+    pub prefix: String,
+    /// `None`: `AWS_ACCESS_KEY_ID` (or the instance's role).
+    pub access_key_id: Option<String>,
+    /// `None`: `AWS_SECRET_ACCESS_KEY` (or the instance's role).
+    pub secret_access_key: Option<Secret>,
+    /// Path-style URLs (`endpoint/bucket/key`) rather than virtual-hosted (`bucket.endpoint/key`).
+    pub path_style: bool,
+}
+
+/// `[storage.gcs]`.
+#[derive(Clone, Debug)]
+pub struct GcsStoreConfig {
+    pub bucket: String,
+    pub prefix: String,
+    /// A service-account JSON key file; `None`: `GOOGLE_*` environment / ambient credentials.
+    pub service_account_path: Option<PathBuf>,
+}
+
+/// `[storage.azure]`.
+#[derive(Clone, Debug)]
+pub struct AzureStoreConfig {
+    pub account: String,
+    pub container: String,
+    pub prefix: String,
+    /// `None`: `AZURE_STORAGE_ACCESS_KEY` / ambient credentials.
+    pub access_key: Option<Secret>,
+    /// A non-Azure endpoint (Azurite: `http://127.0.0.1:10000/devstoreaccount1`).
+    pub endpoint: Option<String>,
+}
+
+/// A credential: usable through [`Secret::expose`], printed by `Debug` as `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The value, for handing to the client library — never to a log.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -516,6 +603,7 @@ impl Config {
                 gc_max_age,
                 max_concurrent_fills,
                 fill_retries,
+                shared: None,
             },
             upstreams,
             auth: auth_config(raw.auth)?,

@@ -39,6 +39,11 @@
 //!   and the lifecycle in [`cache::budget`]: the byte budget, LRU order and eviction (fills
 //!   reserve their size first; leased, pinned and filling blobs are skipped), recency flushed to
 //!   sled in batches, crash reconciliation at open, the cache lock file.
+//! - [`store`] — the blob store a fleet of nodes shares (`storage.backend`): the small
+//!   [`store::BlobStore`] trait (head / ranged get / put_file / put_bytes / conditional create /
+//!   delete / sorted list) and its backends, a directory ([`store::fs::FsStore`], also on a shared
+//!   mount) and the `object_store` crate (S3, Ceph RGW, Garage, MinIO, GCS, Azure). All pass one
+//!   suite, `tests/store.rs`; Garage runs as a real 3-node cluster in `tests/support/garage.rs`.
 //! - [`ops`] — operator commands on a stopped cache: `pin`, `unpin`, `ls`, `verify [--repair]`,
 //!   `gc`, and Docker-style image reference parsing.
 //! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine, `export` of

@@ -4,16 +4,21 @@
 //!
 //! Keys are relative `/`-separated paths (`blobs/sha256/<hex>`, `manifests/sha256/<hex>`,
 //! `tags/<upstream>/<repo>/<tag>`, `leases/sha256/<hex>`); the backend adds its configured prefix.
+//!
+//! Every backend is held to the one suite in `tests/store.rs`: whole and ranged reads, `head`,
+//! `delete`, sorted `list`, conditional `create`, concurrent writers of one key, and "an upload
+//! that does not finish leaves no visible object".
 
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::cache::fill::ByteStream;
+use crate::config::{SharedStoreConfig, SharedStoreKind};
 
-
-
+pub mod fs;
 
 pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
@@ -49,6 +54,8 @@ pub enum Created {
     Unsupported,
 }
 
+/// A flat key → bytes store shared by the nodes of a fleet. Object-safe: held as
+/// `Arc<dyn BlobStore>` (see [`open`]).
 pub trait BlobStore: Send + Sync + 'static {
     /// Where it points, for logs and `/readyz` (`s3://bucket/prefix`, `file:///srv/shared`) —
     /// never credentials.
@@ -85,4 +92,102 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Every object whose key starts with `prefix`, sorted by key.
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectInfo>>;
+}
+
+/// Builds the store `[storage]` configures: a directory ([`fs::FsStore`]) or an object store
+/// ([`object::ObjectBackend`]). Does not contact the store; a bad endpoint or missing
+/// credentials are reported here when the client library can tell, otherwise on first use.
+pub fn open(cfg: &SharedStoreConfig) -> Result<Arc<dyn BlobStore>, StoreError> {
+    match &cfg.kind {
+        SharedStoreKind::Dir(root) => Ok(Arc::new(fs::FsStore::new(root.clone()))),
+        _ => Err(StoreError::Refused(
+            "object-store backends are not built in yet (issue #11, step 2)".into(),
+        )),
+    }
+}
+
+/// The longest key accepted (S3's limit is 1024 bytes, including the configured prefix).
+pub const MAX_KEY_LEN: usize = 900;
+
+/// Checks a key: non-empty relative `/`-separated path, no empty, `.` or `..` components, no
+/// control characters or backslashes, not under the filesystem backend's `.tmp/`. Anything else
+/// is `Refused`, so a key can never reach outside the store's root or prefix.
+pub fn validate_key(key: &str) -> Result<(), StoreError> {
+    let refuse = |why: &str| Err(StoreError::Refused(format!("invalid key {key:?}: {why}")));
+    if key.is_empty() {
+        return refuse("empty");
+    }
+    if key.len() > MAX_KEY_LEN {
+        return refuse("too long");
+    }
+    if key.starts_with('/') {
+        return refuse("absolute");
+    }
+    if key.chars().any(|c| c.is_control() || c == '\\') {
+        return refuse("control character or backslash");
+    }
+    for component in key.split('/') {
+        match component {
+            "" => return refuse("empty path component"),
+            "." | ".." => return refuse("relative path component"),
+            _ => {}
+        }
+    }
+    if key == fs::TMP_DIR || key.starts_with(&format!("{}/", fs::TMP_DIR)) {
+        return refuse("reserved");
+    }
+    Ok(())
+}
+
+/// Checks a `list` prefix: empty, or what [`validate_key`] accepts (a trailing `/` allowed).
+pub fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    validate_key(prefix.strip_suffix('/').unwrap_or(prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_that_could_escape_the_root_are_refused() {
+        for bad in [
+            "",
+            "/etc/passwd",
+            "a//b",
+            "a/",
+            "../x",
+            "a/../b",
+            "a/./b",
+            ".",
+            "a\\b",
+            "a\nb",
+            "a\0b",
+            ".tmp",
+            ".tmp/x",
+        ] {
+            assert!(
+                matches!(validate_key(bad), Err(StoreError::Refused(_))),
+                "{bad:?} accepted"
+            );
+        }
+        let long = "a".repeat(MAX_KEY_LEN + 1);
+        assert!(validate_key(&long).is_err());
+        for good in [
+            "blobs/sha256/ab",
+            "tags/registry.local:5000/library/alpine/3.20",
+            "x",
+            ".tmpx/y",
+            "a/.b",
+        ] {
+            assert!(validate_key(good).is_ok(), "{good:?} refused");
+        }
+        assert!(validate_prefix("").is_ok());
+        assert!(validate_prefix("blobs/").is_ok());
+        assert!(validate_prefix("blobs/sha256/a").is_ok());
+        assert!(validate_prefix("../").is_err());
+        assert!(validate_prefix("/").is_err());
+    }
 }
