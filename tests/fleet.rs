@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use support::fake_upstream::FakeUpstream;
 use support::garage::Garage;
+use support::clients::stowage_blob_gets;
 use support::images::{self, Format, Image, Pushed};
+use support::nginx::Nginx;
 use support::registry::Registry;
 use support::scrape::Scrape;
 use support::stowage::{Stowage, UpstreamSpec};
@@ -324,5 +326,59 @@ fn a_damaged_shared_blob_is_rejected_removed_and_replaced_from_the_upstream() {
             .map(|b| sha256_hex(&b) == hex)
             .unwrap_or(false)),
         "the verified copy was not shared"
+    );
+}
+
+/// The README's load-balancer setup: nginx hashing on the digest in front of two nodes (no
+/// shared store at all). Two clients pull the same image at once through it: every blob is
+/// served by exactly one node, so the upstream sees each blob once.
+#[test]
+fn the_documented_nginx_setup_sends_each_digest_to_one_node() {
+    let upstream = Registry::start();
+    let pushed = images::push(
+        &upstream.url(),
+        "fleet/app",
+        "v1",
+        Image::build(Format::Oci, &[1024, 2048, 512 * 1024, 1024 * 1024, 3 * 1024 * 1024]),
+    );
+    let a = node(&upstream.url(), "", "");
+    let b = node(&upstream.url(), "", "");
+    let lb = Nginx::start_fleet(&[a.host_port(), b.host_port()]);
+    let lb_host = lb.host_port();
+
+    let pulls: Vec<_> = (0..2)
+        .map(|_| {
+            let src = format!("docker://{lb_host}/{}:{}", pushed.name, pushed.tag);
+            std::thread::spawn(move || {
+                let out = tempfile::tempdir().expect("tempdir");
+                let dst = format!("dir:{}", out.path().display());
+                skopeo_ok(&["copy", "--preserve-digests", &src, &dst], "pulling through nginx");
+                out
+            })
+        })
+        .collect();
+    for p in pulls {
+        let out = p.join().expect("pull thread");
+        for blob in pushed.blobs() {
+            let got = std::fs::read(out.path().join(blob.hex())).expect("blob in the copy");
+            assert_eq!(sha256_hex(&got), blob.hex());
+        }
+    }
+    for blob in pushed.blobs() {
+        let (on_a, on_b) = (
+            stowage_blob_gets(&a, &blob.digest),
+            stowage_blob_gets(&b, &blob.digest),
+        );
+        assert!(
+            on_a + on_b >= 2 && (on_a == 0 || on_b == 0),
+            "blob {} went to both nodes (A {on_a}, B {on_b})",
+            blob.digest
+        );
+    }
+    assert_eq!(
+        upstream.blob_gets(),
+        pushed.blobs().len(),
+        "each blob crossed from the upstream once for the fleet\n{:#?}",
+        upstream.access_log_lines()
     );
 }

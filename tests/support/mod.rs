@@ -6,6 +6,7 @@
 //! - [`images`]: synthetic images (random gzip tar layers, valid configs, manifests in all four
 //!   formats) built in memory and pushed with the plain v2 push API;
 //! - [`stowage`]: the mirror under test, started from the built binary on an ephemeral port;
+//! - [`nginx`]: nginx as the fleet's load balancer, from the README's own config block;
 //! - [`scrape`]: stowage's `/metrics` parsed, for exact counter assertions;
 //! - small helpers below: free ports, polling, hashing, a hermetic `skopeo` wrapper, and a raw
 //!   HTTP/1.1 client for paths that `reqwest` would normalise.
@@ -17,6 +18,7 @@
 pub mod clients;
 pub mod fake_upstream;
 pub mod images;
+pub mod nginx;
 pub mod registry;
 pub mod scrape;
 pub mod stowage;
