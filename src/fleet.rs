@@ -26,7 +26,7 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,6 +35,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt as _;
 use serde::{Deserialize, Serialize};
+use tokio_util::task::TaskTracker;
 
 use crate::cache::budget::Budget;
 use crate::cache::index::unix_now_ms;
@@ -45,6 +46,10 @@ use crate::store::{BlobStore, Created, StoreError};
 
 /// How often a node waiting on another node's fill lease looks for the finished object.
 const LEASE_POLL: Duration = Duration::from_millis(500);
+
+/// After a failed call, blob fills skip the store (straight to the upstream) for this long, so
+/// that a store that hangs costs one timeout now and then, not one per fill.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// A shared manifest object: the exact bytes and the media type they were served with.
 #[derive(Serialize, Deserialize)]
@@ -80,7 +85,11 @@ pub struct Fleet {
     lease_ttl: Duration,
     timeout: Duration,
     up: AtomicBool,
+    /// Unix ms of the last failed call.
+    failed_at: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Background writes (uploads, manifests, tags, lease releases), awaited by [`Fleet::settle`].
+    tasks: TaskTracker,
     /// Blobs being uploaded by this node (so two commits never upload the same blob twice).
     uploading: Mutex<HashSet<String>>,
 }
@@ -126,7 +135,9 @@ impl Fleet {
             lease_ttl,
             timeout,
             up: AtomicBool::new(true),
+            failed_at: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            tasks: TaskTracker::new(),
             uploading: Mutex::new(HashSet::new()),
         }
     }
@@ -166,6 +177,7 @@ impl Fleet {
             }
             Err(e) => {
                 metrics().object_store_request(op, "error");
+                self.failed_at.store(unix_now_ms(), Ordering::Relaxed);
                 // A refusal (credentials, permissions) means the store is there but unusable
                 // for us: as much a fault for the fleet as an outage.
                 if self.up.swap(false, Ordering::Relaxed) {
@@ -179,6 +191,23 @@ impl Fleet {
             }
         }
         r
+    }
+
+    /// Whether fills should try the store: it answered last time, or the last failure is
+    /// `RETRY_AFTER` old (then one call finds out).
+    fn worth_trying(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+            || unix_now_ms().saturating_sub(self.failed_at.load(Ordering::Relaxed))
+                >= RETRY_AFTER.as_millis() as u64
+    }
+
+    /// Waits (up to `limit`) for background writes to the store — uploads of freshly filled
+    /// blobs, shared manifests and tags — to finish: at shutdown, and before `prefetch` exits.
+    pub async fn settle(&self, limit: Duration) {
+        self.tasks.close();
+        if tokio::time::timeout(limit, self.tasks.wait()).await.is_err() {
+            tracing::warn!(pending = self.tasks.len(), "gave up waiting for uploads to the shared store");
+        }
     }
 
     /// A live probe for `/readyz`: one bounded `HEAD`.
@@ -195,6 +224,9 @@ impl Fleet {
 
     /// The size of the shared copy of a blob, if there is one (store trouble: `None`).
     pub async fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        if !self.worth_trying() {
+            return None;
+        }
         let r = self.store.head(&blob_key(digest)).await;
         self.record("head", r).ok().flatten()
     }
@@ -230,7 +262,7 @@ impl Fleet {
         path: PathBuf,
     ) {
         let fleet = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let digest = fill.digest.clone();
             let outcome = fill.finished().await;
             drop(fill);
@@ -340,6 +372,9 @@ impl Fleet {
 
     /// A shared manifest by digest, verified against it (store trouble or a bad object: `None`).
     pub async fn manifest(&self, digest: &Digest) -> Option<StoredManifest> {
+        if !self.worth_trying() {
+            return None;
+        }
         let r = self.store.get_bytes(&manifest_key(digest)).await;
         let bytes = self.record("get", r).ok().flatten()?;
         let shared: SharedManifest = serde_json::from_slice(&bytes).ok()?;
@@ -369,7 +404,7 @@ impl Fleet {
         };
         let key = manifest_key(&m.digest);
         let fleet = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let r = fleet.store.put_bytes(&key, Bytes::from(body)).await;
             let _ = fleet.record("put", r);
         });
@@ -377,6 +412,9 @@ impl Fleet {
 
     /// A tag record another node (or this one) shared.
     pub async fn tag(&self, upstream: &str, repo: &RepoName, tag: &Tag) -> Option<TagEntry> {
+        if !self.worth_trying() {
+            return None;
+        }
         let r = self.store.get_bytes(&tag_key(upstream, repo, tag)).await;
         let bytes = self.record("get", r).ok().flatten()?;
         let entry: TagEntry = serde_json::from_slice(&bytes).ok()?;
@@ -391,7 +429,7 @@ impl Fleet {
         };
         let key = tag_key(upstream, repo, tag);
         let fleet = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let r = fleet.store.put_bytes(&key, Bytes::from(body)).await;
             let _ = fleet.record("put", r);
         });
@@ -401,7 +439,7 @@ impl Fleet {
     pub fn remove_tag(self: &Arc<Self>, upstream: &str, repo: &RepoName, tag: &Tag) {
         let key = tag_key(upstream, repo, tag);
         let fleet = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let r = fleet.store.delete(&key).await;
             let _ = fleet.record("delete", r);
         });
@@ -441,7 +479,14 @@ impl TieredSource {
     /// node's live claim while polling for its result).
     async fn decide(&self) -> Mode {
         let fleet = &self.fleet;
-        if self.upstream.is_none() || fleet.blob_size(&self.digest).await.is_some() {
+        if self.upstream.is_none() {
+            return Mode::Shared;
+        }
+        if !fleet.worth_trying() {
+            metrics().object_store_fallbacks.inc();
+            return Mode::Upstream { leased: false };
+        }
+        if fleet.blob_size(&self.digest).await.is_some() {
             return Mode::Shared;
         }
         if !fleet.up.load(Ordering::Relaxed) {

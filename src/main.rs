@@ -377,6 +377,7 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
         tls = security.tls.is_some(),
         auth = security.auth.is_some(),
         offline = mirror.config.offline,
+        shared_store = %mirror.fleet.as_ref().map(|f| f.describe()).unwrap_or("-"),
         "stowage listening"
     );
     // One signal stops both listeners.
@@ -411,6 +412,10 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
     }
     reloader.abort();
     maintenance.abort();
+    if let Some(fleet) = &mirror.fleet {
+        // Blobs filled just before the signal are shared with the fleet before we go.
+        fleet.settle(Duration::from_secs(30)).await;
+    }
     result?;
     mirror.cache.flush()?;
     tracing::info!("stowage stopped cleanly");
