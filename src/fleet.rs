@@ -125,9 +125,6 @@ impl Fleet {
         for kind in ["blob", "manifest", "tag"] {
             metrics().object_store_hits.with_label_values(&[kind]);
         }
-        for source in ["upstream", "object_store"] {
-            metrics().fill_sources.with_label_values(&[source]);
-        }
         Fleet {
             store,
             describe,

@@ -366,6 +366,9 @@ impl Metrics {
         for reason in FillFailure::ALL {
             m.fill_failures.with_label_values(&[reason.as_str()]);
         }
+        for source in ["upstream", "object_store"] {
+            m.fill_sources.with_label_values(&[source]);
+        }
         m
     }
 

@@ -715,7 +715,13 @@ impl Mirror {
             })
         };
         let (fill, joined) = match &self.fleet {
-            None => self.cache.fill(digest, upstream)?,
+            None => {
+                let (fill, joined) = self.cache.fill(digest, upstream)?;
+                if !joined {
+                    crate::metrics::metrics().fill_source("upstream");
+                }
+                (fill, joined)
+            }
             Some(fleet) => {
                 let mut tiered = None;
                 let offline = self.config.offline;
