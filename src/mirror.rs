@@ -97,6 +97,28 @@ pub struct Mirror {
     pub fleet: Option<Arc<Fleet>>,
     /// Tags upstream said do not exist, until when.
     negative: NegativeCache,
+    /// One revalidation (or first resolution) per tag at a time; the others wait for its result.
+    revalidations: Gates,
+}
+
+/// Per-key async locks, dropped when nobody holds or waits for them. The lock holds the last
+/// failure of the work it guards, so that waiters can share it instead of repeating the work.
+#[derive(Default)]
+struct Gates(Mutex<HashMap<String, std::sync::Weak<Gate>>>);
+
+type Gate = tokio::sync::Mutex<Option<(Instant, UpstreamError)>>;
+
+impl Gates {
+    fn gate(&self, key: &str) -> Arc<Gate> {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = map.get(key).and_then(std::sync::Weak::upgrade) {
+            return g;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        let g = Arc::new(tokio::sync::Mutex::new(None));
+        map.insert(key.to_owned(), Arc::downgrade(&g));
+        g
+    }
 }
 
 fn answer(manifest: Arc<StoredManifest>, outcome: Outcome) -> ManifestAnswer {
@@ -242,6 +264,7 @@ impl Mirror {
             router: Router::new(upstreams),
             fleet,
             negative: NegativeCache::default(),
+            revalidations: Gates::default(),
         })
     }
 
@@ -330,14 +353,15 @@ impl Mirror {
     ) -> Result<ManifestAnswer, RegistryError> {
         let config = &route.upstream.config;
         let host = route.host();
+        // Within `manifest_ttl` of the last upstream check, or never rechecked.
+        let fresh = |entry: &TagEntry| {
+            config.is_immutable(tag.as_str())
+                || Duration::from_millis(unix_now_ms().saturating_sub(entry.checked))
+                    < config.manifest_ttl
+        };
         let mut cached = self.cache.tag(host, &route.repo, tag)?;
         if let Some(fleet) = &self.fleet {
-            let fresh = cached.as_ref().is_some_and(|e| {
-                config.is_immutable(tag.as_str())
-                    || Duration::from_millis(unix_now_ms().saturating_sub(e.checked))
-                        < config.manifest_ttl
-            });
-            if !fresh {
+            if !cached.as_ref().is_some_and(fresh) {
                 cached = self.adopt_shared_tag(fleet, route, tag, cached).await?;
             }
         }
@@ -358,16 +382,40 @@ impl Mirror {
             })?;
             return self.manifest_by_digest(route, &d).await;
         }
-        match &cached {
-            Some(entry) => {
-                let age = Duration::from_millis(unix_now_ms().saturating_sub(entry.checked));
-                if config.is_immutable(tag.as_str()) || age < config.manifest_ttl {
+        if let Some(entry) = cached.as_ref().filter(|e| fresh(e)) {
+            return match pick(entry, accept) {
+                Some(d) => self.manifest_by_digest(route, &d).await,
+                None => self.fetch_variant(route, tag, accept, entry.clone()).await,
+            };
+        }
+        // One upstream check per tag at a time: requests arriving meanwhile wait for it and
+        // take its result (a burst of pulls of an expired tag costs one HEAD, not one each).
+        // If that check fails, the waiters share its failure (stale answer, 404...) rather
+        // than each waiting out a hanging upstream in turn.
+        let gate = self.revalidations.gate(&negative_key);
+        let mut turn = match gate.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => {
+                let waited_from = Instant::now();
+                let turn = gate.lock().await;
+                let now = self.cache.tag(host, &route.repo, tag)?;
+                if let Some(entry) = now.as_ref().filter(|e| fresh(e)) {
                     return match pick(entry, accept) {
                         Some(d) => self.manifest_by_digest(route, &d).await,
                         None => self.fetch_variant(route, tag, accept, entry.clone()).await,
                     };
                 }
+                if let Some((at, err)) = turn.as_ref() {
+                    if *at >= waited_from {
+                        return self.upstream_failed(route, tag, accept, now, err.clone());
+                    }
+                }
+                cached = now;
+                turn
             }
+        };
+        match &cached {
+            Some(_) => {}
             None => {
                 if self.negative.contains(&negative_key) {
                     return Err(RegistryError::new(
@@ -389,6 +437,7 @@ impl Mirror {
                 code: Some(ErrorCode::TooManyRequests),
                 retry_after: Some(left.as_secs().max(1)),
             };
+            *turn = Some((Instant::now(), err.clone()));
             return self.upstream_failed(route, tag, accept, cached, err);
         }
 
@@ -414,7 +463,10 @@ impl Mirror {
         };
         let head = match head {
             Ok(h) => h,
-            Err(e) => return self.upstream_failed(route, tag, accept, cached, e),
+            Err(e) => {
+                *turn = Some((Instant::now(), e.clone()));
+                return self.upstream_failed(route, tag, accept, cached, e);
+            }
         };
         let checked = unix_now_ms();
         self.negative.remove(&negative_key);
@@ -444,7 +496,10 @@ impl Mirror {
                             .await?,
                         true,
                     ),
-                    Err(e) => return self.upstream_failed(route, tag, accept, cached, e),
+                    Err(e) => {
+                *turn = Some((Instant::now(), e.clone()));
+                return self.upstream_failed(route, tag, accept, cached, e);
+            }
                 }
             }
         };
@@ -690,6 +745,14 @@ impl Mirror {
         };
         if head {
             if let Some(size) = shared_size {
+                return Ok(BlobAnswer::Head { size: Some(size) });
+            }
+            // Being filled and its source already said the size: no need to ask upstream.
+            if let Some(size) = self
+                .cache
+                .fill_in_flight(digest)
+                .and_then(|fill| fill.state().total)
+            {
                 return Ok(BlobAnswer::Head { size: Some(size) });
             }
         }

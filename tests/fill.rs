@@ -703,3 +703,34 @@ fn range_requests_during_a_fill_stream_as_bytes_arrive() {
         "ranges are served from the one fill"
     );
 }
+
+/// A `HEAD` for a blob being filled is answered from the fill (its size is known once the
+/// upstream answered): no extra upstream request.
+#[test]
+fn head_during_a_fill_is_answered_without_the_upstream() {
+    let fake = FakeUpstream::start();
+    let blob = random_bytes(4 * MIB);
+    let digest = fake.add_blob(REPO, blob.clone());
+    fake.push_faults(&digest, [Fault::HoldAt(MIB as u64)]);
+    let stowage = stowage(&fake.url(), "", "");
+    let url = blob_url(&stowage, &digest);
+    let reader = Reader::start(&url, &[], false, None);
+    wait_for_bytes(&reader, 1, "the filling client");
+
+    let head = client().head(&url).send().expect("HEAD");
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(
+        head.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some(blob.len().to_string().as_str())
+    );
+    assert_eq!(
+        fake.count("HEAD", &digest),
+        0,
+        "the HEAD went upstream: {:#?}",
+        fake.requests()
+    );
+    fake.release_holds();
+    assert_whole(&reader.finish(), &blob, "the filling client");
+}

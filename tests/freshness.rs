@@ -568,3 +568,43 @@ fn a_hanging_upstream_is_given_up_after_revalidate_timeout_and_the_cache_served(
         "{warning:?}"
     );
 }
+
+/// A burst of requests for an expired tag while the upstream hangs: one revalidation `HEAD`
+/// goes out, the requests that arrive meanwhile wait for it and share its outcome (every one is
+/// served stale) instead of each sending its own `HEAD` and waiting out the timeout in turn.
+#[test]
+fn a_burst_on_an_expired_tag_sends_one_revalidation_and_shares_its_outcome() {
+    let upstream = Registry::start();
+    let gate = Gate::start(&upstream.url());
+    let stowage = hub(
+        &gate.url(),
+        "manifest_ttl = \"0\"\nrevalidate_timeout = \"8s\"\nread_timeout = \"600s\"",
+    );
+    let pushed = images::push(
+        &upstream.url(),
+        "library/burst",
+        "1.0",
+        Image::build(Format::Docker, &[64]),
+    );
+    let url = format!("{}/v2/library/burst/manifests/1.0", stowage.url());
+    assert_eq!(get(&url).status, 200);
+    gate.hang();
+    let heads_before = gate.count("HEAD", "/manifests/1.0");
+    let burst: Vec<_> = (0..6)
+        .map(|_| {
+            let url = url.clone();
+            std::thread::spawn(move || get(&url))
+        })
+        .collect();
+    for r in burst {
+        let r = r.join().expect("request thread");
+        assert_eq!((r.status, r.digest()), (200, pushed.digest().to_string()));
+        assert!(r.header("warning").starts_with("299 - \"stale: "));
+    }
+    assert_eq!(
+        gate.count("HEAD", "/manifests/1.0") - heads_before,
+        1,
+        "one revalidation for the whole burst: {:#?}",
+        gate.requests()
+    );
+}

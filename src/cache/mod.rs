@@ -519,6 +519,12 @@ impl Cache {
         }
     }
 
+    /// The fill of `digest` in flight, if any (without joining it).
+    pub fn fill_in_flight(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        let map = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(digest).cloned()
+    }
+
     /// Joins the fill of `digest` in flight, or starts one from `make_source()`.
     /// Returns the fill and whether it was joined rather than started.
     pub fn fill(

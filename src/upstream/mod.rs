@@ -26,7 +26,7 @@ pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
 const MAX_REDIRECTS: usize = 5;
 
 /// What went wrong talking to an upstream.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// Could not connect, timed out, or the connection broke.
     #[error("upstream {host} unreachable: {message}")]
