@@ -291,6 +291,45 @@ struct RawStorage {
     gc_max_age: Option<String>,
     max_concurrent_fills: Option<i64>,
     fill_retries: Option<i64>,
+    backend: Option<String>,
+    shared_path: Option<String>,
+    object_store_timeout: Option<String>,
+    fill_lease_ttl: Option<String>,
+    s3: Option<RawS3>,
+    gcs: Option<RawGcs>,
+    azure: Option<RawAzure>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawS3 {
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    prefix: Option<String>,
+    access_key_id: Option<String>,
+    secret_access_key: Option<String>,
+    secret_access_key_env: Option<String>,
+    path_style: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGcs {
+    bucket: Option<String>,
+    prefix: Option<String>,
+    service_account_path: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAzure {
+    account: Option<String>,
+    container: Option<String>,
+    prefix: Option<String>,
+    access_key: Option<String>,
+    access_key_env: Option<String>,
+    endpoint: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -322,6 +361,8 @@ pub const DEFAULT_MAX_URI_LENGTH: &str = "8KiB";
 /// The endpoints that may be left open when auth is on.
 pub const OPERATIONAL_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
 pub const DEFAULT_MAX_CONCURRENT_FILLS: usize = 16;
+pub const DEFAULT_OBJECT_STORE_TIMEOUT: &str = "10s";
+pub const DEFAULT_FILL_LEASE_TTL: &str = "2m";
 pub const DEFAULT_FILL_RETRIES: u32 = 5;
 
 impl Config {
@@ -445,6 +486,7 @@ impl Config {
         }
         let gc_max_age = parse_duration(raw.storage.gc_max_age.as_deref().unwrap_or("30d"))
             .map_err(|m| invalid("storage.gc_max_age", m))?;
+        let shared = shared_store_config(&mut raw.storage, &path, &env)?;
 
         let raw_upstreams = raw.upstreams.unwrap_or_else(|| {
             vec![RawUpstream {
@@ -603,13 +645,218 @@ impl Config {
                 gc_max_age,
                 max_concurrent_fills,
                 fill_retries,
-                shared: None,
+                shared,
             },
             upstreams,
             auth: auth_config(raw.auth)?,
             offline: raw.offline.unwrap_or(false),
         })
     }
+}
+
+/// `storage.backend` and its table: the fleet's shared store, if any.
+fn shared_store_config(
+    raw: &mut RawStorage,
+    cache_path: &Path,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<SharedStoreConfig>, ConfigError> {
+    let backend = raw
+        .backend
+        .as_deref()
+        .unwrap_or("filesystem")
+        .trim()
+        .to_ascii_lowercase();
+    // Each table belongs to one backend; a table for another one is a mistake worth naming.
+    for (table, present) in [
+        ("s3", raw.s3.is_some()),
+        ("gcs", raw.gcs.is_some()),
+        ("azure", raw.azure.is_some()),
+    ] {
+        if present && backend != table {
+            return Err(invalid(
+                format!("storage.{table}"),
+                format!("only used with backend = \"{table}\" (backend is \"{backend}\")"),
+            ));
+        }
+    }
+    if raw.shared_path.is_some() && backend != "filesystem" {
+        return Err(invalid(
+            "storage.shared_path",
+            format!("only used with backend = \"filesystem\" (backend is \"{backend}\")"),
+        ));
+    }
+    let timeout = parse_duration(
+        raw.object_store_timeout
+            .as_deref()
+            .unwrap_or(DEFAULT_OBJECT_STORE_TIMEOUT),
+    )
+    .map_err(|m| invalid("storage.object_store_timeout", m))?;
+    if timeout.is_zero() {
+        return Err(invalid("storage.object_store_timeout", "must be above 0"));
+    }
+    let fill_lease_ttl =
+        parse_duration(raw.fill_lease_ttl.as_deref().unwrap_or(DEFAULT_FILL_LEASE_TTL))
+            .map_err(|m| invalid("storage.fill_lease_ttl", m))?;
+    if fill_lease_ttl.is_zero() {
+        return Err(invalid("storage.fill_lease_ttl", "must be above 0"));
+    }
+    let needs_table = |table: &str| {
+        invalid(
+            format!("storage.{table}"),
+            format!("backend = \"{table}\" needs a [storage.{table}] table"),
+        )
+    };
+    let kind = match backend.as_str() {
+        "filesystem" => match raw.shared_path.take() {
+            None => return Ok(None),
+            Some(p) if p.trim().is_empty() => {
+                return Err(invalid("storage.shared_path", "must not be empty"))
+            }
+            Some(p) => {
+                let p = PathBuf::from(p);
+                if p == cache_path {
+                    return Err(invalid(
+                        "storage.shared_path",
+                        "must differ from storage.path (the node's own cache)",
+                    ));
+                }
+                SharedStoreKind::Dir(p)
+            }
+        },
+        "s3" => {
+            let s3 = raw.s3.take().ok_or_else(|| needs_table("s3"))?;
+            let key = |k: &str| format!("storage.s3.{k}");
+            let endpoint = match s3.endpoint {
+                None => None,
+                Some(e) => Some(endpoint_url(&e).map_err(|m| invalid(key("endpoint"), m))?),
+            };
+            let secret_access_key = secret(
+                s3.secret_access_key,
+                s3.secret_access_key_env,
+                &key("secret_access_key"),
+                env,
+            )?;
+            SharedStoreKind::S3(S3StoreConfig {
+                bucket: bucket_name(s3.bucket, &key("bucket"))?,
+                path_style: s3.path_style.unwrap_or(endpoint.is_some()),
+                endpoint,
+                region: nonempty_opt(s3.region, &key("region"))?,
+                prefix: store_prefix(s3.prefix, &key("prefix"))?,
+                access_key_id: nonempty_opt(s3.access_key_id, &key("access_key_id"))?,
+                secret_access_key,
+            })
+        }
+        "gcs" => {
+            let gcs = raw.gcs.take().ok_or_else(|| needs_table("gcs"))?;
+            let key = |k: &str| format!("storage.gcs.{k}");
+            SharedStoreKind::Gcs(GcsStoreConfig {
+                bucket: bucket_name(gcs.bucket, &key("bucket"))?,
+                prefix: store_prefix(gcs.prefix, &key("prefix"))?,
+                service_account_path: nonempty_opt(
+                    gcs.service_account_path,
+                    &key("service_account_path"),
+                )?
+                .map(PathBuf::from),
+            })
+        }
+        "azure" => {
+            let az = raw.azure.take().ok_or_else(|| needs_table("azure"))?;
+            let key = |k: &str| format!("storage.azure.{k}");
+            let required = |v: Option<String>, k: &str| match nonempty_opt(v, &key(k))? {
+                Some(v) => Ok(v),
+                None => Err(invalid(key(k), "is required")),
+            };
+            SharedStoreKind::Azure(AzureStoreConfig {
+                account: required(az.account, "account")?,
+                container: required(az.container, "container")?,
+                prefix: store_prefix(az.prefix, &key("prefix"))?,
+                access_key: secret(az.access_key, az.access_key_env, &key("access_key"), env)?,
+                endpoint: match az.endpoint {
+                    None => None,
+                    Some(e) => Some(endpoint_url(&e).map_err(|m| invalid(key("endpoint"), m))?),
+                },
+            })
+        }
+        other => {
+            return Err(invalid(
+                "storage.backend",
+                format!("{other:?} is not one of \"filesystem\", \"s3\", \"gcs\", \"azure\""),
+            ))
+        }
+    };
+    Ok(Some(SharedStoreConfig {
+        kind,
+        timeout,
+        fill_lease_ttl,
+    }))
+}
+
+/// A secret given inline (`key`) or by naming an environment variable (`key_env`).
+fn secret(
+    inline: Option<String>,
+    from_env: Option<String>,
+    key: &str,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (inline, from_env) {
+        (Some(_), Some(_)) => Err(invalid(
+            format!("{key}_env"),
+            format!("set either {key} or {key}_env, not both"),
+        )),
+        (Some(v), None) if v.is_empty() => Err(invalid(key, "must not be empty")),
+        (Some(v), None) => Ok(Some(Secret::new(v))),
+        (None, Some(var)) => match env(&var) {
+            Some(v) if !v.is_empty() => Ok(Some(Secret::new(v))),
+            _ => Err(invalid(
+                format!("{key}_env"),
+                format!("environment variable {var:?} is not set or empty"),
+            )),
+        },
+        (None, None) => Ok(None),
+    }
+}
+
+fn nonempty_opt(value: Option<String>, key: &str) -> Result<Option<String>, ConfigError> {
+    match value {
+        Some(v) if v.trim().is_empty() => Err(invalid(key, "must not be empty")),
+        other => Ok(other.map(|v| v.trim().to_owned())),
+    }
+}
+
+/// A bucket (or container) name: required, no `/`, no whitespace.
+fn bucket_name(value: Option<String>, key: &str) -> Result<String, ConfigError> {
+    let name = nonempty_opt(value, key)?.ok_or_else(|| invalid(key, "is required"))?;
+    if name.contains('/') || name.chars().any(char::is_whitespace) {
+        return Err(invalid(
+            key,
+            format!("{name:?} is not a bucket name (no \"/\" or spaces)"),
+        ));
+    }
+    Ok(name)
+}
+
+/// `""` or `"a/b/"`: leading and trailing `/` dropped, then one `/` appended.
+fn store_prefix(value: Option<String>, key: &str) -> Result<String, ConfigError> {
+    let text = value.unwrap_or_default();
+    let trimmed = text.trim().trim_matches('/');
+    if trimmed.is_empty() {
+        return Ok(String::new());
+    }
+    crate::store::validate_key(trimmed)
+        .map_err(|_| invalid(key, format!("{text:?} is not a relative path like \"mirror/\"")))?;
+    Ok(format!("{trimmed}/"))
+}
+
+/// An `http://` or `https://` origin (a path is kept: Azurite puts the account there).
+fn endpoint_url(text: &str) -> Result<String, String> {
+    let url = url::Url::parse(text.trim()).map_err(|e| format!("{text:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{text:?} must be an http:// or https:// URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain credentials; use access_key_id / secret_access_key".into());
+    }
+    Ok(text.trim().trim_end_matches('/').to_owned())
 }
 
 fn server_config(
@@ -1061,6 +1308,137 @@ mod tests {
         })
         .unwrap_err();
         assert!(e.to_string().contains("server.listen"));
+    }
+
+    #[test]
+    fn storage_backend_defaults_to_the_local_disk_only() {
+        let c = Config::from_toml("").unwrap();
+        assert!(c.storage.shared.is_none());
+        let c = Config::from_toml("[storage]\nbackend = \"filesystem\"").unwrap();
+        assert!(c.storage.shared.is_none());
+        let c = Config::from_toml(
+            "[storage]\nshared_path = \"/mnt/shared/stowage\"\nfill_lease_ttl = \"30s\"",
+        )
+        .unwrap();
+        let shared = c.storage.shared.unwrap();
+        assert!(
+            matches!(&shared.kind, SharedStoreKind::Dir(p) if p == Path::new("/mnt/shared/stowage"))
+        );
+        assert_eq!(shared.timeout, Duration::from_secs(10));
+        assert_eq!(shared.fill_lease_ttl, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn s3_backend_parses_with_defaults_and_env_secrets() {
+        let text = r#"
+            [storage]
+            backend = "s3"
+            object_store_timeout = "3s"
+            [storage.s3]
+            bucket = "stowage"
+            endpoint = "http://127.0.0.1:3900/"
+            region = "garage"
+            prefix = "/mirror"
+            access_key_id = "GK1"
+            secret_access_key_env = "S3_SECRET"
+        "#;
+        let c = Config::from_raw(parse_raw(text, Path::new("x")).unwrap(), |k| {
+            (k == "S3_SECRET").then(|| "hush".to_string())
+        })
+        .unwrap();
+        let shared = c.storage.shared.unwrap();
+        assert_eq!(shared.timeout, Duration::from_secs(3));
+        assert_eq!(shared.fill_lease_ttl, Duration::from_secs(120));
+        let SharedStoreKind::S3(s3) = &shared.kind else {
+            panic!("{shared:?}")
+        };
+        assert_eq!(s3.bucket, "stowage");
+        assert_eq!(s3.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(s3.region.as_deref(), Some("garage"));
+        assert_eq!(s3.prefix, "mirror/");
+        assert_eq!(s3.access_key_id.as_deref(), Some("GK1"));
+        assert_eq!(s3.secret_access_key.as_ref().map(Secret::expose), Some("hush"));
+        assert!(s3.path_style, "an endpoint implies path-style by default");
+        assert!(!format!("{shared:?}").contains("hush"), "Debug shows the secret");
+
+        let aws = Config::from_toml("[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"")
+            .unwrap();
+        let Some(SharedStoreConfig {
+            kind: SharedStoreKind::S3(s3),
+            ..
+        }) = aws.storage.shared
+        else {
+            panic!("not s3")
+        };
+        assert!(!s3.path_style && s3.endpoint.is_none() && s3.prefix.is_empty());
+        assert!(s3.secret_access_key.is_none() && s3.access_key_id.is_none());
+    }
+
+    #[test]
+    fn gcs_and_azure_backends_parse() {
+        let c = Config::from_toml(
+            "[storage]\nbackend = \"gcs\"\n[storage.gcs]\nbucket = \"b\"\nservice_account_path = \"/k.json\"",
+        )
+        .unwrap();
+        assert!(matches!(
+            c.storage.shared.unwrap().kind,
+            SharedStoreKind::Gcs(GcsStoreConfig { ref bucket, service_account_path: Some(_), .. }) if bucket == "b"
+        ));
+        let c = Config::from_toml(
+            r#"
+            [storage]
+            backend = "azure"
+            [storage.azure]
+            account = "devstoreaccount1"
+            container = "stowage"
+            access_key = "k"
+            endpoint = "http://127.0.0.1:10000/devstoreaccount1"
+            prefix = "a/b/"
+            "#,
+        )
+        .unwrap();
+        let SharedStoreKind::Azure(az) = c.storage.shared.unwrap().kind else {
+            panic!("not azure")
+        };
+        assert_eq!(
+            (az.account.as_str(), az.container.as_str(), az.prefix.as_str()),
+            ("devstoreaccount1", "stowage", "a/b/")
+        );
+        assert_eq!(
+            az.endpoint.as_deref(),
+            Some("http://127.0.0.1:10000/devstoreaccount1")
+        );
+    }
+
+    #[test]
+    fn storage_backend_mismatches_name_the_key() {
+        let cases = [
+            ("backend = \"s3\"", "storage.s3"),
+            ("backend = \"gcs\"", "storage.gcs"),
+            ("backend = \"azure\"", "storage.azure"),
+            ("backend = \"swift\"", "storage.backend"),
+            ("[storage.s3]\nbucket = \"b\"", "storage.s3"),
+            ("backend = \"s3\"\n[storage.gcs]\nbucket = \"b\"", "storage.gcs"),
+            ("backend = \"s3\"\nshared_path = \"/x\"\n[storage.s3]\nbucket = \"b\"", "storage.shared_path"),
+            ("backend = \"s3\"\n[storage.s3]\nbucket = \"\"", "storage.s3.bucket"),
+            ("backend = \"s3\"\n[storage.s3]\nregion = \"r\"", "storage.s3.bucket"),
+            ("backend = \"s3\"\n[storage.s3]\nbucket = \"a/b\"", "storage.s3.bucket"),
+            ("backend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"ftp://x\"", "storage.s3.endpoint"),
+            ("backend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://u:p@x\"", "storage.s3.endpoint"),
+            ("backend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nprefix = \"a/../b\"", "storage.s3.prefix"),
+            ("backend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nsecret_access_key = \"s\"\nsecret_access_key_env = \"V\"", "storage.s3.secret_access_key_env"),
+            ("backend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nsecret_access_key_env = \"UNSET_VAR\"", "storage.s3.secret_access_key_env"),
+            ("backend = \"s3\"\n[storage.s3]\nbucket = \"b\"\npath_styl = true", "path_styl"),
+            ("backend = \"azure\"\n[storage.azure]\naccount = \"a\"", "storage.azure.container"),
+            ("shared_path = \"\"", "storage.shared_path"),
+            ("path = \"/d\"\nshared_path = \"/d\"", "storage.shared_path"),
+            ("shared_path = \"/s\"\nobject_store_timeout = \"0s\"", "storage.object_store_timeout"),
+            ("shared_path = \"/s\"\nfill_lease_ttl = \"soon\"", "storage.fill_lease_ttl"),
+        ];
+        for (storage, key) in cases {
+            let e = err(&format!("[storage]\n{storage}"));
+            assert!(e.contains(key), "{storage:?}: {e}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::cache::fill::ByteStream;
 use crate::config::{SharedStoreConfig, SharedStoreKind};
 
 pub mod fs;
+pub mod object;
 
 pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
@@ -100,9 +101,7 @@ pub trait BlobStore: Send + Sync + 'static {
 pub fn open(cfg: &SharedStoreConfig) -> Result<Arc<dyn BlobStore>, StoreError> {
     match &cfg.kind {
         SharedStoreKind::Dir(root) => Ok(Arc::new(fs::FsStore::new(root.clone()))),
-        _ => Err(StoreError::Refused(
-            "object-store backends are not built in yet (issue #11, step 2)".into(),
-        )),
+        _ => Ok(Arc::new(object::ObjectBackend::new(cfg)?)),
     }
 }
 

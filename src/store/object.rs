@@ -1,0 +1,871 @@
+//! [`ObjectBackend`]: the blob store on an object store through the `object_store` crate — S3
+//! and what speaks its API (Ceph RGW, Garage, MinIO), Google Cloud Storage, Azure Blob Storage.
+//!
+//! What this layer adds to `object_store`:
+//! - **a prefix** (`storage.s3.prefix`), so one bucket can hold several fleets;
+//! - **bounded waiting**: `object_store`'s own retries are cut down (2 retries, within the
+//!   configured timeout) and every request is bounded by `storage.object_store_timeout` — small
+//!   operations in total, streamed reads per chunk (silence, not length), uploads per part with
+//!   an allowance for a slow link ([`MIN_RATE`]) — so a dead store costs seconds, not minutes;
+//! - **uploads that are whole or absent**: files above [`PART_SIZE`] go up as a multipart upload,
+//!   aborted on any error and also when the `put_file` future is dropped; only the final
+//!   `CompleteMultipartUpload` makes the object visible;
+//! - **an honest conditional create**: some S3 servers (Garage 2.5) accept `If-None-Match: *` and
+//!   overwrite anyway. The first `create` probes that once (two creates of a scratch key); a
+//!   store that overwrote answers [`Created::Unsupported`] from then on, without writing;
+//! - **errors in three kinds**: not found is `Ok(None)`; connection failures, timeouts and 5xx
+//!   are [`StoreError::Unavailable`]; the store saying no (credentials, 4xx) is
+//!   [`StoreError::Refused`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::{FutureExt, StreamExt};
+use object_store::path::Path as ObjectPath;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
+    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+};
+use tokio::io::AsyncReadExt;
+
+use super::{
+    validate_key, validate_prefix, BlobStore, Created, ObjectInfo, StoreError, StoreFuture,
+};
+use crate::cache::fill::ByteStream;
+use crate::config::{SharedStoreConfig, SharedStoreKind};
+
+/// Files larger than this go up as multipart uploads, in parts of this size (S3's minimum part
+/// is 5 MiB).
+pub const PART_SIZE: usize = 8 << 20;
+
+/// Parts of one upload in flight at once (memory per upload: this many × [`PART_SIZE`]).
+const PARTS_IN_FLIGHT: usize = 4;
+
+/// The slowest link an upload is allowed before it counts as stalled, in bytes per second: a
+/// transfer of `n` bytes may take `timeout + n / MIN_RATE`.
+pub const MIN_RATE: u64 = 1 << 20;
+
+/// Where the conditional-create probe writes (below the prefix).
+const PROBE_DIR: &str = "_stowage/probe";
+
+/// The shared store on S3 / GCS / Azure. Cheap to share (`Arc` inside).
+pub struct ObjectBackend {
+    store: Arc<dyn ObjectStore>,
+    /// `""` or `"some/prefix/"`.
+    prefix: String,
+    describe: String,
+    timeout: Duration,
+    /// Whether `PutMode::Create` really refuses to overwrite; probed on first `create`.
+    conditional: tokio::sync::OnceCell<bool>,
+}
+
+impl std::fmt::Debug for ObjectBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the inner store: its configuration holds the credentials.
+        f.debug_struct("ObjectBackend")
+            .field("describe", &self.describe)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+impl ObjectBackend {
+    /// Builds the client `cfg` describes (`s3`, `gcs` or `azure`). Does not contact the store.
+    pub fn new(cfg: &SharedStoreConfig) -> Result<ObjectBackend, StoreError> {
+        let timeout = cfg.timeout;
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(1),
+                base: 2.0,
+            },
+            max_retries: 2,
+            retry_timeout: timeout,
+        };
+        let options = |endpoint: Option<&str>| {
+            // The overall request timeout stays off: a streamed blob may take longer than any
+            // fixed bound. Every await is bounded here instead (see the module docs).
+            ClientOptions::new()
+                .with_connect_timeout(timeout.min(Duration::from_secs(5)))
+                .with_timeout_disabled()
+                .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
+        };
+        let refused = |e: object_store::Error| StoreError::Refused(e.to_string());
+        let (store, scheme, bucket, prefix, endpoint): (Arc<dyn ObjectStore>, _, _, _, _) =
+            match &cfg.kind {
+                SharedStoreKind::S3(s3) => {
+                    let mut b = object_store::aws::AmazonS3Builder::from_env()
+                        .with_bucket_name(&s3.bucket)
+                        .with_virtual_hosted_style_request(!s3.path_style)
+                        .with_retry(retry)
+                        .with_client_options(options(s3.endpoint.as_deref()));
+                    if let Some(endpoint) = &s3.endpoint {
+                        b = b
+                            .with_endpoint(endpoint)
+                            .with_allow_http(endpoint.starts_with("http://"));
+                    }
+                    if let Some(region) = &s3.region {
+                        b = b.with_region(region);
+                    }
+                    if let Some(id) = &s3.access_key_id {
+                        b = b.with_access_key_id(id);
+                    }
+                    if let Some(secret) = &s3.secret_access_key {
+                        b = b.with_secret_access_key(secret.expose());
+                    }
+                    let store = b.build().map_err(refused)?;
+                    (
+                        Arc::new(store) as Arc<dyn ObjectStore>,
+                        "s3",
+                        s3.bucket.clone(),
+                        s3.prefix.clone(),
+                        s3.endpoint.clone(),
+                    )
+                }
+                SharedStoreKind::Gcs(gcs) => {
+                    let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                        .with_bucket_name(&gcs.bucket)
+                        .with_retry(retry)
+                        .with_client_options(options(None));
+                    if let Some(path) = &gcs.service_account_path {
+                        b = b.with_service_account_path(path.to_string_lossy());
+                    }
+                    let store = b.build().map_err(refused)?;
+                    (
+                        Arc::new(store) as Arc<dyn ObjectStore>,
+                        "gs",
+                        gcs.bucket.clone(),
+                        gcs.prefix.clone(),
+                        None,
+                    )
+                }
+                SharedStoreKind::Azure(az) => {
+                    let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+                        .with_account(&az.account)
+                        .with_container_name(&az.container)
+                        .with_retry(retry)
+                        .with_client_options(options(az.endpoint.as_deref()));
+                    if let Some(key) = &az.access_key {
+                        b = b.with_access_key(key.expose());
+                    }
+                    if let Some(endpoint) = &az.endpoint {
+                        b = b
+                            .with_endpoint(endpoint.clone())
+                            .with_allow_http(endpoint.starts_with("http://"));
+                    }
+                    let store = b.build().map_err(refused)?;
+                    (
+                        Arc::new(store) as Arc<dyn ObjectStore>,
+                        "az",
+                        format!("{}/{}", az.account, az.container),
+                        az.prefix.clone(),
+                        az.endpoint.clone(),
+                    )
+                }
+                SharedStoreKind::Dir(dir) => {
+                    return Err(StoreError::Refused(format!(
+                        "{} is a directory, not an object store",
+                        dir.display()
+                    )))
+                }
+            };
+        let mut describe = format!("{scheme}://{bucket}/{prefix}");
+        if let Some(origin) = endpoint.as_deref().and_then(origin_of) {
+            describe.push_str(&format!(" at {origin}"));
+        }
+        ObjectBackend::from_store(store, &prefix, timeout, describe)
+    }
+
+    /// Wraps an already built `object_store` (tests use `InMemory`). `prefix` is empty or a
+    /// relative path; a trailing `/` is added when missing.
+    pub fn from_store(
+        store: Arc<dyn ObjectStore>,
+        prefix: &str,
+        timeout: Duration,
+        describe: String,
+    ) -> Result<ObjectBackend, StoreError> {
+        let prefix = prefix.trim_matches('/');
+        let prefix = if prefix.is_empty() {
+            String::new()
+        } else {
+            validate_key(prefix)?;
+            format!("{prefix}/")
+        };
+        Ok(ObjectBackend {
+            store,
+            prefix,
+            describe,
+            timeout,
+            conditional: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    /// Whether conditional create is known to work (`None`: not probed yet).
+    pub fn conditional_create(&self) -> Option<bool> {
+        self.conditional.get().copied()
+    }
+
+    fn location(&self, key: &str) -> Result<ObjectPath, StoreError> {
+        validate_key(key)?;
+        ObjectPath::parse(format!("{}{key}", self.prefix))
+            .map_err(|e| StoreError::Refused(format!("invalid key {key:?}: {e}")))
+    }
+
+    /// Runs one request bounded by `limit`; elapsed is `Unavailable`.
+    async fn bounded<T>(
+        &self,
+        limit: Duration,
+        what: &str,
+        fut: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<object_store::Result<T>, StoreError> {
+        tokio::time::timeout(limit, fut)
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("{what}: no answer within {limit:?}")))
+    }
+
+    /// The time allowed to move `bytes` bytes.
+    fn transfer_bound(&self, bytes: usize) -> Duration {
+        self.timeout + Duration::from_secs_f64(bytes as f64 / MIN_RATE as f64)
+    }
+
+    async fn head_impl(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        let loc = self.location(key)?;
+        match self
+            .bounded(self.timeout, key, self.store.head(&loc))
+            .await?
+        {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn get_impl(
+        &self,
+        key: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<Option<(u64, ByteStream)>, StoreError> {
+        let loc = self.location(key)?;
+        let range = match len {
+            // A zero-length range is not a valid HTTP range: answer it from the size.
+            Some(0) => return self.empty_at(key, offset).await,
+            Some(n) => Some(GetRange::Bounded(offset..offset.saturating_add(n))),
+            None if offset == 0 => None,
+            None => Some(GetRange::Offset(offset)),
+        };
+        let options = GetOptions {
+            range,
+            ..GetOptions::default()
+        };
+        match self
+            .bounded(self.timeout, key, self.store.get_opts(&loc, options))
+            .await?
+        {
+            Ok(result) => {
+                let size = result.meta.size;
+                Ok(Some((
+                    size,
+                    idle_bounded(result.into_stream(), self.timeout),
+                )))
+            }
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // An offset at or past the end is a 416; the size tells which of the two it was.
+            Err(e) if offset > 0 => match self.empty_at(key, offset).await {
+                Ok(found) => Ok(found),
+                Err(StoreError::Refused(why)) if why.contains("beyond the end") => {
+                    Err(StoreError::Refused(why))
+                }
+                Err(_) => Err(classify(e)),
+            },
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    /// An empty read at `offset`: `None` if absent, `Refused` past the end.
+    async fn empty_at(
+        &self,
+        key: &str,
+        offset: u64,
+    ) -> Result<Option<(u64, ByteStream)>, StoreError> {
+        let Some(size) = self.head_impl(key).await? else {
+            return Ok(None);
+        };
+        if offset > size {
+            return Err(StoreError::Refused(format!(
+                "{key}: offset {offset} is beyond the end ({size} bytes)"
+            )));
+        }
+        let empty: ByteStream = Box::pin(futures_util::stream::empty());
+        Ok(Some((size, empty)))
+    }
+
+    async fn get_bytes_impl(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        let loc = self.location(key)?;
+        let fetch = async { self.store.get(&loc).await?.bytes().await };
+        match self.bounded(self.timeout, key, fetch).await? {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn put_bytes_impl(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
+        let loc = self.location(key)?;
+        self.put_whole(key, &loc, bytes).await
+    }
+
+    async fn put_whole(&self, key: &str, loc: &ObjectPath, bytes: Bytes) -> Result<(), StoreError> {
+        let limit = self.transfer_bound(bytes.len());
+        let put = self
+            .store
+            .put_opts(loc, PutPayload::from_bytes(bytes), PutOptions::default());
+        self.bounded(limit, key, put).await?.map_err(classify)?;
+        Ok(())
+    }
+
+    async fn put_file_impl(&self, key: &str, path: &std::path::Path) -> Result<(), StoreError> {
+        let loc = self.location(key)?;
+        let mut file = tokio::fs::File::open(path).await?;
+        // Read ahead one part (and one more) to choose between a plain put and multipart; this
+        // works for sources whose size is not known up front, too.
+        let first = read_part(&mut file).await?;
+        if first.len() < PART_SIZE {
+            return self.put_whole(key, &loc, first).await;
+        }
+        let second = read_part(&mut file).await?;
+        if second.is_empty() {
+            return self.put_whole(key, &loc, first).await;
+        }
+
+        let upload = self
+            .bounded(self.timeout, key, self.store.put_multipart(&loc))
+            .await?
+            .map_err(classify)?;
+        let mut guard = AbortOnDrop {
+            writer: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
+            key: key.to_owned(),
+            timeout: self.timeout,
+        };
+        let part_bound = self.transfer_bound(PART_SIZE * PARTS_IN_FLIGHT);
+        let result = async {
+            let mut next = second;
+            guard.writer()?.put(first);
+            while !next.is_empty() {
+                let writer = guard.writer()?;
+                writer.put(next);
+                self.bounded(
+                    part_bound,
+                    key,
+                    writer.wait_for_capacity(PARTS_IN_FLIGHT - 1),
+                )
+                .await?
+                .map_err(classify)?;
+                next = read_part(&mut file).await?;
+            }
+            let writer = guard.writer()?;
+            self.bounded(part_bound, key, writer.wait_for_capacity(0))
+                .await?
+                .map_err(classify)?;
+            Ok::<(), StoreError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            guard.abort().await;
+            return Err(e);
+        }
+        let writer = guard.take()?;
+        // `finish` only completes now (every part is up) and aborts itself if that fails. If the
+        // bound passes mid-complete, the upload may be left incomplete — never visible; a
+        // bucket lifecycle rule for incomplete uploads reclaims it.
+        self.bounded(self.transfer_bound(0), key, writer.finish())
+            .await?
+            .map_err(classify)?;
+        Ok(())
+    }
+
+    /// Probes once whether `PutMode::Create` refuses to overwrite.
+    async fn probe_conditional(&self) -> Result<bool, StoreError> {
+        let key = format!("{PROBE_DIR}/{:016x}", rand::random::<u64>());
+        let loc = self.location(&key)?;
+        let create = || {
+            let opts = PutOptions::from(PutMode::Create);
+            self.bounded(
+                self.timeout,
+                "conditional-create probe",
+                self.store
+                    .put_opts(&loc, PutPayload::from_static(b"probe"), opts),
+            )
+        };
+        let supported = match create().await? {
+            Err(object_store::Error::NotImplemented { .. })
+            | Err(object_store::Error::NotSupported { .. }) => false,
+            Err(e) => return Err(classify(e)),
+            Ok(_) => match create().await? {
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => true,
+                Ok(_) => false,
+                Err(e) => {
+                    let _ = self
+                        .bounded(self.timeout, &key, self.store.delete(&loc))
+                        .await;
+                    return Err(classify(e));
+                }
+            },
+        };
+        let _ = self
+            .bounded(self.timeout, &key, self.store.delete(&loc))
+            .await;
+        if supported {
+            tracing::info!(store = %self.describe, "object store honours conditional create");
+        } else {
+            tracing::warn!(
+                store = %self.describe,
+                "object store ignores conditional create (If-None-Match: *) and would overwrite; \
+                 fill leases are disabled for this store"
+            );
+        }
+        Ok(supported)
+    }
+
+    async fn create_impl(&self, key: &str, bytes: Bytes) -> Result<Created, StoreError> {
+        let loc = self.location(key)?;
+        let supported = *self
+            .conditional
+            .get_or_try_init(|| self.probe_conditional())
+            .await?;
+        if !supported {
+            return Ok(Created::Unsupported);
+        }
+        let opts = PutOptions::from(PutMode::Create);
+        let put = self
+            .store
+            .put_opts(&loc, PutPayload::from_bytes(bytes), opts);
+        match self.bounded(self.timeout, key, put).await? {
+            Ok(_) => Ok(Created::Created),
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(Created::Exists),
+            Err(object_store::Error::NotImplemented { .. })
+            | Err(object_store::Error::NotSupported { .. }) => Ok(Created::Unsupported),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn delete_impl(&self, key: &str) -> Result<(), StoreError> {
+        let loc = self.location(key)?;
+        match self
+            .bounded(self.timeout, key, self.store.delete(&loc))
+            .await?
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
+    async fn list_impl(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
+        validate_prefix(prefix)?;
+        // `object_store` lists whole path segments: list the directory the prefix names for
+        // sure, then filter by the string prefix.
+        let dir = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let full = format!("{}{dir}", self.prefix);
+        let full = full.trim_end_matches('/');
+        let loc = if full.is_empty() {
+            None
+        } else {
+            Some(
+                ObjectPath::parse(full)
+                    .map_err(|e| StoreError::Refused(format!("invalid prefix {prefix:?}: {e}")))?,
+            )
+        };
+        let mut stream = self.store.list(loc.as_ref());
+        let mut out = Vec::new();
+        loop {
+            let item = tokio::time::timeout(self.timeout, stream.next())
+                .await
+                .map_err(|_| {
+                    StoreError::Unavailable(format!(
+                        "list {prefix:?}: no answer within {:?}",
+                        self.timeout
+                    ))
+                })?;
+            let meta = match item {
+                None => break,
+                Some(Ok(meta)) => meta,
+                Some(Err(e)) => return Err(classify(e)),
+            };
+            let Some(key) = meta.location.as_ref().strip_prefix(self.prefix.as_str()) else {
+                continue;
+            };
+            if key.starts_with(prefix) && !key.starts_with(PROBE_DIR) {
+                out.push(ObjectInfo {
+                    key: key.to_owned(),
+                    size: meta.size,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}
+
+impl BlobStore for ObjectBackend {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn head<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<u64>> {
+        self.head_impl(key).boxed()
+    }
+
+    fn get<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> StoreFuture<'a, Option<(u64, ByteStream)>> {
+        self.get_impl(key, offset, len).boxed()
+    }
+
+    fn get_bytes<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
+        self.get_bytes_impl(key).boxed()
+    }
+
+    fn put_file<'a>(&'a self, key: &'a str, path: &'a std::path::Path) -> StoreFuture<'a, ()> {
+        self.put_file_impl(key, path).boxed()
+    }
+
+    fn put_bytes<'a>(&'a self, key: &'a str, bytes: Bytes) -> StoreFuture<'a, ()> {
+        self.put_bytes_impl(key, bytes).boxed()
+    }
+
+    fn create<'a>(&'a self, key: &'a str, bytes: Bytes) -> StoreFuture<'a, Created> {
+        self.create_impl(key, bytes).boxed()
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
+        self.delete_impl(key).boxed()
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectInfo>> {
+        self.list_impl(prefix).boxed()
+    }
+}
+
+/// Owns a multipart upload until it is finished; aborts it when an error or a dropped future
+/// leaves it behind.
+struct AbortOnDrop {
+    writer: Option<WriteMultipart>,
+    key: String,
+    timeout: Duration,
+}
+
+impl AbortOnDrop {
+    fn writer(&mut self) -> Result<&mut WriteMultipart, StoreError> {
+        self.writer
+            .as_mut()
+            .ok_or_else(|| StoreError::Refused("multipart upload already finished".into()))
+    }
+
+    fn take(&mut self) -> Result<WriteMultipart, StoreError> {
+        self.writer
+            .take()
+            .ok_or_else(|| StoreError::Refused("multipart upload already finished".into()))
+    }
+
+    /// Aborts now (bounded), logging a failure: the upload stays incomplete, never visible.
+    async fn abort(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            abort_upload(writer, self.key.clone(), self.timeout).await;
+        }
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        let Some(writer) = self.writer.take() else {
+            return;
+        };
+        let key = std::mem::take(&mut self.key);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(abort_upload(writer, key, self.timeout));
+            }
+            Err(_) => tracing::warn!(
+                key,
+                "multipart upload dropped outside a runtime; left incomplete (never visible)"
+            ),
+        }
+    }
+}
+
+async fn abort_upload(writer: WriteMultipart, key: String, timeout: Duration) {
+    match tokio::time::timeout(timeout, writer.abort()).await {
+        Ok(Ok(())) => tracing::debug!(key, "multipart upload aborted"),
+        Ok(Err(e)) => {
+            tracing::warn!(key, error = %e, "aborting a multipart upload failed; it stays incomplete (never visible)")
+        }
+        Err(_) => tracing::warn!(
+            key,
+            "aborting a multipart upload timed out; it stays incomplete (never visible)"
+        ),
+    }
+}
+
+/// Reads up to [`PART_SIZE`] bytes (fewer only at the end of the file).
+async fn read_part(file: &mut tokio::fs::File) -> Result<Bytes, StoreError> {
+    let mut buf = BytesMut::with_capacity(PART_SIZE);
+    let mut limited = file.take(PART_SIZE as u64);
+    while limited.read_buf(&mut buf).await? > 0 {}
+    Ok(buf.freeze())
+}
+
+/// A response body whose every chunk must arrive within `idle`.
+fn idle_bounded(
+    stream: futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    idle: Duration,
+) -> ByteStream {
+    Box::pin(futures_util::stream::unfold(
+        Some(stream),
+        move |state| async move {
+            let mut stream = state?;
+            match tokio::time::timeout(idle, stream.next()).await {
+                Ok(Some(Ok(bytes))) => Some((Ok(bytes), Some(stream))),
+                Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), None)),
+                Ok(None) => None,
+                Err(_) => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("object store sent nothing for {idle:?}"),
+                    )),
+                    None,
+                )),
+            }
+        },
+    ))
+}
+
+/// Sorts an `object_store` error into the three kinds callers act on.
+fn classify(e: object_store::Error) -> StoreError {
+    use object_store::Error as E;
+    let message = e.to_string();
+    match e {
+        E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::InvalidPath { .. }
+        | E::NotFound { .. }
+        | E::AlreadyExists { .. }
+        | E::Precondition { .. }
+        | E::NotModified { .. }
+        | E::NotSupported { .. }
+        | E::NotImplemented { .. }
+        | E::UnknownConfigurationKey { .. } => StoreError::Refused(message),
+        _ => match http_status(&message) {
+            Some(status) if (400..500).contains(&status) && status != 408 && status != 429 => {
+                StoreError::Refused(message)
+            }
+            _ => StoreError::Unavailable(message),
+        },
+    }
+}
+
+/// The HTTP status in an `object_store` error message ("… status code: 403 Forbidden …"): its
+/// retry error type, which carries the status, is not public.
+fn http_status(message: &str) -> Option<u16> {
+    let at = message.find("status code: ")? + "status code: ".len();
+    message.get(at..at + 3)?.parse().ok()
+}
+
+/// `scheme://host[:port]` of an endpoint URL — never its user info or path.
+fn origin_of(endpoint: &str) -> Option<String> {
+    let url = url::Url::parse(endpoint).ok()?;
+    let host = url.host_str()?;
+    Some(match url.port() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use futures_util::TryStreamExt;
+    use object_store::memory::InMemory;
+
+    use super::*;
+    use crate::config::{S3StoreConfig, Secret};
+
+    fn memory(prefix: &str) -> (Arc<InMemory>, ObjectBackend) {
+        let inner = Arc::new(InMemory::new());
+        let backend = ObjectBackend::from_store(
+            inner.clone(),
+            prefix,
+            Duration::from_secs(10),
+            "memory://".into(),
+        )
+        .unwrap();
+        (inner, backend)
+    }
+
+    #[tokio::test]
+    async fn keys_live_under_the_prefix_and_list_strips_it() {
+        let (inner, store) = memory("/fleet/a/");
+        store
+            .put_bytes("blobs/sha256/ab", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        store
+            .put_bytes("blobs/sha256/b", Bytes::from_static(b"x"))
+            .await
+            .unwrap();
+        let raw = inner
+            .head(&ObjectPath::from("fleet/a/blobs/sha256/ab"))
+            .await
+            .unwrap();
+        assert_eq!(raw.size, 5);
+        let listed = store.list("blobs/sha256/a").await.unwrap();
+        assert_eq!(
+            listed,
+            [ObjectInfo {
+                key: "blobs/sha256/ab".into(),
+                size: 5
+            }]
+        );
+        assert_eq!(store.list("").await.unwrap().len(), 2);
+        assert_eq!(store.list("blobs/").await.unwrap().len(), 2);
+        assert!(store.list("tags/").await.unwrap().is_empty());
+        let (size, stream) = store
+            .get("blobs/sha256/ab", 1, Some(3))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(size, 5);
+        let got: Vec<Bytes> = stream.try_collect().await.unwrap();
+        assert_eq!(got.concat(), b"ell");
+        assert!(matches!(
+            store.get("blobs/sha256/ab", 6, None).await,
+            Err(StoreError::Refused(_))
+        ));
+        assert!(matches!(
+            store.put_bytes("../x", Bytes::new()).await,
+            Err(StoreError::Refused(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn conditional_create_is_probed_once_and_the_probe_is_cleaned_up() {
+        let (inner, store) = memory("");
+        assert_eq!(store.conditional_create(), None);
+        assert_eq!(
+            store
+                .create("leases/a", Bytes::from_static(b"1"))
+                .await
+                .unwrap(),
+            Created::Created
+        );
+        assert_eq!(store.conditional_create(), Some(true));
+        assert_eq!(
+            store
+                .create("leases/a", Bytes::from_static(b"2"))
+                .await
+                .unwrap(),
+            Created::Exists
+        );
+        let all: Vec<_> = inner.list(None).try_collect().await.unwrap();
+        assert_eq!(all.len(), 1, "probe left behind: {all:?}");
+    }
+
+    #[test]
+    fn errors_are_sorted_into_unavailable_and_refused() {
+        let generic = |msg: &str| object_store::Error::Generic {
+            store: "S3",
+            source: msg.to_string().into(),
+        };
+        assert!(matches!(
+            classify(generic(
+                "Server returned non-2xx status code: 503 Service Unavailable"
+            )),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(generic(
+                "Server returned non-2xx status code: 400 Bad Request: x"
+            )),
+            StoreError::Refused(_)
+        ));
+        assert!(matches!(
+            classify(generic("HTTP error: error sending request")),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            classify(object_store::Error::PermissionDenied {
+                path: "x".into(),
+                source: "403".into()
+            }),
+            StoreError::Refused(_)
+        ));
+    }
+
+    #[test]
+    fn describe_and_debug_never_show_credentials() {
+        let cfg = SharedStoreConfig {
+            kind: SharedStoreKind::S3(S3StoreConfig {
+                bucket: "b".into(),
+                endpoint: Some("http://user:pw@127.0.0.1:3900/".into()),
+                region: Some("garage".into()),
+                prefix: "mirror/".into(),
+                access_key_id: Some("GKaccess".into()),
+                secret_access_key: Some(Secret::new("topsecret")),
+                path_style: true,
+            }),
+            timeout: Duration::from_secs(3),
+            fill_lease_ttl: Duration::from_secs(60),
+        };
+        let store = ObjectBackend::new(&cfg).unwrap();
+        assert_eq!(store.describe(), "s3://b/mirror/ at http://127.0.0.1:3900");
+        for text in [format!("{store:?}"), format!("{cfg:?}")] {
+            assert!(!text.contains("topsecret"), "{text}");
+        }
+        let dir = SharedStoreConfig {
+            kind: SharedStoreKind::Dir(PathBuf::from("/x")),
+            ..cfg
+        };
+        assert!(ObjectBackend::new(&dir).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dead_endpoint_fails_fast_as_unavailable() {
+        // A port nobody listens on: connection refused, retried twice, then Unavailable.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cfg = SharedStoreConfig {
+            kind: SharedStoreKind::S3(S3StoreConfig {
+                bucket: "b".into(),
+                endpoint: Some(format!("http://127.0.0.1:{port}")),
+                region: Some("r".into()),
+                prefix: String::new(),
+                access_key_id: Some("k".into()),
+                secret_access_key: Some(Secret::new("s")),
+                path_style: true,
+            }),
+            timeout: Duration::from_secs(2),
+            fill_lease_ttl: Duration::from_secs(60),
+        };
+        let store = ObjectBackend::new(&cfg).unwrap();
+        let started = std::time::Instant::now();
+        let err = store.head("x").await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
