@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::fake_upstream::FakeUpstream;
+use support::fake_upstream::{FakeUpstream, Fault};
 use support::garage::Garage;
 use support::clients::stowage_blob_gets;
 use support::images::{self, Format, Image, Pushed};
@@ -28,27 +28,14 @@ const LAYERS: &[usize] = &[1024, 3 * 1024 * 1024];
 /// How long background uploads may take on a busy 2-core machine.
 const SHARE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The `[storage]` and `[storage.s3]` TOML for a node on `garage`.
-fn s3_storage(garage: &Garage) -> (String, String) {
-    (
-        "backend = \"s3\"\nobject_store_timeout = \"5s\"\n".to_string(),
-        format!(
-            "[storage.s3]\nbucket = \"{}\"\nendpoint = \"{}\"\nregion = \"{}\"\nprefix = \"fleet/\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npath_style = true\n",
-            garage.bucket(),
-            garage.s3_endpoint(),
-            garage.region(),
-            garage.access_key_id(),
-            garage.secret_access_key(),
-        ),
-    )
-}
+/// The key prefix the nodes use in the test bucket.
+const PREFIX: &str = "fleet/";
 
-/// A node in front of `upstream_url` (as `docker.io`) with the given storage TOML.
-fn node(upstream_url: &str, storage: &str, tables: &str) -> Stowage {
+/// A node in front of `upstream_url` (as `docker.io`) with these `[storage]` lines.
+fn node(upstream_url: &str, storage: &str) -> Stowage {
     Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", upstream_url))
         .storage_toml(storage)
-        .extra_toml(tables)
         .start()
 }
 
@@ -90,11 +77,8 @@ fn wait_shared(store: &Arc<dyn stowage::store::BlobStore>, pushed: &Pushed) {
 }
 
 fn garage_store(garage: &Garage) -> Arc<dyn stowage::store::BlobStore> {
-    let mut cfg = garage.shared_store_config();
-    if let stowage::config::SharedStoreKind::S3(s3) = &mut cfg.kind {
-        s3.prefix = "fleet/".to_string();
-    }
-    stowage::store::open(&cfg).expect("opening the Garage bucket")
+    stowage::store::open(&garage.shared_store_config(PREFIX, Duration::from_secs(10)))
+        .expect("opening the Garage bucket")
 }
 
 fn metric(node: &Stowage, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -111,9 +95,9 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
         Image::build(Format::Docker, LAYERS),
     );
     let garage = Garage::start(3);
-    let (storage, tables) = s3_storage(&garage);
-    let a = node(&upstream.url(), &storage, &tables);
-    let b = node(&upstream.url(), &storage, &tables);
+    let storage = garage.storage_toml(PREFIX);
+    let a = node(&upstream.url(), &storage);
+    let b = node(&upstream.url(), &storage);
 
     let out_a = tempfile::tempdir().expect("tempdir");
     pull(&a, &pushed, out_a.path());
@@ -169,8 +153,7 @@ fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it
         Image::build(Format::Docker, LAYERS),
     );
     let mut garage = Garage::start(3);
-    let (storage, tables) = s3_storage(&garage);
-    let a = node(&upstream.url(), &storage, &tables);
+    let a = node(&upstream.url(), &garage.storage_toml(PREFIX));
     let out = tempfile::tempdir().expect("tempdir");
     pull(&a, &first, out.path());
     wait_shared(&garage_store(&garage), &first);
@@ -227,7 +210,7 @@ fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it
     );
 }
 
-/// Two nodes on one shared directory, a cold blob the upstream holds back: node A claims the
+/// Two nodes on one shared directory, a cold blob whose tail the upstream holds back: node A claims the
 /// fill; node B, asked for the same blob meanwhile, finds A's lease, waits for A's shared copy
 /// and reads it from the store. One upstream transfer for the fleet.
 #[test]
@@ -235,14 +218,15 @@ fn fill_lease_makes_the_second_node_wait_for_the_first_nodes_copy() {
     let upstream = FakeUpstream::start();
     let bytes: Vec<u8> = (0..(2 * 1024 * 1024u32)).map(|i| (i % 251) as u8).collect();
     let digest = upstream.add_blob("fleet/app", bytes.clone());
-    upstream.hold_blob(&digest);
+    // The upstream sends 64 KiB, then holds the rest until the test says.
+    upstream.push_faults(&digest, [Fault::HoldAt(64 * 1024)]);
     let shared = tempfile::tempdir().expect("tempdir");
     let storage = format!(
         "shared_path = \"{}\"\nfill_lease_ttl = \"2m\"\n",
         shared.path().display()
     );
-    let a = node(&upstream.url(), &storage, "");
-    let b = node(&upstream.url(), &storage, "");
+    let a = node(&upstream.url(), &storage);
+    let b = node(&upstream.url(), &storage);
     let url_a = format!("{}/v2/fleet/app/blobs/{digest}", a.url());
     let url_b = format!("{}/v2/fleet/app/blobs/{digest}", b.url());
 
@@ -259,7 +243,7 @@ fn fill_lease_makes_the_second_node_wait_for_the_first_nodes_copy() {
         "node B did not see node A's fill lease\n{}",
         b.log()
     );
-    upstream.release_blob(&digest);
+    upstream.release_holds();
 
     let body_a = get_a.join().expect("thread").expect("node A's answer");
     let body_b = get_b.join().expect("thread").expect("node B's answer");
@@ -298,7 +282,7 @@ fn a_damaged_shared_blob_is_rejected_removed_and_replaced_from_the_upstream() {
     damaged[1000] ^= 0xff;
     std::fs::write(&object, &damaged).expect("write damaged object");
     let storage = format!("shared_path = \"{}\"\n", shared.path().display());
-    let a = node(&upstream.url(), &storage, "");
+    let a = node(&upstream.url(), &storage);
     let url = format!("{}/v2/fleet/app/blobs/{digest}", a.url());
 
     let first = http().get(&url).send().and_then(|r| r.bytes());
@@ -341,8 +325,8 @@ fn the_documented_nginx_setup_sends_each_digest_to_one_node() {
         "v1",
         Image::build(Format::Oci, &[1024, 2048, 512 * 1024, 1024 * 1024, 3 * 1024 * 1024]),
     );
-    let a = node(&upstream.url(), "", "");
-    let b = node(&upstream.url(), "", "");
+    let a = node(&upstream.url(), "");
+    let b = node(&upstream.url(), "");
     let lb = Nginx::start_fleet(&[a.host_port(), b.host_port()]);
     let lb_host = lb.host_port();
 

@@ -17,6 +17,7 @@
 
 pub mod clients;
 pub mod fake_upstream;
+pub mod garage;
 pub mod images;
 pub mod nginx;
 pub mod registry;
