@@ -27,6 +27,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::admin::Event;
 use crate::cache::index::{unix_now, unix_now_ms};
 use crate::cache::{hash_copy, references, BlobBody, BlobSource, Cache, Pin, TagEntry};
 use crate::config::Config;
@@ -588,7 +589,8 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
 }
 
 /// Which platforms of an index `prefetch` takes.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Platforms {
     All,
     /// `os/arch` or `os/arch/variant`.
@@ -613,6 +615,22 @@ impl Platforms {
     }
 }
 
+/// What `stowage prefetch` asks for; the same value goes over the admin socket.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrefetchRequest {
+    /// Image references as typed (Docker syntax), `--file` already read.
+    pub refs: Vec<String>,
+    pub platforms: Platforms,
+    /// Pin the images fetched.
+    pub pin: bool,
+}
+
+/// Images prefetched at once; each fills up to `min(max_concurrent_fills, 8)` blobs at once.
+const IMAGES_AT_ONCE: usize = 3;
+
+/// Progress events of one image are sent at most this often (the display throttles further).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Totals of one prefetched image.
 #[derive(Default)]
 struct Fetched {
@@ -622,11 +640,39 @@ struct Fetched {
     bytes: u64,
 }
 
-/// Drives one blob into the cache: nothing if held, else its fill read to the end.
+/// Counts one image's fetched bytes and sends (throttled) [`Event::Progress`].
+struct Meter<'a> {
+    id: usize,
+    bytes: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<std::time::Instant>,
+    emit: &'a Emit,
+}
+
+impl Meter<'_> {
+    fn add(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let total = self.bytes.fetch_add(n, Ordering::Relaxed) + n;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= PROGRESS_EVERY {
+            *last = std::time::Instant::now();
+            drop(last);
+            (self.emit)(Event::Progress {
+                id: self.id,
+                bytes: total,
+            });
+        }
+    }
+}
+
+/// Where prefetch events go: a channel to the display, local or over the admin socket.
+pub type Emit = dyn Fn(Event) + Send + Sync;
+
+/// Drives one blob into the cache: `None` if held, else its fill read to the end (counted).
 async fn fetch_blob(
     mirror: &crate::mirror::Mirror,
     route: &crate::upstream::Route,
     digest: &Digest,
+    meter: &Meter<'_>,
 ) -> Result<Option<u64>, RegistryError> {
     use futures_util::StreamExt;
     match mirror.blob(route, digest, false).await? {
@@ -638,6 +684,7 @@ async fn fetch_blob(
                     RegistryError::new(ErrorCode::BlobUnknown, format!("blob {digest}: {e}"))
                 })?;
                 n += chunk.len() as u64;
+                meter.add(chunk.len() as u64);
             }
             loop {
                 match fill.state().phase {
@@ -653,12 +700,14 @@ async fn fetch_blob(
 }
 
 /// Prefetches one image: its manifest, the selected platforms' manifests, all their blobs (at
-/// most `parallel` at once).
+/// most `parallel` at once). Sends [`Event::Start`] once the blobs are known.
 async fn prefetch_one(
     mirror: &crate::mirror::Mirror,
+    id: usize,
     r: &ops::ImageRef,
     platforms: &Platforms,
     parallel: usize,
+    emit: &Emit,
 ) -> Result<Fetched, RegistryError> {
     use futures_util::StreamExt;
     let upstream = mirror
@@ -713,16 +762,40 @@ async fn prefetch_one(
             ));
         }
     }
-    let mut blobs: Vec<Digest> = images
+    let mut blobs: Vec<(Digest, u64)> = images
         .iter()
-        .flat_map(|m| references(&m.bytes).blobs.into_iter().map(|(d, _)| d))
+        .flat_map(|m| references(&m.bytes).blobs)
         .collect();
     blobs.sort();
-    blobs.dedup();
+    blobs.dedup_by(|a, b| a.0 == b.0);
+    let held = blobs
+        .iter()
+        .filter(|(d, _)| mirror.cache.budget().contains(d.hex()))
+        .count();
+    emit(Event::Start {
+        id,
+        image: r.to_string(),
+        blobs: blobs.len(),
+        cached: held,
+        bytes: blobs
+            .iter()
+            .filter(|(d, _)| !mirror.cache.budget().contains(d.hex()))
+            .map(|(_, s)| s)
+            .sum(),
+    });
     done.blobs = blobs.len();
-    let route = &route;
-    let results: Vec<Result<Option<u64>, RegistryError>> = futures_util::stream::iter(blobs.iter())
-        .map(|d| fetch_blob(mirror, route, d))
+    let meter = Meter {
+        id,
+        bytes: Default::default(),
+        last: std::sync::Mutex::new(std::time::Instant::now()),
+        emit,
+    };
+    let (route, meter) = (&route, &meter);
+    // Owned items and `async move`: borrowed ones trip the compiler's higher-ranked lifetime
+    // check once the future is spawned.
+    let digests: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
+    let results: Vec<Result<Option<u64>, RegistryError>> = futures_util::stream::iter(digests)
+        .map(move |d| async move { fetch_blob(mirror, route, &d, meter).await })
         .buffer_unordered(parallel.max(1))
         .collect()
         .await;
@@ -735,68 +808,113 @@ async fn prefetch_one(
     Ok(done)
 }
 
-/// `stowage prefetch`: each image through the mirror's fill engine; one line per image and a
-/// summary. Returns whether every image was fetched (an unknown image fails alone).
-pub fn prefetch(
-    config: &Config,
-    refs: &[String],
+/// One reference of a prefetch, start to end: `Some(reference as typed)` if it was fetched.
+async fn prefetch_ref(
+    mirror: &crate::mirror::Mirror,
+    id: usize,
+    text: &str,
     platforms: &Platforms,
-    pin: bool,
-    out: &mut dyn Write,
+    parallel: usize,
+    emit: &Emit,
+) -> (Option<String>, Fetched) {
+    let r = match ops::parse_image_ref(text, &mirror.config) {
+        Ok(r) => r,
+        Err(e) => {
+            emit(Event::Failed {
+                id,
+                image: text.to_owned(),
+                error: e.to_string(),
+            });
+            return (None, Fetched::default());
+        }
+    };
+    let started = std::time::Instant::now();
+    match prefetch_one(mirror, id, &r, platforms, parallel, emit).await {
+        Ok(f) => {
+            emit(Event::Done {
+                id,
+                image: r.to_string(),
+                manifests: f.manifests,
+                blobs: f.blobs,
+                cached: f.cached,
+                bytes: f.bytes,
+                secs: started.elapsed().as_secs_f64(),
+            });
+            (Some(text.to_owned()), f)
+        }
+        Err(e) => {
+            emit(Event::Failed {
+                id,
+                image: r.to_string(),
+                error: e.message,
+            });
+            (None, Fetched::default())
+        }
+    }
+}
+
+/// `stowage prefetch`, wherever it runs (the command itself, or `serve` for the admin socket):
+/// each image through `mirror`'s fill engine (several images at once, each with its blobs
+/// filling concurrently), events to `emit`, then `--pin`, then [`Event::Summary`]. Returns
+/// whether every image was fetched: an unknown image fails alone.
+pub async fn prefetch(
+    mirror: std::sync::Arc<crate::mirror::Mirror>,
+    req: &PrefetchRequest,
+    emit: &Emit,
 ) -> Result<bool, OpsError> {
-    if config.offline {
+    use futures_util::StreamExt;
+    if mirror.config.offline {
         return Err(usage(
             "prefetch needs an upstream; the config says offline = true",
         ));
     }
-    let mirror = crate::mirror::Mirror::new(config.clone()).map_err(|e| usage(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| usage(format!("cannot start the runtime: {e}")))?;
-    let parallel = config.storage.max_concurrent_fills.min(8);
-    let mut ok = Vec::new();
-    let mut failed = 0usize;
-    for text in refs {
-        let r = match ops::parse_image_ref(text, config) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("stowage: prefetch {text}: {e}");
-                failed += 1;
-                continue;
-            }
-        };
-        let started = std::time::Instant::now();
-        match runtime.block_on(prefetch_one(&mirror, &r, platforms, parallel)) {
-            Ok(f) => {
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                let _ = writeln!(
-                    out,
-                    "prefetched {r}: {} manifest(s), {} blob(s) ({} already cached), {} bytes fetched in {secs:.1}s ({:.1} MiB/s)",
-                    f.manifests,
-                    f.blobs,
-                    f.cached,
-                    f.bytes,
-                    f.bytes as f64 / secs / (1024.0 * 1024.0)
-                );
-                ok.push(text.clone());
-            }
-            Err(e) => {
-                eprintln!("stowage: prefetch {r} failed: {}", e.message);
-                failed += 1;
-            }
+    let started = std::time::Instant::now();
+    let parallel = mirror.config.storage.max_concurrent_fills.min(8);
+    let m = &*mirror;
+    let results: Vec<(Option<String>, Fetched)> =
+        futures_util::stream::iter(req.refs.clone().into_iter().enumerate())
+            .map(move |(id, text)| async move {
+                prefetch_ref(m, id, &text, &req.platforms, parallel, emit).await
+            })
+            .buffered(IMAGES_AT_ONCE)
+            .collect()
+            .await;
+    mirror.cache.index().durable().await;
+    let ok: Vec<String> = results.iter().filter_map(|(t, _)| t.clone()).collect();
+    let failed = results.len() - ok.len();
+    let blocking = |f: Box<dyn FnOnce(&Cache, &mut Vec<u8>) -> Result<(), OpsError> + Send>| {
+        let mirror = mirror.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                f(&mirror.cache, &mut out).map(|_| out)
+            })
+            .await
+            .map_err(|e| usage(format!("prefetch: {e}")))?
         }
+    };
+    if req.pin && !ok.is_empty() {
+        let config = mirror.config.clone();
+        let refs = ok.clone();
+        let text = blocking(Box::new(move |cache, out| {
+            ops::pin(cache, &config, &refs, out)
+        }))
+        .await?;
+        emit(Event::Out {
+            text: String::from_utf8_lossy(&text).into_owned(),
+        });
     }
-    runtime.block_on(mirror.cache.index().durable());
-    if pin && !ok.is_empty() {
-        ops::pin(&mirror.cache, config, &ok, out)?;
-    }
-    mirror.cache.flush()?;
-    let _ = writeln!(
-        out,
-        "prefetch: {} image(s) fetched, {failed} failed",
-        ok.len()
-    );
+    blocking(Box::new(|cache, _| Ok(cache.flush()?))).await?;
+    emit(Event::Summary {
+        ok: ok.len(),
+        failed,
+        fetched: results
+            .iter()
+            .map(|(_, f)| f.blobs - f.cached)
+            .sum::<usize>(),
+        cached: results.iter().map(|(_, f)| f.cached).sum(),
+        bytes: results.iter().map(|(_, f)| f.bytes).sum(),
+        secs: started.elapsed().as_secs_f64(),
+    });
     Ok(failed == 0)
 }

@@ -58,6 +58,7 @@
 //! in-process fake upstream for faults a real registry cannot produce). `tests/fuzz.rs` is the
 //! proptest suite for every parser that sees client input.
 
+pub mod admin;
 pub mod airgap;
 pub mod cache;
 pub mod config;

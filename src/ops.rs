@@ -223,7 +223,8 @@ pub fn unpin(
     Ok(())
 }
 
-fn human(bytes: u64) -> String {
+/// `1.5 MiB`: bytes for people.
+pub fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut i = 0;
