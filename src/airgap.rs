@@ -136,7 +136,8 @@ pub fn export(
         })).collect::<Vec<_>>(),
     });
     let index = serde_json::to_vec_pretty(&index).map_err(|e| usage(e.to_string()))?;
-    let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+    let layout = format!(r#"{{"imageLayoutVersion":"{LAYOUT_VERSION}"}}"#);
+    let layout = layout.as_bytes();
 
     let as_dir = output.as_os_str().to_string_lossy().ends_with('/') || output.is_dir();
     if as_dir {
@@ -279,9 +280,41 @@ fn tampered(hex: &str, got: &str, size: u64) -> OpsError {
     ))
 }
 
+/// Checks an `oci-layout` file's content (`None`: the bundle has none).
+fn check_layout(input: &Path, layout: Option<&[u8]>) -> Result<(), OpsError> {
+    let not_layout = |why: String| {
+        usage(format!(
+            "{} is not an OCI image layout stowage can import: {why}",
+            input.display()
+        ))
+    };
+    let layout =
+        layout.ok_or_else(|| not_layout("it has no oci-layout file (truncated?)".into()))?;
+    let version = serde_json::from_slice::<serde_json::Value>(layout)
+        .ok()
+        .and_then(|v| v.get("imageLayoutVersion")?.as_str().map(str::to_owned))
+        .ok_or_else(|| not_layout("its oci-layout file has no imageLayoutVersion".into()))?;
+    if version != LAYOUT_VERSION {
+        return Err(not_layout(format!(
+            "its oci-layout says imageLayoutVersion {version:?}; stowage reads {LAYOUT_VERSION:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The image layout version written and read.
+const LAYOUT_VERSION: &str = "1.0.0";
+
 /// Reads and verifies a bundle (a directory or a tar).
 fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
     if input.is_dir() {
+        let p = input.join("oci-layout");
+        let layout = match std::fs::read(&p) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(usage(format!("{}: {e}", p.display()))),
+        };
+        check_layout(input, layout.as_deref())?;
         let p = input.join("index.json");
         let index = std::fs::read(&p).map_err(io_err(p.display()))?;
         let index =
@@ -326,6 +359,7 @@ fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
     let file = std::fs::File::open(input).map_err(io_err(input.display()))?;
     let mut tar = tar::Archive::new(std::io::BufReader::new(file));
     let what = format!("reading {}", input.display());
+    let mut layout = None;
     for entry in tar.entries().map_err(io_err(&what))? {
         let mut entry = entry.map_err(io_err(&what))?;
         if !entry.header().entry_type().is_file() {
@@ -333,7 +367,11 @@ fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
         }
         let path = entry.path().map_err(io_err(&what))?.into_owned();
         let name = path.to_string_lossy().trim_start_matches("./").to_owned();
-        if name == "index.json" {
+        if name == "oci-layout" {
+            let mut buf = Vec::new();
+            entry.read_to_end(&mut buf).map_err(io_err(&what))?;
+            layout = Some(buf);
+        } else if name == "index.json" {
             let mut buf = Vec::new();
             entry.read_to_end(&mut buf).map_err(io_err(&what))?;
             bundle.index = serde_json::from_slice(&buf)
@@ -356,6 +394,7 @@ fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
             bundle.blobs.insert(hex.to_owned(), (dest_path, size));
         }
     }
+    check_layout(input, layout.as_deref())?;
     if bundle.index.is_null() {
         return Err(usage(format!(
             "{} has no index.json (not an OCI image layout, or truncated)",
