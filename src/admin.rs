@@ -12,8 +12,9 @@
 //! command line renders the same events whether the command ran here ([`run_local`]) or in the
 //! server ([`run_remote`]), with [`Display`]: the same stdout, stderr and exit code either way.
 //!
-//! Routed through the socket: `prefetch`, `pin`, `unpin`, `ls`, `verify`, `gc`, `export`.
-//! `import` still needs the server stopped (it refuses with the cache-lock message).
+//! Every operator command goes through the socket when a server answers there: `prefetch`,
+//! `pin`, `unpin`, `ls`, `verify`, `gc`, `export`, `import`. Paths (`export -o`, the `import`
+//! bundle) are made absolute by the client and read or written by the server's process.
 
 use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
@@ -57,18 +58,11 @@ pub enum Request {
         images: Vec<String>,
         output: PathBuf,
     },
-    /// Only on a stopped cache.
+    /// `bundle` is absolute, like `Export::output`.
     Import {
         bundle: PathBuf,
         pin: bool,
     },
-}
-
-impl Request {
-    /// Whether a running `serve` executes this command for a client.
-    pub fn runs_in_server(&self) -> bool {
-        !matches!(self, Request::Import { .. })
-    }
 }
 
 /// What a command reports, in order. Every stream ends with [`Event::End`].
@@ -124,11 +118,13 @@ pub enum Event {
 // ---------------------------------------------------------------------------------------------
 
 /// Runs a command other than `prefetch` on an open cache, writing its report to `out`. Returns
-/// whether it succeeded (`verify` without `--repair` fails when it finds damage).
+/// whether it succeeded (`verify` without `--repair` fails when it finds damage). `here`: the
+/// command line's own process (which may draw progress on its stderr), not the server.
 pub fn execute(
     cache: &Cache,
     config: &Config,
     req: &Request,
+    here: bool,
     out: &mut dyn Write,
 ) -> Result<bool, OpsError> {
     match req {
@@ -136,7 +132,7 @@ pub fn execute(
         Request::Unpin { images } => ops::unpin(cache, config, images, out).map(|_| true),
         Request::Ls => ops::ls(cache, out).map(|_| true),
         Request::Verify { repair } => {
-            ops::verify(cache, *repair, out).map(|r| r.clean() || *repair)
+            ops::verify(cache, *repair, here, out).map(|r| r.clean() || *repair)
         }
         Request::Gc => ops::gc(cache, config.storage.gc_max_age, out).map(|_| true),
         Request::Export { images, output } => {
@@ -146,6 +142,44 @@ pub fn execute(
         Request::Prefetch(_) => Err(OpsError::Usage(
             "prefetch needs the mirror, not only the cache".into(),
         )),
+    }
+}
+
+/// Sends what a command writes as [`Event::Out`], a chunk of whole lines at a time.
+struct EventWriter {
+    tx: tokio::sync::mpsc::UnboundedSender<Event>,
+    buf: Vec<u8>,
+}
+
+impl EventWriter {
+    fn send(&mut self, upto: usize) {
+        let chunk: Vec<u8> = self.buf.drain(..upto).collect();
+        let _ = self.tx.send(Event::Out {
+            text: String::from_utf8_lossy(&chunk).into_owned(),
+        });
+    }
+}
+
+impl Write for EventWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(bytes);
+        if let Some(last) = self.buf.iter().rposition(|b| *b == b'\n') {
+            self.send(last + 1);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            self.send(self.buf.len());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for EventWriter {
+    fn drop(&mut self) {
+        let _ = self.flush();
     }
 }
 
@@ -165,23 +199,13 @@ async fn execute_in(
         }
         req => {
             let m = mirror.clone();
-            let joined = tokio::task::spawn_blocking(move || {
-                let mut out = Vec::new();
-                let r = execute(&m.cache, &m.config, &req, &mut out);
-                (out, r)
-            })
-            .await;
-            match joined {
-                Ok((out, r)) => {
-                    if !out.is_empty() {
-                        let _ = tx.send(Event::Out {
-                            text: String::from_utf8_lossy(&out).into_owned(),
-                        });
-                    }
-                    r
-                }
-                Err(e) => Err(OpsError::Usage(format!("the command failed: {e}"))),
-            }
+            let mut out = EventWriter {
+                tx: tx.clone(),
+                buf: Vec::new(),
+            };
+            tokio::task::spawn_blocking(move || execute(&m.cache, &m.config, &req, false, &mut out))
+                .await
+                .unwrap_or_else(|e| Err(OpsError::Usage(format!("the command failed: {e}"))))
         }
     };
     let _ = tx.send(match result {
@@ -198,7 +222,7 @@ async fn execute_in(
 pub fn run_local(config: &Config, req: &Request, display: &mut Display) -> Result<bool, OpsError> {
     let Request::Prefetch(p) = req else {
         let cache = Cache::open(&config.storage)?;
-        let result = execute(&cache, config, req, &mut std::io::stdout().lock());
+        let result = execute(&cache, config, req, true, &mut std::io::stdout().lock());
         cache.flush()?;
         return result;
     };
@@ -304,25 +328,15 @@ async fn run_handler(
     axum::Json(req): axum::Json<Request>,
 ) -> axum::response::Response {
     tracing::info!(command = ?req, "admin command");
-    if !req.runs_in_server() {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let _ = tx.send(Event::End {
-            ok: false,
-            error: Some("this command needs the cache to itself: stop `stowage serve`, run it, start serve again".into()),
-        });
-        drop(tx);
-        return ndjson(rx, None);
-    }
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(execute_in(mirror, req, tx));
-    let guard = AbortOnDrop(task.abort_handle());
-    ndjson(rx, Some(guard))
+    ndjson(rx, AbortOnDrop(task.abort_handle()))
 }
 
 /// The events of `rx` as an NDJSON body; `guard` lives as long as the body.
 fn ndjson(
     rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    guard: Option<AbortOnDrop>,
+    guard: AbortOnDrop,
 ) -> axum::response::Response {
     let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
         let e = rx.recv().await?;
@@ -463,9 +477,13 @@ impl Default for Display {
 impl Display {
     /// Bars if stderr is a terminal, plain lines otherwise.
     pub fn new() -> Display {
-        let multi = std::io::stderr().is_terminal().then(|| {
+        Display::with_bars(std::io::stderr().is_terminal().then(|| {
             indicatif::MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::stderr())
-        });
+        }))
+    }
+
+    /// Bars drawn by `multi`, or plain lines without.
+    pub fn with_bars(multi: Option<indicatif::MultiProgress>) -> Display {
         Display {
             multi,
             images: HashMap::new(),
@@ -636,11 +654,58 @@ mod tests {
         let text = serde_json::to_string(&e).unwrap();
         assert_eq!(text, r#"{"event":"end","ok":false,"error":"x"}"#);
         assert_eq!(serde_json::from_str::<Event>(&text).unwrap(), e);
-        assert!(!Request::Import {
-            bundle: "/b".into(),
-            pin: false
+    }
+
+    #[test]
+    fn command_output_goes_out_in_whole_lines() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut w = EventWriter {
+            tx,
+            buf: Vec::new(),
+        };
+        write!(w, "a\nb").unwrap();
+        write!(w, "c\nd").unwrap();
+        drop(w);
+        let mut got = Vec::new();
+        while let Ok(Event::Out { text }) = rx.try_recv() {
+            got.push(text);
         }
-        .runs_in_server());
-        assert!(Request::Ls.runs_in_server());
+        assert_eq!(got, ["a\n", "bc\n", "d"]);
+    }
+
+    #[test]
+    fn bars_render_a_whole_prefetch() {
+        let mut d = Display::with_bars(Some(indicatif::MultiProgress::with_draw_target(
+            indicatif::ProgressDrawTarget::hidden(),
+        )));
+        let start = |id| Event::Start {
+            id,
+            image: format!("docker.io/library/i{id}:1"),
+            blobs: 2,
+            cached: 0,
+            bytes: 100,
+        };
+        for e in [start(0), start(1)] {
+            assert_eq!(d.handle(e), None);
+        }
+        assert_eq!(d.handle(Event::Progress { id: 0, bytes: 50 }), None);
+        assert_eq!(d.handle(Event::Progress { id: 7, bytes: 50 }), None);
+        assert_eq!(
+            d.handle(Event::Failed {
+                id: 1,
+                image: "docker.io/library/i1:1".into(),
+                error: "no".into()
+            }),
+            None
+        );
+        assert_eq!(d.images.len(), 1);
+        assert_eq!(
+            d.handle(Event::End {
+                ok: false,
+                error: None
+            }),
+            Some(false)
+        );
+        assert!(d.images.is_empty());
     }
 }

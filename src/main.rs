@@ -176,18 +176,29 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            // Absolute, for a server with another working directory; `join` keeps a trailing `/`.
-            let output = match std::env::current_dir() {
-                Ok(cwd) if output.is_relative() => cwd.join(output),
-                _ => output,
-            };
+            let output = absolute(output);
             operate(config, Request::Export { images, output })
         }
         Command::Import {
             config,
             pin,
             bundle,
-        } => operate(config, Request::Import { bundle, pin }),
+        } => operate(
+            config,
+            Request::Import {
+                bundle: absolute(bundle),
+                pin,
+            },
+        ),
+    }
+}
+
+/// `path` against the working directory, for a server that has another one (`join` keeps a
+/// trailing `/`, which asks `export` for a directory).
+fn absolute(path: PathBuf) -> PathBuf {
+    match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => cwd.join(path),
+        _ => path,
     }
 }
 
@@ -216,14 +227,12 @@ fn operate(config_path: Option<PathBuf>, req: Request) -> ExitCode {
         }
     };
     let mut display = admin::Display::new();
-    if req.runs_in_server() {
-        match admin::run_remote(&config.storage.path, &req, &mut display) {
-            Ok(Some(ok)) => return exit(ok),
-            Ok(None) => {}
-            Err(e) => {
-                eprintln!("stowage: {e}");
-                return ExitCode::FAILURE;
-            }
+    match admin::run_remote(&config.storage.path, &req, &mut display) {
+        Ok(Some(ok)) => return exit(ok),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("stowage: {e}");
+            return ExitCode::FAILURE;
         }
     }
     match admin::run_local(&config, &req, &mut display) {

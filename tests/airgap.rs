@@ -621,8 +621,22 @@ fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
     assert!(out.contains("unpinned docker.io/test/live:1"), "{out}");
     assert_eq!(ls_pinned(&stowage, "docker.io/test/live:1"), Some(false));
 
-    // import needs the cache to itself.
-    let o = command(&stowage, &["import", "/nonexistent/bundle.tar"]);
+    // export and import run in the server too (paths resolved by the command line).
+    let work = tempfile::tempdir().expect("temp dir");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["export", "test/live:1", "-o", "bundle.tar", "--config"])
+        .arg(stowage.config_path())
+        .current_dir(work.path())
+        .output()
+        .expect("run the stowage binary");
+    assert!(o.status.success(), "export: {}", text(&o));
+    let tar = work.path().join("bundle.tar").display().to_string();
+    let out = command_ok(&stowage, &["import", &tar]);
+    assert!(out.contains("already present"), "{out}");
+
+    // Without an answering socket, a command works on the cache, which serve holds: it says so.
+    std::fs::remove_file(&socket).expect("remove the admin socket");
+    let o = command(&stowage, &["ls"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("in use by another stowage process"),
@@ -630,7 +644,10 @@ fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
         text(&o)
     );
 
-    // A clean stop removes the socket; commands then work on the cache directly.
+    // A restart makes a new socket; a clean stop removes it, and commands then work on the cache
+    // directly.
+    stowage.restart();
+    assert!(socket.exists(), "no admin socket after a restart");
     let status = stowage.terminate(Duration::from_secs(60));
     assert!(
         status.is_some_and(|s| s.success()),
@@ -638,6 +655,25 @@ fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
     );
     assert!(!socket.exists(), "the admin socket outlived serve");
     assert_eq!(ls_pinned(&stowage, "docker.io/test/live:1"), Some(false));
+}
+
+#[test]
+fn a_stale_admin_socket_is_replaced_and_ignored() {
+    let mut stowage = Stowage::builder().arg("--offline").start();
+    stowage.stop();
+    // serve was killed: its socket file stays behind, and nothing answers it.
+    let socket = stowage.data_dir().join("admin.sock");
+    assert!(socket.exists(), "a killed serve leaves its socket file");
+    let out = command_ok(&stowage, &["ls"]);
+    assert!(out.contains("0 blob(s)"), "{out}");
+    stowage.restart();
+    let out = command_ok(&stowage, &["ls"]);
+    assert!(out.contains("0 blob(s)"), "{out}");
+    assert!(
+        stowage.log().contains("admin command"),
+        "ls went through the new socket: {}",
+        stowage.log()
+    );
 }
 
 #[test]
