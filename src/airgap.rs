@@ -1,10 +1,13 @@
 //! Air-gapped sites: `prefetch` into the cache, `export` of cached images to an OCI image
 //! layout and `import` of one. (`offline = true` / `serve --offline` is in [`crate::mirror`].)
 //!
-//! `stowage prefetch REF... [--file] [--platform ...|--all-platforms] [--pin]` runs a
-//! [`crate::mirror::Mirror`] in-process on the cache and drives each image through it: the
-//! manifest (by tag, verified), the selected platforms of an index, and every blob's fill read to
-//! completion (several at once). A failing image is reported and the others continue.
+//! `stowage prefetch REF... [--file] [--platform ...|--all-platforms] [--pin]` drives each image
+//! through a [`crate::mirror::Mirror`]: the one of a `serve` running on the cache (through its
+//! admin socket, [`crate::admin`], so fills are shared with live clients), or one opened by the
+//! command itself. Per image: the manifest (by tag, verified), the selected platforms of an
+//! index, and every blob's fill read to completion (several blobs and images at once). Progress
+//! goes out as [`Event`]s that the command line renders. A failing image is reported and the
+//! others continue.
 //!
 //! `stowage export REF... [--file images.txt] -o bundle.tar|dir/` writes a standard OCI image
 //! layout (`oci-layout`, `index.json`, `blobs/sha256/<hex>`), as a tar or (with `-o dir/`, or an
@@ -21,7 +24,8 @@
 //! manifests, and last the tag: an image is visible only once all of it is in. Content already
 //! cached is skipped, so importing the same bundle twice changes nothing.
 //!
-//! Like the other operator commands these take the cache lock (run them with `serve` stopped).
+//! Like the other operator commands these run inside a `serve` holding the cache, or take the
+//! cache lock themselves.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
@@ -921,29 +925,23 @@ pub async fn prefetch(
     mirror.cache.index().durable().await;
     let ok: Vec<String> = results.iter().filter_map(|(t, _)| t.clone()).collect();
     let failed = results.len() - ok.len();
-    let blocking = |f: Box<dyn FnOnce(&Cache, &mut Vec<u8>) -> Result<(), OpsError> + Send>| {
-        let mirror = mirror.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                let mut out = Vec::new();
-                f(&mirror.cache, &mut out).map(|_| out)
-            })
-            .await
-            .map_err(|e| usage(format!("prefetch: {e}")))?
+    // Pins and the flush are sled work: off the runtime threads.
+    let (m, refs, pin) = (mirror.clone(), ok.clone(), req.pin && !ok.is_empty());
+    let pinned = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, OpsError> {
+        let mut out = Vec::new();
+        if pin {
+            ops::pin(&m.cache, &m.config, &refs, &mut out)?;
         }
-    };
-    if req.pin && !ok.is_empty() {
-        let config = mirror.config.clone();
-        let refs = ok.clone();
-        let text = blocking(Box::new(move |cache, out| {
-            ops::pin(cache, &config, &refs, out)
-        }))
-        .await?;
+        m.cache.flush()?;
+        Ok(out)
+    })
+    .await
+    .map_err(|e| usage(format!("prefetch: {e}")))??;
+    if !pinned.is_empty() {
         emit(Event::Out {
-            text: String::from_utf8_lossy(&text).into_owned(),
+            text: String::from_utf8_lossy(&pinned).into_owned(),
         });
     }
-    blocking(Box::new(|cache, _| Ok(cache.flush()?))).await?;
     emit(Event::Summary {
         ok: ok.len(),
         failed,

@@ -448,16 +448,6 @@ fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
     pull(&stowage, &single);
 }
 
-/// The linux/amd64 image of `pushed` (the image itself, or that child of an index).
-fn amd64(pushed: &Pushed) -> &Image {
-    pushed
-        .image
-        .images()
-        .into_iter()
-        .find(|i| i.architecture == "amd64")
-        .expect("the pushed image has a linux/amd64 platform")
-}
-
 /// Small real tar layers of distinct sizes, with matching diff_ids: dockerd unpacks them.
 const CLIENT_LAYERS: &[usize] = &[3_000, 60_000];
 
@@ -517,9 +507,9 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
     fresh.restart();
 
     let images = [
-        ("single", amd64(&single)),
-        ("multi", amd64(&multi)),
-        ("ociapp", amd64(&ociapp)),
+        ("single", single.platform("amd64")),
+        ("multi", multi.platform("amd64")),
+        ("ociapp", ociapp.platform("amd64")),
     ];
     for (name, image) in images {
         let out = work.path().join(format!("skopeo-{name}"));

@@ -57,21 +57,11 @@ const SMALL: &[usize] = &[3_000, 200_000];
 
 /// The single-platform image a pull of `pushed` on linux/amd64 selects.
 fn amd64(pushed: &Pushed) -> &Image {
-    pushed
-        .image
-        .images()
-        .into_iter()
-        .find(|i| i.architecture == "amd64")
-        .expect("the pushed image has a linux/amd64 platform")
+    pushed.platform("amd64")
 }
 
 fn arch<'a>(pushed: &'a Pushed, architecture: &str) -> &'a Image {
-    pushed
-        .image
-        .images()
-        .into_iter()
-        .find(|i| i.architecture == architecture)
-        .unwrap_or_else(|| panic!("the pushed image has no linux/{architecture} platform"))
+    pushed.platform(architecture)
 }
 
 fn upstream_blob_gets(upstream: &Registry, digest: &str) -> usize {
