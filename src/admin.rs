@@ -100,7 +100,7 @@ pub enum Event {
         image: String,
         error: String,
     },
-    /// Prefetch: totals.
+    /// Prefetch: totals; blobs counted once however many images share them.
     Summary {
         ok: usize,
         failed: usize,

@@ -681,6 +681,10 @@ struct Fetched {
     blobs: usize,
     cached: usize,
     bytes: u64,
+    /// Blobs this image read from a fill (its own or another's), and how many bytes.
+    filled: Vec<(Digest, u64)>,
+    /// Blobs that were already cached.
+    held: Vec<Digest>,
 }
 
 /// Counts one image's fetched bytes and sends (throttled) [`Event::Progress`].
@@ -837,15 +841,25 @@ async fn prefetch_one(
     // Owned items and `async move`: borrowed ones trip the compiler's higher-ranked lifetime
     // check once the future is spawned.
     let digests: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
-    let results: Vec<Result<Option<u64>, RegistryError>> = futures_util::stream::iter(digests)
-        .map(move |d| async move { fetch_blob(mirror, route, &d, meter).await })
-        .buffer_unordered(parallel.max(1))
-        .collect()
-        .await;
-    for r in results {
+    let results: Vec<(Digest, Result<Option<u64>, RegistryError>)> =
+        futures_util::stream::iter(digests)
+            .map(move |d| async move {
+                let r = fetch_blob(mirror, route, &d, meter).await;
+                (d, r)
+            })
+            .buffer_unordered(parallel.max(1))
+            .collect()
+            .await;
+    for (d, r) in results {
         match r? {
-            Some(n) => done.bytes += n,
-            None => done.cached += 1,
+            Some(n) => {
+                done.bytes += n;
+                done.filled.push((d, n));
+            }
+            None => {
+                done.cached += 1;
+                done.held.push(d);
+            }
         }
     }
     Ok(done)
@@ -942,15 +956,22 @@ pub async fn prefetch(
             text: String::from_utf8_lossy(&pinned).into_owned(),
         });
     }
+    // Distinct blobs: images that share one both read its (single) fill.
+    let filled: HashMap<&Digest, u64> = results
+        .iter()
+        .flat_map(|(_, f)| f.filled.iter().map(|(d, n)| (d, *n)))
+        .collect();
+    let held: HashSet<&Digest> = results
+        .iter()
+        .flat_map(|(_, f)| f.held.iter())
+        .filter(|d| !filled.contains_key(d))
+        .collect();
     emit(Event::Summary {
         ok: ok.len(),
         failed,
-        fetched: results
-            .iter()
-            .map(|(_, f)| f.blobs - f.cached)
-            .sum::<usize>(),
-        cached: results.iter().map(|(_, f)| f.cached).sum(),
-        bytes: results.iter().map(|(_, f)| f.bytes).sum(),
+        fetched: filled.len(),
+        cached: held.len(),
+        bytes: filled.values().sum(),
         secs: started.elapsed().as_secs_f64(),
     });
     Ok(failed == 0)

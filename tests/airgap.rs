@@ -440,6 +440,10 @@ fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
     let before = upstream.blob_gets();
     let again = command_ok(&stowage, &["prefetch", "test/single:1"]);
     assert!(again.contains("3 blob(s) (3 already cached)"), "{again}");
+    assert!(
+        again.contains("0 blob(s) fetched, 3 already cached"),
+        "{again}"
+    );
     upstream.sync_log();
     assert_eq!(upstream.blob_gets(), before, "{again}");
 
@@ -683,6 +687,10 @@ fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
 
     let out = command_ok(&stowage, &["prefetch", "--all-platforms", "test/multi:1"]);
     assert!(out.contains("3 manifest(s), 4 blob(s)"), "{out}");
+    assert!(
+        out.contains("1 image(s) fetched, 0 failed; 4 blob(s) fetched, 0 already cached"),
+        "the summary: {out}"
+    );
     for child in &index.children {
         assert!(
             cached(child.blobs()),
