@@ -226,11 +226,6 @@ pub fn run_local(config: &Config, req: &Request, display: &mut Display) -> Resul
         cache.flush()?;
         return result;
     };
-    if config.offline {
-        return Err(OpsError::Usage(
-            "prefetch needs an upstream; the config says offline = true".into(),
-        ));
-    }
     let mirror = Arc::new(Mirror::new(config.clone()).map_err(|e| match e {
         crate::Error::Cache(c) => OpsError::Cache(c),
         other => OpsError::Usage(other.to_string()),
@@ -262,7 +257,19 @@ pub fn run_local(config: &Config, req: &Request, display: &mut Display) -> Resul
 pub struct AdminServer {
     path: PathBuf,
     task: tokio::task::JoinHandle<()>,
+    /// Cancelled by [`AdminServer::stop`]: commands still running end with an error event.
+    stopping: tokio_util::sync::CancellationToken,
 }
+
+/// What the handler needs.
+#[derive(Clone)]
+struct AdminState {
+    mirror: Arc<Mirror>,
+    stopping: tokio_util::sync::CancellationToken,
+}
+
+/// How long [`AdminServer::stop`] waits for interrupted commands to tell their clients.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Aborts a command's task when its response stream is dropped (client gone, server stopping).
 struct AbortOnDrop(tokio::task::AbortHandle);
@@ -299,15 +306,27 @@ impl AdminServer {
         let listener = bind();
         let _ = std::fs::remove_dir_all(&staging);
         let listener = listener?;
+        let stopping = tokio_util::sync::CancellationToken::new();
         let app = axum::Router::new()
             .route("/v1/run", axum::routing::post(run_handler))
-            .with_state(mirror);
+            .with_state(AdminState {
+                mirror,
+                stopping: stopping.clone(),
+            });
+        let shutdown = stopping.clone().cancelled_owned();
         let task = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
                 tracing::error!(error = %e, "admin socket stopped");
             }
         });
-        Ok(AdminServer { path, task })
+        Ok(AdminServer {
+            path,
+            task,
+            stopping,
+        })
     }
 
     /// The socket's path.
@@ -315,21 +334,39 @@ impl AdminServer {
         &self.path
     }
 
-    /// Stops listening (commands still running are aborted) and removes the socket file.
-    pub async fn stop(self) {
-        self.task.abort();
-        let _ = self.task.await;
+    /// Stops listening, interrupts the commands still running (their clients get an error
+    /// event), waits a moment for them to be told, and removes the socket file.
+    pub async fn stop(mut self) {
+        self.stopping.cancel();
+        if tokio::time::timeout(STOP_GRACE, &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+            let _ = self.task.await;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
 
 async fn run_handler(
-    axum::extract::State(mirror): axum::extract::State<Arc<Mirror>>,
+    axum::extract::State(state): axum::extract::State<AdminState>,
     axum::Json(req): axum::Json<Request>,
 ) -> axum::response::Response {
     tracing::info!(command = ?req, "admin command");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn(execute_in(mirror, req, tx));
+    let interrupted = tx.clone();
+    let task = tokio::spawn(async move {
+        tokio::select! {
+            () = execute_in(state.mirror, req, tx) => {}
+            () = state.stopping.cancelled() => {
+                let _ = interrupted.send(Event::End {
+                    ok: false,
+                    error: Some("serve is stopping: the command was interrupted".into()),
+                });
+            }
+        }
+    });
     ndjson(rx, AbortOnDrop(task.abort_handle()))
 }
 

@@ -11,10 +11,12 @@ use std::process::Output;
 use std::time::Duration;
 
 use support::clients::{assert_unpacked, docker_daemon_json, docker_inspect, image_files, Dockerd};
+use support::fake_upstream::FakeUpstream;
 use support::images::{self, Format, Image, ImageIndex, Pushed};
 use support::registry::Registry;
+use support::scrape::Scrape;
 use support::stowage::{Stowage, UpstreamSpec};
-use support::{http, manifest_accept, sha256_digest};
+use support::{http, manifest_accept, sha256_digest, wait_until};
 
 const KIB: usize = 1 << 10;
 
@@ -771,4 +773,48 @@ fn a_bundle_without_oci_layout_or_of_another_layout_version_is_rejected() {
         text(&o)
     );
     assert!(fresh.blob_files().is_empty(), "{:?}", fresh.blob_files());
+}
+
+#[test]
+fn stopping_serve_interrupts_a_prefetch_running_in_it_and_the_command_says_so() {
+    let fake = FakeUpstream::start();
+    let image = Image::build(Format::Oci, &[8 * KIB]);
+    for b in image.blobs() {
+        fake.add_blob("test/held", b.bytes.clone());
+    }
+    fake.add_manifest(
+        "test/held",
+        "1",
+        &image.manifest.media_type,
+        image.manifest.bytes.clone(),
+    );
+    let layer = image.layers[0].blob.digest.clone();
+    fake.hold_blob(&layer);
+    let mut stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let socket = stowage.data_dir().join("admin.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["prefetch", "test/held:1", "--config"])
+        .arg(stowage.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the stowage binary");
+    // The layer's fill is in flight inside serve: the upstream holds its answer.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            Scrape::get(&stowage.url()).value("stowage_fills_in_flight", &[]) == 1.0
+        }),
+        "the prefetch never started the layer's fill in serve"
+    );
+    let status = stowage.terminate(Duration::from_secs(60));
+    let o = child.wait_with_output().expect("wait for prefetch");
+    fake.release_blob(&layer);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("serve is stopping"),
+        "{}",
+        text(&o)
+    );
+    assert!(status.is_some(), "serve did not stop on SIGTERM");
+    assert!(!socket.exists(), "the admin socket outlived serve");
 }
