@@ -1,10 +1,13 @@
 //! Air-gapped sites: `prefetch` into the cache, `export` of cached images to an OCI image
 //! layout and `import` of one. (`offline = true` / `serve --offline` is in [`crate::mirror`].)
 //!
-//! `stowage prefetch REF... [--file] [--platform ...|--all-platforms] [--pin]` runs a
-//! [`crate::mirror::Mirror`] in-process on the cache and drives each image through it: the
-//! manifest (by tag, verified), the selected platforms of an index, and every blob's fill read to
-//! completion (several at once). A failing image is reported and the others continue.
+//! `stowage prefetch REF... [--file] [--platform ...|--all-platforms] [--pin]` drives each image
+//! through a [`crate::mirror::Mirror`]: the one of a `serve` running on the cache (through its
+//! admin socket, [`crate::admin`], so fills are shared with live clients), or one opened by the
+//! command itself. Per image: the manifest (by tag, verified), the selected platforms of an
+//! index, and every blob's fill read to completion (several blobs and images at once). Progress
+//! goes out as [`Event`]s that the command line renders. A failing image is reported and the
+//! others continue.
 //!
 //! `stowage export REF... [--file images.txt] -o bundle.tar|dir/` writes a standard OCI image
 //! layout (`oci-layout`, `index.json`, `blobs/sha256/<hex>`), as a tar or (with `-o dir/`, or an
@@ -21,12 +24,14 @@
 //! manifests, and last the tag: an image is visible only once all of it is in. Content already
 //! cached is skipped, so importing the same bundle twice changes nothing.
 //!
-//! Like the other operator commands these take the cache lock (run them with `serve` stopped).
+//! Like the other operator commands these run inside a `serve` holding the cache, or take the
+//! cache lock themselves.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use crate::admin::Event;
 use crate::cache::index::{unix_now, unix_now_ms};
 use crate::cache::{hash_copy, references, BlobBody, BlobSource, Cache, Pin, TagEntry};
 use crate::config::Config;
@@ -135,7 +140,8 @@ pub fn export(
         })).collect::<Vec<_>>(),
     });
     let index = serde_json::to_vec_pretty(&index).map_err(|e| usage(e.to_string()))?;
-    let layout = br#"{"imageLayoutVersion":"1.0.0"}"#;
+    let layout = format!(r#"{{"imageLayoutVersion":"{LAYOUT_VERSION}"}}"#);
+    let layout = layout.as_bytes();
 
     let as_dir = output.as_os_str().to_string_lossy().ends_with('/') || output.is_dir();
     if as_dir {
@@ -278,9 +284,41 @@ fn tampered(hex: &str, got: &str, size: u64) -> OpsError {
     ))
 }
 
+/// Checks an `oci-layout` file's content (`None`: the bundle has none).
+fn check_layout(input: &Path, layout: Option<&[u8]>) -> Result<(), OpsError> {
+    let not_layout = |why: String| {
+        usage(format!(
+            "{} is not an OCI image layout stowage can import: {why}",
+            input.display()
+        ))
+    };
+    let layout =
+        layout.ok_or_else(|| not_layout("it has no oci-layout file (truncated?)".into()))?;
+    let version = serde_json::from_slice::<serde_json::Value>(layout)
+        .ok()
+        .and_then(|v| v.get("imageLayoutVersion")?.as_str().map(str::to_owned))
+        .ok_or_else(|| not_layout("its oci-layout file has no imageLayoutVersion".into()))?;
+    if version != LAYOUT_VERSION {
+        return Err(not_layout(format!(
+            "its oci-layout says imageLayoutVersion {version:?}; stowage reads {LAYOUT_VERSION:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// The image layout version written and read.
+const LAYOUT_VERSION: &str = "1.0.0";
+
 /// Reads and verifies a bundle (a directory or a tar).
 fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
     if input.is_dir() {
+        let p = input.join("oci-layout");
+        let layout = match std::fs::read(&p) {
+            Ok(b) => Some(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(usage(format!("{}: {e}", p.display()))),
+        };
+        check_layout(input, layout.as_deref())?;
         let p = input.join("index.json");
         let index = std::fs::read(&p).map_err(io_err(p.display()))?;
         let index =
@@ -325,6 +363,7 @@ fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
     let file = std::fs::File::open(input).map_err(io_err(input.display()))?;
     let mut tar = tar::Archive::new(std::io::BufReader::new(file));
     let what = format!("reading {}", input.display());
+    let mut layout = None;
     for entry in tar.entries().map_err(io_err(&what))? {
         let mut entry = entry.map_err(io_err(&what))?;
         if !entry.header().entry_type().is_file() {
@@ -332,7 +371,11 @@ fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
         }
         let path = entry.path().map_err(io_err(&what))?.into_owned();
         let name = path.to_string_lossy().trim_start_matches("./").to_owned();
-        if name == "index.json" {
+        if name == "oci-layout" {
+            let mut buf = Vec::new();
+            entry.read_to_end(&mut buf).map_err(io_err(&what))?;
+            layout = Some(buf);
+        } else if name == "index.json" {
             let mut buf = Vec::new();
             entry.read_to_end(&mut buf).map_err(io_err(&what))?;
             bundle.index = serde_json::from_slice(&buf)
@@ -355,6 +398,7 @@ fn load_bundle(cache: &Cache, input: &Path) -> Result<Bundle, OpsError> {
             bundle.blobs.insert(hex.to_owned(), (dest_path, size));
         }
     }
+    check_layout(input, layout.as_deref())?;
     if bundle.index.is_null() {
         return Err(usage(format!(
             "{} has no index.json (not an OCI image layout, or truncated)",
@@ -588,7 +632,8 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
 }
 
 /// Which platforms of an index `prefetch` takes.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Platforms {
     All,
     /// `os/arch` or `os/arch/variant`.
@@ -613,6 +658,22 @@ impl Platforms {
     }
 }
 
+/// What `stowage prefetch` asks for; the same value goes over the admin socket.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrefetchRequest {
+    /// Image references as typed (Docker syntax), `--file` already read.
+    pub refs: Vec<String>,
+    pub platforms: Platforms,
+    /// Pin the images fetched.
+    pub pin: bool,
+}
+
+/// Images prefetched at once; each fills up to `min(max_concurrent_fills, 8)` blobs at once.
+const IMAGES_AT_ONCE: usize = 3;
+
+/// Progress events of one image are sent at most this often (the display throttles further).
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// Totals of one prefetched image.
 #[derive(Default)]
 struct Fetched {
@@ -620,13 +681,45 @@ struct Fetched {
     blobs: usize,
     cached: usize,
     bytes: u64,
+    /// Blobs this image read from a fill (its own or another's), and how many bytes.
+    filled: Vec<(Digest, u64)>,
+    /// Blobs that were already cached.
+    held: Vec<Digest>,
 }
 
-/// Drives one blob into the cache: nothing if held, else its fill read to the end.
+/// Counts one image's fetched bytes and sends (throttled) [`Event::Progress`].
+struct Meter<'a> {
+    id: usize,
+    bytes: std::sync::atomic::AtomicU64,
+    last: std::sync::Mutex<std::time::Instant>,
+    emit: &'a Emit,
+}
+
+impl Meter<'_> {
+    fn add(&self, n: u64) {
+        use std::sync::atomic::Ordering;
+        let total = self.bytes.fetch_add(n, Ordering::Relaxed) + n;
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= PROGRESS_EVERY {
+            *last = std::time::Instant::now();
+            drop(last);
+            (self.emit)(Event::Progress {
+                id: self.id,
+                bytes: total,
+            });
+        }
+    }
+}
+
+/// Where prefetch events go: a channel to the display, local or over the admin socket.
+pub type Emit = dyn Fn(Event) + Send + Sync;
+
+/// Drives one blob into the cache: `None` if held, else its fill read to the end (counted).
 async fn fetch_blob(
     mirror: &crate::mirror::Mirror,
     route: &crate::upstream::Route,
     digest: &Digest,
+    meter: &Meter<'_>,
 ) -> Result<Option<u64>, RegistryError> {
     use futures_util::StreamExt;
     match mirror.blob(route, digest, false).await? {
@@ -638,6 +731,7 @@ async fn fetch_blob(
                     RegistryError::new(ErrorCode::BlobUnknown, format!("blob {digest}: {e}"))
                 })?;
                 n += chunk.len() as u64;
+                meter.add(chunk.len() as u64);
             }
             loop {
                 match fill.state().phase {
@@ -653,12 +747,14 @@ async fn fetch_blob(
 }
 
 /// Prefetches one image: its manifest, the selected platforms' manifests, all their blobs (at
-/// most `parallel` at once).
+/// most `parallel` at once). Sends [`Event::Start`] once the blobs are known.
 async fn prefetch_one(
     mirror: &crate::mirror::Mirror,
+    id: usize,
     r: &ops::ImageRef,
     platforms: &Platforms,
     parallel: usize,
+    emit: &Emit,
 ) -> Result<Fetched, RegistryError> {
     use futures_util::StreamExt;
     let upstream = mirror
@@ -713,90 +809,170 @@ async fn prefetch_one(
             ));
         }
     }
-    let mut blobs: Vec<Digest> = images
+    let mut blobs: Vec<(Digest, u64)> = images
         .iter()
-        .flat_map(|m| references(&m.bytes).blobs.into_iter().map(|(d, _)| d))
+        .flat_map(|m| references(&m.bytes).blobs)
         .collect();
     blobs.sort();
-    blobs.dedup();
+    blobs.dedup_by(|a, b| a.0 == b.0);
+    let held = blobs
+        .iter()
+        .filter(|(d, _)| mirror.cache.budget().contains(d.hex()))
+        .count();
+    emit(Event::Start {
+        id,
+        image: r.to_string(),
+        blobs: blobs.len(),
+        cached: held,
+        bytes: blobs
+            .iter()
+            .filter(|(d, _)| !mirror.cache.budget().contains(d.hex()))
+            .map(|(_, s)| s)
+            .sum(),
+    });
     done.blobs = blobs.len();
-    let route = &route;
-    let results: Vec<Result<Option<u64>, RegistryError>> = futures_util::stream::iter(blobs.iter())
-        .map(|d| fetch_blob(mirror, route, d))
-        .buffer_unordered(parallel.max(1))
-        .collect()
-        .await;
-    for r in results {
+    let meter = Meter {
+        id,
+        bytes: Default::default(),
+        last: std::sync::Mutex::new(std::time::Instant::now()),
+        emit,
+    };
+    let (route, meter) = (&route, &meter);
+    // Owned items and `async move`: borrowed ones trip the compiler's higher-ranked lifetime
+    // check once the future is spawned.
+    let digests: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
+    let results: Vec<(Digest, Result<Option<u64>, RegistryError>)> =
+        futures_util::stream::iter(digests)
+            .map(move |d| async move {
+                let r = fetch_blob(mirror, route, &d, meter).await;
+                (d, r)
+            })
+            .buffer_unordered(parallel.max(1))
+            .collect()
+            .await;
+    for (d, r) in results {
         match r? {
-            Some(n) => done.bytes += n,
-            None => done.cached += 1,
+            Some(n) => {
+                done.bytes += n;
+                done.filled.push((d, n));
+            }
+            None => {
+                done.cached += 1;
+                done.held.push(d);
+            }
         }
     }
     Ok(done)
 }
 
-/// `stowage prefetch`: each image through the mirror's fill engine; one line per image and a
-/// summary. Returns whether every image was fetched (an unknown image fails alone).
-pub fn prefetch(
-    config: &Config,
-    refs: &[String],
+/// One reference of a prefetch, start to end: `Some(reference as typed)` if it was fetched.
+async fn prefetch_ref(
+    mirror: &crate::mirror::Mirror,
+    id: usize,
+    text: &str,
     platforms: &Platforms,
-    pin: bool,
-    out: &mut dyn Write,
+    parallel: usize,
+    emit: &Emit,
+) -> (Option<String>, Fetched) {
+    let r = match ops::parse_image_ref(text, &mirror.config) {
+        Ok(r) => r,
+        Err(e) => {
+            emit(Event::Failed {
+                id,
+                image: text.to_owned(),
+                error: e.to_string(),
+            });
+            return (None, Fetched::default());
+        }
+    };
+    let started = std::time::Instant::now();
+    match prefetch_one(mirror, id, &r, platforms, parallel, emit).await {
+        Ok(f) => {
+            emit(Event::Done {
+                id,
+                image: r.to_string(),
+                manifests: f.manifests,
+                blobs: f.blobs,
+                cached: f.cached,
+                bytes: f.bytes,
+                secs: started.elapsed().as_secs_f64(),
+            });
+            (Some(text.to_owned()), f)
+        }
+        Err(e) => {
+            emit(Event::Failed {
+                id,
+                image: r.to_string(),
+                error: e.message,
+            });
+            (None, Fetched::default())
+        }
+    }
+}
+
+/// `stowage prefetch`, wherever it runs (the command itself, or `serve` for the admin socket):
+/// each image through `mirror`'s fill engine (several images at once, each with its blobs
+/// filling concurrently), events to `emit`, then `--pin`, then [`Event::Summary`]. Returns
+/// whether every image was fetched: an unknown image fails alone.
+pub async fn prefetch(
+    mirror: std::sync::Arc<crate::mirror::Mirror>,
+    req: &PrefetchRequest,
+    emit: &Emit,
 ) -> Result<bool, OpsError> {
-    if config.offline {
+    use futures_util::StreamExt;
+    if mirror.config.offline {
         return Err(usage(
             "prefetch needs an upstream; the config says offline = true",
         ));
     }
-    let mirror = crate::mirror::Mirror::new(config.clone()).map_err(|e| usage(e.to_string()))?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| usage(format!("cannot start the runtime: {e}")))?;
-    let parallel = config.storage.max_concurrent_fills.min(8);
-    let mut ok = Vec::new();
-    let mut failed = 0usize;
-    for text in refs {
-        let r = match ops::parse_image_ref(text, config) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("stowage: prefetch {text}: {e}");
-                failed += 1;
-                continue;
-            }
-        };
-        let started = std::time::Instant::now();
-        match runtime.block_on(prefetch_one(&mirror, &r, platforms, parallel)) {
-            Ok(f) => {
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                let _ = writeln!(
-                    out,
-                    "prefetched {r}: {} manifest(s), {} blob(s) ({} already cached), {} bytes fetched in {secs:.1}s ({:.1} MiB/s)",
-                    f.manifests,
-                    f.blobs,
-                    f.cached,
-                    f.bytes,
-                    f.bytes as f64 / secs / (1024.0 * 1024.0)
-                );
-                ok.push(text.clone());
-            }
-            Err(e) => {
-                eprintln!("stowage: prefetch {r} failed: {}", e.message);
-                failed += 1;
-            }
+    let started = std::time::Instant::now();
+    let parallel = mirror.config.storage.max_concurrent_fills.min(8);
+    let m = &*mirror;
+    let results: Vec<(Option<String>, Fetched)> =
+        futures_util::stream::iter(req.refs.clone().into_iter().enumerate())
+            .map(move |(id, text)| async move {
+                prefetch_ref(m, id, &text, &req.platforms, parallel, emit).await
+            })
+            .buffered(IMAGES_AT_ONCE)
+            .collect()
+            .await;
+    mirror.cache.index().durable().await;
+    let ok: Vec<String> = results.iter().filter_map(|(t, _)| t.clone()).collect();
+    let failed = results.len() - ok.len();
+    // Pins and the flush are sled work: off the runtime threads.
+    let (m, refs, pin) = (mirror.clone(), ok.clone(), req.pin && !ok.is_empty());
+    let pinned = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, OpsError> {
+        let mut out = Vec::new();
+        if pin {
+            ops::pin(&m.cache, &m.config, &refs, &mut out)?;
         }
+        m.cache.flush()?;
+        Ok(out)
+    })
+    .await
+    .map_err(|e| usage(format!("prefetch: {e}")))??;
+    if !pinned.is_empty() {
+        emit(Event::Out {
+            text: String::from_utf8_lossy(&pinned).into_owned(),
+        });
     }
-    runtime.block_on(mirror.cache.index().durable());
-    if pin && !ok.is_empty() {
-        ops::pin(&mirror.cache, config, &ok, out)?;
-    }
-    mirror.cache.flush()?;
-    let _ = writeln!(
-        out,
-        "prefetch: {} image(s) fetched, {failed} failed",
-        ok.len()
-    );
+    // Distinct blobs: images that share one both read its (single) fill.
+    let filled: HashMap<&Digest, u64> = results
+        .iter()
+        .flat_map(|(_, f)| f.filled.iter().map(|(d, n)| (d, *n)))
+        .collect();
+    let held: HashSet<&Digest> = results
+        .iter()
+        .flat_map(|(_, f)| f.held.iter())
+        .filter(|d| !filled.contains_key(d))
+        .collect();
+    emit(Event::Summary {
+        ok: ok.len(),
+        failed,
+        fetched: filled.len(),
+        cached: held.len(),
+        bytes: filled.values().sum(),
+        secs: started.elapsed().as_secs_f64(),
+    });
     Ok(failed == 0)
 }

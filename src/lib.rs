@@ -44,17 +44,26 @@
 //!   delete / sorted list) and its backends, a directory ([`store::fs::FsStore`], also on a shared
 //!   mount) and the `object_store` crate (S3, Ceph RGW, Garage, MinIO, GCS, Azure). All pass one
 //!   suite, `tests/store.rs`; Garage runs as a real 3-node cluster in `tests/support/garage.rs`.
-//! - [`ops`] — operator commands on a stopped cache: `pin`, `unpin`, `ls`, `verify [--repair]`,
+//! - [`fleet`] — several nodes sharing one [`store`]: local misses of blobs, manifests and
+//!   tags look in the shared store before the upstream ([`fleet::TieredSource`] feeds the same
+//!   fill engine, so shared bytes are verified like upstream ones); blobs from the upstream are
+//!   uploaded once verified; best-effort fill leases (conditional create); a failing store is
+//!   counted, reported by `/readyz` and bypassed.
+//! - [`ops`] — operator commands on an open cache: `pin`, `unpin`, `ls`, `verify [--repair]`,
 //!   `gc`, and Docker-style image reference parsing.
-//! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine, `export` of
-//!   cached images to an OCI image layout (tar or directory, readable by skopeo) and `import` of
-//!   one (every blob verified first, images made visible whole, idempotent). `offline = true` /
-//!   `serve --offline` lives in [`mirror`].
+//! - [`admin`] — operator commands against a running `serve`: its Unix socket
+//!   `<storage.path>/admin.sock` (0600; HTTP/1.1, a JSON request in, NDJSON events out), the
+//!   client the commands use when a server answers there (else they open the cache
+//!   themselves), and the rendering of the events (indicatif bars or plain lines).
+//! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine (progress as
+//!   [`admin::Event`]s), `export` of cached images to an OCI image layout (tar or directory,
+//!   readable by skopeo) and `import` of one (every blob verified first, images made visible
+//!   whole, idempotent). `offline = true` / `serve --offline` lives in [`mirror`].
 //!
 //! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]
 //! [--offline]` and the operator commands `pin|unpin|ls|verify|gc|prefetch|export|import
-//! [--config PATH]`. `serve` also runs the optional `server.metrics_listen` listener, sets the
-//! cache gauges at startup, owns the housekeeping task (recency flush, deferred eviction), and reloads the TLS certificate and the htpasswd file on
+//! [--config PATH]`. `serve` also runs the optional `server.metrics_listen` listener and the
+//! admin socket, sets the cache gauges at startup, owns the housekeeping task (recency flush, deferred eviction), and reloads the TLS certificate and the htpasswd file on
 //! SIGHUP. `src/bin/stowage-bench.rs` is the benchmark command (stowage vs distribution's proxy;
 //! results in `BENCHMARKS.md`).
 //!
@@ -63,6 +72,7 @@
 //! in-process fake upstream for faults a real registry cannot produce). `tests/fuzz.rs` is the
 //! proptest suite for every parser that sees client input.
 
+pub mod admin;
 pub mod airgap;
 pub mod cache;
 pub mod config;

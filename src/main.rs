@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use stowage::cache::Cache;
+use stowage::admin::{self, Request};
+use stowage::airgap;
 use stowage::config::Config;
 use stowage::http::listener::Security;
 use stowage::mirror::Mirror;
-use stowage::{airgap, ops};
 
 #[derive(Parser)]
 #[command(
@@ -71,7 +71,7 @@ enum Command {
         config: Option<PathBuf>,
     },
     /// Pull images (manifests, the selected platforms, all blobs) into the cache through the
-    /// fill engine. Run it with `serve` stopped (it takes the cache lock).
+    /// fill engine: inside a `serve` running on the cache (its admin socket), else directly.
     Prefetch {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -127,19 +127,11 @@ fn main() -> ExitCode {
             log_format,
             offline,
         } => serve(config, log_format, offline),
-        Command::Pin { config, images } => operate(config, |c, cfg, out| {
-            ops::pin(c, cfg, &images, out).map(|_| true)
-        }),
-        Command::Unpin { config, images } => operate(config, |c, cfg, out| {
-            ops::unpin(c, cfg, &images, out).map(|_| true)
-        }),
-        Command::Ls { config } => operate(config, |c, _, out| ops::ls(c, out).map(|_| true)),
-        Command::Verify { config, repair } => operate(config, |c, _, out| {
-            ops::verify(c, repair, out).map(|r| r.clean() || repair)
-        }),
-        Command::Gc { config } => operate(config, |c, cfg, out| {
-            ops::gc(c, cfg.storage.gc_max_age, out).map(|_| true)
-        }),
+        Command::Pin { config, images } => operate(config, Request::Pin { images }),
+        Command::Unpin { config, images } => operate(config, Request::Unpin { images }),
+        Command::Ls { config } => operate(config, Request::Ls),
+        Command::Verify { config, repair } => operate(config, Request::Verify { repair }),
+        Command::Gc { config } => operate(config, Request::Gc),
         Command::Prefetch {
             config,
             file,
@@ -147,32 +139,73 @@ fn main() -> ExitCode {
             all_platforms,
             pin,
             images,
-        } => prefetch(config, file, platforms, all_platforms, pin, images),
+        } => {
+            let refs = match airgap::gather_refs(&images, file.as_deref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("stowage: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let platforms = if all_platforms {
+                airgap::Platforms::All
+            } else if platforms.is_empty() {
+                airgap::Platforms::Some(vec!["linux/amd64".into()])
+            } else {
+                airgap::Platforms::Some(platforms)
+            };
+            operate(
+                config,
+                Request::Prefetch(airgap::PrefetchRequest {
+                    refs,
+                    platforms,
+                    pin,
+                }),
+            )
+        }
         Command::Export {
             config,
             file,
             output,
             images,
-        } => operate(config, |c, cfg, out| {
-            let refs = airgap::gather_refs(&images, file.as_deref())?;
-            airgap::export(c, cfg, &refs, &output, out).map(|_| true)
-        }),
+        } => {
+            let images = match airgap::gather_refs(&images, file.as_deref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("stowage: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let output = absolute(output);
+            operate(config, Request::Export { images, output })
+        }
         Command::Import {
             config,
             pin,
             bundle,
-        } => operate(config, |c, _, out| {
-            airgap::import(c, &bundle, pin, out).map(|_| true)
-        }),
+        } => operate(
+            config,
+            Request::Import {
+                bundle: absolute(bundle),
+                pin,
+            },
+        ),
     }
 }
 
-/// Runs an operator command on the cache: exit 0 on success, 1 if it found problems or failed,
-/// 2 for a bad config.
-fn operate(
-    config_path: Option<PathBuf>,
-    f: impl FnOnce(&Cache, &Config, &mut dyn std::io::Write) -> Result<bool, ops::OpsError>,
-) -> ExitCode {
+/// `path` against the working directory, for a server that has another one (`join` keeps a
+/// trailing `/`, which asks `export` for a directory).
+fn absolute(path: PathBuf) -> PathBuf {
+    match std::env::current_dir() {
+        Ok(cwd) if path.is_relative() => cwd.join(path),
+        _ => path,
+    }
+}
+
+/// Runs an operator command: through the admin socket of a `serve` running on the cache if one
+/// answers there (see [`admin`]), else on the cache directly. Exit 0 on success, 1 if it found
+/// problems or failed, 2 for a bad config.
+fn operate(config_path: Option<PathBuf>, req: Request) -> ExitCode {
     let config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
         Ok(c) => c,
         Err(e) => {
@@ -186,70 +219,24 @@ fn operate(
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let cache = match Cache::open(&config.storage) {
-        Ok(c) => c,
+    let exit = |ok: bool| {
+        if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    };
+    let mut display = admin::Display::new();
+    match admin::run_remote(&config.storage.path, &req, &mut display) {
+        Ok(Some(ok)) => return exit(ok),
+        Ok(None) => {}
         Err(e) => {
             eprintln!("stowage: {e}");
             return ExitCode::FAILURE;
         }
-    };
-    let mut out = std::io::stdout().lock();
-    let result = f(&cache, &config, &mut out);
-    if let Err(e) = cache.flush() {
-        eprintln!("stowage: {e}");
-        return ExitCode::FAILURE;
     }
-    match result {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("stowage: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `stowage prefetch`: needs the whole mirror (upstream clients and the fill engine), so it
-/// opens the cache through [`Mirror`] rather than [`operate`].
-fn prefetch(
-    config_path: Option<PathBuf>,
-    file: Option<PathBuf>,
-    platforms: Vec<String>,
-    all_platforms: bool,
-    pin: bool,
-    images: Vec<String>,
-) -> ExitCode {
-    let config = match Config::load(config_path.as_deref(), |k| std::env::var(k).ok()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("stowage: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let refs = match airgap::gather_refs(&images, file.as_deref()) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("stowage: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let platforms = if all_platforms {
-        airgap::Platforms::All
-    } else if platforms.is_empty() {
-        airgap::Platforms::Some(vec!["linux/amd64".into()])
-    } else {
-        airgap::Platforms::Some(platforms)
-    };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let mut out = std::io::stdout().lock();
-    match airgap::prefetch(&config, &refs, &platforms, pin, &mut out) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::FAILURE,
+    match admin::run_local(&config, &req, &mut display) {
+        Ok(ok) => exit(ok),
         Err(e) => {
             eprintln!("stowage: {e}");
             ExitCode::FAILURE
@@ -380,6 +367,17 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
         shared_store = %mirror.fleet.as_ref().map(|f| f.describe()).unwrap_or("-"),
         "stowage listening"
     );
+    // Operator commands against this server (`stowage pin|prefetch|... --config` beside it).
+    let admin = match admin::AdminServer::start(mirror.clone()) {
+        Ok(a) => {
+            tracing::info!(socket = %a.path().display(), "admin socket listening");
+            Some(a)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "no admin socket: operator commands need serve stopped");
+            None
+        }
+    };
     // One signal stops both listeners.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -409,6 +407,9 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
         // It stops on the same signal; if the main server ended for another reason, stop it too.
         task.abort();
         let _ = task.await;
+    }
+    if let Some(a) = admin {
+        a.stop().await;
     }
     reloader.abort();
     maintenance.abort();

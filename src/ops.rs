@@ -1,9 +1,10 @@
 //! Operator commands on a cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`.
 //!
-//! Each opens the cache itself, so it takes the cache's lock: while `stowage serve` runs on the
-//! same `storage.path`, a command refuses with a message naming the server's pid (sled allows one
-//! process per database, and a second writer behind the server's back would break its budget
-//! accounting). Stop the server, run the command, start the server again.
+//! Each works on an open [`Cache`]. The command line opens the cache itself when no server runs
+//! (taking the cache's lock: sled allows one process per database, and a second writer behind a
+//! server's back would break its budget accounting); while `stowage serve` runs on the same
+//! `storage.path`, the command is executed inside the server instead, through its admin socket
+//! ([`crate::admin`]).
 //!
 //! Image references use Docker's syntax: `alpine:3.19`, `docker.io/library/alpine:3.19`,
 //! `ghcr.io/org/app@sha256:...`. A first component with a `.` or `:` (or `localhost`) names the
@@ -223,7 +224,8 @@ pub fn unpin(
     Ok(())
 }
 
-fn human(bytes: u64) -> String {
+/// `1.5 MiB`: bytes for people.
+pub fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut i = 0;
@@ -324,15 +326,22 @@ impl VerifyReport {
 }
 
 /// `stowage verify [--repair]`: re-hashes every indexed blob. With `repair`, corrupt and missing
-/// blobs are dropped from the index (and disk) so that the next pull refills them.
-pub fn verify(cache: &Cache, repair: bool, out: &mut dyn Write) -> Result<VerifyReport, OpsError> {
+/// blobs are dropped from the index (and disk) so that the next pull refills them. With
+/// `progress`, a bar on stderr when it is a terminal, else a line every 5% (`false` inside
+/// `serve`, whose stderr is its log).
+pub fn verify(
+    cache: &Cache,
+    repair: bool,
+    progress: bool,
+    out: &mut dyn Write,
+) -> Result<VerifyReport, OpsError> {
     let mut entries = Vec::new();
     for rec in cache.index().blobs() {
         let (hex, meta) = rec?;
         entries.push((hex, meta.map(|m| m.size).unwrap_or(0)));
     }
     let total_bytes: u64 = entries.iter().map(|(_, s)| s).sum();
-    let tty = std::io::stderr().is_terminal();
+    let tty = progress && std::io::stderr().is_terminal();
     let bar = if tty {
         let b = indicatif::ProgressBar::new(total_bytes);
         if let Ok(style) = indicatif::ProgressStyle::with_template(
@@ -377,7 +386,7 @@ pub fn verify(cache: &Cache, repair: bool, out: &mut dyn Write) -> Result<Verify
             }
         }
         report.checked += 1;
-        if !tty && ((i + 1) % step == 0 || i + 1 == n) {
+        if progress && !tty && ((i + 1) % step == 0 || i + 1 == n) {
             eprintln!("verify: {}/{} blobs checked", i + 1, n);
         }
     }

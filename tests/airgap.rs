@@ -1,16 +1,22 @@
-//! Air-gapped sites (issue 8): `serve --offline`, `export` to an OCI image layout, `import`.
+//! Air-gapped sites (issue 8): `prefetch` (by itself or inside a live `serve`, through its admin
+//! socket), `export` to an OCI image layout, `import`, `serve --offline`.
 //!
 //! Images are synthetic, pushed to a real upstream registry and pulled through stowage with plain
-//! HTTP; the upstream's access log proves that an offline mirror never contacts it.
+//! HTTP, skopeo and dockerd; the upstream's access log proves what reached it.
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
+use std::time::Duration;
 
-use support::images::{self, Format, Image, Pushed};
+use support::clients::{assert_unpacked, docker_daemon_json, docker_inspect, image_files, Dockerd};
+use support::fake_upstream::FakeUpstream;
+use support::images::{self, Format, Image, ImageIndex, Pushed};
 use support::registry::Registry;
+use support::scrape::Scrape;
 use support::stowage::{Stowage, UpstreamSpec};
-use support::{http, manifest_accept, sha256_digest};
+use support::{http, manifest_accept, sha256_digest, wait_until};
 
 const KIB: usize = 1 << 10;
 
@@ -117,7 +123,8 @@ fn offline_serves_cached_tags_past_ttl_and_never_contacts_upstream() {
     );
 }
 
-/// Runs `stowage <args> --config <stowage's config>` (the server must be stopped).
+/// Runs `stowage <args> --config <stowage's config>`: on the cache directly when the server is
+/// stopped, through its admin socket while it runs.
 fn command(stowage: &Stowage, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
         .args(args)
@@ -435,10 +442,379 @@ fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
     let before = upstream.blob_gets();
     let again = command_ok(&stowage, &["prefetch", "test/single:1"]);
     assert!(again.contains("3 blob(s) (3 already cached)"), "{again}");
+    assert!(
+        again.contains("0 blob(s) fetched, 3 already cached"),
+        "{again}"
+    );
     upstream.sync_log();
     assert_eq!(upstream.blob_gets(), before, "{again}");
 
     // The cache serves them.
     stowage.restart();
     pull(&stowage, &single);
+}
+
+/// Small real tar layers of distinct sizes, with matching diff_ids: dockerd unpacks them.
+const CLIENT_LAYERS: &[usize] = &[3_000, 60_000];
+
+#[test]
+fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a_fresh_mirror() {
+    let upstream = Registry::start();
+    // dockerd uses mirrors for docker.io images only: push them under library/ to the registry
+    // that stands for docker.io.
+    let single = images::push(
+        &upstream.url(),
+        "library/single",
+        "1",
+        Image::build(Format::Docker, CLIENT_LAYERS),
+    );
+    let multi = images::push(
+        &upstream.url(),
+        "library/multi",
+        "1",
+        ImageIndex::build(Format::Docker, &["amd64", "arm64"], CLIENT_LAYERS),
+    );
+    let ociapp = images::push(
+        &upstream.url(),
+        "library/ociapp",
+        "1",
+        ImageIndex::build(Format::Oci, &["amd64", "arm64"], CLIENT_LAYERS),
+    );
+    let mut seeder = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .start();
+    seeder.stop();
+    let out = command_ok(
+        &seeder,
+        &[
+            "prefetch",
+            "--pin",
+            "--platform",
+            "linux/amd64",
+            "single:1",
+            "multi:1",
+            "docker.io/library/ociapp:1",
+        ],
+    );
+    assert!(out.contains("3 image(s) fetched, 0 failed"), "{out}");
+    let work = tempfile::tempdir().expect("temp dir");
+    let tar = work.path().join("bundle.tar").display().to_string();
+    command_ok(
+        &seeder,
+        &["export", "single:1", "multi:1", "ociapp:1", "-o", &tar],
+    );
+    // Nothing upstream from here on: the fresh mirror has none configured, and this one is gone.
+    drop(seeder);
+    drop(upstream);
+
+    let mut fresh = fresh_offline();
+    let imported = command_ok(&fresh, &["import", &tar, "--pin"]);
+    assert_eq!(imported.matches("imported ").count(), 3, "{imported}");
+    fresh.restart();
+
+    let images = [
+        ("single", single.platform("amd64")),
+        ("multi", multi.platform("amd64")),
+        ("ociapp", ociapp.platform("amd64")),
+    ];
+    for (name, image) in images {
+        let out = work.path().join(format!("skopeo-{name}"));
+        let src = format!("docker://{}/library/{name}:1", fresh.host_port());
+        assert_eq!(
+            skopeo_copy_to_dir(&src, &out),
+            hexes(&image.blobs()),
+            "skopeo copy {src}: every blob, each hashing to its digest"
+        );
+    }
+
+    let docker = Dockerd::start(&docker_daemon_json(&fresh));
+    for (name, image) in images {
+        // `single:1` = docker.io/library/single:1; Docker Hub is unreachable, so success means
+        // the mirror answered.
+        let reference = format!("{name}:1");
+        docker.docker_ok(&["pull", &reference]);
+        let what = format!("docker pull {reference}");
+        let (id, architecture, layers, _) = docker_inspect(&docker, &reference);
+        assert_eq!(id, image.config.digest, "{what}: image ID = config digest");
+        assert_eq!(architecture, "amd64", "{what}");
+        let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
+        assert_eq!(layers, diff_ids, "{what}: RootFS.Layers = the diff_ids");
+        assert_unpacked(&docker.data_root(), &image_files(image), &what);
+    }
+}
+
+#[test]
+fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
+    let upstream = Registry::start();
+    let live = push(&upstream, "live", &[2 << 20, 16 * KIB]);
+    let mut stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .start();
+    let socket = stowage.data_dir().join("admin.sock");
+    let mode = std::fs::metadata(&socket)
+        .unwrap_or_else(|e| panic!("{}: {e}", socket.display()))
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the admin socket is for its owner only"
+    );
+
+    // A client pulls while the prefetch runs inside the server: whatever the interleaving,
+    // each blob is fetched from upstream once (the fills are shared).
+    let prefetch = {
+        let args = ["prefetch", "--pin", "test/live:1"];
+        let config = stowage.config_path();
+        std::thread::spawn(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+                .args(args)
+                .arg("--config")
+                .arg(config)
+                .output()
+                .expect("run the stowage binary")
+        })
+    };
+    pull(&stowage, &live);
+    let o = prefetch.join().expect("prefetch thread");
+    let out = text(&o);
+    assert!(o.status.success(), "prefetch through the live serve: {out}");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        stdout.contains("prefetched docker.io/test/live:1: 1 manifest(s), 3 blob(s)"),
+        "{out}"
+    );
+    assert!(stdout.contains("1 image(s) fetched, 0 failed"), "{out}");
+    assert!(stdout.contains("pinned docker.io/test/live:1"), "{out}");
+    // Not a terminal: plain progress lines instead of bars.
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("prefetch docker.io/test/live:1: 3 blob(s)"),
+        "{out}"
+    );
+    assert!(
+        stowage.log().contains("admin command"),
+        "ran in the server: {}",
+        stowage.log()
+    );
+    upstream.sync_log();
+    for b in live.blobs() {
+        assert_eq!(
+            upstream.count_requests("GET", &format!("/blobs/{}", b.digest)),
+            1,
+            "upstream GETs of {}:\n{}",
+            b.digest,
+            upstream.access_log_lines().join("\n")
+        );
+    }
+
+    // ls (and the pin) through the live server; the content is served with no upstream blob.
+    assert_eq!(ls_pinned(&stowage, "docker.io/test/live:1"), Some(true));
+    let before = upstream.blob_gets();
+    pull(&stowage, &live);
+    upstream.sync_log();
+    assert_eq!(upstream.blob_gets(), before, "served from the cache");
+    let out = command_ok(&stowage, &["unpin", "test/live:1"]);
+    assert!(out.contains("unpinned docker.io/test/live:1"), "{out}");
+    assert_eq!(ls_pinned(&stowage, "docker.io/test/live:1"), Some(false));
+
+    // export and import run in the server too (paths resolved by the command line).
+    let work = tempfile::tempdir().expect("temp dir");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["export", "test/live:1", "-o", "bundle.tar", "--config"])
+        .arg(stowage.config_path())
+        .current_dir(work.path())
+        .output()
+        .expect("run the stowage binary");
+    assert!(o.status.success(), "export: {}", text(&o));
+    let tar = work.path().join("bundle.tar").display().to_string();
+    let out = command_ok(&stowage, &["import", &tar]);
+    assert!(out.contains("already present"), "{out}");
+
+    // Without an answering socket, a command works on the cache, which serve holds: it says so.
+    std::fs::remove_file(&socket).expect("remove the admin socket");
+    let o = command(&stowage, &["ls"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use by another stowage process"),
+        "{}",
+        text(&o)
+    );
+
+    // A restart makes a new socket; a clean stop removes it, and commands then work on the cache
+    // directly.
+    stowage.restart();
+    assert!(socket.exists(), "no admin socket after a restart");
+    let status = stowage.terminate(Duration::from_secs(60));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean stop: {status:?}"
+    );
+    assert!(!socket.exists(), "the admin socket outlived serve");
+    assert_eq!(ls_pinned(&stowage, "docker.io/test/live:1"), Some(false));
+}
+
+#[test]
+fn a_stale_admin_socket_is_replaced_and_ignored() {
+    let mut stowage = Stowage::builder().arg("--offline").start();
+    stowage.stop();
+    // serve was killed: its socket file stays behind, and nothing answers it.
+    let socket = stowage.data_dir().join("admin.sock");
+    assert!(socket.exists(), "a killed serve leaves its socket file");
+    let out = command_ok(&stowage, &["ls"]);
+    assert!(out.contains("0 blob(s)"), "{out}");
+    stowage.restart();
+    let out = command_ok(&stowage, &["ls"]);
+    assert!(out.contains("0 blob(s)"), "{out}");
+    assert!(
+        stowage.log().contains("admin command"),
+        "ls went through the new socket: {}",
+        stowage.log()
+    );
+}
+
+#[test]
+fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
+    let upstream = Registry::start();
+    let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[12 * KIB]);
+    images::push(&upstream.url(), "test/multi", "1", index.clone());
+    let by_digest = push(&upstream, "bydigest", &[20 * KIB]);
+    let a = push(&upstream, "fromfile-a", &[8 * KIB]);
+    let b = push(&upstream, "fromfile-b", &[9 * KIB]);
+    // Against a live serve: the flags travel through the admin socket.
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .start();
+    let cached =
+        |blobs: Vec<&images::Blob>| blobs.iter().all(|b| stowage.blob_path(&b.digest).is_file());
+
+    let out = command_ok(&stowage, &["prefetch", "--all-platforms", "test/multi:1"]);
+    assert!(out.contains("3 manifest(s), 4 blob(s)"), "{out}");
+    assert!(
+        out.contains("1 image(s) fetched, 0 failed; 4 blob(s) fetched, 0 already cached"),
+        "the summary: {out}"
+    );
+    for child in &index.children {
+        assert!(
+            cached(child.blobs()),
+            "{} blobs cached: {out}",
+            child.architecture
+        );
+    }
+
+    let reference = format!("test/bydigest@{}", by_digest.digest());
+    let out = command_ok(&stowage, &["prefetch", &reference]);
+    assert!(
+        out.contains(&format!(
+            "prefetched docker.io/test/bydigest@{}",
+            by_digest.digest()
+        )),
+        "{out}"
+    );
+    assert!(cached(by_digest.blobs()), "{out}");
+
+    let work = tempfile::tempdir().expect("temp dir");
+    let list = work.path().join("images.txt");
+    std::fs::write(
+        &list,
+        "# to carry across\ntest/fromfile-a:1\n\n  docker.io/test/fromfile-b:1  \n",
+    )
+    .expect("write images.txt");
+    let list = list.display().to_string();
+    let out = command_ok(&stowage, &["prefetch", "--file", &list]);
+    assert!(out.contains("2 image(s) fetched, 0 failed"), "{out}");
+    assert!(cached(a.blobs()) && cached(b.blobs()), "{out}");
+}
+
+#[test]
+fn a_bundle_without_oci_layout_or_of_another_layout_version_is_rejected() {
+    let upstream = Registry::start();
+    push(&upstream, "single", &[16 * KIB]);
+    let mut stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .start();
+    stowage.stop();
+    command_ok(&stowage, &["prefetch", "test/single:1"]);
+    let work = tempfile::tempdir().expect("temp dir");
+    let layout = format!("{}/layout/", work.path().display());
+    command_ok(&stowage, &["export", "test/single:1", "-o", &layout]);
+    let fresh = fresh_offline();
+    let marker = format!("{layout}oci-layout");
+
+    std::fs::write(&marker, r#"{"imageLayoutVersion":"2.0.0"}"#).expect("write oci-layout");
+    let o = command(&fresh, &["import", &layout]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        stderr.contains("not an OCI image layout") && stderr.contains("\"2.0.0\""),
+        "{}",
+        text(&o)
+    );
+
+    std::fs::remove_file(&marker).expect("remove oci-layout");
+    let o = command(&fresh, &["import", &layout]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no oci-layout file"),
+        "{}",
+        text(&o)
+    );
+    // The same as a tar.
+    let tar = work.path().join("no-layout.tar");
+    let mut builder = tar::Builder::new(std::fs::File::create(&tar).expect("create tar"));
+    builder
+        .append_dir_all(".", layout.trim_end_matches('/'))
+        .expect("tar the layout");
+    builder.finish().expect("finish tar");
+    let o = command(&fresh, &["import", &tar.display().to_string()]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no oci-layout file"),
+        "{}",
+        text(&o)
+    );
+    assert!(fresh.blob_files().is_empty(), "{:?}", fresh.blob_files());
+}
+
+#[test]
+fn stopping_serve_interrupts_a_prefetch_running_in_it_and_the_command_says_so() {
+    let fake = FakeUpstream::start();
+    let image = Image::build(Format::Oci, &[8 * KIB]);
+    for b in image.blobs() {
+        fake.add_blob("test/held", b.bytes.clone());
+    }
+    fake.add_manifest(
+        "test/held",
+        "1",
+        &image.manifest.media_type,
+        image.manifest.bytes.clone(),
+    );
+    let layer = image.layers[0].blob.digest.clone();
+    fake.hold_blob(&layer);
+    let mut stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let socket = stowage.data_dir().join("admin.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(["prefetch", "test/held:1", "--config"])
+        .arg(stowage.config_path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the stowage binary");
+    // The layer's fill is in flight inside serve: the upstream holds its answer.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            Scrape::get(&stowage.url()).value("stowage_fills_in_flight", &[]) == 1.0
+        }),
+        "the prefetch never started the layer's fill in serve"
+    );
+    let status = stowage.terminate(Duration::from_secs(60));
+    let o = child.wait_with_output().expect("wait for prefetch");
+    fake.release_blob(&layer);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("serve is stopping"),
+        "{}",
+        text(&o)
+    );
+    assert!(status.is_some(), "serve did not stop on SIGTERM");
+    assert!(!socket.exists(), "the admin socket outlived serve");
 }

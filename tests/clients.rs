@@ -27,8 +27,8 @@ use serde_json::json;
 
 use support::clients::{
     assert_unpacked, containerd_hosts_toml, containerd_override_path_hosts_toml,
-    docker_daemon_json, image_files, layer_files, registries_conf, stowage_blob_gets,
-    stowage_requests, unpacked_test_files, Containerd, ContainersEnv, Dockerd,
+    docker_daemon_json, docker_inspect, image_files, layer_files, registries_conf,
+    stowage_blob_gets, stowage_requests, unpacked_test_files, Containerd, ContainersEnv, Dockerd,
 };
 use support::images::{self, Blob, Format, Image, ImageIndex, Layer, Manifest, Pushed, TestImage};
 use support::registry::Registry;
@@ -57,21 +57,11 @@ const SMALL: &[usize] = &[3_000, 200_000];
 
 /// The single-platform image a pull of `pushed` on linux/amd64 selects.
 fn amd64(pushed: &Pushed) -> &Image {
-    pushed
-        .image
-        .images()
-        .into_iter()
-        .find(|i| i.architecture == "amd64")
-        .expect("the pushed image has a linux/amd64 platform")
+    pushed.platform("amd64")
 }
 
 fn arch<'a>(pushed: &'a Pushed, architecture: &str) -> &'a Image {
-    pushed
-        .image
-        .images()
-        .into_iter()
-        .find(|i| i.architecture == architecture)
-        .unwrap_or_else(|| panic!("the pushed image has no linux/{architecture} platform"))
+    pushed.platform(architecture)
 }
 
 fn upstream_blob_gets(upstream: &Registry, digest: &str) -> usize {
@@ -178,27 +168,6 @@ fn assert_nothing_unpacked(root: &Path, what: &str) {
 // ---------------------------------------------------------------------------------------------
 // dockerd
 // ---------------------------------------------------------------------------------------------
-
-/// `docker image inspect` fields: `(Id, Architecture, RootFS.Layers, RepoDigests)`.
-fn docker_inspect(docker: &Dockerd, reference: &str) -> (String, String, Vec<String>, Vec<String>) {
-    let out = docker.docker_ok(&[
-        "image",
-        "inspect",
-        "--format",
-        "{{.Id}}|{{.Architecture}}|{{json .RootFS.Layers}}|{{json .RepoDigests}}",
-        reference,
-    ]);
-    let parts: Vec<&str> = out.trim().splitn(4, '|').collect();
-    assert_eq!(parts.len(), 4, "unexpected docker inspect output: {out}");
-    (
-        parts[0].to_string(),
-        parts[1].to_string(),
-        serde_json::from_str(parts[2]).expect("RootFS.Layers is a JSON list"),
-        serde_json::from_str::<Option<Vec<String>>>(parts[3])
-            .expect("RepoDigests is a JSON list")
-            .unwrap_or_default(),
-    )
-}
 
 /// `docker pull <reference> [--platform p]` through the mirror, then checks that dockerd holds
 /// exactly `image` (config digest = image ID, diff_ids = RootFS layers, the manifest digest that

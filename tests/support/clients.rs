@@ -283,6 +283,30 @@ impl Drop for Dockerd {
     }
 }
 
+/// `docker image inspect` fields: `(Id, Architecture, RootFS.Layers, RepoDigests)`.
+pub fn docker_inspect(
+    docker: &Dockerd,
+    reference: &str,
+) -> (String, String, Vec<String>, Vec<String>) {
+    let out = docker.docker_ok(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{.Id}}|{{.Architecture}}|{{json .RootFS.Layers}}|{{json .RepoDigests}}",
+        reference,
+    ]);
+    let parts: Vec<&str> = out.trim().splitn(4, '|').collect();
+    assert_eq!(parts.len(), 4, "unexpected docker inspect output: {out}");
+    (
+        parts[0].to_string(),
+        parts[1].to_string(),
+        serde_json::from_str(parts[2]).expect("RootFS.Layers is a JSON list"),
+        serde_json::from_str::<Option<Vec<String>>>(parts[3])
+            .expect("RepoDigests is a JSON list")
+            .unwrap_or_default(),
+    )
+}
+
 // ---------------------------------------------------------------------------------------------
 // containerd + ctr
 // ---------------------------------------------------------------------------------------------

@@ -389,6 +389,14 @@ impl Pushed {
     pub fn manifests(&self) -> Vec<&Manifest> {
         self.image.manifests()
     }
+    /// The linux image for `architecture` (the image itself, or that child of an index).
+    pub fn platform(&self, architecture: &str) -> &Image {
+        self.image
+            .images()
+            .into_iter()
+            .find(|i| i.architecture == architecture)
+            .unwrap_or_else(|| panic!("the pushed image has no linux/{architecture} platform"))
+    }
 }
 
 /// Pushes `image` to the registry at `registry_url` (e.g. `http://127.0.0.1:5000`) as
