@@ -269,6 +269,8 @@ api_bind_addr = "127.0.0.1:{admin_port}"
             "GARAGE_ADMIN_TOKEN",
             "GARAGE_ADMIN_TOKEN_FILE",
             "GARAGE_METRICS_TOKEN",
+            "GARAGE_METRICS_TOKEN_FILE",
+            "GARAGE_ALLOW_WORLD_READABLE_SECRETS",
             "GARAGE_CONFIG_FILE",
             "GARAGE_LOG_TO_SYSLOG",
             "GARAGE_LOG_TO_JOURNALD",
