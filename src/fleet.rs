@@ -128,7 +128,11 @@ impl Fleet {
         Fleet {
             store,
             describe,
-            node: format!("{host}-{}-{:08x}", std::process::id(), rand::random::<u32>()),
+            node: format!(
+                "{host}-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            ),
             lease_ttl,
             timeout,
             up: AtomicBool::new(true),
@@ -202,8 +206,14 @@ impl Fleet {
     /// blobs, shared manifests and tags — to finish: at shutdown, and before `prefetch` exits.
     pub async fn settle(&self, limit: Duration) {
         self.tasks.close();
-        if tokio::time::timeout(limit, self.tasks.wait()).await.is_err() {
-            tracing::warn!(pending = self.tasks.len(), "gave up waiting for uploads to the shared store");
+        if tokio::time::timeout(limit, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                pending = self.tasks.len(),
+                "gave up waiting for uploads to the shared store"
+            );
         }
     }
 
@@ -320,7 +330,9 @@ impl Fleet {
                 }
                 tracing::info!(%digest, store = %self.describe, secs = started.elapsed().as_secs_f64(), "blob shared with the fleet");
             }
-            Err(e) => tracing::warn!(%digest, error = %e, "could not share the blob with the fleet"),
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "could not share the blob with the fleet")
+            }
         }
         self.uploading
             .lock()
@@ -578,7 +590,10 @@ impl BlobSource for TieredSource {
                 Some(upstream) => upstream.open(offset).await,
                 None => Err(RegistryError::new(
                     ErrorCode::BlobUnknown,
-                    format!("blob {} is not in the shared store and the mirror is offline", self.digest),
+                    format!(
+                        "blob {} is not in the shared store and the mirror is offline",
+                        self.digest
+                    ),
                 )),
             }
         })

@@ -497,9 +497,9 @@ impl Mirror {
                         true,
                     ),
                     Err(e) => {
-                *turn = Some((Instant::now(), e.clone()));
-                return self.upstream_failed(route, tag, accept, cached, e);
-            }
+                        *turn = Some((Instant::now(), e.clone()));
+                        return self.upstream_failed(route, tag, accept, cached, e);
+                    }
                 }
             }
         };
@@ -719,7 +719,10 @@ impl Mirror {
         if let Some(l) = &local {
             if l.digest == shared.digest {
                 for (k, v) in &l.variants {
-                    shared.variants.entry(k.clone()).or_insert_with(|| v.clone());
+                    shared
+                        .variants
+                        .entry(k.clone())
+                        .or_insert_with(|| v.clone());
                 }
             }
         }

@@ -12,9 +12,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use support::clients::stowage_blob_gets;
 use support::fake_upstream::{FakeUpstream, Fault};
 use support::garage::Garage;
-use support::clients::stowage_blob_gets;
 use support::images::{self, Format, Image, Pushed};
 use support::nginx::Nginx;
 use support::registry::Registry;
@@ -42,11 +42,21 @@ fn node(upstream_url: &str, storage: &str) -> Stowage {
 /// `skopeo copy` of `fleet/app:<tag>` through `node` into `out`, then a byte-level check of
 /// every file against what was pushed.
 fn pull(node: &Stowage, pushed: &Pushed, out: &Path) {
-    let src = format!("docker://{}/{}:{}", node.host_port(), pushed.name, pushed.tag);
+    let src = format!(
+        "docker://{}/{}:{}",
+        node.host_port(),
+        pushed.name,
+        pushed.tag
+    );
     let dst = format!("dir:{}", out.display());
     skopeo_ok(
         &["copy", "--preserve-digests", &src, &dst],
-        &format!("pulling {}:{} through {}", pushed.name, pushed.tag, node.url()),
+        &format!(
+            "pulling {}:{} through {}",
+            pushed.name,
+            pushed.tag,
+            node.url()
+        ),
     );
     let manifest = std::fs::read(out.join("manifest.json")).expect("manifest.json");
     assert!(
@@ -56,7 +66,12 @@ fn pull(node: &Stowage, pushed: &Pushed, out: &Path) {
     for blob in pushed.blobs() {
         let got = std::fs::read(out.join(blob.hex()))
             .unwrap_or_else(|e| panic!("blob {} missing from the copy: {e}", blob.hex()));
-        assert_eq!(sha256_hex(&got), blob.hex(), "blob {} corrupted", blob.hex());
+        assert_eq!(
+            sha256_hex(&got),
+            blob.hex(),
+            "blob {} corrupted",
+            blob.hex()
+        );
     }
 }
 
@@ -123,7 +138,11 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
         "the tag node A confirmed within manifest_ttl is a hit on node B: {during_b:#?}"
     );
     assert_eq!(
-        metric(&b, "stowage_fill_sources_total", &[("source", "object_store")]),
+        metric(
+            &b,
+            "stowage_fill_sources_total",
+            &[("source", "object_store")]
+        ),
         pushed.blobs().len() as f64,
         "every blob of node B came from the object store"
     );
@@ -137,7 +156,11 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
     let out_b2 = tempfile::tempdir().expect("tempdir");
     pull(&b, &pushed, out_b2.path());
     assert_eq!(
-        metric(&b, "stowage_fill_sources_total", &[("source", "object_store")]),
+        metric(
+            &b,
+            "stowage_fill_sources_total",
+            &[("source", "object_store")]
+        ),
         pushed.blobs().len() as f64,
         "the second pull on node B is served from its local tier"
     );
@@ -173,7 +196,11 @@ fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it
     let blob_gets = upstream.blob_gets();
     let again = tempfile::tempdir().expect("tempdir");
     pull(&a, &first, again.path());
-    assert_eq!(upstream.blob_gets(), blob_gets, "local hits need no upstream");
+    assert_eq!(
+        upstream.blob_gets(),
+        blob_gets,
+        "local hits need no upstream"
+    );
 
     // Readiness reports the fault (the node still serves: 200, degraded).
     let resp = http()
@@ -185,10 +212,15 @@ fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it
     assert_eq!(ready["object_store"]["reachable"], false, "{ready}");
     assert_eq!(ready["degraded"], true, "{ready}");
     assert!(
-        ready["object_store"]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        ready["object_store"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
         "{ready}"
     );
-    let store = ready["object_store"]["store"].as_str().unwrap_or_default().to_string();
+    let store = ready["object_store"]["store"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert_eq!(
         metric(&a, "stowage_object_store_up", &[("store", &store)]),
         0.0
@@ -205,8 +237,11 @@ fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it
     pull(&a, &second, out2.path());
     assert!(metric(&a, "stowage_object_store_fallbacks_total", &[]) >= 1.0);
     assert!(
-        metric(&a, "stowage_object_store_requests_total", &[("op", "head"), ("result", "error")])
-            >= 1.0
+        metric(
+            &a,
+            "stowage_object_store_requests_total",
+            &[("op", "head"), ("result", "error")]
+        ) >= 1.0
     );
 }
 
@@ -232,7 +267,9 @@ fn fill_lease_makes_the_second_node_wait_for_the_first_nodes_copy() {
 
     let get_a = std::thread::spawn(move || http().get(url_a).send().and_then(|r| r.bytes()));
     assert!(
-        wait_until(Duration::from_secs(30), || !upstream.blob_gets(&digest).is_empty()),
+        wait_until(Duration::from_secs(30), || !upstream
+            .blob_gets(&digest)
+            .is_empty()),
         "node A never asked the upstream"
     );
     let get_b = std::thread::spawn(move || http().get(url_b).send().and_then(|r| r.bytes()));
@@ -255,11 +292,18 @@ fn fill_lease_makes_the_second_node_wait_for_the_first_nodes_copy() {
         "one upstream transfer for the whole fleet"
     );
     assert_eq!(
-        metric(&b, "stowage_fill_sources_total", &[("source", "object_store")]),
+        metric(
+            &b,
+            "stowage_fill_sources_total",
+            &[("source", "object_store")]
+        ),
         1.0
     );
     // The lease is released once the blob is shared.
-    let lease = shared.path().join(format!("leases/sha256/{}", digest.trim_start_matches("sha256:")));
+    let lease = shared.path().join(format!(
+        "leases/sha256/{}",
+        digest.trim_start_matches("sha256:")
+    ));
     assert!(
         wait_until(SHARE_TIMEOUT, || !lease.exists()),
         "node A's fill lease was never released"
@@ -290,12 +334,18 @@ fn a_damaged_shared_blob_is_rejected_removed_and_replaced_from_the_upstream() {
         first.map(|b| sha256_hex(&b) != hex).unwrap_or(true),
         "damaged bytes must never arrive as a clean, complete body"
     );
-    assert!(upstream.blob_gets(&digest).is_empty(), "the shared copy was tried first");
+    assert!(
+        upstream.blob_gets(&digest).is_empty(),
+        "the shared copy was tried first"
+    );
     assert!(
         wait_until(Duration::from_secs(30), || !object.exists()),
         "the damaged shared object was not removed"
     );
-    assert!(a.blob_files().is_empty(), "nothing unverified is committed locally");
+    assert!(
+        a.blob_files().is_empty(),
+        "nothing unverified is committed locally"
+    );
 
     let second = http()
         .get(&url)
@@ -323,7 +373,10 @@ fn the_documented_nginx_setup_sends_each_digest_to_one_node() {
         &upstream.url(),
         "fleet/app",
         "v1",
-        Image::build(Format::Oci, &[1024, 2048, 512 * 1024, 1024 * 1024, 3 * 1024 * 1024]),
+        Image::build(
+            Format::Oci,
+            &[1024, 2048, 512 * 1024, 1024 * 1024, 3 * 1024 * 1024],
+        ),
     );
     let a = node(&upstream.url(), "");
     let b = node(&upstream.url(), "");
@@ -336,7 +389,10 @@ fn the_documented_nginx_setup_sends_each_digest_to_one_node() {
             std::thread::spawn(move || {
                 let out = tempfile::tempdir().expect("tempdir");
                 let dst = format!("dir:{}", out.path().display());
-                skopeo_ok(&["copy", "--preserve-digests", &src, &dst], "pulling through nginx");
+                skopeo_ok(
+                    &["copy", "--preserve-digests", &src, &dst],
+                    "pulling through nginx",
+                );
                 out
             })
         })

@@ -57,7 +57,10 @@ impl Nginx {
             http.push_str(line);
             http.push('\n');
         }
-        assert!(servers_done, "README's nginx block has no `server ...:5000` lines");
+        assert!(
+            servers_done,
+            "README's nginx block has no `server ...:5000` lines"
+        );
         let d = dir.path().display();
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\n\
