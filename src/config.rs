@@ -694,9 +694,12 @@ fn shared_store_config(
     if timeout.is_zero() {
         return Err(invalid("storage.object_store_timeout", "must be above 0"));
     }
-    let fill_lease_ttl =
-        parse_duration(raw.fill_lease_ttl.as_deref().unwrap_or(DEFAULT_FILL_LEASE_TTL))
-            .map_err(|m| invalid("storage.fill_lease_ttl", m))?;
+    let fill_lease_ttl = parse_duration(
+        raw.fill_lease_ttl
+            .as_deref()
+            .unwrap_or(DEFAULT_FILL_LEASE_TTL),
+    )
+    .map_err(|m| invalid("storage.fill_lease_ttl", m))?;
     if fill_lease_ttl.is_zero() {
         return Err(invalid("storage.fill_lease_ttl", "must be above 0"));
     }
@@ -842,8 +845,12 @@ fn store_prefix(value: Option<String>, key: &str) -> Result<String, ConfigError>
     if trimmed.is_empty() {
         return Ok(String::new());
     }
-    crate::store::validate_key(trimmed)
-        .map_err(|_| invalid(key, format!("{text:?} is not a relative path like \"mirror/\"")))?;
+    crate::store::validate_key(trimmed).map_err(|_| {
+        invalid(
+            key,
+            format!("{text:?} is not a relative path like \"mirror/\""),
+        )
+    })?;
     Ok(format!("{trimmed}/"))
 }
 
@@ -1357,12 +1364,18 @@ mod tests {
         assert_eq!(s3.region.as_deref(), Some("garage"));
         assert_eq!(s3.prefix, "mirror/");
         assert_eq!(s3.access_key_id.as_deref(), Some("GK1"));
-        assert_eq!(s3.secret_access_key.as_ref().map(Secret::expose), Some("hush"));
+        assert_eq!(
+            s3.secret_access_key.as_ref().map(Secret::expose),
+            Some("hush")
+        );
         assert!(s3.path_style, "an endpoint implies path-style by default");
-        assert!(!format!("{shared:?}").contains("hush"), "Debug shows the secret");
+        assert!(
+            !format!("{shared:?}").contains("hush"),
+            "Debug shows the secret"
+        );
 
-        let aws = Config::from_toml("[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"")
-            .unwrap();
+        let aws =
+            Config::from_toml("[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"").unwrap();
         let Some(SharedStoreConfig {
             kind: SharedStoreKind::S3(s3),
             ..
@@ -1401,7 +1414,11 @@ mod tests {
             panic!("not azure")
         };
         assert_eq!(
-            (az.account.as_str(), az.container.as_str(), az.prefix.as_str()),
+            (
+                az.account.as_str(),
+                az.container.as_str(),
+                az.prefix.as_str()
+            ),
             ("devstoreaccount1", "stowage", "a/b/")
         );
         assert_eq!(

@@ -7,6 +7,8 @@
 //!   formats) built in memory and pushed with the plain v2 push API;
 //! - [`stowage`]: the mirror under test, started from the built binary on an ephemeral port;
 //! - [`scrape`]: stowage's `/metrics` parsed, for exact counter assertions;
+//! - [`garage`]: a real S3-compatible object store (a Garage cluster on loopback) for the shared
+//!   store of a fleet;
 //! - small helpers below: free ports, polling, hashing, a hermetic `skopeo` wrapper, and a raw
 //!   HTTP/1.1 client for paths that `reqwest` would normalise.
 //!
@@ -16,6 +18,7 @@
 
 pub mod clients;
 pub mod fake_upstream;
+pub mod garage;
 pub mod images;
 pub mod registry;
 pub mod scrape;
