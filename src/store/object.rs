@@ -24,10 +24,11 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
-    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+    BackoffConfig, ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore,
+    ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 use tokio::io::AsyncReadExt;
+use tokio::task::JoinSet;
 
 use super::{
     validate_key, validate_prefix, BlobStore, Created, ObjectInfo, StoreError, StoreFuture,
@@ -343,46 +344,29 @@ impl ObjectBackend {
             .bounded(self.timeout, key, self.store.put_multipart(&loc))
             .await?
             .map_err(classify)?;
-        let mut guard = AbortOnDrop {
-            writer: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
+        let mut upload = Multipart {
+            upload: Some(upload),
+            parts: JoinSet::new(),
             key: key.to_owned(),
             timeout: self.timeout,
         };
+        // One part may take this long once the queue is full (they share the link).
         let part_bound = self.transfer_bound(PART_SIZE * PARTS_IN_FLIGHT);
         let result = async {
+            upload.send(first, PARTS_IN_FLIGHT, part_bound).await?;
             let mut next = second;
-            guard.writer()?.put(first);
             while !next.is_empty() {
-                let writer = guard.writer()?;
-                writer.put(next);
-                self.bounded(
-                    part_bound,
-                    key,
-                    writer.wait_for_capacity(PARTS_IN_FLIGHT - 1),
-                )
-                .await?
-                .map_err(classify)?;
+                upload.send(next, PARTS_IN_FLIGHT, part_bound).await?;
                 next = read_part(&mut file).await?;
             }
-            let writer = guard.writer()?;
-            self.bounded(part_bound, key, writer.wait_for_capacity(0))
-                .await?
-                .map_err(classify)?;
-            Ok::<(), StoreError>(())
+            upload.drain(part_bound).await?;
+            upload.complete(self.transfer_bound(0)).await
         }
         .await;
-        if let Err(e) = result {
-            guard.abort().await;
-            return Err(e);
+        if result.is_err() {
+            upload.abort().await;
         }
-        let writer = guard.take()?;
-        // `finish` only completes now (every part is up) and aborts itself if that fails. If the
-        // bound passes mid-complete, the upload may be left incomplete — never visible; a
-        // bucket lifecycle rule for incomplete uploads reclaims it.
-        self.bounded(self.transfer_bound(0), key, writer.finish())
-            .await?
-            .map_err(classify)?;
-        Ok(())
+        result
     }
 
     /// Probes once whether `PutMode::Create` refuses to overwrite.
@@ -555,44 +539,98 @@ impl BlobStore for ObjectBackend {
     }
 }
 
-/// Owns a multipart upload until it is finished; aborts it when an error or a dropped future
-/// leaves it behind.
-struct AbortOnDrop {
-    writer: Option<WriteMultipart>,
+/// A multipart upload in progress: its parts upload in tasks of their own (so they progress
+/// while the next part is read), at most a few at a time. Whatever ends it early — an error, or
+/// the owning future being dropped — aborts it; only [`complete`](Self::complete) makes the
+/// object visible.
+struct Multipart {
+    upload: Option<Box<dyn MultipartUpload>>,
+    parts: JoinSet<object_store::Result<()>>,
     key: String,
     timeout: Duration,
 }
 
-impl AbortOnDrop {
-    fn writer(&mut self) -> Result<&mut WriteMultipart, StoreError> {
-        self.writer
+impl Multipart {
+    fn upload(&mut self) -> Result<&mut Box<dyn MultipartUpload>, StoreError> {
+        self.upload
             .as_mut()
-            .ok_or_else(|| StoreError::Refused("multipart upload already finished".into()))
+            .ok_or_else(|| StoreError::Refused("multipart upload already ended".into()))
     }
 
-    fn take(&mut self) -> Result<WriteMultipart, StoreError> {
-        self.writer
-            .take()
-            .ok_or_else(|| StoreError::Refused("multipart upload already finished".into()))
+    /// Starts uploading `part` once fewer than `in_flight` parts are under way.
+    async fn send(
+        &mut self,
+        part: Bytes,
+        in_flight: usize,
+        bound: Duration,
+    ) -> Result<(), StoreError> {
+        while self.parts.len() >= in_flight {
+            self.join_one(bound).await?;
+        }
+        let upload = self.upload()?.put_part(PutPayload::from_bytes(part));
+        self.parts.spawn(upload);
+        Ok(())
     }
 
-    /// Aborts now (bounded), logging a failure: the upload stays incomplete, never visible.
+    /// Waits for every part under way.
+    async fn drain(&mut self, bound: Duration) -> Result<(), StoreError> {
+        while !self.parts.is_empty() {
+            self.join_one(bound).await?;
+        }
+        Ok(())
+    }
+
+    async fn join_one(&mut self, bound: Duration) -> Result<(), StoreError> {
+        let joined = tokio::time::timeout(bound, self.parts.join_next())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "{}: no part of the upload finished within {bound:?}",
+                    self.key
+                ))
+            })?;
+        match joined {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(classify(e)),
+            Some(Err(e)) => Err(StoreError::Unavailable(format!(
+                "{}: part upload task failed: {e}",
+                self.key
+            ))),
+        }
+    }
+
+    /// Completes the upload: the object appears, whole.
+    async fn complete(&mut self, bound: Duration) -> Result<(), StoreError> {
+        let key = self.key.clone();
+        let done = tokio::time::timeout(bound, self.upload()?.complete())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("{key}: completing the upload timed out"))
+            })?;
+        done.map_err(classify)?;
+        self.upload = None;
+        Ok(())
+    }
+
+    /// Aborts now (bounded): stops the part tasks and discards the uploaded parts.
     async fn abort(&mut self) {
-        if let Some(writer) = self.writer.take() {
-            abort_upload(writer, self.key.clone(), self.timeout).await;
+        self.parts.abort_all();
+        if let Some(upload) = self.upload.take() {
+            abort_upload(upload, std::mem::take(&mut self.key), self.timeout).await;
         }
     }
 }
 
-impl Drop for AbortOnDrop {
+impl Drop for Multipart {
     fn drop(&mut self) {
-        let Some(writer) = self.writer.take() else {
+        // The part tasks are aborted by the JoinSet's own drop.
+        let Some(upload) = self.upload.take() else {
             return;
         };
         let key = std::mem::take(&mut self.key);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(abort_upload(writer, key, self.timeout));
+                handle.spawn(abort_upload(upload, key, self.timeout));
             }
             Err(_) => tracing::warn!(
                 key,
@@ -602,12 +640,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn abort_upload(writer: WriteMultipart, key: String, timeout: Duration) {
-    match tokio::time::timeout(timeout, writer.abort()).await {
+async fn abort_upload(mut upload: Box<dyn MultipartUpload>, key: String, timeout: Duration) {
+    match tokio::time::timeout(timeout, upload.abort()).await {
         Ok(Ok(())) => tracing::debug!(key, "multipart upload aborted"),
-        Ok(Err(e)) => {
-            tracing::warn!(key, error = %e, "aborting a multipart upload failed; it stays incomplete (never visible)")
-        }
+        Ok(Err(e)) => tracing::warn!(
+            key,
+            error = %e,
+            "aborting a multipart upload failed; it stays incomplete (never visible)"
+        ),
         Err(_) => tracing::warn!(
             key,
             "aborting a multipart upload timed out; it stays incomplete (never visible)"
