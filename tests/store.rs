@@ -84,6 +84,36 @@ async fn garage_backend_passes_the_suite() {
     let scratch = tempfile::tempdir().unwrap();
     backend_suite(store.clone(), scratch.path()).await;
 
+    // The interrupted upload was dropped mid-multipart (parts had gone up) and aborted, never
+    // completed. The abort runs in a task of its own: wait for its request to arrive.
+    let interrupted = "/stowage/suite/interrupted/blob?";
+    let requests = |garage: &Garage| -> Vec<String> {
+        garage
+            .s3_requests(0)
+            .into_iter()
+            .filter(|r| r.contains(interrupted))
+            .collect()
+    };
+    let aborted = support::wait_until(Duration::from_secs(30), || {
+        requests(&garage)
+            .iter()
+            .any(|r| r.starts_with("DELETE ") && r.contains("uploadId="))
+    });
+    let seen = requests(&garage);
+    assert!(aborted, "no AbortMultipartUpload: {seen:#?}");
+    eprintln!("requests for the interrupted upload: {seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("PUT ") && r.contains("partNumber=")),
+        "no part was uploaded before the drop: {seen:#?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.starts_with("POST ") && r.contains("uploadId=")),
+        "the interrupted upload was completed: {seen:#?}"
+    );
+
     // Everything the suite wrote stays below the prefix: a store without one sees it there.
     let unprefixed = stowage::store::open(&garage.shared_store_config("", cfg.timeout)).unwrap();
     let all = unprefixed.list("").await.unwrap();

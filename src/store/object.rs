@@ -329,6 +329,7 @@ impl ObjectBackend {
     async fn put_file_impl(&self, key: &str, path: &std::path::Path) -> Result<(), StoreError> {
         let loc = self.location(key)?;
         let mut file = tokio::fs::File::open(path).await?;
+        let file_size = file.metadata().await?.len();
         // Read ahead one part (and one more) to choose between a plain put and multipart; this
         // works for sources whose size is not known up front, too.
         let first = read_part(&mut file).await?;
@@ -349,6 +350,7 @@ impl ObjectBackend {
             parts: JoinSet::new(),
             key: key.to_owned(),
             timeout: self.timeout,
+            superseded: false,
         };
         // One part may take this long once the queue is full (they share the link).
         let part_bound = self.transfer_bound(PART_SIZE * PARTS_IN_FLIGHT);
@@ -363,10 +365,25 @@ impl ObjectBackend {
             upload.complete(self.transfer_bound(0)).await
         }
         .await;
-        if result.is_err() {
-            upload.abort().await;
+        let Err(e) = result else {
+            return Ok(());
+        };
+        if upload.superseded {
+            // Garage drops an upload in progress when a newer version of its key completes: a
+            // concurrent writer of this key finished first. Concurrent writers of a key write
+            // the same content (the `put_file` contract; blob keys are content addresses), so
+            // an object of our size there now is our object.
+            upload.upload = None;
+            if file_size > 0 && self.head_impl(key).await.ok().flatten() == Some(file_size) {
+                tracing::debug!(
+                    key,
+                    "upload superseded by a concurrent writer of the same key"
+                );
+                return Ok(());
+            }
         }
-        result
+        upload.abort().await;
+        Err(e)
     }
 
     /// Probes once whether `PutMode::Create` refuses to overwrite.
@@ -548,6 +565,8 @@ struct Multipart {
     parts: JoinSet<object_store::Result<()>>,
     key: String,
     timeout: Duration,
+    /// The store dropped the upload (see [`upload_error`](Self::upload_error)).
+    superseded: bool,
 }
 
 impl Multipart {
@@ -591,7 +610,7 @@ impl Multipart {
             })?;
         match joined {
             None | Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(classify(e)),
+            Some(Ok(Err(e))) => Err(self.upload_error(e)),
             Some(Err(e)) => Err(StoreError::Unavailable(format!(
                 "{}: part upload task failed: {e}",
                 self.key
@@ -607,9 +626,21 @@ impl Multipart {
             .map_err(|_| {
                 StoreError::Unavailable(format!("{key}: completing the upload timed out"))
             })?;
-        done.map_err(classify)?;
+        done.map_err(|e| self.upload_error(e))?;
         self.upload = None;
         Ok(())
+    }
+
+    /// Notes whether the error says the upload was dropped by the store: `NoSuchUpload` (404)
+    /// for a part or the completion, or `InvalidPart` for a completion whose parts the store
+    /// already discarded — what Garage answers when a concurrent upload of the key finished.
+    fn upload_error(&mut self, e: object_store::Error) -> StoreError {
+        let gone = matches!(e, object_store::Error::NotFound { .. }) || {
+            let message = e.to_string();
+            message.contains("NoSuchUpload") || message.contains("InvalidPart")
+        };
+        self.superseded |= gone;
+        classify(e)
     }
 
     /// Aborts now (bounded): stops the part tasks and discards the uploaded parts.

@@ -195,6 +195,19 @@ impl Garage {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
     }
 
+    /// The S3 requests node `i` received so far, as `"METHOD /bucket/key?query"`, from its log
+    /// (Garage logs each one when it arrives).
+    pub fn s3_requests(&self, i: usize) -> Vec<String> {
+        self.log(i)
+            .lines()
+            .filter(|l| l.contains("generic_server"))
+            .filter_map(|l| {
+                let after_key = &l[l.find("(key ")?..];
+                Some(after_key[after_key.find(") ")? + 2..].trim().to_string())
+            })
+            .collect()
+    }
+
     /// The cluster's temp dir (configs, metadata, data, logs).
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -250,7 +263,8 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         let child = self
             .command(i)
             .arg("server")
-            .env("RUST_LOG", "garage=info,garage_api_s3=info")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone garage log handle"))
             .stderr(log)
@@ -269,6 +283,8 @@ api_bind_addr = "127.0.0.1:{admin_port}"
             "GARAGE_ADMIN_TOKEN",
             "GARAGE_ADMIN_TOKEN_FILE",
             "GARAGE_METRICS_TOKEN",
+            "GARAGE_METRICS_TOKEN_FILE",
+            "GARAGE_ALLOW_WORLD_READABLE_SECRETS",
             "GARAGE_CONFIG_FILE",
             "GARAGE_LOG_TO_SYSLOG",
             "GARAGE_LOG_TO_JOURNALD",
