@@ -9,7 +9,9 @@
 //!   an allowance for a slow link ([`MIN_RATE`]) — so a dead store costs seconds, not minutes;
 //! - **uploads that are whole or absent**: files above [`PART_SIZE`] go up as a multipart upload,
 //!   aborted on any error and also when the `put_file` future is dropped; only the final
-//!   `CompleteMultipartUpload` makes the object visible;
+//!   `CompleteMultipartUpload` makes the object visible. Garage drops an upload in progress when
+//!   another upload of the same key completes; concurrent writers of a key write the same
+//!   content, so that counts as success once the other writer's object (of our size) is there;
 //! - **an honest conditional create**: some S3 servers (Garage 2.5) accept `If-None-Match: *` and
 //!   overwrite anyway. The first `create` probes that once (two creates of a scratch key); a
 //!   store that overwrote answers [`Created::Unsupported`] from then on, without writing;
@@ -272,13 +274,13 @@ impl ObjectBackend {
                 )))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            // An offset at or past the end is a 416; the size tells which of the two it was.
-            Err(e) if offset > 0 => match self.empty_at(key, offset).await {
-                Ok(found) => Ok(found),
-                Err(StoreError::Refused(why)) if why.contains("beyond the end") => {
-                    Err(StoreError::Refused(why))
-                }
-                Err(_) => Err(classify(e)),
+            // An offset at or past the end is a 416; the size tells which of the two it was
+            // (or that the failure had another cause).
+            Err(e) if offset > 0 => match self.head_impl(key).await {
+                Ok(None) => Ok(None),
+                Ok(Some(size)) if offset == size => Ok(Some((size, empty_stream()))),
+                Ok(Some(size)) if offset > size => Err(beyond_end(key, offset, size)),
+                _ => Err(classify(e)),
             },
             Err(e) => Err(classify(e)),
         }
@@ -294,12 +296,9 @@ impl ObjectBackend {
             return Ok(None);
         };
         if offset > size {
-            return Err(StoreError::Refused(format!(
-                "{key}: offset {offset} is beyond the end ({size} bytes)"
-            )));
+            return Err(beyond_end(key, offset, size));
         }
-        let empty: ByteStream = Box::pin(futures_util::stream::empty());
-        Ok(Some((size, empty)))
+        Ok(Some((size, empty_stream())))
     }
 
     async fn get_bytes_impl(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
@@ -692,6 +691,16 @@ async fn read_part(file: &mut tokio::fs::File) -> Result<Bytes, StoreError> {
     let mut limited = file.take(PART_SIZE as u64);
     while limited.read_buf(&mut buf).await? > 0 {}
     Ok(buf.freeze())
+}
+
+fn empty_stream() -> ByteStream {
+    Box::pin(futures_util::stream::empty())
+}
+
+fn beyond_end(key: &str, offset: u64, size: u64) -> StoreError {
+    StoreError::Refused(format!(
+        "{key}: offset {offset} is beyond the end ({size} bytes)"
+    ))
 }
 
 /// A response body whose every chunk must arrive within `idle`.
