@@ -917,6 +917,71 @@ mod tests {
         assert!(ObjectBackend::new(&dir).is_err());
     }
 
+    /// An S3 endpoint that hangs: `HEAD` is never answered; `GET` answers 10 of 100 bytes and
+    /// then goes silent, holding the connection open.
+    async fn hanging_s3() -> u16 {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if head.starts_with(b"GET ") {
+                        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"e\"\r\n\
+                                      Last-Modified: Mon, 23 Nov 2026 10:00:00 GMT\r\n\r\n0123456789";
+                        let _ = conn.write_all(answer.as_bytes()).await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(600)).await;
+                    drop(conn);
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_hanging_store_is_bounded_per_request_and_per_chunk() {
+        let port = hanging_s3().await;
+        let cfg = SharedStoreConfig {
+            kind: SharedStoreKind::S3(S3StoreConfig {
+                bucket: "b".into(),
+                endpoint: Some(format!("http://127.0.0.1:{port}")),
+                region: Some("r".into()),
+                prefix: String::new(),
+                access_key_id: Some("k".into()),
+                secret_access_key: Some(Secret::new("s")),
+                path_style: true,
+            }),
+            timeout: Duration::from_secs(1),
+            fill_lease_ttl: Duration::from_secs(60),
+        };
+        let store = ObjectBackend::new(&cfg).unwrap();
+        let err = store.head("k").await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+
+        let (size, mut stream) = store.get("k", 0, None).await.unwrap().unwrap();
+        assert_eq!(size, 100);
+        let first = stream.next().await.unwrap().unwrap();
+        assert_eq!(first, "0123456789");
+        let stalled = stream.next().await.unwrap().unwrap_err();
+        assert_eq!(stalled.kind(), std::io::ErrorKind::TimedOut, "{stalled}");
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends after the error"
+        );
+    }
+
     #[tokio::test]
     async fn a_dead_endpoint_fails_fast_as_unavailable() {
         // A port nobody listens on: connection refused, retried twice, then Unavailable.
