@@ -125,7 +125,7 @@ async fn garage_backend_passes_the_suite() {
     );
 
     // A stopped store fails fast and says it is unavailable.
-    tokio::task::spawn_blocking(move || {
+    let mut garage = tokio::task::spawn_blocking(move || {
         garage.stop_all();
         garage
     })
@@ -144,6 +144,31 @@ async fn garage_backend_passes_the_suite() {
         "a dead store took {:?} to report",
         started.elapsed()
     );
+
+    // Restarted, the cluster serves what it stored before.
+    let garage = tokio::task::spawn_blocking(move || {
+        for i in 0..3 {
+            garage.restart_node(i);
+        }
+        garage
+    })
+    .await
+    .unwrap();
+    let back = support::wait_until(Duration::from_secs(60), || {
+        let store = store.clone();
+        let got = std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(store.get_bytes("bytes/manifest"))
+        })
+        .join()
+        .unwrap();
+        matches!(got, Ok(Some(b)) if b == "version two")
+    });
+    assert!(back, "the restarted cluster lost bytes/manifest");
+    drop(garage);
 }
 
 /// Every case, each in its own namespace (`<case>/...`).

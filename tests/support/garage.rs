@@ -182,6 +182,48 @@ impl Garage {
         }
     }
 
+    /// Starts node `i` again (after [`stop_node`](Self::stop_node) or [`stop_all`](Self::stop_all))
+    /// with its config, ports and data, waits until its admin API answers `/health` (with any
+    /// status: alone, a restarted node has no quorum), and connects it to every running node
+    /// (Garage would reconnect by itself, but only after its retry backoff).
+    pub fn restart_node(&mut self, i: usize) {
+        self.stop_node(i);
+        self.spawn_node(i);
+        let client = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("garage health client");
+        let url = format!("http://127.0.0.1:{}/health", self.nodes[i].admin_port);
+        let up = wait_until(CLUSTER_TIMEOUT, || client.get(&url).send().is_ok());
+        if !up {
+            self.fail(&format!(
+                "garage node {i} did not come back ({url} never answered)"
+            ));
+        }
+        for j in 0..self.nodes.len() {
+            if j == i || !self.is_running(j) {
+                continue;
+            }
+            let peer = self.nodes[j].id.clone();
+            let mut last = String::new();
+            let connected = wait_until(CLUSTER_TIMEOUT, || {
+                match self.cli(i, &["node", "connect", &peer]) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        last = e;
+                        false
+                    }
+                }
+            });
+            if !connected {
+                self.fail(&format!(
+                    "restarted node {i} cannot connect to node {j}: {last}"
+                ));
+            }
+        }
+    }
+
     /// Whether node `i` is still running.
     pub fn is_running(&mut self, i: usize) -> bool {
         matches!(
