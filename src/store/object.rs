@@ -917,6 +917,24 @@ mod tests {
         assert!(ObjectBackend::new(&dir).is_err());
     }
 
+    /// A backend for an S3 endpoint on a local port.
+    fn local_s3(port: u16, timeout: Duration) -> ObjectBackend {
+        let cfg = SharedStoreConfig {
+            kind: SharedStoreKind::S3(S3StoreConfig {
+                bucket: "b".into(),
+                endpoint: Some(format!("http://127.0.0.1:{port}")),
+                region: Some("r".into()),
+                prefix: String::new(),
+                access_key_id: Some("k".into()),
+                secret_access_key: Some(Secret::new("s")),
+                path_style: true,
+            }),
+            timeout,
+            fill_lease_ttl: Duration::from_secs(60),
+        };
+        ObjectBackend::new(&cfg).unwrap()
+    }
+
     /// An S3 endpoint that hangs: `HEAD` is never answered; `GET` answers 10 of 100 bytes and
     /// then goes silent, holding the connection open.
     async fn hanging_s3() -> u16 {
@@ -953,20 +971,7 @@ mod tests {
     #[tokio::test]
     async fn a_hanging_store_is_bounded_per_request_and_per_chunk() {
         let port = hanging_s3().await;
-        let cfg = SharedStoreConfig {
-            kind: SharedStoreKind::S3(S3StoreConfig {
-                bucket: "b".into(),
-                endpoint: Some(format!("http://127.0.0.1:{port}")),
-                region: Some("r".into()),
-                prefix: String::new(),
-                access_key_id: Some("k".into()),
-                secret_access_key: Some(Secret::new("s")),
-                path_style: true,
-            }),
-            timeout: Duration::from_secs(1),
-            fill_lease_ttl: Duration::from_secs(60),
-        };
-        let store = ObjectBackend::new(&cfg).unwrap();
+        let store = local_s3(port, Duration::from_secs(1));
         let err = store.head("k").await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
 
@@ -996,20 +1001,7 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let cfg = SharedStoreConfig {
-            kind: SharedStoreKind::S3(S3StoreConfig {
-                bucket: "b".into(),
-                endpoint: Some(format!("http://127.0.0.1:{port}")),
-                region: Some("r".into()),
-                prefix: String::new(),
-                access_key_id: Some("k".into()),
-                secret_access_key: Some(Secret::new("s")),
-                path_style: true,
-            }),
-            timeout: Duration::from_secs(2),
-            fill_lease_ttl: Duration::from_secs(60),
-        };
-        let store = ObjectBackend::new(&cfg).unwrap();
+        let store = local_s3(port, Duration::from_secs(2));
         let started = std::time::Instant::now();
         let err = store.head("x").await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
