@@ -68,9 +68,10 @@
 //! results in `BENCHMARKS.md`).
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
-//! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, and an
-//! in-process fake upstream for faults a real registry cannot produce). `tests/fuzz.rs` is the
-//! proptest suite for every parser that sees client input.
+//! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, an
+//! in-process fake upstream for faults a real registry cannot produce, and a Garage cluster as the
+//! fleet's S3 store). `tests/fuzz.rs` is the proptest suite for every parser that sees client
+//! input; `tests/store.rs` the suite every blob-store backend passes.
 
 pub mod admin;
 pub mod airgap;

@@ -9,7 +9,9 @@
 //!   an allowance for a slow link ([`MIN_RATE`]) — so a dead store costs seconds, not minutes;
 //! - **uploads that are whole or absent**: files above [`PART_SIZE`] go up as a multipart upload,
 //!   aborted on any error and also when the `put_file` future is dropped; only the final
-//!   `CompleteMultipartUpload` makes the object visible;
+//!   `CompleteMultipartUpload` makes the object visible. Garage drops an upload in progress when
+//!   another upload of the same key completes; concurrent writers of a key write the same
+//!   content, so that counts as success once the other writer's object (of our size) is there;
 //! - **an honest conditional create**: some S3 servers (Garage 2.5) accept `If-None-Match: *` and
 //!   overwrite anyway. The first `create` probes that once (two creates of a scratch key); a
 //!   store that overwrote answers [`Created::Unsupported`] from then on, without writing;
@@ -24,10 +26,11 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode,
-    PutOptions, PutPayload, RetryConfig, WriteMultipart,
+    BackoffConfig, ClientOptions, GetOptions, GetRange, MultipartUpload, ObjectStore,
+    ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
 };
 use tokio::io::AsyncReadExt;
+use tokio::task::JoinSet;
 
 use super::{
     validate_key, validate_prefix, BlobStore, Created, ObjectInfo, StoreError, StoreFuture,
@@ -271,13 +274,13 @@ impl ObjectBackend {
                 )))
             }
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            // An offset at or past the end is a 416; the size tells which of the two it was.
-            Err(e) if offset > 0 => match self.empty_at(key, offset).await {
-                Ok(found) => Ok(found),
-                Err(StoreError::Refused(why)) if why.contains("beyond the end") => {
-                    Err(StoreError::Refused(why))
-                }
-                Err(_) => Err(classify(e)),
+            // An offset at or past the end is a 416; the size tells which of the two it was
+            // (or that the failure had another cause).
+            Err(e) if offset > 0 => match self.head_impl(key).await {
+                Ok(None) => Ok(None),
+                Ok(Some(size)) if offset == size => Ok(Some((size, empty_stream()))),
+                Ok(Some(size)) if offset > size => Err(beyond_end(key, offset, size)),
+                _ => Err(classify(e)),
             },
             Err(e) => Err(classify(e)),
         }
@@ -293,12 +296,9 @@ impl ObjectBackend {
             return Ok(None);
         };
         if offset > size {
-            return Err(StoreError::Refused(format!(
-                "{key}: offset {offset} is beyond the end ({size} bytes)"
-            )));
+            return Err(beyond_end(key, offset, size));
         }
-        let empty: ByteStream = Box::pin(futures_util::stream::empty());
-        Ok(Some((size, empty)))
+        Ok(Some((size, empty_stream())))
     }
 
     async fn get_bytes_impl(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
@@ -328,6 +328,7 @@ impl ObjectBackend {
     async fn put_file_impl(&self, key: &str, path: &std::path::Path) -> Result<(), StoreError> {
         let loc = self.location(key)?;
         let mut file = tokio::fs::File::open(path).await?;
+        let file_size = file.metadata().await?.len();
         // Read ahead one part (and one more) to choose between a plain put and multipart; this
         // works for sources whose size is not known up front, too.
         let first = read_part(&mut file).await?;
@@ -343,46 +344,45 @@ impl ObjectBackend {
             .bounded(self.timeout, key, self.store.put_multipart(&loc))
             .await?
             .map_err(classify)?;
-        let mut guard = AbortOnDrop {
-            writer: Some(WriteMultipart::new_with_chunk_size(upload, PART_SIZE)),
+        let mut upload = Multipart {
+            upload: Some(upload),
+            parts: JoinSet::new(),
             key: key.to_owned(),
             timeout: self.timeout,
+            superseded: false,
         };
+        // One part may take this long once the queue is full (they share the link).
         let part_bound = self.transfer_bound(PART_SIZE * PARTS_IN_FLIGHT);
         let result = async {
+            upload.send(first, PARTS_IN_FLIGHT, part_bound).await?;
             let mut next = second;
-            guard.writer()?.put(first);
             while !next.is_empty() {
-                let writer = guard.writer()?;
-                writer.put(next);
-                self.bounded(
-                    part_bound,
-                    key,
-                    writer.wait_for_capacity(PARTS_IN_FLIGHT - 1),
-                )
-                .await?
-                .map_err(classify)?;
+                upload.send(next, PARTS_IN_FLIGHT, part_bound).await?;
                 next = read_part(&mut file).await?;
             }
-            let writer = guard.writer()?;
-            self.bounded(part_bound, key, writer.wait_for_capacity(0))
-                .await?
-                .map_err(classify)?;
-            Ok::<(), StoreError>(())
+            upload.drain(part_bound).await?;
+            upload.complete(self.transfer_bound(0)).await
         }
         .await;
-        if let Err(e) = result {
-            guard.abort().await;
-            return Err(e);
+        let Err(e) = result else {
+            return Ok(());
+        };
+        if upload.superseded {
+            // Garage drops an upload in progress when a newer version of its key completes: a
+            // concurrent writer of this key finished first. Concurrent writers of a key write
+            // the same content (the `put_file` contract; blob keys are content addresses), so
+            // an object of our size there now is our object.
+            upload.upload = None;
+            if file_size > 0 && self.head_impl(key).await.ok().flatten() == Some(file_size) {
+                tracing::debug!(
+                    key,
+                    "upload superseded by a concurrent writer of the same key"
+                );
+                return Ok(());
+            }
         }
-        let writer = guard.take()?;
-        // `finish` only completes now (every part is up) and aborts itself if that fails. If the
-        // bound passes mid-complete, the upload may be left incomplete — never visible; a
-        // bucket lifecycle rule for incomplete uploads reclaims it.
-        self.bounded(self.transfer_bound(0), key, writer.finish())
-            .await?
-            .map_err(classify)?;
-        Ok(())
+        upload.abort().await;
+        Err(e)
     }
 
     /// Probes once whether `PutMode::Create` refuses to overwrite.
@@ -555,44 +555,112 @@ impl BlobStore for ObjectBackend {
     }
 }
 
-/// Owns a multipart upload until it is finished; aborts it when an error or a dropped future
-/// leaves it behind.
-struct AbortOnDrop {
-    writer: Option<WriteMultipart>,
+/// A multipart upload in progress: its parts upload in tasks of their own (so they progress
+/// while the next part is read), at most a few at a time. Whatever ends it early — an error, or
+/// the owning future being dropped — aborts it; only [`complete`](Self::complete) makes the
+/// object visible.
+struct Multipart {
+    upload: Option<Box<dyn MultipartUpload>>,
+    parts: JoinSet<object_store::Result<()>>,
     key: String,
     timeout: Duration,
+    /// The store dropped the upload (see [`upload_error`](Self::upload_error)).
+    superseded: bool,
 }
 
-impl AbortOnDrop {
-    fn writer(&mut self) -> Result<&mut WriteMultipart, StoreError> {
-        self.writer
+impl Multipart {
+    fn upload(&mut self) -> Result<&mut Box<dyn MultipartUpload>, StoreError> {
+        self.upload
             .as_mut()
-            .ok_or_else(|| StoreError::Refused("multipart upload already finished".into()))
+            .ok_or_else(|| StoreError::Refused("multipart upload already ended".into()))
     }
 
-    fn take(&mut self) -> Result<WriteMultipart, StoreError> {
-        self.writer
-            .take()
-            .ok_or_else(|| StoreError::Refused("multipart upload already finished".into()))
+    /// Starts uploading `part` once fewer than `in_flight` parts are under way.
+    async fn send(
+        &mut self,
+        part: Bytes,
+        in_flight: usize,
+        bound: Duration,
+    ) -> Result<(), StoreError> {
+        while self.parts.len() >= in_flight {
+            self.join_one(bound).await?;
+        }
+        let upload = self.upload()?.put_part(PutPayload::from_bytes(part));
+        self.parts.spawn(upload);
+        Ok(())
     }
 
-    /// Aborts now (bounded), logging a failure: the upload stays incomplete, never visible.
+    /// Waits for every part under way.
+    async fn drain(&mut self, bound: Duration) -> Result<(), StoreError> {
+        while !self.parts.is_empty() {
+            self.join_one(bound).await?;
+        }
+        Ok(())
+    }
+
+    async fn join_one(&mut self, bound: Duration) -> Result<(), StoreError> {
+        let joined = tokio::time::timeout(bound, self.parts.join_next())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "{}: no part of the upload finished within {bound:?}",
+                    self.key
+                ))
+            })?;
+        match joined {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(self.upload_error(e)),
+            Some(Err(e)) => Err(StoreError::Unavailable(format!(
+                "{}: part upload task failed: {e}",
+                self.key
+            ))),
+        }
+    }
+
+    /// Completes the upload: the object appears, whole.
+    async fn complete(&mut self, bound: Duration) -> Result<(), StoreError> {
+        let key = self.key.clone();
+        let done = tokio::time::timeout(bound, self.upload()?.complete())
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!("{key}: completing the upload timed out"))
+            })?;
+        done.map_err(|e| self.upload_error(e))?;
+        self.upload = None;
+        Ok(())
+    }
+
+    /// Notes whether the error says the upload was dropped by the store: `NoSuchUpload` (404)
+    /// for a part or the completion, or `InvalidPart` for a completion whose parts the store
+    /// already discarded — what Garage answers when a concurrent upload of the key finished.
+    fn upload_error(&mut self, e: object_store::Error) -> StoreError {
+        let gone = matches!(e, object_store::Error::NotFound { .. }) || {
+            let message = e.to_string();
+            message.contains("NoSuchUpload") || message.contains("InvalidPart")
+        };
+        self.superseded |= gone;
+        classify(e)
+    }
+
+    /// Aborts now (bounded): stops the part tasks and discards the uploaded parts.
     async fn abort(&mut self) {
-        if let Some(writer) = self.writer.take() {
-            abort_upload(writer, self.key.clone(), self.timeout).await;
+        self.parts.abort_all();
+        if let Some(upload) = self.upload.take() {
+            abort_upload(upload, std::mem::take(&mut self.key), self.timeout).await;
         }
     }
 }
 
-impl Drop for AbortOnDrop {
+impl Drop for Multipart {
     fn drop(&mut self) {
-        let Some(writer) = self.writer.take() else {
+        // The part tasks are aborted by the JoinSet's own drop.
+        let Some(upload) = self.upload.take() else {
             return;
         };
         let key = std::mem::take(&mut self.key);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn(abort_upload(writer, key, self.timeout));
+                handle.spawn(abort_upload(upload, key, self.timeout));
             }
             Err(_) => tracing::warn!(
                 key,
@@ -602,12 +670,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-async fn abort_upload(writer: WriteMultipart, key: String, timeout: Duration) {
-    match tokio::time::timeout(timeout, writer.abort()).await {
+async fn abort_upload(mut upload: Box<dyn MultipartUpload>, key: String, timeout: Duration) {
+    match tokio::time::timeout(timeout, upload.abort()).await {
         Ok(Ok(())) => tracing::debug!(key, "multipart upload aborted"),
-        Ok(Err(e)) => {
-            tracing::warn!(key, error = %e, "aborting a multipart upload failed; it stays incomplete (never visible)")
-        }
+        Ok(Err(e)) => tracing::warn!(
+            key,
+            error = %e,
+            "aborting a multipart upload failed; it stays incomplete (never visible)"
+        ),
         Err(_) => tracing::warn!(
             key,
             "aborting a multipart upload timed out; it stays incomplete (never visible)"
@@ -621,6 +691,16 @@ async fn read_part(file: &mut tokio::fs::File) -> Result<Bytes, StoreError> {
     let mut limited = file.take(PART_SIZE as u64);
     while limited.read_buf(&mut buf).await? > 0 {}
     Ok(buf.freeze())
+}
+
+fn empty_stream() -> ByteStream {
+    Box::pin(futures_util::stream::empty())
+}
+
+fn beyond_end(key: &str, offset: u64, size: u64) -> StoreError {
+    StoreError::Refused(format!(
+        "{key}: offset {offset} is beyond the end ({size} bytes)"
+    ))
 }
 
 /// A response body whose every chunk must arrive within `idle`.
@@ -837,14 +917,8 @@ mod tests {
         assert!(ObjectBackend::new(&dir).is_err());
     }
 
-    #[tokio::test]
-    async fn a_dead_endpoint_fails_fast_as_unavailable() {
-        // A port nobody listens on: connection refused, retried twice, then Unavailable.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    /// A backend for an S3 endpoint on a local port.
+    fn local_s3(port: u16, timeout: Duration) -> ObjectBackend {
         let cfg = SharedStoreConfig {
             kind: SharedStoreKind::S3(S3StoreConfig {
                 bucket: "b".into(),
@@ -855,10 +929,79 @@ mod tests {
                 secret_access_key: Some(Secret::new("s")),
                 path_style: true,
             }),
-            timeout: Duration::from_secs(2),
+            timeout,
             fill_lease_ttl: Duration::from_secs(60),
         };
-        let store = ObjectBackend::new(&cfg).unwrap();
+        ObjectBackend::new(&cfg).unwrap()
+    }
+
+    /// An S3 endpoint that hangs: `HEAD` is never answered; `GET` answers 10 of 100 bytes and
+    /// then goes silent, holding the connection open.
+    async fn hanging_s3() -> u16 {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if head.starts_with(b"GET ") {
+                        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 100\r\nETag: \"e\"\r\n\
+                                      Last-Modified: Mon, 23 Nov 2026 10:00:00 GMT\r\n\r\n0123456789";
+                        let _ = conn.write_all(answer.as_bytes()).await;
+                    }
+                    tokio::time::sleep(Duration::from_secs(600)).await;
+                    drop(conn);
+                });
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn a_hanging_store_is_bounded_per_request_and_per_chunk() {
+        let port = hanging_s3().await;
+        let store = local_s3(port, Duration::from_secs(1));
+        let err = store.head("k").await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+
+        let (size, mut stream) = store.get("k", 0, None).await.unwrap().unwrap();
+        assert_eq!(size, 100);
+        let mut got = Vec::new();
+        let stalled = loop {
+            match stream.next().await {
+                Some(Ok(chunk)) => got.extend_from_slice(&chunk),
+                Some(Err(e)) => break e,
+                None => panic!("the stream ended without an error after {got:?}"),
+            }
+        };
+        assert_eq!(got, b"0123456789");
+        assert_eq!(stalled.kind(), std::io::ErrorKind::TimedOut, "{stalled}");
+        assert!(
+            stream.next().await.is_none(),
+            "the stream ends after the error"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dead_endpoint_fails_fast_as_unavailable() {
+        // A port nobody listens on: connection refused, retried twice, then Unavailable.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store = local_s3(port, Duration::from_secs(2));
         let started = std::time::Instant::now();
         let err = store.head("x").await.unwrap_err();
         assert!(matches!(err, StoreError::Unavailable(_)), "{err}");

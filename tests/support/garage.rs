@@ -182,6 +182,48 @@ impl Garage {
         }
     }
 
+    /// Starts node `i` again (after [`stop_node`](Self::stop_node) or [`stop_all`](Self::stop_all))
+    /// with its config, ports and data, waits until its admin API answers `/health` (with any
+    /// status: alone, a restarted node has no quorum), and connects it to every running node
+    /// (Garage would reconnect by itself, but only after its retry backoff).
+    pub fn restart_node(&mut self, i: usize) {
+        self.stop_node(i);
+        self.spawn_node(i);
+        let client = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("garage health client");
+        let url = format!("http://127.0.0.1:{}/health", self.nodes[i].admin_port);
+        let up = wait_until(CLUSTER_TIMEOUT, || client.get(&url).send().is_ok());
+        if !up {
+            self.fail(&format!(
+                "garage node {i} did not come back ({url} never answered)"
+            ));
+        }
+        for j in 0..self.nodes.len() {
+            if j == i || !self.is_running(j) {
+                continue;
+            }
+            let peer = self.nodes[j].id.clone();
+            let mut last = String::new();
+            let connected = wait_until(CLUSTER_TIMEOUT, || {
+                match self.cli(i, &["node", "connect", &peer]) {
+                    Ok(_) => true,
+                    Err(e) => {
+                        last = e;
+                        false
+                    }
+                }
+            });
+            if !connected {
+                self.fail(&format!(
+                    "restarted node {i} cannot connect to node {j}: {last}"
+                ));
+            }
+        }
+    }
+
     /// Whether node `i` is still running.
     pub fn is_running(&mut self, i: usize) -> bool {
         matches!(
@@ -193,6 +235,19 @@ impl Garage {
     /// Everything node `i` logged so far.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// The S3 requests node `i` received so far, as `"METHOD /bucket/key?query"`, from its log
+    /// (Garage logs each one when it arrives).
+    pub fn s3_requests(&self, i: usize) -> Vec<String> {
+        self.log(i)
+            .lines()
+            .filter(|l| l.contains("generic_server"))
+            .filter_map(|l| {
+                let after_key = &l[l.find("(key ")?..];
+                Some(after_key[after_key.find(") ")? + 2..].trim().to_string())
+            })
+            .collect()
     }
 
     /// The cluster's temp dir (configs, metadata, data, logs).
@@ -250,7 +305,8 @@ api_bind_addr = "127.0.0.1:{admin_port}"
         let child = self
             .command(i)
             .arg("server")
-            .env("RUST_LOG", "garage=info,garage_api_s3=info")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone garage log handle"))
             .stderr(log)

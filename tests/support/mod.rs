@@ -8,6 +8,8 @@
 //! - [`stowage`]: the mirror under test, started from the built binary on an ephemeral port;
 //! - [`nginx`]: nginx as the fleet's load balancer, from the README's own config block;
 //! - [`scrape`]: stowage's `/metrics` parsed, for exact counter assertions;
+//! - [`garage`]: a real S3-compatible object store (a Garage cluster on loopback) for the shared
+//!   store of a fleet;
 //! - small helpers below: free ports, polling, hashing, a hermetic `skopeo` wrapper, and a raw
 //!   HTTP/1.1 client for paths that `reqwest` would normalise.
 //!
