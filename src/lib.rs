@@ -69,9 +69,10 @@
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, an
-//! in-process fake upstream for faults a real registry cannot produce, and a Garage cluster as the
-//! fleet's S3 store). `tests/fuzz.rs` is the proptest suite for every parser that sees client
-//! input; `tests/store.rs` the suite every blob-store backend passes.
+//! in-process fake upstream for faults a real registry cannot produce, a Garage cluster as the
+//! fleet's S3 store, nginx as its load balancer). `tests/fuzz.rs` is the proptest suite for every
+//! parser that sees client input; `tests/store.rs` the suite every blob-store backend passes;
+//! `tests/fleet.rs` runs nodes sharing a store.
 
 pub mod admin;
 pub mod airgap;
