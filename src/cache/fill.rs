@@ -8,7 +8,9 @@
 //! run at once and how long a broken upstream is retried). On success (size and sha256 match) the
 //! file is fsynced, renamed into `blobs/` and indexed; on failure it is deleted and every reader's
 //! stream ends in an error, which aborts its connection. A reader never receives its last byte
-//! before the fill is committed, so a client never sees a clean end to a wrong or truncated body.
+//! before the size and sha256 are verified, so a client never sees a clean end to a wrong or
+//! truncated body; the last byte is released as soon as they are (the commit's fsyncs, rename
+//! and index write then finish in the fill's task, off the clients' critical path).
 //!
 //! The upstream side is a [`BlobSource`] that can be opened at an offset. When the upstream
 //! breaks, stalls longer than the source's idle timeout, or answers 5xx midway, the fill opens it
@@ -22,7 +24,7 @@
 //! pauses) by a blocking task that also hashes them, so the runtime threads do neither.
 
 use std::collections::HashMap;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -105,6 +107,9 @@ pub struct FillState {
     pub total: Option<u64>,
     /// Bytes written to the partial file and readable by other file handles. Never decreases.
     pub written: u64,
+    /// Size and sha256 verified: readers may take the last byte, while the commit (fsync,
+    /// rename, index) completes in the fill's background. Stays true whatever the commit does.
+    pub verified: bool,
     pub phase: Phase,
 }
 
@@ -119,7 +124,9 @@ pub struct Fill {
 /// In-flight fills by digest: the single-flight map.
 pub type FillMap = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
 
-const READ_CHUNK: usize = 64 * 1024;
+/// Read size of a reader following a fill (at most what has been published). 256 KiB keeps 32
+/// followers within 8 MiB of buffers and matches the fill's write batches ([`FLUSH_AT`]).
+const READ_CHUNK: usize = 256 * 1024;
 
 /// Read size when serving a committed blob (the warm path): each `tokio::fs` read is a hop to the
 /// blocking pool, so fewer, larger reads; 256 KiB per reader keeps 32 readers within a few MiB.
@@ -145,6 +152,7 @@ impl Fill {
         let (tx, rx) = watch::channel(FillState {
             total: None,
             written: 0,
+            verified: false,
             phase: Phase::Starting,
         });
         let fill = Arc::new(Fill {
@@ -212,7 +220,7 @@ impl Fill {
     }
 
     /// Streams bytes `start..end` (`end` exclusive; `None`: to the end of the blob) as they
-    /// arrive. The last byte is held back until the fill is committed.
+    /// arrive. The last byte is held back until the blob is verified.
     pub fn reader_range(self: &Arc<Fill>, start: u64, end: Option<u64>) -> ByteStream {
         let file = std::fs::File::open(&self.tmp_path)
             .or_else(|_| std::fs::File::open(&self.final_path))
@@ -223,7 +231,7 @@ impl Fill {
         let state = ReaderState {
             fill: self.clone(),
             rx: self.state.clone(),
-            file: file.map(tokio::fs::File::from_std),
+            file: file.map(Arc::new),
             pos: start,
             end,
             done: false,
@@ -255,7 +263,7 @@ fn fill_vanished(digest: &Digest) -> RegistryError {
 struct ReaderState {
     fill: Arc<Fill>,
     rx: watch::Receiver<FillState>,
-    file: std::io::Result<tokio::fs::File>,
+    file: std::io::Result<Arc<std::fs::File>>,
     pos: u64,
     /// Exclusive end of the range, if the reader wants less than the whole blob.
     end: Option<u64>,
@@ -268,9 +276,9 @@ impl ReaderState {
     /// must never receive a complete body that could still turn out wrong. If the fill fails, the
     /// response ends short and the connection is aborted.
     fn readable(end: Option<u64>, s: &FillState) -> u64 {
-        let committed = matches!(s.phase, Phase::Committed);
+        let verified = s.verified || matches!(s.phase, Phase::Committed);
         let limit = end.or(s.total);
-        match (committed, limit) {
+        match (verified, limit) {
             (true, Some(l)) => s.written.min(l),
             (true, None) => s.written,
             (false, Some(l)) => s.written.min(l.saturating_sub(1)),
@@ -280,45 +288,55 @@ impl ReaderState {
 
     async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
         loop {
-            let (readable, committed) = {
+            let (readable, finished) = {
                 let s = self.rx.borrow_and_update();
+                // Once verified, every byte is good whatever the commit does: a failed commit
+                // (fsync, rename, index) unlinks the partial file, but this reader's handle still
+                // reads it, so the body ends cleanly.
                 if let Phase::Failed(e) = &s.phase {
-                    return Err(std::io::Error::other(e.to_string()));
+                    if !s.verified {
+                        return Err(std::io::Error::other(e.to_string()));
+                    }
                 }
                 (
                     Self::readable(self.end, &s),
-                    matches!(s.phase, Phase::Committed),
+                    s.verified || matches!(s.phase, Phase::Committed),
                 )
             };
             if self.pos < readable {
                 let file = self
                     .file
-                    .as_mut()
-                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
-                let want = (readable - self.pos).min(READ_CHUNK as u64) as usize;
-                let mut buf = BytesMut::zeroed(want);
-                let n = file.read(&mut buf).await?;
-                if n == 0 {
+                    .as_ref()
+                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?
+                    .clone();
+                let want = (readable - self.pos).min(READ_CHUNK as u64);
+                // One blocking-pool hop per chunk, reading straight into a fresh, unzeroed
+                // buffer at this reader's file position (which is `pos`: reads are sequential).
+                let buf = tokio::task::spawn_blocking(move || {
+                    let mut buf = Vec::with_capacity(want as usize);
+                    (&*file).take(want).read_to_end(&mut buf).map(|_| buf)
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                if buf.is_empty() {
                     return Err(std::io::Error::other(format!(
                         "partial file of {} shorter than published",
                         self.fill.digest
                     )));
                 }
-                buf.truncate(n);
-                self.pos += n as u64;
-                return Ok(Some(buf.freeze()));
+                self.pos += buf.len() as u64;
+                return Ok(Some(Bytes::from(buf)));
             }
-            if committed {
+            if finished {
                 return Ok(None);
             }
             if self.rx.changed().await.is_err() {
                 // The fill task ended; its last state is final.
                 let s = self.rx.borrow().clone();
+                let done = s.verified || matches!(s.phase, Phase::Committed);
                 match s.phase {
-                    Phase::Committed if self.pos >= Self::readable(self.end, &s) => {
-                        return Ok(None)
-                    }
-                    Phase::Committed => continue,
+                    _ if done && self.pos >= Self::readable(self.end, &s) => return Ok(None),
+                    _ if done => continue,
                     _ => {
                         return Err(std::io::Error::other(
                             fill_vanished(&self.fill.digest).to_string(),
@@ -536,6 +554,14 @@ async fn run(
             "upstream bytes for {digest} hash to {actual}; discarded"
         )));
     }
+    // Size and digest verified: release the last byte now. The commit below (fsync, rename,
+    // index) runs in this fill's task while readers finish; the single-flight entry stays until
+    // it is done, so late joiners still join this fill rather than start another, and the index
+    // names the blob only after its file is in place.
+    tx.send_modify(|s| {
+        s.total = Some(written);
+        s.verified = true;
+    });
     let io_err = |what: &str, e: std::io::Error| unavailable(format!("{what} {digest}: {e}"));
     let file = sink
         .file
@@ -559,7 +585,6 @@ async fn run(
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     crate::metrics::metrics().blob_committed(written);
     cx.index.durable().await;
-    tx.send_modify(|s| s.total = Some(written));
     tracing::info!(%digest, bytes = written, "blob committed");
     Ok(())
 }

@@ -18,6 +18,7 @@
 pub mod budget;
 pub mod fill;
 pub mod index;
+pub mod serve;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -73,14 +74,10 @@ pub struct CachedBlob {
 }
 
 impl CachedBlob {
-    /// Streams `len` bytes from `offset`, keeping the lease until the stream is dropped.
+    /// Streams `len` bytes from `offset` (mapped windows, see [`serve`]), keeping the lease
+    /// until the last window has been sent.
     pub fn into_stream(self, offset: u64, len: u64) -> ByteStream {
-        let lease = self.lease;
-        let stream = fill::file_stream(self.file, offset, len);
-        Box::pin(stream.map(move |item| {
-            let _held = &lease;
-            item
-        }))
+        serve::blob_stream(self.file, offset, len, self.lease)
     }
 }
 
