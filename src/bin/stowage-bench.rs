@@ -137,6 +137,13 @@ struct Sample {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A progress line on stderr, stamped with the seconds since the bench started.
+fn note(msg: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[{t:7.1} s] {msg}");
+}
+
 fn free_port() -> Result<u16, BoxError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -418,7 +425,10 @@ async fn cold_blob(
     let size = bytes.len() as u64;
     let repo = "bench/cold";
     let digest = push_blob(&upstream.url, repo, bytes).await?;
-    eprintln!("pushed {digest} ({size_mib} MiB) to {}", upstream.url);
+    note(&format!(
+        "pushed {digest} ({size_mib} MiB) to {}",
+        upstream.url
+    ));
     cold_blob_runs(cli, &mut upstream, work, repo, &digest, size, counts).await
 }
 
@@ -479,7 +489,7 @@ async fn cold_blob_runs(
                 peak_rss_kib: server.proc.peak_rss_kib(),
                 failures,
             };
-            eprintln!("{}", row(&sample, size));
+            note(&row(&sample, size));
             samples.push(sample);
             drop(server);
             let _ = std::fs::remove_dir_all(&dir);
@@ -841,10 +851,10 @@ mod all {
         let (img_repo, tag) = ("bench/image", "v1");
         let (mdigest, blobs) =
             push_image(&upstream.url, img_repo, tag, o.layers, o.layer_mib << 20).await?;
-        eprintln!(
+        note(&format!(
             "upstream {} loaded: blob {digest}, image {img_repo}:{tag} = {mdigest}",
             upstream.url
-        );
+        ));
 
         // The ceiling: the upstream's own file of the blob, by nginx with sendfile and raw.
         let hexd = digest.trim_start_matches("sha256:");
@@ -860,7 +870,7 @@ mod all {
         let nginx8 = best_throughput(&nurl, size, 8, 2).await?;
         let nginx_rss = nginx_proc.peak_rss_kib();
         drop(nginx_proc);
-        eprintln!("ceiling: raw read {raw:.2} GB/s, nginx sendfile {nginx1:.2} GB/s (1), {nginx8:.2} GB/s (8)");
+        note(&format!("ceiling: raw read {raw:.2} GB/s, nginx sendfile {nginx1:.2} GB/s (1), {nginx8:.2} GB/s (8)"));
 
         // Cold pull straight from the upstream (same client code), best of two.
         let direct = {
@@ -874,31 +884,31 @@ mod all {
             let dir = work.join(format!("all-{}", kind.name().replace(' ', "-")));
             let server = Server::start(kind, cli, &upstream, &dir).await?;
             let cold = pull(&server.url, img_repo, tag, &blobs).await?;
-            eprintln!(
+            note(&format!(
                 "{}: cold pull {:.3} s (direct {:.3} s)",
                 kind.name(),
                 cold.as_secs_f64(),
                 direct.as_secs_f64()
-            );
+            ));
             let burl = format!("{}/v2/{blob_repo}/blobs/{digest}", server.url);
             throughput(&burl, size, 1).await?; // fill the cache
                                                // distribution stores in the background after answering; let it finish.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let w1 = best_throughput(&burl, size, 1, 3).await?;
             let w8 = best_throughput(&burl, size, 8, 2).await?;
-            eprintln!(
+            note(&format!(
                 "{}: warm blob {w1:.2} GB/s (1), {w8:.2} GB/s (8)",
                 kind.name()
-            );
+            ));
             let by_tag = format!("{}/v2/{img_repo}/manifests/{tag}", server.url);
             let by_digest = format!("{}/v2/{img_repo}/manifests/{mdigest}", server.url);
             let (tag_rps, tag_p99, tag_bad) = wrk(&by_tag, o.wrk_secs)?;
             let (dig_rps, dig_p99, dig_bad) = wrk(&by_digest, o.wrk_secs)?;
-            eprintln!(
+            note(&format!(
                 "{}: manifests by tag {tag_rps:.0}/s p99 {tag_p99:.2} ms ({tag_bad} non-2xx), \
                  by digest {dig_rps:.0}/s p99 {dig_p99:.2} ms ({dig_bad} non-2xx)",
                 kind.name()
-            );
+            ));
             let rss = server.proc.peak_rss_kib();
             per.push((
                 kind,
@@ -1275,6 +1285,41 @@ mod startup {
         }
     }
 
+    /// The fixture of `n` blobs for `kind`, built once and kept (outside the run's work
+    /// directory) for later runs: building it and deleting it take minutes on a busy disk.
+    async fn fixture(kind: ServerKind, n: u64) -> Result<PathBuf, BoxError> {
+        let data = std::env::temp_dir().join(format!(
+            "stowage-bench-startup-{}-{n}",
+            kind.name().replace(' ', "-")
+        ));
+        let done = data.join("stowage-bench-fixture-complete");
+        if done.exists() {
+            note(&format!("{}: reusing {}", kind.name(), data.display()));
+            return Ok(data);
+        }
+        if data.exists() {
+            std::fs::remove_dir_all(&data)?;
+        }
+        std::fs::create_dir_all(&data)?;
+        let t = Instant::now();
+        {
+            let data = data.clone();
+            tokio::task::spawn_blocking(move || match kind {
+                ServerKind::Stowage => seed_stowage(&data, n),
+                ServerKind::Distribution => seed_distribution(&data, n),
+            })
+            .await??;
+        }
+        std::fs::write(&done, b"")?;
+        note(&format!(
+            "{}: seeded {n} blobs in {:.1} s into {} (kept for later runs)",
+            kind.name(),
+            t.elapsed().as_secs_f64(),
+            data.display()
+        ));
+        Ok(data)
+    }
+
     /// Startup times (`runs` fresh processes each) of every server in `cli.servers`.
     pub async fn run(
         cli: &Cli,
@@ -1286,22 +1331,8 @@ mod startup {
         let mut out = Vec::new();
         for &kind in &cli.servers {
             let dir = work.join(format!("startup-{}", kind.name().replace(' ', "-")));
-            let data = dir.join("data");
-            std::fs::create_dir_all(&data)?;
-            let t = Instant::now();
-            {
-                let data = data.clone();
-                tokio::task::spawn_blocking(move || match kind {
-                    ServerKind::Stowage => seed_stowage(&data, n),
-                    ServerKind::Distribution => seed_distribution(&data, n),
-                })
-                .await??;
-            }
-            eprintln!(
-                "{}: seeded {n} blobs in {:.1} s",
-                kind.name(),
-                t.elapsed().as_secs_f64()
-            );
+            std::fs::create_dir_all(&dir)?;
+            let data = fixture(kind, n).await?;
             let mut times = Vec::new();
             for run in 0..runs {
                 let port = free_port()?;
@@ -1320,15 +1351,14 @@ mod startup {
                         time_to_ready(cmd, &log, &format!("{url}/v2/")).await?
                     }
                 };
-                eprintln!(
+                note(&format!(
                     "{}: ready in {:.3} s with {n} cached blobs",
                     kind.name(),
                     elapsed.as_secs_f64()
-                );
+                ));
                 times.push(elapsed);
             }
             out.push((kind, times));
-            let _ = std::fs::remove_dir_all(&dir);
         }
         Ok(out)
     }

@@ -214,6 +214,22 @@ impl Fill {
         }
     }
 
+    /// Waits until the fill is over: committed (`Ok`) or failed. Readers may have finished
+    /// earlier, as soon as the blob was verified.
+    pub async fn settled(&self) -> Result<(), RegistryError> {
+        let mut rx = self.state.clone();
+        loop {
+            match &rx.borrow_and_update().phase {
+                Phase::Committed => return Ok(()),
+                Phase::Failed(e) => return Err(e.clone()),
+                Phase::Starting | Phase::Streaming => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(fill_vanished(&self.digest));
+            }
+        }
+    }
+
     /// Streams the whole blob as it arrives. The stream ends with an error if the fill fails.
     pub fn reader(self: &Arc<Fill>) -> ByteStream {
         self.reader_range(0, None)
@@ -831,6 +847,8 @@ mod tests {
                 }
             }
         }
+        // Readers finish once the blob is verified; the commit may still be running.
+        let _ = fill.settled().await;
         let opens = opens.lock().unwrap().clone();
         (result.map(|()| got), opens, dir)
     }
@@ -937,6 +955,7 @@ mod tests {
             let end = end.unwrap_or(300_000) as usize;
             assert_eq!(got, bytes[start as usize..end].to_vec(), "{start}..{end}");
         }
+        fill.settled().await.unwrap();
         assert!(matches!(fill.state().phase, Phase::Committed));
     }
 }
