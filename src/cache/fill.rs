@@ -21,10 +21,11 @@
 //! published length never goes backwards and no reader sees a byte twice.
 //!
 //! Bytes are written in batches (up to [`FLUSH_AT`], or whatever has arrived when the upstream
-//! pauses) by a blocking task that also hashes them, so the runtime threads do neither.
+//! pauses) by a blocking task that also hashes them, so the runtime threads do neither; while one
+//! batch is written and hashed, the next is received.
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -323,25 +324,15 @@ impl ReaderState {
                 let file = self
                     .file
                     .as_ref()
-                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?
-                    .clone();
+                    .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
                 let want = (readable - self.pos).min(READ_CHUNK as u64);
-                // One blocking-pool hop per chunk, reading straight into a fresh, unzeroed
-                // buffer at this reader's file position (which is `pos`: reads are sequential).
-                let buf = tokio::task::spawn_blocking(move || {
-                    let mut buf = Vec::with_capacity(want as usize);
-                    (&*file).take(want).read_to_end(&mut buf).map(|_| buf)
-                })
-                .await
-                .map_err(std::io::Error::other)??;
-                if buf.is_empty() {
-                    return Err(std::io::Error::other(format!(
-                        "partial file of {} shorter than published",
-                        self.fill.digest
-                    )));
-                }
+                // Published bytes are in the file and never change (a failed fill unlinks the
+                // file, it never truncates it), so they can be mapped like a committed blob.
+                let buf = super::serve::read_window(file, self.pos, want, None)
+                    .await
+                    .map_err(std::io::Error::other)??;
                 self.pos += buf.len() as u64;
-                return Ok(Some(Bytes::from(buf)));
+                return Ok(Some(buf));
             }
             if finished {
                 return Ok(None);
@@ -364,46 +355,85 @@ impl ReaderState {
     }
 }
 
-/// The partial file and its hash, written in batches off the runtime threads.
+/// A batch being written and hashed on the blocking pool: its length and the job, which hands
+/// the file and the hasher back.
+type Batch = (
+    u64,
+    tokio::task::JoinHandle<(std::fs::File, Sha256, std::io::Result<()>)>,
+);
+
+/// The partial file and its hash, written in batches off the runtime threads. One batch is in
+/// flight while the next one is received, so the upstream connection keeps flowing while the
+/// previous batch is written and hashed.
 struct Sink {
     file: Option<std::fs::File>,
     hasher: Option<Sha256>,
-    pending: BytesMut,
+    /// Chunks received and not yet written, as the source delivered them (not copied).
+    pending: Vec<Bytes>,
+    pending_len: usize,
     /// Bytes in the file (and in the hasher), as published.
     written: u64,
+    inflight: Option<Batch>,
 }
 
 impl Sink {
+    /// The hash of the bytes written so far (call when nothing is in flight).
     fn hasher(&self) -> Sha256 {
         self.hasher.clone().unwrap_or_default()
     }
 
-    /// Writes and hashes what is pending, then publishes the new length.
-    async fn flush(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
+    /// Bytes received from the source: written, being written, and pending.
+    fn received(&self) -> u64 {
+        self.written + self.inflight.as_ref().map_or(0, |b| b.0) + self.pending_len as u64
+    }
+
+    /// Waits for the batch in flight, then publishes the new length.
+    async fn settle(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
+        let Some((len, job)) = self.inflight.take() else {
+            return Ok(());
+        };
+        let (file, hasher, result) = job.await.map_err(std::io::Error::other)?;
+        self.file = Some(file);
+        self.hasher = Some(hasher);
+        result?;
+        self.written += len;
+        let written = self.written;
+        tx.send_modify(|s| s.written = written);
+        Ok(())
+    }
+
+    /// Starts writing and hashing what is pending, once the previous batch is done.
+    async fn start(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let buf = self.pending.split().freeze();
+        self.settle(tx).await?;
+        let bufs = std::mem::take(&mut self.pending);
+        let len = std::mem::take(&mut self.pending_len) as u64;
         let (Some(mut file), Some(mut hasher)) = (self.file.take(), self.hasher.take()) else {
             return Err(std::io::Error::other(
                 "partial file lost after an earlier error",
             ));
         };
-        let (file, hasher, result) = tokio::task::spawn_blocking(move || {
-            let r = file.write_all(&buf);
-            if r.is_ok() {
-                hasher.update(&buf);
+        let job = tokio::task::spawn_blocking(move || {
+            let mut r = Ok(());
+            for buf in &bufs {
+                r = file.write_all(buf);
+                if r.is_err() {
+                    break;
+                }
+                hasher.update(buf);
             }
-            (file, hasher, r.map(|()| buf.len() as u64))
-        })
-        .await
-        .map_err(std::io::Error::other)?;
-        self.file = Some(file);
-        self.hasher = Some(hasher);
-        self.written += result?;
-        let written = self.written;
-        tx.send_modify(|s| s.written = written);
+            (file, hasher, r)
+        });
+        self.inflight = Some((len, job));
         Ok(())
+    }
+
+    /// Writes and hashes everything received, then publishes the new length.
+    async fn flush(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
+        self.start(tx).await?;
+        self.settle(tx).await
     }
 }
 
@@ -456,8 +486,10 @@ async fn run(
     let mut sink = Sink {
         file: Some(cx.file),
         hasher: Some(Sha256::new()),
-        pending: BytesMut::new(),
+        pending: Vec::new(),
+        pending_len: 0,
         written: 0,
+        inflight: None,
     };
     let mut total: Option<u64> = None;
     let mut answered = false;
@@ -507,7 +539,15 @@ async fn run(
                         body.start
                     )));
                 }
-                let end = pump(body.stream, &mut sink, &mut replay, total, idle, digest, tx).await;
+                let mut end =
+                    pump(body.stream, &mut sink, &mut replay, total, idle, digest, tx).await;
+                if !matches!(end, AttemptEnd::Fatal(_)) {
+                    if let Err(e) = sink.flush(tx).await {
+                        end = AttemptEnd::Fatal(unavailable(format!(
+                            "writing the partial file of {digest}: {e}"
+                        )));
+                    }
+                }
                 let progressed =
                     sink.written > before.0 || replay.as_ref().is_some_and(|r| r.seen > 0);
                 if let Some(r) = replay.take() {
@@ -678,7 +718,7 @@ async fn pump(
         if chunk.is_empty() {
             continue;
         }
-        let have = sink.written + sink.pending.len() as u64;
+        let have = sink.received();
         if let Some(t) = total {
             if have + chunk.len() as u64 > t {
                 return AttemptEnd::Fatal(unavailable(format!(
@@ -686,9 +726,10 @@ async fn pump(
                 )));
             }
         }
-        sink.pending.extend_from_slice(&chunk);
-        if sink.pending.len() >= FLUSH_AT {
-            if let Err(e) = sink.flush(tx).await {
+        sink.pending_len += chunk.len();
+        sink.pending.push(chunk);
+        if sink.pending_len >= FLUSH_AT {
+            if let Err(e) = sink.start(tx).await {
                 return disk(e);
             }
         }

@@ -46,7 +46,7 @@ const MMAP_MIN: u64 = 64 * 1024;
 /// One window of a blob: a mapping (or, on fallback, a buffer) and the blob's lease.
 struct Window<T> {
     bytes: T,
-    _lease: Arc<BlobLease>,
+    _lease: Option<Arc<BlobLease>>,
 }
 
 impl<T: AsRef<[u8]>> AsRef<[u8]> for Window<T> {
@@ -60,11 +60,11 @@ fn window(
     file: &std::fs::File,
     offset: u64,
     len: u64,
-    lease: Arc<BlobLease>,
+    lease: Option<Arc<BlobLease>>,
 ) -> std::io::Result<Bytes> {
     let size = file.metadata()?.len();
     if offset.saturating_add(len) > size {
-        return Err(std::io::Error::other("cached blob is shorter than indexed"));
+        return Err(std::io::Error::other("blob file is shorter than expected"));
     }
     let n = usize::try_from(len).map_err(std::io::Error::other)?;
     if len >= MMAP_MIN {
@@ -98,14 +98,15 @@ fn window(
 /// The next window, mapped on the blocking pool.
 type Pending = tokio::task::JoinHandle<std::io::Result<Bytes>>;
 
-fn spawn_window(
+/// Maps (or reads) `len` bytes of `file` at `offset` on the blocking pool. Also used by readers
+/// following a fill: the published part of a partial file is as immutable as a committed blob.
+pub(super) fn read_window(
     file: &Arc<std::fs::File>,
     offset: u64,
     len: u64,
-    lease: &Arc<BlobLease>,
+    lease: Option<Arc<BlobLease>>,
 ) -> Pending {
     let file = file.clone();
-    let lease = lease.clone();
     tokio::task::spawn_blocking(move || window(&file, offset, len, lease))
 }
 
@@ -124,7 +125,7 @@ impl State {
             return None;
         }
         let len = (self.end - self.pos).min(MMAP_WINDOW);
-        let p = spawn_window(&self.file, self.pos, len, &self.lease);
+        let p = read_window(&self.file, self.pos, len, Some(self.lease.clone()));
         self.pos += len;
         Some(p)
     }
