@@ -412,6 +412,8 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
     reloader.abort();
     maintenance.abort();
     result?;
+    // Clients got their last byte as soon as their blob verified; finish committing those.
+    mirror.cache.finish_commits().await;
     mirror.cache.flush()?;
     tracing::info!("stowage stopped cleanly");
     Ok(())

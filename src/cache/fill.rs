@@ -10,7 +10,10 @@
 //! stream ends in an error, which aborts its connection. A reader never receives its last byte
 //! before the size and sha256 are verified, so a client never sees a clean end to a wrong or
 //! truncated body; the last byte is released as soon as they are (the commit's fsyncs, rename
-//! and index write then finish in the fill's task, off the clients' critical path).
+//! and index write then finish in the fill's task, off the clients' critical path, counted in
+//! `stowage_fill_commits_pending`; a graceful stop waits for them, see
+//! [`Cache::finish_commits`](super::Cache::finish_commits)). A crash in that window loses only
+//! the commit: the blob is fetched again on its next request.
 //!
 //! The upstream side is a [`BlobSource`] that can be opened at an offset. When the upstream
 //! breaks, stalls longer than the source's idle timeout, or answers 5xx midway, the fill opens it
@@ -166,7 +169,10 @@ impl Fill {
         tokio::spawn(async move {
             let tmp_path = cx.tmp_path.clone();
             let fills = cx.fills.clone();
-            let outcome = run(&digest, source.as_ref(), cx, &tx).await;
+            // Set once the blob verifies; dropped last, after the end is published, so that
+            // `stowage_fill_commits_pending` reaching 0 means the fill is completely over.
+            let mut pending = None;
+            let outcome = run(&digest, source.as_ref(), cx, &tx, &mut pending).await;
             // Leave the single-flight map before publishing the end, so that a request arriving
             // after a failure starts afresh and one arriving after success finds the file.
             {
@@ -187,6 +193,7 @@ impl Fill {
                     tx.send_modify(|s| s.phase = Phase::Failed(e));
                 }
             }
+            drop(pending);
         });
         fill
     }
@@ -474,6 +481,7 @@ async fn run(
     source: &dyn BlobSource,
     cx: FillContext,
     tx: &watch::Sender<FillState>,
+    pending: &mut Option<PendingCommit>,
 ) -> Result<(), RegistryError> {
     let _slot = cx
         .slots
@@ -618,6 +626,7 @@ async fn run(
         s.total = Some(written);
         s.verified = true;
     });
+    *pending = Some(PendingCommit::new());
     let io_err = |what: &str, e: std::io::Error| unavailable(format!("{what} {digest}: {e}"));
     let file = sink
         .file
@@ -643,6 +652,22 @@ async fn run(
     cx.index.durable().await;
     tracing::info!(%digest, bytes = written, "blob committed");
     Ok(())
+}
+
+/// Counts a verified fill in `stowage_fill_commits_pending` until its commit ends, either way.
+struct PendingCommit;
+
+impl PendingCommit {
+    fn new() -> PendingCommit {
+        crate::metrics::metrics().fill_commits_pending.inc();
+        PendingCommit
+    }
+}
+
+impl Drop for PendingCommit {
+    fn drop(&mut self) {
+        crate::metrics::metrics().fill_commits_pending.dec();
+    }
 }
 
 /// Copies one source body into the sink until it ends, breaks or goes quiet.

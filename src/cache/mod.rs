@@ -647,6 +647,22 @@ impl Cache {
         Ok(self.index.repos()?)
     }
 
+    /// Waits for the commits of fills whose blob is already verified (graceful shutdown):
+    /// their clients may have every byte, so the blob must be in the cache when `serve` exits.
+    /// Fills still downloading are left to be discarded as before.
+    pub async fn finish_commits(&self) {
+        let verified: Vec<Arc<Fill>> = {
+            let map = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+            map.values()
+                .filter(|f| f.state().verified)
+                .cloned()
+                .collect()
+        };
+        for fill in verified {
+            let _ = fill.settled().await;
+        }
+    }
+
     /// Number of fills in flight.
     pub fn fills_in_flight(&self) -> usize {
         self.fills.lock().map(|m| m.len()).unwrap_or(0)
