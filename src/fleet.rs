@@ -271,7 +271,7 @@ impl Fleet {
         let fleet = self.clone();
         self.tasks.spawn(async move {
             let digest = fill.digest.clone();
-            let outcome = fill.finished().await;
+            let outcome = fill.settled().await;
             drop(fill);
             let mode = *mode.lock().unwrap_or_else(|p| p.into_inner());
             if let (Err(e), Mode::Shared) = (&outcome, mode) {

@@ -34,11 +34,12 @@
 //!   verification, the latest Docker Hub rate-limit headers.
 //! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, fills in `tmp/`
 //!   owned by the cache and shared by every reader (single flight), resumed with `Range` when the
-//!   upstream breaks ([`cache::fill`]), the sled [`cache::index`]
-//!   (tag records with their variants; check times batched in memory), hot manifests in moka,
-//!   and the lifecycle in [`cache::budget`]: the byte budget, LRU order and eviction (fills
-//!   reserve their size first; leased, pinned and filling blobs are skipped), recency flushed to
-//!   sled in batches, crash reconciliation at open, the cache lock file.
+//!   upstream breaks ([`cache::fill`]), committed blobs served as memory-mapped windows handed
+//!   to hyper without a copy ([`cache::serve`]), the sled [`cache::index`] (tag records with
+//!   their variants; check times batched in memory), hot manifests in moka, and the lifecycle
+//!   in [`cache::budget`]: the byte budget, LRU order and eviction (fills reserve their size
+//!   first; leased, pinned and filling blobs are skipped), recency flushed to sled in batches,
+//!   crash reconciliation at open, the cache lock file.
 //! - [`store`] — the blob store a fleet of nodes shares (`storage.backend`): the small
 //!   [`store::BlobStore`] trait (head / ranged get / put_file / put_bytes / conditional create /
 //!   delete / sorted list) and its backends, a directory ([`store::fs::FsStore`], also on a shared

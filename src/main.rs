@@ -418,6 +418,8 @@ async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
         fleet.settle(Duration::from_secs(30)).await;
     }
     result?;
+    // Clients got their last byte as soon as their blob verified; finish committing those.
+    mirror.cache.finish_commits().await;
     mirror.cache.flush()?;
     tracing::info!("stowage stopped cleanly");
     Ok(())

@@ -13,6 +13,7 @@
 //! | `stowage_cache_misses_total{kind}` | requests the cache could not answer from stored content (a blob request that joined a fill is a miss and a join) |
 //! | `stowage_fill_joins_total` | blob requests that attached to a fill in flight instead of starting one |
 //! | `stowage_fills_in_flight` | fills running now |
+//! | `stowage_fill_commits_pending` | fills whose blob is verified (its readers may have every byte) with the commit (fsync, rename, index) still running |
 //! | `stowage_fill_resumes_total` | fills resumed with `Range` after a broken upstream connection |
 //! | `stowage_fill_failures_total{reason}` | fills given up, by [`FillFailure`] reason |
 //! | `stowage_served_bytes_total{source}` | blob body bytes actually sent to clients, from a committed file (`cache`) or tailing a fill (`fill`) |
@@ -46,6 +47,8 @@ pub struct Metrics {
     pub cache_misses: IntCounterVec,
     pub fill_joins: IntCounter,
     pub fills_in_flight: IntGauge,
+    /// Fills verified and released to their readers, commit still running (`cache::fill`).
+    pub fill_commits_pending: IntGauge,
     /// One per resume attempt of a broken upstream transfer (`cache::fill`).
     pub fill_resumes: IntCounter,
     pub fill_failures: IntCounterVec,
@@ -249,6 +252,11 @@ impl Metrics {
                 "Blob requests that attached to an in-flight fill instead of starting one.",
             ),
             fills_in_flight: gauge(r, "stowage_fills_in_flight", "Blob fills running now."),
+            fill_commits_pending: gauge(
+                r,
+                "stowage_fill_commits_pending",
+                "Blob fills verified and released to their readers whose commit is still running.",
+            ),
             fill_resumes: counter(
                 r,
                 "stowage_fill_resumes_total",
@@ -503,6 +511,7 @@ mod tests {
             "stowage_cache_misses_total{kind=\"manifest\"}",
             "stowage_fill_joins_total",
             "stowage_fills_in_flight",
+            "stowage_fill_commits_pending",
             "stowage_fill_resumes_total",
             "stowage_fill_failures_total{reason=\"digest_mismatch\"}",
             "stowage_served_bytes_total{source=\"cache\"}",

@@ -89,6 +89,8 @@ fn cold_then_warm_pull_counts_misses_then_hits_and_fetches_each_blob_once() {
     // Cold: everything is a miss, every blob is fetched once and streamed while it fills. The tag
     // is revalidated with a HEAD, then the manifest fetched by digest, then the blobs.
     assert_eq!(pull(&stowage, "library/counted", "1.0", &image), blob_bytes);
+    // Each client's last byte comes once its blob verifies; the commits follow.
+    stowage.wait_commits();
     Scrape::get(&base).assert_values(
         "after the cold pull",
         &[
@@ -195,6 +197,7 @@ fn concurrent_requests_for_one_cold_blob_join_a_single_fill() {
         assert!(body == bytes, "a joined reader got different bytes");
     }
 
+    stowage.wait_commits();
     let s = Scrape::get(&stowage.url());
     let size = bytes.len() as f64;
     assert_eq!(

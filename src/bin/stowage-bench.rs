@@ -17,11 +17,14 @@
 //! target/release/stowage-bench all --json bench-results.json
 //! ```
 //!
-//! `all` runs, in one process and against one upstream: warm blob throughput (1 and 8 clients)
-//! against nginx with `sendfile` serving the same file and a raw read of it (the ceiling) and
-//! against distribution's proxy; warm manifests by tag and digest with `wrk -t2 -c64`; a cold
-//! pull of a multi-layer image against pulling from the upstream directly; each server's peak
-//! RSS over all of it. It prints one table (stowage, peer, ratio) and writes a JSON file.
+//! `all` runs every workload of issue 10, in one process and against one upstream: (1) warm blob
+//! throughput (1 and 8 clients) against nginx with `sendfile` serving the same file and a raw
+//! read of it (the ceiling) and against distribution's proxy; (2) warm manifests by tag and
+//! digest with `wrk -t2 -c64`; (3) a cold pull of a multi-layer image against pulling from the
+//! upstream directly; (4) the cold blob to N = 8 and 32 clients at once (the `cold-blob` runs:
+//! upstream bytes, wall time, time to first byte); (5) each server's peak RSS over 1-4; (6) the
+//! time from spawning the server until it is ready on a cache holding 100k blobs (see
+//! [`startup`]). It prints one table (stowage, peer, ratio) and writes a JSON file.
 //!
 //! To add a workload: a new [`Workload`] variant and a function that drives clients against a
 //! [`Server`] and returns [`Sample`]s; the servers, upstream and reporting are shared.
@@ -69,9 +72,10 @@ enum Workload {
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         clients: Vec<usize>,
     },
-    /// Warm blob throughput (vs nginx sendfile and a raw read), warm manifests with `wrk`, a cold
-    /// multi-layer pull (vs the upstream directly) and peak RSS, in one run: one table on stdout
-    /// and a JSON file.
+    /// Every workload in one run: warm blob throughput (vs nginx sendfile and a raw read), warm
+    /// manifests with `wrk`, a cold multi-layer pull (vs the upstream directly), the cold blob to
+    /// N concurrent clients, peak RSS, startup with 100k cached blobs: one table on stdout and a
+    /// JSON file.
     All {
         /// Warm blob size in MiB.
         #[arg(long, default_value_t = 256)]
@@ -91,6 +95,15 @@ enum Workload {
         /// The nginx binary.
         #[arg(long, default_value = "nginx")]
         nginx: String,
+        /// Client counts of the cold-blob runs (workload 4; the blob is the warm one, `--size-mib`).
+        #[arg(long, value_delimiter = ',', default_value = "8,32")]
+        cold_clients: Vec<usize>,
+        /// Cached blobs for the startup runs (workload 6); 0 skips them.
+        #[arg(long, default_value_t = 100_000)]
+        startup_blobs: u64,
+        /// Fresh processes timed per server in the startup runs.
+        #[arg(long, default_value_t = 3)]
+        startup_runs: usize,
     },
 }
 
@@ -123,6 +136,13 @@ struct Sample {
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A progress line on stderr, stamped with the seconds since the bench started.
+fn note(msg: &str) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[{t:7.1} s] {msg}");
+}
 
 fn free_port() -> Result<u16, BoxError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -286,25 +306,8 @@ impl Server {
         std::fs::create_dir_all(dir)?;
         let proc = match kind {
             ServerKind::Stowage => {
-                let bin = match &cli.stowage {
-                    Some(p) => p.clone(),
-                    None => std::env::current_exe()?.with_file_name("stowage"),
-                };
-                let config = dir.join("stowage.toml");
-                std::fs::write(
-                    &config,
-                    format!(
-                        "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = \"{}\"\n\
-                         [[upstreams]]\nhost = \"docker.io\"\nurl = \"{}\"\n",
-                        dir.join("data").display(),
-                        upstream.url
-                    ),
-                )?;
-                let mut cmd = Command::new(bin);
-                cmd.arg("serve")
-                    .arg("--config")
-                    .arg(&config)
-                    .env("RUST_LOG", "warn");
+                let bin = stowage_bin(cli)?;
+                let cmd = stowage_command(&bin, dir, &dir.join("data"), port, &upstream.url)?;
                 Proc::spawn(cmd, &dir.join("server.log"))?
             }
             ServerKind::Distribution => {
@@ -322,6 +325,39 @@ impl Server {
         wait_ready(&url).await?;
         Ok(Server { proc, url })
     }
+}
+
+/// The stowage binary under test.
+fn stowage_bin(cli: &Cli) -> Result<PathBuf, BoxError> {
+    Ok(match &cli.stowage {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?.with_file_name("stowage"),
+    })
+}
+
+/// `stowage serve` on `port` with its cache at `data`, config written in `dir`.
+fn stowage_command(
+    bin: &Path,
+    dir: &Path,
+    data: &Path,
+    port: u16,
+    upstream: &str,
+) -> Result<Command, BoxError> {
+    let config = dir.join("stowage.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = \"{}\"\n\
+             [[upstreams]]\nhost = \"docker.io\"\nurl = \"{upstream}\"\n",
+            data.display(),
+        ),
+    )?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "warn");
+    Ok(cmd)
 }
 
 /// Pushes `bytes` to the upstream as a blob of `repo` (monolithic upload).
@@ -389,12 +425,29 @@ async fn cold_blob(
     let size = bytes.len() as u64;
     let repo = "bench/cold";
     let digest = push_blob(&upstream.url, repo, bytes).await?;
-    eprintln!("pushed {digest} ({size_mib} MiB) to {}", upstream.url);
+    note(&format!(
+        "pushed {digest} ({size_mib} MiB) to {}",
+        upstream.url
+    ));
+    cold_blob_runs(cli, &mut upstream, work, repo, &digest, size, counts).await
+}
+
+/// Workload 4 against an upstream that holds `repo@digest` (`size` bytes): for every server and
+/// client count, a fresh server (empty cache) and N clients fetching the blob at the same instant.
+async fn cold_blob_runs(
+    cli: &Cli,
+    upstream: &mut Upstream,
+    work: &Path,
+    repo: &str,
+    digest: &str,
+    size: u64,
+    counts: &[usize],
+) -> Result<Vec<Sample>, BoxError> {
     let mut samples = Vec::new();
     for &kind in &cli.servers {
         for &n in counts {
-            let dir = work.join(format!("{}-{n}", kind.name().replace(' ', "-")));
-            let server = Server::start(kind, cli, &upstream, &dir).await?;
+            let dir = work.join(format!("cold-{}-{n}", kind.name().replace(' ', "-")));
+            let server = Server::start(kind, cli, upstream, &dir).await?;
             let from = upstream.sync_log().await?.len();
             let url = format!("{}/v2/{repo}/blobs/{digest}", server.url);
             let t0 = Instant::now();
@@ -436,7 +489,7 @@ async fn cold_blob(
                 peak_rss_kib: server.proc.peak_rss_kib(),
                 failures,
             };
-            eprintln!("{}", row(&sample, size));
+            note(&row(&sample, size));
             samples.push(sample);
             drop(server);
             let _ = std::fs::remove_dir_all(&dir);
@@ -482,6 +535,9 @@ fn main() -> std::process::ExitCode {
                 wrk_secs,
                 json,
                 nginx,
+                cold_clients,
+                startup_blobs,
+                startup_runs,
             } => {
                 let opts = all::Opts {
                     size_mib: *size_mib,
@@ -490,6 +546,9 @@ fn main() -> std::process::ExitCode {
                     wrk_secs: *wrk_secs,
                     json: json.clone(),
                     nginx: nginx.clone(),
+                    cold_clients: cold_clients.clone(),
+                    startup_blobs: *startup_blobs,
+                    startup_runs: (*startup_runs).max(1),
                 };
                 all::run(&cli, &work, &opts).await
             }
@@ -532,6 +591,9 @@ mod all {
         pub wrk_secs: u64,
         pub json: PathBuf,
         pub nginx: String,
+        pub cold_clients: Vec<usize>,
+        pub startup_blobs: u64,
+        pub startup_runs: usize,
     }
 
     const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -657,15 +719,6 @@ mod all {
         Ok((size * n as u64) as f64 / wall.as_secs_f64() / 1e9)
     }
 
-    /// Best of `reps` runs (the machine is shared; the best run is the least disturbed).
-    async fn best_throughput(url: &str, size: u64, n: usize, reps: usize) -> Result<f64, BoxError> {
-        let mut best: f64 = 0.0;
-        for _ in 0..reps {
-            best = best.max(throughput(url, size, n).await?);
-        }
-        Ok(best)
-    }
-
     /// `wrk` against `url` with the Accept header: (requests/s, p99 ms, non-2xx responses).
     fn wrk(url: &str, secs: u64) -> Result<(f64, f64, u64), BoxError> {
         let out = Command::new("wrk")
@@ -781,17 +834,18 @@ mod all {
 
     pub async fn run(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
         let t_start = Instant::now();
-        let upstream = Upstream::start(&cli.registry, work).await?;
+        let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let mut upstream = Upstream::start(&cli.registry, work).await?;
         let size = (o.size_mib as u64) << 20;
         let blob_repo = "bench/warm";
         let digest = push_blob(&upstream.url, blob_repo, random(size as usize)).await?;
         let (img_repo, tag) = ("bench/image", "v1");
         let (mdigest, blobs) =
             push_image(&upstream.url, img_repo, tag, o.layers, o.layer_mib << 20).await?;
-        eprintln!(
+        note(&format!(
             "upstream {} loaded: blob {digest}, image {img_repo}:{tag} = {mdigest}",
             upstream.url
-        );
+        ));
 
         // The ceiling: the upstream's own file of the blob, by nginx with sendfile and raw.
         let hexd = digest.trim_start_matches("sha256:");
@@ -803,55 +857,63 @@ mod all {
         let (nginx_proc, nginx_url) = start_nginx(&o.nginx, &work.join("nginx"), &blob_dir)?;
         let nurl = format!("{nginx_url}/data");
         wait_get(&nurl).await?;
-        let nginx1 = best_throughput(&nurl, size, 1, 3).await?;
-        let nginx8 = best_throughput(&nurl, size, 8, 2).await?;
-        let nginx_rss = nginx_proc.peak_rss_kib();
-        drop(nginx_proc);
-        eprintln!("ceiling: raw read {raw:.2} GB/s, nginx sendfile {nginx1:.2} GB/s (1), {nginx8:.2} GB/s (8)");
-
-        // Cold pull straight from the upstream (same client code), best of two.
-        let direct = {
-            let a = pull(&upstream.url, img_repo, tag, &blobs).await?;
-            let b = pull(&upstream.url, img_repo, tag, &blobs).await?;
-            a.min(b)
-        };
+        note(&format!("ceiling: raw read {raw:.2} GB/s"));
 
         let mut per: Vec<(ServerKind, serde_json::Value)> = Vec::new();
         for &kind in &cli.servers {
             let dir = work.join(format!("all-{}", kind.name().replace(' ', "-")));
             let server = Server::start(kind, cli, &upstream, &dir).await?;
+            // The same pull straight from the upstream (same client code), best of two, just
+            // before: the ratio compares runs seconds apart on this shared machine.
+            let direct = {
+                let a = pull(&upstream.url, img_repo, tag, &blobs).await?;
+                let b = pull(&upstream.url, img_repo, tag, &blobs).await?;
+                a.min(b)
+            };
             let cold = pull(&server.url, img_repo, tag, &blobs).await?;
-            eprintln!(
+            note(&format!(
                 "{}: cold pull {:.3} s (direct {:.3} s)",
                 kind.name(),
                 cold.as_secs_f64(),
                 direct.as_secs_f64()
-            );
+            ));
             let burl = format!("{}/v2/{blob_repo}/blobs/{digest}", server.url);
             throughput(&burl, size, 1).await?; // fill the cache
                                                // distribution stores in the background after answering; let it finish.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let w1 = best_throughput(&burl, size, 1, 3).await?;
-            let w8 = best_throughput(&burl, size, 8, 2).await?;
-            eprintln!(
-                "{}: warm blob {w1:.2} GB/s (1), {w8:.2} GB/s (8)",
+            // nginx (the ceiling) and the server take turns, best of each: both see the same
+            // background load.
+            let (mut w1, mut w8, mut n1, mut n8) = (0f64, 0f64, 0f64, 0f64);
+            for _ in 0..3 {
+                n1 = n1.max(throughput(&nurl, size, 1).await?);
+                w1 = w1.max(throughput(&burl, size, 1).await?);
+            }
+            for _ in 0..2 {
+                n8 = n8.max(throughput(&nurl, size, 8).await?);
+                w8 = w8.max(throughput(&burl, size, 8).await?);
+            }
+            note(&format!(
+                "{}: warm blob {w1:.2} GB/s (1), {w8:.2} GB/s (8); nginx sendfile in turn \
+                 {n1:.2} GB/s (1), {n8:.2} GB/s (8)",
                 kind.name()
-            );
+            ));
             let by_tag = format!("{}/v2/{img_repo}/manifests/{tag}", server.url);
             let by_digest = format!("{}/v2/{img_repo}/manifests/{mdigest}", server.url);
             let (tag_rps, tag_p99, tag_bad) = wrk(&by_tag, o.wrk_secs)?;
             let (dig_rps, dig_p99, dig_bad) = wrk(&by_digest, o.wrk_secs)?;
-            eprintln!(
+            note(&format!(
                 "{}: manifests by tag {tag_rps:.0}/s p99 {tag_p99:.2} ms ({tag_bad} non-2xx), \
                  by digest {dig_rps:.0}/s p99 {dig_p99:.2} ms ({dig_bad} non-2xx)",
                 kind.name()
-            );
+            ));
             let rss = server.proc.peak_rss_kib();
             per.push((
                 kind,
                 json!({
                     "cold_pull_s": cold.as_secs_f64(),
+                    "direct_pull_s": direct.as_secs_f64(),
                     "warm_blob_gbps_1": w1, "warm_blob_gbps_8": w8,
+                    "nginx_gbps_1": n1, "nginx_gbps_8": n8,
                     "manifest_tag_rps": tag_rps, "manifest_tag_p99_ms": tag_p99,
                     "manifest_tag_non2xx": tag_bad,
                     "manifest_digest_rps": dig_rps, "manifest_digest_p99_ms": dig_p99,
@@ -861,6 +923,57 @@ mod all {
             ));
             drop(server);
             let _ = std::fs::remove_dir_all(&dir);
+        }
+
+        let nginx_rss = nginx_proc.peak_rss_kib();
+        drop(nginx_proc);
+
+        // Workload 4: the same blob, cold, to N clients at once; a fresh server per N.
+        let cold = cold_blob_runs(
+            cli,
+            &mut upstream,
+            work,
+            blob_repo,
+            &digest,
+            size,
+            &o.cold_clients,
+        )
+        .await?;
+        for (kind, v) in per.iter_mut() {
+            let mut peak = v["peak_rss_mib"].as_f64();
+            for c in cold.iter().filter(|c| c.server == *kind) {
+                let n = c.clients;
+                let mib = c.peak_rss_kib.map(|k| k as f64 / 1024.0);
+                v[format!("cold_blob_{n}_upstream_x")] =
+                    json!(c.upstream_bytes as f64 / size as f64);
+                v[format!("cold_blob_{n}_upstream_gets")] = json!(c.upstream_gets);
+                v[format!("cold_blob_{n}_wall_s")] = json!(c.wall.as_secs_f64());
+                v[format!("cold_blob_{n}_ttfb_median_ms")] =
+                    json!(c.ttfb_median.as_secs_f64() * 1000.0);
+                v[format!("cold_blob_{n}_ttfb_max_ms")] = json!(c.ttfb_max.as_secs_f64() * 1000.0);
+                v[format!("cold_blob_{n}_peak_rss_mib")] = json!(mib);
+                v[format!("cold_blob_{n}_failed_clients")] = json!(c.failures);
+                peak = match (peak, mib) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            v["peak_rss_mib_1_to_4"] = json!(peak);
+        }
+
+        // Workload 6: startup with many cached blobs.
+        if o.startup_blobs > 0 {
+            let times =
+                startup::run(cli, &upstream.url, work, o.startup_blobs, o.startup_runs).await?;
+            for (kind, mut t) in times {
+                let secs: Vec<f64> = t.iter().map(Duration::as_secs_f64).collect();
+                t.sort();
+                let median = t[t.len() / 2].as_secs_f64();
+                if let Some((_, v)) = per.iter_mut().find(|(k, _)| *k == kind) {
+                    v["startup_s_median"] = json!(median);
+                    v["startup_s_runs"] = json!(secs);
+                }
+            }
         }
 
         let get = |k: ServerKind, f: &str| {
@@ -878,12 +991,12 @@ mod all {
             peer_name,
             higher_is_better: hib,
         };
-        let lines = vec![
+        let mut lines = vec![
             line(
                 "warm blob, 1 client",
                 "GB/s",
                 s("warm_blob_gbps_1"),
-                Some(nginx1),
+                s("nginx_gbps_1"),
                 "nginx sendfile",
                 true,
             ),
@@ -891,7 +1004,7 @@ mod all {
                 "warm blob, 8 clients",
                 "GB/s",
                 s("warm_blob_gbps_8"),
-                Some(nginx8),
+                s("nginx_gbps_8"),
                 "nginx sendfile",
                 true,
             ),
@@ -955,7 +1068,7 @@ mod all {
                 "cold pull, 1 client",
                 "s",
                 s("cold_pull_s"),
-                Some(direct.as_secs_f64()),
+                s("direct_pull_s"),
                 "upstream direct",
                 false,
             ),
@@ -967,22 +1080,78 @@ mod all {
                 "distribution",
                 false,
             ),
-            line(
-                "peak RSS over all workloads",
-                "MiB",
-                s("peak_rss_mib"),
-                d("peak_rss_mib"),
+        ];
+        for n in &o.cold_clients {
+            let w = |what: &str| format!("cold blob, {n} clients: {what}");
+            let f = |what: &str| format!("cold_blob_{n}_{what}");
+            lines.push(line(
+                &w("upstream bytes (x blob)"),
+                "x",
+                s(&f("upstream_x")),
+                d(&f("upstream_x")),
                 "distribution",
                 false,
-            ),
-        ];
+            ));
+            lines.push(line(
+                &w("wall time"),
+                "s",
+                s(&f("wall_s")),
+                d(&f("wall_s")),
+                "distribution",
+                false,
+            ));
+            lines.push(line(
+                &w("TTFB median"),
+                "ms",
+                s(&f("ttfb_median_ms")),
+                d(&f("ttfb_median_ms")),
+                "distribution",
+                false,
+            ));
+            lines.push(line(
+                &w("TTFB max"),
+                "ms",
+                s(&f("ttfb_max_ms")),
+                d(&f("ttfb_max_ms")),
+                "distribution",
+                false,
+            ));
+        }
+        if o.startup_blobs > 0 {
+            lines.push(line(
+                &format!(
+                    "startup to ready, {} cached blobs (median of {})",
+                    o.startup_blobs, o.startup_runs
+                ),
+                "s",
+                s("startup_s_median"),
+                d("startup_s_median"),
+                "distribution",
+                false,
+            ));
+        }
+        lines.push(line(
+            "peak RSS over workloads 1-4",
+            "MiB",
+            s("peak_rss_mib_1_to_4"),
+            d("peak_rss_mib_1_to_4"),
+            "distribution",
+            false,
+        ));
         let fmt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "–".into());
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "warm blob {} MiB; cold pull of {} x {} MiB layers; wrk {} s per run\n\n\
+            "warm blob {} MiB; cold pull of {} x {} MiB layers; wrk {} s per run; load average at start {}, at end {}\n\n\
              | workload | unit | stowage | peer | peer figure | stowage / peer |\n|---|---|---|---|---|---|",
-            o.size_mib, o.layers, o.layer_mib, o.wrk_secs
+            o.size_mib,
+            o.layers,
+            o.layer_mib,
+            o.wrk_secs,
+            load_start.trim(),
+            std::fs::read_to_string("/proc/loadavg")
+                .unwrap_or_default()
+                .trim()
         )?;
         let mut rows = Vec::new();
         for l in &lines {
@@ -1010,10 +1179,12 @@ mod all {
         }
         let doc = json!({
             "config": {"blob_mib": o.size_mib, "layers": o.layers, "layer_mib": o.layer_mib,
-                       "wrk_secs": o.wrk_secs},
-            "ceiling": {"raw_read_gbps": raw, "nginx_gbps_1": nginx1, "nginx_gbps_8": nginx8,
+                       "wrk_secs": o.wrk_secs, "cold_clients": o.cold_clients,
+                       "startup_blobs": o.startup_blobs, "startup_runs": o.startup_runs},
+            "load_average_start": load_start.trim(),
+            "load_average_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
+            "ceiling": {"raw_read_gbps": raw,
                         "nginx_peak_rss_mib": nginx_rss.map(|k| k as f64 / 1024.0)},
-            "direct_cold_pull_s": direct.as_secs_f64(),
             "servers": per.iter().map(|(k, v)| (k.name().to_owned(), v.clone()))
                 .collect::<serde_json::Map<_, _>>(),
             "rows": rows,
@@ -1022,5 +1193,174 @@ mod all {
         std::fs::write(&o.json, serde_json::to_vec_pretty(&doc)?)?;
         writeln!(out, "\nJSON: {}", o.json.display())?;
         Ok(())
+    }
+}
+
+/// Workload 6: time from spawning a server until it answers ready, on a cache that already holds
+/// `n` blobs. stowage: its cache directory with `n` blob files, their index entries and access
+/// records (what a long-running mirror leaves behind), polled on `/readyz`. distribution's
+/// proxy: `n` blob files in its filesystem storage plus its proxy's `scheduler-state.json` with
+/// one TTL entry per blob (the proxy's own index of what it cached, read and turned into timers
+/// at startup), polled on `/v2/`.
+mod startup {
+    use super::*;
+
+    /// The digests of the seeded blobs: the sha256 of each index's 8 little-endian bytes.
+    fn seeded(n: u64) -> impl Iterator<Item = (Vec<u8>, String)> {
+        (0..n).map(|i| {
+            let bytes = i.to_le_bytes().to_vec();
+            let hex = hex::encode(Sha256::digest(&bytes));
+            (bytes, hex)
+        })
+    }
+
+    /// A stowage cache of `n` 8-byte blobs: files, index entries and access records.
+    pub fn seed_stowage(data: &Path, n: u64) -> Result<(), BoxError> {
+        use stowage::cache::{index::unix_now, BlobMeta, Index};
+        use stowage::oci::Digest;
+        let blobs = data.join("blobs/sha256");
+        for i in 0..256 {
+            std::fs::create_dir_all(blobs.join(format!("{i:02x}")))?;
+        }
+        let index = Index::open(&data.join("index"))?;
+        let now = unix_now();
+        let mut access = Vec::with_capacity(n as usize);
+        for (i, (bytes, hex)) in seeded(n).enumerate() {
+            let digest: Digest = format!("sha256:{hex}").parse()?;
+            std::fs::write(blobs.join(&hex[..2]).join(&hex), &bytes)?;
+            index.put_blob(
+                &digest,
+                &BlobMeta {
+                    size: 8,
+                    added: now,
+                },
+            )?;
+            let mut k = vec![b'b'];
+            k.extend_from_slice(hex.as_bytes());
+            access.push((k, Some((i as u64 + 1, now))));
+        }
+        index.write_access(access.iter().map(|(k, v)| (k, v)))?;
+        index.flush()?;
+        Ok(())
+    }
+
+    /// distribution's storage with `n` 8-byte blobs and its proxy's TTL state for each.
+    pub fn seed_distribution(data: &Path, n: u64) -> Result<(), BoxError> {
+        let root = data.join("docker/registry/v2/blobs/sha256");
+        let mut state = serde_json::Map::new();
+        for (bytes, hex) in seeded(n) {
+            let dir = root.join(&hex[..2]).join(&hex);
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("data"), &bytes)?;
+            let key = format!("bench/startup@sha256:{hex}");
+            state.insert(
+                key.clone(),
+                serde_json::json!({"Key": key, "ExpiryData": "2099-01-01T00:00:00Z", "EntryType": 0}),
+            );
+        }
+        std::fs::write(
+            data.join("scheduler-state.json"),
+            serde_json::to_vec(&serde_json::Value::Object(state))?,
+        )?;
+        Ok(())
+    }
+
+    /// Spawns `cmd` and polls `url` until it answers 2xx: the time from spawn, and the process.
+    async fn time_to_ready(cmd: Command, log: &Path, url: &str) -> Result<Duration, BoxError> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let t0 = Instant::now();
+        let _proc = Proc::spawn(cmd, log)?;
+        loop {
+            if let Ok(r) = client.get(url).send().await {
+                if r.status().is_success() {
+                    return Ok(t0.elapsed());
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                return Err(format!("{url} not ready after 120 s; see {}", log.display()).into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The fixture of `n` blobs for `kind`, built once and kept (outside the run's work
+    /// directory) for later runs: building it and deleting it take minutes on a busy disk.
+    async fn fixture(kind: ServerKind, n: u64) -> Result<PathBuf, BoxError> {
+        let data = std::env::temp_dir().join(format!(
+            "stowage-bench-startup-{}-{n}",
+            kind.name().replace(' ', "-")
+        ));
+        let done = data.join("stowage-bench-fixture-complete");
+        if done.exists() {
+            note(&format!("{}: reusing {}", kind.name(), data.display()));
+            return Ok(data);
+        }
+        if data.exists() {
+            std::fs::remove_dir_all(&data)?;
+        }
+        std::fs::create_dir_all(&data)?;
+        let t = Instant::now();
+        {
+            let data = data.clone();
+            tokio::task::spawn_blocking(move || match kind {
+                ServerKind::Stowage => seed_stowage(&data, n),
+                ServerKind::Distribution => seed_distribution(&data, n),
+            })
+            .await??;
+        }
+        std::fs::write(&done, b"")?;
+        note(&format!(
+            "{}: seeded {n} blobs in {:.1} s into {} (kept for later runs)",
+            kind.name(),
+            t.elapsed().as_secs_f64(),
+            data.display()
+        ));
+        Ok(data)
+    }
+
+    /// Startup times (`runs` fresh processes each) of every server in `cli.servers`.
+    pub async fn run(
+        cli: &Cli,
+        upstream: &str,
+        work: &Path,
+        n: u64,
+        runs: usize,
+    ) -> Result<Vec<(ServerKind, Vec<Duration>)>, BoxError> {
+        let mut out = Vec::new();
+        for &kind in &cli.servers {
+            let dir = work.join(format!("startup-{}", kind.name().replace(' ', "-")));
+            std::fs::create_dir_all(&dir)?;
+            let data = fixture(kind, n).await?;
+            let mut times = Vec::new();
+            for run in 0..runs {
+                let port = free_port()?;
+                let url = format!("http://127.0.0.1:{port}");
+                let log = dir.join(format!("server-{run}.log"));
+                let elapsed = match kind {
+                    ServerKind::Stowage => {
+                        let cmd = stowage_command(&stowage_bin(cli)?, &dir, &data, port, upstream)?;
+                        time_to_ready(cmd, &log, &format!("{url}/readyz")).await?
+                    }
+                    ServerKind::Distribution => {
+                        let config = dir.join("proxy.yml");
+                        std::fs::write(&config, registry_yaml(&data, port, Some(upstream), false))?;
+                        let mut cmd = Command::new(&cli.registry);
+                        cmd.arg("serve").arg(&config);
+                        time_to_ready(cmd, &log, &format!("{url}/v2/")).await?
+                    }
+                };
+                note(&format!(
+                    "{}: ready in {:.3} s with {n} cached blobs",
+                    kind.name(),
+                    elapsed.as_secs_f64()
+                ));
+                times.push(elapsed);
+            }
+            out.push((kind, times));
+        }
+        Ok(out)
     }
 }

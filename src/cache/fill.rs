@@ -8,7 +8,12 @@
 //! run at once and how long a broken upstream is retried). On success (size and sha256 match) the
 //! file is fsynced, renamed into `blobs/` and indexed; on failure it is deleted and every reader's
 //! stream ends in an error, which aborts its connection. A reader never receives its last byte
-//! before the fill is committed, so a client never sees a clean end to a wrong or truncated body.
+//! before the size and sha256 are verified, so a client never sees a clean end to a wrong or
+//! truncated body; the last byte is released as soon as they are (the commit's fsyncs, rename
+//! and index write then finish in the fill's task, off the clients' critical path, counted in
+//! `stowage_fill_commits_pending`; a graceful stop waits for them, see
+//! [`Cache::finish_commits`](super::Cache::finish_commits)). A crash in that window loses only
+//! the commit: the blob is fetched again on its next request.
 //!
 //! The upstream side is a [`BlobSource`] that can be opened at an offset. When the upstream
 //! breaks, stalls longer than the source's idle timeout, or answers 5xx midway, the fill opens it
@@ -19,7 +24,8 @@
 //! published length never goes backwards and no reader sees a byte twice.
 //!
 //! Bytes are written in batches (up to [`FLUSH_AT`], or whatever has arrived when the upstream
-//! pauses) by a blocking task that also hashes them, so the runtime threads do neither.
+//! pauses) by a blocking task that also hashes them, so the runtime threads do neither; while one
+//! batch is written and hashed, the next is received.
 
 use std::collections::HashMap;
 use std::io::{Seek, SeekFrom, Write};
@@ -105,6 +111,9 @@ pub struct FillState {
     pub total: Option<u64>,
     /// Bytes written to the partial file and readable by other file handles. Never decreases.
     pub written: u64,
+    /// Size and sha256 verified: readers may take the last byte, while the commit (fsync,
+    /// rename, index) completes in the fill's background. Stays true whatever the commit does.
+    pub verified: bool,
     pub phase: Phase,
 }
 
@@ -119,7 +128,9 @@ pub struct Fill {
 /// In-flight fills by digest: the single-flight map.
 pub type FillMap = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
 
-const READ_CHUNK: usize = 64 * 1024;
+/// Read size of a reader following a fill (at most what has been published). 256 KiB keeps 32
+/// followers within 8 MiB of buffers and matches the fill's write batches ([`FLUSH_AT`]).
+const READ_CHUNK: usize = 256 * 1024;
 
 /// Read size when serving a committed blob (the warm path): each `tokio::fs` read is a hop to the
 /// blocking pool, so fewer, larger reads; 256 KiB per reader keeps 32 readers within a few MiB.
@@ -145,6 +156,7 @@ impl Fill {
         let (tx, rx) = watch::channel(FillState {
             total: None,
             written: 0,
+            verified: false,
             phase: Phase::Starting,
         });
         let fill = Arc::new(Fill {
@@ -157,7 +169,10 @@ impl Fill {
         tokio::spawn(async move {
             let tmp_path = cx.tmp_path.clone();
             let fills = cx.fills.clone();
-            let outcome = run(&digest, source.as_ref(), cx, &tx).await;
+            // Set once the blob verifies; dropped last, after the end is published, so that
+            // `stowage_fill_commits_pending` reaching 0 means the fill is completely over.
+            let mut pending = None;
+            let outcome = run(&digest, source.as_ref(), cx, &tx, &mut pending).await;
             // Leave the single-flight map before publishing the end, so that a request arriving
             // after a failure starts afresh and one arriving after success finds the file.
             {
@@ -178,6 +193,7 @@ impl Fill {
                     tx.send_modify(|s| s.phase = Phase::Failed(e));
                 }
             }
+            drop(pending);
         });
         fill
     }
@@ -206,17 +222,15 @@ impl Fill {
         }
     }
 
-    /// Waits until the fill has ended: committed, or the failure its readers saw.
-    pub async fn finished(&self) -> Result<(), RegistryError> {
+    /// Waits until the fill is over: committed (`Ok`) or failed. Readers may have finished
+    /// earlier, as soon as the blob was verified.
+    pub async fn settled(&self) -> Result<(), RegistryError> {
         let mut rx = self.state.clone();
         loop {
-            {
-                let s = rx.borrow_and_update();
-                match &s.phase {
-                    Phase::Starting | Phase::Streaming => {}
-                    Phase::Committed => return Ok(()),
-                    Phase::Failed(e) => return Err(e.clone()),
-                }
+            match &rx.borrow_and_update().phase {
+                Phase::Committed => return Ok(()),
+                Phase::Failed(e) => return Err(e.clone()),
+                Phase::Starting | Phase::Streaming => {}
             }
             if rx.changed().await.is_err() {
                 return Err(fill_vanished(&self.digest));
@@ -230,7 +244,7 @@ impl Fill {
     }
 
     /// Streams bytes `start..end` (`end` exclusive; `None`: to the end of the blob) as they
-    /// arrive. The last byte is held back until the fill is committed.
+    /// arrive. The last byte is held back until the blob is verified.
     pub fn reader_range(self: &Arc<Fill>, start: u64, end: Option<u64>) -> ByteStream {
         let file = std::fs::File::open(&self.tmp_path)
             .or_else(|_| std::fs::File::open(&self.final_path))
@@ -241,7 +255,7 @@ impl Fill {
         let state = ReaderState {
             fill: self.clone(),
             rx: self.state.clone(),
-            file: file.map(tokio::fs::File::from_std),
+            file: file.map(Arc::new),
             pos: start,
             end,
             done: false,
@@ -273,7 +287,7 @@ fn fill_vanished(digest: &Digest) -> RegistryError {
 struct ReaderState {
     fill: Arc<Fill>,
     rx: watch::Receiver<FillState>,
-    file: std::io::Result<tokio::fs::File>,
+    file: std::io::Result<Arc<std::fs::File>>,
     pos: u64,
     /// Exclusive end of the range, if the reader wants less than the whole blob.
     end: Option<u64>,
@@ -286,9 +300,9 @@ impl ReaderState {
     /// must never receive a complete body that could still turn out wrong. If the fill fails, the
     /// response ends short and the connection is aborted.
     fn readable(end: Option<u64>, s: &FillState) -> u64 {
-        let committed = matches!(s.phase, Phase::Committed);
+        let verified = s.verified || matches!(s.phase, Phase::Committed);
         let limit = end.or(s.total);
-        match (committed, limit) {
+        match (verified, limit) {
             (true, Some(l)) => s.written.min(l),
             (true, None) => s.written,
             (false, Some(l)) => s.written.min(l.saturating_sub(1)),
@@ -298,45 +312,45 @@ impl ReaderState {
 
     async fn next_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
         loop {
-            let (readable, committed) = {
+            let (readable, finished) = {
                 let s = self.rx.borrow_and_update();
+                // Once verified, every byte is good whatever the commit does: a failed commit
+                // (fsync, rename, index) unlinks the partial file, but this reader's handle still
+                // reads it, so the body ends cleanly.
                 if let Phase::Failed(e) = &s.phase {
-                    return Err(std::io::Error::other(e.to_string()));
+                    if !s.verified {
+                        return Err(std::io::Error::other(e.to_string()));
+                    }
                 }
                 (
                     Self::readable(self.end, &s),
-                    matches!(s.phase, Phase::Committed),
+                    s.verified || matches!(s.phase, Phase::Committed),
                 )
             };
             if self.pos < readable {
                 let file = self
                     .file
-                    .as_mut()
+                    .as_ref()
                     .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
-                let want = (readable - self.pos).min(READ_CHUNK as u64) as usize;
-                let mut buf = BytesMut::zeroed(want);
-                let n = file.read(&mut buf).await?;
-                if n == 0 {
-                    return Err(std::io::Error::other(format!(
-                        "partial file of {} shorter than published",
-                        self.fill.digest
-                    )));
-                }
-                buf.truncate(n);
-                self.pos += n as u64;
-                return Ok(Some(buf.freeze()));
+                let want = (readable - self.pos).min(READ_CHUNK as u64);
+                // Published bytes are in the file and never change (a failed fill unlinks the
+                // file, it never truncates it), so they can be mapped like a committed blob.
+                let buf = super::serve::read_window(file, self.pos, want, None)
+                    .await
+                    .map_err(std::io::Error::other)??;
+                self.pos += buf.len() as u64;
+                return Ok(Some(buf));
             }
-            if committed {
+            if finished {
                 return Ok(None);
             }
             if self.rx.changed().await.is_err() {
                 // The fill task ended; its last state is final.
                 let s = self.rx.borrow().clone();
+                let done = s.verified || matches!(s.phase, Phase::Committed);
                 match s.phase {
-                    Phase::Committed if self.pos >= Self::readable(self.end, &s) => {
-                        return Ok(None)
-                    }
-                    Phase::Committed => continue,
+                    _ if done && self.pos >= Self::readable(self.end, &s) => return Ok(None),
+                    _ if done => continue,
                     _ => {
                         return Err(std::io::Error::other(
                             fill_vanished(&self.fill.digest).to_string(),
@@ -348,46 +362,85 @@ impl ReaderState {
     }
 }
 
-/// The partial file and its hash, written in batches off the runtime threads.
+/// A batch being written and hashed on the blocking pool: its length and the job, which hands
+/// the file and the hasher back.
+type Batch = (
+    u64,
+    tokio::task::JoinHandle<(std::fs::File, Sha256, std::io::Result<()>)>,
+);
+
+/// The partial file and its hash, written in batches off the runtime threads. One batch is in
+/// flight while the next one is received, so the upstream connection keeps flowing while the
+/// previous batch is written and hashed.
 struct Sink {
     file: Option<std::fs::File>,
     hasher: Option<Sha256>,
-    pending: BytesMut,
+    /// Chunks received and not yet written, as the source delivered them (not copied).
+    pending: Vec<Bytes>,
+    pending_len: usize,
     /// Bytes in the file (and in the hasher), as published.
     written: u64,
+    inflight: Option<Batch>,
 }
 
 impl Sink {
+    /// The hash of the bytes written so far (call when nothing is in flight).
     fn hasher(&self) -> Sha256 {
         self.hasher.clone().unwrap_or_default()
     }
 
-    /// Writes and hashes what is pending, then publishes the new length.
-    async fn flush(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
+    /// Bytes received from the source: written, being written, and pending.
+    fn received(&self) -> u64 {
+        self.written + self.inflight.as_ref().map_or(0, |b| b.0) + self.pending_len as u64
+    }
+
+    /// Waits for the batch in flight, then publishes the new length.
+    async fn settle(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
+        let Some((len, job)) = self.inflight.take() else {
+            return Ok(());
+        };
+        let (file, hasher, result) = job.await.map_err(std::io::Error::other)?;
+        self.file = Some(file);
+        self.hasher = Some(hasher);
+        result?;
+        self.written += len;
+        let written = self.written;
+        tx.send_modify(|s| s.written = written);
+        Ok(())
+    }
+
+    /// Starts writing and hashing what is pending, once the previous batch is done.
+    async fn start(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let buf = self.pending.split().freeze();
+        self.settle(tx).await?;
+        let bufs = std::mem::take(&mut self.pending);
+        let len = std::mem::take(&mut self.pending_len) as u64;
         let (Some(mut file), Some(mut hasher)) = (self.file.take(), self.hasher.take()) else {
             return Err(std::io::Error::other(
                 "partial file lost after an earlier error",
             ));
         };
-        let (file, hasher, result) = tokio::task::spawn_blocking(move || {
-            let r = file.write_all(&buf);
-            if r.is_ok() {
-                hasher.update(&buf);
+        let job = tokio::task::spawn_blocking(move || {
+            let mut r = Ok(());
+            for buf in &bufs {
+                r = file.write_all(buf);
+                if r.is_err() {
+                    break;
+                }
+                hasher.update(buf);
             }
-            (file, hasher, r.map(|()| buf.len() as u64))
-        })
-        .await
-        .map_err(std::io::Error::other)?;
-        self.file = Some(file);
-        self.hasher = Some(hasher);
-        self.written += result?;
-        let written = self.written;
-        tx.send_modify(|s| s.written = written);
+            (file, hasher, r)
+        });
+        self.inflight = Some((len, job));
         Ok(())
+    }
+
+    /// Writes and hashes everything received, then publishes the new length.
+    async fn flush(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
+        self.start(tx).await?;
+        self.settle(tx).await
     }
 }
 
@@ -428,6 +481,7 @@ async fn run(
     source: &dyn BlobSource,
     cx: FillContext,
     tx: &watch::Sender<FillState>,
+    pending: &mut Option<PendingCommit>,
 ) -> Result<(), RegistryError> {
     let _slot = cx
         .slots
@@ -440,8 +494,10 @@ async fn run(
     let mut sink = Sink {
         file: Some(cx.file),
         hasher: Some(Sha256::new()),
-        pending: BytesMut::new(),
+        pending: Vec::new(),
+        pending_len: 0,
         written: 0,
+        inflight: None,
     };
     let mut total: Option<u64> = None;
     let mut answered = false;
@@ -491,7 +547,15 @@ async fn run(
                         body.start
                     )));
                 }
-                let end = pump(body.stream, &mut sink, &mut replay, total, idle, digest, tx).await;
+                let mut end =
+                    pump(body.stream, &mut sink, &mut replay, total, idle, digest, tx).await;
+                if !matches!(end, AttemptEnd::Fatal(_)) {
+                    if let Err(e) = sink.flush(tx).await {
+                        end = AttemptEnd::Fatal(unavailable(format!(
+                            "writing the partial file of {digest}: {e}"
+                        )));
+                    }
+                }
                 let progressed =
                     sink.written > before.0 || replay.as_ref().is_some_and(|r| r.seen > 0);
                 if let Some(r) = replay.take() {
@@ -554,6 +618,15 @@ async fn run(
             "upstream bytes for {digest} hash to {actual}; discarded"
         )));
     }
+    // Size and digest verified: release the last byte now. The commit below (fsync, rename,
+    // index) runs in this fill's task while readers finish; the single-flight entry stays until
+    // it is done, so late joiners still join this fill rather than start another, and the index
+    // names the blob only after its file is in place.
+    tx.send_modify(|s| {
+        s.total = Some(written);
+        s.verified = true;
+    });
+    *pending = Some(PendingCommit::new());
     let io_err = |what: &str, e: std::io::Error| unavailable(format!("{what} {digest}: {e}"));
     let file = sink
         .file
@@ -577,9 +650,24 @@ async fn run(
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     crate::metrics::metrics().blob_committed(written);
     cx.index.durable().await;
-    tx.send_modify(|s| s.total = Some(written));
     tracing::info!(%digest, bytes = written, "blob committed");
     Ok(())
+}
+
+/// Counts a verified fill in `stowage_fill_commits_pending` until its commit ends, either way.
+struct PendingCommit;
+
+impl PendingCommit {
+    fn new() -> PendingCommit {
+        crate::metrics::metrics().fill_commits_pending.inc();
+        PendingCommit
+    }
+}
+
+impl Drop for PendingCommit {
+    fn drop(&mut self) {
+        crate::metrics::metrics().fill_commits_pending.dec();
+    }
 }
 
 /// Copies one source body into the sink until it ends, breaks or goes quiet.
@@ -655,7 +743,7 @@ async fn pump(
         if chunk.is_empty() {
             continue;
         }
-        let have = sink.written + sink.pending.len() as u64;
+        let have = sink.received();
         if let Some(t) = total {
             if have + chunk.len() as u64 > t {
                 return AttemptEnd::Fatal(unavailable(format!(
@@ -663,9 +751,10 @@ async fn pump(
                 )));
             }
         }
-        sink.pending.extend_from_slice(&chunk);
-        if sink.pending.len() >= FLUSH_AT {
-            if let Err(e) = sink.flush(tx).await {
+        sink.pending_len += chunk.len();
+        sink.pending.push(chunk);
+        if sink.pending_len >= FLUSH_AT {
+            if let Err(e) = sink.start(tx).await {
                 return disk(e);
             }
         }
@@ -824,6 +913,8 @@ mod tests {
                 }
             }
         }
+        // Readers finish once the blob is verified; the commit may still be running.
+        let _ = fill.settled().await;
         let opens = opens.lock().unwrap().clone();
         (result.map(|()| got), opens, dir)
     }
@@ -930,6 +1021,7 @@ mod tests {
             let end = end.unwrap_or(300_000) as usize;
             assert_eq!(got, bytes[start as usize..end].to_vec(), "{start}..{end}");
         }
+        fill.settled().await.unwrap();
         assert!(matches!(fill.state().phase, Phase::Committed));
     }
 }

@@ -18,6 +18,7 @@
 pub mod budget;
 pub mod fill;
 pub mod index;
+pub mod serve;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -73,14 +74,10 @@ pub struct CachedBlob {
 }
 
 impl CachedBlob {
-    /// Streams `len` bytes from `offset`, keeping the lease until the stream is dropped.
+    /// Streams `len` bytes from `offset` (mapped windows, see [`serve`]), keeping the lease
+    /// until the last window has been sent.
     pub fn into_stream(self, offset: u64, len: u64) -> ByteStream {
-        let lease = self.lease;
-        let stream = fill::file_stream(self.file, offset, len);
-        Box::pin(stream.map(move |item| {
-            let _held = &lease;
-            item
-        }))
+        serve::blob_stream(self.file, offset, len, self.lease)
     }
 }
 
@@ -654,6 +651,22 @@ impl Cache {
 
     pub fn repos(&self) -> Result<Vec<RepoEntry>, CacheError> {
         Ok(self.index.repos()?)
+    }
+
+    /// Waits for the commits of fills whose blob is already verified (graceful shutdown):
+    /// their clients may have every byte, so the blob must be in the cache when `serve` exits.
+    /// Fills still downloading are left to be discarded as before.
+    pub async fn finish_commits(&self) {
+        let verified: Vec<Arc<Fill>> = {
+            let map = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+            map.values()
+                .filter(|f| f.state().verified)
+                .cloned()
+                .collect()
+        };
+        for fill in verified {
+            let _ = fill.settled().await;
+        }
     }
 
     /// Number of fills in flight.

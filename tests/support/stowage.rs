@@ -382,7 +382,41 @@ impl Stowage {
 
     /// Kills stowage (SIGKILL) and waits for it. Data and logs stay until drop.
     pub fn stop(&mut self) {
+        self.wait_commits();
         self.kill();
+    }
+
+    /// Waits (bounded) until no fill is between verification and commit: a client gets its last
+    /// byte once its blob verifies, and the commit (fsync, rename, index) follows in the
+    /// background, so a SIGKILL right after a pull could otherwise lose the last blob. A fill
+    /// still downloading does not count: killing mid-fill stays what those tests do.
+    pub fn wait_commits(&self) {
+        if self.child.is_none() {
+            return;
+        }
+        let mut client = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2));
+        if let Some(ca) = &self.options.tls_ca {
+            let ca = reqwest::Certificate::from_pem(ca).expect("test CA is PEM");
+            client = client
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(ca);
+        }
+        let Ok(client) = client.build() else {
+            return;
+        };
+        let url = format!("{}/metrics", self.url());
+        wait_until(Duration::from_secs(30), || match client.get(&url).send() {
+            Ok(r) if r.status().is_success() => r.text().is_ok_and(|t| {
+                !t.lines().any(|l| {
+                    l.strip_prefix("stowage_fill_commits_pending ")
+                        .is_some_and(|v| v.trim() != "0")
+                })
+            }),
+            // No metrics here (auth, another listener): nothing to wait for.
+            _ => true,
+        });
     }
 
     /// Sends SIGTERM and waits up to `timeout` for a clean exit; returns the exit status, or
@@ -412,6 +446,7 @@ impl Stowage {
 
     /// Stops the process and starts it again on the same port, config and data dir.
     pub fn restart(&mut self) {
+        self.wait_commits();
         self.kill();
         self.spawn();
         if let Err(why) = self.wait_ready() {
