@@ -423,7 +423,10 @@ fn kill_9_during_fills_and_eviction_leaves_a_consistent_cache() {
         let partial_at_kill = stowage.tmp_files();
         stowage.restart(); // SIGKILL, then start again
         let survived: Vec<_> = partial_at_kill.iter().filter(|p| p.exists()).collect();
-        assert!(survived.is_empty(), "temp files survived a restart: {survived:?}");
+        assert!(
+            survived.is_empty(),
+            "temp files survived a restart: {survived:?}"
+        );
         for w in workers {
             let _ = w.join();
         }
