@@ -383,10 +383,7 @@ impl Mirror {
             return self.manifest_by_digest(route, &d).await;
         }
         if let Some(entry) = cached.as_ref().filter(|e| fresh(e)) {
-            return match pick(entry, accept) {
-                Some(d) => self.manifest_by_digest(route, &d).await,
-                None => self.fetch_variant(route, tag, accept, entry.clone()).await,
-            };
+            return self.from_entry(route, tag, accept, entry).await;
         }
         // One upstream check per tag at a time: requests arriving meanwhile wait for it and
         // take its result (a burst of pulls of an expired tag costs one HEAD, not one each).
@@ -400,10 +397,7 @@ impl Mirror {
                 let turn = gate.lock().await;
                 let now = self.cache.tag(host, &route.repo, tag)?;
                 if let Some(entry) = now.as_ref().filter(|e| fresh(e)) {
-                    return match pick(entry, accept) {
-                        Some(d) => self.manifest_by_digest(route, &d).await,
-                        None => self.fetch_variant(route, tag, accept, entry.clone()).await,
-                    };
+                    return self.from_entry(route, tag, accept, entry).await;
                 }
                 if let Some((at, err)) = turn.as_ref() {
                     if *at >= waited_from {
@@ -548,6 +542,21 @@ impl Mirror {
                 Ok(answer(m, if fetched { Outcome::Miss } else { outcome }))
             }
             None => self.fetch_variant(route, tag, accept, entry).await,
+        }
+    }
+
+    /// Answers a tag from a record trusted as it is (fresh): its manifest for this client's
+    /// Accept, or the variant fetched for it.
+    async fn from_entry(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        accept: &Accept,
+        entry: &TagEntry,
+    ) -> Result<ManifestAnswer, RegistryError> {
+        match pick(entry, accept) {
+            Some(d) => self.manifest_by_digest(route, &d).await,
+            None => self.fetch_variant(route, tag, accept, entry.clone()).await,
         }
     }
 
