@@ -311,13 +311,19 @@ async fn readyz(State(mirror): State<AppState>) -> Response {
             "status": answer.as_ref().ok(),
         })
     });
-    let upstreams = futures_util::future::join_all(probes).await;
     // The fleet's shared store: reported, but not a reason to leave the load balancer — the
     // node still serves its local tier and fills from the upstream (like an unreachable
-    // upstream, which does not make a node unready either).
-    let object_store = match &mirror.fleet {
-        Some(fleet) => {
-            let probe = fleet.probe().await;
+    // upstream, which does not make a node unready either). Probed alongside the upstreams.
+    let store_probe = async {
+        match &mirror.fleet {
+            Some(fleet) => Some((fleet, fleet.probe().await)),
+            None => None,
+        }
+    };
+    let (upstreams, store) = tokio::join!(futures_util::future::join_all(probes), store_probe);
+    let degraded = matches!(&store, Some((_, Err(_))));
+    let object_store = match store {
+        Some((fleet, probe)) => {
             if let Err(e) = &probe {
                 tracing::warn!(store = %fleet.describe(), error = %e, "degraded: the shared object store does not answer");
             }
@@ -329,9 +335,6 @@ async fn readyz(State(mirror): State<AppState>) -> Response {
         }
         None => serde_json::Value::Null,
     };
-    let degraded = object_store
-        .get("reachable")
-        .is_some_and(|r| r == &serde_json::Value::Bool(false));
     let ready = writable.is_ok() && index.is_ok();
     if let Err(e) = &writable {
         tracing::warn!(error = %e, "not ready: cache directory is not writable");
