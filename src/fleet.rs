@@ -312,26 +312,21 @@ impl Fleet {
             return;
         }
         let _lease = budget.lease(&hex);
-        let key = blob_key(digest);
-        let started = std::time::Instant::now();
-        let r = if tokio::fs::metadata(path).await.is_ok() {
-            let r = self.store.put_file(&key, path).await;
-            self.record("put", r)
-        } else {
-            Ok(())
-        };
-        match r {
-            Ok(()) => {
-                if let Ok(meta) = tokio::fs::metadata(path).await {
+        // Evicted between the commit and the lease: nothing to share.
+        if let Ok(meta) = tokio::fs::metadata(path).await {
+            let started = std::time::Instant::now();
+            let r = self.store.put_file(&blob_key(digest), path).await;
+            match self.record("put", r) {
+                Ok(()) => {
                     metrics()
                         .object_store_bytes
                         .with_label_values(&["write"])
                         .inc_by(meta.len());
+                    tracing::info!(%digest, store = %self.describe, secs = started.elapsed().as_secs_f64(), "blob shared with the fleet");
                 }
-                tracing::info!(%digest, store = %self.describe, secs = started.elapsed().as_secs_f64(), "blob shared with the fleet");
-            }
-            Err(e) => {
-                tracing::warn!(%digest, error = %e, "could not share the blob with the fleet")
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "could not share the blob with the fleet")
+                }
             }
         }
         self.uploading
@@ -528,12 +523,11 @@ impl TieredSource {
         let r = fleet.store.get(&blob_key(&self.digest), offset, None).await;
         let (total, stream) = fleet.record("get", r).ok().flatten()?;
         let fleet_for_stream = fleet.clone();
+        // Resolved once per transfer, not per chunk.
+        let read_bytes = metrics().object_store_bytes.with_label_values(&["read"]);
         let stream = stream.map(move |chunk| {
             match &chunk {
-                Ok(b) => metrics()
-                    .object_store_bytes
-                    .with_label_values(&["read"])
-                    .inc_by(b.len() as u64),
+                Ok(b) => read_bytes.inc_by(b.len() as u64),
                 Err(e) => {
                     let _ = fleet_for_stream.record::<()>(
                         "get",
