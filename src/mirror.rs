@@ -383,7 +383,7 @@ impl Mirror {
             return self.manifest_by_digest(route, &d).await;
         }
         if let Some(entry) = cached.as_ref().filter(|e| fresh(e)) {
-            return self.from_entry(route, tag, accept, entry).await;
+            return self.answer_entry(route, tag, accept, entry).await;
         }
         // One upstream check per tag at a time: requests arriving meanwhile wait for it and
         // take its result (a burst of pulls of an expired tag costs one HEAD, not one each).
@@ -397,7 +397,7 @@ impl Mirror {
                 let turn = gate.lock().await;
                 let now = self.cache.tag(host, &route.repo, tag)?;
                 if let Some(entry) = now.as_ref().filter(|e| fresh(e)) {
-                    return self.from_entry(route, tag, accept, entry).await;
+                    return self.answer_entry(route, tag, accept, entry).await;
                 }
                 if let Some((at, err)) = turn.as_ref() {
                     if *at >= waited_from {
@@ -547,7 +547,7 @@ impl Mirror {
 
     /// Answers a tag from a record trusted as it is (fresh): its manifest for this client's
     /// Accept, or the variant fetched for it.
-    async fn from_entry(
+    async fn answer_entry(
         &self,
         route: &Route,
         tag: &Tag,
