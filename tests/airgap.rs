@@ -12,43 +12,14 @@ use std::time::Duration;
 
 use support::clients::{assert_unpacked, docker_daemon_json, docker_inspect, image_files, Dockerd};
 use support::fake_upstream::FakeUpstream;
+use support::images::push_test;
 use support::images::{self, Format, Image, ImageIndex, Pushed};
 use support::registry::Registry;
 use support::scrape::Scrape;
-use support::stowage::{Stowage, UpstreamSpec};
+use support::stowage::{pull_image, Stowage, UpstreamSpec};
 use support::{http, manifest_accept, sha256_digest, wait_until};
 
 const KIB: usize = 1 << 10;
-
-fn push(upstream: &Registry, name: &str, layers: &[usize]) -> Pushed {
-    images::push(
-        &upstream.url(),
-        &format!("test/{name}"),
-        "1",
-        Image::build(Format::Oci, layers),
-    )
-}
-
-/// Pulls an image through stowage: manifest by tag, then every blob, checking each blob's bytes.
-fn pull(stowage: &Stowage, p: &Pushed) {
-    let c = http();
-    let url = format!("{}/v2/{}/manifests/{}", stowage.url(), p.name, p.tag);
-    let r = c
-        .get(&url)
-        .header("accept", manifest_accept())
-        .send()
-        .expect("GET manifest");
-    assert_eq!(r.status().as_u16(), 200, "GET {url}");
-    let body = r.bytes().expect("manifest body");
-    assert_eq!(sha256_digest(&body), p.digest(), "manifest bytes of {url}");
-    for b in p.blobs() {
-        let url = format!("{}/v2/{}/blobs/{}", stowage.url(), p.name, b.digest);
-        let r = http().get(&url).send().expect("GET blob");
-        assert_eq!(r.status().as_u16(), 200, "GET {url}");
-        let bytes = r.bytes().expect("blob body");
-        assert_eq!(sha256_digest(&bytes), b.digest, "bytes of {}", b.digest);
-    }
-}
 
 /// GET `url`: (status, body text).
 fn get(url: &str) -> (u16, String) {
@@ -78,21 +49,21 @@ fn text(o: &Output) -> String {
 #[test]
 fn offline_serves_cached_tags_past_ttl_and_never_contacts_upstream() {
     let upstream = Registry::start();
-    let cached = push(&upstream, "cached", &[64 * KIB, 32 * KIB]);
-    let absent = push(&upstream, "absent", &[16 * KIB]);
+    let cached = push_test(&upstream, "cached", &[64 * KIB, 32 * KIB]);
+    let absent = push_test(&upstream, "absent", &[16 * KIB]);
     let mut stowage = Stowage::builder()
         .upstream(
             UpstreamSpec::new("docker.io", &upstream.url()).with_extra("manifest_ttl = \"0s\""),
         )
         .start();
-    pull(&stowage, &cached);
+    pull_image(&stowage, &cached);
     stowage.stop();
     stowage.push_arg("--offline");
     stowage.restart();
 
     let before = upstream_requests(&upstream);
     // manifest_ttl = 0 would revalidate every time online; offline serves the cached tag.
-    pull(&stowage, &cached);
+    pull_image(&stowage, &cached);
     let (status, body) = get(&format!("{}/readyz", stowage.url()));
     assert_eq!(status, 200, "offline readiness: {body}");
     assert!(
@@ -177,7 +148,7 @@ fn hexes(blobs: &[&images::Blob]) -> Vec<String> {
 /// A stopped cache holding (prefetched, pinned) a single-platform OCI image, one platform
 /// (amd64) of an OCI index and a Docker schema 2 image.
 fn seeded(upstream: &Registry) -> (Stowage, Pushed, images::ImageIndex) {
-    let single = push(upstream, "single", &[48 * KIB, 16 * KIB]);
+    let single = push_test(upstream, "single", &[48 * KIB, 16 * KIB]);
     // Docker schema 2 types keep their type and digest through export and import.
     images::push(
         &upstream.url(),
@@ -383,7 +354,7 @@ fn ls_pinned(stowage: &Stowage, name: &str) -> Option<bool> {
 #[test]
 fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
     let upstream = Registry::start();
-    let single = push(&upstream, "single", &[40 * KIB, 8 * KIB]);
+    let single = push_test(&upstream, "single", &[40 * KIB, 8 * KIB]);
     let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[20 * KIB]);
     images::push(&upstream.url(), "test/multi", "1", index.clone());
     let (amd64, arm64) = (&index.children[0], &index.children[1]);
@@ -451,7 +422,7 @@ fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
 
     // The cache serves them.
     stowage.restart();
-    pull(&stowage, &single);
+    pull_image(&stowage, &single);
 }
 
 /// Small real tar layers of distinct sizes, with matching diff_ids: dockerd unpacks them.
@@ -546,7 +517,7 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
 #[test]
 fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
     let upstream = Registry::start();
-    let live = push(&upstream, "live", &[2 << 20, 16 * KIB]);
+    let live = push_test(&upstream, "live", &[2 << 20, 16 * KIB]);
     let mut stowage = Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .start();
@@ -575,7 +546,7 @@ fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
                 .expect("run the stowage binary")
         })
     };
-    pull(&stowage, &live);
+    pull_image(&stowage, &live);
     let o = prefetch.join().expect("prefetch thread");
     let out = text(&o);
     assert!(o.status.success(), "prefetch through the live serve: {out}");
@@ -610,7 +581,7 @@ fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
     // ls (and the pin) through the live server; the content is served with no upstream blob.
     assert_eq!(ls_pinned(&stowage, "docker.io/test/live:1"), Some(true));
     let before = upstream.blob_gets();
-    pull(&stowage, &live);
+    pull_image(&stowage, &live);
     upstream.sync_log();
     assert_eq!(upstream.blob_gets(), before, "served from the cache");
     let out = command_ok(&stowage, &["unpin", "test/live:1"]);
@@ -677,9 +648,9 @@ fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
     let upstream = Registry::start();
     let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[12 * KIB]);
     images::push(&upstream.url(), "test/multi", "1", index.clone());
-    let by_digest = push(&upstream, "bydigest", &[20 * KIB]);
-    let a = push(&upstream, "fromfile-a", &[8 * KIB]);
-    let b = push(&upstream, "fromfile-b", &[9 * KIB]);
+    let by_digest = push_test(&upstream, "bydigest", &[20 * KIB]);
+    let a = push_test(&upstream, "fromfile-a", &[8 * KIB]);
+    let b = push_test(&upstream, "fromfile-b", &[9 * KIB]);
     // Against a live serve: the flags travel through the admin socket.
     let stowage = Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
@@ -728,7 +699,7 @@ fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
 #[test]
 fn a_bundle_without_oci_layout_or_of_another_layout_version_is_rejected() {
     let upstream = Registry::start();
-    push(&upstream, "single", &[16 * KIB]);
+    push_test(&upstream, "single", &[16 * KIB]);
     let mut stowage = Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .start();

@@ -14,10 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::images::{self, Format, Image, Pushed};
+use support::images::push_test;
+use support::images::{self, Pushed};
 use support::registry::Registry;
-use support::stowage::{Stowage, UpstreamSpec};
-use support::{files_under, http, manifest_accept, sha256_digest, wait_until};
+use support::stowage::{pull_image, Stowage, UpstreamSpec};
+use support::{files_under, http, sha256_digest, wait_until};
 
 const MIB: usize = 1 << 20;
 
@@ -27,33 +28,6 @@ fn stowage_with(upstream: &Registry, max_size: &str, storage_toml: &str) -> Stow
         .max_size(max_size)
         .storage_toml(storage_toml)
         .start()
-}
-
-/// Pushes `test/<name>:1` with layers of the given sizes.
-fn push(upstream: &Registry, name: &str, layers: &[usize]) -> Pushed {
-    images::push(
-        &upstream.url(),
-        &format!("test/{name}"),
-        "1",
-        Image::build(Format::Oci, layers),
-    )
-}
-
-/// Pulls an image through stowage like a client: manifest by tag, then every blob, checking
-/// each blob's bytes.
-fn pull(stowage: &Stowage, p: &Pushed) {
-    let c = http();
-    let url = format!("{}/v2/{}/manifests/{}", stowage.url(), p.name, p.tag);
-    let r = c
-        .get(&url)
-        .header("accept", manifest_accept())
-        .send()
-        .expect("GET manifest");
-    assert_eq!(r.status().as_u16(), 200, "GET {url}");
-    for b in p.blobs() {
-        let bytes = get_blob(stowage, &p.name, &b.digest);
-        assert_eq!(sha256_digest(&bytes), b.digest, "bytes of {}", b.digest);
-    }
 }
 
 fn get_blob(stowage: &Stowage, name: &str, digest: &str) -> Vec<u8> {
@@ -136,7 +110,7 @@ fn budget_evicts_least_recently_used_and_is_never_exceeded() {
     let stowage = stowage_with(&upstream, "40MiB", "");
     // Ten images of ~10 MiB (two ~5 MiB layers): ~100 MiB through a 40 MiB budget.
     let imgs: Vec<Pushed> = (0..10)
-        .map(|i| push(&upstream, &format!("img{i}"), &[5 * MIB, 5 * MIB]))
+        .map(|i| push_test(&upstream, &format!("img{i}"), &[5 * MIB, 5 * MIB]))
         .collect();
 
     // Sample the on-disk size throughout.
@@ -153,10 +127,10 @@ fn budget_evicts_least_recently_used_and_is_never_exceeded() {
     };
     // Pull each image, and after each pull hit the previous one again.
     for i in 0..imgs.len() {
-        pull(&stowage, &imgs[i]);
+        pull_image(&stowage, &imgs[i]);
         peak.fetch_max(on_disk(&stowage.data_dir()), Ordering::SeqCst);
         if i > 0 {
-            pull(&stowage, &imgs[i - 1]);
+            pull_image(&stowage, &imgs[i - 1]);
         }
     }
     stop.store(true, Ordering::SeqCst);
@@ -176,7 +150,7 @@ fn budget_evicts_least_recently_used_and_is_never_exceeded() {
     let before = upstream_blob_gets(&upstream, &imgs[8]);
     assert_eq!(before, imgs[8].blobs().len(), "img8 was fetched once");
     assert!(has_all_blobs(&stowage, &imgs[8]));
-    pull(&stowage, &imgs[8]);
+    pull_image(&stowage, &imgs[8]);
     assert_eq!(
         upstream_blob_gets(&upstream, &imgs[8]),
         before,
@@ -201,9 +175,9 @@ fn budget_evicts_least_recently_used_and_is_never_exceeded() {
 fn a_fill_that_cannot_fit_fails_cleanly_and_hits_keep_working() {
     let upstream = Registry::start();
     let stowage = stowage_with(&upstream, "8MiB", "");
-    let small = push(&upstream, "small", &[MIB]);
-    let big = push(&upstream, "big", &[10 * MIB]);
-    pull(&stowage, &small);
+    let small = push_test(&upstream, "small", &[MIB]);
+    let big = push_test(&upstream, "big", &[10 * MIB]);
+    pull_image(&stowage, &small);
     let layer = &big.image_layers()[0];
     let url = format!("{}/v2/{}/blobs/{}", stowage.url(), big.name, layer);
     let r = http().get(&url).send().expect("GET big blob");
@@ -218,7 +192,7 @@ fn a_fill_that_cannot_fit_fails_cleanly_and_hits_keep_working() {
     assert!(!stowage.blob_path(layer).exists());
     // The cache is consistent: the small image is still a hit.
     let before = upstream.blob_gets();
-    pull(&stowage, &small);
+    pull_image(&stowage, &small);
     assert_eq!(upstream.blob_gets(), before, "hits went upstream");
 }
 
@@ -242,8 +216,8 @@ fn a_blob_streamed_to_a_slow_client_is_not_deleted_mid_stream() {
     let upstream = Registry::start();
     let stowage = stowage_with(&upstream, "40MiB", "");
     // Bigger than what loopback socket buffers hold, so the server is still streaming.
-    let slow = push(&upstream, "slow", &[20 * MIB]);
-    pull(&stowage, &slow);
+    let slow = push_test(&upstream, "slow", &[20 * MIB]);
+    pull_image(&stowage, &slow);
     let layer = slow.image_layers()[0].clone();
     let path = stowage.blob_path(&layer);
     assert!(path.exists());
@@ -257,10 +231,10 @@ fn a_blob_streamed_to_a_slow_client_is_not_deleted_mid_stream() {
 
     // Pressure that would evict the slow image first (it is the least recently used).
     let others: Vec<Pushed> = (0..4)
-        .map(|i| push(&upstream, &format!("other{i}"), &[5 * MIB, 5 * MIB]))
+        .map(|i| push_test(&upstream, &format!("other{i}"), &[5 * MIB, 5 * MIB]))
         .collect();
     for o in &others {
-        pull(&stowage, o);
+        pull_image(&stowage, o);
         assert!(path.exists(), "blob deleted while a client was reading it");
     }
     assert!(
@@ -277,8 +251,8 @@ fn a_blob_streamed_to_a_slow_client_is_not_deleted_mid_stream() {
         if !path.exists() {
             break;
         }
-        let more = push(&upstream, &format!("more{i}"), &[5 * MIB, 5 * MIB]);
-        pull(&stowage, &more);
+        let more = push_test(&upstream, &format!("more{i}"), &[5 * MIB, 5 * MIB]);
+        pull_image(&stowage, &more);
     }
     assert!(
         !path.exists(),
@@ -290,8 +264,8 @@ fn a_blob_streamed_to_a_slow_client_is_not_deleted_mid_stream() {
 fn a_pinned_image_survives_pressure_and_commands_run_while_serving() {
     let upstream = Registry::start();
     let mut stowage = stowage_with(&upstream, "40MiB", "");
-    let pinned = push(&upstream, "pinned", &[5 * MIB, 5 * MIB]);
-    pull(&stowage, &pinned);
+    let pinned = push_test(&upstream, "pinned", &[5 * MIB, 5 * MIB]);
+    pull_image(&stowage, &pinned);
 
     // While serving, operator commands run inside the server, through its admin socket.
     let out = command_ok(&stowage, &["pin", "test/pinned:1"]);
@@ -313,17 +287,17 @@ fn a_pinned_image_survives_pressure_and_commands_run_while_serving() {
 
     let before = upstream_blob_gets(&upstream, &pinned);
     let others: Vec<Pushed> = (0..6)
-        .map(|i| push(&upstream, &format!("other{i}"), &[5 * MIB, 5 * MIB]))
+        .map(|i| push_test(&upstream, &format!("other{i}"), &[5 * MIB, 5 * MIB]))
         .collect();
     for o in &others {
-        pull(&stowage, o);
+        pull_image(&stowage, o);
         assert!(has_all_blobs(&stowage, &pinned), "pinned blob evicted");
     }
     assert!(
         has_no_layers(&stowage, &others[0]),
         "pressure did not evict anything: the test proves nothing"
     );
-    pull(&stowage, &pinned);
+    pull_image(&stowage, &pinned);
     assert_eq!(upstream_blob_gets(&upstream, &pinned), before);
 
     // Unpinned, it becomes evictable again.
@@ -331,7 +305,7 @@ fn a_pinned_image_survives_pressure_and_commands_run_while_serving() {
     command_ok(&stowage, &["unpin", "test/pinned:1"]);
     stowage.restart();
     for o in &others[..4] {
-        pull(&stowage, o);
+        pull_image(&stowage, o);
     }
     assert!(
         has_no_layers(&stowage, &pinned),
@@ -344,20 +318,20 @@ fn restart_preserves_the_cache_and_the_recency_order() {
     let upstream = Registry::start();
     // Recency is only written at shutdown here, so the clean stop must flush it.
     let mut stowage = stowage_with(&upstream, "40MiB", "access_flush_interval = \"1h\"");
-    let a = push(&upstream, "a", &[5 * MIB, 5 * MIB]);
-    let b = push(&upstream, "b", &[5 * MIB, 5 * MIB]);
-    let c = push(&upstream, "c", &[5 * MIB, 5 * MIB]);
-    pull(&stowage, &a);
-    pull(&stowage, &b);
-    pull(&stowage, &c);
-    pull(&stowage, &a); // order of last use: b, c, a
+    let a = push_test(&upstream, "a", &[5 * MIB, 5 * MIB]);
+    let b = push_test(&upstream, "b", &[5 * MIB, 5 * MIB]);
+    let c = push_test(&upstream, "c", &[5 * MIB, 5 * MIB]);
+    pull_image(&stowage, &a);
+    pull_image(&stowage, &b);
+    pull_image(&stowage, &c);
+    pull_image(&stowage, &a); // order of last use: b, c, a
     stop_cleanly(&mut stowage);
     stowage.restart();
 
     // A hit after restart needs no upstream.
     let gets = upstream.blob_gets();
-    pull(&stowage, &c);
-    pull(&stowage, &a); // order: b, c, a
+    pull_image(&stowage, &c);
+    pull_image(&stowage, &a); // order: b, c, a
     assert_eq!(
         upstream.blob_gets(),
         gets,
@@ -365,8 +339,8 @@ fn restart_preserves_the_cache_and_the_recency_order() {
     );
 
     // Pressure evicts b (least recently used before the restart) and keeps c and a.
-    let d = push(&upstream, "d", &[5 * MIB, 5 * MIB]);
-    pull(&stowage, &d);
+    let d = push_test(&upstream, "d", &[5 * MIB, 5 * MIB]);
+    pull_image(&stowage, &d);
     assert!(has_no_layers(&stowage, &b), "b should be evicted first");
     assert!(has_all_blobs(&stowage, &c) && has_all_blobs(&stowage, &a));
 }
@@ -375,18 +349,18 @@ fn restart_preserves_the_cache_and_the_recency_order() {
 fn recency_survives_kill_9_after_a_batch_flush() {
     let upstream = Registry::start();
     let mut stowage = stowage_with(&upstream, "40MiB", "access_flush_interval = \"200ms\"");
-    let a = push(&upstream, "a", &[5 * MIB, 5 * MIB]);
-    let b = push(&upstream, "b", &[5 * MIB, 5 * MIB]);
-    let c = push(&upstream, "c", &[5 * MIB, 5 * MIB]);
-    pull(&stowage, &b);
-    pull(&stowage, &a);
-    pull(&stowage, &c);
-    pull(&stowage, &b); // order: a, c, b
-                        // Give the batch flush time to run (a few intervals), then crash.
+    let a = push_test(&upstream, "a", &[5 * MIB, 5 * MIB]);
+    let b = push_test(&upstream, "b", &[5 * MIB, 5 * MIB]);
+    let c = push_test(&upstream, "c", &[5 * MIB, 5 * MIB]);
+    pull_image(&stowage, &b);
+    pull_image(&stowage, &a);
+    pull_image(&stowage, &c);
+    pull_image(&stowage, &b); // order: a, c, b
+                              // Give the batch flush time to run (a few intervals), then crash.
     std::thread::sleep(Duration::from_secs(3));
     stowage.restart(); // SIGKILL + start
-    let d = push(&upstream, "d", &[5 * MIB, 5 * MIB]);
-    pull(&stowage, &d);
+    let d = push_test(&upstream, "d", &[5 * MIB, 5 * MIB]);
+    pull_image(&stowage, &d);
     assert!(has_no_layers(&stowage, &a), "a should be evicted first");
     assert!(has_all_blobs(&stowage, &b) && has_all_blobs(&stowage, &c));
 }
@@ -396,7 +370,7 @@ fn kill_9_during_fills_and_eviction_leaves_a_consistent_cache() {
     let upstream = Registry::start();
     let mut stowage = stowage_with(&upstream, "24MiB", "");
     let imgs: Vec<Pushed> = (0..6)
-        .map(|i| push(&upstream, &format!("k{i}"), &[3 * MIB, 3 * MIB, 3 * MIB]))
+        .map(|i| push_test(&upstream, &format!("k{i}"), &[3 * MIB, 3 * MIB, 3 * MIB]))
         .collect();
     for round in 0..3 {
         // Pull everything concurrently (fills and evictions all the time), kill -9 mid-way.
@@ -441,8 +415,8 @@ fn kill_9_during_fills_and_eviction_leaves_a_consistent_cache() {
     }
     // Damage the cache by hand, as a crash between steps would: an index entry whose file is
     // gone, a file the index does not know (valid bytes), and a file with the wrong bytes.
-    pull(&stowage, &imgs[0]);
-    pull(&stowage, &imgs[1]);
+    pull_image(&stowage, &imgs[0]);
+    pull_image(&stowage, &imgs[1]);
     stop_cleanly(&mut stowage);
     let gone = imgs[0].image_layers()[0].clone();
     std::fs::remove_file(stowage.blob_path(&gone)).expect("remove a blob file");
@@ -474,7 +448,7 @@ fn kill_9_during_fills_and_eviction_leaves_a_consistent_cache() {
     // Everything still pulls correctly afterwards.
     stowage.restart();
     for p in &imgs {
-        pull(&stowage, p);
+        pull_image(&stowage, p);
     }
 }
 
@@ -482,8 +456,8 @@ fn kill_9_during_fills_and_eviction_leaves_a_consistent_cache() {
 fn verify_finds_a_flipped_byte_and_repair_refetches_it() {
     let upstream = Registry::start();
     let mut stowage = stowage_with(&upstream, "1GiB", "");
-    let p = push(&upstream, "flip", &[2 * MIB, MIB]);
-    pull(&stowage, &p);
+    let p = push_test(&upstream, "flip", &[2 * MIB, MIB]);
+    pull_image(&stowage, &p);
     stop_cleanly(&mut stowage);
     assert!(command_ok(&stowage, &["verify"]).contains("cache is clean"));
 
@@ -515,7 +489,7 @@ fn verify_finds_a_flipped_byte_and_repair_refetches_it() {
     );
     // Other blobs stayed hits.
     let before = upstream.blob_gets();
-    pull(&stowage, &p);
+    pull_image(&stowage, &p);
     assert_eq!(upstream.blob_gets(), before);
 }
 
@@ -523,10 +497,10 @@ fn verify_finds_a_flipped_byte_and_repair_refetches_it() {
 fn gc_removes_unused_tags_manifests_and_orphaned_blobs_but_keeps_pins() {
     let upstream = Registry::start();
     let mut stowage = stowage_with(&upstream, "1GiB", "gc_max_age = \"0s\"");
-    let keep = push(&upstream, "keep", &[MIB]);
-    let drop_me = push(&upstream, "drop", &[MIB]);
-    pull(&stowage, &keep);
-    pull(&stowage, &drop_me);
+    let keep = push_test(&upstream, "keep", &[MIB]);
+    let drop_me = push_test(&upstream, "drop", &[MIB]);
+    pull_image(&stowage, &keep);
+    pull_image(&stowage, &drop_me);
     stop_cleanly(&mut stowage);
     command_ok(&stowage, &["pin", "test/keep:1"]);
     // gc compares whole seconds: let a second pass so that "unused for 0s" is true.
@@ -546,7 +520,7 @@ fn gc_removes_unused_tags_manifests_and_orphaned_blobs_but_keeps_pins() {
     assert!(command_ok(&stowage, &["verify"]).contains("cache is clean"));
     // The removed image pulls again from upstream.
     stowage.restart();
-    pull(&stowage, &drop_me);
+    pull_image(&stowage, &drop_me);
 }
 
 /// A tmpfs mounted for one test, unmounted on drop.
@@ -598,10 +572,10 @@ fn a_disk_smaller_than_the_budget_evicts_for_space_and_refuses_what_cannot_fit()
         .env("STOWAGE_STORAGE_PATH", &data.display().to_string())
         .start();
     let imgs: Vec<Pushed> = (0..8)
-        .map(|i| push(&upstream, &format!("d{i}"), &[2 * MIB, 2 * MIB]))
+        .map(|i| push_test(&upstream, &format!("d{i}"), &[2 * MIB, 2 * MIB]))
         .collect();
     for p in &imgs {
-        pull(&stowage, p); // ~32 MiB through a 24 MiB disk
+        pull_image(&stowage, p); // ~32 MiB through a 24 MiB disk
     }
     assert!(
         has_no_layers_in(&data, &imgs[0]),
@@ -609,7 +583,7 @@ fn a_disk_smaller_than_the_budget_evicts_for_space_and_refuses_what_cannot_fit()
     );
     let last = imgs.last().expect("images");
     let gets = upstream.blob_gets();
-    pull(&stowage, last);
+    pull_image(&stowage, last);
     assert_eq!(
         upstream.blob_gets(),
         gets,
@@ -618,7 +592,7 @@ fn a_disk_smaller_than_the_budget_evicts_for_space_and_refuses_what_cannot_fit()
 
     // A blob the disk cannot hold even with every cached blob gone: refused up front with a
     // clear error, temp file removed, nothing evicted, hits keep working.
-    let big = push(&upstream, "big", &[26 * MIB]);
+    let big = push_test(&upstream, "big", &[26 * MIB]);
     let layer = big.image_layers()[0].clone();
     let r = http()
         .get(format!("{}/v2/{}/blobs/{layer}", stowage.url(), big.name))
@@ -629,7 +603,7 @@ fn a_disk_smaller_than_the_budget_evicts_for_space_and_refuses_what_cannot_fit()
     assert!(body.contains("disk"), "{body}");
     assert!(files_under(&data.join("tmp")).is_empty(), "temp file left");
     let gets = upstream.blob_gets();
-    pull(&stowage, last);
+    pull_image(&stowage, last);
     assert_eq!(
         upstream.blob_gets(),
         gets,

@@ -497,3 +497,14 @@ fn hex_of(digest_or_hex: &str) -> &str {
         .map(|(_, h)| h)
         .unwrap_or(digest_or_hex)
 }
+
+/// Pushes `test/<name>:1` to `upstream`: an OCI image with layers of the given sizes (the
+/// lifecycle and air-gap tests' standard image).
+pub fn push_test(upstream: &super::registry::Registry, name: &str, layers: &[usize]) -> Pushed {
+    push(
+        &upstream.url(),
+        &format!("test/{name}"),
+        "1",
+        Image::build(Format::Oci, layers),
+    )
+}

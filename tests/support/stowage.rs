@@ -495,3 +495,34 @@ fn toml_str(s: &str) -> String {
     out.push('"');
     out
 }
+
+/// Pulls an image through `stowage` like a client: manifest by tag (its bytes must hash to the
+/// pushed digest), then every blob, checking each blob's bytes.
+pub fn pull_image(stowage: &Stowage, p: &super::images::Pushed) {
+    let c = super::http();
+    let url = format!("{}/v2/{}/manifests/{}", stowage.url(), p.name, p.tag);
+    let r = c
+        .get(&url)
+        .header("accept", super::manifest_accept())
+        .send()
+        .expect("GET manifest");
+    assert_eq!(r.status().as_u16(), 200, "GET {url}");
+    let body = r.bytes().expect("manifest body");
+    assert_eq!(
+        super::sha256_digest(&body),
+        p.digest(),
+        "manifest bytes of {url}"
+    );
+    for b in p.blobs() {
+        let url = format!("{}/v2/{}/blobs/{}", stowage.url(), p.name, b.digest);
+        let r = c.get(&url).send().expect("GET blob");
+        assert_eq!(r.status().as_u16(), 200, "GET {url}");
+        let bytes = r.bytes().expect("blob body");
+        assert_eq!(
+            super::sha256_digest(&bytes),
+            b.digest,
+            "bytes of {}",
+            b.digest
+        );
+    }
+}
