@@ -225,7 +225,9 @@ impl Stowage {
         self.child = Some(cmd.spawn().expect("spawn the stowage binary"));
     }
 
-    fn wait_ready(&mut self) -> Result<(), String> {
+    /// A short-timeout client for the harness's own probes (readiness, pending commits) that
+    /// trusts the test CA when the mirror speaks HTTPS.
+    fn probe_client(&self) -> reqwest::blocking::Client {
         let mut client = reqwest::blocking::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(2));
@@ -235,7 +237,11 @@ impl Stowage {
                 .tls_built_in_root_certs(false)
                 .add_root_certificate(ca);
         }
-        let client = client.build().expect("readiness client");
+        client.build().expect("probe client")
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let client = self.probe_client();
         let ready_status: &[u16] = if self.options.auth { &[401] } else { &[200] };
         let url = format!("{}/v2/", self.url());
         let mut exit: Option<ExitStatus> = None;
@@ -394,18 +400,7 @@ impl Stowage {
         if self.child.is_none() {
             return;
         }
-        let mut client = reqwest::blocking::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(2));
-        if let Some(ca) = &self.options.tls_ca {
-            let ca = reqwest::Certificate::from_pem(ca).expect("test CA is PEM");
-            client = client
-                .tls_built_in_root_certs(false)
-                .add_root_certificate(ca);
-        }
-        let Ok(client) = client.build() else {
-            return;
-        };
+        let client = self.probe_client();
         let url = format!("{}/metrics", self.url());
         wait_until(Duration::from_secs(30), || match client.get(&url).send() {
             Ok(r) if r.status().is_success() => r.text().is_ok_and(|t| {
