@@ -492,7 +492,9 @@ fn toml_str(s: &str) -> String {
 }
 
 /// Pulls an image through `stowage` like a client: manifest by tag (its bytes must hash to the
-/// pushed digest), then every blob, checking each blob's bytes.
+/// pushed digest), then every blob, checking each blob's bytes. Returns once the blobs are
+/// committed too (a client's last byte comes when its blob verifies; the rename follows), so
+/// callers can look at the cache directory right away.
 pub fn pull_image(stowage: &Stowage, p: &super::images::Pushed) {
     let c = super::http();
     let url = format!("{}/v2/{}/manifests/{}", stowage.url(), p.name, p.tag);
@@ -520,4 +522,5 @@ pub fn pull_image(stowage: &Stowage, p: &super::images::Pushed) {
             b.digest
         );
     }
+    stowage.wait_commits();
 }
