@@ -535,13 +535,8 @@ async fn fill_from(cache: &Cache, digest: &Digest, path: &Path, size: u64) -> Re
     while let Some(chunk) = reader.next().await {
         chunk.map_err(|e| failed(e.to_string()))?;
     }
-    loop {
-        match fill.state().phase {
-            crate::cache::fill::Phase::Committed => return Ok(()),
-            crate::cache::fill::Phase::Failed(e) => return Err(failed(e.to_string())),
-            _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-        }
-    }
+    // The last byte comes once the blob verifies; the commit follows.
+    fill.settled().await.map_err(|e| failed(e.to_string()))
 }
 
 /// `stowage import`.
@@ -733,13 +728,8 @@ async fn fetch_blob(
                 n += chunk.len() as u64;
                 meter.add(chunk.len() as u64);
             }
-            loop {
-                match fill.state().phase {
-                    crate::cache::fill::Phase::Committed => break,
-                    crate::cache::fill::Phase::Failed(e) => return Err(e),
-                    _ => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-                }
-            }
+            // In the cache (not only verified) before the image counts as prefetched.
+            fill.settled().await?;
             Ok(Some(n))
         }
         _ => Ok(None),
