@@ -14,6 +14,8 @@
 //! existing directory) a directory. Each `index.json` entry is an image's top manifest with
 //! `org.opencontainers.image.ref.name` = the fully qualified reference
 //! (`docker.io/library/alpine:3.19`), so `skopeo copy oci-archive:bundle.tar:<ref> ...` reads it.
+//! A Docker schema 2 image (manifest or list) is followed by an OCI-typed copy of itself under
+//! the same name (see `oci_variant`): skopeo reads the copy, `import` the original.
 //! An image must be fully cached (its manifests, and every blob of those manifests); an index
 //! exports with the children the cache holds (the platforms that were pulled).
 //!
@@ -30,17 +32,23 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::admin::Event;
+use crate::cache::index::StoredManifest;
 use crate::cache::index::{unix_now, unix_now_ms};
 use crate::cache::{hash_copy, references, BlobBody, BlobSource, Cache, Pin, TagEntry};
 use crate::config::Config;
+use crate::oci::convert::{docker_list_to_oci, docker_manifest_to_oci, Replacement};
+use crate::oci::media::{DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use crate::ops::{self, OpsError};
 
 /// The annotation naming an image in an OCI layout's `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Marks an `index.json` entry `export` added as an OCI-typed copy of a Docker-typed image
+/// (its value: the original's digest); `import` skips such entries.
+pub const CONVERTED_FROM: &str = "io.stowage.converted-from";
 
 fn usage(m: impl Into<String>) -> OpsError {
     OpsError::Usage(m.into())
@@ -75,6 +83,55 @@ struct Entry {
     digest: Digest,
     media_type: String,
     size: u64,
+    /// For the OCI-typed copy of a Docker-typed image: the original's digest.
+    converted_from: Option<Digest>,
+}
+
+/// For an image whose top manifest is Docker schema 2 (a manifest or a manifest list): the
+/// same image described with OCI media types (same config and layer blobs; a list keeps the
+/// platforms held), its new manifests added to `manifests`. skopeo's `oci:` / `oci-archive:`
+/// transports skip `index.json` entries of other types, so `export` writes this beside the
+/// original under the same name, marked with [`CONVERTED_FROM`]; `import` skips it, so the
+/// imported image keeps its original bytes and digests.
+fn oci_variant(
+    image: &HashMap<Digest, Arc<StoredManifest>>,
+    root: &Digest,
+    manifests: &mut BTreeMap<String, bytes::Bytes>,
+) -> Option<Replacement> {
+    let mut add = |bytes: Vec<u8>, media_type: &str| {
+        let digest = Digest::of(&bytes);
+        let size = bytes.len() as u64;
+        manifests.insert(digest.hex().to_owned(), bytes.into());
+        Replacement {
+            digest,
+            size,
+            media_type: media_type.to_owned(),
+        }
+    };
+    let top = image.get(root)?;
+    match top.media_type.as_str() {
+        DOCKER_MANIFEST_V2 => Some(add(docker_manifest_to_oci(&top.bytes)?, OCI_MANIFEST)),
+        DOCKER_MANIFEST_LIST => {
+            let mut children = HashMap::new();
+            for (d, m) in image.iter().filter(|(d, _)| *d != root) {
+                let r = match m.media_type.as_str() {
+                    DOCKER_MANIFEST_V2 => match docker_manifest_to_oci(&m.bytes) {
+                        Some(b) => add(b, OCI_MANIFEST),
+                        None => continue,
+                    },
+                    OCI_MANIFEST => Replacement {
+                        digest: d.clone(),
+                        size: m.bytes.len() as u64,
+                        media_type: OCI_MANIFEST.to_owned(),
+                    },
+                    _ => continue,
+                };
+                children.insert(d.clone(), r);
+            }
+            Some(add(docker_list_to_oci(&top.bytes, &children)?, OCI_INDEX))
+        }
+        _ => None,
+    }
 }
 
 /// `stowage export`.
@@ -93,20 +150,13 @@ pub fn export(
         let r = ops::parse_image_ref(text, config)?;
         let root = ops::resolve(cache, &r)?;
         let (held, needed) = ops::closure(cache, &root)?;
-        let mut root_entry = None;
+        let mut image = HashMap::new();
         for d in &held {
             let m = cache
                 .manifest_untouched(d)?
                 .ok_or_else(|| usage(format!("{r}: manifest {d} vanished from the cache")))?;
-            if *d == root {
-                root_entry = Some(Entry {
-                    name: r.to_string(),
-                    digest: root.clone(),
-                    media_type: m.media_type.clone(),
-                    size: m.bytes.len() as u64,
-                });
-            }
             manifests.insert(d.hex().to_owned(), m.bytes.clone());
+            image.insert(d.clone(), m);
         }
         for (b, _) in &needed {
             let path = cache.blob_path(b);
@@ -117,8 +167,16 @@ pub fn export(
             }
             blobs.insert(b.hex().to_owned(), path);
         }
-        let entry =
-            root_entry.ok_or_else(|| usage(format!("{r}: manifest {root} is not in the cache")))?;
+        let top = image
+            .get(&root)
+            .ok_or_else(|| usage(format!("{r}: manifest {root} is not in the cache")))?;
+        let entry = Entry {
+            name: r.to_string(),
+            digest: root.clone(),
+            media_type: top.media_type.clone(),
+            size: top.bytes.len() as u64,
+            converted_from: None,
+        };
         let _ = writeln!(
             out,
             "export {} ({}): {} manifest(s), {} blob(s)",
@@ -127,7 +185,22 @@ pub fn export(
             held.len(),
             needed.len()
         );
+        let variant = oci_variant(&image, &root, &mut manifests);
         entries.push(entry);
+        if let Some(v) = variant {
+            let _ = writeln!(
+                out,
+                "  + the same image with OCI media types ({}) for OCI-only readers",
+                v.digest
+            );
+            entries.push(Entry {
+                name: r.to_string(),
+                digest: v.digest,
+                media_type: v.media_type,
+                size: v.size,
+                converted_from: Some(root.clone()),
+            });
+        }
     }
     let index = serde_json::json!({
         "schemaVersion": 2,
@@ -136,7 +209,10 @@ pub fn export(
             "mediaType": e.media_type,
             "digest": e.digest.to_string(),
             "size": e.size,
-            "annotations": { REF_NAME: e.name },
+            "annotations": match &e.converted_from {
+                None => serde_json::json!({ REF_NAME: e.name }),
+                Some(d) => serde_json::json!({ REF_NAME: e.name, CONVERTED_FROM: d.to_string() }),
+            },
         })).collect::<Vec<_>>(),
     });
     let index = serde_json::to_vec_pretty(&index).map_err(|e| usage(e.to_string()))?;
@@ -440,6 +516,13 @@ fn plan(cache: &Cache, bundle: &Bundle) -> Result<Vec<ImagePlan>, OpsError> {
         .ok_or_else(|| usage("index.json has no manifests"))?;
     let mut plans = Vec::new();
     for e in entries {
+        if e.get("annotations")
+            .and_then(|a| a.get(CONVERTED_FROM))
+            .is_some()
+        {
+            // An OCI-typed copy for other readers: the original entry is imported instead.
+            continue;
+        }
         let name = e
             .get("annotations")
             .and_then(|a| a.get(REF_NAME))

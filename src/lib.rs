@@ -11,7 +11,8 @@
 //! - [`config`] — typed configuration: defaults ← `config.toml` ← `STOWAGE_*` env; validated once,
 //!   errors name the key.
 //! - [`oci`] — protocol vocabulary, pure and unit-tested: [`oci::Digest`], [`oci::RepoName`],
-//!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body.
+//!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body,
+//!   Docker schema 2 → OCI conversion of manifests ([`oci::convert`], for `export`).
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), blob
 //!   `Range` parsing (`http::range`, 206/416), the one place errors become responses, per-request observability (request id, request metrics,
 //!   cache hit / miss counters, the log line), `/metrics`, `/healthz`, `/readyz`, `/v1/search`,
@@ -58,7 +59,7 @@
 //!   themselves), and the rendering of the events (indicatif bars or plain lines).
 //! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine (progress as
 //!   [`admin::Event`]s), `export` of cached images to an OCI image layout (tar or directory,
-//!   readable by skopeo) and `import` of one (every blob verified first, images made visible
+//!   readable by skopeo: Docker-typed images get an OCI-typed copy beside them) and `import` of one (every blob verified first, images made visible
 //!   whole, idempotent). `offline = true` / `serve --offline` lives in [`mirror`].
 //!
 //! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]

@@ -274,7 +274,7 @@ impl Mirror {
     }
 
     /// A manifest by tag or digest. By digest it is content-addressed (never a tag
-    /// revalidation); by tag see [`Mirror::manifest_by_tag`].
+    /// revalidation); by tag see `Mirror::manifest_by_tag`.
     pub async fn manifest(
         &self,
         route: &Route,

@@ -146,15 +146,30 @@ fn hexes(blobs: &[&images::Blob]) -> Vec<String> {
 }
 
 /// A stopped cache holding (prefetched, pinned) a single-platform OCI image, one platform
-/// (amd64) of an OCI index and a Docker schema 2 image.
-fn seeded(upstream: &Registry) -> (Stowage, Pushed, images::ImageIndex) {
+/// (amd64) of an OCI index, a Docker schema 2 image and one platform (amd64) of a Docker
+/// manifest list.
+struct Seeded {
+    stowage: Stowage,
+    single: Pushed,
+    index: images::ImageIndex,
+    docker: Pushed,
+    docker_list: Pushed,
+}
+
+fn seeded(upstream: &Registry) -> Seeded {
     let single = push_test(upstream, "single", &[48 * KIB, 16 * KIB]);
     // Docker schema 2 types keep their type and digest through export and import.
-    images::push(
+    let docker = images::push(
         &upstream.url(),
         "test/dockerfmt",
         "1",
         Image::build(Format::Docker, &[24 * KIB]),
+    );
+    let docker_list = images::push(
+        &upstream.url(),
+        "test/dockerlist",
+        "1",
+        ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[20 * KIB]),
     );
     let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[32 * KIB]);
     images::push(&upstream.url(), "test/multi", "1", index.clone());
@@ -170,9 +185,64 @@ fn seeded(upstream: &Registry) -> (Stowage, Pushed, images::ImageIndex) {
             "test/single:1",
             "test/multi:1",
             "test/dockerfmt:1",
+            "test/dockerlist:1",
         ],
     );
-    (stowage, single, index)
+    Seeded {
+        stowage,
+        single,
+        index,
+        docker,
+        docker_list,
+    }
+}
+
+/// The manifest of a skopeo `dir:` copy.
+fn dir_manifest(dir: &std::path::Path) -> serde_json::Value {
+    let bytes = std::fs::read(dir.join("manifest.json")).expect("manifest.json of a dir: copy");
+    serde_json::from_slice(&bytes).expect("manifest.json is JSON")
+}
+
+/// skopeo read a Docker-typed `image` out of a bundle: the OCI-typed copy `export` adds, naming
+/// the image's own config and layers (so every blob it copied hashes to its digest).
+fn assert_read_as_oci(dir: &std::path::Path, image: &Image, what: &str) {
+    let m = dir_manifest(dir);
+    assert_eq!(
+        m["mediaType"], "application/vnd.oci.image.manifest.v1+json",
+        "{what}: {m}"
+    );
+    assert_eq!(
+        m["config"]["mediaType"], "application/vnd.oci.image.config.v1+json",
+        "{what}"
+    );
+    assert_eq!(
+        m["config"]["digest"],
+        image.config.digest.as_str(),
+        "{what}"
+    );
+    let layers: Vec<&str> = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| {
+            assert_eq!(
+                l["mediaType"], "application/vnd.oci.image.layer.v1.tar+gzip",
+                "{what}"
+            );
+            l["digest"].as_str().expect("layer digest")
+        })
+        .collect();
+    let want: Vec<&str> = image
+        .layers
+        .iter()
+        .map(|l| l.blob.digest.as_str())
+        .collect();
+    assert_eq!(layers, want, "{what}: the image's own layers");
+    assert_eq!(
+        verified_dir_blobs(dir),
+        hexes(&image.blobs()),
+        "{what}: config + layers"
+    );
 }
 
 /// A fresh, stopped stowage with no upstream configured, for `--offline` serving.
@@ -185,15 +255,24 @@ fn fresh_offline() -> Stowage {
 #[test]
 fn export_is_read_by_skopeo_and_import_serves_offline_with_every_digest_verified() {
     let upstream = Registry::start();
-    let (stowage, single, index) = seeded(&upstream);
+    let Seeded {
+        stowage,
+        single,
+        index,
+        docker,
+        docker_list,
+    } = seeded(&upstream);
     let amd64 = &index.children[0];
     let work = tempfile::tempdir().expect("temp dir");
     let tar = work.path().join("bundle.tar");
     let tar_arg = tar.display().to_string();
     let layout = format!("{}/layout/", work.path().display());
     let list = work.path().join("images.txt");
-    std::fs::write(&list, "# images\ntest/multi:1\n\ntest/dockerfmt:1\n")
-        .expect("write images.txt");
+    std::fs::write(
+        &list,
+        "# images\ntest/multi:1\n\ntest/dockerfmt:1\ntest/dockerlist:1\n",
+    )
+    .expect("write images.txt");
     let list_arg = list.display().to_string();
     command_ok(
         &stowage,
@@ -212,6 +291,8 @@ fn export_is_read_by_skopeo_and_import_serves_offline_with_every_digest_verified
             "export",
             "docker.io/test/single:1",
             "test/multi:1",
+            "test/dockerfmt:1",
+            "test/dockerlist:1",
             "-o",
             &layout,
         ],
@@ -253,13 +334,58 @@ fn export_is_read_by_skopeo_and_import_serves_offline_with_every_digest_verified
         "amd64 blobs skopeo read from the layout"
     );
 
+    // Docker schema 2 images, a manifest and a manifest list: skopeo's OCI transports only take
+    // OCI-typed entries, so it reads the OCI-typed copy export writes beside the original.
+    let docker_image = docker.platform("amd64");
+    let docker_amd64 = docker_list.platform("amd64");
+    for (transport, bundle) in [
+        ("oci-archive", tar_arg.as_str()),
+        ("oci", layout.trim_end_matches('/')),
+    ] {
+        for (name, image) in [("dockerfmt", docker_image), ("dockerlist", docker_amd64)] {
+            let src = format!("{transport}:{bundle}:docker.io/test/{name}:1");
+            let out = work.path().join(format!("{transport}-{name}"));
+            support::skopeo_ok(&["copy", &src, &format!("dir:{}", out.display())], "");
+            assert_read_as_oci(&out, image, &src);
+        }
+    }
+    let index_json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{layout}index.json")).expect("index.json"),
+    )
+    .expect("index.json is JSON");
+    let entries = index_json["manifests"].as_array().expect("manifests");
+    for pushed in [&docker, &docker_list] {
+        let name = format!("docker.io/{}:1", pushed.name);
+        let named: Vec<&serde_json::Value> = entries
+            .iter()
+            .filter(|e| e["annotations"]["org.opencontainers.image.ref.name"] == name.as_str())
+            .collect();
+        assert_eq!(
+            named.len(),
+            2,
+            "{name}: the original and its OCI copy: {index_json}"
+        );
+        assert_eq!(
+            named[0]["digest"],
+            pushed.digest(),
+            "{name}: the original first"
+        );
+        assert_eq!(named[0]["mediaType"], pushed.media_type(), "{name}");
+        assert_eq!(
+            named[1]["annotations"]["io.stowage.converted-from"],
+            pushed.digest(),
+            "{name}: the copy is marked"
+        );
+    }
+
     // Import into a fresh mirror with no upstream, pinned; a second import changes nothing.
     let mut fresh = fresh_offline();
+    // Four images: the OCI-typed copies are not imported.
     let first = command_ok(&fresh, &["import", &tar_arg, "--pin"]);
-    assert_eq!(first.matches("imported ").count(), 3, "{first}");
+    assert_eq!(first.matches("imported ").count(), 4, "{first}");
     let files = fresh.blob_files();
     let again = command_ok(&fresh, &["import", &tar_arg, "--pin"]);
-    assert_eq!(again.matches("already present").count(), 3, "{again}");
+    assert_eq!(again.matches("already present").count(), 4, "{again}");
     assert_eq!(fresh.blob_files(), files, "a re-import wrote blobs");
     let ls = command_ok(&fresh, &["ls"]);
     assert!(ls.contains("test/single"), "{ls}");
@@ -268,9 +394,34 @@ fn export_is_read_by_skopeo_and_import_serves_offline_with_every_digest_verified
     let out = work.path().join("served-single");
     let src = format!("docker://{}/test/single:1", fresh.host_port());
     assert_eq!(skopeo_copy_to_dir(&src, &out), hexes(&single.blobs()));
+    // Docker-typed images come back with their own bytes, types and digests.
+    for pushed in [&docker, &docker_list] {
+        let url = format!("{}/v2/{}/manifests/1", fresh.url(), pushed.name);
+        let r = http()
+            .get(&url)
+            .header("Accept", manifest_accept())
+            .send()
+            .expect("GET manifest");
+        assert_eq!(r.status(), 200, "{url}");
+        let digest = r.headers()["docker-content-digest"]
+            .to_str()
+            .expect("digest header")
+            .to_owned();
+        let content_type = r.headers()["content-type"]
+            .to_str()
+            .expect("type header")
+            .to_owned();
+        assert_eq!(digest, pushed.digest(), "{url}");
+        assert_eq!(content_type, pushed.media_type(), "{url}");
+        assert_eq!(
+            sha256_digest(&r.bytes().expect("body")),
+            pushed.digest(),
+            "{url}"
+        );
+    }
     let out = work.path().join("served-dockerfmt");
     let src = format!("docker://{}/test/dockerfmt:1", fresh.host_port());
-    assert_eq!(skopeo_copy_to_dir(&src, &out).len(), 2, "config + layer");
+    assert_eq!(skopeo_copy_to_dir(&src, &out), hexes(&docker_image.blobs()));
     let out = work.path().join("served-multi");
     let src = format!("docker://{}/test/multi:1", fresh.host_port());
     assert_eq!(skopeo_copy_to_dir(&src, &out), hexes(&amd64.blobs()));
@@ -279,7 +430,9 @@ fn export_is_read_by_skopeo_and_import_serves_offline_with_every_digest_verified
 #[test]
 fn tampered_or_truncated_bundle_is_rejected_naming_the_blob_and_nothing_is_visible() {
     let upstream = Registry::start();
-    let (stowage, single, _) = seeded(&upstream);
+    let Seeded {
+        stowage, single, ..
+    } = seeded(&upstream);
     let work = tempfile::tempdir().expect("temp dir");
     let layout = format!("{}/layout/", work.path().display());
     let tar = work.path().join("bundle.tar");
@@ -474,6 +627,17 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
         &seeder,
         &["export", "single:1", "multi:1", "ociapp:1", "-o", &tar],
     );
+    // The issue's own example: skopeo reads Docker Hub images, Docker-typed, straight from the
+    // archive by their fully qualified names.
+    for (name, image) in [
+        ("single", single.platform("amd64")),
+        ("multi", multi.platform("amd64")),
+    ] {
+        let src = format!("oci-archive:{tar}:docker.io/library/{name}:1");
+        let out = work.path().join(format!("archive-{name}"));
+        support::skopeo_ok(&["copy", &src, &format!("dir:{}", out.display())], "");
+        assert_read_as_oci(&out, image, &src);
+    }
     // Nothing upstream from here on: the fresh mirror has none configured, and this one is gone.
     drop(seeder);
     drop(upstream);

@@ -27,7 +27,7 @@
 //! Each window also holds the blob's read lease, so the blob is not evicted until its last
 //! bytes have been written to the connection, not merely until hyper has polled the stream.
 //! Tiny blobs and windows whose mapping fails are read with `pread` instead. Readers following
-//! a fill map the published part of the partial file the same way ([`read_window`]): published
+//! a fill map the published part of the partial file the same way (`read_window`): published
 //! bytes are never rewritten, and a failed fill only unlinks its file.
 //!
 //! Measured alternatives (`BENCHMARKS.md`): 1 MiB `spawn_blocking` reads into unzeroed buffers

@@ -1,5 +1,5 @@
 //! The HTTP edge (axum): parses requests into typed endpoints ([`route`]), asks the
-//! [`Mirror`](crate::mirror::Mirror), and turns answers and [`RegistryError`]s into responses
+//! [`Mirror`], and turns answers and [`RegistryError`]s into responses
 //! — the one place where errors become OCI error bodies. Also the per-request observability
 //! (request id, request metrics, cache hit / miss counters, the log line), `/metrics`,
 //! `/healthz`, `/readyz`, the `Docker-Distribution-API-Version` header, `/v1/search`, and

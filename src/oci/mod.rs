@@ -1,6 +1,7 @@
 //! Protocol vocabulary: digests, names, references, media types and errors. Pure: nothing here
 //! does I/O or knows about HTTP frameworks, and all of it is unit-tested.
 
+pub mod convert;
 pub mod digest;
 pub mod error;
 pub mod media;
