@@ -7,8 +7,9 @@
 //! [`Mirror`]: a `prefetch` shares single-flight fills with live client traffic, a `pin` is seen
 //! by the running eviction at once.
 //!
-//! The protocol is HTTP/1.1 over the socket: `POST /v1/run` with a JSON [`Request`]; the answer
-//! is a stream of [`Event`]s, one JSON object a line (NDJSON), ending with [`Event::End`]. The
+//! The protocol is HTTP/1.1 over the socket: `POST /v1/run` with a JSON [`Request`] and the
+//! client's version in `Stowage-Version` (a server refuses a client of another version: 409); the
+//! answer is a stream of [`Event`]s, one JSON object a line (NDJSON), ending with [`Event::End`]. The
 //! command line renders the same events whether the command ran here ([`run_local`]) or in the
 //! server ([`run_remote`]), with [`Display`]: the same stdout, stderr and exit code either way.
 //!
@@ -30,6 +31,14 @@ use crate::ops::{self, OpsError};
 
 /// The socket's file name under `storage.path`.
 pub const SOCKET_NAME: &str = "admin.sock";
+
+/// The header naming the stowage version on each side of the socket. The [`Request`] and
+/// [`Event`] shapes are not a stable interface, so a server runs commands only from a client of
+/// its own version and refuses others (409) before reading the request.
+pub const VERSION_HEADER: &str = "stowage-version";
+
+/// This build's version, as sent in [`VERSION_HEADER`].
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Where `serve` listens for operator commands on the cache at `storage_path`.
 pub fn socket_path(storage_path: &Path) -> PathBuf {
@@ -353,10 +362,41 @@ impl AdminServer {
     }
 }
 
+/// A plain-text refusal (the client prints it after the status).
+fn refuse(status: http::StatusCode, text: String) -> axum::response::Response {
+    let mut r = axum::response::Response::new(axum::body::Body::from(text));
+    *r.status_mut() = status;
+    r
+}
+
 async fn run_handler(
     axum::extract::State(state): axum::extract::State<AdminState>,
-    axum::Json(req): axum::Json<Request>,
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
 ) -> axum::response::Response {
+    let client = headers
+        .get(VERSION_HEADER)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    if client.as_deref() != Some(VERSION) {
+        let client = client.unwrap_or_else(|| "an older stowage (no version sent)".into());
+        tracing::warn!(%client, "admin command refused: version mismatch");
+        return refuse(
+            http::StatusCode::CONFLICT,
+            format!(
+                "the running serve is stowage {VERSION}, this command is {client}: \
+                 run the command with the serve's binary, or stop serve to run it on the cache"
+            ),
+        );
+    }
+    let req: Request = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return refuse(
+                http::StatusCode::BAD_REQUEST,
+                format!("not a stowage admin request: {e}"),
+            )
+        }
+    };
     tracing::info!(command = ?req, "admin command");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let interrupted = tx.clone();
@@ -390,6 +430,7 @@ fn ndjson(
     });
     axum::response::Response::builder()
         .header(http::header::CONTENT_TYPE, "application/x-ndjson")
+        .header(VERSION_HEADER, VERSION)
         .body(axum::body::Body::from_stream(stream))
         .unwrap_or_default()
 }
@@ -453,6 +494,7 @@ async fn remote(path: &Path, req: &Request, display: &mut Display) -> Result<Opt
     let request = http::Request::post("/v1/run")
         .header(http::header::HOST, "stowage-admin")
         .header(http::header::CONTENT_TYPE, "application/json")
+        .header(VERSION_HEADER, VERSION)
         .body(axum::body::Body::from(body))
         .map_err(|e| failed(&e))?;
     let response = sender.send_request(request).await.map_err(|e| failed(&e))?;

@@ -807,6 +807,79 @@ fn a_stale_admin_socket_is_replaced_and_ignored() {
     );
 }
 
+/// One raw HTTP/1.1 request on the admin socket: (status, body).
+fn admin_post(socket: &std::path::Path, version: Option<&str>, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect admin socket");
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("read timeout");
+    let version = version
+        .map(|v| format!("Stowage-Version: {v}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "POST /v1/run HTTP/1.1\r\nHost: stowage-admin\r\nContent-Type: application/json\r\n\
+         {version}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write request");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read answer");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn the_admin_socket_runs_commands_only_from_its_own_version() {
+    let stowage = Stowage::builder().arg("--offline").start();
+    let socket = stowage.data_dir().join("admin.sock");
+    let own = env!("CARGO_PKG_VERSION");
+    for (version, what) in [
+        (Some("0.0.0-other"), "0.0.0-other"),
+        (None, "no version sent"),
+    ] {
+        let (status, body) = admin_post(&socket, version, r#"{"command":"ls"}"#);
+        assert_eq!(status, 409, "client version {version:?}: {body}");
+        assert!(
+            body.contains(&format!("stowage {own}")) && body.contains(what),
+            "the refusal names both versions: {body}"
+        );
+    }
+    assert!(
+        !stowage.log().contains("command=Ls"),
+        "a refused command ran: {}",
+        stowage.log()
+    );
+    // Same version, not a request: 400, not a crash.
+    let (status, body) = admin_post(&socket, Some(own), r#"{"command":"format_disk"}"#);
+    assert_eq!(status, 400, "{body}");
+    // The same version runs, through the socket.
+    let (status, body) = admin_post(&socket, Some(own), r#"{"command":"ls"}"#);
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("0 blob(s)") && body.contains(r#""event":"end""#),
+        "{body}"
+    );
+    assert!(
+        stowage.log().contains("command=Ls"),
+        "the accepted command is logged (so its absence above means something): {}",
+        stowage.log()
+    );
+    let out = command_ok(&stowage, &["ls"]);
+    assert!(
+        out.contains("0 blob(s)"),
+        "the command line sends its version: {out}"
+    );
+}
+
 #[test]
 fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
     let upstream = Registry::start();
