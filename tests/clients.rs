@@ -106,22 +106,35 @@ struct BeforeRepull {
     stowage_gets: BTreeMap<String, usize>,
 }
 
-fn before_repull(w: &World, image: &Image) -> BeforeRepull {
-    BeforeRepull {
+fn blobs_of<'a>(images: &[&'a Image]) -> Vec<&'a Blob> {
+    images.iter().flat_map(|i| i.blobs()).collect()
+}
+
+/// The second half of every client test, after the client removed what it pulled: nothing of
+/// it stays unpacked under `root` (else the second pull would prove nothing), then `pull`
+/// downloads every blob of `images` again from stowage, and not one blob request reaches
+/// either upstream.
+fn repull_from_cache(
+    w: &World,
+    images: &[&Image],
+    root: Option<&Path>,
+    what: &str,
+    pull: impl FnOnce(),
+) {
+    if let Some(root) = root {
+        assert_nothing_unpacked(root, &format!("removing after {what}"));
+    }
+    let before = BeforeRepull {
         upstream_blob_gets: w.hub.blob_gets() + w.ghcr.blob_gets(),
         upstream_lines: w.hub.access_log_lines().len() + w.ghcr.access_log_lines().len(),
-        stowage_gets: image
-            .blobs()
+        stowage_gets: blobs_of(images)
             .iter()
             .map(|b| (b.digest.clone(), stowage_blob_gets(&w.stowage, &b.digest)))
             .collect(),
-    }
-}
-
-/// The second pull downloaded every blob of `image` again from stowage, and not one blob
-/// request reached either upstream.
-fn assert_repull_served_from_cache(w: &World, image: &Image, before: &BeforeRepull, what: &str) {
-    for blob in image.blobs() {
+    };
+    pull();
+    let what = format!("second {what}");
+    for blob in blobs_of(images) {
         let now = stowage_blob_gets(&w.stowage, &blob.digest);
         assert!(
             now > before.stowage_gets[&blob.digest],
@@ -257,17 +270,23 @@ fn dockerd_pulls_a_bare_name_through_the_mirror_and_repulls_from_the_cache() {
     );
 
     docker.docker_ok(&["rmi", "alpine:3.19"]);
-    assert_nothing_unpacked(&docker.data_root(), "docker rmi alpine:3.19");
-    let before = before_repull(&w, &image);
-    docker_pull_and_verify(
-        &docker,
-        "alpine:3.19",
-        None,
-        &pushed,
-        &image,
-        &image_files(&image),
+    let root = docker.data_root();
+    repull_from_cache(
+        &w,
+        &[&image],
+        Some(&root),
+        "docker pull alpine:3.19",
+        || {
+            docker_pull_and_verify(
+                &docker,
+                "alpine:3.19",
+                None,
+                &pushed,
+                &image,
+                &image_files(&image),
+            )
+        },
     );
-    assert_repull_served_from_cache(&w, &image, &before, "second docker pull alpine:3.19");
 }
 
 #[test]
@@ -336,32 +355,26 @@ fn dockerd_pulls_a_multi_arch_image_for_the_default_platform_and_for_arm64() {
 
     // Remove both (the arm64 pull left the amd64 image untagged), then pull both again.
     docker.docker_ok(&["rmi", "multi:1.0", &amd.config.digest]);
-    assert_nothing_unpacked(&docker.data_root(), "docker rmi multi:1.0");
-    let before_amd = before_repull(&w, &amd);
-    let before_arm = before_repull(&w, &arm);
-    docker_pull_and_verify(
-        &docker,
-        "multi:1.0",
-        None,
-        &pushed,
-        &amd,
-        &image_files(&amd),
-    );
-    docker_pull_and_verify(
-        &docker,
-        "multi:1.0",
-        Some("linux/arm64"),
-        &pushed,
-        &arm,
-        &image_files(&arm),
-    );
-    assert_repull_served_from_cache(&w, &amd, &before_amd, "second docker pull multi:1.0");
-    assert_repull_served_from_cache(
-        &w,
-        &arm,
-        &before_arm,
-        "second docker pull --platform linux/arm64 multi:1.0",
-    );
+    let root = docker.data_root();
+    let what = "docker pull multi:1.0 and --platform linux/arm64";
+    repull_from_cache(&w, &[&amd, &arm], Some(&root), what, || {
+        docker_pull_and_verify(
+            &docker,
+            "multi:1.0",
+            None,
+            &pushed,
+            &amd,
+            &image_files(&amd),
+        );
+        docker_pull_and_verify(
+            &docker,
+            "multi:1.0",
+            Some("linux/arm64"),
+            &pushed,
+            &arm,
+            &image_files(&arm),
+        );
+    });
 }
 
 #[test]
@@ -386,17 +399,17 @@ fn dockerd_pulls_an_oci_index_image() {
     assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull ociapp:2.0 (OCI index)");
 
     docker.docker_ok(&["rmi", "ociapp:2.0"]);
-    assert_nothing_unpacked(&docker.data_root(), "docker rmi ociapp:2.0");
-    let before = before_repull(&w, &image);
-    docker_pull_and_verify(
-        &docker,
-        "ociapp:2.0",
-        None,
-        &pushed,
-        &image,
-        &image_files(&image),
-    );
-    assert_repull_served_from_cache(&w, &image, &before, "second docker pull ociapp:2.0");
+    let root = docker.data_root();
+    repull_from_cache(&w, &[&image], Some(&root), "docker pull ociapp:2.0", || {
+        docker_pull_and_verify(
+            &docker,
+            "ociapp:2.0",
+            None,
+            &pushed,
+            &image,
+            &image_files(&image),
+        )
+    });
 }
 
 /// A linux/amd64 Docker image of `big` random bytes in one layer plus a small layer, built with
@@ -505,10 +518,10 @@ fn dockerd_pulls_an_image_of_at_least_128_mib() {
     assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull big:1");
 
     docker.docker_ok(&["rmi", "big:1"]);
-    assert_nothing_unpacked(&docker.data_root(), "docker rmi big:1");
-    let before = before_repull(&w, &image);
-    docker_pull_and_verify(&docker, "big:1", None, &pushed, &image, &files);
-    assert_repull_served_from_cache(&w, &image, &before, "second docker pull big:1");
+    let root = docker.data_root();
+    repull_from_cache(&w, &[&image], Some(&root), "docker pull big:1", || {
+        docker_pull_and_verify(&docker, "big:1", None, &pushed, &image, &files)
+    });
 }
 
 #[test]
@@ -613,10 +626,10 @@ fn containerd_pulls_docker_io_through_a_hosts_toml_mirror_and_repulls_from_the_c
     assert_all_carry_ns(&w, "library/alpine", "docker.io");
 
     containerd.ctr_ok(&["images", "rm", "--sync", reference]);
-    assert_nothing_unpacked(&containerd.root(), "ctr images rm --sync");
-    let before = before_repull(&w, &image);
-    ctr_pull_and_verify(&containerd, reference, &pushed, &image);
-    assert_repull_served_from_cache(&w, &image, &before, "second ctr pull of alpine");
+    let root = containerd.root();
+    repull_from_cache(&w, &[&image], Some(&root), "ctr pull of alpine", || {
+        ctr_pull_and_verify(&containerd, reference, &pushed, &image)
+    });
 }
 
 #[test]
@@ -638,10 +651,14 @@ fn containerd_mirrors_a_second_upstream_host_through_the_same_stowage_by_ns() {
     assert_nothing_reached_hub(&w, "acme/tool");
 
     containerd.ctr_ok(&["images", "rm", "--sync", reference]);
-    assert_nothing_unpacked(&containerd.root(), "ctr images rm --sync");
-    let before = before_repull(&w, &image);
-    ctr_pull_and_verify(&containerd, reference, &pushed, &image);
-    assert_repull_served_from_cache(&w, &image, &before, "second ctr pull of ghcr.io/acme/tool");
+    let root = containerd.root();
+    repull_from_cache(
+        &w,
+        &[&image],
+        Some(&root),
+        "ctr pull of ghcr.io/acme/tool",
+        || ctr_pull_and_verify(&containerd, reference, &pushed, &image),
+    );
 }
 
 #[test]
@@ -669,10 +686,14 @@ fn containerd_reaches_a_path_prefixed_mirror_with_override_path() {
     assert_nothing_reached_hub(&w, "acme/tool");
 
     containerd.ctr_ok(&["images", "rm", "--sync", reference]);
-    assert_nothing_unpacked(&containerd.root(), "ctr images rm --sync");
-    let before = before_repull(&w, &image);
-    ctr_pull_and_verify(&containerd, reference, &pushed, &image);
-    assert_repull_served_from_cache(&w, &image, &before, "second ctr pull with override_path");
+    let root = containerd.root();
+    repull_from_cache(
+        &w,
+        &[&image],
+        Some(&root),
+        "ctr pull with override_path",
+        || ctr_pull_and_verify(&containerd, reference, &pushed, &image),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -736,10 +757,10 @@ fn podman_pulls_docker_io_through_a_registries_conf_mirror_and_repulls_from_the_
     );
 
     env.podman_ok(&["rmi", reference]);
-    assert_nothing_unpacked(&env.graphroot(), "podman rmi");
-    let before = before_repull(&w, &image);
-    podman_pull_and_verify(&env, reference, &pushed, &image);
-    assert_repull_served_from_cache(&w, &image, &before, "second podman pull of alpine");
+    let root = env.graphroot();
+    repull_from_cache(&w, &[&image], Some(&root), "podman pull of alpine", || {
+        podman_pull_and_verify(&env, reference, &pushed, &image)
+    });
 }
 
 #[test]
@@ -796,14 +817,13 @@ fn podman_pulls_a_second_upstream_through_a_prefix_style_mirror_location() {
     assert_nothing_reached_hub(&w, "acme/tool");
 
     env.podman_ok(&["rmi", reference]);
-    assert_nothing_unpacked(&env.graphroot(), "podman rmi");
-    let before = before_repull(&w, &image);
-    podman_pull_and_verify(&env, reference, &pushed, &image);
-    assert_repull_served_from_cache(
+    let root = env.graphroot();
+    repull_from_cache(
         &w,
-        &image,
-        &before,
-        "second podman pull of ghcr.io/acme/tool",
+        &[&image],
+        Some(&root),
+        "podman pull of ghcr.io/acme/tool",
+        || podman_pull_and_verify(&env, reference, &pushed, &image),
     );
 }
 
@@ -867,12 +887,10 @@ fn skopeo_copy_twice(w: &World, env: &ContainersEnv, reference: &str, pushed: &P
     for image in &images {
         assert_fetched_through_stowage(w, upstream, image, &format!("skopeo copy {src}"));
     }
-    let before: Vec<BeforeRepull> = images.iter().map(|i| before_repull(w, i)).collect();
-    copy(second.path());
-    verify_skopeo_dir(second.path(), pushed, &images, "second skopeo copy");
-    for (image, before) in images.iter().zip(&before) {
-        assert_repull_served_from_cache(w, image, before, &format!("second skopeo copy {src}"));
-    }
+    repull_from_cache(w, &images, None, &format!("skopeo copy {src}"), || {
+        copy(second.path());
+        verify_skopeo_dir(second.path(), pushed, &images, "second skopeo copy");
+    });
 }
 
 #[test]
