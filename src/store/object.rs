@@ -639,14 +639,16 @@ impl Multipart {
 
     /// Notes whether the error says the upload was dropped by the store: `NoSuchUpload` (404)
     /// for a part or the completion, or `InvalidPart` for a completion whose parts the store
-    /// already discarded — what Garage answers when a concurrent upload of the key finished.
-    /// Azure's counterpart is `InvalidBlockList` (400) for `Put Block List`: committing a blob
-    /// discards all of its uncommitted blocks, the other writers' too.
+    /// already discarded — what Garage answers when a concurrent upload of the key finished
+    /// (or, racing that, `InvalidRequest` "No data was uploaded": the upload is still known but
+    /// its parts are gone). Azure's counterpart is `InvalidBlockList` (400) for `Put Block List`:
+    /// committing a blob discards all of its uncommitted blocks, the other writers' too.
     fn upload_error(&mut self, e: object_store::Error) -> StoreError {
         let gone = matches!(e, object_store::Error::NotFound { .. }) || {
             let message = e.to_string();
             message.contains("NoSuchUpload")
                 || message.contains("InvalidPart")
+                || message.contains("No data was uploaded")
                 || message.contains("InvalidBlockList")
         };
         self.superseded |= gone;

@@ -4,10 +4,11 @@
 //!
 //! [`Azurite::start`] gives the emulator one storage account of its own through
 //! `AZURITE_ACCOUNTS` (a random key, so the well-known development key is never used), starts
-//! it with telemetry off, waits until it answers, creates a container with one Shared Key-signed
-//! REST call (`object_store` has no create-container), and proves the blob API accepts the key
-//! (a signed `LIST` through stowage's own object-store client). Killed on drop; a failing test
-//! prints the tail of its log (the access log: one line per request, never a key).
+//! it with telemetry off and in strict mode, waits until it answers, creates a container with
+//! one Shared Key-signed REST call (`object_store` has no create-container), and proves the blob
+//! API accepts the key (a signed `LIST` through stowage's own object-store client). Killed on
+//! drop; a failing test prints the tail of its log (the access log: one line per request, never
+//! a key).
 //!
 //! The binary is `$AZURITE_BLOB_BIN`, else `azurite-blob` on `PATH`, else where `scripts/test`
 //! installs it (`${XDG_CACHE_HOME:-~/.cache}/stowage-test/azurite/node_modules/.bin/`); missing
@@ -192,7 +193,10 @@ impl Azurite {
             .arg(self.port.to_string())
             .arg("--location")
             .arg(&workspace)
-            .args(["--disableTelemetry", "--skipApiVersionCheck", "--loose"])
+            // Strict mode (no `--loose`): a header or parameter Azurite does not implement is an
+            // error, not silently ignored. The API version check is skipped so that a newer
+            // `object_store` (a newer `x-ms-version`) does not fail against the pinned emulator.
+            .args(["--disableTelemetry", "--skipApiVersionCheck"])
             // Its own account: the account name and a random key (never the well-known one).
             .env("AZURITE_ACCOUNTS", format!("{}:{}", self.account, self.key))
             .env("NO_COLOR", "1")
@@ -223,7 +227,8 @@ impl Azurite {
             let version = "2021-08-06";
             // Method, eleven empty standard headers, the x-ms-* headers, the resource.
             let to_sign = format!(
-                "PUT\n\n\n\n\n\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n/{}{path}\nrestype:container",
+                "PUT{}\nx-ms-date:{date}\nx-ms-version:{version}\n/{}{path}\nrestype:container",
+                "\n".repeat(11),
                 self.account
             );
             let key = base64::engine::general_purpose::STANDARD
