@@ -45,7 +45,8 @@
 //!   [`store::BlobStore`] trait (head / ranged get / put_file / put_bytes / conditional create /
 //!   delete / sorted list) and its backends, a directory ([`store::fs::FsStore`], also on a shared
 //!   mount) and the `object_store` crate (S3, Ceph RGW, Garage, MinIO, GCS, Azure). All pass one
-//!   suite, `tests/store.rs`; Garage runs as a real 3-node cluster in `tests/support/garage.rs`.
+//!   suite, `tests/store.rs`; Garage runs as a real 3-node cluster in `tests/support/garage.rs`,
+//!   Azure's API as Azurite in `tests/support/azurite.rs`.
 //! - [`fleet`] — several nodes sharing one [`store`]: local misses of blobs, manifests and
 //!   tags look in the shared store before the upstream ([`fleet::TieredSource`] feeds the same
 //!   fill engine, so shared bytes are verified like upstream ones); blobs from the upstream are

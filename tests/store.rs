@@ -1,13 +1,13 @@
 //! The one suite every blob-store backend passes (`stowage::store::BlobStore`), run against the
 //! directory backend in a temp dir, against the object backend on `object_store`'s in-memory
-//! store, and against a real 3-node Garage cluster (S3 API).
+//! store, against a real 3-node Garage cluster (S3 API), and against Azurite (Azure Blob API).
 //!
 //! [`backend_suite`] runs every case in turn, each in its own key namespace: whole and ranged
 //! reads, small and multipart-sized uploads checked by sha256, `head` / `delete` of present and
 //! absent keys, `list` by prefix in key order, conditional `create`, eight concurrent writers of
 //! one key, and an upload interrupted midway (the `put_file` future dropped while its source — a
-//! FIFO — is still being written) that must leave no visible object. Garage is required: a
-//! missing binary fails the test (`scripts/test` installs it).
+//! FIFO — is still being written) that must leave no visible object. Garage and Azurite are
+//! required: a missing binary fails the test (`scripts/test` installs both).
 
 mod support;
 
@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use rand::RngCore;
+use stowage::config::SharedStoreKind;
 use stowage::store::fs::FsStore;
 use stowage::store::object::ObjectBackend;
 use stowage::store::{BlobStore, Created, ObjectInfo, StoreError};
 
+use support::azurite::Azurite;
 use support::garage::Garage;
 use support::sha256_hex;
 
@@ -169,6 +171,129 @@ async fn garage_backend_passes_the_suite() {
     });
     assert!(back, "the restarted cluster lost bytes/manifest");
     drop(garage);
+}
+
+/// Azure Blob Storage through Azurite: blocks (`Put Block`) for the parts, `Put Block List` to
+/// complete, `If-None-Match: *` for conditional create.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn azurite_backend_passes_the_suite() {
+    let mut azurite = tokio::task::spawn_blocking(Azurite::start).await.unwrap();
+    let cfg = azurite.shared_store_config("suite/", Duration::from_secs(10));
+    let store = stowage::store::open(&cfg).unwrap();
+    let describe = store.describe();
+    assert_eq!(
+        describe,
+        format!(
+            "az://{}/{}/suite/ at http://127.0.0.1:{}",
+            azurite.account(),
+            azurite.container(),
+            azurite.port()
+        )
+    );
+    assert!(!describe.contains(azurite.access_key()));
+    assert!(!format!("{cfg:?}").contains(azurite.access_key()));
+    let scratch = tempfile::tempdir().unwrap();
+    backend_suite(store.clone(), scratch.path()).await;
+
+    // Azurite honours `If-None-Match: *`: the second create of the lease is a 409.
+    let lease = format!(
+        "\"PUT /{}/{}/suite/create/lease HTTP/1.1\"",
+        azurite.account(),
+        azurite.container()
+    );
+    let statuses: Vec<String> = azurite
+        .log()
+        .lines()
+        .filter_map(|l| {
+            Some(
+                l.split_once(&lease)?
+                    .1
+                    .split_whitespace()
+                    .next()?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(statuses, ["201", "409"], "PUTs of create/lease");
+
+    // The interrupted upload had put blocks when it was dropped and never committed them
+    // (Azure has no abort: uncommitted blocks are never visible and expire on their own).
+    let interrupted = format!(
+        "/{}/{}/suite/interrupted/blob?",
+        azurite.account(),
+        azurite.container()
+    );
+    let seen: Vec<String> = azurite
+        .requests()
+        .into_iter()
+        .filter(|r| r.contains(&interrupted))
+        .collect();
+    eprintln!("requests for the interrupted upload: {seen:#?}");
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("PUT ") && r.contains("comp=block&")),
+        "no block was uploaded before the drop: {seen:#?}"
+    );
+    assert!(
+        !seen.iter().any(|r| r.contains("comp=blocklist")),
+        "the interrupted upload was committed: {seen:#?}"
+    );
+
+    // Everything the suite wrote stays below the prefix: a store without one sees it there.
+    let unprefixed = stowage::store::open(&azurite.shared_store_config("", cfg.timeout)).unwrap();
+    let all = unprefixed.list("").await.unwrap();
+    assert!(!all.is_empty());
+    assert!(
+        all.iter().all(|o| o.key.starts_with("suite/")),
+        "{:?}",
+        all.iter().map(|o| &o.key).collect::<Vec<_>>()
+    );
+
+    // The account URL may be written with a trailing slash.
+    let mut slashed = azurite.shared_store_config("suite/", cfg.timeout);
+    if let SharedStoreKind::Azure(az) = &mut slashed.kind {
+        az.endpoint = Some(format!("{}/", azurite.endpoint()));
+    }
+    let slashed = stowage::store::open(&slashed).unwrap();
+    assert_eq!(slashed.describe(), describe);
+    assert_eq!(
+        slashed.get_bytes("bytes/manifest").await.unwrap().unwrap(),
+        "version two"
+    );
+
+    // A stopped store fails fast and says it is unavailable.
+    let mut azurite = tokio::task::spawn_blocking(move || {
+        azurite.stop();
+        azurite
+    })
+    .await
+    .unwrap();
+    let started = Instant::now();
+    let err = store.head("bytes/manifest").await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    let err = store
+        .put_bytes("bytes/manifest", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "a dead store took {:?} to report",
+        started.elapsed()
+    );
+
+    // Restarted on its workspace, it serves what it stored before.
+    let azurite = tokio::task::spawn_blocking(move || {
+        azurite.restart();
+        azurite
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        store.get_bytes("bytes/manifest").await.unwrap().unwrap(),
+        "version two"
+    );
+    drop(azurite);
 }
 
 /// Every case, each in its own namespace (`<case>/...`).

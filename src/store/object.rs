@@ -9,9 +9,11 @@
 //!   an allowance for a slow link ([`MIN_RATE`]) — so a dead store costs seconds, not minutes;
 //! - **uploads that are whole or absent**: files above [`PART_SIZE`] go up as a multipart upload,
 //!   aborted on any error and also when the `put_file` future is dropped; only the final
-//!   `CompleteMultipartUpload` makes the object visible. Garage drops an upload in progress when
-//!   another upload of the same key completes; concurrent writers of a key write the same
-//!   content, so that counts as success once the other writer's object (of our size) is there;
+//!   `CompleteMultipartUpload` (Azure: `Put Block List`) makes the object visible. Garage drops
+//!   an upload in progress when another upload of the same key completes, and Azure drops a
+//!   blob's uncommitted blocks when another writer commits it; concurrent writers of a key write
+//!   the same content, so that counts as success once the other writer's object (of our size)
+//!   is there;
 //! - **an honest conditional create**: some S3 servers (Garage 2.5) accept `If-None-Match: *` and
 //!   overwrite anyway. The first `create` probes that once (two creates of a scratch key); a
 //!   store that overwrote answers [`Created::Unsupported`] from then on, without writing;
@@ -153,8 +155,12 @@ impl ObjectBackend {
                         b = b.with_access_key(key.expose());
                     }
                     if let Some(endpoint) = &az.endpoint {
+                        // The account URL (Azurite: `http://127.0.0.1:10000/devstoreaccount1`);
+                        // `object_store` appends `/<container>/<key>` to it as path segments, so
+                        // a trailing `/` would make an empty segment (`…/devstoreaccount1//c`).
+                        let endpoint = endpoint.trim_end_matches('/');
                         b = b
-                            .with_endpoint(endpoint.clone())
+                            .with_endpoint(endpoint.to_owned())
                             .with_allow_http(endpoint.starts_with("http://"));
                     }
                     let store = b.build().map_err(refused)?;
@@ -368,8 +374,9 @@ impl ObjectBackend {
             return Ok(());
         };
         if upload.superseded {
-            // Garage drops an upload in progress when a newer version of its key completes: a
-            // concurrent writer of this key finished first. Concurrent writers of a key write
+            // Garage drops an upload in progress when a newer version of its key completes (and
+            // Azure the uncommitted blocks when the blob is committed): a concurrent writer of
+            // this key finished first. Concurrent writers of a key write
             // the same content (the `put_file` contract; blob keys are content addresses), so
             // an object of our size there now is our object.
             upload.upload = None;
@@ -632,11 +639,17 @@ impl Multipart {
 
     /// Notes whether the error says the upload was dropped by the store: `NoSuchUpload` (404)
     /// for a part or the completion, or `InvalidPart` for a completion whose parts the store
-    /// already discarded — what Garage answers when a concurrent upload of the key finished.
+    /// already discarded — what Garage answers when a concurrent upload of the key finished
+    /// (or, racing that, `InvalidRequest` "No data was uploaded": the upload is still known but
+    /// its parts are gone). Azure's counterpart is `InvalidBlockList` (400) for `Put Block List`:
+    /// committing a blob discards all of its uncommitted blocks, the other writers' too.
     fn upload_error(&mut self, e: object_store::Error) -> StoreError {
         let gone = matches!(e, object_store::Error::NotFound { .. }) || {
             let message = e.to_string();
-            message.contains("NoSuchUpload") || message.contains("InvalidPart")
+            message.contains("NoSuchUpload")
+                || message.contains("InvalidPart")
+                || message.contains("No data was uploaded")
+                || message.contains("InvalidBlockList")
         };
         self.superseded |= gone;
         classify(e)

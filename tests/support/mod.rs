@@ -10,6 +10,7 @@
 //! - [`scrape`]: stowage's `/metrics` parsed, for exact counter assertions;
 //! - [`garage`]: a real S3-compatible object store (a Garage cluster on loopback) for the shared
 //!   store of a fleet;
+//! - [`azurite`]: the Azure Blob Storage API (Microsoft's Azurite emulator on loopback);
 //! - small helpers below: free ports, polling, hashing, a hermetic `skopeo` wrapper, and a raw
 //!   HTTP/1.1 client for paths that `reqwest` would normalise.
 //!
@@ -17,6 +18,7 @@
 //! prints the tail of its log when the test is failing.
 #![allow(dead_code)]
 
+pub mod azurite;
 pub mod clients;
 pub mod fake_upstream;
 pub mod garage;
