@@ -17,10 +17,9 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
-use sha2::{Digest as _, Sha256};
 use stowage::config::{AzureStoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
 use super::{free_port, tail, wait_until};
@@ -223,7 +222,7 @@ impl Azurite {
             if !self.is_running() {
                 return true;
             }
-            let date = http_date(SystemTime::now());
+            let date = httpdate::fmt_http_date(SystemTime::now());
             let version = "2021-08-06";
             // Method, eleven empty standard headers, the x-ms-* headers, the resource.
             let to_sign = format!(
@@ -319,48 +318,10 @@ fn random_key() -> Vec<u8> {
     key
 }
 
-/// HMAC-SHA256 (RFC 2104) on `sha2`, for the one signed request above.
-fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    let mut block = [0u8; 64];
-    if key.len() > 64 {
-        block[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        block[..key.len()].copy_from_slice(key);
-    }
-    let mut inner = Sha256::new();
-    inner.update(block.map(|b| b ^ 0x36));
-    inner.update(message);
-    let mut outer = Sha256::new();
-    outer.update(block.map(|b| b ^ 0x5c));
-    outer.update(inner.finalize());
-    outer.finalize().into()
-}
-
-/// An RFC 1123 date (`Mon, 23 Nov 2026 10:00:00 GMT`) for `x-ms-date`.
-fn http_date(at: SystemTime) -> String {
-    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][(days % 7) as usize];
-    let months = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    format!(
-        "{weekday}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
-        months[(month - 1) as usize],
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+/// HMAC-SHA256, for the one signed request above.
+fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    ring::hmac::sign(&key, message).as_ref().to_vec()
 }
 
 /// One `list` through `stowage::store` on a runtime of its own (in a thread, so that callers
