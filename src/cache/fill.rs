@@ -30,6 +30,7 @@
 use std::collections::HashMap;
 use std::io::{Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,6 +149,10 @@ pub(super) struct FillContext {
     pub fills: FillMap,
     pub policy: FillPolicy,
     pub slots: Arc<Semaphore>,
+    /// Set when the fill fails: the bytes its partial file occupies on disk. The file is already
+    /// unlinked but still held open by the fill (readers may hold it a little longer) while the
+    /// source is dropped, so the source can count them as about to be free.
+    pub failed_partial: Arc<AtomicU64>,
 }
 
 impl Fill {
@@ -169,6 +174,8 @@ impl Fill {
         tokio::spawn(async move {
             let tmp_path = cx.tmp_path.clone();
             let fills = cx.fills.clone();
+            let failed_partial = cx.failed_partial.clone();
+            let mut partial = None;
             // Set once the blob verifies; dropped last, after the end is published, so that
             // `stowage_fill_commits_pending` reaching 0 means the fill is completely over.
             let mut pending = None;
@@ -183,6 +190,16 @@ impl Fill {
             match outcome {
                 Ok(()) => tx.send_modify(|s| s.phase = Phase::Committed),
                 Err(e) => {
+                    // Keep the partial open until the source is dropped: its space comes back
+                    // only when the last handle goes (ours, and readers' that are still ending),
+                    // so the source is told how much will come back (see `BudgetedSource`).
+                    partial = tokio::fs::File::open(&tmp_path).await.ok();
+                    if let Some(f) = &partial {
+                        if let Ok(m) = f.metadata().await {
+                            use std::os::unix::fs::MetadataExt as _;
+                            failed_partial.store(m.blocks().saturating_mul(512), Ordering::SeqCst);
+                        }
+                    }
                     if let Err(rm) = tokio::fs::remove_file(&tmp_path).await {
                         if rm.kind() != std::io::ErrorKind::NotFound {
                             tracing::warn!(%digest, error = %rm, "could not remove partial file");
@@ -194,6 +211,8 @@ impl Fill {
                 }
             }
             drop(pending);
+            drop(source);
+            drop(partial);
         });
         fill
     }

@@ -544,12 +544,14 @@ impl Cache {
             .create_new(true)
             .open(&tmp_path)
             .map_err(io_at(&tmp_path))?;
+        let failed_partial = Arc::new(AtomicU64::new(0));
         let source = Box::new(BudgetedSource {
             inner: make_source(),
             digest: digest.clone(),
             budget: self.budget.clone(),
             evictor: self.evictor(),
             reserved: Arc::new(AtomicU64::new(0)),
+            failed_partial: failed_partial.clone(),
         });
         let fill = Fill::start(
             digest.clone(),
@@ -562,6 +564,7 @@ impl Cache {
                 fills: self.fills.clone(),
                 policy: self.fill_policy.clone(),
                 slots: self.fill_slots.clone(),
+                failed_partial,
             },
         );
         map.insert(digest.clone(), fill.clone());
@@ -737,6 +740,9 @@ struct BudgetedSource {
     budget: Arc<Budget>,
     evictor: CacheEvictor,
     reserved: Arc<AtomicU64>,
+    /// Bytes of the failed fill's partial file that come back once its last handle closes
+    /// (the fill holds it open until this source is dropped; see `FillContext::failed_partial`).
+    failed_partial: Arc<AtomicU64>,
 }
 
 fn cache_full(message: String) -> RegistryError {
@@ -814,16 +820,21 @@ impl Drop for BudgetedSource {
             Some(size) => self.budget.commit(self.digest.hex(), reserved, size),
             None => {
                 self.budget.release(reserved);
-                // A fill that failed for lack of disk (ENOSPC) makes room for the next try.
+                // A fill that failed for lack of disk (ENOSPC) makes room for the next try. Its
+                // unlinked partial file is still held open here (and maybe by readers that are
+                // ending), so the free space does not show it yet: count it as free, and evict
+                // only what the blob still needs beyond it.
                 use budget::Evictor as _;
+                let freeing = self.failed_partial.load(Ordering::SeqCst);
+                let needs = reserved.saturating_sub(freeing);
                 if reserved > 0
                     && self
                         .evictor
                         .available_space()
-                        .is_some_and(|a| a < reserved + (1 << 20))
-                    && self.budget.reserve(reserved, &self.evictor).is_ok()
+                        .is_some_and(|a| a.saturating_add(freeing) < reserved + (1 << 20))
+                    && self.budget.reserve(needs, &self.evictor).is_ok()
                 {
-                    self.budget.release(reserved);
+                    self.budget.release(needs);
                 }
             }
         }

@@ -11,6 +11,7 @@
 //! - [`garage`]: a real S3-compatible object store (a Garage cluster on loopback) for the shared
 //!   store of a fleet;
 //! - [`azurite`]: the Azure Blob Storage API (Microsoft's Azurite emulator on loopback);
+//! - [`tmpfs`]: a small tmpfs (root only) as `storage.path`, for a disk that really fills up;
 //! - small helpers below: free ports, polling, hashing, a hermetic `skopeo` wrapper, and a raw
 //!   HTTP/1.1 client for paths that `reqwest` would normalise.
 //!
@@ -27,6 +28,7 @@ pub mod nginx;
 pub mod registry;
 pub mod scrape;
 pub mod stowage;
+pub mod tmpfs;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -57,6 +57,8 @@ pub struct StowageBuilder {
     server_extra: String,
     storage_extra: String,
     max_size: Option<String>,
+    /// `storage.path` instead of `<tempdir>/data` (e.g. a [`super::tmpfs::Tmpfs`]).
+    storage_path: Option<PathBuf>,
     extra_toml: String,
     env: Vec<(String, String)>,
     args: Vec<String>,
@@ -91,6 +93,12 @@ impl StowageBuilder {
     /// `storage.max_size` (default `"20GiB"`).
     pub fn max_size(mut self, size: &str) -> Self {
         self.max_size = Some(size.to_string());
+        self
+    }
+    /// `storage.path` (default `<tempdir>/data`): a directory the test owns, e.g. a small
+    /// [`Tmpfs`](super::tmpfs::Tmpfs) that really fills up. [`Stowage::data_dir`] follows it.
+    pub fn storage_path(mut self, path: &Path) -> Self {
+        self.storage_path = Some(path.to_owned());
         self
     }
     /// Raw TOML appended at the end of the file (new tables).
@@ -328,9 +336,13 @@ impl Stowage {
         self.dir.path()
     }
 
-    /// `storage.path`: the cache directory.
+    /// `storage.path`: the cache directory (`<tempdir>/data` unless
+    /// [`StowageBuilder::storage_path`] chose another).
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        match &self.options.storage_path {
+            Some(p) => p.clone(),
+            None => self.dir.path().join("data"),
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
