@@ -120,7 +120,7 @@ pub enum FillFailure {
     SizeMismatch,
     /// The upstream could not be reached, answered 5xx, or the connection broke.
     Upstream,
-    /// Local trouble (disk, index).
+    /// Local trouble: disk full, cache full (the budget refused the fill), the index.
     Internal,
 }
 
@@ -162,6 +162,8 @@ impl FillFailure {
                 FillFailure::Internal
             }
             ErrorCode::Unknown if e.status() == 500 => FillFailure::Internal,
+            // The budget or the free-space check refused the fill (507): local, not upstream.
+            _ if e.status() == 507 => FillFailure::Internal,
             _ => FillFailure::Upstream,
         }
     }
@@ -567,6 +569,11 @@ mod tests {
         assert_eq!(
             FillFailure::of(&e(u, "writing sha256:ab: disk full")),
             FillFailure::Internal
+        );
+        assert_eq!(
+            FillFailure::of(&e(u, "stowage cache is full: 9 bytes do not fit").with_status(507)),
+            FillFailure::Internal,
+            "a fill the budget refused is local trouble, not the upstream's"
         );
         assert_eq!(
             FillFailure::of(&e(ErrorCode::BlobUnknown, "upstream h answered 404")),

@@ -343,6 +343,25 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     assert_eq!(r.status().as_u16(), 507, "a blob that cannot fit on disk");
     let body = r.text().unwrap_or_default();
     assert!(body.contains("cache is full"), "error body: {body}");
+    // The refusal is local trouble too, not the upstream's.
+    assert!(
+        wait_until(EVENTUALLY, || metric(
+            &stowage,
+            "stowage_fill_failures_total",
+            &[("reason", "internal")]
+        ) == failures_before + 2.0),
+        "the refused fill is counted as internal:\n{}",
+        Scrape::get(&stowage.url()).metric_lines("stowage_fill_failures_total")
+    );
+    assert_eq!(
+        metric(
+            &stowage,
+            "stowage_fill_failures_total",
+            &[("reason", "upstream")]
+        ),
+        0.0,
+        "a full cache was blamed on the upstream"
+    );
     assert!(
         wait_until(EVENTUALLY, || stowage.tmp_files().is_empty()),
         "partial files left in tmp/: {:?}",
