@@ -1,7 +1,8 @@
 //! A small filesystem that really fills up: a `tmpfs` of a given size mounted on a fresh temp
 //! dir, for tests that need a genuine `ENOSPC` (not just a low free-space reading).
 //!
-//! Needs root (the test VMs and CI run as root). A mount that fails is a panic with the reason,
+//! Needs root, or passwordless `sudo` for `mount` / `umount` (the tmpfs then belongs to the
+//! test's user); the test VMs and CI run as root. A mount that fails is a panic with the reason,
 //! never a silent skip: a test that cannot build its world must not pass. The mount is removed
 //! when the guard drops (lazily, `umount -l`, if something still holds it), also while a test
 //! panics. Drop the stowage using it first (declare the [`Tmpfs`] before it).
@@ -25,9 +26,10 @@ impl Tmpfs {
             .tempdir()
             .expect("temp dir for a tmpfs mount point");
         let path = dir.path().to_owned();
-        let out = Command::new("mount")
+        let (uid, gid) = (id("-u"), id("-g"));
+        let out = privileged("mount")
             .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size},mode=0755"))
+            .arg(format!("size={size},mode=0755,uid={uid},gid={gid}"))
             .arg("tmpfs")
             .arg(&path)
             .output()
@@ -37,7 +39,7 @@ impl Tmpfs {
         assert!(
             out.status.success(),
             "could not mount a {size}-byte tmpfs at {} ({}): {}\n\
-             this test needs root and tmpfs mounts (the test VMs and CI have both)",
+             this test needs root (or passwordless sudo) and tmpfs mounts (CI has both)",
             path.display(),
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
@@ -82,11 +84,11 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let plain = Command::new("umount").arg(&self.path).output();
+        let plain = privileged("umount").arg(&self.path).output();
         if !matches!(&plain, Ok(o) if o.status.success()) && self.is_mounted() {
             // Busy (a process still has a file open there): detach it now, the kernel frees it
             // when the last user goes.
-            let lazy = Command::new("umount").arg("-l").arg(&self.path).output();
+            let lazy = privileged("umount").arg("-l").arg(&self.path).output();
             if !matches!(&lazy, Ok(o) if o.status.success()) {
                 eprintln!(
                     "could not unmount the tmpfs at {}: {plain:?} / {lazy:?}",
@@ -101,5 +103,22 @@ impl Drop for Tmpfs {
         }
         // The mount point is an empty dir again; TempDir removes it.
         drop(self.dir.take());
+    }
+}
+
+/// `id -u` / `id -g` of the test process.
+fn id(flag: &str) -> String {
+    let out = Command::new("id").arg(flag).output().expect("run `id`");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `program` as root: directly when the test runs as root, else through `sudo -n`.
+fn privileged(program: &str) -> Command {
+    if id("-u") == "0" {
+        Command::new(program)
+    } else {
+        let mut c = Command::new("sudo");
+        c.args(["-n", program]);
+        c
     }
 }
