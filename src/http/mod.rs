@@ -648,7 +648,8 @@ fn blob_response(
 /// A range of a blob still filling from an upstream that did not say its size (no
 /// `Content-Length`) cannot be answered with a 206 yet — dockerd's resume needs one, with a
 /// `Content-Range` ending at the blob's last byte (protocol §1.5, gotcha 11). Waits until the
-/// fill has verified the blob, which settles its size, and sets it on the answer.
+/// fill is over (its size is set when the blob verifies) and sets the size on the answer; a
+/// failed fill is the error.
 async fn size_for_range(answer: &mut BlobAnswer) -> Result<(), RegistryError> {
     let BlobAnswer::Filling {
         fill,
@@ -659,7 +660,8 @@ async fn size_for_range(answer: &mut BlobAnswer) -> Result<(), RegistryError> {
         return Ok(());
     };
     let settled = fill.settled().await;
-    // Verified is enough: a commit failing after that does not make the bytes wrong.
+    // Verified is enough: a commit failing after that does not make the bytes wrong (readers
+    // still hold the file).
     let s = fill.state();
     match (s.verified, s.total, settled) {
         (true, Some(size), _) => {
