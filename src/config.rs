@@ -205,13 +205,23 @@ pub struct UpstreamConfig {
     pub policy: crate::policy::RepoPolicy,
 }
 
+/// A registry host name as routing compares it: trimmed, lowercase, and every name of Docker
+/// Hub (`index.docker.io`, `registry-1.docker.io`, `registry.hub.docker.com`) as `docker.io`.
+/// The one definition of "this is Docker Hub", for routing and for `library/`.
+pub fn canonical_host(host: &str) -> String {
+    let h = host.trim().to_ascii_lowercase();
+    match h.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => DOCKER_HUB.into(),
+        _ => h,
+    }
+}
+
+const DOCKER_HUB: &str = "docker.io";
+
 impl UpstreamConfig {
     /// Docker Hub keeps official images under `library/`.
     pub fn is_docker_hub(&self) -> bool {
-        matches!(
-            self.host.as_str(),
-            "docker.io" | "index.docker.io" | "registry-1.docker.io"
-        )
+        canonical_host(&self.host) == DOCKER_HUB
     }
 
     /// Whether `tag` matches one of the `immutable_tags` patterns.

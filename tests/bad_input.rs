@@ -440,6 +440,39 @@ fn write_methods_are_unsupported_and_never_reach_the_upstream() {
     assert_cache_untouched(&w.stowage);
 }
 
+/// A repository whose name contains the components `blobs/uploads` is an ordinary pull: uploads
+/// are only recognised at the right end of the path (gotcha 5).
+#[test]
+fn a_name_containing_blobs_uploads_is_pulled_not_refused_as_a_push() {
+    let w = world();
+    let name = "team/blobs/uploads";
+    let pushed = images::push(
+        &w.upstream.url(),
+        name,
+        "1.0",
+        Image::build(Format::Docker, &[512]),
+    );
+    let port = w.stowage.port();
+    let target = format!("/v2/{name}/manifests/1.0");
+    let resp = raw_request(port, "GET", &target, &[ACCEPT]);
+    assert_eq!(resp.status, 200, "GET {target}: {}", resp.body_text());
+    assert_eq!(resp.body, pushed.manifest().bytes, "GET {target}");
+    for b in pushed.blobs() {
+        let target = format!("/v2/{name}/blobs/{}", b.digest);
+        let resp = raw_request(port, "GET", &target, &[]);
+        assert_eq!(resp.status, 200, "GET {target}");
+        assert_eq!(resp.body, b.bytes, "GET {target}");
+    }
+    // The push endpoints of that name are still refused.
+    expect_error(
+        &w,
+        "POST",
+        &format!("/v2/{name}/blobs/uploads/"),
+        405,
+        &["UNSUPPORTED"],
+    );
+}
+
 #[test]
 fn upstream_down_with_nothing_cached_is_unavailable() {
     let mut w = world();

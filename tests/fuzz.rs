@@ -33,6 +33,22 @@ fn valid_name() -> impl Strategy<Value = String> {
         .prop_filter("at most 255 characters", |n| n.len() <= 255)
 }
 
+/// A grammatical name whose components are often the path keywords (`blobs`, `uploads`,
+/// `manifests`, `tags`, `list`): routing must still find the structure from the right.
+fn keyword_name() -> impl Strategy<Value = String> {
+    let component = prop_oneof![
+        Just("blobs".to_string()),
+        Just("uploads".to_string()),
+        Just("manifests".to_string()),
+        Just("tags".to_string()),
+        Just("list".to_string()),
+        proptest::string::string_regex(COMPONENT).unwrap(),
+    ];
+    proptest::collection::vec(component, 1..6)
+        .prop_map(|c| c.join("/"))
+        .prop_filter("at most 255 characters", |n| n.len() <= 255)
+}
+
 fn valid_tag() -> impl Strategy<Value = String> {
     proptest::string::string_regex("[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}").unwrap()
 }
@@ -187,6 +203,39 @@ proptest! {
         match route::parse(&format!("{name}/tags/list")) {
             Ok(Endpoint::Tags(n)) => prop_assert_eq!(n.as_str(), name.as_str()),
             other => prop_assert!(false, "{name}/tags/list: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_made_of_path_keywords_route_as_pulls_and_uploads_only_at_the_end(
+        name in keyword_name(),
+        tag in valid_tag(),
+        digest in valid_digest(),
+        id in "[a-zA-Z0-9-]{1,36}",
+    ) {
+        match route::parse(&format!("{name}/manifests/{tag}")) {
+            Ok(Endpoint::Manifest(n, Reference::Tag(t))) => {
+                prop_assert_eq!(n.as_str(), name.as_str());
+                prop_assert_eq!(t.as_str(), tag.as_str());
+            }
+            other => prop_assert!(false, "{name}/manifests/{tag}: {other:?}"),
+        }
+        match route::parse(&format!("{name}/blobs/{digest}")) {
+            Ok(Endpoint::Blob(n, d)) => {
+                prop_assert_eq!(n.as_str(), name.as_str());
+                prop_assert_eq!(d.to_string(), digest.clone());
+            }
+            other => prop_assert!(false, "{name}/blobs/{digest}: {other:?}"),
+        }
+        match route::parse(&format!("{name}/tags/list")) {
+            Ok(Endpoint::Tags(n)) => prop_assert_eq!(n.as_str(), name.as_str()),
+            other => prop_assert!(false, "{name}/tags/list: {other:?}"),
+        }
+        for upload in [
+            format!("{name}/blobs/uploads/"),
+            format!("{name}/blobs/uploads/{id}"),
+        ] {
+            prop_assert_eq!(route::parse(&upload).ok(), Some(Endpoint::Upload), "{}", upload);
         }
     }
 

@@ -6,10 +6,16 @@
 //! the client used; unknown hosts are `NAME_UNKNOWN` naming the configured ones; skopeo pulls
 //! through the bare and prefix styles (containerd's `ns` has no skopeo spelling: reqwest); each
 //! upstream authenticates with its own credentials (`password_env`).
+//!
+//! Against the in-process fake upstream: an upstream that pages `tags/list` by default (Quay,
+//! GAR) is followed through `Link`s in the client's form even when the client sent no `n`;
+//! containerd's `ns` comes back in `OCI-Namespace` on tag lists and on errors; and a `Range`
+//! on a blob still filling from an upstream that sent no `Content-Length` gets dockerd's 206.
 
 mod support;
 
 use serde_json::json;
+use support::fake_upstream::{FakeUpstream, Fault};
 use support::images::{self, Blob, Format, Image, Layer, Manifest};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
@@ -401,5 +407,237 @@ fn each_upstream_uses_its_own_credentials_from_password_env() {
     assert!(
         !stowage.log().contains("env-s3cret"),
         "the password is never logged"
+    );
+}
+
+/// A default upstream and a second one, `quay.io`, that pages `tags/list` two tags at a time and
+/// holds `team/app` with five tags.
+fn paging_world() -> (FakeUpstream, FakeUpstream, Stowage) {
+    let hub = FakeUpstream::start();
+    let quay = FakeUpstream::start();
+    quay.page_tags_by_default(2);
+    for t in ["1", "2", "3", "4", "5"] {
+        quay.add_manifest(
+            REPO,
+            t,
+            "application/vnd.oci.image.manifest.v1+json",
+            format!("{{\"schemaVersion\":2,\"tag\":\"{t}\"}}"),
+        );
+    }
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &hub.url()))
+        .upstream(UpstreamSpec::new("quay.io", &quay.url()))
+        .start();
+    (hub, quay, stowage)
+}
+
+/// The target of a `Link: <url>; rel="next"` header.
+fn link_target(link: &str) -> Option<String> {
+    link.trim()
+        .strip_prefix('<')
+        .and_then(|l| l.split_once('>'))
+        .map(|(u, _)| u.to_string())
+}
+
+#[test]
+fn tag_list_without_n_follows_an_upstream_that_pages_by_default() {
+    let (_hub, quay, stowage) = paging_world();
+    let base = stowage.url();
+    for (start, expected_prefix, ns, n) in [
+        (
+            format!("/v2/quay.io/{REPO}/tags/list"),
+            format!("/v2/quay.io/{REPO}/tags/list?"),
+            None,
+            None,
+        ),
+        (
+            format!("/v2/{REPO}/tags/list?ns=quay.io"),
+            format!("/v2/{REPO}/tags/list?"),
+            Some("quay.io"),
+            None,
+        ),
+        (
+            format!("/v2/{REPO}/tags/list?n=3&ns=quay.io"),
+            format!("/v2/{REPO}/tags/list?"),
+            Some("quay.io"),
+            Some("3"),
+        ),
+    ] {
+        let mut next = Some(start.clone());
+        let mut tags = Vec::new();
+        let mut pages = 0;
+        while let Some(path) = next.take() {
+            pages += 1;
+            assert!(pages <= 6, "{start}: too many pages");
+            let r = get(&format!("{base}{path}"));
+            assert_eq!(r.status, 200, "{path}");
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+            for t in v["tags"].as_array().unwrap() {
+                tags.push(t.as_str().unwrap().to_string());
+            }
+            let link = r.header("link");
+            if link.is_empty() {
+                continue;
+            }
+            assert!(link.ends_with("rel=\"next\""), "{path}: {link}");
+            let url = link_target(&link).unwrap_or_else(|| panic!("{path}: Link {link:?}"));
+            assert!(
+                url.starts_with(&expected_prefix),
+                "{path}: Link {link:?} is not in the client's form {expected_prefix:?}"
+            );
+            let query = url::Url::parse(&format!("http://mirror{url}")).unwrap();
+            let param = |k: &str| {
+                query
+                    .query_pairs()
+                    .find(|(name, _)| name == k)
+                    .map(|(_, v)| v.into_owned())
+            };
+            assert_eq!(param("ns").as_deref(), ns, "{path}: Link {link:?}");
+            assert_eq!(param("n").as_deref(), n, "{path}: Link {link:?}");
+            assert_eq!(
+                param("last").as_deref(),
+                tags.last().map(String::as_str),
+                "{path}: Link {link:?}"
+            );
+            next = Some(url);
+        }
+        assert_eq!(
+            tags,
+            ["1", "2", "3", "4", "5"],
+            "{start}: every tag, page by page"
+        );
+        assert!(pages >= 3, "{start}: the upstream paged ({pages} pages)");
+    }
+    // The upstream was asked for the following pages with `last`, never given an `n` the
+    // client did not send.
+    let lists: Vec<_> = quay
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/tags/list"))
+        .collect();
+    assert!(lists.iter().any(|r| r.query_param("last") == ["4"]));
+    assert!(
+        lists
+            .iter()
+            .all(|r| r.query_param("n").is_empty() || r.query_param("n") == ["3"]),
+        "{lists:?}"
+    );
+}
+
+#[test]
+fn ns_is_echoed_on_tag_lists_and_on_errors() {
+    let (_hub, _quay, stowage) = paging_world();
+    let base = stowage.url();
+    let absent = sha256_digest(b"nobody pushed this");
+    // Success: the tag list.
+    let r = get(&format!("{base}/v2/{REPO}/tags/list?ns=quay.io"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("oci-namespace"), "quay.io", "tags/list");
+    // Errors, GET and HEAD: unknown tag, unknown blob, unknown repository, bad name.
+    for (path, status, code) in [
+        (
+            format!("/v2/{REPO}/manifests/absent?ns=quay.io"),
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            format!("/v2/{REPO}/blobs/{absent}?ns=quay.io"),
+            404,
+            "BLOB_UNKNOWN",
+        ),
+        (
+            "/v2/team/nothing/tags/list?ns=quay.io".to_string(),
+            404,
+            "NAME_UNKNOWN",
+        ),
+        (
+            "/v2/Bad/manifests/1?ns=quay.io".to_string(),
+            400,
+            "NAME_INVALID",
+        ),
+    ] {
+        let url = format!("{base}{path}");
+        let r = get(&url);
+        assert_eq!(r.status, status, "{path}");
+        assert_eq!(error_codes(&r.body, &path), [code]);
+        assert_eq!(r.header("oci-namespace"), "quay.io", "GET {path}");
+        let h = support::http().head(&url).send().unwrap();
+        assert_eq!(h.status().as_u16(), status, "HEAD {path}");
+        assert_eq!(
+            h.headers()
+                .get("oci-namespace")
+                .and_then(|v| v.to_str().ok()),
+            Some("quay.io"),
+            "HEAD {path}"
+        );
+    }
+    // Without ns, no header.
+    let r = get(&format!("{base}/v2/quay.io/{REPO}/manifests/absent"));
+    assert_eq!(r.status, 404);
+    assert!(r.headers.get("oci-namespace").is_none());
+}
+
+#[test]
+fn a_range_while_a_blob_of_unknown_size_fills_gets_a_206() {
+    let upstream = FakeUpstream::start();
+    let bytes: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let size = bytes.len();
+    let digest = upstream.add_blob(REPO, bytes.clone());
+    // No Content-Length, and the body stops at 64 KiB until released: the blob is mid-fill
+    // with its size unknown while the clients below ask for ranges.
+    upstream.serve_chunked(&digest);
+    upstream.push_faults(&digest, [Fault::HoldAt(64 * 1024)]);
+    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())]);
+    let url = format!("{}/v2/{REPO}/blobs/{digest}", stowage.url());
+
+    let ranged = |range: &'static str| {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let resp = support::http()
+                .get(&url)
+                .header("Range", range)
+                .send()
+                .unwrap_or_else(|e| panic!("GET {url} Range {range}: {e}"));
+            Resp {
+                status: resp.status().as_u16(),
+                headers: resp.headers().clone(),
+                body: resp.bytes().map(|b| b.to_vec()).unwrap_or_default(),
+            }
+        })
+    };
+    // dockerd's resume starts the fill; two more join it.
+    let resume = ranged("bytes=1000-");
+    assert!(
+        support::wait_until(std::time::Duration::from_secs(30), || !upstream
+            .blob_gets(&digest)
+            .is_empty()),
+        "the fill reached the upstream"
+    );
+    let middle = ranged("bytes=5000-5999");
+    let past_end = ranged("bytes=900000-");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    upstream.release_holds();
+
+    let r = resume.join().unwrap();
+    assert_eq!(r.status, 206, "dockerd's resume needs a 206, not a 200");
+    assert_eq!(
+        r.header("content-range"),
+        format!("bytes 1000-{}/{size}", size - 1)
+    );
+    assert_eq!(r.header("content-length"), (size - 1000).to_string());
+    assert!(r.body == bytes[1000..], "the resumed bytes");
+
+    let r = middle.join().unwrap();
+    assert_eq!(r.status, 206);
+    assert_eq!(r.header("content-range"), format!("bytes 5000-5999/{size}"));
+    assert!(r.body == bytes[5000..6000]);
+
+    let r = past_end.join().unwrap();
+    assert_eq!(r.status, 416);
+    assert_eq!(r.header("content-range"), format!("bytes */{size}"));
+    assert_eq!(
+        upstream.blob_gets(&digest).len(),
+        1,
+        "one fill for all three"
     );
 }

@@ -401,12 +401,17 @@ struct Query {
     ns: Option<String>,
 }
 
+/// Answers a `/v2/` request; containerd's `ns` is echoed in `OCI-Namespace` on every answer,
+/// errors included.
 async fn dispatch(State(mirror): State<AppState>, req: Request) -> Response {
     let head = req.method() == Method::HEAD;
-    match handle(&mirror, req).await {
+    let ns = serde_urlencoded_lite(req.uri().query().unwrap_or("")).ns;
+    let mut resp = match handle(&mirror, req).await {
         Ok(r) => r,
         Err(e) => error_response(&e, head),
-    }
+    };
+    echo_ns(&mut resp, ns.as_deref());
+    resp
 }
 
 async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError> {
@@ -451,9 +456,14 @@ async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError
             let body = serde_json::to_vec(&list)
                 .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
             let mut resp = json_response(body, head, Some(Outcome::Upstream));
-            if let (Some(next), Some(n)) = (&list.next, n) {
+            // Whenever there is more (also when only the upstream pages, by its default page
+            // size), in the client's namespace: its prefix in the path, its `ns`, its `n`.
+            if let Some(next) = &list.next {
                 let mut q = url::form_urlencoded::Serializer::new(String::new());
-                q.append_pair("n", &n.to_string()).append_pair("last", next);
+                if let Some(n) = n {
+                    q.append_pair("n", &n.to_string());
+                }
+                q.append_pair("last", next);
                 if let Some(ns) = ns {
                     q.append_pair("ns", ns);
                 }
@@ -468,17 +478,16 @@ async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError
             let route = mirror.route(&name, ns)?;
             let accept = Accept::from_headers(&req.headers);
             let answer = mirror.manifest(&route, &reference, &accept).await?;
-            let mut resp = manifest_response(answer, head);
-            echo_ns(&mut resp, ns);
-            Ok(resp)
+            Ok(manifest_response(answer, head))
         }
         Endpoint::Blob(name, digest) => {
             let route = mirror.route(&name, ns)?;
-            let answer = mirror.blob(&route, &digest, head).await?;
+            let mut answer = mirror.blob(&route, &digest, head).await?;
             let range = blob_range(&req.headers, &digest);
-            let mut resp = blob_response(answer, &digest, head, range)?;
-            echo_ns(&mut resp, ns);
-            Ok(resp)
+            if !head && range.needs_size() {
+                size_for_range(&mut answer).await?;
+            }
+            blob_response(answer, &digest, head, range)
         }
     }
 }
@@ -551,7 +560,8 @@ fn manifest_response(answer: ManifestAnswer, head: bool) -> Response {
 /// The blob answer as a response: 200 with the whole blob, 206 for a satisfiable single `Range`
 /// (also while the blob is still being filled: the range streams as its bytes arrive), 416 with
 /// `Content-Range: bytes */<size>` for an unsatisfiable or malformed one. A multi-range request
-/// gets the whole blob; so does any range while the size is still unknown.
+/// gets the whole blob. A range of a fill of unknown size is answered once the size is known
+/// ([`size_for_range`]); should it still be unknown here, the whole blob.
 fn blob_response(
     answer: BlobAnswer,
     digest: &Digest,
@@ -633,6 +643,37 @@ fn blob_response(
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     resp.extensions_mut().insert(outcome);
     Ok(resp)
+}
+
+/// A range of a blob still filling from an upstream that did not say its size (no
+/// `Content-Length`) cannot be answered with a 206 yet — dockerd's resume needs one, with a
+/// `Content-Range` ending at the blob's last byte (protocol §1.5, gotcha 11). Waits until the
+/// fill is over (its size is set when the blob verifies) and sets the size on the answer; a
+/// failed fill is the error.
+async fn size_for_range(answer: &mut BlobAnswer) -> Result<(), RegistryError> {
+    let BlobAnswer::Filling {
+        fill,
+        total: total @ None,
+        ..
+    } = answer
+    else {
+        return Ok(());
+    };
+    let settled = fill.settled().await;
+    // Verified is enough: a commit failing after that does not make the bytes wrong (readers
+    // still hold the file).
+    let s = fill.state();
+    match (s.verified, s.total, settled) {
+        (true, Some(size), _) => {
+            *total = Some(size);
+            Ok(())
+        }
+        (_, _, Err(e)) => Err(e),
+        (_, _, Ok(())) => {
+            *total = Some(s.written);
+            Ok(())
+        }
+    }
 }
 
 /// The client's `Range`, unless an `If-Range` names another version than this blob's ETag.

@@ -89,6 +89,14 @@ impl RangeRequest {
     }
 }
 
+impl RangeRequest {
+    /// Whether the answer depends on the blob's size: a 206 (its `Content-Range` names the
+    /// size) or a 416 (`bytes */<size>`).
+    pub fn needs_size(&self) -> bool {
+        matches!(self, RangeRequest::Single(_) | RangeRequest::Invalid)
+    }
+}
+
 fn number(s: &str) -> Option<u64> {
     if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
         return None;

@@ -38,6 +38,8 @@ fn unknown_endpoint(path: &str) -> RegistryError {
     )
 }
 
+const UPLOADS: &str = "/blobs/uploads";
+
 /// Parses the path after `/v2/`.
 pub fn parse(rest: &str) -> Result<Endpoint, RegistryError> {
     if rest.is_empty() {
@@ -51,11 +53,14 @@ pub fn parse(rest: &str) -> Result<Endpoint, RegistryError> {
     if let Some(n) = rest.strip_suffix("/tags/list") {
         return Ok(Endpoint::Tags(name(n)?));
     }
-    if let Some(i) = rest.find("/blobs/uploads") {
-        let tail = &rest[i + "/blobs/uploads".len()..];
-        if tail.is_empty() || tail.starts_with('/') {
-            return Ok(Endpoint::Upload);
-        }
+    // Pushes, also matched at the right end: `<name>/blobs/uploads[/]` or
+    // `<name>/blobs/uploads/<id>` — a name may itself contain `blobs/uploads`.
+    if rest.ends_with(UPLOADS)
+        || rest
+            .rsplit_once('/')
+            .is_some_and(|(head, _)| head.ends_with(UPLOADS))
+    {
+        return Ok(Endpoint::Upload);
     }
     let (head, last) = rest
         .rsplit_once('/')
@@ -113,6 +118,38 @@ mod tests {
         }
         assert_eq!(parse("x/blobs/uploads/").unwrap(), Endpoint::Upload);
         assert_eq!(parse("x/blobs/uploads/uuid-1").unwrap(), Endpoint::Upload);
+    }
+
+    #[test]
+    fn a_name_containing_blobs_uploads_is_a_pull_not_a_push() {
+        match parse("a/blobs/uploads/manifests/latest").unwrap() {
+            Endpoint::Manifest(n, Reference::Tag(t)) => {
+                assert_eq!((n.as_str(), t.as_str()), ("a/blobs/uploads", "latest"))
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&format!("blobs/uploads/x/blobs/{D}")).unwrap() {
+            Endpoint::Blob(n, d) => {
+                assert_eq!((n.as_str(), d.to_string().as_str()), ("blobs/uploads/x", D))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            parse("a/blobs/uploads/tags/list").unwrap(),
+            Endpoint::Tags(n) if n.as_str() == "a/blobs/uploads"
+        ));
+        // Uploads are still recognised at the right end, whatever the name holds.
+        assert_eq!(parse("x/blobs/uploads").unwrap(), Endpoint::Upload);
+        assert_eq!(
+            parse("a/blobs/uploads/b/blobs/uploads/").unwrap(),
+            Endpoint::Upload
+        );
+        assert_eq!(
+            parse("a/blobs/uploads/blobs/uploads/uuid-1").unwrap(),
+            Endpoint::Upload
+        );
+        // Nothing after the upload id: `<name>/blobs/uploads/<id>/more` is no endpoint.
+        assert_eq!(code("x/blobs/uploads/uuid-1/more"), ErrorCode::NameUnknown);
     }
 
     #[test]

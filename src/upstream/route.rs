@@ -17,6 +17,7 @@
 
 use std::sync::Arc;
 
+use crate::config::canonical_host;
 use crate::oci::{ErrorCode, RegistryError, RepoName};
 
 use super::Upstream;
@@ -42,17 +43,6 @@ impl Route {
 #[derive(Debug)]
 pub struct Router {
     upstreams: Vec<Arc<Upstream>>,
-}
-
-/// Host names that mean Docker Hub.
-fn canonical_host(host: &str) -> String {
-    let h = host.trim().to_ascii_lowercase();
-    match h.as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".into()
-        }
-        _ => h,
-    }
 }
 
 impl Router {
@@ -241,6 +231,31 @@ mod tests {
             .route(&name("ghcr.io/org/app"), Some("docker.io"))
             .unwrap();
         assert_eq!((r.host(), r.repo.as_str()), ("ghcr.io", "org/app"));
+    }
+
+    #[test]
+    fn every_docker_hub_host_name_gets_library_and_answers_to_docker_io() {
+        for host in [
+            "docker.io",
+            "index.docker.io",
+            "registry-1.docker.io",
+            "registry.hub.docker.com",
+            "Registry.Hub.Docker.com",
+        ] {
+            let r = router_from(&format!(
+                "[[upstreams]]\nhost = \"{host}\"\nurl = \"http://127.0.0.1:1\""
+            ));
+            let up = &r.upstreams()[0];
+            assert!(up.config.is_docker_hub(), "{host}");
+            let routed = r.route(&name("alpine"), None).unwrap();
+            assert_eq!(routed.repo.as_str(), "library/alpine", "{host}");
+            // Routing and `library/` agree: any Hub name selects it, and gets `library/`.
+            for alias in ["docker.io", "registry.hub.docker.com", "index.docker.io"] {
+                let routed = r.route(&name("alpine"), Some(alias)).unwrap();
+                assert_eq!(routed.repo.as_str(), "library/alpine", "{host} ns={alias}");
+            }
+        }
+        assert!(!router().upstreams()[1].config.is_docker_hub());
     }
 
     #[test]

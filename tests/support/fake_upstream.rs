@@ -218,6 +218,10 @@ struct Hooks {
     held: Mutex<HashSet<String>>,
     /// A `ratelimit-remaining` value sent on every registry response.
     ratelimit_remaining: Mutex<Option<String>>,
+    /// Default page size of `tags/list` (see [`FakeUpstream::page_tags_by_default`]).
+    tag_page: Mutex<Option<usize>>,
+    /// Blob digests served without `Content-Length` (see [`FakeUpstream::serve_chunked`]).
+    chunked: Mutex<HashSet<String>>,
 }
 
 impl Shared {
@@ -485,6 +489,19 @@ impl FakeUpstream {
     pub fn send_ratelimit(&self, remaining: u32) {
         *lock(&self.shared.hooks.ratelimit_remaining) = Some(format!("{remaining};w=21600"));
     }
+
+    /// From now on `tags/list` pages like Quay or GAR: at most `n` tags per answer (the client's
+    /// `n` if smaller), after `last`, with `Link: </v2/<name>/tags/list?n=..&last=..>;
+    /// rel="next"` while more remain — also when the client sent no `n`.
+    pub fn page_tags_by_default(&self, n: usize) {
+        *lock(&self.shared.hooks.tag_page) = Some(n);
+    }
+
+    /// From now on `GET`s of `digest` answer without `Content-Length` (chunked transfer
+    /// encoding): the size is unknown until the body ends. Combines with [`Fault`]s.
+    pub fn serve_chunked(&self, digest: &str) {
+        lock(&self.shared.hooks.chunked).insert(digest.to_owned());
+    }
 }
 
 impl Drop for FakeUpstream {
@@ -519,18 +536,75 @@ async fn hooks(
                 .map(|(_, d)| d.to_owned())
         })
         .flatten();
-    if let Some(digest) = blob {
-        while lock(&state.hooks.held).contains(&digest) {
+    if let Some(digest) = &blob {
+        while lock(&state.hooks.held).contains(digest) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+    let tags_query = (req.method() == Method::GET && req.uri().path().ends_with("/tags/list"))
+        .then(|| req.uri().query().unwrap_or("").to_owned());
     let mut resp = next.run(req).await;
+    if let Some(query) = tags_query {
+        resp = page_tags(&state, &query, resp).await;
+    }
+    if blob.is_some_and(|d| lock(&state.hooks.chunked).contains(&d)) {
+        resp = without_content_length(resp);
+    }
     if let Some(v) = lock(&state.hooks.ratelimit_remaining).clone() {
         let h = resp.headers_mut();
         h.insert("ratelimit-limit", HeaderValue::from_static("100;w=21600"));
         h.insert("ratelimit-remaining", HeaderValue::from_str(&v).unwrap());
     }
     resp
+}
+
+/// Applies [`FakeUpstream::page_tags_by_default`] to a `tags/list` answer: the whole sorted list
+/// cut to one page after `last`, with a `Link` to the next while more remain.
+async fn page_tags(state: &Shared, query: &str, resp: Response) -> Response {
+    let Some(page) = *lock(&state.hooks.tag_page) else {
+        return resp;
+    };
+    if resp.status() != StatusCode::OK {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 16 << 20)
+        .await
+        .unwrap_or_default();
+    let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let name = list["name"].as_str().unwrap_or("").to_owned();
+    let params = query_params(Some(query));
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let n = param("n")
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(page, |n| n.min(page));
+    let last = param("last");
+    let after: Vec<String> = list["tags"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.as_str())
+        .filter(|t| last.as_deref().is_none_or(|l| *t > l))
+        .map(str::to_owned)
+        .collect();
+    let tags: Vec<&String> = after.iter().take(n).collect();
+    let mut resp = json(
+        StatusCode::OK,
+        &serde_json::json!({ "name": name, "tags": tags }).to_string(),
+    );
+    if let (true, Some(l)) = (after.len() > n, tags.last()) {
+        let link = format!("</v2/{name}/tags/list?n={n}&last={l}>; rel=\"next\"");
+        resp.headers_mut()
+            .insert(header::LINK, HeaderValue::from_str(&link).unwrap());
+    }
+    resp
+}
+
+/// Applies [`FakeUpstream::serve_chunked`]: the same status, headers and bytes, but no
+/// `Content-Length` and a body of unknown size, so hyper sends it chunked.
+fn without_content_length(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from_stream(body.into_data_stream()))
 }
 
 fn record(state: &Shared, listener: Listener, req: &Request) {
