@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crate::cache::index::unix_now;
 use crate::cache::{references, Cache, CacheError, Pin};
-use crate::config::Config;
+use crate::config::{canonical_host, Config};
 use crate::oci::{Digest, Reference, RepoName, Tag};
 
 /// An operator command failure: a message for the terminal.
@@ -44,15 +44,6 @@ impl std::fmt::Display for ImageRef {
             Reference::Tag(t) => write!(f, "{}/{}:{t}", self.host, self.repo),
             Reference::Digest(d) => write!(f, "{}/{}@{d}", self.host, self.repo),
         }
-    }
-}
-
-fn canonical_host(h: &str) -> String {
-    match h.to_ascii_lowercase().as_str() {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".into()
-        }
-        other => other.to_owned(),
     }
 }
 
