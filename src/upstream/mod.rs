@@ -300,7 +300,9 @@ impl Upstream {
     }
 
     /// Sends a request to `/v2/<repo>/<rest>`, doing the auth dance and following redirects.
-    /// Non-2xx answers become [`UpstreamError::Status`].
+    /// Non-2xx answers become [`UpstreamError::Status`]; a 401 on a request that carried a
+    /// token drops that token and is retried once with a fresh one, and a 401 even then becomes
+    /// [`UpstreamError::NotVisible`].
     pub async fn send(
         &self,
         method: Method,
