@@ -9,7 +9,8 @@
 //!   limit); a `GET` (by digest) follows only for a digest we do not hold. If the upstream fails
 //!   (connection, timeout, 5xx, 429) the cached tag is served with a `Warning`, within
 //!   `max_stale`; after a 429 with `Retry-After`, cached tags are not revalidated until it has
-//!   passed. An upstream 404 is remembered for `negative_ttl`.
+//!   passed. An upstream 404 (or Docker Hub's 401 even with a fresh token) is remembered for
+//!   `negative_ttl`.
 //! - A manifest whose type the client does not accept (a list for a client that wants one image)
 //!   is never handed over: the tag's variant for the client's Accept set is fetched once with
 //!   the client's own `Accept` and kept beside the tag until it moves.
@@ -165,41 +166,44 @@ fn offline_unknown(code: ErrorCode, what: impl std::fmt::Display) -> RegistryErr
     )
 }
 
-/// Upstream 404s for tags, remembered for the upstream's `negative_ttl` (in memory only).
+/// Upstream 404s for tags (and Docker Hub's "401 even with a fresh token" for a repository it
+/// does not have), remembered for the upstream's `negative_ttl` (in memory only) with the code
+/// to answer.
 #[derive(Default)]
 struct NegativeCache {
-    until: Mutex<HashMap<String, Instant>>,
+    until: Mutex<HashMap<String, (Instant, ErrorCode)>>,
 }
 
 impl NegativeCache {
     const MAX_ENTRIES: usize = 10_000;
 
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, ErrorCode)>> {
         self.until.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn contains(&self, key: &str) -> bool {
+    /// The remembered answer's code, while it lasts.
+    fn get(&self, key: &str) -> Option<ErrorCode> {
         let mut map = self.map();
         match map.get(key) {
-            Some(until) if *until > Instant::now() => true,
+            Some((until, code)) if *until > Instant::now() => Some(*code),
             Some(_) => {
                 map.remove(key);
-                false
+                None
             }
-            None => false,
+            None => None,
         }
     }
 
-    fn insert(&self, key: String, ttl: Duration) {
+    fn insert(&self, key: String, ttl: Duration, code: ErrorCode) {
         let now = Instant::now();
         let mut map = self.map();
         if map.len() >= Self::MAX_ENTRIES {
-            map.retain(|_, until| *until > now);
+            map.retain(|_, (until, _)| *until > now);
             if map.len() >= Self::MAX_ENTRIES {
                 map.clear();
             }
         }
-        map.insert(key, now + ttl);
+        map.insert(key, (now + ttl, code));
     }
 
     fn remove(&self, key: &str) {
@@ -411,9 +415,9 @@ impl Mirror {
         match &cached {
             Some(_) => {}
             None => {
-                if self.negative.contains(&negative_key) {
+                if let Some(code) = self.negative.get(&negative_key) {
                     return Err(RegistryError::new(
-                        ErrorCode::ManifestUnknown,
+                        code,
                         format!(
                             "{}:{tag} was not found on upstream {host} moments ago (remembered for negative_ttl)",
                             route.repo
@@ -605,7 +609,8 @@ impl Mirror {
 
     /// Revalidating (or resolving) a tag failed. Unavailable upstream (connection, timeout,
     /// 5xx, 429) → the cached answer, marked stale, while within `max_stale`. A 404 is
-    /// remembered for `negative_ttl` and drops the tag. Anything else is the client's error.
+    /// remembered for `negative_ttl` and drops the tag; so is (without dropping the tag) a 401
+    /// even with a fresh token. Anything else is the client's error.
     fn upstream_failed(
         &self,
         route: &Route,
@@ -616,25 +621,26 @@ impl Mirror {
     ) -> Result<ManifestAnswer, RegistryError> {
         let config = &route.upstream.config;
         let host = route.host();
-        if err.status() == Some(404) {
-            if !config.negative_ttl.is_zero() {
-                self.negative.insert(
-                    format!("{host}\0{}\0{tag}", route.repo),
-                    config.negative_ttl,
-                );
-            }
-            if cached.is_some() {
-                tracing::info!(upstream = %host, repo = %route.repo, %tag, "tag gone upstream; forgetting it");
-                self.cache
-                    .index()
-                    .remove_tag(host, &route.repo, tag)
-                    .map_err(crate::cache::CacheError::from)?;
-                if let Some(fleet) = &self.fleet {
-                    fleet.remove_tag(host, &route.repo, tag);
-                }
+        let client_error = err.to_registry_error(ErrorCode::ManifestUnknown);
+        if err.is_not_found() && !config.negative_ttl.is_zero() {
+            // A 404, or Docker Hub's 401-with-a-fresh-token for a repository it does not have:
+            // both would cost the same upstream requests (and rate limit) again.
+            self.negative.insert(
+                format!("{host}\0{}\0{tag}", route.repo),
+                config.negative_ttl,
+                client_error.code,
+            );
+        }
+        if err.status() == Some(404) && cached.is_some() {
+            tracing::info!(upstream = %host, repo = %route.repo, %tag, "tag gone upstream; forgetting it");
+            self.cache
+                .index()
+                .remove_tag(host, &route.repo, tag)
+                .map_err(crate::cache::CacheError::from)?;
+            if let Some(fleet) = &self.fleet {
+                fleet.remove_tag(host, &route.repo, tag);
             }
         }
-        let client_error = err.to_registry_error(ErrorCode::ManifestUnknown);
         if !err.is_unavailable() {
             return Err(client_error);
         }

@@ -13,7 +13,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::fake_upstream::Gate;
+use support::fake_upstream::{FakeUpstream, Fault, Gate};
 use support::images::{self, Format, Image, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
@@ -264,6 +264,48 @@ fn stopped_upstream_serves_cached_tag_with_warning_and_uncached_tag_is_503() {
     ));
     assert_eq!(r.status, 503, "nothing cached and upstream down");
     assert_eq!(error_codes(&r.body, "uncached tag"), ["UNAVAILABLE"]);
+}
+
+#[test]
+fn a_manifest_get_cut_mid_body_serves_the_cached_tag_stale() {
+    // The revalidation's HEAD says the tag moved; the GET of the new digest breaks mid-body. The
+    // upstream is unavailable (not wrong): the cached tag is served stale.
+    let fake = FakeUpstream::start();
+    let stowage = hub(&fake.url(), "manifest_ttl = \"0\"");
+    let repo = "library/cut";
+    let first = Image::build(Format::Docker, &[128]).manifest;
+    fake.add_manifest(repo, "1.0", &first.media_type, first.bytes.clone());
+    let url = format!("{}/v2/{repo}/manifests/1.0", stowage.url());
+    let r = get(&url);
+    assert_eq!((r.status, r.digest()), (200, first.digest.clone()));
+
+    let next = Image::build(Format::Docker, &[128]).manifest;
+    fake.add_manifest(repo, "1.0", &next.media_type, next.bytes.clone());
+    let cut = next.bytes.len() as u64 / 2;
+    fake.push_manifest_faults(&next.digest, [Fault::CutAt(cut)]);
+    let r = get(&url);
+    assert_eq!(
+        fake.count("GET", &next.digest),
+        1,
+        "premise: the new digest was fetched (and cut)"
+    );
+    assert_eq!(
+        (r.status, r.digest()),
+        (200, first.digest.clone()),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.body, first.bytes);
+    let warning = r.header("warning");
+    assert!(
+        warning.starts_with("299 - \"stale: "),
+        "stale answers carry a Warning: {warning:?}"
+    );
+
+    // The upstream recovered: the tag moves on the next revalidation.
+    let r = get(&url);
+    assert_eq!((r.status, r.digest()), (200, next.digest.clone()));
+    assert_eq!(r.header("warning"), "");
 }
 
 #[test]

@@ -12,7 +12,7 @@ mod support;
 use std::time::Duration;
 
 use base64::Engine as _;
-use support::fake_upstream::{FakeUpstream, Listener, RecordedRequest, WrongBytes, SERVICE};
+use support::fake_upstream::{FakeUpstream, Fault, Listener, RecordedRequest, WrongBytes, SERVICE};
 use support::images::{Blob, Format, Image, OCI_CONFIG, OCI_LAYER, OCI_MANIFEST};
 use support::stowage::{Stowage, UpstreamSpec};
 use support::{error_codes, http, manifest_accept, sha256_digest, sha256_hex, wait_until};
@@ -310,6 +310,178 @@ fn upstream_401_after_fresh_token_is_not_retried_forever() {
         describe(&fake.requests())
     );
     assert!(!tokens.is_empty(), "stowage never tried to get a token");
+}
+
+#[test]
+fn a_refused_cached_token_is_replaced_by_one_fresh_token() {
+    // Each token works for two repository requests, then the registry refuses it although its
+    // `expires_in` (300 s) has not passed: a rotated signing key, a revocation, clock skew.
+    let fake = FakeUpstream::builder().token_auth().start();
+    fake.revoke_tokens_after(2);
+    let repo = "library/rotating";
+    let image = Image::build(Format::Docker, &[1_000]);
+    publish(&fake, repo, "v1", &image);
+    let stowage = stowage_for(&fake);
+
+    // HEAD and GET by digest: the first token's two uses.
+    pull_manifest(&stowage, repo, "v1", &image.manifest);
+    assert_eq!(
+        fake.token_requests().len(),
+        1,
+        "premise: one token for the manifest:\n{}",
+        describe(&fake.requests())
+    );
+    let first = fake.issued_tokens()[0].clone();
+
+    // The cached token is refused now: it must be dropped and a fresh one fetched, once.
+    pull_blob(&stowage, repo, &image.config);
+    let issued = fake.issued_tokens();
+    assert_eq!(
+        issued.len(),
+        2,
+        "one new token after the refusal, no more:\n{}",
+        describe(&fake.requests())
+    );
+    let config_gets: Vec<_> = registry_requests_for(&fake, repo)
+        .into_iter()
+        .filter(|r| r.path.ends_with(&image.config.digest))
+        .collect();
+    let with_first = config_gets
+        .iter()
+        .filter(|r| r.bearer() == Some(first.as_str()))
+        .count();
+    assert_eq!(
+        with_first,
+        1,
+        "the refused token must not be sent again:\n{}",
+        describe(&config_gets)
+    );
+    assert_eq!(
+        config_gets.last().and_then(|r| r.bearer()),
+        Some(issued[1].as_str()),
+        "the retry carries the fresh token:\n{}",
+        describe(&config_gets)
+    );
+}
+
+#[test]
+fn hub_401_with_a_fresh_token_is_remembered_for_negative_ttl() {
+    // Docker Hub answers a repository that does not exist with 401, even with a fresh token
+    // (protocol §3.2 step 5); asking again costs a HEAD, a token and a HEAD of rate limit.
+    let fake = FakeUpstream::builder().token_auth().start();
+    let repo = "nobody/nothing";
+    fake.hide_repo(repo);
+    let stowage = stowage_for(&fake); // negative_ttl: 30 s by default
+    let url = format!("{}/v2/{repo}/manifests/latest", stowage.url());
+    let get = || {
+        let resp = http()
+            .get(&url)
+            .header("Accept", manifest_accept())
+            .send()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp.bytes().unwrap();
+        (status, error_codes(&body, &format!("GET {url}")))
+    };
+
+    assert_eq!(get(), (404, vec!["NAME_UNKNOWN".to_string()]));
+    let seen = fake.requests().len();
+    assert!(
+        !fake.token_requests().is_empty(),
+        "premise: the 401 came with a fresh token:\n{}",
+        describe(&fake.requests())
+    );
+    assert_eq!(get(), (404, vec!["NAME_UNKNOWN".to_string()]));
+    assert_eq!(
+        fake.requests().len(),
+        seen,
+        "within negative_ttl the answer is remembered, nothing reaches upstream:\n{}",
+        describe(&fake.requests()[seen..])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-standard error codes (Harbor)
+
+#[test]
+fn harbor_404_not_found_stays_a_404_with_the_oci_code() {
+    let fake = FakeUpstream::builder().not_found_code("NOT_FOUND").start();
+    let repo = "harbor/app";
+    let image = Image::build(Format::Oci, &[4_000]);
+    publish(&fake, repo, "v1", &image);
+    let stowage = stowage_for(&fake);
+    let c = http();
+    let missing = sha256_digest(b"not on the upstream");
+
+    // Premise: the fake answers like Harbor.
+    let direct = c
+        .get(format!("{}/v2/{repo}/blobs/{missing}", fake.url()))
+        .send()
+        .unwrap();
+    assert_eq!(direct.status(), 404);
+    assert_eq!(error_codes(&direct.bytes().unwrap(), "fake"), ["NOT_FOUND"]);
+
+    let cases = [
+        (format!("manifests/{missing}"), "MANIFEST_UNKNOWN"),
+        (format!("blobs/{missing}"), "BLOB_UNKNOWN"),
+        ("manifests/no-such-tag".to_string(), "MANIFEST_UNKNOWN"),
+    ];
+    for (rest, code) in &cases {
+        let url = format!("{}/v2/{repo}/{rest}", stowage.url());
+        let resp = c
+            .get(&url)
+            .header("Accept", manifest_accept())
+            .send()
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let status = resp.status().as_u16();
+        let body = resp.bytes().unwrap();
+        assert_eq!(
+            (status, error_codes(&body, &format!("GET {url}"))),
+            (404, vec![code.to_string()]),
+            "GET {url}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        let head = c.head(&url).header("Accept", manifest_accept()).send();
+        assert_eq!(head.unwrap().status(), 404, "HEAD {url}");
+    }
+
+    // The negative cache still works: the missing tag is not asked again within negative_ttl.
+    let seen = fake.requests().len();
+    let url = format!("{}/v2/{repo}/manifests/no-such-tag", stowage.url());
+    let resp = c
+        .get(&url)
+        .header("Accept", manifest_accept())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(
+        fake.requests().len(),
+        seen,
+        "the missing tag is remembered:\n{}",
+        describe(&fake.requests()[seen..])
+    );
+
+    // A blob that disappears mid-fill (the resume gets the 404) is gone, not a 5xx to retry.
+    let layer = &image.layers[0].blob;
+    fake.push_faults(&layer.digest, [Fault::CutAt(1_000), Fault::Status(404)]);
+    let url = format!("{}/v2/{repo}/blobs/{}", stowage.url(), layer.digest);
+    let body = c.get(&url).send().and_then(|r| r.bytes());
+    assert!(
+        body.as_ref()
+            .map_or(true, |b| b.as_ref() != layer.bytes.as_slice()),
+        "the blob vanished upstream mid-fill; the client must not get it whole"
+    );
+    assert!(
+        wait_until(EVENTUALLY, || fake.blob_gets(&layer.digest).len() >= 2),
+        "premise: the fill resumed"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        fake.blob_gets(&layer.digest).len(),
+        2,
+        "a resume answered 404 is not retried:\n{}",
+        describe(&fake.blob_gets(&layer.digest))
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

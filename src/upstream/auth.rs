@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
@@ -117,16 +117,98 @@ pub struct TokenResponse {
     token: Option<String>,
     access_token: Option<String>,
     expires_in: Option<u64>,
+    /// RFC 3339; the lifetime counts from it when present.
+    issued_at: Option<String>,
 }
 
+/// Longest lifetime trusted for a token, whatever `expires_in` says (a bogus huge value must not
+/// overflow the expiry nor keep a token for years).
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 impl TokenResponse {
-    /// The token and how long it may be used.
+    /// The token and how long it may still be used from now.
     pub fn into_token(self) -> Option<(Secret, Duration)> {
+        self.into_token_at(SystemTime::now())
+    }
+
+    /// [`TokenResponse::into_token`] as seen at `now`: the lifetime (`expires_in`, default and
+    /// minimum 60 s, at most [`MAX_TOKEN_LIFETIME`]) counts from `issued_at` when it is present
+    /// and parses, else from now. An `issued_at` in our future (clock skew) counts from now.
+    pub fn into_token_at(self, now: SystemTime) -> Option<(Secret, Duration)> {
         let token = self.token.or(self.access_token).filter(|t| !t.is_empty())?;
         // The spec's default and minimum lifetime is 60 s.
-        let lifetime = self.expires_in.unwrap_or(60).max(60);
-        Some((Secret(token), Duration::from_secs(lifetime)))
+        let lifetime =
+            Duration::from_secs(self.expires_in.unwrap_or(60).max(60)).min(MAX_TOKEN_LIFETIME);
+        let age = self
+            .issued_at
+            .as_deref()
+            .and_then(parse_rfc3339)
+            .and_then(|issued| now.duration_since(issued).ok())
+            .unwrap_or(Duration::ZERO);
+        Some((Secret(token), lifetime.saturating_sub(age)))
     }
+}
+
+/// `2024-01-02T03:04:05(.frac)?(Z|±hh:mm)` → the instant; `None` when malformed.
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    let num = |a: usize, b: usize| -> Option<i64> {
+        let part = s.get(a..b)?;
+        if !part.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        part.parse().ok()
+    };
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
+    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
+        return None;
+    }
+    // Fractional seconds are ignored (the lifetime is whole seconds).
+    let mut rest = &s[19..];
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let (h, m) = rest[1..].split_once(':')?;
+            if h.len() != 2 || m.len() != 2 {
+                return None;
+            }
+            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60)
+        }
+    };
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second.min(60) - offset;
+    let secs = u64::try_from(secs).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 /// Bearer tokens by (realm, service, scope).
@@ -159,8 +241,10 @@ impl TokenCache {
 
     pub fn put(&self, key: String, token: Secret, lifetime: Duration) {
         // Renew a little before expiry so a request never carries a token that lapses in flight.
+        let lifetime = lifetime.min(MAX_TOKEN_LIFETIME);
         let margin = Duration::from_secs(10).min(lifetime / 4);
-        let expiry = Instant::now() + lifetime - margin;
+        let now = Instant::now();
+        let expiry = now.checked_add(lifetime - margin).unwrap_or(now);
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         if tokens.len() > 10_000 {
             let now = Instant::now();
@@ -172,6 +256,15 @@ impl TokenCache {
     pub fn remove(&self, key: &str) {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens.remove(key);
+    }
+
+    /// Drops the token under `key` if `refused` says it is the one a registry just refused; a
+    /// newer token another request fetched meanwhile stays.
+    pub fn remove_if(&self, key: &str, refused: impl Fn(&Secret) -> bool) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if tokens.get(key).is_some_and(|(t, _)| refused(t)) {
+            tokens.remove(key);
+        }
     }
 }
 
@@ -238,6 +331,54 @@ mod tests {
         assert_eq!(t.into_token().unwrap().1, Duration::from_secs(300));
         let t: TokenResponse = serde_json::from_str(r#"{"expires_in":10}"#).unwrap();
         assert!(t.into_token().is_none());
+    }
+
+    #[test]
+    fn a_huge_expires_in_is_clamped_and_does_not_panic() {
+        let t: TokenResponse =
+            serde_json::from_str(&format!(r#"{{"token":"t","expires_in":{}}}"#, u64::MAX)).unwrap();
+        let (tok, life) = t.into_token().unwrap();
+        assert_eq!(life, MAX_TOKEN_LIFETIME);
+        let c = TokenCache::default();
+        c.put("k".into(), tok, life);
+        assert_eq!(c.get("k").map(|s| s.0), Some("t".into()));
+        // Even a caller passing an absurd lifetime directly must not overflow `Instant`.
+        c.put("m".into(), Secret("u".into()), Duration::MAX);
+        assert_eq!(c.get("m").map(|s| s.0), Some("u".into()));
+    }
+
+    #[test]
+    fn token_lifetime_counts_from_issued_at() {
+        let issued = UNIX_EPOCH + Duration::from_secs(1_700_000_000); // 2023-11-14T22:13:20Z
+        let parse = |json: &str, now: SystemTime| {
+            let t: TokenResponse = serde_json::from_str(json).unwrap();
+            t.into_token_at(now).unwrap().1
+        };
+        let json = r#"{"token":"t","expires_in":300,"issued_at":"2023-11-14T22:13:20Z"}"#;
+        let later = |s| issued + Duration::from_secs(s);
+        assert_eq!(parse(json, later(100)), Duration::from_secs(200));
+        assert_eq!(parse(json, later(1000)), Duration::ZERO, "expired already");
+        // An `issued_at` ahead of our clock counts from receipt.
+        assert_eq!(
+            parse(json, issued - Duration::from_secs(50)),
+            Duration::from_secs(300)
+        );
+        // Fractions and offsets; garbage falls back to receipt.
+        let json =
+            r#"{"token":"t","expires_in":300,"issued_at":"2023-11-15T00:13:20.123456+02:00"}"#;
+        assert_eq!(parse(json, later(60)), Duration::from_secs(240));
+        let json = r#"{"token":"t","expires_in":300,"issued_at":"yesterday"}"#;
+        assert_eq!(parse(json, later(60)), Duration::from_secs(300));
+        assert_eq!(
+            parse_rfc3339("1970-01-01T00:00:00Z"),
+            Some(UNIX_EPOCH),
+            "epoch"
+        );
+        assert_eq!(
+            parse_rfc3339("2024-02-29T12:00:00Z"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_709_208_000))
+        );
+        assert_eq!(parse_rfc3339("2024-13-01T00:00:00Z"), None);
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub enum UpstreamError {
     /// The upstream answered something we cannot use.
     #[error("upstream {host}: {message}")]
     Protocol { host: String, message: String },
+    /// 401 even with a freshly fetched bearer token: how Docker Hub answers for a repository
+    /// that does not exist (or that the mirror's credentials cannot see), protocol §3.2 step 5.
+    #[error("upstream {host} answered 401 even with a fresh token")]
+    NotVisible { host: String },
 }
 
 impl UpstreamError {
@@ -51,7 +55,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Unreachable { .. } => true,
             UpstreamError::Status { status, .. } => *status >= 500 || *status == 429,
-            UpstreamError::Protocol { .. } => false,
+            UpstreamError::Protocol { .. } | UpstreamError::NotVisible { .. } => false,
         }
     }
 
@@ -59,8 +63,15 @@ impl UpstreamError {
     pub fn status(&self) -> Option<u16> {
         match self {
             UpstreamError::Status { status, .. } => Some(*status),
+            UpstreamError::NotVisible { .. } => Some(401),
             _ => None,
         }
+    }
+
+    /// Whether the upstream says the thing asked for does not exist: a 404, or Docker Hub's
+    /// "401 even with a fresh token" for a repository it does not have.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, UpstreamError::NotVisible { .. }) || self.status() == Some(404)
     }
 
     /// The error a client sees, for a request about `what` (blob / manifest).
@@ -75,20 +86,33 @@ impl UpstreamError {
                 retry_after,
                 ..
             } => match status {
-                404 => RegistryError::new(code.unwrap_or(not_found), self.to_string()),
+                // A 404 stays a 404 whatever code the upstream used (Harbor: `NOT_FOUND`).
+                404 => RegistryError::new(
+                    code.filter(|c| c.status() == 404).unwrap_or(not_found),
+                    self.to_string(),
+                ),
                 401 | 403 => RegistryError::new(
                     ErrorCode::NameUnknown,
                     format!("{self}: repository not found upstream, or not visible with the mirror's credentials"),
                 ),
                 429 => RegistryError::new(ErrorCode::TooManyRequests, self.to_string())
                     .with_retry_after(*retry_after),
-                400..=499 => RegistryError::new(code.unwrap_or(not_found), self.to_string()),
+                400..=499 => match code.filter(|c| *c != ErrorCode::Unknown) {
+                    Some(c) => RegistryError::new(c, self.to_string()),
+                    // No code, or one we do not know: keep the upstream's status.
+                    None => RegistryError::new(ErrorCode::Unknown, self.to_string())
+                        .with_status(*status),
+                },
                 _ => RegistryError::new(ErrorCode::Unavailable, self.to_string())
                     .with_retry_after(*retry_after),
             },
             UpstreamError::Protocol { .. } => {
                 RegistryError::new(ErrorCode::Unknown, self.to_string()).with_status(502)
             }
+            UpstreamError::NotVisible { .. } => RegistryError::new(
+                ErrorCode::NameUnknown,
+                format!("{self}: repository not found upstream, or not visible with the mirror's credentials"),
+            ),
         }
     }
 }
@@ -276,7 +300,9 @@ impl Upstream {
     }
 
     /// Sends a request to `/v2/<repo>/<rest>`, doing the auth dance and following redirects.
-    /// Non-2xx answers become [`UpstreamError::Status`].
+    /// Non-2xx answers become [`UpstreamError::Status`]; a 401 on a request that carried a
+    /// token drops that token and is retried once with a fresh one, and a 401 even then becomes
+    /// [`UpstreamError::NotVisible`].
     pub async fn send(
         &self,
         method: Method,
@@ -289,6 +315,8 @@ impl Upstream {
         // A token we already hold for this repository, from an earlier challenge.
         let mut auth = self.cached_auth(&scope);
         let mut retried_auth = false;
+        // Whether the last request carried a token fetched after a 401 (not one that was refused).
+        let mut fresh_token = false;
         loop {
             let resp = self
                 .send_following_redirects(&method, &url, &headers, auth.clone())
@@ -308,12 +336,20 @@ impl Upstream {
                         service,
                         scope: challenged,
                     }) => {
-                        let scope = challenged.unwrap_or_else(|| scope.clone());
-                        let token = self.fetch_token(&realm, service.as_deref(), &scope).await?;
+                        let challenged = challenged.unwrap_or_else(|| scope.clone());
+                        let key = TokenCache::key(&realm, service.as_deref(), Some(&challenged));
+                        if let Some(sent) = &auth {
+                            // The token we sent was refused (signing key rotated, revoked, clock
+                            // skew, short-lived): never retry with it; fetch a fresh one (§3.2).
+                            self.drop_refused(&scope, &key, sent);
+                        }
+                        let token = self
+                            .fetch_token(&realm, service.as_deref(), &challenged)
+                            .await?;
                         // Remember which token serves this repository from now on.
-                        let key = TokenCache::key(&realm, service.as_deref(), Some(&scope));
-                        self.set_mode(&Self::default_scope(repo), AuthMode::Bearer(key));
+                        self.set_mode(&scope, AuthMode::Bearer(key));
                         auth = Some(bearer(&token));
+                        fresh_token = true;
                         continue;
                     }
                     Some(Challenge::Basic) if self.config.username.is_some() => {
@@ -327,6 +363,13 @@ impl Upstream {
             if resp.status() == StatusCode::UNAUTHORIZED {
                 // A fresh token that still is not enough: the repository is not visible to us.
                 self.forget_auth(&scope);
+                if fresh_token {
+                    // (Reads the bounded error body, so the connection can be reused.)
+                    let _ = self.check_status(resp).await;
+                    return Err(UpstreamError::NotVisible {
+                        host: self.config.host.clone(),
+                    });
+                }
             }
             return self.check_status(resp).await;
         }
@@ -465,6 +508,16 @@ impl Upstream {
         modes.get(repo_scope).cloned()
     }
 
+    /// The bearer token `sent` was refused: drop it wherever it is cached (the repository's
+    /// token and the one the new challenge names), unless a newer one replaced it meanwhile.
+    fn drop_refused(&self, repo_scope: &str, challenged_key: &str, sent: &HeaderValue) {
+        let refused = |t: &Secret| bearer(t) == *sent;
+        if let Some(AuthMode::Bearer(key)) = self.mode(repo_scope) {
+            self.tokens.remove_if(&key, refused);
+        }
+        self.tokens.remove_if(challenged_key, refused);
+    }
+
     // A fresh token was not enough: drop it so the next request asks again.
     fn forget_auth(&self, repo_scope: &str) {
         if let Some(AuthMode::Bearer(key)) = self.mode(repo_scope) {
@@ -538,13 +591,17 @@ impl Upstream {
             .await?;
         let header_digest = digest_header(resp.headers());
         let content_type = content_type(resp.headers());
-        let bytes =
-            read_limited(resp, MAX_MANIFEST_SIZE)
-                .await
-                .map_err(|e| UpstreamError::Protocol {
+        let bytes = read_limited(resp, MAX_MANIFEST_SIZE)
+            .await
+            .map_err(|e| match e {
+                // The connection broke or went quiet mid-body: the upstream is unavailable
+                // (a cached tag is then served stale), not wrong.
+                ReadError::Transport(_) => self.unreachable(format!("manifest {reference}: {e}")),
+                ReadError::TooLarge(_) => UpstreamError::Protocol {
                     host: self.config.host.clone(),
                     message: format!("manifest {reference}: {e}"),
-                })?;
+                },
+            })?;
         let digest = Digest::of(&bytes);
         if let Some(want) = expected.or(header_digest.as_ref()) {
             if *want != digest {
@@ -758,16 +815,27 @@ fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     Some((start.parse().ok()?, total))
 }
 
-async fn read_limited(resp: Response, limit: usize) -> Result<Bytes, String> {
+/// Why a body could not be read whole.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// Larger than the limit (announced or sent).
+    #[error("response larger than {0} bytes")]
+    TooLarge(usize),
+    /// The connection broke, or no byte came within `read_timeout`.
+    #[error("reading the body failed: {0}")]
+    Transport(String),
+}
+
+async fn read_limited(resp: Response, limit: usize) -> Result<Bytes, ReadError> {
     if content_length(resp.headers()).is_some_and(|l| l > limit as u64) {
-        return Err(format!("response larger than {limit} bytes"));
+        return Err(ReadError::TooLarge(limit));
     }
     let mut out = Vec::new();
     let mut stream = resp.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| describe(&e))?;
+        let chunk = chunk.map_err(|e| ReadError::Transport(describe(&e)))?;
         if out.len() + chunk.len() > limit {
-            return Err(format!("response larger than {limit} bytes"));
+            return Err(ReadError::TooLarge(limit));
         }
         out.extend_from_slice(&chunk);
     }
@@ -892,5 +960,45 @@ mod tests {
         };
         assert!(e.is_unavailable());
         assert_eq!(e.to_registry_error(ErrorCode::BlobUnknown).status(), 503);
+    }
+
+    fn status(status: u16, code: Option<ErrorCode>) -> UpstreamError {
+        UpstreamError::Status {
+            host: "h".into(),
+            status,
+            code,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn a_404_with_an_unknown_code_stays_a_404() {
+        // Harbor: 404 `{"errors":[{"code":"NOT_FOUND"}]}` (read as `Unknown`).
+        let e = status(404, Some(ErrorCode::Unknown));
+        for want in [ErrorCode::ManifestUnknown, ErrorCode::BlobUnknown] {
+            let r = e.to_registry_error(want);
+            assert_eq!((r.status(), r.code), (404, want));
+        }
+        assert!(e.is_not_found() && !e.is_unavailable());
+        // A 404-class code the upstream chose is kept.
+        let r = status(404, Some(ErrorCode::NameUnknown)).to_registry_error(ErrorCode::BlobUnknown);
+        assert_eq!((r.status(), r.code), (404, ErrorCode::NameUnknown));
+        // Another 4xx with an unknown (or no) code keeps the upstream's status.
+        for code in [Some(ErrorCode::Unknown), None] {
+            let r = status(410, code).to_registry_error(ErrorCode::ManifestUnknown);
+            assert_eq!(r.status(), 410);
+        }
+        let r = status(400, Some(ErrorCode::ManifestInvalid))
+            .to_registry_error(ErrorCode::ManifestUnknown);
+        assert_eq!((r.status(), r.code), (400, ErrorCode::ManifestInvalid));
+    }
+
+    #[test]
+    fn a_401_with_a_fresh_token_is_not_found() {
+        let e = UpstreamError::NotVisible { host: "h".into() };
+        assert!(e.is_not_found() && !e.is_unavailable());
+        let r = e.to_registry_error(ErrorCode::ManifestUnknown);
+        assert_eq!((r.status(), r.code), (404, ErrorCode::NameUnknown));
+        assert!(!status(401, None).is_not_found());
     }
 }

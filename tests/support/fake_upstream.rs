@@ -29,6 +29,12 @@
 //! blob (cut the connection or stall at an offset, hold the rest until
 //! [`FakeUpstream::release_holds`], answer a 5xx, ignore `Range`), and
 //! [`FakeUpstream::blob_gets`] lists the `GET`s of a blob with their `Range` headers.
+//! [`FakeUpstream::push_manifest_faults`] does the same for manifest `GET`s (cut / stall / status).
+//!
+//! Other registries' quirks: [`FakeUpstreamBuilder::not_found_code`] answers missing manifests and
+//! blobs with a non-standard error code (Harbor's `NOT_FOUND`), and
+//! [`FakeUpstream::revoke_tokens_after`] makes tokens stop working early (key rotation,
+//! revocation, clock skew) while they are still valid by their `expires_in`.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -143,6 +149,7 @@ pub struct FakeUpstreamBuilder {
     token_auth: bool,
     credentials: Option<(String, String)>,
     redirect_blobs: bool,
+    not_found_code: Option<String>,
 }
 
 impl FakeUpstreamBuilder {
@@ -163,6 +170,13 @@ impl FakeUpstreamBuilder {
     /// Blob GETs answer `307` to a signed URL on the CDN listener (127.0.0.2).
     pub fn redirect_blobs_to_cdn(mut self) -> Self {
         self.redirect_blobs = true;
+        self
+    }
+
+    /// Missing manifests and blobs get a 404 with this error code instead of `MANIFEST_UNKNOWN`
+    /// / `BLOB_UNKNOWN` (Harbor answers `{"errors":[{"code":"NOT_FOUND"}]}`).
+    pub fn not_found_code(mut self, code: &str) -> Self {
+        self.not_found_code = Some(code.to_owned());
         self
     }
 
@@ -192,6 +206,13 @@ struct Content {
     wrong: HashMap<String, WrongBytes>,
     /// Per blob digest, faults consumed one per `GET` (registry or CDN, not redirects).
     faults: HashMap<String, std::collections::VecDeque<Fault>>,
+    /// Per manifest reference (tag or digest), faults consumed one per `GET`.
+    manifest_faults: HashMap<String, std::collections::VecDeque<Fault>>,
+    /// How many repository requests a token is accepted for (see
+    /// [`FakeUpstream::revoke_tokens_after`]); `None` = until revoked.
+    token_uses_allowed: Option<usize>,
+    /// token -> repository requests it was accepted for.
+    token_uses: HashMap<String, usize>,
     hidden: HashSet<String>,
     /// token -> repositories it grants pull on.
     tokens: HashMap<String, HashSet<String>>,
@@ -433,6 +454,26 @@ impl FakeUpstream {
         self.shared.content().tokens.clear();
     }
 
+    /// From now on every token (issued before or after) is accepted for `uses` repository
+    /// requests (`/v2/<name>/...`), then revoked: the registry answers 401 with a fresh
+    /// challenge although the token's `expires_in` has not passed (signing key rotated, token
+    /// revoked, clock skew). Uses already counted stay counted.
+    pub fn revoke_tokens_after(&self, uses: usize) {
+        self.shared.content().token_uses_allowed = Some(uses);
+    }
+
+    /// Queue faults for the next `GET`s of the manifest `reference` (a tag or a digest, as the
+    /// client names it): each `GET` takes the next one; `HEAD`s are never faulted. Supports
+    /// [`Fault::CutAt`], [`Fault::StallAt`], [`Fault::HoldAt`] and [`Fault::Status`].
+    pub fn push_manifest_faults(&self, reference: &str, faults: impl IntoIterator<Item = Fault>) {
+        self.shared
+            .content()
+            .manifest_faults
+            .entry(reference.to_owned())
+            .or_default()
+            .extend(faults);
+    }
+
     /// Every token value the token endpoint has handed out.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.shared.content().issued.clone()
@@ -662,6 +703,9 @@ async fn registry_handler(State(state): State<Arc<Shared>>, req: Request) -> Res
     };
 
     if state.options.token_auth {
+        if !use_token(&state, req.headers()) {
+            return challenge(&state, Some(repo), false, head);
+        }
         match bearer_grant(&state, req.headers()) {
             Some(grant) if grant.contains(repo) => {}
             Some(_) => return challenge(&state, Some(repo), true, head),
@@ -798,6 +842,32 @@ fn token_endpoint(state: &Shared, req: &Request) -> Response {
     json(StatusCode::OK, &body.to_string())
 }
 
+/// Counts one use of the request's bearer token; `false` (and the token revoked) once it has
+/// been used more often than [`FakeUpstream::revoke_tokens_after`] allows.
+fn use_token(state: &Shared, headers: &HeaderMap) -> bool {
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return true;
+    };
+    let mut content = state.content();
+    let Some(allowed) = content.token_uses_allowed else {
+        return true;
+    };
+    if !content.tokens.contains_key(token) {
+        return true;
+    }
+    let used = content.token_uses.entry(token.to_owned()).or_default();
+    *used += 1;
+    if *used > allowed {
+        content.tokens.remove(token);
+        return false;
+    }
+    true
+}
+
 /// The repositories the request's bearer token grants, or `None` without a known token.
 fn bearer_grant(state: &Shared, headers: &HeaderMap) -> Option<HashSet<String>> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -854,13 +924,42 @@ fn manifest(state: &Shared, repo: &str, reference: &str, head: bool) -> Response
     let Some(m) = found else {
         return error(
             StatusCode::NOT_FOUND,
-            "MANIFEST_UNKNOWN",
+            state
+                .options
+                .not_found_code
+                .as_deref()
+                .unwrap_or("MANIFEST_UNKNOWN"),
             "manifest unknown",
             head,
         );
     };
     let digest = sha256_digest(&m.bytes);
-    let mut resp = respond(StatusCode::OK, &m.media_type, m.bytes, head);
+    let fault = if head {
+        None
+    } else {
+        state
+            .content()
+            .manifest_faults
+            .get_mut(reference)
+            .and_then(|q| q.pop_front())
+    };
+    if let Some(Fault::Status(code)) = fault {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return error(status, "UNAVAILABLE", "injected fault", head);
+    }
+    let mut resp = match &fault {
+        Some(Fault::CutAt(at) | Fault::StallAt(at, _) | Fault::HoldAt(at)) => {
+            let at = *at;
+            Response::builder()
+                .status(StatusCode::OK)
+                .header("docker-distribution-api-version", "registry/2.0")
+                .header(header::CONTENT_TYPE, &m.media_type)
+                .header(header::CONTENT_LENGTH, m.bytes.len().to_string())
+                .body(broken_body(state, m.bytes.clone(), 0, at, fault.clone()))
+                .unwrap()
+        }
+        _ => respond(StatusCode::OK, &m.media_type, m.bytes, head),
+    };
     let headers = resp.headers_mut();
     headers.insert(
         "docker-content-digest",
@@ -891,7 +990,11 @@ fn registry_blob(
     let Some((bytes, wrong)) = found else {
         return error(
             StatusCode::NOT_FOUND,
-            "BLOB_UNKNOWN",
+            state
+                .options
+                .not_found_code
+                .as_deref()
+                .unwrap_or("BLOB_UNKNOWN"),
             "blob unknown to registry",
             head,
         );
@@ -1021,39 +1124,9 @@ fn serve_blob(
         _ => None,
     };
     if let Some(at) = broken_at {
-        // Send the bytes before `at` (absolute), then misbehave. The pause / wait makes the body
-        // stream return Pending, so hyper flushes the headers and the prefix first.
-        let split = (at.saturating_sub(body_start) as usize).min(body.len());
-        let prefix = body.slice(..split);
-        let rest = body.slice(split..);
-        let mut holds = state.holds.subscribe();
-        let fault = fault.clone();
-        let tail = futures_util::stream::once(async move {
-            match fault {
-                Some(Fault::HoldAt(_)) => {
-                    let _ = holds.wait_for(|open| *open).await;
-                    Ok(rest)
-                }
-                Some(Fault::StallAt(_, pause)) => {
-                    tokio::time::sleep(pause).await;
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        "fake stall ended",
-                    ))
-                }
-                _ => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    Err(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionReset,
-                        "fake cut",
-                    ))
-                }
-            }
-        });
-        let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]).chain(tail);
         return builder
             .header(header::CONTENT_LENGTH, body.len().to_string())
-            .body(Body::from_stream(stream))
+            .body(broken_body(state, body, body_start, at, fault))
             .unwrap();
     }
     let len = body.len();
@@ -1065,6 +1138,48 @@ fn serve_blob(
             Body::from(body)
         })
         .unwrap()
+}
+
+/// A body of `body` (which starts at absolute offset `body_start`) that sends the bytes before
+/// the absolute offset `at`, then misbehaves as `fault` says (cut, stall then cut, or hold
+/// until [`FakeUpstream::release_holds`] and finish).
+fn broken_body(
+    state: &Shared,
+    body: Bytes,
+    body_start: u64,
+    at: u64,
+    fault: Option<Fault>,
+) -> Body {
+    // Send the bytes before `at` (absolute), then misbehave. The pause / wait makes the body
+    // stream return Pending, so hyper flushes the headers and the prefix first.
+    let split = (at.saturating_sub(body_start) as usize).min(body.len());
+    let prefix = body.slice(..split);
+    let rest = body.slice(split..);
+    let mut holds = state.holds.subscribe();
+    let tail = futures_util::stream::once(async move {
+        match fault {
+            Some(Fault::HoldAt(_)) => {
+                let _ = holds.wait_for(|open| *open).await;
+                Ok(rest)
+            }
+            Some(Fault::StallAt(_, pause)) => {
+                tokio::time::sleep(pause).await;
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "fake stall ended",
+                ))
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "fake cut",
+                ))
+            }
+        }
+    });
+    let stream = futures_util::stream::iter([Ok::<_, std::io::Error>(prefix)]).chain(tail);
+    Body::from_stream(stream)
 }
 
 enum RangeSpec {
