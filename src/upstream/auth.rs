@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Deserialize;
 
@@ -149,66 +149,11 @@ impl TokenResponse {
     }
 }
 
-/// `2024-01-02T03:04:05(.frac)?(Z|±hh:mm)` → the instant; `None` when malformed.
+/// An RFC 3339 time (`2024-01-02T03:04:05.123Z`) → the instant; `None` when malformed.
 fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let s = s.trim();
-    let num = |a: usize, b: usize| -> Option<i64> {
-        let part = s.get(a..b)?;
-        if !part.bytes().all(|c| c.is_ascii_digit()) {
-            return None;
-        }
-        part.parse().ok()
-    };
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let (year, month, day) = (num(0, 4)?, num(5, 7)?, num(8, 10)?);
-    let (hour, minute, second) = (num(11, 13)?, num(14, 16)?, num(17, 19)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 {
-        return None;
-    }
-    // Fractional seconds are ignored (the lifetime is whole seconds).
-    let mut rest = &s[19..];
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.as_bytes().first()? {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return None,
-            };
-            let (h, m) = rest[1..].split_once(':')?;
-            if h.len() != 2 || m.len() != 2 {
-                return None;
-            }
-            sign * (h.parse::<i64>().ok()? * 3600 + m.parse::<i64>().ok()? * 60)
-        }
-    };
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    let secs = days * 86_400 + hour * 3600 + minute * 60 + second.min(60) - offset;
-    let secs = u64::try_from(secs).ok()?;
-    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+    chrono::DateTime::parse_from_rfc3339(s.trim())
+        .ok()
+        .map(SystemTime::from)
 }
 
 /// Bearer tokens by (realm, service, scope).
@@ -271,6 +216,7 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn parses_docker_hub_challenge() {
@@ -363,10 +309,10 @@ mod tests {
             parse(json, issued - Duration::from_secs(50)),
             Duration::from_secs(300)
         );
-        // Fractions and offsets; garbage falls back to receipt.
+        // Offsets and fractions (counted to the fraction); garbage falls back to receipt.
         let json =
             r#"{"token":"t","expires_in":300,"issued_at":"2023-11-15T00:13:20.123456+02:00"}"#;
-        assert_eq!(parse(json, later(60)), Duration::from_secs(240));
+        assert_eq!(parse(json, later(60)).as_secs(), 240);
         let json = r#"{"token":"t","expires_in":300,"issued_at":"yesterday"}"#;
         assert_eq!(parse(json, later(60)), Duration::from_secs(300));
         assert_eq!(
