@@ -27,8 +27,9 @@
 //! - [`mirror`] — the policy: tags fresh within `manifest_ttl` (or `immutable_tags`) without
 //!   upstream, then revalidated with one `HEAD`; by-digest hits without upstream; per-Accept tag
 //!   variants; stale serving (bounded by `max_stale`) when upstream fails; negative cache of
-//!   upstream 404s (and of Docker Hub's 401 for a repository that does not exist); blob hit / join / start fill; `offline` (cache only, 404 naming the offline
-//!   mirror, no upstream contact).
+//!   upstream 404s (and of Docker Hub's 401 for a repository that does not exist); blob hit /
+//!   join / start fill; `offline` (cache only, 404 naming the offline mirror, no upstream
+//!   contact).
 //! - [`upstream`] — one client per configured registry: routing (path prefix, `?ns=`, default,
 //!   Docker Hub's `library/`, unknown hosts refused), bearer-token and basic auth, redirects
 //!   followed by hand so that credentials never leave the registry's origin, manifest
