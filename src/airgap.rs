@@ -146,6 +146,7 @@ pub fn export(
     // Manifests (bytes) and blobs (paths) to write, by hex.
     let mut manifests: BTreeMap<String, bytes::Bytes> = BTreeMap::new();
     let mut blobs: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut leases = Vec::new();
     for text in refs {
         let r = ops::parse_image_ref(text, config)?;
         let root = ops::resolve(cache, &r)?;
@@ -158,7 +159,17 @@ pub fn export(
             manifests.insert(d.hex().to_owned(), m.bytes.clone());
             image.insert(d.clone(), m);
         }
+        let top = image
+            .get(&root)
+            .ok_or_else(|| usage(format!("{r}: manifest {root} is not in the cache")))?;
+        if held.len() == 1 && crate::oci::media::is_index(&top.media_type) {
+            return Err(usage(format!(
+                "{r}: no platform of this index is cached (prefetch or pull one first)"
+            )));
+        }
         for (b, _) in &needed {
+            // Held until the bundle is written: a running serve does not evict it meanwhile.
+            leases.push(cache.budget().lease(b.hex()));
             let path = cache.blob_path(b);
             if cache.index().blob(b)?.is_none() || !path.is_file() {
                 return Err(usage(format!(
@@ -167,9 +178,6 @@ pub fn export(
             }
             blobs.insert(b.hex().to_owned(), path);
         }
-        let top = image
-            .get(&root)
-            .ok_or_else(|| usage(format!("{r}: manifest {root} is not in the cache")))?;
         let entry = Entry {
             name: r.to_string(),
             digest: root.clone(),
@@ -631,6 +639,13 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
         .build()
         .map_err(|e| usage(format!("cannot start the runtime: {e}")))?;
     for p in &plans {
+        // Held until the tag is written: eviction (for this import's later fills, or for the
+        // clients of a running serve) skips the image's blobs meanwhile.
+        let _leases: Vec<_> = p
+            .blobs
+            .iter()
+            .map(|b| cache.budget().lease(b.hex()))
+            .collect();
         let mut new_blobs = 0;
         for b in &p.blobs {
             if cache.index().blob(b)?.is_some() && cache.blob_path(b).is_file() {
@@ -640,7 +655,9 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
                 .blobs
                 .get(b.hex())
                 .ok_or_else(|| usage(format!("{}: the bundle lacks blob {b}", p.name)))?;
-            runtime.block_on(fill_from(cache, b, path, *size))?;
+            runtime
+                .block_on(fill_from(cache, b, path, *size))
+                .map_err(|e| usage(format!("{}: {e}; the image was not tagged", p.name)))?;
             new_blobs += 1;
         }
         let mut new_manifests = 0;
@@ -661,6 +678,14 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
             new_manifests += 1;
         }
         // The tag last: the image becomes visible whole.
+        for b in &p.blobs {
+            if cache.index().blob(b)?.is_none() || !cache.blob_path(b).is_file() {
+                return Err(usage(format!(
+                    "{}: blob {b} is not in the cache after importing it; the image was not tagged",
+                    p.name
+                )));
+            }
+        }
         let mut tag_moved = false;
         if let Reference::Tag(tag) = &p.reference {
             let current = cache.index().tag(&p.host, &p.repo, tag)?;
@@ -688,6 +713,8 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
                     pinned: unix_now(),
                 },
             )?;
+            // In force at once: the next images' fills must not evict this one.
+            cache.refresh_pins()?;
         }
         cache.index().flush()?;
         if new_blobs == 0 && new_manifests == 0 && !tag_moved {
@@ -701,9 +728,6 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
                 if pin { ", pinned" } else { "" }
             );
         }
-    }
-    if pin {
-        cache.refresh_pins()?;
     }
     cache.index().flush()?;
     Ok(())

@@ -496,6 +496,76 @@ fn tampered_or_truncated_bundle_is_rejected_naming_the_blob_and_nothing_is_visib
     assert!(o.contains("imported docker.io/test/single:1"), "{o}");
 }
 
+#[test]
+fn import_pin_keeps_each_imported_image_whole_under_a_tight_budget() {
+    let upstream = Registry::start();
+    // Random layers do not compress: each image weighs about 600 KiB.
+    let a = push_test(&upstream, "a", &[600 * KIB]);
+    let b = push_test(&upstream, "b", &[600 * KIB]);
+    let seeder = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .start();
+    pull_image(&seeder, &a);
+    pull_image(&seeder, &b);
+    let mut seeder = seeder;
+    seeder.stop();
+    let work = tempfile::tempdir().expect("temp dir");
+    let tar = work.path().join("bundle.tar").display().to_string();
+    command_ok(&seeder, &["export", "test/a:1", "test/b:1", "-o", &tar]);
+
+    // Room for one image, not two: the second must not evict the first, pinned.
+    let mut fresh = Stowage::builder().arg("--offline").max_size("1MiB").start();
+    fresh.stop();
+    let o = command(&fresh, &["import", &tar, "--pin"]);
+    let all = text(&o);
+    assert!(
+        !o.status.success() && all.contains("test/b:1"),
+        "b cannot fit beside pinned a: the import fails naming it: {all}"
+    );
+    for blob in a.blobs() {
+        assert!(
+            fresh.blob_path(&blob.digest).is_file(),
+            "a, imported and pinned first, lost blob {}: {all}",
+            blob.digest
+        );
+    }
+    fresh.restart();
+    // What is tagged is whole; b is not tagged at all.
+    let out = work.path().join("a");
+    let src = format!("docker://{}/test/a:1", fresh.host_port());
+    assert_eq!(skopeo_copy_to_dir(&src, &out), hexes(&a.blobs()));
+    let (status, body) = get(&format!("{}/v2/test/b/manifests/1", fresh.url()));
+    assert_eq!(status, 404, "b was tagged without its blobs: {body}");
+}
+
+#[test]
+fn export_refuses_an_index_none_of_whose_platforms_is_cached() {
+    let upstream = Registry::start();
+    let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[4 * KIB]);
+    images::push(&upstream.url(), "test/bare", "1", index);
+    let mut stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .start();
+    // The index alone, as a client that reads it and stops there.
+    let r = http()
+        .get(format!("{}/v2/test/bare/manifests/1", stowage.url()))
+        .header("Accept", manifest_accept())
+        .send()
+        .expect("GET index");
+    assert_eq!(r.status(), 200);
+    stowage.stop();
+    let work = tempfile::tempdir().expect("temp dir");
+    let tar = work.path().join("bundle.tar").display().to_string();
+    let o = command(&stowage, &["export", "test/bare:1", "-o", &tar]);
+    assert!(!o.status.success(), "an empty index exported: {}", text(&o));
+    assert!(
+        text(&o).contains("no platform of this index is cached"),
+        "{}",
+        text(&o)
+    );
+    assert!(!std::path::Path::new(&tar).exists(), "a bundle was written");
+}
+
 /// The `ls` line of `name` ends with its pin state.
 fn ls_pinned(stowage: &Stowage, name: &str) -> Option<bool> {
     let ls = command_ok(stowage, &["ls"]);
