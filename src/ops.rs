@@ -250,7 +250,34 @@ fn unpin_each(
             let _ = writeln!(out, "unpinned {reference} ({digest})");
         }
         if removed.is_empty() {
-            let _ = writeln!(out, "{r} was not pinned");
+            // Say so when the tag's digest is pinned by other references.
+            let current = match &r.reference {
+                Reference::Tag(t) => cache.index().tag(&r.host, &r.repo, t)?,
+                Reference::Digest(_) => None,
+            };
+            let others: Vec<String> = match &current {
+                Some(e) => cache
+                    .index()
+                    .pins()?
+                    .into_iter()
+                    .filter(|(d, _)| d.to_string() == e.digest)
+                    .map(|(_, p)| p.reference)
+                    .collect(),
+                None => Vec::new(),
+            };
+            match current {
+                Some(e) if !others.is_empty() => {
+                    let _ = writeln!(
+                        out,
+                        "{r} was not pinned; its digest {} is pinned as {} (unpin that, or the digest)",
+                        e.digest,
+                        others.join(", ")
+                    );
+                }
+                _ => {
+                    let _ = writeln!(out, "{r} was not pinned");
+                }
+            }
         }
     }
     Ok(())

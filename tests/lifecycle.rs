@@ -347,6 +347,12 @@ fn unpin_follows_the_pinned_reference_after_its_tag_moved() {
             .ends_with("yes"),
         "test/a:1's pin went with test/a:latest's:\n{ls}"
     );
+    let out = command_ok(&stowage, &["unpin", "test/a:latest"]);
+    assert!(
+        out.contains("was not pinned; its digest")
+            && out.contains("is pinned as docker.io/test/a:1 "),
+        "{out}"
+    );
 
     // Both tags move upstream; the mirror revalidates them (manifest_ttl = 0).
     let new = images::push(
