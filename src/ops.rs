@@ -239,12 +239,19 @@ fn unpin_each(
                 .into_iter()
                 .map(|p| (d.clone(), p.reference))
                 .collect(),
-            Reference::Tag(_) => cache
-                .index()
-                .remove_pins_of_reference(&r.to_string())?
-                .into_iter()
-                .map(|d| (d, r.to_string()))
-                .collect(),
+            Reference::Tag(_) => {
+                // Recorded references are compared as parsed, so that another spelling of the
+                // same image (say from a bundle's `import --pin`) matches too.
+                let mut removed = Vec::new();
+                for (d, p) in cache.index().pins()? {
+                    let same = p.reference == r.to_string()
+                        || parse_image_ref(&p.reference, config).is_ok_and(|q| q == r);
+                    if same && cache.index().remove_pin(&d, &p.reference)? {
+                        removed.push((d, p.reference));
+                    }
+                }
+                removed
+            }
         };
         for (digest, reference) in &removed {
             let _ = writeln!(out, "unpinned {reference} ({digest})");

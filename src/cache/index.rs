@@ -417,24 +417,16 @@ impl Index {
         Ok(removed)
     }
 
-    /// Removes every pin recorded for `reference`, whatever digest it pins; returns the digests.
-    pub fn remove_pins_of_reference(&self, reference: &str) -> Result<Vec<Digest>, IndexError> {
-        let mut removed = Vec::new();
-        for (digest, pin) in self.pins()? {
-            if pin.reference != reference {
-                continue;
+    /// Removes the pin of `digest` by `reference`; returns whether there was one.
+    pub fn remove_pin(&self, digest: &Digest, reference: &str) -> Result<bool, IndexError> {
+        let mut found = self.pins.remove(pin_key(digest, reference))?.is_some();
+        // The earlier layout: keyed by the digest alone.
+        if let Some(old) = self.pins.get(digest.hex())? {
+            if serde_json::from_slice::<Pin>(&old).is_ok_and(|p| p.reference == reference) {
+                found |= self.pins.remove(digest.hex())?.is_some();
             }
-            self.pins.remove(pin_key(&digest, reference))?;
-            // The earlier layout: keyed by the digest alone.
-            if let Some(old) = self.pins.get(digest.hex())? {
-                if serde_json::from_slice::<Pin>(&old).is_ok_and(|p| p.reference == reference) {
-                    self.pins.remove(digest.hex())?;
-                }
-            }
-            removed.push(digest);
         }
-        removed.dedup();
-        Ok(removed)
+        Ok(found)
     }
 
     /// Manifest record layout: media type, `\n`, then the exact bytes.
@@ -701,13 +693,17 @@ mod tests {
         assert_eq!(all, want);
 
         // Unpinning a reference leaves the other reference's pin of the same digest.
-        let mut gone = idx.remove_pins_of_reference("a:1").unwrap();
-        gone.sort();
-        let mut both = vec![d1.clone(), d2.clone()];
-        both.sort();
-        assert_eq!(gone, both);
+        assert!(idx.remove_pin(&d1, "a:1").unwrap());
+        assert!(idx.remove_pin(&d2, "a:1").unwrap());
         assert_eq!(idx.pins().unwrap(), vec![(d1.clone(), pin("a:latest"))]);
-        assert!(idx.remove_pins_of_reference("a:1").unwrap().is_empty());
+        assert!(!idx.remove_pin(&d1, "a:1").unwrap());
+        // A record in the earlier layout is removed by its reference too.
+        idx.pins
+            .insert(d2.hex(), serde_json::to_vec(&pin("c:1")).unwrap())
+            .unwrap();
+        assert!(!idx.remove_pin(&d2, "c:2").unwrap());
+        assert!(idx.remove_pin(&d2, "c:1").unwrap());
+        assert_eq!(idx.pins().unwrap(), vec![(d1.clone(), pin("a:latest"))]);
 
         // By digest: every pin of that digest, the earlier layout included.
         idx.pins
