@@ -10,7 +10,7 @@
 //! `ghcr.io/org/app@sha256:...`. A first component with a `.` or `:` (or `localhost`) names the
 //! upstream host; otherwise the default (first) upstream. Docker Hub names get `library/`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
@@ -157,8 +157,19 @@ pub(crate) fn closure(cache: &Cache, root: &Digest) -> Result<Closure, OpsError>
     Ok((manifests, blobs))
 }
 
-/// `stowage pin REF...`
+/// `stowage pin REF...`: one pin per (digest, reference). The pins written apply to the
+/// running budget even when a later reference fails.
 pub fn pin(
+    cache: &Cache,
+    config: &Config,
+    refs: &[String],
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
+    let result = pin_each(cache, config, refs, out);
+    apply_pins(cache, result)
+}
+
+fn pin_each(
     cache: &Cache,
     config: &Config,
     refs: &[String],
@@ -186,13 +197,34 @@ pub fn pin(
             blobs.len()
         );
     }
-    cache.refresh_pins()?;
-    cache.index().flush()?;
     Ok(())
 }
 
-/// `stowage unpin REF...`
+/// Applies the pins in the index to the running budget and flushes, whatever `result` is (pins
+/// written before a failure must not be recorded yet ignored by eviction); then `result`.
+fn apply_pins(cache: &Cache, result: Result<(), OpsError>) -> Result<(), OpsError> {
+    let refreshed = cache.refresh_pins();
+    let flushed = cache.index().flush();
+    result?;
+    refreshed?;
+    flushed?;
+    Ok(())
+}
+
+/// `stowage unpin REF...`: a tag reference removes the pins recorded for that reference, whatever
+/// digest they hold now (the tag may have moved since); a digest reference removes every pin of
+/// that digest.
 pub fn unpin(
+    cache: &Cache,
+    config: &Config,
+    refs: &[String],
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
+    let result = unpin_each(cache, config, refs, out);
+    apply_pins(cache, result)
+}
+
+fn unpin_each(
     cache: &Cache,
     config: &Config,
     refs: &[String],
@@ -200,18 +232,61 @@ pub fn unpin(
 ) -> Result<(), OpsError> {
     for text in refs {
         let r = parse_image_ref(text, config)?;
-        let digest = match &r.reference {
-            Reference::Digest(d) => d.clone(),
-            Reference::Tag(_) => resolve(cache, &r)?,
+        let removed: Vec<(Digest, String)> = match &r.reference {
+            Reference::Digest(d) => cache
+                .index()
+                .remove_pins_of_digest(d)?
+                .into_iter()
+                .map(|p| (d.clone(), p.reference))
+                .collect(),
+            Reference::Tag(_) => {
+                // Recorded references are compared as parsed, so that another spelling of the
+                // same image (say from a bundle's `import --pin`) matches too.
+                let mut removed = Vec::new();
+                for (d, p) in cache.index().pins()? {
+                    let same = p.reference == r.to_string()
+                        || parse_image_ref(&p.reference, config).is_ok_and(|q| q == r);
+                    if same && cache.index().remove_pin(&d, &p.reference)? {
+                        removed.push((d, p.reference));
+                    }
+                }
+                removed
+            }
         };
-        if cache.index().remove_pin(&digest)? {
-            let _ = writeln!(out, "unpinned {r} ({digest})");
-        } else {
-            let _ = writeln!(out, "{r} ({digest}) was not pinned");
+        for (digest, reference) in &removed {
+            let _ = writeln!(out, "unpinned {reference} ({digest})");
+        }
+        if removed.is_empty() {
+            // Say so when the tag's digest is pinned by other references.
+            let current = match &r.reference {
+                Reference::Tag(t) => cache.index().tag(&r.host, &r.repo, t)?,
+                Reference::Digest(_) => None,
+            };
+            let others: Vec<String> = match &current {
+                Some(e) => cache
+                    .index()
+                    .pins()?
+                    .into_iter()
+                    .filter(|(d, _)| d.to_string() == e.digest)
+                    .map(|(_, p)| p.reference)
+                    .collect(),
+                None => Vec::new(),
+            };
+            match current {
+                Some(e) if !others.is_empty() => {
+                    let _ = writeln!(
+                        out,
+                        "{r} was not pinned; its digest {} is pinned as {} (unpin that, or the digest)",
+                        e.digest,
+                        others.join(", ")
+                    );
+                }
+                _ => {
+                    let _ = writeln!(out, "{r} was not pinned");
+                }
+            }
         }
     }
-    cache.refresh_pins()?;
-    cache.index().flush()?;
     Ok(())
 }
 
@@ -244,7 +319,8 @@ fn ago(unix: u64) -> String {
     }
 }
 
-/// `stowage ls`: cached tags with their size held, last use and pin state, then totals.
+/// `stowage ls`: cached tags with their size held, last use and pin state, pins no tag reaches,
+/// then totals.
 pub fn ls(cache: &Cache, out: &mut dyn Write) -> Result<(), OpsError> {
     let (pinned_manifests, _) = cache.pinned_closure()?;
     let mut tags = cache.index().tags()?;
@@ -254,6 +330,7 @@ pub fn ls(cache: &Cache, out: &mut dyn Write) -> Result<(), OpsError> {
         "{:<50} {:<19} {:>10} {:>10} {:<12} PINNED",
         "IMAGE", "DIGEST", "CACHED", "TOTAL", "LAST USE"
     );
+    let mut tagged: HashSet<String> = HashSet::new();
     for t in &tags {
         let Ok(digest) = t.entry.digest.parse::<Digest>() else {
             continue;
@@ -276,6 +353,7 @@ pub fn ls(cache: &Cache, out: &mut dyn Write) -> Result<(), OpsError> {
             .map(|(_, u)| u)
             .unwrap_or(t.entry.checked / 1000); // checked is in milliseconds
         let pinned = manifests.iter().any(|m| pinned_manifests.contains(m.hex()));
+        tagged.extend(manifests.iter().map(|m| m.hex().to_owned()));
         let _ = writeln!(
             out,
             "{:<50} {:<19} {:>10} {:>10} {:<12} {}",
@@ -285,6 +363,39 @@ pub fn ls(cache: &Cache, out: &mut dyn Write) -> Result<(), OpsError> {
             human(total),
             ago(last),
             if pinned { "yes" } else { "no" }
+        );
+    }
+    // Pins no tag reaches any more (the tag moved, or was removed): only `unpin` frees them.
+    let mut untagged: Vec<(Digest, Pin)> = cache
+        .index()
+        .pins()?
+        .into_iter()
+        .filter(|(d, _)| !tagged.contains(d.hex()))
+        .collect();
+    untagged.sort_by(|a, b| (&a.1.reference, &a.0).cmp(&(&b.1.reference, &b.0)));
+    if !untagged.is_empty() {
+        let _ = writeln!(
+            out,
+            "\npinned, not tagged (`stowage unpin` the reference or the digest to release):\n\
+             {:<50} {:>10} {:>10} {:<12} DIGEST",
+            "REFERENCE", "CACHED", "TOTAL", "PINNED"
+        );
+    }
+    for (digest, pin) in &untagged {
+        let (_, blobs) = closure(cache, digest)?;
+        let total: u64 = blobs.iter().map(|(_, s)| s).sum();
+        let cached: u64 = blobs
+            .iter()
+            .filter(|(b, _)| cache.budget().contains(b.hex()))
+            .map(|(_, s)| s)
+            .sum();
+        let _ = writeln!(
+            out,
+            "{:<50} {:>10} {:>10} {:<12} {digest}",
+            pin.reference,
+            human(cached),
+            human(total),
+            ago(pin.pinned)
         );
     }
     let s = cache.stats();
@@ -352,6 +463,7 @@ pub fn verify(
             continue;
         };
         let path = cache.blob_path(&digest);
+        let mut vanished = false;
         match crate::cache::hash_file(&path, |c| bar.inc(c)) {
             Ok((actual, got)) if actual == digest && got == *size => {}
             Ok((actual, got)) => {
@@ -362,6 +474,13 @@ pub fn verify(
                     );
                 });
                 report.corrupt.push(digest);
+            }
+            // Evicted (or removed by gc) since the listing: not damage.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && cache.index().blob(&digest)?.is_none() =>
+            {
+                vanished = true;
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 bar.suspend(|| {
@@ -376,7 +495,9 @@ pub fn verify(
                 report.corrupt.push(digest);
             }
         }
-        report.checked += 1;
+        if !vanished {
+            report.checked += 1;
+        }
         if progress && !tty && ((i + 1) % step == 0 || i + 1 == n) {
             eprintln!("verify: {}/{} blobs checked", i + 1, n);
         }
@@ -423,6 +544,9 @@ pub struct GcReport {
 /// manifests a kept tag or index still references), then blobs no kept manifest references that
 /// were not used within `max_age`.
 pub fn gc(cache: &Cache, max_age: Duration, out: &mut dyn Write) -> Result<GcReport, OpsError> {
+    // Inside `serve`, recency and tag check times wait in memory for their batch: write them
+    // first, or what was just used would count as unused.
+    cache.flush()?;
     let cutoff = unix_now().saturating_sub(max_age.as_secs());
     let mut access: HashMap<Vec<u8>, u64> = HashMap::new();
     for rec in cache.index().access_records() {
@@ -433,6 +557,7 @@ pub fn gc(cache: &Cache, max_age: Duration, out: &mut dyn Write) -> Result<GcRep
     let mut report = GcReport::default();
     // Tags.
     let mut kept_roots: Vec<Digest> = Vec::new();
+    let mut emptied: BTreeSet<(String, String)> = BTreeSet::new();
     for t in cache.index().tags()? {
         let mut key = vec![b't'];
         key.extend_from_slice(format!("{}\0{}\0{}", t.upstream, t.repo, t.tag).as_bytes());
@@ -449,6 +574,7 @@ pub fn gc(cache: &Cache, max_age: Duration, out: &mut dyn Write) -> Result<GcRep
         if last < cutoff && !pinned {
             cache.index().remove_tag_raw(&t.upstream, &t.repo, &t.tag)?;
             cache.budget().forget_key(key);
+            emptied.insert((t.upstream.clone(), t.repo.clone()));
             report.tags += 1;
             let _ = writeln!(
                 out,
@@ -461,6 +587,13 @@ pub fn gc(cache: &Cache, max_age: Duration, out: &mut dyn Write) -> Result<GcRep
         } else if let Some(d) = digest {
             kept_roots.push(d);
         }
+    }
+    // Repositories whose last tag went: out of `/v2/_catalog`.
+    for t in cache.index().tags()? {
+        emptied.remove(&(t.upstream, t.repo));
+    }
+    for (upstream, repo) in &emptied {
+        cache.index().remove_repo_raw(upstream, repo)?;
     }
     // Manifests: keep what kept tags and pins reach, and what was used recently.
     let mut all_manifests = Vec::new();

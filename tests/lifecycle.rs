@@ -313,6 +313,174 @@ fn a_pinned_image_survives_pressure_and_commands_run_while_serving() {
     );
 }
 
+/// The `ls` line of `image` (`docker.io/test/a:1`), or a panic with the whole listing.
+fn ls_line(ls: &str, image: &str) -> String {
+    ls.lines()
+        .find(|l| l.split_whitespace().next() == Some(image))
+        .unwrap_or_else(|| panic!("ls does not list {image}:\n{ls}"))
+        .to_owned()
+}
+
+#[test]
+fn unpin_follows_the_pinned_reference_after_its_tag_moved() {
+    let upstream = Registry::start();
+    let stowage = Stowage::builder()
+        .upstream(
+            UpstreamSpec::new("docker.io", &upstream.url()).with_extra("manifest_ttl = \"0s\""),
+        )
+        .max_size("1GiB")
+        .start();
+    // test/a:1 and test/a:latest on one digest, both pinned (inside the running serve).
+    let old = push_test(&upstream, "a", &[MIB]);
+    let old_latest = images::push(&upstream.url(), "test/a", "latest", old.image.clone());
+    pull_image(&stowage, &old);
+    pull_image(&stowage, &old_latest);
+    command_ok(&stowage, &["pin", "test/a:1", "test/a:latest"]);
+
+    // Unpinning one reference leaves the other's pin of the same digest.
+    let out = command_ok(&stowage, &["unpin", "test/a:latest"]);
+    assert!(out.contains("unpinned docker.io/test/a:latest"), "{out}");
+    let ls = command_ok(&stowage, &["ls"]);
+    assert!(
+        ls_line(&ls, "docker.io/test/a:latest")
+            .trim_end()
+            .ends_with("yes"),
+        "test/a:1's pin went with test/a:latest's:\n{ls}"
+    );
+    let out = command_ok(&stowage, &["unpin", "test/a:latest"]);
+    assert!(
+        out.contains("was not pinned; its digest")
+            && out.contains("is pinned as docker.io/test/a:1 "),
+        "{out}"
+    );
+
+    // Both tags move upstream; the mirror revalidates them (manifest_ttl = 0).
+    let new = images::push(
+        &upstream.url(),
+        "test/a",
+        "1",
+        images::Image::build(images::Format::Oci, &[MIB]),
+    );
+    let new_latest = images::push(&upstream.url(), "test/a", "latest", new.image.clone());
+    pull_image(&stowage, &new);
+    pull_image(&stowage, &new_latest);
+    let ls = command_ok(&stowage, &["ls"]);
+    assert!(
+        ls_line(&ls, "docker.io/test/a:1")
+            .trim_end()
+            .ends_with("no"),
+        "the moved tag is not pinned:\n{ls}"
+    );
+    // The old digest is still pinned, by test/a:1, and ls shows it.
+    assert!(ls.contains("pinned, not tagged"), "{ls}");
+    let line = ls
+        .lines()
+        .find(|l| l.contains(old.digest()))
+        .unwrap_or_else(|| panic!("ls does not show the pinned old digest:\n{ls}"));
+    assert!(line.starts_with("docker.io/test/a:1 "), "{line}");
+
+    // `unpin test/a:1` releases the digest test/a:1 pinned, though the tag points elsewhere now.
+    let out = command_ok(&stowage, &["unpin", "test/a:1"]);
+    assert!(
+        out.contains(&format!("unpinned docker.io/test/a:1 ({})", old.digest())),
+        "{out}"
+    );
+    let ls = command_ok(&stowage, &["ls"]);
+    assert!(!ls.contains("pinned, not tagged"), "{ls}");
+    assert!(ls.contains(", 0 B pinned)"), "the budget still pins:\n{ls}");
+}
+
+#[test]
+fn pins_written_before_a_failing_reference_apply_inside_serve() {
+    let upstream = Registry::start();
+    let stowage = stowage_with(&upstream, "40MiB", "");
+    let good = push_test(&upstream, "good", &[5 * MIB, 5 * MIB]);
+    pull_image(&stowage, &good);
+
+    // `pin good missing`: good is pinned, missing fails the command.
+    let o = command(&stowage, &["pin", "test/good:1", "test/missing:1"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("pinned docker.io/test/good:1"),
+        "{}",
+        text(&o)
+    );
+    let others: Vec<Pushed> = (0..6)
+        .map(|i| push_test(&upstream, &format!("other{i}"), &[5 * MIB, 5 * MIB]))
+        .collect();
+    for o in &others {
+        pull_image(&stowage, o);
+        assert!(has_all_blobs(&stowage, &good), "pinned blob evicted");
+    }
+    assert!(
+        has_no_layers(&stowage, &others[0]),
+        "pressure did not evict anything: the test proves nothing"
+    );
+
+    // The mirror image: `unpin good unknown-host/x` unpins good, then fails.
+    let o = command(&stowage, &["unpin", "test/good:1", "quay.io/x/y:1"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    for o in &others[..4] {
+        pull_image(&stowage, o);
+    }
+    assert!(
+        has_no_layers(&stowage, &good),
+        "the unpinned image is still pinned in the running budget"
+    );
+}
+
+/// Pulls an image by manifest digest (no tag involved), then its blobs.
+fn pull_by_digest(stowage: &Stowage, p: &Pushed) {
+    let url = format!("{}/v2/{}/manifests/{}", stowage.url(), p.name, p.digest());
+    let r = http()
+        .get(&url)
+        .header("accept", support::manifest_accept())
+        .send()
+        .expect("GET manifest");
+    assert_eq!(r.status().as_u16(), 200, "GET {url}");
+    for b in p.blobs() {
+        assert_eq!(get_blob(stowage, &p.name, &b.digest).len(), b.size());
+    }
+    stowage.wait_commits();
+}
+
+#[test]
+fn gc_inside_serve_counts_recency_still_in_memory() {
+    let upstream = Registry::start();
+    // Recency stays in memory (no batch flush during the test); gc's age threshold is short
+    // enough to find an old image unused, long enough for a fresh one to be recent.
+    let stowage = stowage_with(
+        &upstream,
+        "1GiB",
+        "gc_max_age = \"5s\"\naccess_flush_interval = \"1h\"",
+    );
+    let old = push_test(&upstream, "old", &[MIB]);
+    let fresh = push_test(&upstream, "fresh", &[MIB]);
+    pull_by_digest(&stowage, &old);
+    std::thread::sleep(Duration::from_secs(7));
+    pull_by_digest(&stowage, &fresh);
+    let out = command_ok(&stowage, &["gc"]);
+    assert!(
+        out.contains(&format!("removed manifest {}", old.digest())),
+        "the old image should go: {out}"
+    );
+    assert!(
+        !out.contains(&format!("removed manifest {}", fresh.digest())),
+        "the image just pulled was removed: {out}"
+    );
+    assert!(has_all_blobs(&stowage, &fresh), "{out}");
+    for b in old.blobs() {
+        assert!(!stowage.blob_path(&b.digest).exists(), "{} kept", b.digest);
+    }
+    // Still a hit.
+    let gets = upstream.count_requests("GET", &format!("/manifests/{}", fresh.digest()));
+    pull_by_digest(&stowage, &fresh);
+    assert_eq!(
+        upstream.count_requests("GET", &format!("/manifests/{}", fresh.digest())),
+        gets
+    );
+}
+
 #[test]
 fn restart_preserves_the_cache_and_the_recency_order() {
     let upstream = Registry::start();
@@ -518,8 +686,16 @@ fn gc_removes_unused_tags_manifests_and_orphaned_blobs_but_keeps_pins() {
         "{ls}"
     );
     assert!(command_ok(&stowage, &["verify"]).contains("cache is clean"));
-    // The removed image pulls again from upstream.
     stowage.restart();
+    // The emptied repository left the catalog.
+    let catalog: serde_json::Value = http()
+        .get(format!("{}/v2/_catalog", stowage.url()))
+        .send()
+        .expect("GET /v2/_catalog")
+        .json()
+        .expect("catalog JSON");
+    assert_eq!(catalog["repositories"], serde_json::json!(["test/keep"]));
+    // The removed image pulls again from upstream.
     pull_image(&stowage, &drop_me);
 }
 

@@ -3,8 +3,8 @@
 //! seen, and the repositories seen.
 //!
 //! Lifecycle trees: `access` (last use of blobs `b<hex>`, manifests `m<hex>` and tags `t<tag key>`:
-//! a logical tick and unix seconds, written in batches, never per request) and `pins` (pinned
-//! manifests by hex, with the reference the operator named).
+//! a logical tick and unix seconds, written in batches, never per request) and `pins` (one record
+//! per pinned manifest and reference the operator named: `<hex>\0<reference>`).
 //!
 //! Blob *bytes* never live here — only in files under `blobs/`. Keys are built from validated
 //! names, separated by `\0`, which no name, tag or host can contain.
@@ -149,6 +149,12 @@ pub fn decode_access(v: &[u8]) -> Option<(u64, u64)> {
     let tick = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
     let unix = u64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
     Some((tick, unix))
+}
+
+/// The key of a pin record: `<hex>\0<reference>`. (Records keyed by the hex alone, from when a
+/// digest held one pin, still load.)
+fn pin_key(digest: &Digest, reference: &str) -> Vec<u8> {
+    format!("{}\0{reference}", digest.hex()).into_bytes()
 }
 
 fn repo_key(upstream: &str, repo: &RepoName) -> Vec<u8> {
@@ -359,12 +365,14 @@ impl Index {
         Ok(())
     }
 
-    /// Pinned manifests by digest.
+    /// Pins, one per (digest, reference). A manifest is pinned while any reference pins it.
     pub fn pins(&self) -> Result<Vec<(Digest, Pin)>, IndexError> {
         let mut out = Vec::new();
         for item in self.pins.iter() {
             let (k, v) = item?;
-            let Ok(d) = format!("sha256:{}", String::from_utf8_lossy(&k)).parse::<Digest>() else {
+            let key = String::from_utf8_lossy(&k);
+            let hex = key.split('\0').next().unwrap_or_default();
+            let Ok(d) = format!("sha256:{hex}").parse::<Digest>() else {
                 continue;
             };
             if let Ok(p) = serde_json::from_slice::<Pin>(&v) {
@@ -374,18 +382,51 @@ impl Index {
         Ok(out)
     }
 
+    /// Records a pin of `digest` by `pin.reference`, beside the pins of other references.
     pub fn put_pin(&self, digest: &Digest, pin: &Pin) -> Result<(), IndexError> {
         let v = serde_json::to_vec(pin).map_err(|e| IndexError::Corrupt {
             key: digest.to_string(),
             message: e.to_string(),
         })?;
-        self.pins.insert(digest.hex(), v)?;
+        let mut batch = sled::Batch::default();
+        // A record keyed by the digest alone (one pin per digest, the earlier layout) for the
+        // same reference is replaced by the per-reference one.
+        if let Some(old) = self.pins.get(digest.hex())? {
+            if serde_json::from_slice::<Pin>(&old).is_ok_and(|p| p.reference == pin.reference) {
+                batch.remove(digest.hex().as_bytes());
+            }
+        }
+        batch.insert(pin_key(digest, &pin.reference), v);
+        self.pins.apply_batch(batch)?;
         Ok(())
     }
 
-    /// Unpins; returns whether it was pinned.
-    pub fn remove_pin(&self, digest: &Digest) -> Result<bool, IndexError> {
-        Ok(self.pins.remove(digest.hex())?.is_some())
+    /// Removes every pin of `digest`, whatever its reference; returns the removed pins.
+    pub fn remove_pins_of_digest(&self, digest: &Digest) -> Result<Vec<Pin>, IndexError> {
+        let mut removed = Vec::new();
+        for item in self.pins.scan_prefix(digest.hex()) {
+            let (k, v) = item?;
+            if k.len() == digest.hex().len() || k.get(digest.hex().len()) == Some(&0) {
+                self.pins.remove(&k)?;
+                removed.push(serde_json::from_slice::<Pin>(&v).unwrap_or_else(|_| Pin {
+                    reference: digest.to_string(),
+                    pinned: 0,
+                }));
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes the pin of `digest` by `reference`; returns whether there was one.
+    pub fn remove_pin(&self, digest: &Digest, reference: &str) -> Result<bool, IndexError> {
+        let mut found = self.pins.remove(pin_key(digest, reference))?.is_some();
+        // The earlier layout: keyed by the digest alone.
+        if let Some(old) = self.pins.get(digest.hex())? {
+            if serde_json::from_slice::<Pin>(&old).is_ok_and(|p| p.reference == reference) {
+                found |= self.pins.remove(digest.hex())?.is_some();
+            }
+        }
+        Ok(found)
     }
 
     /// Manifest record layout: media type, `\n`, then the exact bytes.
@@ -620,6 +661,64 @@ mod tests {
                 repo: "library/alpine".into()
             }]
         );
+    }
+
+    #[test]
+    fn pins_are_kept_per_reference_and_an_old_single_record_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let idx = Index::open(&dir.path().join("index")).unwrap();
+        let (d1, d2) = (Digest::of(b"one"), Digest::of(b"two"));
+        let pin = |r: &str| Pin {
+            reference: r.into(),
+            pinned: 1,
+        };
+        // A record in the earlier layout: keyed by the digest alone.
+        idx.pins
+            .insert(d1.hex(), serde_json::to_vec(&pin("a:1")).unwrap())
+            .unwrap();
+        assert_eq!(idx.pins().unwrap(), vec![(d1.clone(), pin("a:1"))]);
+        // Re-pinning the same reference replaces it; another reference on the same digest and
+        // the same reference on another digest (the tag moved) are pins of their own.
+        idx.put_pin(&d1, &pin("a:1")).unwrap();
+        idx.put_pin(&d1, &pin("a:latest")).unwrap();
+        idx.put_pin(&d2, &pin("a:1")).unwrap();
+        let mut all = idx.pins().unwrap();
+        all.sort_by(|x, y| (&x.1.reference, &x.0).cmp(&(&y.1.reference, &y.0)));
+        let mut want = vec![
+            (d1.clone(), pin("a:1")),
+            (d2.clone(), pin("a:1")),
+            (d1.clone(), pin("a:latest")),
+        ];
+        want.sort_by(|x, y| (&x.1.reference, &x.0).cmp(&(&y.1.reference, &y.0)));
+        assert_eq!(all, want);
+
+        // Unpinning a reference leaves the other reference's pin of the same digest.
+        assert!(idx.remove_pin(&d1, "a:1").unwrap());
+        assert!(idx.remove_pin(&d2, "a:1").unwrap());
+        assert_eq!(idx.pins().unwrap(), vec![(d1.clone(), pin("a:latest"))]);
+        assert!(!idx.remove_pin(&d1, "a:1").unwrap());
+        // A record in the earlier layout is removed by its reference too.
+        idx.pins
+            .insert(d2.hex(), serde_json::to_vec(&pin("c:1")).unwrap())
+            .unwrap();
+        assert!(!idx.remove_pin(&d2, "c:2").unwrap());
+        assert!(idx.remove_pin(&d2, "c:1").unwrap());
+        assert_eq!(idx.pins().unwrap(), vec![(d1.clone(), pin("a:latest"))]);
+
+        // By digest: every pin of that digest, the earlier layout included.
+        idx.pins
+            .insert(d2.hex(), serde_json::to_vec(&pin("b:1")).unwrap())
+            .unwrap();
+        idx.put_pin(&d2, &pin("b:2")).unwrap();
+        let mut refs: Vec<String> = idx
+            .remove_pins_of_digest(&d2)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.reference)
+            .collect();
+        refs.sort();
+        assert_eq!(refs, vec!["b:1".to_string(), "b:2".to_string()]);
+        assert_eq!(idx.pins().unwrap(), vec![(d1, pin("a:latest"))]);
     }
 
     #[test]
