@@ -783,24 +783,31 @@ impl BlobSource for BudgetedSource {
                 }
                 None => {
                     // Size unknown (no Content-Length; registries send one for blobs, so this is
-                    // rare): reserve step by step as bytes arrive. The reservation runs inline
-                    // on the fill task, which is acceptable for this fallback.
+                    // rare): reserve step by step as bytes arrive, on a blocking thread (it may
+                    // evict). A refusal ends the fill at once (507), it is not a broken upstream.
                     let budget = self.budget.clone();
                     let evictor = self.evictor.clone();
                     let reserved = self.reserved.clone();
                     let mut seen = body.start;
-                    body.stream = Box::pin(body.stream.map(move |item| {
-                        let chunk = item?;
-                        seen += chunk.len() as u64;
-                        let have = reserved.load(Ordering::SeqCst);
-                        if seen > have {
-                            let more = (seen - have).max(RESERVE_STEP);
-                            budget
-                                .reserve(more, &evictor)
-                                .map_err(|f| std::io::Error::other(f.message))?;
-                            reserved.fetch_add(more, Ordering::SeqCst);
+                    body.stream = Box::pin(body.stream.then(move |item| {
+                        if let Ok(chunk) = &item {
+                            seen += chunk.len() as u64;
                         }
-                        Ok(chunk)
+                        let (budget, evictor, reserved) =
+                            (budget.clone(), evictor.clone(), reserved.clone());
+                        let seen = seen;
+                        async move {
+                            let chunk = item?;
+                            let have = reserved.load(Ordering::SeqCst);
+                            if seen > have {
+                                let more = (seen - have).max(RESERVE_STEP);
+                                reserve(&budget, &evictor, more).await.map_err(|e| {
+                                    std::io::Error::other(fill::FatalSourceError(e))
+                                })?;
+                                reserved.fetch_add(more, Ordering::SeqCst);
+                            }
+                            Ok(chunk)
+                        }
                     }));
                 }
             }
