@@ -224,8 +224,10 @@ impl Fill {
                     tx.send_modify(|s| s.phase = Phase::Failed(e));
                 }
             }
-            drop(pending);
+            // The source first: dropping it settles the budget (and the cache gauges), so
+            // `stowage_fill_commits_pending` reaching 0 means they are up to date.
             drop(source);
+            drop(pending);
             drop(partial);
         });
         fill
@@ -681,7 +683,6 @@ async fn run(
             },
         )
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
-    crate::metrics::metrics().blob_committed(written);
     cx.index.durable().await;
     tracing::info!(%digest, bytes = written, "blob committed");
     Ok(())
