@@ -466,6 +466,27 @@ fn a_chunked_blob_the_budget_refuses_fails_at_once_as_internal_without_retries()
     assert_eq!(s.value("stowage_fill_resumes_total", &[]), 0.0);
 }
 
+#[test]
+fn a_chunked_blob_when_the_budget_cannot_take_a_first_step_is_refused_with_507() {
+    let fake = FakeUpstream::start();
+    let blob = random_bytes(MIB);
+    let digest = fake.add_blob(REPO, blob);
+    fake.serve_chunked(&digest);
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &fake.url()))
+        .max_size("3MiB")
+        .start();
+    let got = Reader::start(&blob_url(&stowage, &digest), &[], false, None).finish();
+    assert_eq!(got.status, 507, "{got:?}");
+    assert_eq!(fake.blob_gets(&digest).len(), 1, "no retries");
+    assert_nothing_committed(&stowage, &digest);
+    let s = support::scrape::Scrape::get(&stowage.url());
+    assert_eq!(
+        s.value("stowage_fill_failures_total", &[("reason", "internal")]),
+        1.0
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Verification and ownership
 

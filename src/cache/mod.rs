@@ -803,6 +803,14 @@ impl BlobSource for BudgetedSource {
                     // Size unknown (no Content-Length; registries send one for blobs, so this is
                     // rare): reserve step by step as bytes arrive, on a blocking thread (it may
                     // evict). A refusal ends the fill at once (507), it is not a broken upstream.
+                    // The first step is reserved before the body is handed over, so that a
+                    // cache that cannot take even that answers 507 before any response starts.
+                    let have = self.reserved.load(Ordering::SeqCst);
+                    let first = body.start + RESERVE_STEP;
+                    if first > have {
+                        reserve(&self.budget, &self.evictor, first - have).await?;
+                        self.reserved.fetch_add(first - have, Ordering::SeqCst);
+                    }
                     let budget = self.budget.clone();
                     let evictor = self.evictor.clone();
                     let reserved = self.reserved.clone();
