@@ -435,20 +435,19 @@ impl Metrics {
             .inc();
     }
 
-    /// A blob was committed to the cache.
-    pub fn blob_committed(&self, size: u64) {
-        self.cache_blobs.inc();
+    /// Sets the cache gauges to the budget's totals of committed blobs (`cache::budget` calls
+    /// this wherever they change: commits, evictions, removals, startup), so they cannot drift.
+    pub fn cache_totals(&self, blobs: u64, bytes: u64) {
+        self.cache_blobs
+            .set(i64::try_from(blobs).unwrap_or(i64::MAX));
         self.cache_size_bytes
-            .add(i64::try_from(size).unwrap_or(i64::MAX));
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
-    /// A committed blob was evicted (by `cache::budget`): counts it and shrinks the gauges.
+    /// A committed blob was evicted (by `cache::budget`, which then sets the cache gauges).
     pub fn blob_evicted(&self, size: u64) {
         self.evictions.inc();
         self.evicted_bytes.inc_by(size);
-        self.cache_blobs.dec();
-        self.cache_size_bytes
-            .sub(i64::try_from(size).unwrap_or(i64::MAX));
     }
 
     /// A response status (or `None`: no response) from upstream `host` to a `method` request.
@@ -535,12 +534,12 @@ mod tests {
     }
 
     #[test]
-    fn commits_and_evictions_move_the_cache_gauges() {
+    fn cache_totals_set_the_gauges_and_evictions_count() {
         // A registry of its own: the global one is shared by the tests of this process.
         let m = Metrics::new();
-        m.blob_committed(100);
-        m.blob_committed(50);
+        m.cache_totals(2, 150);
         m.blob_evicted(100);
+        m.cache_totals(1, 50);
         assert_eq!(m.cache_blobs.get(), 1);
         assert_eq!(m.cache_size_bytes.get(), 50);
         assert_eq!(m.evictions.get(), 1);

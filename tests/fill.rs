@@ -417,6 +417,76 @@ fn resumes_that_keep_failing_abort_clients_and_commit_nothing() {
     wait_committed(&stowage, &digest, &blob);
 }
 
+#[test]
+fn a_chunked_blob_the_budget_refuses_fails_at_once_as_internal_without_retries() {
+    // No Content-Length: the fill reserves as bytes arrive (4 MiB steps). The first step fits
+    // the 6 MiB budget, the second does not: the fill must give up at once (a full cache is not
+    // a broken upstream), not resume against the upstream.
+    let fake = FakeUpstream::start();
+    let size = 10 * MIB as u64;
+    let blob = random_bytes(size as usize);
+    let digest = fake.add_blob(REPO, blob.clone());
+    fake.serve_chunked(&digest);
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &fake.url()))
+        .max_size("6MiB")
+        .storage_toml("fill_retries = 5")
+        .start();
+    let url = blob_url(&stowage, &digest);
+    let internal = |n: f64| {
+        wait_until(Duration::from_secs(30), || {
+            let s = support::scrape::Scrape::get(&stowage.url());
+            s.value("stowage_fill_failures_total", &[("reason", "internal")]) == n
+                && s.value("stowage_fills_in_flight", &[]) == 0.0
+        })
+    };
+    for attempt in 1..=2 {
+        let got = Reader::start(&url, &[], false, None).finish();
+        assert!(
+            got.status >= 500 || (got.error.is_some() && got.len < size),
+            "attempt {attempt}: the client must see the fill fail, got {got:?}"
+        );
+        assert!(
+            internal(attempt as f64),
+            "attempt {attempt}: no reason=\"internal\" failure counted:\n{}",
+            support::scrape::Scrape::get(&stowage.url()).metric_lines("stowage_fill")
+        );
+        assert_eq!(
+            fake.blob_gets(&digest).len(),
+            attempt,
+            "attempt {attempt}: a refused fill must not be retried against the upstream"
+        );
+        assert_nothing_committed(&stowage, &digest);
+    }
+    let s = support::scrape::Scrape::get(&stowage.url());
+    assert_eq!(
+        s.value("stowage_fill_failures_total", &[("reason", "upstream")]),
+        0.0
+    );
+    assert_eq!(s.value("stowage_fill_resumes_total", &[]), 0.0);
+}
+
+#[test]
+fn a_chunked_blob_when_the_budget_cannot_take_a_first_step_is_refused_with_507() {
+    let fake = FakeUpstream::start();
+    let blob = random_bytes(MIB);
+    let digest = fake.add_blob(REPO, blob);
+    fake.serve_chunked(&digest);
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &fake.url()))
+        .max_size("3MiB")
+        .start();
+    let got = Reader::start(&blob_url(&stowage, &digest), &[], false, None).finish();
+    assert_eq!(got.status, 507, "{got:?}");
+    assert_eq!(fake.blob_gets(&digest).len(), 1, "no retries");
+    assert_nothing_committed(&stowage, &digest);
+    let s = support::scrape::Scrape::get(&stowage.url());
+    assert_eq!(
+        s.value("stowage_fill_failures_total", &[("reason", "internal")]),
+        1.0
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Verification and ownership
 

@@ -350,3 +350,70 @@ fn route_labels_are_templates_never_raw_paths() {
         "a raw path leaked into the labels"
     );
 }
+
+/// Runs an operator command against the running server (through its admin socket).
+fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .arg("--config")
+        .arg(stowage.config_path())
+        .output()
+        .expect("run the stowage binary");
+    assert!(
+        o.status.success(),
+        "stowage {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn cache_gauges_follow_repairs_missing_files_and_refills() {
+    let fake = FakeUpstream::start();
+    let (a_len, b_len) = (300 * 1024usize, 200 * 1024usize);
+    let a = fake.add_blob("library/gauged", vec![1u8; a_len]);
+    let b = fake.add_blob("library/gauged", vec![2u8; b_len]);
+    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let get = |digest: &str, len: usize| {
+        let url = format!("{}/v2/library/gauged/blobs/{digest}", stowage.url());
+        let r = http().get(&url).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{digest}");
+        assert_eq!(r.bytes().unwrap().len(), len, "{digest}");
+        stowage.wait_commits();
+    };
+    let gauges = |context: &str, blobs: f64, bytes: usize| {
+        let mut last = String::new();
+        let ok = wait_until(Duration::from_secs(10), || {
+            let s = Scrape::get(&stowage.url());
+            last = s.metric_lines("stowage_cache_");
+            s.value("stowage_cache_blobs", &[]) == blobs
+                && s.value("stowage_cache_size_bytes", &[]) == bytes as f64
+        });
+        assert!(
+            ok,
+            "{context}: expected {blobs} blobs, {bytes} bytes:\n{last}"
+        );
+    };
+    get(&a, a_len);
+    get(&b, b_len);
+    gauges("after two fills", 2.0, a_len + b_len);
+
+    // `verify --repair` (run inside the server) drops a corrupt blob.
+    let path = stowage.blob_path(&a);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = command_ok(&stowage, &["verify", "--repair"]);
+    assert!(out.contains(&format!("repaired {a}")), "{out}");
+    gauges("after verify --repair", 1.0, b_len);
+
+    // It refills on the next request.
+    get(&a, a_len);
+    gauges("after the refill", 2.0, a_len + b_len);
+
+    // A blob whose file vanished is dropped when requested, then refilled.
+    std::fs::remove_file(stowage.blob_path(&b)).unwrap();
+    get(&b, b_len);
+    gauges("after a missing file was refilled", 2.0, a_len + b_len);
+}

@@ -90,6 +90,11 @@ impl State {
     fn used(&self) -> u64 {
         self.blob_bytes + self.manifest_bytes
     }
+    /// Sets the cache gauges from these totals: called wherever the committed blobs change, so
+    /// `stowage_cache_blobs` / `stowage_cache_size_bytes` are the budget's own numbers.
+    fn publish_gauges(&self) {
+        crate::metrics::metrics().cache_totals(self.blobs.len() as u64, self.blob_bytes);
+    }
     fn bump(&mut self) -> u64 {
         self.clock += 1;
         self.clock
@@ -177,6 +182,7 @@ impl Budget {
         s.order.insert((tick, hex.to_owned()));
         s.blob_bytes += size;
         s.clock = s.clock.max(tick);
+        s.publish_gauges();
     }
 
     /// Loads many blobs at startup: (hex, size, persisted tick), under one lock.
@@ -192,6 +198,7 @@ impl Budget {
             s.blob_bytes += size;
             s.clock = s.clock.max(tick);
         }
+        s.publish_gauges();
     }
 
     /// Advances the clock past a persisted tick (startup), so new uses sort after old ones.
@@ -275,6 +282,7 @@ impl Budget {
         s.blob_bytes += size;
         s.dirty
             .insert(blob_key(hex), Some((tick, crate::cache::index::unix_now())));
+        s.publish_gauges();
     }
 
     /// A failed fill: gives its reservation back.
@@ -291,6 +299,7 @@ impl Budget {
             s.blob_bytes -= e.size;
         }
         s.dirty.insert(blob_key(hex), None);
+        s.publish_gauges();
     }
 
     /// Reserves `n` bytes for a fill, evicting least recently used blobs if the total would cross
@@ -420,6 +429,7 @@ impl Budget {
                 }
             }
         }
+        s.publish_gauges();
         freed
     }
 

@@ -56,6 +56,20 @@ pub struct BlobBody {
     pub stream: ByteStream,
 }
 
+/// The error inside a source's `io::Error` that ends the fill at once instead of resuming
+/// (e.g. the cache's budget refused the bytes of a blob of unknown size: `507`, not a broken
+/// upstream).
+#[derive(Debug)]
+pub struct FatalSourceError(pub RegistryError);
+
+impl std::fmt::Display for FatalSourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for FatalSourceError {}
+
 /// Where a fill gets its bytes (an upstream registry, in practice).
 pub trait BlobSource: Send + Sync + 'static {
     /// Opens the blob at `offset`. A source that cannot honour the offset may answer from 0
@@ -210,8 +224,10 @@ impl Fill {
                     tx.send_modify(|s| s.phase = Phase::Failed(e));
                 }
             }
-            drop(pending);
+            // The source first: dropping it settles the budget (and the cache gauges), so
+            // `stowage_fill_commits_pending` reaching 0 means they are up to date.
             drop(source);
+            drop(pending);
             drop(partial);
         });
         fill
@@ -667,7 +683,6 @@ async fn run(
             },
         )
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
-    crate::metrics::metrics().blob_committed(written);
     cx.index.durable().await;
     tracing::info!(%digest, bytes = written, "blob committed");
     Ok(())
@@ -736,6 +751,12 @@ async fn pump(
                 };
             }
             Some(Err(e)) => {
+                if let Some(f) = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<FatalSourceError>())
+                {
+                    return AttemptEnd::Fatal(f.0.clone());
+                }
                 if let Err(e) = sink.flush(tx).await {
                     return disk(e);
                 }

@@ -210,6 +210,9 @@ pub struct Cache {
     /// One permit per fill allowed to run at once.
     fill_slots: Arc<tokio::sync::Semaphore>,
     manifests: moka::sync::Cache<Digest, Arc<StoredManifest>>,
+    /// Serializes manifest stores and removals, so that a manifest's bytes enter the budget
+    /// exactly once (concurrent first stores of one digest) and leave it once.
+    manifest_writes: Mutex<()>,
     budget: Arc<Budget>,
     reconciled: Reconciled,
     _lock: std::fs::File,
@@ -285,6 +288,7 @@ impl Cache {
                 FillPolicy::default().max_concurrent,
             )),
             manifests,
+            manifest_writes: Mutex::new(()),
             budget,
             reconciled,
             _lock: lock,
@@ -605,11 +609,19 @@ impl Cache {
 
     /// Stores a verified manifest.
     pub fn put_manifest(&self, m: StoredManifest) -> Result<Arc<StoredManifest>, CacheError> {
-        if !self.index.has_manifest(&m.digest)? {
-            self.budget.add_manifest_bytes(m.bytes.len() as u64);
+        {
+            // Check and insert as one step; count the bytes only once the record is stored.
+            let _writing = self
+                .manifest_writes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let existed = self.index.has_manifest(&m.digest)?;
+            self.index.put_manifest(&m)?;
+            if !existed {
+                self.budget.add_manifest_bytes(m.bytes.len() as u64);
+            }
         }
         self.budget.touch_key(manifest_access_key(&m.digest));
-        self.index.put_manifest(&m)?;
         let m = Arc::new(m);
         self.manifests.insert(m.digest.clone(), m.clone());
         Ok(m)
@@ -630,8 +642,14 @@ impl Cache {
 
     /// Removes a manifest (gc); its bytes leave the budget.
     pub fn remove_manifest(&self, digest: &Digest) -> Result<(), CacheError> {
-        let n = self.index.remove_manifest(digest)?;
-        self.budget.remove_manifest_bytes(n);
+        {
+            let _writing = self
+                .manifest_writes
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let n = self.index.remove_manifest(digest)?;
+            self.budget.remove_manifest_bytes(n);
+        }
         self.budget.forget_key(manifest_access_key(digest));
         self.manifests.invalidate(digest);
         Ok(())
@@ -783,24 +801,39 @@ impl BlobSource for BudgetedSource {
                 }
                 None => {
                     // Size unknown (no Content-Length; registries send one for blobs, so this is
-                    // rare): reserve step by step as bytes arrive. The reservation runs inline
-                    // on the fill task, which is acceptable for this fallback.
+                    // rare): reserve step by step as bytes arrive, on a blocking thread (it may
+                    // evict). A refusal ends the fill at once (507), it is not a broken upstream.
+                    // The first step is reserved before the body is handed over, so that a
+                    // cache that cannot take even that answers 507 before any response starts.
+                    let have = self.reserved.load(Ordering::SeqCst);
+                    let first = body.start + RESERVE_STEP;
+                    if first > have {
+                        reserve(&self.budget, &self.evictor, first - have).await?;
+                        self.reserved.fetch_add(first - have, Ordering::SeqCst);
+                    }
                     let budget = self.budget.clone();
                     let evictor = self.evictor.clone();
                     let reserved = self.reserved.clone();
                     let mut seen = body.start;
-                    body.stream = Box::pin(body.stream.map(move |item| {
-                        let chunk = item?;
-                        seen += chunk.len() as u64;
-                        let have = reserved.load(Ordering::SeqCst);
-                        if seen > have {
-                            let more = (seen - have).max(RESERVE_STEP);
-                            budget
-                                .reserve(more, &evictor)
-                                .map_err(|f| std::io::Error::other(f.message))?;
-                            reserved.fetch_add(more, Ordering::SeqCst);
+                    body.stream = Box::pin(body.stream.then(move |item| {
+                        if let Ok(chunk) = &item {
+                            seen += chunk.len() as u64;
                         }
-                        Ok(chunk)
+                        let (budget, evictor, reserved) =
+                            (budget.clone(), evictor.clone(), reserved.clone());
+                        let seen = seen;
+                        async move {
+                            let chunk = item?;
+                            let have = reserved.load(Ordering::SeqCst);
+                            if seen > have {
+                                let more = (seen - have).max(RESERVE_STEP);
+                                reserve(&budget, &evictor, more).await.map_err(|e| {
+                                    std::io::Error::other(fill::FatalSourceError(e))
+                                })?;
+                                reserved.fetch_add(more, Ordering::SeqCst);
+                            }
+                            Ok(chunk)
+                        }
                     }));
                 }
             }
@@ -838,5 +871,47 @@ impl Drop for BudgetedSource {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrent_first_stores_of_a_manifest_count_its_bytes_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = crate::config::Config::from_toml("").unwrap().storage;
+        storage.path = dir.path().to_owned();
+        let cache = Cache::open(&storage).unwrap();
+        let mut total = 0u64;
+        for round in 0..40u32 {
+            let bytes = bytes::Bytes::from(format!("{{\"schemaVersion\":2,\"round\":{round}}}"));
+            total += bytes.len() as u64;
+            let digest = Digest::of(&bytes);
+            let barrier = std::sync::Barrier::new(8);
+            std::thread::scope(|s| {
+                for _ in 0..8 {
+                    s.spawn(|| {
+                        barrier.wait();
+                        cache
+                            .put_manifest(StoredManifest {
+                                digest: digest.clone(),
+                                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                                bytes: bytes.clone(),
+                            })
+                            .unwrap();
+                    });
+                }
+            });
+            assert_eq!(cache.stats().manifest_bytes, total, "round {round}");
+        }
+        for round in 0..40u32 {
+            let bytes = format!("{{\"schemaVersion\":2,\"round\":{round}}}");
+            cache
+                .remove_manifest(&Digest::of(bytes.as_bytes()))
+                .unwrap();
+        }
+        assert_eq!(cache.stats().manifest_bytes, 0);
     }
 }
