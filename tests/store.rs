@@ -133,19 +133,7 @@ async fn garage_backend_passes_the_suite() {
     })
     .await
     .unwrap();
-    let started = Instant::now();
-    let err = store.head("bytes/manifest").await.unwrap_err();
-    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
-    let err = store
-        .put_bytes("bytes/manifest", Bytes::from_static(b"x"))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "a dead store took {:?} to report",
-        started.elapsed()
-    );
+    fails_fast_while_down(&store).await;
 
     // Restarted, the cluster serves what it stored before.
     let garage = tokio::task::spawn_blocking(move || {
@@ -268,19 +256,7 @@ async fn azurite_backend_passes_the_suite() {
     })
     .await
     .unwrap();
-    let started = Instant::now();
-    let err = store.head("bytes/manifest").await.unwrap_err();
-    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
-    let err = store
-        .put_bytes("bytes/manifest", Bytes::from_static(b"x"))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(60),
-        "a dead store took {:?} to report",
-        started.elapsed()
-    );
+    fails_fast_while_down(&store).await;
 
     // Restarted on its workspace, it serves what it stored before.
     let azurite = tokio::task::spawn_blocking(move || {
@@ -294,6 +270,23 @@ async fn azurite_backend_passes_the_suite() {
         "version two"
     );
     drop(azurite);
+}
+
+/// A store whose server is down fails a read and a write quickly, as `Unavailable`.
+async fn fails_fast_while_down(store: &Store) {
+    let started = Instant::now();
+    let err = store.head("bytes/manifest").await.unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    let err = store
+        .put_bytes("bytes/manifest", Bytes::from_static(b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "a dead store took {:?} to report",
+        started.elapsed()
+    );
 }
 
 /// Every case, each in its own namespace (`<case>/...`).

@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use stowage::config::{AzureStoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{free_port, tail, wait_until};
+use super::{find_binary, free_port, tail, wait_until};
 
 /// Generous: node starting on a busy 2-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -45,23 +45,12 @@ pub struct Azurite {
 /// Where the azurite-blob binary is: `$AZURITE_BLOB_BIN`, `azurite-blob` on `PATH`, the
 /// `scripts/test` install under `${XDG_CACHE_HOME:-$HOME/.cache}/stowage-test/azurite`.
 pub fn azurite_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("AZURITE_BLOB_BIN").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join("azurite-blob");
-            if candidate.is_file() {
-                return Some(candidate);
-            }
-        }
-    }
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
-    let installed = cache.join("stowage-test/azurite/node_modules/.bin/azurite-blob");
-    installed.is_file().then_some(installed)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    let installed = cache.map(|c| c.join("stowage-test/azurite/node_modules/.bin/azurite-blob"));
+    find_binary("AZURITE_BLOB_BIN", "azurite-blob", installed)
 }
 
 impl Azurite {

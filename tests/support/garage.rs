@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use stowage::config::{S3StoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{free_port, tail, wait_until};
+use super::{find_binary, free_port, tail, wait_until};
 
 /// Generous: three servers and a layout on a busy 2-core machine.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -51,22 +51,14 @@ pub struct Garage {
 
 /// Where the garage binary is: `$GARAGE_BIN`, `garage` on `PATH`, `~/.cargo/bin/garage`.
 pub fn garage_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("GARAGE_BIN").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join("garage");
-            if candidate.is_file() {
-                return Some(candidate);
-            }
-        }
-    }
-    let cargo_bin = std::env::var_os("CARGO_HOME")
+    let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?
-        .join("bin/garage");
-    cargo_bin.is_file().then_some(cargo_bin)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
+    find_binary(
+        "GARAGE_BIN",
+        "garage",
+        cargo_home.map(|c| c.join("bin/garage")),
+    )
 }
 
 impl Garage {

@@ -42,6 +42,23 @@ use sha2::{Digest as _, Sha256};
 /// busy, so this is generous on purpose; it is an upper bound, never a timing assertion.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A helper binary the tests start: `$<env_var>` when set, else `name` on `PATH`, else the
+/// `installed` path (where `scripts/test` puts it) if it is a file.
+pub fn find_binary(env_var: &str, name: &str, installed: Option<PathBuf>) -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        if let Some(found) = std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|c| c.is_file())
+        {
+            return Some(found);
+        }
+    }
+    installed.filter(|p| p.is_file())
+}
+
 /// A port that was free a moment ago: bind `127.0.0.1:0`, read the port, drop the listener.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
