@@ -8,20 +8,17 @@
 
 mod support;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use rand::RngCore;
-use sha2::{Digest as _, Sha256};
 use support::fake_upstream::{FakeUpstream, Fault};
+use support::reader::{assert_whole, Got, Reader};
 use support::scrape::Scrape;
 use support::stowage::{Stowage, UpstreamSpec};
 use support::tmpfs::Tmpfs;
-use support::{sha256_digest, sha256_hex, wait_until};
+use support::{sha256_digest, wait_until};
 
 /// Upper bound for every "eventually" (never a timing assertion): the machine is small and busy.
 const EVENTUALLY: Duration = Duration::from_secs(180);
@@ -58,89 +55,6 @@ fn blob_url(stowage: &Stowage, digest: &str) -> String {
     format!("{}/v2/{REPO}/blobs/{digest}", stowage.url())
 }
 
-/// What one client saw.
-#[derive(Debug)]
-struct Got {
-    status: u16,
-    len: u64,
-    sha256: String,
-    /// Set if the body broke off (connection aborted) or the request failed.
-    error: Option<String>,
-}
-
-/// A client reading a blob in a thread of its own, publishing how many bytes it has.
-struct Reader {
-    progress: Arc<AtomicU64>,
-    handle: JoinHandle<Got>,
-}
-
-impl Reader {
-    fn start(url: &str) -> Reader {
-        let progress = Arc::new(AtomicU64::new(0));
-        let seen = progress.clone();
-        let url = url.to_owned();
-        let handle = std::thread::spawn(move || {
-            let mut resp = match client().get(&url).send() {
-                Ok(r) => r,
-                Err(e) => {
-                    return Got {
-                        status: 0,
-                        len: 0,
-                        sha256: String::new(),
-                        error: Some(format!("request failed: {e}")),
-                    }
-                }
-            };
-            let status = resp.status().as_u16();
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 64 * 1024];
-            let mut len = 0u64;
-            let mut error = None;
-            loop {
-                match resp.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        hasher.update(&buf[..n]);
-                        len += n as u64;
-                        seen.store(len, Ordering::SeqCst);
-                    }
-                    Err(e) => {
-                        error = Some(e.to_string());
-                        break;
-                    }
-                }
-            }
-            Got {
-                status,
-                len,
-                sha256: hex::encode(hasher.finalize()),
-                error,
-            }
-        });
-        Reader { progress, handle }
-    }
-
-    fn bytes(&self) -> u64 {
-        self.progress.load(Ordering::SeqCst)
-    }
-
-    fn finish(self) -> Got {
-        self.handle.join().expect("client thread panicked")
-    }
-}
-
-/// Asserts a complete, correct 200 body.
-fn assert_whole(got: &Got, blob: &[u8], what: &str) {
-    assert_eq!(got.status, 200, "{what}: status ({:?})", got.error);
-    assert!(
-        got.error.is_none(),
-        "{what}: body broke off: {:?}",
-        got.error
-    );
-    assert_eq!(got.len, blob.len() as u64, "{what}: body length");
-    assert_eq!(got.sha256, sha256_hex(blob), "{what}: body sha256");
-}
-
 /// Asserts a transfer that visibly failed: never a complete-looking body.
 fn assert_failed_transfer(got: &Got, blob: &[u8], what: &str) {
     assert!(
@@ -170,7 +84,7 @@ fn wait_committed(stowage: &Stowage, digest: &str, blob: &[u8]) {
 /// Fetches a small blob whole and waits for its commit (it is then a plain cached blob).
 fn cache_blob(stowage: &Stowage, digest: &str, blob: &[u8]) {
     assert_whole(
-        &Reader::start(&blob_url(stowage, digest)).finish(),
+        &Reader::get(&blob_url(stowage, digest)).finish(),
         blob,
         "warming the cache",
     );
@@ -219,12 +133,12 @@ fn metric(stowage: &Stowage, name: &str, labels: &[(&str, &str)]) -> f64 {
 fn start_paused_fill(stowage: &Stowage, fake: &FakeUpstream, digest: &str) -> (Reader, Reader) {
     fake.push_faults(digest, [Fault::HoldAt(HOLD_AT)]);
     let url = blob_url(stowage, digest);
-    let first = Reader::start(&url);
+    let first = Reader::get(&url);
     assert!(
         wait_until(EVENTUALLY, || first.bytes() > 0),
         "the first client got no bytes of the fill"
     );
-    let second = Reader::start(&url);
+    let second = Reader::get(&url);
     assert!(
         wait_until(EVENTUALLY, || second.bytes() > 0
             && partial_bytes(stowage) >= HOLD_AT),
@@ -324,7 +238,7 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     let hits = metric(&stowage, "stowage_cache_hits_total", &[("kind", "blob")]);
     let small_gets = fake.blob_gets(&small_digest).len();
     assert_whole(
-        &Reader::start(&blob_url(&stowage, &small_digest)).finish(),
+        &Reader::get(&blob_url(&stowage, &small_digest)).finish(),
         &small,
         "a cached blob while the disk is full",
     );
@@ -373,7 +287,7 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     // Room again: the same blob is fetched again, verified, committed and served whole.
     std::fs::remove_file(&ballast).expect("remove the ballast");
     assert_whole(
-        &Reader::start(&blob_url(&stowage, &big_digest)).finish(),
+        &Reader::get(&blob_url(&stowage, &big_digest)).finish(),
         &big,
         "the blob once the disk has room",
     );
@@ -382,7 +296,7 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     assert_eq!(fake.blob_gets(&big_digest).len(), 3);
     let gets = fake.blob_gets(&big_digest).len();
     assert_whole(
-        &Reader::start(&blob_url(&stowage, &big_digest)).finish(),
+        &Reader::get(&blob_url(&stowage, &big_digest)).finish(),
         &big,
         "the committed blob",
     );
@@ -439,7 +353,7 @@ fn a_fill_failing_for_lack_of_disk_evicts_unused_blobs_for_the_next_try() {
     // The next try fits, with the ballast still there.
     assert!(ballast.exists());
     assert_whole(
-        &Reader::start(&blob_url(&stowage, &big_digest)).finish(),
+        &Reader::get(&blob_url(&stowage, &big_digest)).finish(),
         &big,
         "the next try after eviction",
     );
@@ -448,7 +362,7 @@ fn a_fill_failing_for_lack_of_disk_evicts_unused_blobs_for_the_next_try() {
     let gets = fake.blob_gets(&old_digest).len();
     let _ = std::fs::remove_file(&ballast);
     assert_whole(
-        &Reader::start(&blob_url(&stowage, &old_digest)).finish(),
+        &Reader::get(&blob_url(&stowage, &old_digest)).finish(),
         &old,
         "the evicted blob",
     );

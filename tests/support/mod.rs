@@ -25,6 +25,7 @@ pub mod fake_upstream;
 pub mod garage;
 pub mod images;
 pub mod nginx;
+pub mod reader;
 pub mod registry;
 pub mod scrape;
 pub mod stowage;
