@@ -964,13 +964,14 @@ async fn prefetch_one(
 
 /// One reference of a prefetch, start to end: `Some(reference as typed)` if it was fetched.
 async fn prefetch_ref(
-    mirror: &crate::mirror::Mirror,
+    mirror: std::sync::Arc<crate::mirror::Mirror>,
     id: usize,
     text: &str,
-    platforms: &Platforms,
+    req: &PrefetchRequest,
     parallel: usize,
     emit: &Emit,
 ) -> (Option<String>, Fetched) {
+    let platforms = &req.platforms;
     let r = match ops::parse_image_ref(text, &mirror.config) {
         Ok(r) => r,
         Err(e) => {
@@ -983,7 +984,7 @@ async fn prefetch_ref(
         }
     };
     let started = std::time::Instant::now();
-    match prefetch_one(mirror, id, &r, platforms, parallel, emit).await {
+    match prefetch_one(&mirror, id, &r, platforms, parallel, emit).await {
         Ok(f) => {
             emit(Event::Done {
                 id,
@@ -994,6 +995,34 @@ async fn prefetch_ref(
                 bytes: f.bytes,
                 secs: started.elapsed().as_secs_f64(),
             });
+            if req.pin {
+                // Pinned as soon as it is in, so that the next images' fills cannot evict it
+                // (sled work: off the runtime threads).
+                let (m, refs) = (mirror.clone(), vec![text.to_owned()]);
+                let pinned = tokio::task::spawn_blocking(move || {
+                    let mut out = Vec::new();
+                    ops::pin(&m.cache, &m.config, &refs, &mut out).map(|()| out)
+                })
+                .await;
+                let failed = match pinned {
+                    Ok(Ok(out)) => {
+                        emit(Event::Out {
+                            text: String::from_utf8_lossy(&out).into_owned(),
+                        });
+                        None
+                    }
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = failed {
+                    emit(Event::Failed {
+                        id,
+                        image: r.to_string(),
+                        error: format!("fetched, but pinning failed: {e}"),
+                    });
+                    return (None, f);
+                }
+            }
             (Some(text.to_owned()), f)
         }
         Err(e) => {
@@ -1009,7 +1038,8 @@ async fn prefetch_ref(
 
 /// `stowage prefetch`, wherever it runs (the command itself, or `serve` for the admin socket):
 /// each image through `mirror`'s fill engine (several images at once, each with its blobs
-/// filling concurrently), events to `emit`, then `--pin`, then [`Event::Summary`]. Returns
+/// filling concurrently) and, with `--pin`, pinned as soon as it is in; events to `emit`, then
+/// [`Event::Summary`]. Returns
 /// whether every image was fetched: an unknown image fails alone.
 pub async fn prefetch(
     mirror: std::sync::Arc<crate::mirror::Mirror>,
@@ -1024,11 +1054,11 @@ pub async fn prefetch(
     }
     let started = std::time::Instant::now();
     let parallel = mirror.config.storage.max_concurrent_fills.min(8);
-    let m = &*mirror;
     let results: Vec<(Option<String>, Fetched)> =
         futures_util::stream::iter(req.refs.clone().into_iter().enumerate())
-            .map(move |(id, text)| async move {
-                prefetch_ref(m, id, &text, &req.platforms, parallel, emit).await
+            .map(|(id, text)| {
+                let m = mirror.clone();
+                async move { prefetch_ref(m, id, &text, req, parallel, emit).await }
             })
             .buffered(IMAGES_AT_ONCE)
             .collect()
@@ -1036,23 +1066,11 @@ pub async fn prefetch(
     mirror.cache.index().durable().await;
     let ok: Vec<String> = results.iter().filter_map(|(t, _)| t.clone()).collect();
     let failed = results.len() - ok.len();
-    // Pins and the flush are sled work: off the runtime threads.
-    let (m, refs, pin) = (mirror.clone(), ok.clone(), req.pin && !ok.is_empty());
-    let pinned = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, OpsError> {
-        let mut out = Vec::new();
-        if pin {
-            ops::pin(&m.cache, &m.config, &refs, &mut out)?;
-        }
-        m.cache.flush()?;
-        Ok(out)
-    })
-    .await
-    .map_err(|e| usage(format!("prefetch: {e}")))??;
-    if !pinned.is_empty() {
-        emit(Event::Out {
-            text: String::from_utf8_lossy(&pinned).into_owned(),
-        });
-    }
+    // The flush is sled work: off the runtime threads.
+    let m = mirror.clone();
+    tokio::task::spawn_blocking(move || m.cache.flush())
+        .await
+        .map_err(|e| usage(format!("prefetch: {e}")))??;
     // Distinct blobs: images that share one both read its (single) fill.
     let filled: HashMap<&Digest, u64> = results
         .iter()
