@@ -406,7 +406,7 @@ struct Query {
 async fn dispatch(State(mirror): State<AppState>, req: Request) -> Response {
     let head = req.method() == Method::HEAD;
     let ns = serde_urlencoded_lite(req.uri().query().unwrap_or("")).ns;
-    let mut resp = match handle(&mirror, req).await {
+    let mut resp = match handle(&mirror, req, ns.as_deref()).await {
         Ok(r) => r,
         Err(e) => error_response(&e, head),
     };
@@ -414,7 +414,11 @@ async fn dispatch(State(mirror): State<AppState>, req: Request) -> Response {
     resp
 }
 
-async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError> {
+async fn handle(
+    mirror: &Mirror,
+    req: Request,
+    ns: Option<&str>,
+) -> Result<Response, RegistryError> {
     // Only the head matters for a pull API; dropping the body keeps the future `Send`.
     let (req, _body) = req.into_parts();
     let path = req.uri.path();
@@ -439,8 +443,6 @@ async fn handle(mirror: &Mirror, req: Request) -> Result<Response, RegistryError
     }
     let head = method == Method::HEAD;
     let query = req.uri.query().unwrap_or("");
-    let q: Query = serde_urlencoded_lite(query);
-    let ns = q.ns.as_deref();
     match endpoint {
         Endpoint::Base => Ok(json_response(b"{}".to_vec(), head, None)),
         Endpoint::Catalog => catalog(mirror, query, head),
