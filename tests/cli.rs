@@ -99,8 +99,15 @@ fn stops_cleanly_on(signal: &str) {
         .spawn()
         .expect("spawn stowage");
     wait_for_port(port);
+    // (Waited for, not just checked: the port may have answered for another process that took
+    // it between `free_port` and our bind.)
+    let index = dir.path().join("cache/index");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !index.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
-        dir.path().join("cache/index").exists(),
+        index.exists(),
         "sled index created under STOWAGE_STORAGE_PATH"
     );
     let status = Command::new("kill")
