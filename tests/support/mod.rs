@@ -61,12 +61,24 @@ pub fn find_binary(env_var: &str, name: &str, installed: Option<PathBuf>) -> Opt
 }
 
 /// A port that was free a moment ago: bind `127.0.0.1:0`, read the port, drop the listener.
+/// Never the same port twice in one test process: the kernel may hand a just-released port out
+/// again, and two servers of one test (a Garage node's S3 and admin API, say) must not be
+/// given the same one before either has bound it.
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
-    listener
-        .local_addr()
-        .expect("local_addr of probe listener")
-        .port()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+        let port = listener
+            .local_addr()
+            .expect("local_addr of probe listener")
+            .port();
+        let mut handed = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if !handed.contains(&port) {
+            handed.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `condition` every 50–200 ms until it returns true or `timeout` passes. Returns whether it
