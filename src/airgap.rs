@@ -171,7 +171,7 @@ pub fn export(
             // Held until the bundle is written: a running serve does not evict it meanwhile.
             leases.push(cache.budget().lease(b.hex()));
             let path = cache.blob_path(b);
-            if cache.index().blob(b)?.is_none() || !path.is_file() {
+            if !cache.holds_blob(b)? {
                 return Err(usage(format!(
                     "{r}: blob {b} is not in the cache (prefetch or pull the image first)"
                 )));
@@ -566,8 +566,7 @@ fn plan(cache: &Cache, bundle: &Bundle) -> Result<Vec<ImagePlan>, OpsError> {
             };
             let refs = references(&bytes);
             for (b, _) in refs.blobs {
-                let have = bundle.blobs.contains_key(b.hex())
-                    || (cache.index().blob(&b)?.is_some() && cache.blob_path(&b).is_file());
+                let have = bundle.blobs.contains_key(b.hex()) || cache.holds_blob(&b)?;
                 if !have {
                     return Err(usage(format!(
                         "{name}: the bundle lacks blob {b} (of manifest {d})"
@@ -648,7 +647,7 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
             .collect();
         let mut new_blobs = 0;
         for b in &p.blobs {
-            if cache.index().blob(b)?.is_some() && cache.blob_path(b).is_file() {
+            if cache.holds_blob(b)? {
                 continue;
             }
             let (path, size) = bundle
@@ -679,7 +678,7 @@ pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Re
         }
         // The tag last: the image becomes visible whole.
         for b in &p.blobs {
-            if cache.index().blob(b)?.is_none() || !cache.blob_path(b).is_file() {
+            if !cache.holds_blob(b)? {
                 return Err(usage(format!(
                     "{}: blob {b} is not in the cache after importing it; the image was not tagged",
                     p.name

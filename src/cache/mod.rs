@@ -485,6 +485,11 @@ impl Cache {
         blob_path_in(&self.root, digest.hex())
     }
 
+    /// Whether the blob is committed: indexed and its file present. (Does not mark it used.)
+    pub fn holds_blob(&self, digest: &Digest) -> Result<bool, CacheError> {
+        Ok(self.index.blob(digest)?.is_some() && self.blob_path(digest).is_file())
+    }
+
     /// Opens a committed blob, if the cache has it, and marks it used. An index entry whose file
     /// vanished is dropped.
     pub fn open_blob(&self, digest: &Digest) -> Result<Option<CachedBlob>, CacheError> {
