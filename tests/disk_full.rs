@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use rand::RngCore;
 use support::fake_upstream::{FakeUpstream, Fault};
-use support::reader::{assert_whole, Got, Reader};
+use support::reader::{assert_whole, client, Got, Reader};
 use support::scrape::Scrape;
 use support::stowage::{Stowage, UpstreamSpec};
 use support::tmpfs::Tmpfs;
@@ -32,14 +32,6 @@ fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rand::thread_rng().fill_bytes(&mut v);
     v
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(600))
-        .build()
-        .expect("build reqwest blocking client")
 }
 
 /// stowage in front of `fake`, its cache on `disk`, with a budget far larger than the disk.

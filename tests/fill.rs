@@ -15,7 +15,7 @@ use std::time::Duration;
 use rand::RngCore;
 use support::fake_upstream::{FakeUpstream, Fault, Listener, WrongBytes};
 use support::images::{push_blob, Blob, OCI_LAYER};
-use support::reader::{assert_whole, wait_for_bytes, Reader};
+use support::reader::{assert_whole, client, wait_for_bytes, Reader};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
 use support::{error_codes, sha256_digest, wait_until};
@@ -29,15 +29,6 @@ fn random_bytes(n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     rand::thread_rng().fill_bytes(&mut v);
     v
-}
-
-fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(600))
-        .build()
-        .expect("build reqwest blocking client")
 }
 
 /// stowage in front of `upstream_url` as `docker.io`, with extra `[[upstreams]]` / `[storage]` TOML.

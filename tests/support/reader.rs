@@ -15,7 +15,9 @@ use super::{sha256_hex, wait_until};
 /// Generous: a busy 2-core machine.
 const EVENTUALLY: Duration = Duration::from_secs(180);
 
-fn client() -> reqwest::blocking::Client {
+/// A blocking client for blob transfers: no proxy, no redirects, a timeout long enough for a
+/// slow fill on a busy machine.
+pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
