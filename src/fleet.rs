@@ -14,7 +14,7 @@
 //!   conditional create. A node that finds another's live claim waits (up to the claim's expiry,
 //!   `storage.fill_lease_ttl`) for the object to appear and reads it from the store instead. The
 //!   lease is best effort: stores without conditional create (Garage) make it a no-op, and the
-//!   load balancer's consistent hashing (README) is the first line of cross-node dedup.
+//!   load balancer's consistent hashing (`docs/fleet.md`) is the first line of cross-node dedup.
 //! - **manifests** are shared by digest (`manifests/sha256/<hex>`, checked against the digest on
 //!   the way back in) and **tags** as their records (`tags/<upstream>/<repo>/<tag>`: digest, type,
 //!   the time upstream last confirmed them, Accept variants). A tag confirmed by node A within

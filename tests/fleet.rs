@@ -363,9 +363,9 @@ fn a_damaged_shared_blob_is_rejected_removed_and_replaced_from_the_upstream() {
     );
 }
 
-/// The README's load-balancer setup: nginx hashing on the digest in front of two nodes (no
-/// shared store at all). Two clients pull the same image at once through it: every blob is
-/// served by exactly one node, so the upstream sees each blob once.
+/// The load-balancer setup of `docs/fleet.md`: nginx hashing on the digest in front of two
+/// nodes (no shared store at all). Two clients pull the same image at once through it: every
+/// blob is served by exactly one node, so the upstream sees each blob once.
 #[test]
 fn the_documented_nginx_setup_sends_each_digest_to_one_node() {
     let upstream = Registry::start();

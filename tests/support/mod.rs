@@ -6,7 +6,7 @@
 //! - [`images`]: synthetic images (random gzip tar layers, valid configs, manifests in all four
 //!   formats) built in memory and pushed with the plain v2 push API;
 //! - [`stowage`]: the mirror under test, started from the built binary on an ephemeral port;
-//! - [`nginx`]: nginx as the fleet's load balancer, from the README's own config block;
+//! - [`nginx`]: nginx as the fleet's load balancer, from `docs/fleet.md`'s own config block;
 //! - [`scrape`]: stowage's `/metrics` parsed, for exact counter assertions;
 //! - [`garage`]: a real S3-compatible object store (a Garage cluster on loopback) for the shared
 //!   store of a fleet;

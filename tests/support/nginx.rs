@@ -1,8 +1,8 @@
-//! nginx (Debian's package) as the fleet's load balancer, run from the configuration block the
-//! README documents (between `<!-- fleet-nginx:begin -->` and `<!-- fleet-nginx:end -->`), so the
-//! documented setup is the tested one. Only the addresses are rewritten: the `server` lines point
-//! at the test's nodes and `listen` at an ephemeral loopback port. One process (no master,
-//! no daemon), own prefix and temp paths, killed on drop.
+//! nginx (Debian's package) as the fleet's load balancer, run from the configuration block
+//! `docs/fleet.md` documents (between `<!-- fleet-nginx:begin -->` and
+//! `<!-- fleet-nginx:end -->`), so the documented setup is the tested one. Only the addresses are
+//! rewritten: the `server` lines point at the test's nodes and `listen` at an ephemeral loopback
+//! port. One process (no master, no daemon), own prefix and temp paths, killed on drop.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -15,30 +15,30 @@ pub struct Nginx {
     port: u16,
 }
 
-/// The README's nginx block for the fleet.
-pub fn readme_fleet_config() -> String {
-    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
-        .expect("README.md");
-    let start = readme
+/// The nginx block for the fleet in `docs/fleet.md`.
+pub fn documented_fleet_config() -> String {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/fleet.md"))
+        .expect("docs/fleet.md");
+    let start = doc
         .find("<!-- fleet-nginx:begin -->")
-        .expect("README has the fleet nginx block");
-    let end = readme
+        .expect("docs/fleet.md has the fleet nginx block");
+    let end = doc
         .find("<!-- fleet-nginx:end -->")
-        .expect("README's fleet nginx block ends");
-    let block = &readme[start..end];
+        .expect("docs/fleet.md's fleet nginx block ends");
+    let block = &doc[start..end];
     let body_start = block.find("```nginx\n").expect("an nginx code fence") + "```nginx\n".len();
     let body_end = block[body_start..].find("```").expect("closing fence") + body_start;
     block[body_start..body_end].to_string()
 }
 
 impl Nginx {
-    /// nginx balancing over `nodes` (`host:port`) with the README's configuration.
+    /// nginx balancing over `nodes` (`host:port`) with the configuration in `docs/fleet.md`.
     pub fn start_fleet(nodes: &[String]) -> Nginx {
         let port = free_port();
         let dir = tempfile::tempdir().expect("nginx temp dir");
         let mut servers_done = false;
         let mut http = String::new();
-        for line in readme_fleet_config().lines() {
+        for line in documented_fleet_config().lines() {
             let trimmed = line.trim_start();
             if trimmed.starts_with("server ") && trimmed.contains(":5000") {
                 // The documented example's node lines become the test's nodes.
@@ -59,7 +59,7 @@ impl Nginx {
         }
         assert!(
             servers_done,
-            "README's nginx block has no `server ...:5000` lines"
+            "docs/fleet.md's nginx block has no `server ...:5000` lines"
         );
         let d = dir.path().display();
         let conf = format!(
