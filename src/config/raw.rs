@@ -172,3 +172,217 @@ pub(super) fn parse_raw(text: &str, path: &Path) -> Result<RawConfig, ConfigErro
     })
 }
 
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::fmt;
+
+    use serde::de::{self, Visitor};
+
+    use super::*;
+
+    /// A deserializer that answers a struct's request with the struct's field names (the keys
+    /// serde accepts for it; with `deny_unknown_fields`, the only ones).
+    struct FieldNames;
+
+    #[derive(Debug)]
+    struct Fields(&'static [&'static str]);
+
+    impl fmt::Display for Fields {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "fields {:?}", self.0)
+        }
+    }
+
+    impl std::error::Error for Fields {}
+
+    impl de::Error for Fields {
+        fn custom<T: fmt::Display>(_: T) -> Self {
+            Fields(&[])
+        }
+    }
+
+    impl<'de> de::Deserializer<'de> for FieldNames {
+        type Error = Fields;
+
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Fields> {
+            Err(Fields(&[]))
+        }
+
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Fields> {
+            Err(Fields(fields))
+        }
+
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+
+    fn fields<T: Deserialize<'static>>() -> &'static [&'static str] {
+        match T::deserialize(FieldNames) {
+            Err(Fields(f)) if !f.is_empty() => f,
+            _ => panic!("not a struct"),
+        }
+    }
+
+    /// Every table `config.toml` may hold (`""`: the top level), with the keys it accepts.
+    fn tables() -> Vec<(&'static str, &'static [&'static str])> {
+        vec![
+            ("", fields::<RawConfig>()),
+            ("server", fields::<RawServer>()),
+            ("storage", fields::<RawStorage>()),
+            ("storage.s3", fields::<RawS3>()),
+            ("storage.gcs", fields::<RawGcs>()),
+            ("storage.azure", fields::<RawAzure>()),
+            ("upstreams", fields::<RawUpstream>()),
+            ("auth", fields::<RawAuth>()),
+        ]
+    }
+
+    /// `config.toml`'s text split at its table headers, commented-out ones included
+    /// (`# [storage.s3]`): table name (`""` for the header before the first table) -> text.
+    fn sections(text: &str) -> Vec<(String, String)> {
+        let header = regex::Regex::new(r"^#?\s*\[\[?([a-z0-9_.]+)\]\]?(\s|#|$)").unwrap();
+        let mut sections = vec![(String::new(), String::new())];
+        for line in text.lines() {
+            if let Some(c) = header.captures(line) {
+                sections.push((c[1].to_string(), String::new()));
+            } else if let Some((_, body)) = sections.last_mut() {
+                body.push_str(line);
+                body.push('\n');
+            }
+        }
+        sections
+    }
+
+    /// The `STOWAGE_*` environment variables named anywhere in `src/`.
+    fn env_vars_read() -> BTreeSet<String> {
+        let mut found = BTreeSet::new();
+        let mut dirs = vec![std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src"
+        ))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                let source = std::fs::read_to_string(&path).unwrap();
+                for (at, _) in source.match_indices("\"STOWAGE_") {
+                    let name: String = source[at + 1..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                        .collect();
+                    if name.len() > "STOWAGE_".len() {
+                        found.insert(name);
+                    }
+                }
+            }
+        }
+        found
+    }
+
+    /// What `text` (a `config.toml`) fails to mention: keys as `table.key`, variables by name.
+    fn undocumented(text: &str, env_vars: &BTreeSet<String>) -> Vec<String> {
+        let sections = sections(text);
+        let section = |table: &str| {
+            sections
+                .iter()
+                .find(|(name, _)| name == table)
+                .map(|(_, body)| body.as_str())
+        };
+        let tables = tables();
+        let mut missing = Vec::new();
+        for (table, keys) in &tables {
+            for key in *keys {
+                let path = if table.is_empty() {
+                    key.to_string()
+                } else {
+                    format!("{table}.{key}")
+                };
+                let documented = if tables.iter().any(|(t, _)| *t == path) {
+                    section(&path).is_some()
+                } else {
+                    let assignment = format!(r"(^|[^a-z0-9_]){key}\s*=");
+                    let assignment = regex::Regex::new(&assignment).unwrap();
+                    section(table).is_some_and(|body| assignment.is_match(body))
+                };
+                if !documented {
+                    missing.push(path);
+                }
+            }
+        }
+        let header = section("").unwrap_or_default();
+        missing.extend(
+            env_vars
+                .iter()
+                .filter(|v| !header.contains(v.as_str()))
+                .cloned(),
+        );
+        missing
+    }
+
+    const CONFIG_TOML: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+
+    #[test]
+    fn config_toml_documents_every_key_and_variable() {
+        let text = std::fs::read_to_string(CONFIG_TOML).unwrap();
+        let env_vars = env_vars_read();
+        assert!(env_vars.contains("STOWAGE_METRICS_LISTEN"), "{env_vars:?}");
+        let missing = undocumented(&text, &env_vars);
+        assert!(
+            missing.is_empty(),
+            "config.toml does not mention {missing:?}"
+        );
+    }
+
+    #[test]
+    fn the_documentation_check_notices_a_missing_key() {
+        let text = std::fs::read_to_string(CONFIG_TOML).unwrap();
+        let env_vars = env_vars_read();
+        let cut = |needle: &str| {
+            text.lines()
+                .filter(|line| !line.contains(needle))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let missing = undocumented(&cut("metrics_listen"), &env_vars);
+        assert!(
+            missing.contains(&"server.metrics_listen".to_string()),
+            "{missing:?}"
+        );
+        assert!(
+            missing.contains(&"STOWAGE_METRICS_LISTEN".to_string()),
+            "{missing:?}"
+        );
+        let missing = undocumented(&cut("[storage.gcs]"), &env_vars);
+        assert!(missing.contains(&"storage.gcs".to_string()), "{missing:?}");
+        let missing = undocumented(&cut("revalidate_timeout"), &env_vars);
+        assert_eq!(missing, ["upstreams.revalidate_timeout"]);
+    }
+
+    #[test]
+    fn every_raw_struct_rejects_unknown_keys() {
+        for (table, keys) in tables() {
+            let doc = match table {
+                "" => "bogus_key = 1".to_string(),
+                "upstreams" => {
+                    "[[upstreams]]\nhost = \"a\"\nurl = \"http://a\"\nbogus_key = 1".into()
+                }
+                t => format!("[{t}]\nbogus_key = 1"),
+            };
+            let e = parse_raw(&doc, Path::new("x")).unwrap_err().to_string();
+            assert!(e.contains("bogus_key"), "{table}: {e}");
+            assert!(!keys.contains(&"bogus_key"));
+        }
+    }
+}
