@@ -22,7 +22,7 @@ use super::{
 use crate::cache::fill::{file_stream, ByteStream};
 
 /// The directory under the root holding in-progress writes; never a key.
-pub const TMP_DIR: &str = ".tmp";
+pub const TMP_DIR: &str = crate::config::STORE_TMP_DIR;
 
 /// Bytes copied per read while uploading a file.
 const COPY_CHUNK: usize = 1 << 20;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::cache::fill::ByteStream;
-use crate::config::{SharedStoreConfig, SharedStoreKind};
+use crate::config::{check_store_key, SharedStoreConfig, SharedStoreKind};
 
 pub mod fs;
 pub mod object;
@@ -105,37 +105,11 @@ pub fn open(cfg: &SharedStoreConfig) -> Result<Arc<dyn BlobStore>, StoreError> {
     }
 }
 
-/// The longest key accepted (S3's limit is 1024 bytes, including the configured prefix).
-pub const MAX_KEY_LEN: usize = 900;
-
-/// Checks a key: non-empty relative `/`-separated path, no empty, `.` or `..` components, no
-/// control characters or backslashes, not under the filesystem backend's `.tmp/`. Anything else
-/// is `Refused`, so a key can never reach outside the store's root or prefix.
+/// Checks a key against [`check_store_key`] (non-empty relative path, no `.`/`..`/empty
+/// components, no control characters or backslashes, not under `.tmp/`). Anything else is
+/// `Refused`, so a key can never reach outside the store's root or prefix.
 pub fn validate_key(key: &str) -> Result<(), StoreError> {
-    let refuse = |why: &str| Err(StoreError::Refused(format!("invalid key {key:?}: {why}")));
-    if key.is_empty() {
-        return refuse("empty");
-    }
-    if key.len() > MAX_KEY_LEN {
-        return refuse("too long");
-    }
-    if key.starts_with('/') {
-        return refuse("absolute");
-    }
-    if key.chars().any(|c| c.is_control() || c == '\\') {
-        return refuse("control character or backslash");
-    }
-    for component in key.split('/') {
-        match component {
-            "" => return refuse("empty path component"),
-            "." | ".." => return refuse("relative path component"),
-            _ => {}
-        }
-    }
-    if key == fs::TMP_DIR || key.starts_with(&format!("{}/", fs::TMP_DIR)) {
-        return refuse("reserved");
-    }
-    Ok(())
+    check_store_key(key).map_err(|why| StoreError::Refused(format!("invalid key {key:?}: {why}")))
 }
 
 /// Checks a `list` prefix: empty, or what [`validate_key`] accepts (a trailing `/` allowed).
@@ -149,6 +123,7 @@ pub fn validate_prefix(prefix: &str) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::MAX_KEY_LEN;
 
     #[test]
     fn keys_that_could_escape_the_root_are_refused() {
