@@ -37,12 +37,13 @@ use std::sync::Arc;
 use crate::admin::Event;
 use crate::cache::index::StoredManifest;
 use crate::cache::index::{unix_now, unix_now_ms};
-use crate::cache::{hash_copy, references, BlobBody, BlobSource, Cache, Pin, TagEntry};
+use crate::cache::{hash_copy, BlobSource, Cache, Pin, TagEntry};
 use crate::config::Config;
 use crate::oci::convert::{docker_list_to_oci, docker_manifest_to_oci, Replacement};
 use crate::oci::media::{DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, OCI_INDEX, OCI_MANIFEST};
-use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
+use crate::oci::{references, Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use crate::ops::{self, OpsError};
+use crate::stream::BlobBody;
 
 /// The annotation naming an image in an OCI layout's `index.json`.
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
@@ -332,11 +333,7 @@ impl BlobSource for FileSource {
             Ok(BlobBody {
                 start: offset,
                 total: Some(self.size),
-                stream: crate::cache::fill::file_stream(
-                    file,
-                    offset,
-                    self.size.saturating_sub(offset),
-                ),
+                stream: crate::stream::file_stream(file, offset, self.size.saturating_sub(offset)),
             })
         })
     }

@@ -39,10 +39,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache::budget::Budget;
 use crate::cache::index::unix_now_ms;
-use crate::cache::{BlobBody, BlobSource, Fill, StoredManifest, TagEntry};
+use crate::cache::{BlobSource, Fill, StoredManifest, TagEntry};
 use crate::metrics::metrics;
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
 use crate::store::{BlobStore, Created, StoreError};
+use crate::stream::BlobBody;
 
 /// How often a node waiting on another node's fill lease looks for the finished object.
 const LEASE_POLL: Duration = Duration::from_millis(500);

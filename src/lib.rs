@@ -90,6 +90,7 @@ pub mod oci;
 pub mod ops;
 pub mod policy;
 pub mod store;
+pub mod stream;
 pub mod upstream;
 
 /// Startup and top-level failures.

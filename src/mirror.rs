@@ -28,13 +28,12 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::cache::index::{unix_now_ms, TagVariant};
-use crate::cache::{
-    BlobBody, BlobSource, Cache, CachedBlob, Fill, FillPolicy, StoredManifest, TagEntry,
-};
+use crate::cache::{BlobSource, Cache, CachedBlob, Fill, FillPolicy, StoredManifest, TagEntry};
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::oci::media::{self, Accept};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
+use crate::stream::BlobBody;
 use crate::upstream::{Route, Router, Upstream, UpstreamError};
 
 /// How a request was answered, for logs and metrics.

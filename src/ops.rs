@@ -15,9 +15,9 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use crate::cache::index::unix_now;
-use crate::cache::{references, Cache, CacheError, Pin};
+use crate::cache::{Cache, CacheError, Pin};
 use crate::config::{canonical_host, Config};
-use crate::oci::{Digest, Reference, RepoName, Tag};
+use crate::oci::{references, Digest, Reference, RepoName, Tag};
 
 /// An operator command failure: a message for the terminal.
 #[derive(Debug, thiserror::Error)]

@@ -34,27 +34,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use futures_util::{FutureExt, Stream, StreamExt};
+use futures_util::{FutureExt, StreamExt};
 use sha2::{Digest as _, Sha256};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{watch, Semaphore};
 
 use super::index::{unix_now, BlobMeta, Index};
 use crate::oci::{Digest, ErrorCode, RegistryError};
-
-/// A boxed stream of body chunks.
-pub type ByteStream = std::pin::Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
-
-/// A blob body as a source delivers it.
-pub struct BlobBody {
-    /// Offset of the first byte in the stream.
-    pub start: u64,
-    /// The blob's total size, when the source knows it.
-    pub total: Option<u64>,
-    pub stream: ByteStream,
-}
+use crate::stream::{BlobBody, ByteStream};
 
 /// The error inside a source's `io::Error` that ends the fill at once instead of resuming
 /// (e.g. the cache's budget refused the bytes of a blob of unknown size: `507`, not a broken
@@ -146,10 +134,6 @@ pub type FillMap = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
 /// Read size of a reader following a fill (at most what has been published). 256 KiB keeps 32
 /// followers within 8 MiB of buffers and matches the fill's write batches ([`FLUSH_AT`]).
 const READ_CHUNK: usize = 256 * 1024;
-
-/// Read size when serving a committed blob (the warm path): each `tokio::fs` read is a hop to the
-/// blocking pool, so fewer, larger reads; 256 KiB per reader keeps 32 readers within a few MiB.
-const COMMITTED_READ_CHUNK: usize = 256 * 1024;
 
 /// Bytes gathered before a write to the partial file (earlier if the upstream pauses).
 pub const FLUSH_AT: usize = 256 * 1024;
@@ -815,37 +799,6 @@ async fn commit(tmp: &std::path::Path, dest: &std::path::Path) -> std::io::Resul
     })
     .await
     .map_err(std::io::Error::other)?
-}
-
-/// Streams a committed blob file from `offset`, `len` bytes.
-pub fn file_stream(file: std::fs::File, offset: u64, len: u64) -> ByteStream {
-    let state = (tokio::fs::File::from_std(file), offset, len, false);
-    Box::pin(futures_util::stream::unfold(
-        state,
-        |(mut file, offset, remaining, seeked)| async move {
-            if remaining == 0 {
-                return None;
-            }
-            if !seeked && offset > 0 {
-                if let Err(e) = file.seek(SeekFrom::Start(offset)).await {
-                    return Some((Err(e), (file, offset, 0, true)));
-                }
-            }
-            let want = remaining.min(COMMITTED_READ_CHUNK as u64) as usize;
-            let mut buf = BytesMut::zeroed(want);
-            match file.read(&mut buf).await {
-                Ok(0) => Some((
-                    Err(std::io::Error::other("cached blob is shorter than indexed")),
-                    (file, offset, 0, true),
-                )),
-                Ok(n) => {
-                    buf.truncate(n);
-                    Some((Ok(buf.freeze()), (file, offset, remaining - n as u64, true)))
-                }
-                Err(e) => Some((Err(e), (file, offset, 0, true))),
-            }
-        },
-    ))
 }
 
 #[cfg(test)]

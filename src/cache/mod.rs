@@ -29,9 +29,10 @@ use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 
 use crate::config::StorageConfig;
-use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
+use crate::oci::{references, Digest, ErrorCode, RegistryError, RepoName, Tag};
+use crate::stream::{BlobBody, ByteStream};
 pub use budget::{BlobLease, Budget, CacheStats, Limits};
-pub use fill::{BlobBody, BlobSource, ByteStream, Fill, FillMap, FillPolicy};
+pub use fill::{BlobSource, Fill, FillMap, FillPolicy};
 pub use index::{BlobMeta, Index, IndexError, Pin, RepoEntry, StoredManifest, TagEntry, TagRecord};
 
 /// Local store failures. Clients see them as `500 UNKNOWN`; the log has the detail.
@@ -145,49 +146,6 @@ fn blob_path_in(root: &Path, hex: &str) -> PathBuf {
         .join("sha256")
         .join(hex.get(..2).unwrap_or("xx"))
         .join(hex)
-}
-
-/// What a manifest references: blobs (config, layers) with their sizes, and child manifests.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct References {
-    pub blobs: Vec<(Digest, u64)>,
-    pub children: Vec<Digest>,
-}
-
-/// Parses the descriptors of an image manifest (config, layers) or index (manifests).
-pub fn references(bytes: &[u8]) -> References {
-    let mut out = References::default();
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return out;
-    };
-    let desc = |d: &serde_json::Value| -> Option<(Digest, u64)> {
-        let digest = d.get("digest")?.as_str()?.parse().ok()?;
-        Some((digest, d.get("size").and_then(|s| s.as_u64()).unwrap_or(0)))
-    };
-    if let Some(c) = v.get("config").and_then(desc) {
-        out.blobs.push(c);
-    }
-    for l in v
-        .get("layers")
-        .and_then(|l| l.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(d) = desc(l) {
-            out.blobs.push(d);
-        }
-    }
-    for m in v
-        .get("manifests")
-        .and_then(|l| l.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some((d, _)) = desc(m) {
-            out.children.push(d);
-        }
-    }
-    out
 }
 
 /// What startup reconciliation found.

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::budget::BlobLease;
-use super::fill::ByteStream;
+use crate::stream::ByteStream;
 
 /// Bytes per mapping. Larger windows mean fewer `mmap`/`munmap` round trips; smaller ones keep
 /// RSS (which counts the mapped file pages) low with many concurrent readers.

@@ -368,7 +368,7 @@ async fn readyz(State(mirror): State<AppState>) -> Response {
 }
 
 /// Counts blob bytes as they are handed to the connection.
-fn counted(stream: crate::cache::ByteStream, source: Source) -> crate::cache::ByteStream {
+fn counted(stream: crate::stream::ByteStream, source: Source) -> crate::stream::ByteStream {
     Box::pin(stream.inspect(move |chunk| {
         if let Ok(b) = chunk {
             metrics().served(source, b.len() as u64);

@@ -6,8 +6,10 @@ pub mod digest;
 pub mod error;
 pub mod media;
 pub mod name;
+pub mod references;
 
 pub use digest::{Digest, DigestError};
 pub use error::{ErrorCode, RegistryError};
 pub use media::Accept;
 pub use name::{NameError, Reference, ReferenceError, RepoName, Tag, TagError};
+pub use references::{references, References};

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{
     validate_key, validate_prefix, BlobStore, Created, ObjectInfo, StoreError, StoreFuture,
 };
-use crate::cache::fill::{file_stream, ByteStream};
+use crate::stream::{file_stream, ByteStream};
 
 /// The directory under the root holding in-progress writes; never a key.
 pub const TMP_DIR: &str = crate::config::STORE_TMP_DIR;

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
-use crate::cache::fill::ByteStream;
 use crate::config::{check_store_key, SharedStoreConfig, SharedStoreKind};
+use crate::stream::ByteStream;
 
 pub mod fs;
 pub mod object;

@@ -37,8 +37,8 @@ use tokio::task::JoinSet;
 use super::{
     validate_key, validate_prefix, BlobStore, Created, ObjectInfo, StoreError, StoreFuture,
 };
-use crate::cache::fill::ByteStream;
 use crate::config::{SharedStoreConfig, SharedStoreKind};
+use crate::stream::ByteStream;
 
 /// Files larger than this go up as multipart uploads, in parts of this size (S3's minimum part
 /// is 5 MiB).

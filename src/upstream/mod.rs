@@ -14,9 +14,9 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::Response;
 
-use crate::cache::BlobBody;
 use crate::config::UpstreamConfig;
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
+use crate::stream::BlobBody;
 use auth::{Challenge, Secret, TokenCache};
 
 pub use route::{Route, Router};
