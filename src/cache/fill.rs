@@ -475,6 +475,23 @@ struct Replay {
     seen: u64,
 }
 
+impl Replay {
+    /// Hashes the part of `chunk` that re-sends the prefix and returns the rest (new bytes).
+    /// Once the whole prefix is re-read, it must hash like the bytes already in the file.
+    fn consume(&mut self, chunk: Bytes, digest: &Digest) -> Result<Bytes, AttemptEnd> {
+        let take = (self.upto - self.seen).min(chunk.len() as u64) as usize;
+        self.fresh.update(&chunk[..take]);
+        self.seen += take as u64;
+        if self.seen == self.upto && self.fresh.clone().finalize() != self.held.clone().finalize() {
+            return Err(AttemptEnd::Fatal(unavailable(format!(
+                "upstream re-sent the first {} bytes of {digest} differently",
+                self.upto
+            ))));
+        }
+        Ok(chunk.slice(take..))
+    }
+}
+
 /// Why one attempt at reading the source ended.
 enum AttemptEnd {
     /// The source ended its body.
@@ -508,8 +525,6 @@ async fn run(
         .acquire_owned()
         .await
         .map_err(|_| unavailable("fills are shutting down".into()))?;
-    let policy = &cx.policy;
-    let idle = source.idle_timeout();
     let mut sink = Sink {
         file: Some(cx.file),
         hasher: Some(Sha256::new()),
@@ -518,110 +533,225 @@ async fn run(
         written: 0,
         inflight: None,
     };
-    let mut total: Option<u64> = None;
-    let mut answered = false;
-    let mut failures: u32 = 0;
-    loop {
-        let offset = sink.written;
-        let failure = match source.open(offset).await {
-            Err(e) if !answered || !retryable(&e) => return Err(e),
-            Err(e) => {
-                tracing::warn!(%digest, offset, error = %e, "upstream refused the resume");
-                (e.to_string(), e.retry_after)
+    let mut transfer = Transfer {
+        digest,
+        source,
+        idle: source.idle_timeout(),
+        tx,
+        total: None,
+        answered: false,
+    };
+    transfer.resume_until_done(&mut sink, &cx.policy).await?;
+    let written = verify(digest, &sink, transfer.total)?;
+    // Size and digest verified: release the last byte now. The commit below (fsync, rename,
+    // index) runs in this fill's task while readers finish; the single-flight entry stays until
+    // it is done, so late joiners still join this fill rather than start another, and the index
+    // names the blob only after its file is in place.
+    tx.send_modify(|s| {
+        s.total = Some(written);
+        s.verified = true;
+    });
+    *pending = Some(PendingCommit::new());
+    let file = sink
+        .file
+        .take()
+        .ok_or_else(|| unavailable(format!("partial file of {digest} lost")))?;
+    persist(
+        digest,
+        file,
+        written,
+        &cx.tmp_path,
+        &cx.final_path,
+        &cx.index,
+    )
+    .await
+}
+
+/// The fill's reading of its source, across attempts (the first open and every resume).
+struct Transfer<'a> {
+    digest: &'a Digest,
+    source: &'a dyn BlobSource,
+    idle: Option<Duration>,
+    tx: &'a watch::Sender<FillState>,
+    /// The blob's size, from the first answer that gave it; later answers must agree.
+    total: Option<u64>,
+    /// Whether the source has answered once: only then are refusals retried (a first refusal,
+    /// such as a 404, is the client's answer).
+    answered: bool,
+}
+
+/// How one attempt ended, once the sink holds (and has published) what it delivered.
+enum Attempt {
+    /// The source delivered the whole blob.
+    Complete,
+    /// Resume, after a pause (at least `retry_after` seconds, if the source asked for one).
+    Failed {
+        msg: String,
+        retry_after: Option<u64>,
+        /// Whether this attempt delivered any byte: progress resets the failure count.
+        progressed: bool,
+    },
+}
+
+impl Transfer<'_> {
+    /// Opens the source again at the bytes held after each failed attempt, with bounded retries
+    /// and exponential backoff, until it has delivered the whole blob.
+    async fn resume_until_done(
+        &mut self,
+        sink: &mut Sink,
+        policy: &FillPolicy,
+    ) -> Result<(), RegistryError> {
+        let digest = self.digest;
+        let mut failures: u32 = 0;
+        loop {
+            let (msg, retry_after) = match self.attempt(sink).await? {
+                Attempt::Complete => return Ok(()),
+                Attempt::Failed {
+                    msg,
+                    retry_after,
+                    progressed,
+                } => {
+                    if progressed {
+                        failures = 0;
+                    }
+                    (msg, retry_after)
+                }
+            };
+            failures += 1;
+            if failures > policy.retries {
+                return Err(unavailable(format!(
+                    "giving up on {digest} after {} failed attempts at offset {}: {msg}",
+                    failures, sink.written
+                )));
             }
-            Ok(body) => {
-                if let (Some(t), Some(b)) = (total, body.total) {
-                    if t != b {
-                        return Err(unavailable(format!(
-                            "upstream changed the size of {digest} from {t} to {b} bytes"
-                        )));
-                    }
-                }
-                total = total.or(body.total);
-                if !answered {
-                    answered = true;
-                    tracing::info!(%digest, size = ?total, "fill started");
-                    tx.send_modify(|s| {
-                        s.total = total;
-                        s.phase = Phase::Streaming;
-                    });
-                } else {
-                    tracing::info!(%digest, offset, from = body.start, "fill resumed");
-                }
-                let mut replay = None;
-                let before = (sink.written, body.start);
-                if body.start == offset {
-                    // The normal case, and every resume the source honoured.
-                } else if body.start == 0 {
-                    tracing::warn!(%digest, offset, "upstream ignored the range; re-reading from 0");
-                    replay = Some(Replay {
-                        upto: offset,
-                        held: sink.hasher(),
-                        fresh: Sha256::new(),
-                        seen: 0,
-                    });
-                } else {
-                    return Err(unavailable(format!(
-                        "upstream answered {digest} from offset {} when asked for {offset}",
-                        body.start
-                    )));
-                }
-                let mut end =
-                    pump(body.stream, &mut sink, &mut replay, total, idle, digest, tx).await;
-                if !matches!(end, AttemptEnd::Fatal(_)) {
-                    if let Err(e) = sink.flush(tx).await {
-                        end = AttemptEnd::Fatal(unavailable(format!(
-                            "writing the partial file of {digest}: {e}"
-                        )));
-                    }
-                }
-                let progressed =
-                    sink.written > before.0 || replay.as_ref().is_some_and(|r| r.seen > 0);
-                if let Some(r) = replay.take() {
-                    // Broke while re-reading the prefix: the file and its hash are as before.
-                    sink.hasher = Some(r.held);
-                }
-                match end {
-                    AttemptEnd::Fatal(e) => return Err(e),
-                    AttemptEnd::Eof if total.is_none_or(|t| sink.written >= t) => break,
-                    AttemptEnd::Eof => {
-                        let msg = format!(
-                            "upstream ended {digest} after {} of {} bytes",
-                            sink.written,
-                            total.unwrap_or(0)
-                        );
-                        if progressed {
-                            failures = 0;
-                        }
-                        (msg, None)
-                    }
-                    AttemptEnd::Broken(msg) => {
-                        if progressed {
-                            failures = 0;
-                        }
-                        (msg, None)
-                    }
-                }
-            }
-        };
-        failures += 1;
-        let (msg, retry_after) = failure;
-        if failures > policy.retries {
-            return Err(unavailable(format!(
-                "giving up on {digest} after {} failed attempts at offset {}: {msg}",
-                failures, sink.written
-            )));
+            let pause = policy
+                .backoff
+                .saturating_mul(1 << (failures - 1).min(16))
+                .min(policy.max_backoff)
+                .max(Duration::from_secs(retry_after.unwrap_or(0).min(30)));
+            tracing::warn!(%digest, offset = sink.written, attempt = failures, error = %msg, pause_ms = pause.as_millis() as u64, "upstream transfer broke; resuming");
+            crate::metrics::metrics().fill_resumes.inc();
+            tokio::time::sleep(pause).await;
         }
-        let pause = policy
-            .backoff
-            .saturating_mul(1 << (failures - 1).min(16))
-            .min(policy.max_backoff)
-            .max(Duration::from_secs(retry_after.unwrap_or(0).min(30)));
-        tracing::warn!(%digest, offset = sink.written, attempt = failures, error = %msg, pause_ms = pause.as_millis() as u64, "upstream transfer broke; resuming");
-        crate::metrics::metrics().fill_resumes.inc();
-        tokio::time::sleep(pause).await;
     }
 
+    /// Opens the source at the bytes held and copies its body into the sink.
+    async fn attempt(&mut self, sink: &mut Sink) -> Result<Attempt, RegistryError> {
+        let (digest, tx) = (self.digest, self.tx);
+        let offset = sink.written;
+        let body = match self.source.open(offset).await {
+            Err(e) if !self.answered || !retryable(&e) => return Err(e),
+            Err(e) => {
+                tracing::warn!(%digest, offset, error = %e, "upstream refused the resume");
+                return Ok(Attempt::Failed {
+                    msg: e.to_string(),
+                    retry_after: e.retry_after,
+                    progressed: false,
+                });
+            }
+            Ok(body) => body,
+        };
+        self.answered_with(&body, offset)?;
+        let mut replay = self.replay_for(&body, offset, sink)?;
+        let before = sink.written;
+        let mut end = pump(
+            body.stream,
+            sink,
+            &mut replay,
+            self.total,
+            self.idle,
+            digest,
+            tx,
+        )
+        .await;
+        if !matches!(end, AttemptEnd::Fatal(_)) {
+            if let Err(e) = sink.flush(tx).await {
+                end = AttemptEnd::Fatal(unavailable(format!(
+                    "writing the partial file of {digest}: {e}"
+                )));
+            }
+        }
+        let progressed = sink.written > before || replay.as_ref().is_some_and(|r| r.seen > 0);
+        if let Some(r) = replay.take() {
+            // Broke while re-reading the prefix: the file and its hash are as before.
+            sink.hasher = Some(r.held);
+        }
+        let msg = match end {
+            AttemptEnd::Fatal(e) => return Err(e),
+            AttemptEnd::Eof if self.total.is_none_or(|t| sink.written >= t) => {
+                return Ok(Attempt::Complete)
+            }
+            AttemptEnd::Eof => format!(
+                "upstream ended {digest} after {} of {} bytes",
+                sink.written,
+                self.total.unwrap_or(0)
+            ),
+            AttemptEnd::Broken(msg) => msg,
+        };
+        Ok(Attempt::Failed {
+            msg,
+            retry_after: None,
+            progressed,
+        })
+    }
+
+    /// Records an answer: its size must agree with earlier ones; the first one starts streaming.
+    fn answered_with(&mut self, body: &BlobBody, offset: u64) -> Result<(), RegistryError> {
+        let digest = self.digest;
+        if let (Some(t), Some(b)) = (self.total, body.total) {
+            if t != b {
+                return Err(unavailable(format!(
+                    "upstream changed the size of {digest} from {t} to {b} bytes"
+                )));
+            }
+        }
+        self.total = self.total.or(body.total);
+        if !self.answered {
+            self.answered = true;
+            let total = self.total;
+            tracing::info!(%digest, size = ?total, "fill started");
+            self.tx.send_modify(|s| {
+                s.total = total;
+                s.phase = Phase::Streaming;
+            });
+        } else {
+            tracing::info!(%digest, offset, from = body.start, "fill resumed");
+        }
+        Ok(())
+    }
+
+    /// Whether the body starts where asked (`None`), or from 0 because the source ignored the
+    /// range (a [`Replay`] of the prefix held). Any other start is refused.
+    fn replay_for(
+        &self,
+        body: &BlobBody,
+        offset: u64,
+        sink: &Sink,
+    ) -> Result<Option<Replay>, RegistryError> {
+        let digest = self.digest;
+        if body.start == offset {
+            // The normal case, and every resume the source honoured.
+            Ok(None)
+        } else if body.start == 0 {
+            tracing::warn!(%digest, offset, "upstream ignored the range; re-reading from 0");
+            Ok(Some(Replay {
+                upto: offset,
+                held: sink.hasher(),
+                fresh: Sha256::new(),
+                seen: 0,
+            }))
+        } else {
+            Err(unavailable(format!(
+                "upstream answered {digest} from offset {} when asked for {offset}",
+                body.start
+            )))
+        }
+    }
+}
+
+/// Checks the bytes the source delivered: exactly its announced size, hashing to `digest`.
+/// Returns the size.
+fn verify(digest: &Digest, sink: &Sink, total: Option<u64>) -> Result<u64, RegistryError> {
     let written = sink.written;
     if let Some(t) = total {
         if written != t {
@@ -637,38 +767,38 @@ async fn run(
             "upstream bytes for {digest} hash to {actual}; discarded"
         )));
     }
-    // Size and digest verified: release the last byte now. The commit below (fsync, rename,
-    // index) runs in this fill's task while readers finish; the single-flight entry stays until
-    // it is done, so late joiners still join this fill rather than start another, and the index
-    // names the blob only after its file is in place.
-    tx.send_modify(|s| {
-        s.total = Some(written);
-        s.verified = true;
-    });
-    *pending = Some(PendingCommit::new());
+    Ok(written)
+}
+
+/// Makes a verified blob durable and visible: fsync the file, rename it into `blobs/`, then
+/// index it (so the index names the blob only once its file is in place).
+async fn persist(
+    digest: &Digest,
+    file: std::fs::File,
+    size: u64,
+    tmp_path: &std::path::Path,
+    final_path: &std::path::Path,
+    index: &Index,
+) -> Result<(), RegistryError> {
     let io_err = |what: &str, e: std::io::Error| unavailable(format!("{what} {digest}: {e}"));
-    let file = sink
-        .file
-        .take()
-        .ok_or_else(|| unavailable(format!("partial file of {digest} lost")))?;
     tokio::task::spawn_blocking(move || file.sync_all())
         .await
         .map_err(|e| io_err("syncing", std::io::Error::other(e)))?
         .map_err(|e| io_err("syncing", e))?;
-    commit(&cx.tmp_path, &cx.final_path)
+    commit(tmp_path, final_path)
         .await
         .map_err(|e| io_err("committing", e))?;
-    cx.index
+    index
         .put_blob(
             digest,
             &BlobMeta {
-                size: written,
+                size,
                 added: unix_now(),
             },
         )
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
-    cx.index.durable().await;
-    tracing::info!(%digest, bytes = written, "blob committed");
+    index.durable().await;
+    tracing::info!(%digest, bytes = size, "blob committed");
     Ok(())
 }
 
@@ -704,24 +834,15 @@ async fn pump(
         )))
     };
     loop {
-        // Take what is ready without waiting; when the upstream pauses, write what we have so
-        // readers get it promptly, then wait (bounded by the idle timeout).
-        let next = match stream.next().now_or_never() {
-            Some(item) => item,
-            None => {
-                if let Err(e) = sink.flush(tx).await {
-                    return disk(e);
-                }
-                match idle {
-                    Some(d) => match tokio::time::timeout(d, stream.next()).await {
-                        Ok(item) => item,
-                        Err(_) => {
-                            return AttemptEnd::Broken(format!("no bytes from upstream for {d:?}"))
-                        }
-                    },
-                    None => stream.next().await,
-                }
-            }
+        let next = match next_item(&mut stream, sink, idle, tx).await {
+            Ok(item) => item,
+            Err(e) => return disk(e),
+        };
+        let Some(next) = next else {
+            return AttemptEnd::Broken(format!(
+                "no bytes from upstream for {:?}",
+                idle.unwrap_or_default()
+            ));
         };
         let mut chunk = match next {
             None => {
@@ -749,17 +870,11 @@ async fn pump(
             Some(Ok(c)) => c,
         };
         if let Some(r) = replay.as_mut() {
-            let take = (r.upto - r.seen).min(chunk.len() as u64) as usize;
-            r.fresh.update(&chunk[..take]);
-            r.seen += take as u64;
-            chunk = chunk.slice(take..);
+            chunk = match r.consume(chunk, digest) {
+                Ok(rest) => rest,
+                Err(end) => return end,
+            };
             if r.seen == r.upto {
-                if r.fresh.clone().finalize() != r.held.clone().finalize() {
-                    return AttemptEnd::Fatal(unavailable(format!(
-                        "upstream re-sent the first {} bytes of {digest} differently",
-                        r.upto
-                    )));
-                }
                 sink.hasher = Some(r.fresh.clone());
                 *replay = None;
             }
@@ -783,6 +898,25 @@ async fn pump(
             }
         }
     }
+}
+
+/// The source's next item. Takes what is ready without waiting; when the upstream pauses, writes
+/// what the sink has so readers get it promptly, then waits, bounded by the idle timeout (`None`
+/// when it passes). An error is the sink's (the disk's).
+async fn next_item(
+    stream: &mut ByteStream,
+    sink: &mut Sink,
+    idle: Option<Duration>,
+    tx: &watch::Sender<FillState>,
+) -> std::io::Result<Option<Option<std::io::Result<Bytes>>>> {
+    if let Some(item) = stream.next().now_or_never() {
+        return Ok(Some(item));
+    }
+    sink.flush(tx).await?;
+    Ok(match idle {
+        Some(d) => tokio::time::timeout(d, stream.next()).await.ok(),
+        None => Some(stream.next().await),
+    })
 }
 
 /// Atomically moves a verified temp file into the content store and makes the rename durable.

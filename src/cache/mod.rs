@@ -118,6 +118,14 @@ impl budget::Evictor for CacheEvictor {
 /// Blob files under `blobs/sha256` by hex, and stray paths (anything not named like a blob).
 type Listing = (HashSet<String>, Vec<PathBuf>);
 
+/// What reconciliation reads before it changes anything: recency ticks by blob hex, the indexed
+/// blobs (hex and metadata, `None` if unreadable), and the files on disk.
+type Scan = (
+    HashMap<String, u64>,
+    Vec<(String, Option<BlobMeta>)>,
+    Listing,
+);
+
 fn list_blob_files(blobs_dir: &Path) -> std::io::Result<Listing> {
     let mut on_disk = HashSet::new();
     let mut strays = Vec::new();
@@ -262,9 +270,46 @@ impl Cache {
 
     /// Makes the index and `blobs/` agree, and loads sizes and recency into the budget.
     fn reconcile(&mut self) -> Result<(), CacheError> {
+        let (ticks, indexed, (mut on_disk, strays)) = self.scan()?;
+        for p in strays {
+            tracing::warn!(path = %p.display(), "removing a stray file from blobs/");
+            let _ = std::fs::remove_file(&p);
+            self.reconciled.removed_files += 1;
+        }
+        let mut dropped = Vec::new();
+        let mut present = Vec::with_capacity(indexed.len());
+        for (hex, meta) in indexed {
+            match meta {
+                Some(m) if on_disk.remove(&hex) => {
+                    let tick = ticks.get(&hex).copied().unwrap_or(0);
+                    present.push((hex, m.size, tick));
+                }
+                _ => dropped.push(hex),
+            }
+        }
+        self.reconciled.blobs += present.len() as u64;
+        self.budget.load_blobs(present);
+        for hex in dropped {
+            tracing::warn!(digest = %format!("sha256:{hex}"), "index entry without a blob file; dropped");
+            self.index.remove_blob_hex(&hex)?;
+            self.budget.forget_blob(&hex);
+            self.reconciled.dropped_entries += 1;
+        }
+        self.adopt_unindexed(on_disk, &ticks)?;
+        let mut manifest_bytes = 0;
+        for rec in self.index.manifest_sizes() {
+            manifest_bytes += rec?.1;
+        }
+        self.budget.add_manifest_bytes(manifest_bytes);
+        self.index.flush()?;
+        Ok(())
+    }
+
+    /// Reads the index (recency ticks by blob hex, indexed blobs) and lists the files on disk.
+    /// The listing (one readdir per fan-out directory, no stat per file) runs on another thread
+    /// while the index is read: both take a few hundred ms with 100k blobs.
+    fn scan(&self) -> Result<Scan, CacheError> {
         let blobs_dir = self.root.join("blobs").join("sha256");
-        // List the files on disk (one readdir per fan-out directory, no stat per file) on another
-        // thread while the index is read: both take a few hundred ms with 100k blobs.
         let lister = {
             let blobs_dir = blobs_dir.clone();
             std::thread::spawn(move || list_blob_files(&blobs_dir))
@@ -293,33 +338,16 @@ impl Cache {
             })?
             .map_err(io_at(&blobs_dir))?;
         read_index?;
-        let (mut on_disk, strays) = listed;
-        for p in strays {
-            tracing::warn!(path = %p.display(), "removing a stray file from blobs/");
-            let _ = std::fs::remove_file(&p);
-            self.reconciled.removed_files += 1;
-        }
-        let mut dropped = Vec::new();
-        let mut present = Vec::with_capacity(indexed.len());
-        for (hex, meta) in indexed {
-            match meta {
-                Some(m) if on_disk.remove(&hex) => {
-                    let tick = ticks.get(&hex).copied().unwrap_or(0);
-                    present.push((hex, m.size, tick));
-                }
-                _ => dropped.push(hex),
-            }
-        }
-        self.reconciled.blobs += present.len() as u64;
-        self.budget.load_blobs(present);
-        for hex in dropped {
-            tracing::warn!(digest = %format!("sha256:{hex}"), "index entry without a blob file; dropped");
-            self.index.remove_blob_hex(&hex)?;
-            self.budget.forget_blob(&hex);
-            self.reconciled.dropped_entries += 1;
-        }
-        // Files the index does not know: a crash between rename and index write. Adopt them if
-        // their bytes match their name.
+        Ok((ticks, indexed, listed))
+    }
+
+    /// Files the index does not know: a crash between rename and index write. Adopts them if
+    /// their bytes match their name, removes them otherwise.
+    fn adopt_unindexed(
+        &mut self,
+        on_disk: HashSet<String>,
+        ticks: &HashMap<String, u64>,
+    ) -> Result<(), CacheError> {
         for hex in on_disk {
             let path = blob_path_in(&self.root, &hex);
             match hash_file(&path, |_| {}) {
@@ -344,12 +372,6 @@ impl Cache {
                 }
             }
         }
-        let mut manifest_bytes = 0;
-        for rec in self.index.manifest_sizes() {
-            manifest_bytes += rec?.1;
-        }
-        self.budget.add_manifest_bytes(manifest_bytes);
-        self.index.flush()?;
         Ok(())
     }
 

@@ -37,7 +37,9 @@ use tokio::task::JoinSet;
 use super::{
     validate_key, validate_prefix, BlobStore, Created, ObjectInfo, StoreError, StoreFuture,
 };
-use crate::config::{SharedStoreConfig, SharedStoreKind};
+use crate::config::{
+    AzureStoreConfig, GcsStoreConfig, S3StoreConfig, SharedStoreConfig, SharedStoreKind,
+};
 use crate::stream::ByteStream;
 
 /// Files larger than this go up as multipart uploads, in parts of this size (S3's minimum part
@@ -53,6 +55,117 @@ pub const MIN_RATE: u64 = 1 << 20;
 
 /// Where the conditional-create probe writes (below the prefix).
 const PROBE_DIR: &str = "_stowage/probe";
+
+/// An `object_store` client built for one backend, and what names it in logs.
+struct Client {
+    store: Arc<dyn ObjectStore>,
+    /// `s3`, `gs` or `az`: the scheme of the store's description.
+    scheme: &'static str,
+    bucket: String,
+    prefix: String,
+    endpoint: Option<String>,
+}
+
+/// HTTP options every backend shares. The overall request timeout stays off: a streamed blob may
+/// take longer than any fixed bound. Every await is bounded here instead (see the module docs).
+fn client_options(timeout: Duration, endpoint: Option<&str>) -> ClientOptions {
+    ClientOptions::new()
+        .with_connect_timeout(timeout.min(Duration::from_secs(5)))
+        .with_timeout_disabled()
+        .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
+}
+
+fn refused(e: object_store::Error) -> StoreError {
+    StoreError::Refused(e.to_string())
+}
+
+/// `backend = "s3"`: AWS S3, Ceph RGW, Garage, MinIO.
+fn s3_client(
+    s3: &S3StoreConfig,
+    retry: RetryConfig,
+    timeout: Duration,
+) -> Result<Client, StoreError> {
+    let mut b = object_store::aws::AmazonS3Builder::from_env()
+        .with_bucket_name(&s3.bucket)
+        .with_virtual_hosted_style_request(!s3.path_style)
+        .with_retry(retry)
+        .with_client_options(client_options(timeout, s3.endpoint.as_deref()));
+    if let Some(endpoint) = &s3.endpoint {
+        b = b
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    if let Some(region) = &s3.region {
+        b = b.with_region(region);
+    }
+    if let Some(id) = &s3.access_key_id {
+        b = b.with_access_key_id(id);
+    }
+    if let Some(secret) = &s3.secret_access_key {
+        b = b.with_secret_access_key(secret.expose());
+    }
+    Ok(Client {
+        store: Arc::new(b.build().map_err(refused)?),
+        scheme: "s3",
+        bucket: s3.bucket.clone(),
+        prefix: s3.prefix.clone(),
+        endpoint: s3.endpoint.clone(),
+    })
+}
+
+/// `backend = "gcs"`: Google Cloud Storage.
+fn gcs_client(
+    gcs: &GcsStoreConfig,
+    retry: RetryConfig,
+    timeout: Duration,
+) -> Result<Client, StoreError> {
+    let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
+        .with_bucket_name(&gcs.bucket)
+        .with_retry(retry)
+        .with_client_options(client_options(timeout, None));
+    if let Some(path) = &gcs.service_account_path {
+        b = b.with_service_account_path(path.to_string_lossy());
+    }
+    Ok(Client {
+        store: Arc::new(b.build().map_err(refused)?),
+        scheme: "gs",
+        bucket: gcs.bucket.clone(),
+        prefix: gcs.prefix.clone(),
+        endpoint: None,
+    })
+}
+
+/// `backend = "azure"`: Azure Blob Storage (or Azurite).
+fn azure_client(
+    az: &AzureStoreConfig,
+    retry: RetryConfig,
+    timeout: Duration,
+) -> Result<Client, StoreError> {
+    let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
+        .with_account(&az.account)
+        .with_container_name(&az.container)
+        .with_retry(retry)
+        .with_client_options(client_options(timeout, az.endpoint.as_deref()));
+    if let Some(key) = &az.access_key {
+        b = b.with_access_key(key.expose());
+    }
+    if let Some(endpoint) = &az.endpoint {
+        // The account URL (Azurite: `http://127.0.0.1:10000/devstoreaccount1`); `object_store`
+        // appends `/<container>/<key>` to it as path segments, so a trailing `/` would make an
+        // empty segment (`…/devstoreaccount1//c`).
+        let endpoint = endpoint.trim_end_matches('/');
+        b = b
+            .with_endpoint(endpoint.to_owned())
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    Ok(Client {
+        store: Arc::new(b.build().map_err(refused)?),
+        scheme: "az",
+        bucket: format!("{}/{}", az.account, az.container),
+        prefix: az.prefix.clone(),
+        endpoint: az.endpoint.clone(),
+    })
+}
 
 /// The shared store on S3 / GCS / Azure. Cheap to share (`Arc` inside).
 pub struct ObjectBackend {
@@ -88,102 +201,22 @@ impl ObjectBackend {
             max_retries: 2,
             retry_timeout: timeout,
         };
-        let options = |endpoint: Option<&str>| {
-            // The overall request timeout stays off: a streamed blob may take longer than any
-            // fixed bound. Every await is bounded here instead (see the module docs).
-            ClientOptions::new()
-                .with_connect_timeout(timeout.min(Duration::from_secs(5)))
-                .with_timeout_disabled()
-                .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
+        let client = match &cfg.kind {
+            SharedStoreKind::S3(s3) => s3_client(s3, retry, timeout)?,
+            SharedStoreKind::Gcs(gcs) => gcs_client(gcs, retry, timeout)?,
+            SharedStoreKind::Azure(az) => azure_client(az, retry, timeout)?,
+            SharedStoreKind::Dir(dir) => {
+                return Err(StoreError::Refused(format!(
+                    "{} is a directory, not an object store",
+                    dir.display()
+                )))
+            }
         };
-        let refused = |e: object_store::Error| StoreError::Refused(e.to_string());
-        let (store, scheme, bucket, prefix, endpoint): (Arc<dyn ObjectStore>, _, _, _, _) =
-            match &cfg.kind {
-                SharedStoreKind::S3(s3) => {
-                    let mut b = object_store::aws::AmazonS3Builder::from_env()
-                        .with_bucket_name(&s3.bucket)
-                        .with_virtual_hosted_style_request(!s3.path_style)
-                        .with_retry(retry)
-                        .with_client_options(options(s3.endpoint.as_deref()));
-                    if let Some(endpoint) = &s3.endpoint {
-                        b = b
-                            .with_endpoint(endpoint)
-                            .with_allow_http(endpoint.starts_with("http://"));
-                    }
-                    if let Some(region) = &s3.region {
-                        b = b.with_region(region);
-                    }
-                    if let Some(id) = &s3.access_key_id {
-                        b = b.with_access_key_id(id);
-                    }
-                    if let Some(secret) = &s3.secret_access_key {
-                        b = b.with_secret_access_key(secret.expose());
-                    }
-                    let store = b.build().map_err(refused)?;
-                    (
-                        Arc::new(store) as Arc<dyn ObjectStore>,
-                        "s3",
-                        s3.bucket.clone(),
-                        s3.prefix.clone(),
-                        s3.endpoint.clone(),
-                    )
-                }
-                SharedStoreKind::Gcs(gcs) => {
-                    let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                        .with_bucket_name(&gcs.bucket)
-                        .with_retry(retry)
-                        .with_client_options(options(None));
-                    if let Some(path) = &gcs.service_account_path {
-                        b = b.with_service_account_path(path.to_string_lossy());
-                    }
-                    let store = b.build().map_err(refused)?;
-                    (
-                        Arc::new(store) as Arc<dyn ObjectStore>,
-                        "gs",
-                        gcs.bucket.clone(),
-                        gcs.prefix.clone(),
-                        None,
-                    )
-                }
-                SharedStoreKind::Azure(az) => {
-                    let mut b = object_store::azure::MicrosoftAzureBuilder::from_env()
-                        .with_account(&az.account)
-                        .with_container_name(&az.container)
-                        .with_retry(retry)
-                        .with_client_options(options(az.endpoint.as_deref()));
-                    if let Some(key) = &az.access_key {
-                        b = b.with_access_key(key.expose());
-                    }
-                    if let Some(endpoint) = &az.endpoint {
-                        // The account URL (Azurite: `http://127.0.0.1:10000/devstoreaccount1`);
-                        // `object_store` appends `/<container>/<key>` to it as path segments, so
-                        // a trailing `/` would make an empty segment (`…/devstoreaccount1//c`).
-                        let endpoint = endpoint.trim_end_matches('/');
-                        b = b
-                            .with_endpoint(endpoint.to_owned())
-                            .with_allow_http(endpoint.starts_with("http://"));
-                    }
-                    let store = b.build().map_err(refused)?;
-                    (
-                        Arc::new(store) as Arc<dyn ObjectStore>,
-                        "az",
-                        format!("{}/{}", az.account, az.container),
-                        az.prefix.clone(),
-                        az.endpoint.clone(),
-                    )
-                }
-                SharedStoreKind::Dir(dir) => {
-                    return Err(StoreError::Refused(format!(
-                        "{} is a directory, not an object store",
-                        dir.display()
-                    )))
-                }
-            };
-        let mut describe = format!("{scheme}://{bucket}/{prefix}");
-        if let Some(origin) = endpoint.as_deref().and_then(origin_of) {
+        let mut describe = format!("{}://{}/{}", client.scheme, client.bucket, client.prefix);
+        if let Some(origin) = client.endpoint.as_deref().and_then(origin_of) {
             describe.push_str(&format!(" at {origin}"));
         }
-        ObjectBackend::from_store(store, &prefix, timeout, describe)
+        ObjectBackend::from_store(client.store, &client.prefix, timeout, describe)
     }
 
     /// Wraps an already built `object_store` (tests use `InMemory`). `prefix` is empty or a
