@@ -748,20 +748,19 @@ mod tests {
             idx.tag("ghcr.io", &repo, &tag).unwrap().unwrap().checked,
             5_000
         );
-        let raw = idx
-            .tags
-            .get(tag_key("ghcr.io", &repo, &tag))
-            .unwrap()
-            .unwrap();
-        let stored: TagEntry = serde_json::from_slice(&raw).unwrap();
+        // The record as written to sled (not the pending checks held in memory).
+        let on_disk = || -> TagEntry {
+            let raw = idx
+                .tags
+                .get(tag_key("ghcr.io", &repo, &tag))
+                .unwrap()
+                .unwrap();
+            serde_json::from_slice(&raw).unwrap()
+        };
+        let stored = on_disk();
         assert_eq!(stored.checked, 1_000, "no sled write per check");
         idx.flush().unwrap();
-        let raw = idx
-            .tags
-            .get(tag_key("ghcr.io", &repo, &tag))
-            .unwrap()
-            .unwrap();
-        let stored: TagEntry = serde_json::from_slice(&raw).unwrap();
+        let stored = on_disk();
         assert_eq!(stored.checked, 5_000);
         assert_eq!(stored.variants, e.variants, "variants survive");
 

@@ -80,91 +80,6 @@ impl FsStore {
         self.root.join(TMP_DIR).join(name)
     }
 
-    async fn head_impl(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let path = self.path_of(key)?;
-        match tokio::fs::metadata(&path).await {
-            Ok(m) if m.is_file() => Ok(Some(m.len())),
-            Ok(_) => Ok(None),
-            Err(e) if is_absent(&e) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    async fn get_impl(
-        &self,
-        key: &str,
-        offset: u64,
-        len: Option<u64>,
-    ) -> Result<Option<(u64, ByteStream)>, StoreError> {
-        let path = self.path_of(key)?;
-        let opened = blocking(move || {
-            let file = match std::fs::File::open(&path) {
-                Ok(f) => f,
-                Err(e) if is_absent(&e) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            let meta = file.metadata()?;
-            if !meta.is_file() {
-                return Ok(None);
-            }
-            Ok(Some((file, meta.len())))
-        })
-        .await?;
-        let Some((file, size)) = opened else {
-            return Ok(None);
-        };
-        if offset > size {
-            return Err(StoreError::Refused(format!(
-                "{key}: offset {offset} is beyond the end ({size} bytes)"
-            )));
-        }
-        let available = size - offset;
-        let n = len.map_or(available, |l| l.min(available));
-        Ok(Some((size, file_stream(file, offset, n))))
-    }
-
-    async fn get_bytes_impl(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let path = self.path_of(key)?;
-        match tokio::fs::read(&path).await {
-            Ok(v) => Ok(Some(Bytes::from(v))),
-            Err(e) if is_absent(&e) || e.kind() == ErrorKind::IsADirectory => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Copies `src` into a temp file chunk by chunk on the runtime (so that dropping the future
-    /// stops the copy), fsyncs it and renames it into place.
-    async fn put_file_impl(&self, key: &str, src: &Path) -> Result<(), StoreError> {
-        let dest = self.path_of(key)?;
-        let mut input = tokio::fs::File::open(src).await?;
-        tokio::fs::create_dir_all(self.root.join(TMP_DIR)).await?;
-        let tmp = TempFile::new(self.tmp_path());
-        let mut output = tokio::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp.path)
-            .await?;
-        let mut buf = BytesMut::with_capacity(COPY_CHUNK);
-        loop {
-            buf.clear();
-            if input.read_buf(&mut buf).await? == 0 {
-                break;
-            }
-            output.write_all(&buf).await?;
-        }
-        output.flush().await?;
-        output.sync_all().await?;
-        drop(output);
-        let tmp_path = tmp.path.clone();
-        blocking(move || {
-            publish_by_rename(&tmp_path, &dest)?;
-            Ok(())
-        })
-        .await?;
-        tmp.disarm();
-        Ok(())
-    }
-
     /// Writes `bytes` to a temp file and publishes it, all in one blocking task: small, and
     /// it either happens whole or not at all even if the caller goes away.
     async fn write_small(
@@ -205,73 +120,6 @@ impl FsStore {
         })
         .await
     }
-
-    async fn delete_impl(&self, key: &str) -> Result<(), StoreError> {
-        let path = self.path_of(key)?;
-        match tokio::fs::remove_file(&path).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_absent(&e) => Ok(()),
-            Err(e) => match tokio::fs::metadata(&path).await {
-                // A directory is not an object: nothing to delete under this key.
-                Ok(m) if m.is_dir() => Ok(()),
-                _ => Err(e.into()),
-            },
-        }
-    }
-
-    async fn list_impl(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        validate_prefix(prefix)?;
-        let root = self.root.clone();
-        let prefix = prefix.to_owned();
-        blocking(move || {
-            // Only the directory the prefix names for sure needs walking.
-            let base = match prefix.rfind('/') {
-                Some(i) => &prefix[..i],
-                None => "",
-            };
-            let mut out = Vec::new();
-            let mut stack = vec![(root.join(base), base.to_owned())];
-            while let Some((dir, rel)) = stack.pop() {
-                let entries = match std::fs::read_dir(&dir) {
-                    Ok(e) => e,
-                    Err(e) if is_absent(&e) => continue,
-                    Err(e) => return Err(e.into()),
-                };
-                for entry in entries {
-                    let entry = entry?;
-                    let Ok(name) = entry.file_name().into_string() else {
-                        continue; // not a key this store could have written
-                    };
-                    if rel.is_empty() && name == TMP_DIR {
-                        continue;
-                    }
-                    let key = if rel.is_empty() {
-                        name
-                    } else {
-                        format!("{rel}/{name}")
-                    };
-                    let meta = match std::fs::metadata(entry.path()) {
-                        Ok(m) => m,
-                        Err(e) if is_absent(&e) => continue, // deleted meanwhile
-                        Err(e) => return Err(e.into()),
-                    };
-                    if meta.is_dir() {
-                        if key.starts_with(&prefix) || prefix.starts_with(&format!("{key}/")) {
-                            stack.push((entry.path(), key));
-                        }
-                    } else if meta.is_file() && key.starts_with(&prefix) {
-                        out.push(ObjectInfo {
-                            key,
-                            size: meta.len(),
-                        });
-                    }
-                }
-            }
-            out.sort_by(|a, b| a.key.cmp(&b.key));
-            Ok(out)
-        })
-        .await
-    }
 }
 
 impl BlobStore for FsStore {
@@ -281,7 +129,16 @@ impl BlobStore for FsStore {
     }
 
     fn head<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<u64>> {
-        self.head_impl(key).boxed()
+        async move {
+            let path = self.path_of(key)?;
+            match tokio::fs::metadata(&path).await {
+                Ok(m) if m.is_file() => Ok(Some(m.len())),
+                Ok(_) => Ok(None),
+                Err(e) if is_absent(&e) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+        .boxed()
     }
 
     fn get<'a>(
@@ -290,15 +147,82 @@ impl BlobStore for FsStore {
         offset: u64,
         len: Option<u64>,
     ) -> StoreFuture<'a, Option<(u64, ByteStream)>> {
-        self.get_impl(key, offset, len).boxed()
+        async move {
+            let path = self.path_of(key)?;
+            let opened = blocking(move || {
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if is_absent(&e) => return Ok(None),
+                    Err(e) => return Err(e.into()),
+                };
+                let meta = file.metadata()?;
+                if !meta.is_file() {
+                    return Ok(None);
+                }
+                Ok(Some((file, meta.len())))
+            })
+            .await?;
+            let Some((file, size)) = opened else {
+                return Ok(None);
+            };
+            if offset > size {
+                return Err(StoreError::Refused(format!(
+                    "{key}: offset {offset} is beyond the end ({size} bytes)"
+                )));
+            }
+            let available = size - offset;
+            let n = len.map_or(available, |l| l.min(available));
+            Ok(Some((size, file_stream(file, offset, n))))
+        }
+        .boxed()
     }
 
     fn get_bytes<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
-        self.get_bytes_impl(key).boxed()
+        async move {
+            let path = self.path_of(key)?;
+            match tokio::fs::read(&path).await {
+                Ok(v) => Ok(Some(Bytes::from(v))),
+                Err(e) if is_absent(&e) || e.kind() == ErrorKind::IsADirectory => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        }
+        .boxed()
     }
 
-    fn put_file<'a>(&'a self, key: &'a str, path: &'a Path) -> StoreFuture<'a, ()> {
-        self.put_file_impl(key, path).boxed()
+    /// Copies `src` into a temp file chunk by chunk on the runtime (so that dropping the future
+    /// stops the copy), fsyncs it and renames it into place.
+    fn put_file<'a>(&'a self, key: &'a str, src: &'a Path) -> StoreFuture<'a, ()> {
+        async move {
+            let dest = self.path_of(key)?;
+            let mut input = tokio::fs::File::open(src).await?;
+            tokio::fs::create_dir_all(self.root.join(TMP_DIR)).await?;
+            let tmp = TempFile::new(self.tmp_path());
+            let mut output = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp.path)
+                .await?;
+            let mut buf = BytesMut::with_capacity(COPY_CHUNK);
+            loop {
+                buf.clear();
+                if input.read_buf(&mut buf).await? == 0 {
+                    break;
+                }
+                output.write_all(&buf).await?;
+            }
+            output.flush().await?;
+            output.sync_all().await?;
+            drop(output);
+            let tmp_path = tmp.path.clone();
+            blocking(move || {
+                publish_by_rename(&tmp_path, &dest)?;
+                Ok(())
+            })
+            .await?;
+            tmp.disarm();
+            Ok(())
+        }
+        .boxed()
     }
 
     fn put_bytes<'a>(&'a self, key: &'a str, bytes: Bytes) -> StoreFuture<'a, ()> {
@@ -310,11 +234,76 @@ impl BlobStore for FsStore {
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
-        self.delete_impl(key).boxed()
+        async move {
+            let path = self.path_of(key)?;
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => Ok(()),
+                Err(e) if is_absent(&e) => Ok(()),
+                Err(e) => match tokio::fs::metadata(&path).await {
+                    // A directory is not an object: nothing to delete under this key.
+                    Ok(m) if m.is_dir() => Ok(()),
+                    _ => Err(e.into()),
+                },
+            }
+        }
+        .boxed()
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectInfo>> {
-        self.list_impl(prefix).boxed()
+        async move {
+            validate_prefix(prefix)?;
+            let root = self.root.clone();
+            let prefix = prefix.to_owned();
+            blocking(move || {
+                // Only the directory the prefix names for sure needs walking.
+                let base = match prefix.rfind('/') {
+                    Some(i) => &prefix[..i],
+                    None => "",
+                };
+                let mut out = Vec::new();
+                let mut stack = vec![(root.join(base), base.to_owned())];
+                while let Some((dir, rel)) = stack.pop() {
+                    let entries = match std::fs::read_dir(&dir) {
+                        Ok(e) => e,
+                        Err(e) if is_absent(&e) => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    for entry in entries {
+                        let entry = entry?;
+                        let Ok(name) = entry.file_name().into_string() else {
+                            continue; // not a key this store could have written
+                        };
+                        if rel.is_empty() && name == TMP_DIR {
+                            continue;
+                        }
+                        let key = if rel.is_empty() {
+                            name
+                        } else {
+                            format!("{rel}/{name}")
+                        };
+                        let meta = match std::fs::metadata(entry.path()) {
+                            Ok(m) => m,
+                            Err(e) if is_absent(&e) => continue, // deleted meanwhile
+                            Err(e) => return Err(e.into()),
+                        };
+                        if meta.is_dir() {
+                            if key.starts_with(&prefix) || prefix.starts_with(&format!("{key}/")) {
+                                stack.push((entry.path(), key));
+                            }
+                        } else if meta.is_file() && key.starts_with(&prefix) {
+                            out.push(ObjectInfo {
+                                key,
+                                size: meta.len(),
+                            });
+                        }
+                    }
+                }
+                out.sort_by(|a, b| a.key.cmp(&b.key));
+                Ok(out)
+            })
+            .await
+        }
+        .boxed()
     }
 }
 

@@ -271,88 +271,19 @@ impl ObjectBackend {
         self.timeout + Duration::from_secs_f64(bytes as f64 / MIN_RATE as f64)
     }
 
-    async fn head_impl(&self, key: &str) -> Result<Option<u64>, StoreError> {
-        let loc = self.location(key)?;
-        match self
-            .bounded(self.timeout, key, self.store.head(&loc))
-            .await?
-        {
-            Ok(meta) => Ok(Some(meta.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(classify(e)),
-        }
-    }
-
-    async fn get_impl(
-        &self,
-        key: &str,
-        offset: u64,
-        len: Option<u64>,
-    ) -> Result<Option<(u64, ByteStream)>, StoreError> {
-        let loc = self.location(key)?;
-        let range = match len {
-            // A zero-length range is not a valid HTTP range: answer it from the size.
-            Some(0) => return self.empty_at(key, offset).await,
-            Some(n) => Some(GetRange::Bounded(offset..offset.saturating_add(n))),
-            None if offset == 0 => None,
-            None => Some(GetRange::Offset(offset)),
-        };
-        let options = GetOptions {
-            range,
-            ..GetOptions::default()
-        };
-        match self
-            .bounded(self.timeout, key, self.store.get_opts(&loc, options))
-            .await?
-        {
-            Ok(result) => {
-                let size = result.meta.size;
-                Ok(Some((
-                    size,
-                    idle_bounded(result.into_stream(), self.timeout),
-                )))
-            }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            // An offset at or past the end is a 416; the size tells which of the two it was
-            // (or that the failure had another cause).
-            Err(e) if offset > 0 => match self.head_impl(key).await {
-                Ok(None) => Ok(None),
-                Ok(Some(size)) if offset == size => Ok(Some((size, empty_stream()))),
-                Ok(Some(size)) if offset > size => Err(beyond_end(key, offset, size)),
-                _ => Err(classify(e)),
-            },
-            Err(e) => Err(classify(e)),
-        }
-    }
-
     /// An empty read at `offset`: `None` if absent, `Refused` past the end.
     async fn empty_at(
         &self,
         key: &str,
         offset: u64,
     ) -> Result<Option<(u64, ByteStream)>, StoreError> {
-        let Some(size) = self.head_impl(key).await? else {
+        let Some(size) = self.head(key).await? else {
             return Ok(None);
         };
         if offset > size {
             return Err(beyond_end(key, offset, size));
         }
         Ok(Some((size, empty_stream())))
-    }
-
-    async fn get_bytes_impl(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let loc = self.location(key)?;
-        let fetch = async { self.store.get(&loc).await?.bytes().await };
-        match self.bounded(self.timeout, key, fetch).await? {
-            Ok(bytes) => Ok(Some(bytes)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(classify(e)),
-        }
-    }
-
-    async fn put_bytes_impl(&self, key: &str, bytes: Bytes) -> Result<(), StoreError> {
-        let loc = self.location(key)?;
-        self.put_whole(key, &loc, bytes).await
     }
 
     async fn put_whole(&self, key: &str, loc: &ObjectPath, bytes: Bytes) -> Result<(), StoreError> {
@@ -362,67 +293,6 @@ impl ObjectBackend {
             .put_opts(loc, PutPayload::from_bytes(bytes), PutOptions::default());
         self.bounded(limit, key, put).await?.map_err(classify)?;
         Ok(())
-    }
-
-    async fn put_file_impl(&self, key: &str, path: &std::path::Path) -> Result<(), StoreError> {
-        let loc = self.location(key)?;
-        let mut file = tokio::fs::File::open(path).await?;
-        let file_size = file.metadata().await?.len();
-        // Read ahead one part (and one more) to choose between a plain put and multipart; this
-        // works for sources whose size is not known up front, too.
-        let first = read_part(&mut file).await?;
-        if first.len() < PART_SIZE {
-            return self.put_whole(key, &loc, first).await;
-        }
-        let second = read_part(&mut file).await?;
-        if second.is_empty() {
-            return self.put_whole(key, &loc, first).await;
-        }
-
-        let upload = self
-            .bounded(self.timeout, key, self.store.put_multipart(&loc))
-            .await?
-            .map_err(classify)?;
-        let mut upload = Multipart {
-            upload: Some(upload),
-            parts: JoinSet::new(),
-            key: key.to_owned(),
-            timeout: self.timeout,
-            superseded: false,
-        };
-        // One part may take this long once the queue is full (they share the link).
-        let part_bound = self.transfer_bound(PART_SIZE * PARTS_IN_FLIGHT);
-        let result = async {
-            upload.send(first, PARTS_IN_FLIGHT, part_bound).await?;
-            let mut next = second;
-            while !next.is_empty() {
-                upload.send(next, PARTS_IN_FLIGHT, part_bound).await?;
-                next = read_part(&mut file).await?;
-            }
-            upload.drain(part_bound).await?;
-            upload.complete(self.transfer_bound(0)).await
-        }
-        .await;
-        let Err(e) = result else {
-            return Ok(());
-        };
-        if upload.superseded {
-            // Garage drops an upload in progress when a newer version of its key completes (and
-            // Azure the uncommitted blocks when the blob is committed): a concurrent writer of
-            // this key finished first. Concurrent writers of a key write
-            // the same content (the `put_file` contract; blob keys are content addresses), so
-            // an object of our size there now is our object.
-            upload.upload = None;
-            if file_size > 0 && self.head_impl(key).await.ok().flatten() == Some(file_size) {
-                tracing::debug!(
-                    key,
-                    "upload superseded by a concurrent writer of the same key"
-                );
-                return Ok(());
-            }
-        }
-        upload.abort().await;
-        Err(e)
     }
 
     /// Probes once whether `PutMode::Create` refuses to overwrite.
@@ -468,88 +338,6 @@ impl ObjectBackend {
         }
         Ok(supported)
     }
-
-    async fn create_impl(&self, key: &str, bytes: Bytes) -> Result<Created, StoreError> {
-        let loc = self.location(key)?;
-        let supported = *self
-            .conditional
-            .get_or_try_init(|| self.probe_conditional())
-            .await?;
-        if !supported {
-            return Ok(Created::Unsupported);
-        }
-        let opts = PutOptions::from(PutMode::Create);
-        let put = self
-            .store
-            .put_opts(&loc, PutPayload::from_bytes(bytes), opts);
-        match self.bounded(self.timeout, key, put).await? {
-            Ok(_) => Ok(Created::Created),
-            Err(object_store::Error::AlreadyExists { .. })
-            | Err(object_store::Error::Precondition { .. }) => Ok(Created::Exists),
-            Err(object_store::Error::NotImplemented { .. })
-            | Err(object_store::Error::NotSupported { .. }) => Ok(Created::Unsupported),
-            Err(e) => Err(classify(e)),
-        }
-    }
-
-    async fn delete_impl(&self, key: &str) -> Result<(), StoreError> {
-        let loc = self.location(key)?;
-        match self
-            .bounded(self.timeout, key, self.store.delete(&loc))
-            .await?
-        {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(classify(e)),
-        }
-    }
-
-    async fn list_impl(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StoreError> {
-        validate_prefix(prefix)?;
-        // `object_store` lists whole path segments: list the directory the prefix names for
-        // sure, then filter by the string prefix.
-        let dir = match prefix.rfind('/') {
-            Some(i) => &prefix[..i],
-            None => "",
-        };
-        let full = format!("{}{dir}", self.prefix);
-        let full = full.trim_end_matches('/');
-        let loc = if full.is_empty() {
-            None
-        } else {
-            Some(
-                ObjectPath::parse(full)
-                    .map_err(|e| StoreError::Refused(format!("invalid prefix {prefix:?}: {e}")))?,
-            )
-        };
-        let mut stream = self.store.list(loc.as_ref());
-        let mut out = Vec::new();
-        loop {
-            let item = tokio::time::timeout(self.timeout, stream.next())
-                .await
-                .map_err(|_| {
-                    StoreError::Unavailable(format!(
-                        "list {prefix:?}: no answer within {:?}",
-                        self.timeout
-                    ))
-                })?;
-            let meta = match item {
-                None => break,
-                Some(Ok(meta)) => meta,
-                Some(Err(e)) => return Err(classify(e)),
-            };
-            let Some(key) = meta.location.as_ref().strip_prefix(self.prefix.as_str()) else {
-                continue;
-            };
-            if key.starts_with(prefix) && !key.starts_with(PROBE_DIR) {
-                out.push(ObjectInfo {
-                    key: key.to_owned(),
-                    size: meta.size,
-                });
-            }
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
-    }
 }
 
 impl BlobStore for ObjectBackend {
@@ -558,7 +346,18 @@ impl BlobStore for ObjectBackend {
     }
 
     fn head<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<u64>> {
-        self.head_impl(key).boxed()
+        async move {
+            let loc = self.location(key)?;
+            match self
+                .bounded(self.timeout, key, self.store.head(&loc))
+                .await?
+            {
+                Ok(meta) => Ok(Some(meta.size)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(classify(e)),
+            }
+        }
+        .boxed()
     }
 
     fn get<'a>(
@@ -567,31 +366,219 @@ impl BlobStore for ObjectBackend {
         offset: u64,
         len: Option<u64>,
     ) -> StoreFuture<'a, Option<(u64, ByteStream)>> {
-        self.get_impl(key, offset, len).boxed()
+        async move {
+            let loc = self.location(key)?;
+            let range = match len {
+                // A zero-length range is not a valid HTTP range: answer it from the size.
+                Some(0) => return self.empty_at(key, offset).await,
+                Some(n) => Some(GetRange::Bounded(offset..offset.saturating_add(n))),
+                None if offset == 0 => None,
+                None => Some(GetRange::Offset(offset)),
+            };
+            let options = GetOptions {
+                range,
+                ..GetOptions::default()
+            };
+            match self
+                .bounded(self.timeout, key, self.store.get_opts(&loc, options))
+                .await?
+            {
+                Ok(result) => {
+                    let size = result.meta.size;
+                    Ok(Some((
+                        size,
+                        idle_bounded(result.into_stream(), self.timeout),
+                    )))
+                }
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                // An offset at or past the end is a 416; the size tells which of the two it was
+                // (or that the failure had another cause).
+                Err(e) if offset > 0 => match self.head(key).await {
+                    Ok(None) => Ok(None),
+                    Ok(Some(size)) if offset == size => Ok(Some((size, empty_stream()))),
+                    Ok(Some(size)) if offset > size => Err(beyond_end(key, offset, size)),
+                    _ => Err(classify(e)),
+                },
+                Err(e) => Err(classify(e)),
+            }
+        }
+        .boxed()
     }
 
     fn get_bytes<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
-        self.get_bytes_impl(key).boxed()
+        async move {
+            let loc = self.location(key)?;
+            let fetch = async { self.store.get(&loc).await?.bytes().await };
+            match self.bounded(self.timeout, key, fetch).await? {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(classify(e)),
+            }
+        }
+        .boxed()
     }
 
     fn put_file<'a>(&'a self, key: &'a str, path: &'a std::path::Path) -> StoreFuture<'a, ()> {
-        self.put_file_impl(key, path).boxed()
+        async move {
+            let loc = self.location(key)?;
+            let mut file = tokio::fs::File::open(path).await?;
+            let file_size = file.metadata().await?.len();
+            // Read ahead one part (and one more) to choose between a plain put and multipart; this
+            // works for sources whose size is not known up front, too.
+            let first = read_part(&mut file).await?;
+            if first.len() < PART_SIZE {
+                return self.put_whole(key, &loc, first).await;
+            }
+            let second = read_part(&mut file).await?;
+            if second.is_empty() {
+                return self.put_whole(key, &loc, first).await;
+            }
+
+            let upload = self
+                .bounded(self.timeout, key, self.store.put_multipart(&loc))
+                .await?
+                .map_err(classify)?;
+            let mut upload = Multipart {
+                upload: Some(upload),
+                parts: JoinSet::new(),
+                key: key.to_owned(),
+                timeout: self.timeout,
+                superseded: false,
+            };
+            // One part may take this long once the queue is full (they share the link).
+            let part_bound = self.transfer_bound(PART_SIZE * PARTS_IN_FLIGHT);
+            let result = async {
+                upload.send(first, PARTS_IN_FLIGHT, part_bound).await?;
+                let mut next = second;
+                while !next.is_empty() {
+                    upload.send(next, PARTS_IN_FLIGHT, part_bound).await?;
+                    next = read_part(&mut file).await?;
+                }
+                upload.drain(part_bound).await?;
+                upload.complete(self.transfer_bound(0)).await
+            }
+            .await;
+            let Err(e) = result else {
+                return Ok(());
+            };
+            if upload.superseded {
+                // Garage drops an upload in progress when a newer version of its key completes (and
+                // Azure the uncommitted blocks when the blob is committed): a concurrent writer of
+                // this key finished first. Concurrent writers of a key write
+                // the same content (the `put_file` contract; blob keys are content addresses), so
+                // an object of our size there now is our object.
+                upload.upload = None;
+                if file_size > 0 && self.head(key).await.ok().flatten() == Some(file_size) {
+                    tracing::debug!(
+                        key,
+                        "upload superseded by a concurrent writer of the same key"
+                    );
+                    return Ok(());
+                }
+            }
+            upload.abort().await;
+            Err(e)
+        }
+        .boxed()
     }
 
     fn put_bytes<'a>(&'a self, key: &'a str, bytes: Bytes) -> StoreFuture<'a, ()> {
-        self.put_bytes_impl(key, bytes).boxed()
+        async move {
+            let loc = self.location(key)?;
+            self.put_whole(key, &loc, bytes).await
+        }
+        .boxed()
     }
 
     fn create<'a>(&'a self, key: &'a str, bytes: Bytes) -> StoreFuture<'a, Created> {
-        self.create_impl(key, bytes).boxed()
+        async move {
+            let loc = self.location(key)?;
+            let supported = *self
+                .conditional
+                .get_or_try_init(|| self.probe_conditional())
+                .await?;
+            if !supported {
+                return Ok(Created::Unsupported);
+            }
+            let opts = PutOptions::from(PutMode::Create);
+            let put = self
+                .store
+                .put_opts(&loc, PutPayload::from_bytes(bytes), opts);
+            match self.bounded(self.timeout, key, put).await? {
+                Ok(_) => Ok(Created::Created),
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => Ok(Created::Exists),
+                Err(object_store::Error::NotImplemented { .. })
+                | Err(object_store::Error::NotSupported { .. }) => Ok(Created::Unsupported),
+                Err(e) => Err(classify(e)),
+            }
+        }
+        .boxed()
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()> {
-        self.delete_impl(key).boxed()
+        async move {
+            let loc = self.location(key)?;
+            match self
+                .bounded(self.timeout, key, self.store.delete(&loc))
+                .await?
+            {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                Err(e) => Err(classify(e)),
+            }
+        }
+        .boxed()
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectInfo>> {
-        self.list_impl(prefix).boxed()
+        async move {
+            validate_prefix(prefix)?;
+            // `object_store` lists whole path segments: list the directory the prefix names for
+            // sure, then filter by the string prefix.
+            let dir = match prefix.rfind('/') {
+                Some(i) => &prefix[..i],
+                None => "",
+            };
+            let full = format!("{}{dir}", self.prefix);
+            let full = full.trim_end_matches('/');
+            let loc =
+                if full.is_empty() {
+                    None
+                } else {
+                    Some(ObjectPath::parse(full).map_err(|e| {
+                        StoreError::Refused(format!("invalid prefix {prefix:?}: {e}"))
+                    })?)
+                };
+            let mut stream = self.store.list(loc.as_ref());
+            let mut out = Vec::new();
+            loop {
+                let item = tokio::time::timeout(self.timeout, stream.next())
+                    .await
+                    .map_err(|_| {
+                        StoreError::Unavailable(format!(
+                            "list {prefix:?}: no answer within {:?}",
+                            self.timeout
+                        ))
+                    })?;
+                let meta = match item {
+                    None => break,
+                    Some(Ok(meta)) => meta,
+                    Some(Err(e)) => return Err(classify(e)),
+                };
+                let Some(key) = meta.location.as_ref().strip_prefix(self.prefix.as_str()) else {
+                    continue;
+                };
+                if key.starts_with(prefix) && !key.starts_with(PROBE_DIR) {
+                    out.push(ObjectInfo {
+                        key: key.to_owned(),
+                        size: meta.size,
+                    });
+                }
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        }
+        .boxed()
     }
 }
 
