@@ -43,7 +43,8 @@ pub enum UpstreamError {
     #[error("upstream {host}: {message}")]
     Protocol { host: String, message: String },
     /// 401 even with a freshly fetched bearer token: how Docker Hub answers for a repository
-    /// that does not exist (or that the mirror's credentials cannot see), protocol §3.2 step 5.
+    /// that does not exist (or that the mirror's credentials cannot see). The client gets the
+    /// `404 NAME_UNKNOWN` a registry gives for a missing repository.
     #[error("upstream {host} answered 401 even with a fresh token")]
     NotVisible { host: String },
 }
@@ -340,7 +341,7 @@ impl Upstream {
                         let key = TokenCache::key(&realm, service.as_deref(), Some(&challenged));
                         if let Some(sent) = &auth {
                             // The token we sent was refused (signing key rotated, revoked, clock
-                            // skew, short-lived): never retry with it; fetch a fresh one (§3.2).
+                            // skew, short-lived): never retry with it; fetch a fresh one.
                             self.drop_refused(&scope, &key, sent);
                         }
                         let token = self

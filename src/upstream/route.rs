@@ -1,6 +1,6 @@
 //! Which upstream a client's repository name goes to, and under which name.
 //!
-//! Precedence (protocol.md §7): an explicit path prefix naming a configured host
+//! Precedence: an explicit path prefix naming a configured host
 //! (`/v2/ghcr.io/org/app/...`), then containerd's `?ns=<host>`, then the default (first) upstream.
 //! After stripping the prefix, Docker Hub names get `library/` when they have one component.
 //!
