@@ -22,29 +22,12 @@ pub fn references(bytes: &[u8]) -> References {
         let digest = d.get("digest")?.as_str()?.parse().ok()?;
         Some((digest, d.get("size").and_then(|s| s.as_u64()).unwrap_or(0)))
     };
-    if let Some(c) = v.get("config").and_then(desc) {
-        out.blobs.push(c);
-    }
-    for l in v
-        .get("layers")
-        .and_then(|l| l.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some(d) = desc(l) {
-            out.blobs.push(d);
-        }
-    }
-    for m in v
-        .get("manifests")
-        .and_then(|l| l.as_array())
-        .into_iter()
-        .flatten()
-    {
-        if let Some((d, _)) = desc(m) {
-            out.children.push(d);
-        }
-    }
+    // A missing or non-array list is an empty one.
+    let list = |key: &str| v.get(key).and_then(|l| l.as_array()).into_iter().flatten();
+    out.blobs.extend(v.get("config").and_then(desc));
+    out.blobs.extend(list("layers").filter_map(desc));
+    out.children
+        .extend(list("manifests").filter_map(desc).map(|(d, _)| d));
     out
 }
 
