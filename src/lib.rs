@@ -66,9 +66,11 @@
 //!
 //! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]
 //! [--offline]` and the operator commands `pin|unpin|ls|verify|gc|prefetch|export|import
-//! [--config PATH]`. `serve` also runs the optional `server.metrics_listen` listener and the
-//! admin socket, sets the cache gauges at startup, owns the housekeeping task (recency flush, deferred eviction), and reloads the TLS certificate and the htpasswd file on
-//! SIGHUP. `src/bin/stowage-bench.rs` is the benchmark command (stowage vs distribution's proxy;
+//! [--config PATH]`. [`server`] is `serve` once configured: it also runs the optional
+//! `server.metrics_listen` listener and the admin socket, sets the cache gauges at startup, owns
+//! the housekeeping task (recency flush, deferred eviction), reloads the TLS certificate and the
+//! htpasswd file on SIGHUP, and shuts all of them down on SIGTERM / SIGINT.
+//! `src/bin/stowage-bench.rs` is the benchmark command (stowage vs distribution's proxy;
 //! results in `BENCHMARKS.md`).
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
@@ -89,6 +91,7 @@ pub mod mirror;
 pub mod oci;
 pub mod ops;
 pub mod policy;
+pub mod server;
 pub mod store;
 pub mod stream;
 pub mod upstream;

@@ -1,16 +1,15 @@
-//! The `stowage` command line.
+//! The `stowage` command line: parses the arguments and dispatches. `serve` loads the
+//! configuration and logging here and runs [`stowage::server`]; the operator commands go
+//! through a running server's admin socket or open the cache themselves ([`stowage::admin`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use stowage::admin::{self, Request};
 use stowage::airgap;
 use stowage::config::Config;
 use stowage::http::listener::Security;
-use stowage::mirror::Mirror;
 
 #[derive(Parser)]
 #[command(
@@ -290,213 +289,12 @@ fn serve(config_path: Option<PathBuf>, log_format: LogFormat, offline: bool) -> 
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config, security)) {
+    match runtime.block_on(stowage::server::run(config, security)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "stowage stopped");
             eprintln!("stowage: {e}");
             ExitCode::FAILURE
         }
-    }
-}
-
-async fn run(config: Config, security: Security) -> Result<(), stowage::Error> {
-    let listen = config.server.listen;
-    let metrics_listen = config.server.metrics_listen;
-    // Before any listener is bound: a signal from here on stops the server cleanly.
-    let signal = shutdown_signal();
-    let reloader = reload_on_sighup(security.clone());
-    let mirror = Arc::new(Mirror::new(config)?);
-    init_metrics(&mirror).await?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| stowage::Error::Startup(format!("cannot listen on {listen}: {e}")))?;
-    let metrics_listener = match metrics_listen {
-        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            stowage::Error::Startup(format!(
-                "cannot listen on {addr} (server.metrics_listen): {e}"
-            ))
-        })?),
-        None => None,
-    };
-    let upstreams: Vec<String> = mirror
-        .router
-        .upstreams()
-        .iter()
-        .map(|u| format!("{}={}", u.host(), u.config.url))
-        .collect();
-    let r = mirror.cache.reconciled();
-    let stats = mirror.cache.stats();
-    tracing::info!(
-        blobs = r.blobs,
-        dropped_entries = r.dropped_entries,
-        adopted_files = r.adopted_files,
-        removed_files = r.removed_files,
-        temp_files = r.temp_files,
-        size = stats.size_bytes,
-        budget = stats.budget_bytes,
-        "cache opened"
-    );
-    // Housekeeping: recency to sled in batches, deferred evictions. Owned here, stopped below.
-    let maintenance = {
-        let mirror = mirror.clone();
-        let every = mirror.config.storage.access_flush_interval;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let m = mirror.clone();
-                let _ = tokio::task::spawn_blocking(move || m.cache.maintain()).await;
-            }
-        })
-    };
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        metrics_listen = %metrics_listener
-            .as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "-".into()),
-        storage = %mirror.config.storage.path.display(),
-        upstreams = %upstreams.join(","),
-        tls = security.tls.is_some(),
-        auth = security.auth.is_some(),
-        offline = mirror.config.offline,
-        shared_store = %mirror.fleet.as_ref().map(|f| f.describe()).unwrap_or("-"),
-        "stowage listening"
-    );
-    // Operator commands against this server (`stowage pin|prefetch|... --config` beside it).
-    let admin = match admin::AdminServer::start(mirror.clone()) {
-        Ok(a) => {
-            tracing::info!(socket = %a.path().display(), "admin socket listening");
-            Some(a)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "no admin socket: operator commands need serve stopped");
-            None
-        }
-    };
-    // One signal stops both listeners.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        signal.await;
-        let _ = stop_tx.send(true);
-    });
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let metrics_server = metrics_listener.map(|l| {
-        tokio::spawn(stowage::http::serve_metrics(
-            l,
-            mirror.clone(),
-            security.auth.clone(),
-            stopped(stop_rx.clone()),
-        ))
-    });
-    let result = stowage::http::serve(
-        listener,
-        mirror.clone(),
-        security,
-        stopped(stop_rx),
-        Duration::from_secs(10),
-    )
-    .await;
-    if let Some(task) = metrics_server {
-        // It stops on the same signal; if the main server ended for another reason, stop it too.
-        task.abort();
-        let _ = task.await;
-    }
-    if let Some(a) = admin {
-        a.stop().await;
-    }
-    reloader.abort();
-    maintenance.abort();
-    if let Some(fleet) = &mirror.fleet {
-        // Blobs filled just before the signal are shared with the fleet before we go.
-        fleet.settle(Duration::from_secs(30)).await;
-    }
-    result?;
-    // Clients got their last byte as soon as their blob verified; finish committing those.
-    mirror.cache.finish_commits().await;
-    mirror.cache.flush()?;
-    tracing::info!("stowage stopped cleanly");
-    Ok(())
-}
-
-/// Sets the gauges that come from configuration and the index, and creates the per-upstream
-/// series so that dashboards have zeros before the first event.
-async fn init_metrics(mirror: &Arc<Mirror>) -> Result<(), stowage::Error> {
-    let m = stowage::metrics::metrics();
-    m.cache_budget_bytes
-        .set(i64::try_from(mirror.config.storage.max_size).unwrap_or(i64::MAX));
-    m.init_upstreams(mirror.router.upstreams().iter().map(|u| u.host()));
-    let index = mirror.cache.index().clone();
-    let (blobs, bytes) = tokio::task::spawn_blocking(move || index.blob_totals())
-        .await
-        .map_err(|e| stowage::Error::Startup(format!("scanning the index: {e}")))?
-        .map_err(stowage::cache::CacheError::from)?;
-    m.cache_blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
-    m.cache_size_bytes
-        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-    Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called (not when the
-/// future is first polled), so a signal arriving right after the listener is bound is not lost.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let term = signal(SignalKind::terminate());
-        let int = signal(SignalKind::interrupt());
-        async move {
-            let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
-                match s {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = wait(term) => {}
-                _ = wait(int) => {}
-            }
-            tracing::info!("shutdown signal received");
-        }
-    }
-    #[cfg(not(unix))]
-    async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutdown signal received");
-    }
-}
-
-/// SIGHUP re-reads the TLS certificate/key and the htpasswd file without dropping connections.
-/// The handler is installed before this returns (so a SIGHUP right after startup cannot kill the
-/// process); the returned task serves it.
-fn reload_on_sighup(security: Security) -> tokio::task::JoinHandle<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::hangup()) {
-            Ok(mut hup) => tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP received: reloading TLS certificate and htpasswd");
-                    security.reload();
-                }
-            }),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGHUP; certificate reload needs a restart");
-                tokio::spawn(async {})
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = security;
-        tokio::spawn(async {})
     }
 }

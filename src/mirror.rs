@@ -34,7 +34,7 @@ use crate::fleet::Fleet;
 use crate::oci::media::{self, Accept};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use crate::stream::BlobBody;
-use crate::upstream::{Route, Router, Upstream, UpstreamError};
+use crate::upstream::{ManifestHead, Route, Router, Upstream, UpstreamError};
 
 /// How a request was answered, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +119,30 @@ impl Gates {
         map.insert(key.to_owned(), Arc::downgrade(&g));
         g
     }
+}
+
+/// The lock on one tag's upstream check, holding that check's last failure.
+type TurnGuard = tokio::sync::OwnedMutexGuard<Option<(Instant, UpstreamError)>>;
+
+/// What waiting for a tag's turn to ask upstream gave.
+enum Turn {
+    /// The check another request made answered this one too.
+    Answered(ManifestAnswer),
+    /// This request checks the tag; the record as it stands when the turn was taken.
+    Mine(TurnGuard, Option<TagEntry>),
+}
+
+/// The key of a tag in the negative cache and among the revalidation gates.
+fn negative_key(route: &Route, tag: &Tag) -> String {
+    format!("{}\0{}\0{tag}", route.host(), route.repo)
+}
+
+/// Whether a tag record can be served without asking upstream: within `manifest_ttl` of the
+/// last upstream check, or the tag matches `immutable_tags` (never rechecked).
+fn is_fresh(route: &Route, tag: &Tag, entry: &TagEntry) -> bool {
+    let config = &route.upstream.config;
+    config.is_immutable(tag.as_str())
+        || Duration::from_millis(unix_now_ms().saturating_sub(entry.checked)) < config.manifest_ttl
 }
 
 fn answer(manifest: Arc<StoredManifest>, outcome: Outcome) -> ManifestAnswer {
@@ -354,82 +378,110 @@ impl Mirror {
         tag: &Tag,
         accept: &Accept,
     ) -> Result<ManifestAnswer, RegistryError> {
-        let config = &route.upstream.config;
-        let host = route.host();
-        // Within `manifest_ttl` of the last upstream check, or never rechecked.
-        let fresh = |entry: &TagEntry| {
-            config.is_immutable(tag.as_str())
-                || Duration::from_millis(unix_now_ms().saturating_sub(entry.checked))
-                    < config.manifest_ttl
-        };
-        let mut cached = self.cache.tag(host, &route.repo, tag)?;
-        if let Some(fleet) = &self.fleet {
-            if !cached.as_ref().is_some_and(fresh) {
-                cached = self.adopt_shared_tag(fleet, route, tag, cached).await?;
-            }
-        }
-        let negative_key = format!("{host}\0{}\0{tag}", route.repo);
+        let cached = self.tag_record(route, tag).await?;
         if self.config.offline {
-            // Offline: the cached answer whatever its age; nothing else exists.
-            let entry = cached.ok_or_else(|| {
-                offline_unknown(
-                    ErrorCode::ManifestUnknown,
-                    format_args!("{}:{tag}", route.repo),
-                )
-            })?;
-            let d = pick(&entry, accept).ok_or_else(|| {
-                offline_unknown(
-                    ErrorCode::ManifestUnknown,
-                    format_args!("a variant of {}:{tag} for this Accept header", route.repo),
-                )
-            })?;
-            return self.manifest_by_digest(route, &d).await;
+            return self.offline_tag(route, tag, accept, cached).await;
         }
-        if let Some(entry) = cached.as_ref().filter(|e| fresh(e)) {
+        if let Some(entry) = cached.as_ref().filter(|e| is_fresh(route, tag, e)) {
             return self.answer_entry(route, tag, accept, entry).await;
         }
-        // One upstream check per tag at a time: requests arriving meanwhile wait for it and
-        // take its result (a burst of pulls of an expired tag costs one HEAD, not one each).
-        // If that check fails, the waiters share its failure (stale answer, 404...) rather
-        // than each waiting out a hanging upstream in turn.
-        let gate = self.revalidations.gate(&negative_key);
-        let mut turn = match gate.try_lock() {
-            Ok(turn) => turn,
-            Err(_) => {
-                let waited_from = Instant::now();
-                let turn = gate.lock().await;
-                let now = self.cache.tag(host, &route.repo, tag)?;
-                if let Some(entry) = now.as_ref().filter(|e| fresh(e)) {
-                    return self.answer_entry(route, tag, accept, entry).await;
-                }
-                if let Some((at, err)) = turn.as_ref() {
-                    if *at >= waited_from {
-                        return self.upstream_failed(route, tag, accept, now, err.clone());
-                    }
-                }
-                cached = now;
-                turn
+        match self.take_turn(route, tag, accept, cached).await? {
+            Turn::Answered(answer) => Ok(answer),
+            Turn::Mine(turn, cached) => self.revalidate(route, tag, accept, cached, turn).await,
+        }
+    }
+
+    /// The local tag record; when it is missing or expired, the fleet's if that is newer.
+    async fn tag_record(
+        &self,
+        route: &Route,
+        tag: &Tag,
+    ) -> Result<Option<TagEntry>, RegistryError> {
+        let cached = self.cache.tag(route.host(), &route.repo, tag)?;
+        match &self.fleet {
+            Some(fleet) if !cached.as_ref().is_some_and(|e| is_fresh(route, tag, e)) => {
+                self.adopt_shared_tag(fleet, route, tag, cached).await
             }
-        };
-        match &cached {
-            Some(_) => {}
-            None => {
-                if let Some(code) = self.negative.get(&negative_key) {
-                    return Err(RegistryError::new(
-                        code,
-                        format!(
-                            "{}:{tag} was not found on upstream {host} moments ago (remembered for negative_ttl)",
-                            route.repo
-                        ),
-                    ));
-                }
+            _ => Ok(cached),
+        }
+    }
+
+    /// Offline: the cached answer whatever its age; nothing else exists.
+    async fn offline_tag(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        accept: &Accept,
+        cached: Option<TagEntry>,
+    ) -> Result<ManifestAnswer, RegistryError> {
+        let entry = cached.ok_or_else(|| {
+            offline_unknown(
+                ErrorCode::ManifestUnknown,
+                format_args!("{}:{tag}", route.repo),
+            )
+        })?;
+        let d = pick(&entry, accept).ok_or_else(|| {
+            offline_unknown(
+                ErrorCode::ManifestUnknown,
+                format_args!("a variant of {}:{tag} for this Accept header", route.repo),
+            )
+        })?;
+        self.manifest_by_digest(route, &d).await
+    }
+
+    /// One upstream check per tag at a time: requests arriving meanwhile wait for it and take
+    /// its result (a burst of pulls of an expired tag costs one HEAD, not one each). If that
+    /// check fails, the waiters share its failure (stale answer, 404...) rather than each
+    /// waiting out a hanging upstream in turn. A waiter whose tag is still not fresh after the
+    /// wait (and saw no failure) checks it itself, with the record as it is now.
+    async fn take_turn(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        accept: &Accept,
+        cached: Option<TagEntry>,
+    ) -> Result<Turn, RegistryError> {
+        let gate = self.revalidations.gate(&negative_key(route, tag));
+        if let Ok(turn) = gate.clone().try_lock_owned() {
+            return Ok(Turn::Mine(turn, cached));
+        }
+        let waited_from = Instant::now();
+        let turn = gate.lock_owned().await;
+        let now = self.cache.tag(route.host(), &route.repo, tag)?;
+        if let Some(entry) = now.as_ref().filter(|e| is_fresh(route, tag, e)) {
+            return self
+                .answer_entry(route, tag, accept, entry)
+                .await
+                .map(Turn::Answered);
+        }
+        if let Some((at, err)) = turn.as_ref() {
+            if *at >= waited_from {
+                return self
+                    .upstream_failed(route, tag, accept, now, err.clone())
+                    .map(Turn::Answered);
             }
         }
+        Ok(Turn::Mine(turn, now))
+    }
 
+    /// Asks the upstream about the tag (this request holds the tag's turn): the negative cache
+    /// and a 429 back-off first, then a `HEAD`, the manifest if its digest is new, and the tag
+    /// record updated. A failure is left in `turn` for the requests waiting on it.
+    async fn revalidate(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        accept: &Accept,
+        cached: Option<TagEntry>,
+        mut turn: TurnGuard,
+    ) -> Result<ManifestAnswer, RegistryError> {
+        if cached.is_none() {
+            self.check_negative(route, tag)?;
+        }
         // The upstream said (429 + Retry-After) to come back later: don't ask for cached tags.
         if let (Some(left), Some(_)) = (route.upstream.backing_off(), &cached) {
             let err = UpstreamError::Status {
-                host: host.to_owned(),
+                host: route.host().to_owned(),
                 status: 429,
                 code: Some(ErrorCode::TooManyRequests),
                 retry_after: Some(left.as_secs().max(1)),
@@ -437,28 +489,7 @@ impl Mirror {
             *turn = Some((Instant::now(), err.clone()));
             return self.upstream_failed(route, tag, accept, cached, err);
         }
-
-        // Revalidate (or resolve for the first time) with a HEAD: free on Docker Hub. When we
-        // have something to fall back on, don't wait for a hanging upstream for long.
-        let accept_all = media::upstream_manifest_accept();
-        let head_call = route
-            .upstream
-            .head_manifest(&route.repo, tag.as_str(), &accept_all);
-        let head = if cached.is_some() {
-            match tokio::time::timeout(config.revalidate_timeout, head_call).await {
-                Ok(r) => r,
-                Err(_) => Err(UpstreamError::Unreachable {
-                    host: host.to_owned(),
-                    message: format!(
-                        "no answer within revalidate_timeout ({:?})",
-                        config.revalidate_timeout
-                    ),
-                }),
-            }
-        } else {
-            head_call.await
-        };
-        let head = match head {
+        let head = match self.head_tag(route, tag, cached.is_some()).await {
             Ok(h) => h,
             Err(e) => {
                 *turn = Some((Instant::now(), e.clone()));
@@ -466,52 +497,125 @@ impl Mirror {
             }
         };
         let checked = unix_now_ms();
-        self.negative.remove(&negative_key);
-
-        // The tag's full-Accept manifest: held already, or fetched by digest (or by tag when
-        // the upstream sent no digest).
-        let held = match &head.digest {
-            Some(d) => self.cache.manifest(d)?,
-            None => None,
-        };
-        let (primary, fetched) = match held {
-            Some(m) => (m, false),
-            None => {
-                let reference = head.digest.as_ref().map(Digest::to_string);
-                let got = route
-                    .upstream
-                    .get_manifest(
-                        &route.repo,
-                        reference.as_deref().unwrap_or(tag.as_str()),
-                        head.digest.as_ref(),
-                        &accept_all,
-                    )
-                    .await;
-                match got {
-                    Ok(f) => (
-                        self.store_manifest(route, f.digest, f.media_type, f.bytes)
-                            .await?,
-                        true,
-                    ),
-                    Err(e) => {
-                        *turn = Some((Instant::now(), e.clone()));
-                        return self.upstream_failed(route, tag, accept, cached, e);
-                    }
-                }
+        self.negative.remove(&negative_key(route, tag));
+        let (primary, fetched) = match self.tag_manifest(route, tag, &head).await? {
+            Ok(got) => got,
+            Err(e) => {
+                *turn = Some((Instant::now(), e.clone()));
+                return self.upstream_failed(route, tag, accept, cached, e);
             }
         };
+        let entry = self
+            .record_tag(route, tag, cached, &primary, checked)
+            .await?;
+        let outcome = if fetched {
+            Outcome::Miss
+        } else {
+            Outcome::Revalidated
+        };
+        self.answer_for_accept(route, tag, accept, entry, primary, outcome)
+            .await
+    }
+
+    /// An upstream 404 (or equivalent) for this tag remembered within `negative_ttl`.
+    fn check_negative(&self, route: &Route, tag: &Tag) -> Result<(), RegistryError> {
+        match self.negative.get(&negative_key(route, tag)) {
+            Some(code) => Err(RegistryError::new(
+                code,
+                format!(
+                    "{}:{tag} was not found on upstream {} moments ago (remembered for negative_ttl)",
+                    route.repo,
+                    route.host()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// Revalidates (or resolves for the first time) with a HEAD: free on Docker Hub. When we
+    /// have something to fall back on (`have_cached`), don't wait for a hanging upstream for
+    /// long.
+    async fn head_tag(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        have_cached: bool,
+    ) -> Result<ManifestHead, UpstreamError> {
+        let config = &route.upstream.config;
+        let accept_all = media::upstream_manifest_accept();
+        let head_call = route
+            .upstream
+            .head_manifest(&route.repo, tag.as_str(), &accept_all);
+        if !have_cached {
+            return head_call.await;
+        }
+        match tokio::time::timeout(config.revalidate_timeout, head_call).await {
+            Ok(r) => r,
+            Err(_) => Err(UpstreamError::Unreachable {
+                host: route.host().to_owned(),
+                message: format!(
+                    "no answer within revalidate_timeout ({:?})",
+                    config.revalidate_timeout
+                ),
+            }),
+        }
+    }
+
+    /// The tag's full-Accept manifest: held already, or fetched by digest (or by tag when the
+    /// upstream sent no digest) and stored. The flag says whether it was fetched; the inner
+    /// error is the upstream's, the outer one the cache's.
+    async fn tag_manifest(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        head: &ManifestHead,
+    ) -> Result<Result<(Arc<StoredManifest>, bool), UpstreamError>, RegistryError> {
+        if let Some(d) = &head.digest {
+            if let Some(m) = self.cache.manifest(d)? {
+                return Ok(Ok((m, false)));
+            }
+        }
+        let reference = head.digest.as_ref().map(Digest::to_string);
+        let got = route
+            .upstream
+            .get_manifest(
+                &route.repo,
+                reference.as_deref().unwrap_or(tag.as_str()),
+                head.digest.as_ref(),
+                &media::upstream_manifest_accept(),
+            )
+            .await;
+        match got {
+            Ok(f) => {
+                let m = self
+                    .store_manifest(route, f.digest, f.media_type, f.bytes)
+                    .await?;
+                Ok(Ok((m, true)))
+            }
+            Err(e) => Ok(Err(e)),
+        }
+    }
+
+    /// Records what the upstream just confirmed: an unchanged digest only moves the check time
+    /// (in memory, persisted in batches); a new or moved tag gets a new record (its variants
+    /// dropped), written durably. Either is shared with the fleet.
+    async fn record_tag(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        cached: Option<TagEntry>,
+        primary: &StoredManifest,
+        checked: u64,
+    ) -> Result<TagEntry, RegistryError> {
+        let host = route.host();
         let digest = primary.digest.to_string();
         let entry = match cached {
             Some(mut e) if e.digest == digest => {
-                // Unchanged: only the check time moves (in memory, persisted in batches).
                 self.cache
                     .index()
                     .tag_checked(host, &route.repo, tag, checked)
                     .map_err(crate::cache::CacheError::from)?;
                 e.checked = checked;
-                if let Some(fleet) = &self.fleet {
-                    fleet.put_tag(host, &route.repo, tag, &e);
-                }
                 e
             }
             previous => {
@@ -527,17 +631,26 @@ impl Mirror {
                 self.cache.put_tag(host, &route.repo, tag, &e)?;
                 self.cache.touch_repo(host, &route.repo)?;
                 self.cache.index().durable().await;
-                if let Some(fleet) = &self.fleet {
-                    fleet.put_tag(host, &route.repo, tag, &e);
-                }
                 e
             }
         };
-        let outcome = if fetched {
-            Outcome::Miss
-        } else {
-            Outcome::Revalidated
-        };
+        if let Some(fleet) = &self.fleet {
+            fleet.put_tag(host, &route.repo, tag, &entry);
+        }
+        Ok(entry)
+    }
+
+    /// The manifest of a just-revalidated tag for this client's Accept: the tag's own one, the
+    /// variant held for its Accept set, or a variant fetched now.
+    async fn answer_for_accept(
+        &self,
+        route: &Route,
+        tag: &Tag,
+        accept: &Accept,
+        entry: TagEntry,
+        primary: Arc<StoredManifest>,
+        outcome: Outcome,
+    ) -> Result<ManifestAnswer, RegistryError> {
         match pick(&entry, accept) {
             Some(d) if d == primary.digest => Ok(answer(primary, outcome)),
             Some(d) => {
@@ -625,7 +738,7 @@ impl Mirror {
             // A 404, or Docker Hub's 401-with-a-fresh-token for a repository it does not have:
             // both would cost the same upstream requests (and rate limit) again.
             self.negative.insert(
-                format!("{host}\0{}\0{tag}", route.repo),
+                negative_key(route, tag),
                 config.negative_ttl,
                 client_error.code,
             );
@@ -787,6 +900,26 @@ impl Mirror {
                 .map_err(|e| e.to_registry_error(ErrorCode::BlobUnknown))?;
             return Ok(BlobAnswer::Head { size });
         }
+        let (fill, joined) = self.start_fill(route, digest)?;
+        crate::metrics::metrics()
+            .fill_joins
+            .inc_by(u64::from(joined));
+        let total = fill.started().await?;
+        Ok(BlobAnswer::Filling {
+            fill,
+            total,
+            joined,
+        })
+    }
+
+    /// Starts a fill of `digest` or joins the one in flight (the flag says which). Its source is
+    /// the upstream; with a fleet, the shared store first (and the upstream only when online),
+    /// and the blob is shared with the fleet once committed.
+    fn start_fill(
+        &self,
+        route: &Route,
+        digest: &Digest,
+    ) -> Result<(Arc<Fill>, bool), RegistryError> {
         let upstream = || -> Box<dyn BlobSource> {
             Box::new(UpstreamSource {
                 upstream: route.upstream.clone(),
@@ -794,13 +927,13 @@ impl Mirror {
                 digest: digest.clone(),
             })
         };
-        let (fill, joined) = match &self.fleet {
+        match &self.fleet {
             None => {
                 let (fill, joined) = self.cache.fill(digest, upstream)?;
                 if !joined {
                     crate::metrics::metrics().fill_source("upstream");
                 }
-                (fill, joined)
+                Ok((fill, joined))
             }
             Some(fleet) => {
                 let mut tiered = None;
@@ -818,18 +951,9 @@ impl Mirror {
                         self.cache.blob_path(digest),
                     );
                 }
-                (fill, joined)
+                Ok((fill, joined))
             }
-        };
-        crate::metrics::metrics()
-            .fill_joins
-            .inc_by(u64::from(joined));
-        let total = fill.started().await?;
-        Ok(BlobAnswer::Filling {
-            fill,
-            total,
-            joined,
-        })
+        }
     }
 
     /// A page of the upstream's tag list, in lexical order with `n` / `last` applied here (some

@@ -14,21 +14,34 @@
 
 use std::fmt;
 
+use globset::{GlobBuilder, GlobMatcher};
+
 use crate::oci::{ErrorCode, RegistryError, RepoName};
 
-/// One validated glob pattern.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Pattern(String);
+/// One validated glob pattern, compiled once.
+#[derive(Clone)]
+pub struct Pattern {
+    text: String,
+    matcher: GlobMatcher,
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Pattern) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Pattern {}
 
 impl fmt::Debug for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", self.0)
+        write!(f, "{:?}", self.text)
     }
 }
 
 impl fmt::Display for Pattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.text)
     }
 }
 
@@ -53,42 +66,31 @@ impl Pattern {
         if text.contains("***") {
             return Err(format!("{text:?}: use '*' or '**', not '***'"));
         }
-        Ok(Pattern(text.to_owned()))
+        let matcher = GlobBuilder::new(&to_globset(text))
+            .literal_separator(true)
+            .build()
+            .map_err(|e| format!("{text:?}: {e}"))?
+            .compile_matcher();
+        Ok(Pattern {
+            text: text.to_owned(),
+            matcher,
+        })
     }
 
     /// Whether `name` matches the whole pattern.
     pub fn matches(&self, name: &str) -> bool {
-        glob(self.0.as_bytes(), name.as_bytes())
+        self.matcher.is_match(name)
     }
 }
 
-/// Glob matching by dynamic programming over (pattern token, name prefix): `O(|pattern| ×
-/// |name|)` time and `O(|name|)` space, no backtracking blow-up, no recursion. `*` does not
-/// cross `/`, `**` does.
-fn glob(pat: &[u8], name: &[u8]) -> bool {
-    // row[j]: the pattern consumed so far matches name[..j].
-    let mut row = vec![false; name.len() + 1];
-    row[0] = true;
-    let mut p = 0;
-    while p < pat.len() {
-        let mut next = vec![false; name.len() + 1];
-        if pat[p] == b'*' {
-            let double = pat.get(p + 1) == Some(&b'*');
-            p += if double { 2 } else { 1 };
-            next[0] = row[0];
-            for j in 1..=name.len() {
-                next[j] = row[j] || (next[j - 1] && (double || name[j - 1] != b'/'));
-            }
-        } else {
-            let c = pat[p];
-            p += 1;
-            for j in 1..=name.len() {
-                next[j] = row[j - 1] && name[j - 1] == c;
-            }
-        }
-        row = next;
-    }
-    row[name.len()]
+/// Writes a validated pattern in globset's syntax. With `literal_separator`, globset's `*`
+/// is ours; but its `**` crosses `/` only as a whole component (`a/**/b` there also matches
+/// `a/b`, and `a**` is two single stars), while ours matches any run anywhere. So each of our
+/// `**` becomes `{*,*/**/*}`: a run without `/`, or one with at least one `/` (the part before
+/// the first `/`, then `/` or `/.../`, then the part after the last). Every other character
+/// the validation lets through is literal in globset too.
+fn to_globset(text: &str) -> String {
+    text.replace("**", "{*,*/**/*}")
 }
 
 /// The `allow` / `deny` lists of one upstream.
@@ -171,6 +173,57 @@ mod tests {
         // An earlier `**` must be able to take more when a later `*` cannot.
         assert!(m("**/b/*", "a/b/c/b/d"));
         assert!(!m("**/b/*", "a/b/c/b/d/e"));
+    }
+
+    #[test]
+    fn double_star_matches_any_run_not_only_whole_components() {
+        assert!(!m("**/app", "app"));
+        assert!(!m("a/**/b", "a/b"));
+        assert!(m("a/**/b", "a/x/y/b"));
+        assert!(m("org/app**", "org/app-x/y"));
+        assert!(m("org**", "org"));
+        assert!(m("a**b", "a/x/b"));
+    }
+
+    /// The matcher's meaning written out directly: dynamic programming over (pattern token,
+    /// name prefix), `*` not crossing `/`, `**` crossing it.
+    fn reference(pat: &[u8], name: &[u8]) -> bool {
+        // row[j]: the pattern consumed so far matches name[..j].
+        let mut row = vec![false; name.len() + 1];
+        row[0] = true;
+        let mut p = 0;
+        while p < pat.len() {
+            let mut next = vec![false; name.len() + 1];
+            if pat[p] == b'*' {
+                let double = pat.get(p + 1) == Some(&b'*');
+                p += if double { 2 } else { 1 };
+                next[0] = row[0];
+                for j in 1..=name.len() {
+                    next[j] = row[j] || (next[j - 1] && (double || name[j - 1] != b'/'));
+                }
+            } else {
+                let c = pat[p];
+                p += 1;
+                for j in 1..=name.len() {
+                    next[j] = row[j - 1] && name[j - 1] == c;
+                }
+            }
+            row = next;
+        }
+        row[name.len()]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn globset_matches_the_reference(p in "[ab*/]{1,12}", name in "[ab/]{0,12}") {
+            if let Ok(pattern) = Pattern::new(&p) {
+                proptest::prop_assert_eq!(
+                    pattern.matches(&name),
+                    reference(p.as_bytes(), name.as_bytes()),
+                    "{:?} {:?}", p, name
+                );
+            }
+        }
     }
 
     #[test]

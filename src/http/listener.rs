@@ -112,22 +112,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_size);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
-        .max_concurrent_streams(100)
-        // An HTTP/2 peer that stops answering pings is dropped (HTTP/1.1 idles are bounded by
-        // the header read timeout).
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let builders = Arc::new((builder.clone().http1_only(), builder.http2_only()));
+    let builders = connection_builders(&limits);
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -135,15 +120,7 @@ pub async fn run(
 
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = accept(&listener) => accepted,
             _ = &mut shutdown => break,
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -199,6 +176,42 @@ pub async fn run(
         _ = tokio::time::sleep(grace) => {
             tracing::warn!("requests still in flight after {grace:?}; closing them");
             Ok(())
+        }
+    }
+}
+
+/// The HTTP/1.1-only and HTTP/2-only connection builders, with the limits applied: a
+/// connection is served by the one its protocol (sniffed preface or TLS ALPN) asks for.
+fn connection_builders(
+    limits: &Limits,
+) -> Arc<(auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>)> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_size);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_size).unwrap_or(u32::MAX))
+        .max_concurrent_streams(100)
+        // An HTTP/2 peer that stops answering pings is dropped (HTTP/1.1 idles are bounded by
+        // the header read timeout).
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    Arc::new((builder.clone().http1_only(), builder.http2_only()))
+}
+
+/// The next connection. Out of file descriptors and the like: back off instead of spinning.
+async fn accept(listener: &TcpListener) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(a) => return a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     }
 }

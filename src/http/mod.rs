@@ -17,7 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -28,7 +29,7 @@ use tracing::Instrument as _;
 
 use crate::metrics::{method_label, metrics, Kind, Source};
 use crate::mirror::{BlobAnswer, ManifestAnswer, Mirror, Outcome, TagPage};
-use crate::oci::{Accept, Digest, ErrorCode, RegistryError};
+use crate::oci::{Accept, Digest, ErrorCode, RegistryError, RepoName};
 use range::RangeRequest;
 use route::Endpoint;
 
@@ -284,57 +285,13 @@ const UPSTREAM_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Upstream reachability is reported in the body but never makes the mirror unready: with a warm
 /// cache it is useful offline.
 async fn readyz(State(mirror): State<AppState>) -> Response {
-    let tmp = mirror.cache.root().join("tmp");
-    let writable = tokio::task::spawn_blocking(move || {
-        let probe = tmp.join(format!(".readyz-{:016x}", rand::random::<u64>()));
-        std::fs::write(&probe, b"ok")?;
-        std::fs::remove_file(&probe)
-    })
-    .await
-    .map_err(std::io::Error::other)
-    .and_then(|r| r);
+    let writable = probe_writable(&mirror).await;
     let index = mirror
         .cache
         .index()
         .manifest(&Digest::of(b"stowage readiness probe"));
-    // Offline: no upstream is contacted, not even to probe it.
-    let probed = if mirror.config.offline {
-        &[][..]
-    } else {
-        mirror.router.upstreams()
-    };
-    let probes = probed.iter().map(|u| async move {
-        let answer = u.ping(UPSTREAM_PROBE_TIMEOUT).await;
-        serde_json::json!({
-            "host": u.host(),
-            "reachable": answer.is_ok(),
-            "status": answer.as_ref().ok(),
-        })
-    });
-    // The fleet's shared store: reported, but not a reason to leave the load balancer — the
-    // node still serves its local tier and fills from the upstream (like an unreachable
-    // upstream, which does not make a node unready either). Probed alongside the upstreams.
-    let store_probe = async {
-        match &mirror.fleet {
-            Some(fleet) => Some((fleet, fleet.probe().await)),
-            None => None,
-        }
-    };
-    let (upstreams, store) = tokio::join!(futures_util::future::join_all(probes), store_probe);
-    let degraded = matches!(&store, Some((_, Err(_))));
-    let object_store = match store {
-        Some((fleet, probe)) => {
-            if let Err(e) = &probe {
-                tracing::warn!(store = %fleet.describe(), error = %e, "degraded: the shared object store does not answer");
-            }
-            serde_json::json!({
-                "store": fleet.describe(),
-                "reachable": probe.is_ok(),
-                "error": probe.err(),
-            })
-        }
-        None => serde_json::Value::Null,
-    };
+    let (upstreams, (object_store, degraded)) =
+        tokio::join!(probe_upstreams(&mirror), probe_shared_store(&mirror));
     let ready = writable.is_ok() && index.is_ok();
     if let Err(e) = &writable {
         tracing::warn!(error = %e, "not ready: cache directory is not writable");
@@ -367,6 +324,58 @@ async fn readyz(State(mirror): State<AppState>) -> Response {
     resp
 }
 
+/// Writes and removes a file in the cache's `tmp/`: the cache directory takes writes.
+async fn probe_writable(mirror: &Mirror) -> std::io::Result<()> {
+    let tmp = mirror.cache.root().join("tmp");
+    tokio::task::spawn_blocking(move || {
+        let probe = tmp.join(format!(".readyz-{:016x}", rand::random::<u64>()));
+        std::fs::write(&probe, b"ok")?;
+        std::fs::remove_file(&probe)
+    })
+    .await
+    .map_err(std::io::Error::other)
+    .and_then(|r| r)
+}
+
+/// Each upstream's answer to `/v2/`, concurrently. Offline: no upstream is contacted, not
+/// even to probe it.
+async fn probe_upstreams(mirror: &Mirror) -> Vec<serde_json::Value> {
+    let probed = if mirror.config.offline {
+        &[][..]
+    } else {
+        mirror.router.upstreams()
+    };
+    let probes = probed.iter().map(|u| async move {
+        let answer = u.ping(UPSTREAM_PROBE_TIMEOUT).await;
+        serde_json::json!({
+            "host": u.host(),
+            "reachable": answer.is_ok(),
+            "status": answer.as_ref().ok(),
+        })
+    });
+    futures_util::future::join_all(probes).await
+}
+
+/// The fleet's shared store, and whether it makes the node degraded. Reported, but not a
+/// reason to leave the load balancer: the node still serves its local tier and fills from the
+/// upstream (like an unreachable upstream, which does not make a node unready either).
+async fn probe_shared_store(mirror: &Mirror) -> (serde_json::Value, bool) {
+    let Some(fleet) = &mirror.fleet else {
+        return (serde_json::Value::Null, false);
+    };
+    let probe = fleet.probe().await;
+    if let Err(e) = &probe {
+        tracing::warn!(store = %fleet.describe(), error = %e, "degraded: the shared object store does not answer");
+    }
+    let degraded = probe.is_err();
+    let report = serde_json::json!({
+        "store": fleet.describe(),
+        "reachable": probe.is_ok(),
+        "error": probe.err(),
+    });
+    (report, degraded)
+}
+
 /// Counts blob bytes as they are handed to the connection.
 fn counted(stream: crate::stream::ByteStream, source: Source) -> crate::stream::ByteStream {
     Box::pin(stream.inspect(move |chunk| {
@@ -396,16 +405,33 @@ pub(crate) fn error_response(e: &RegistryError, head: bool) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-#[derive(Deserialize, Default)]
-struct Query {
+/// The query parameter every `/v2/` request may carry: containerd's `ns`, the registry the
+/// client meant. Other parameters are ignored here.
+#[derive(Deserialize)]
+struct NamespaceQuery {
     ns: Option<String>,
+}
+
+/// The pagination parameters of `_catalog` and `tags/list`; others are ignored. A parameter
+/// given twice does not read as either struct (serde refuses a duplicate field).
+#[derive(Deserialize)]
+struct PageQuery {
+    n: Option<usize>,
+    last: Option<String>,
 }
 
 /// Answers a `/v2/` request; containerd's `ns` is echoed in `OCI-Namespace` on every answer,
 /// errors included.
-async fn dispatch(State(mirror): State<AppState>, req: Request) -> Response {
+async fn dispatch(
+    State(mirror): State<AppState>,
+    query: Result<Query<NamespaceQuery>, QueryRejection>,
+    req: Request,
+) -> Response {
     let head = req.method() == Method::HEAD;
-    let ns = serde_urlencoded_lite(req.uri().query().unwrap_or("")).ns;
+    let ns = match query {
+        Ok(Query(q)) => q.ns,
+        Err(e) => return error_response(&bad_query(e), head),
+    };
     let mut resp = match handle(&mirror, req, ns.as_deref()).await {
         Ok(r) => r,
         Err(e) => error_response(&e, head),
@@ -442,40 +468,14 @@ async fn handle(
         ));
     }
     let head = method == Method::HEAD;
-    let query = req.uri.query().unwrap_or("");
     match endpoint {
         Endpoint::Base => Ok(json_response(b"{}".to_vec(), head, None)),
-        Endpoint::Catalog => catalog(mirror, query, head),
+        Endpoint::Catalog => catalog(mirror, &req.uri, head),
         Endpoint::Upload => Err(RegistryError::new(
             ErrorCode::Unsupported,
             "this is a pull-through mirror: push is not supported",
         )),
-        Endpoint::Tags(name) => {
-            let route = mirror.route(&name, ns)?;
-            let (n, last) = pagination(query)?;
-            let page = TagPage { n, last };
-            let list = mirror.tags(&route, &name, &page).await?;
-            let body = serde_json::to_vec(&list)
-                .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
-            let mut resp = json_response(body, head, Some(Outcome::Upstream));
-            // Whenever there is more (also when only the upstream pages, by its default page
-            // size), in the client's namespace: its prefix in the path, its `ns`, its `n`.
-            if let Some(next) = &list.next {
-                let mut q = url::form_urlencoded::Serializer::new(String::new());
-                if let Some(n) = n {
-                    q.append_pair("n", &n.to_string());
-                }
-                q.append_pair("last", next);
-                if let Some(ns) = ns {
-                    q.append_pair("ns", ns);
-                }
-                let link = format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish());
-                if let Ok(v) = HeaderValue::from_str(&link) {
-                    resp.headers_mut().insert(header::LINK, v);
-                }
-            }
-            Ok(resp)
-        }
+        Endpoint::Tags(name) => tags_list(mirror, &name, ns, &req.uri, head).await,
         Endpoint::Manifest(name, reference) => {
             let route = mirror.route(&name, ns)?;
             let accept = Accept::from_headers(&req.headers);
@@ -494,15 +494,44 @@ async fn handle(
     }
 }
 
-/// Tiny query parser for the one parameter we read (`ns`); unknown parameters are ignored.
-fn serde_urlencoded_lite(query: &str) -> Query {
-    let mut q = Query::default();
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        if k == "ns" {
-            q.ns = Some(v.into_owned());
+/// `GET /v2/<name>/tags/list`: a page of the upstream's tags, with a `Link` to the next one.
+async fn tags_list(
+    mirror: &Mirror,
+    name: &RepoName,
+    ns: Option<&str>,
+    uri: &http::Uri,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    let route = mirror.route(name, ns)?;
+    let (n, last) = pagination(uri)?;
+    let page = TagPage { n, last };
+    let list = mirror.tags(&route, name, &page).await?;
+    let body = serde_json::to_vec(&list)
+        .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
+    let mut resp = json_response(body, head, Some(Outcome::Upstream));
+    // Whenever there is more (also when only the upstream pages, by its default page
+    // size), in the client's namespace: its prefix in the path, its `ns`, its `n`.
+    if let Some(next) = &list.next {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(n) = n {
+            q.append_pair("n", &n.to_string());
+        }
+        q.append_pair("last", next);
+        if let Some(ns) = ns {
+            q.append_pair("ns", ns);
+        }
+        let link = format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish());
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(header::LINK, v);
         }
     }
-    q
+    Ok(resp)
+}
+
+/// A query string that does not read as the parameters of its endpoint (a parameter given
+/// twice): the client's error.
+fn bad_query(e: QueryRejection) -> RegistryError {
+    RegistryError::new(ErrorCode::Unsupported, e.body_text()).with_status(400)
 }
 
 fn echo_ns(resp: &mut Response, ns: Option<&str>) {
@@ -589,18 +618,7 @@ fn blob_response(
         (RangeRequest::Invalid, Some(size), false) => Some(Err(size)),
     };
     if let Some(Err(size)) = part {
-        let e = RegistryError::new(
-            ErrorCode::RangeInvalid,
-            format!("requested range not satisfiable for {digest} ({size} bytes)"),
-        );
-        let mut resp = error_response(&e, head);
-        if let Ok(v) = HeaderValue::from_str(&range::unsatisfied_content_range(size)) {
-            resp.headers_mut().insert(header::CONTENT_RANGE, v);
-        }
-        resp.headers_mut()
-            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        resp.extensions_mut().insert(outcome);
-        return Ok(resp);
+        return Ok(unsatisfiable(digest, size, head, outcome));
     }
     let span = part.and_then(Result::ok);
     let mut builder = Response::builder()
@@ -624,7 +642,35 @@ fn blob_response(
     if let Some(l) = length {
         builder = builder.header(header::CONTENT_LENGTH, l);
     }
-    let body = match answer {
+    let body = blob_body(answer, head, span);
+    let mut resp = builder
+        .body(body)
+        .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
+    resp.extensions_mut().insert(outcome);
+    Ok(resp)
+}
+
+/// The 416 for a range outside the blob (or a malformed one), with `Content-Range: bytes
+/// */<size>`.
+fn unsatisfiable(digest: &Digest, size: u64, head: bool, outcome: Outcome) -> Response {
+    let e = RegistryError::new(
+        ErrorCode::RangeInvalid,
+        format!("requested range not satisfiable for {digest} ({size} bytes)"),
+    );
+    let mut resp = error_response(&e, head);
+    if let Ok(v) = HeaderValue::from_str(&range::unsatisfied_content_range(size)) {
+        resp.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    resp.headers_mut()
+        .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    resp.extensions_mut().insert(outcome);
+    resp
+}
+
+/// The bytes of a blob answer (the whole blob, or `span` of it), counted as they are sent;
+/// nothing for a HEAD.
+fn blob_body(answer: BlobAnswer, head: bool, span: Option<range::Span>) -> Body {
+    match answer {
         _ if head => Body::empty(),
         BlobAnswer::Cached(b) => {
             let (start, len) = span.map_or((0, b.size), |s| (s.start, s.len()));
@@ -639,19 +685,13 @@ fn blob_response(
             Source::Fill,
         )),
         BlobAnswer::Head { .. } => Body::empty(),
-    };
-    let mut resp = builder
-        .body(body)
-        .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
-    resp.extensions_mut().insert(outcome);
-    Ok(resp)
+    }
 }
 
 /// A range of a blob still filling from an upstream that did not say its size (no
 /// `Content-Length`) cannot be answered with a 206 yet — dockerd's resume needs one, with a
-/// `Content-Range` ending at the blob's last byte (protocol §1.5, gotcha 11). Waits until the
-/// fill is over (its size is set when the blob verifies) and sets the size on the answer; a
-/// failed fill is the error.
+/// `Content-Range` ending at the blob's last byte. Waits until the fill is over (its size is
+/// set when the blob verifies) and sets the size on the answer; a failed fill is the error.
 async fn size_for_range(answer: &mut BlobAnswer) -> Result<(), RegistryError> {
     let BlobAnswer::Filling {
         fill,
@@ -692,28 +732,20 @@ fn blob_range(headers: &http::HeaderMap, digest: &Digest) -> RangeRequest {
     )
 }
 
-fn pagination(query: &str) -> Result<(Option<usize>, Option<String>), RegistryError> {
-    let mut n = None;
-    let mut last = None;
-    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-        match k.as_ref() {
-            "n" => {
-                n = Some(v.parse::<usize>().map_err(|_| {
-                    RegistryError::new(
-                        ErrorCode::PaginationNumberInvalid,
-                        "n must be a non-negative integer",
-                    )
-                })?)
-            }
-            "last" => last = Some(v.into_owned()),
-            _ => {}
-        }
-    }
+/// `n` and `last` of a paginated request; an `n` that is not a non-negative integer (or a
+/// parameter given twice) is a `PAGINATION_NUMBER_INVALID`.
+fn pagination(uri: &http::Uri) -> Result<(Option<usize>, Option<String>), RegistryError> {
+    let Query(PageQuery { n, last }) = Query::try_from_uri(uri).map_err(|_| {
+        RegistryError::new(
+            ErrorCode::PaginationNumberInvalid,
+            "n must be a non-negative integer",
+        )
+    })?;
     Ok((n, last))
 }
 
-fn catalog(mirror: &Mirror, query: &str, head: bool) -> Result<Response, RegistryError> {
-    let (n, last) = pagination(query)?;
+fn catalog(mirror: &Mirror, uri: &http::Uri, head: bool) -> Result<Response, RegistryError> {
+    let (n, last) = pagination(uri)?;
     let all = mirror.catalog()?;
     let after: Vec<String> = all
         .into_iter()
@@ -740,6 +772,7 @@ fn catalog(mirror: &Mirror, query: &str, head: bool) -> Result<Response, Registr
     Ok(resp)
 }
 
+/// The parameters of `/v1/search`: the term and the page size.
 #[derive(Deserialize)]
 struct SearchQuery {
     q: Option<String>,
@@ -750,9 +783,9 @@ struct SearchQuery {
 /// `docker search <mirror>/<term>` works.
 async fn search(
     State(mirror): State<AppState>,
-    query: Result<axum::extract::Query<SearchQuery>, axum::extract::rejection::QueryRejection>,
+    query: Result<Query<SearchQuery>, QueryRejection>,
 ) -> Response {
-    let Ok(axum::extract::Query(q)) = query else {
+    let Ok(Query(q)) = query else {
         return error_response(
             &RegistryError::new(ErrorCode::PaginationNumberInvalid, "bad search query"),
             false,

@@ -2,9 +2,9 @@
 //!
 //! Only the `bytes` unit is understood. A single range (`a-b`, `a-`, `-n`) is answered with a
 //! 206; several ranges get the whole blob as a 200, because a single-part 206 to a multi-range
-//! request breaks podman's partial pulls (protocol §1.5, gotcha 11); a malformed `bytes=` value
-//! and a range past the end get a 416, like distribution (Go's `http.ServeContent`). Other units
-//! are ignored, as the RFC requires.
+//! request breaks podman's partial pulls; a malformed `bytes=` value and a range past the end
+//! get a 416, like distribution (Go's `http.ServeContent`). Other units are ignored, as the RFC
+//! requires.
 
 /// One byte range as the client wrote it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
