@@ -27,7 +27,7 @@ use crate::airgap::{self, PrefetchRequest};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::mirror::Mirror;
-use crate::ops::{self, OpsError};
+use crate::ops::{self, Event, OpsError};
 
 /// The socket's file name under `storage.path`.
 pub const SOCKET_NAME: &str = "admin.sock";
@@ -72,54 +72,6 @@ pub enum Request {
         bundle: PathBuf,
         pin: bool,
     },
-}
-
-/// What a command reports, in order. Every stream ends with [`Event::End`].
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Event {
-    /// Text for stdout, printed as is.
-    Out { text: String },
-    /// A line for stderr.
-    Err { line: String },
-    /// Prefetch: image `id` (its position among the references) has its manifests; `bytes` is
-    /// what its blobs not yet cached weigh (descriptor sizes).
-    Start {
-        id: usize,
-        image: String,
-        blobs: usize,
-        cached: usize,
-        bytes: u64,
-    },
-    /// Prefetch: bytes of image `id` fetched so far.
-    Progress { id: usize, bytes: u64 },
-    /// Prefetch: image `id` is in the cache.
-    Done {
-        id: usize,
-        image: String,
-        manifests: usize,
-        blobs: usize,
-        cached: usize,
-        bytes: u64,
-        secs: f64,
-    },
-    /// Prefetch: image `id` failed (the others go on).
-    Failed {
-        id: usize,
-        image: String,
-        error: String,
-    },
-    /// Prefetch: totals; blobs counted once however many images share them.
-    Summary {
-        ok: usize,
-        failed: usize,
-        fetched: usize,
-        cached: usize,
-        bytes: u64,
-        secs: f64,
-    },
-    /// The end: `ok` decides the exit code (0 or 1); `error` is what stopped the command.
-    End { ok: bool, error: Option<String> },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -459,25 +411,11 @@ pub fn run_remote(
     runtime.block_on(remote(&path, req, display))
 }
 
+/// Sends `req` over the socket at `path` and renders the events of the answer, up to
+/// [`Event::End`]. `Ok(None)`: no server listens there.
 async fn remote(path: &Path, req: &Request, display: &mut Display) -> Result<Option<bool>, String> {
-    use futures_util::StreamExt;
-    let stream = match tokio::net::UnixStream::connect(path).await {
-        Ok(s) => s,
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
-            ) =>
-        {
-            return Ok(None)
-        }
-        Err(e) => {
-            return Err(format!(
-                "cannot connect to the admin socket {} of the running serve: {e} \
-                 (it is open only to the user running serve)",
-                path.display()
-            ))
-        }
+    let Some(stream) = connect(path).await? else {
+        return Ok(None);
     };
     let failed = |e: &dyn std::fmt::Display| {
         format!(
@@ -499,33 +437,67 @@ async fn remote(path: &Path, req: &Request, display: &mut Display) -> Result<Opt
         .map_err(|e| failed(&e))?;
     let response = sender.send_request(request).await.map_err(|e| failed(&e))?;
     let status = response.status();
-    let mut body = axum::body::Body::new(response.into_body()).into_data_stream();
-    let mut buf: Vec<u8> = Vec::new();
-    let mut result = None;
-    'read: while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk.map_err(|e| failed(&e))?);
-        if !status.is_success() {
-            continue;
-        }
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let event: Event = serde_json::from_slice(&line).map_err(|e| failed(&e))?;
-            if let Some(ok) = display.handle(event) {
-                result = Some(ok);
-                break 'read;
-            }
-        }
-    }
+    let body = axum::body::Body::new(response.into_body());
+    let read = read_events(body, status.is_success(), display).await;
     conn.abort();
+    let (result, rest) = read.map_err(|e| failed(&e))?;
     if !status.is_success() {
         return Err(failed(&format!(
             "answered {status}: {}",
-            String::from_utf8_lossy(&buf).trim()
+            String::from_utf8_lossy(&rest).trim()
         )));
     }
     result.map(Some).ok_or_else(|| {
         failed(&"the connection closed before the command finished (did serve stop?)")
     })
+}
+
+/// Connects to the socket at `path`: `None` when nothing listens there (no file, or a dead
+/// server's).
+async fn connect(path: &Path) -> Result<Option<tokio::net::UnixStream>, String> {
+    match tokio::net::UnixStream::connect(path).await {
+        Ok(s) => Ok(Some(s)),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(format!(
+            "cannot connect to the admin socket {} of the running serve: {e} \
+             (it is open only to the user running serve)",
+            path.display()
+        )),
+    }
+}
+
+/// Reads an answer's body. With `events` (a success), renders its NDJSON events up to
+/// [`Event::End`] and returns its `ok`; otherwise collects the body (a refusal's text). Returns
+/// also what was read and not rendered.
+async fn read_events(
+    body: axum::body::Body,
+    events: bool,
+    display: &mut Display,
+) -> Result<(Option<bool>, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
+    use futures_util::StreamExt;
+    let mut body = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = body.next().await {
+        buf.extend_from_slice(&chunk?);
+        if !events {
+            continue;
+        }
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            let event: Event = serde_json::from_slice(&line)?;
+            if let Some(ok) = display.handle(event) {
+                return Ok((Some(ok), buf));
+            }
+        }
+    }
+    Ok((None, buf))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -602,6 +574,59 @@ impl Display {
         }
     }
 
+    /// [`Event::Start`]: a bar for image `id`, or a plain line saying what it will fetch.
+    fn start(&mut self, id: usize, image: String, blobs: usize, cached: usize, bytes: u64) {
+        let bar = self.multi.as_ref().map(|m| {
+            let bar = m.add(indicatif::ProgressBar::new(bytes));
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_prefix(image.clone());
+            bar
+        });
+        if bar.is_none() {
+            self.stderr(&format!(
+                "prefetch {image}: {blobs} blob(s), {cached} already cached, {} to fetch",
+                ops::human(bytes)
+            ));
+        }
+        self.images.insert(
+            id,
+            ImageLine {
+                image,
+                total: bytes,
+                bar,
+                last_line: Instant::now(),
+            },
+        );
+    }
+
+    /// [`Event::Progress`]: moves image `id`'s bar, or prints a plain line at most every
+    /// [`PLAIN_EVERY`].
+    fn progress(&mut self, id: usize, bytes: u64) {
+        let mut line = None;
+        if let Some(i) = self.images.get_mut(&id) {
+            match &i.bar {
+                Some(bar) => bar.set_position(bytes),
+                None if i.last_line.elapsed() >= PLAIN_EVERY => {
+                    i.last_line = Instant::now();
+                    line = Some(format!(
+                        "prefetch {}: {} of {} fetched",
+                        i.image,
+                        ops::human(bytes),
+                        ops::human(i.total)
+                    ));
+                }
+                None => {}
+            }
+        }
+        if let Some(line) = line {
+            self.stderr(&line);
+        }
+    }
+
     /// Renders one event; returns `Some(ok)` at [`Event::End`].
     pub fn handle(&mut self, event: Event) -> Option<bool> {
         match event {
@@ -613,54 +638,8 @@ impl Display {
                 blobs,
                 cached,
                 bytes,
-            } => {
-                let bar = self.multi.as_ref().map(|m| {
-                    let bar = m.add(indicatif::ProgressBar::new(bytes));
-                    if let Ok(style) = indicatif::ProgressStyle::with_template(
-                        "{prefix:.bold} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                    ) {
-                        bar.set_style(style.progress_chars("=> "));
-                    }
-                    bar.set_prefix(image.clone());
-                    bar
-                });
-                if bar.is_none() {
-                    self.stderr(&format!(
-                        "prefetch {image}: {blobs} blob(s), {cached} already cached, {} to fetch",
-                        ops::human(bytes)
-                    ));
-                }
-                self.images.insert(
-                    id,
-                    ImageLine {
-                        image,
-                        total: bytes,
-                        bar,
-                        last_line: Instant::now(),
-                    },
-                );
-            }
-            Event::Progress { id, bytes } => {
-                let mut line = None;
-                if let Some(i) = self.images.get_mut(&id) {
-                    match &i.bar {
-                        Some(bar) => bar.set_position(bytes),
-                        None if i.last_line.elapsed() >= PLAIN_EVERY => {
-                            i.last_line = Instant::now();
-                            line = Some(format!(
-                                "prefetch {}: {} of {} fetched",
-                                i.image,
-                                ops::human(bytes),
-                                ops::human(i.total)
-                            ));
-                        }
-                        None => {}
-                    }
-                }
-                if let Some(line) = line {
-                    self.stderr(&line);
-                }
-            }
+            } => self.start(id, image, blobs, cached, bytes),
+            Event::Progress { id, bytes } => self.progress(id, bytes),
             Event::Done {
                 id,
                 image,

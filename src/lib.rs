@@ -60,7 +60,7 @@
 //!   client the commands use when a server answers there (else they open the cache
 //!   themselves), and the rendering of the events (indicatif bars or plain lines).
 //! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine (progress as
-//!   [`admin::Event`]s), `export` of cached images to an OCI image layout (tar or directory,
+//!   [`ops::Event`]s), `export` of cached images to an OCI image layout (tar or directory,
 //!   readable by skopeo: Docker-typed images get an OCI-typed copy beside them) and `import` of one (every blob verified first, images made visible
 //!   whole, idempotent). `offline = true` / `serve --offline` lives in [`mirror`].
 //!
