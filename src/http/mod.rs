@@ -405,31 +405,32 @@ pub(crate) fn error_response(e: &RegistryError, head: bool) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// The query parameter every `/v2/` request may carry: containerd's `ns`, the registry the
-/// client meant. Other parameters are ignored here.
-#[derive(Deserialize)]
-struct NamespaceQuery {
-    ns: Option<String>,
-}
+/// A request's query as (key, value) pairs in order, through axum's `Query` extractor.
+/// A parameter given twice counts with its last value, as in distribution.
+struct Params(Vec<(String, String)>);
 
-/// The pagination parameters of `_catalog` and `tags/list`; others are ignored. A parameter
-/// given twice does not read as either struct (serde refuses a duplicate field).
-#[derive(Deserialize)]
-struct PageQuery {
-    n: Option<usize>,
-    last: Option<String>,
+impl Params {
+    fn of(uri: &http::Uri) -> Result<Params, QueryRejection> {
+        Query::<Vec<(String, String)>>::try_from_uri(uri).map(|Query(p)| Params(p))
+    }
+
+    /// The last value of `key`.
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Answers a `/v2/` request; containerd's `ns` is echoed in `OCI-Namespace` on every answer,
 /// errors included.
-async fn dispatch(
-    State(mirror): State<AppState>,
-    query: Result<Query<NamespaceQuery>, QueryRejection>,
-    req: Request,
-) -> Response {
+async fn dispatch(State(mirror): State<AppState>, req: Request) -> Response {
     let head = req.method() == Method::HEAD;
-    let ns = match query {
-        Ok(Query(q)) => q.ns,
+    // containerd's `ns`: the registry the client meant.
+    let ns = match Params::of(req.uri()) {
+        Ok(p) => p.get("ns").map(str::to_string),
         Err(e) => return error_response(&bad_query(e), head),
     };
     let mut resp = match handle(&mirror, req, ns.as_deref()).await {
@@ -732,16 +733,21 @@ fn blob_range(headers: &http::HeaderMap, digest: &Digest) -> RangeRequest {
     )
 }
 
-/// `n` and `last` of a paginated request; an `n` that is not a non-negative integer (or a
-/// parameter given twice) is a `PAGINATION_NUMBER_INVALID`.
+/// `n` and `last` of a paginated request; an `n` that is not a non-negative integer is a
+/// `PAGINATION_NUMBER_INVALID`.
 fn pagination(uri: &http::Uri) -> Result<(Option<usize>, Option<String>), RegistryError> {
-    let Query(PageQuery { n, last }) = Query::try_from_uri(uri).map_err(|_| {
+    let invalid = || {
         RegistryError::new(
             ErrorCode::PaginationNumberInvalid,
             "n must be a non-negative integer",
         )
-    })?;
-    Ok((n, last))
+    };
+    let params = Params::of(uri).map_err(|_| invalid())?;
+    let n = match params.get("n") {
+        Some(v) => Some(v.parse::<usize>().map_err(|_| invalid())?),
+        None => None,
+    };
+    Ok((n, params.get("last").map(str::to_string)))
 }
 
 fn catalog(mirror: &Mirror, uri: &http::Uri, head: bool) -> Result<Response, RegistryError> {
@@ -873,6 +879,17 @@ mod tests {
         );
         assert_eq!(cache_event("catalog", Outcome::Hit), None);
         assert_eq!(cache_event("tags", Outcome::Upstream), None);
+    }
+
+    #[test]
+    fn a_repeated_query_parameter_counts_with_its_last_value() {
+        let uri: http::Uri = "/v2/a/tags/list?n=1&ns=x&n=2&ns=ghcr.io".parse().unwrap();
+        let p = Params::of(&uri).unwrap();
+        assert_eq!(
+            (p.get("ns"), p.get("n"), p.get("last")),
+            (Some("ghcr.io"), Some("2"), None)
+        );
+        assert_eq!(pagination(&uri).unwrap(), (Some(2), None));
     }
 
     #[test]
