@@ -5,80 +5,110 @@
 //!
 //! ## Layout
 //!
-//! Data flows one way: HTTP edge → mirror policy → cache / upstream. Nothing below the edge knows
-//! about axum; nothing in `oci` does I/O.
+//! Data flows one way: HTTP edge → policy ([`mirror`]) → cache / store / upstream. Nothing below
+//! the edge knows about axum; nothing in [`oci`] does I/O; operations ([`ops`], [`airgap`])
+//! define the events the CLI and the admin socket carry. From the bottom up:
 //!
-//! - [`config`] — typed configuration: defaults ← `config.toml` ← `STOWAGE_*` env; validated once,
-//!   errors name the key.
 //! - [`oci`] — protocol vocabulary, pure and unit-tested: [`oci::Digest`], [`oci::RepoName`],
 //!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body,
-//!   Docker schema 2 → OCI conversion of manifests ([`oci::convert`], for `export`).
-//! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), blob
-//!   `Range` parsing (`http::range`, 206/416), the one place errors become responses, per-request observability (request id, request metrics,
-//!   cache hit / miss counters, the log line), `/metrics`, `/healthz`, `/readyz`, `/v1/search`,
-//!   graceful shutdown; htpasswd client auth (`http::auth`); under the router the connection
-//!   layer (`http::listener`: hyper-util accept loop, connection/header/URI limits, slow-loris
-//!   timeout) with rustls TLS reloadable on SIGHUP (`http::tls`).
+//!   what a manifest references ([`oci::references`]), Docker schema 2 → OCI conversion of
+//!   manifests ([`oci::convert`], for `export`).
+//! - [`stream`] — the byte-stream vocabulary every layer hands blobs around in: a boxed stream
+//!   of chunks, an upstream body with its length, a file read as a stream.
 //! - [`metrics`] — every Prometheus metric in one struct, registered once and reached through
 //!   `metrics::metrics()` (the one allowed global), so any layer counts with a one-line increment.
 //!   `dashboards/` holds the Grafana dashboard and example alert rules built on these names.
-//! - [`policy`] — per-upstream `allow` / `deny` repository globs, checked by the upstream router
-//!   so a denied name never reaches the cache or an upstream.
-//! - [`mirror`] — the policy: tags fresh within `manifest_ttl` (or `immutable_tags`) without
-//!   upstream, then revalidated with one `HEAD`; by-digest hits without upstream; per-Accept tag
-//!   variants; stale serving (bounded by `max_stale`) when upstream fails; negative cache of
-//!   upstream 404s (and of Docker Hub's 401 for a repository that does not exist); blob hit /
-//!   join / start fill; `offline` (cache only, 404 naming the offline mirror, no upstream
-//!   contact).
+//! - [`policy`] — repository globs (`*` within a path component, `**` across them) and the
+//!   per-upstream `allow` / `deny` lists, checked by the upstream router so a denied name never
+//!   reaches the cache or an upstream.
+//! - [`config`] — typed configuration: defaults ← `config.toml` ← `STOWAGE_*` env; validated once,
+//!   errors name the key. Data only; it also owns the shared store's settings and key rules.
 //! - [`upstream`] — one client per configured registry: routing (path prefix, `?ns=`, default,
 //!   Docker Hub's `library/`, unknown hosts refused), bearer-token and basic auth, redirects
 //!   followed by hand so that credentials never leave the registry's origin, manifest
 //!   verification, the latest Docker Hub rate-limit headers.
-//! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, fills in `tmp/`
-//!   owned by the cache and shared by every reader (single flight), resumed with `Range` when the
-//!   upstream breaks ([`cache::fill`]), committed blobs served as memory-mapped windows handed
-//!   to hyper without a copy ([`cache::serve`]), the sled [`cache::index`] (tag records with
-//!   their variants; check times batched in memory), hot manifests in moka, and the lifecycle
-//!   in [`cache::budget`]: the byte budget, LRU order and eviction (fills reserve their size
-//!   first; leased, pinned and filling blobs are skipped), recency flushed to sled in batches,
-//!   crash reconciliation at open, the cache lock file.
 //! - [`store`] — the blob store a fleet of nodes shares (`storage.backend`): the small
 //!   [`store::BlobStore`] trait (head / ranged get / put_file / put_bytes / conditional create /
 //!   delete / sorted list) and its backends, a directory ([`store::fs::FsStore`], also on a shared
 //!   mount) and the `object_store` crate (S3, Ceph RGW, Garage, MinIO, GCS, Azure). All pass one
 //!   suite, `tests/store.rs`; Garage runs as a real 3-node cluster in `tests/support/garage.rs`,
 //!   Azure's API as Azurite in `tests/support/azurite.rs`.
+//! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, crash
+//!   reconciliation at open and the cache's lock file (`cache/mod.rs`), fills in `tmp/` owned by
+//!   the cache and shared by every reader (single flight), resumed with `Range` when the upstream
+//!   breaks ([`cache::fill`]), committed blobs served as memory-mapped windows handed to hyper
+//!   without a copy ([`cache::serve`]), the sled [`cache::index`] (tag records with their
+//!   variants; check times batched in memory), hot manifests in moka, and [`cache::budget`]: the
+//!   byte budget, LRU order and eviction (fills reserve their size first; leased, pinned and
+//!   filling blobs are skipped), recency flushed to sled in batches.
 //! - [`fleet`] — several nodes sharing one [`store`]: local misses of blobs, manifests and
 //!   tags look in the shared store before the upstream ([`fleet::TieredSource`] feeds the same
 //!   fill engine, so shared bytes are verified like upstream ones); blobs from the upstream are
 //!   uploaded once verified; best-effort fill leases (conditional create); a failing store is
 //!   counted, reported by `/readyz` and bypassed.
-//! - [`ops`] — operator commands on an open cache: `pin`, `unpin`, `ls`, `verify [--repair]`,
-//!   `gc`, and Docker-style image reference parsing.
+//! - [`mirror`] — the pull-through policy: tags fresh within `manifest_ttl` (or
+//!   `immutable_tags`) without upstream, then revalidated with one `HEAD`; by-digest hits without
+//!   upstream; per-Accept tag variants; stale serving (bounded by `max_stale`) when upstream
+//!   fails; negative cache of upstream 404s (and of Docker Hub's 401 for a repository that does
+//!   not exist); blob hit / join / start fill; `offline` (cache only, 404 naming the offline
+//!   mirror, no upstream contact).
+//! - [`ops`] — operations on an open cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`,
+//!   Docker-style image reference parsing, and the progress [`ops::Event`]s every operation
+//!   reports through.
+//! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine, `export` of
+//!   cached images to an OCI image layout (tar or directory, readable by skopeo: Docker-typed
+//!   images get an OCI-typed copy beside them) and `import` of one (every blob verified first,
+//!   images made visible whole, idempotent). `offline = true` / `serve --offline` lives in
+//!   [`mirror`].
+//! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), blob
+//!   `Range` parsing (`http::range`, 206/416), the one place errors become responses,
+//!   per-request observability (request id, request metrics, cache hit / miss counters, the log
+//!   line), `/metrics`, `/healthz`, `/readyz`, `/v1/search`; htpasswd client auth
+//!   (`http::auth`); under the router the connection layer (`http::listener`: hyper-util accept
+//!   loop, connection/header/URI limits, slow-loris timeout) with rustls TLS reloadable on SIGHUP
+//!   (`http::tls`).
 //! - [`admin`] — operator commands against a running `serve`: its Unix socket
 //!   `<storage.path>/admin.sock` (0600; HTTP/1.1, a JSON request in, NDJSON events out), the
 //!   client the commands use when a server answers there (else they open the cache
 //!   themselves), and the rendering of the events (indicatif bars or plain lines).
-//! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine (progress as
-//!   [`ops::Event`]s), `export` of cached images to an OCI image layout (tar or directory,
-//!   readable by skopeo: Docker-typed images get an OCI-typed copy beside them) and `import` of one (every blob verified first, images made visible
-//!   whole, idempotent). `offline = true` / `serve --offline` lives in [`mirror`].
+//! - [`server`] — `serve` once configured: the listeners, the optional `server.metrics_listen`
+//!   listener, the admin socket, the cache gauges at startup, the housekeeping task (recency
+//!   flush, deferred eviction), reloads of the TLS certificate and the htpasswd file on SIGHUP,
+//!   and a clean shutdown of all of them on SIGTERM / SIGINT.
 //!
 //! `main.rs` is the CLI (clap): `stowage serve [--config PATH] [--log-format text|json]
 //! [--offline]` and the operator commands `pin|unpin|ls|verify|gc|prefetch|export|import
-//! [--config PATH]`. [`server`] is `serve` once configured: it also runs the optional
-//! `server.metrics_listen` listener and the admin socket, sets the cache gauges at startup, owns
-//! the housekeeping task (recency flush, deferred eviction), reloads the TLS certificate and the
-//! htpasswd file on SIGHUP, and shuts all of them down on SIGTERM / SIGINT.
-//! `src/bin/stowage-bench.rs` is the benchmark command (stowage vs distribution's proxy;
-//! results in `BENCHMARKS.md`).
+//! [--config PATH]`. The benchmark command `stowage-bench` (stowage vs distribution's proxy;
+//! results in `BENCHMARKS.md`) is a workspace member of its own.
+//!
+//! ## Who may import whom
+//!
+//! The allowed graph, written once: `tests/imports.rs` reads this table and fails when a module
+//! names (`crate::...`, outside `#[cfg(test)]`) one its row does not list, or when the files of
+//! one module folder import each other in a cycle.
+//!
+//! | module | may import |
+//! |---|---|
+//! | `oci` | — |
+//! | `stream`, `metrics` | `oci` |
+//! | `policy` | `oci` |
+//! | `config` | `oci`, `policy` |
+//! | `upstream` | `oci`, `stream`, `metrics`, `policy`, `config` |
+//! | `store`, `cache` | `oci`, `stream`, `metrics`, `config` |
+//! | `fleet` | `oci`, `stream`, `metrics`, `config`, `store`, `cache` |
+//! | `mirror` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet` |
+//! | `ops` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror` |
+//! | `airgap` | `oci`, `stream`, `metrics`, `config`, `upstream`, `cache`, `mirror`, `ops` |
+//! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror` |
+//! | `admin` | `oci`, `metrics`, `config`, `cache`, `mirror`, `ops`, `airgap` |
+//! | `server` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `ops`, `http`, `admin` |
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, an
 //! in-process fake upstream for faults a real registry cannot produce, a Garage cluster as the
 //! fleet's S3 store, nginx as its load balancer). `tests/fuzz.rs` is the proptest suite for every
 //! parser that sees client input; `tests/store.rs` the suite every blob-store backend passes;
-//! `tests/fleet.rs` runs nodes sharing a store.
+//! `tests/fleet.rs` runs nodes sharing a store; `tests/imports.rs` holds the table above.
 
 pub mod admin;
 pub mod airgap;
