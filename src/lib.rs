@@ -11,7 +11,7 @@
 //!
 //! - [`oci`] — protocol vocabulary, pure and unit-tested: [`oci::Digest`], [`oci::RepoName`],
 //!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body,
-//!   what a manifest references ([`oci::references`]), Docker schema 2 → OCI conversion of
+//!   what a manifest references ([`oci::references()`]), Docker schema 2 → OCI conversion of
 //!   manifests ([`oci::convert`], for `export`).
 //! - [`stream`] — the byte-stream vocabulary every layer hands blobs around in: a boxed stream
 //!   of chunks, an upstream body with its length, a file read as a stream.

@@ -33,7 +33,11 @@ fn allowed_graph() -> BTreeMap<String, BTreeSet<String>> {
             continue;
         }
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
-        assert_eq!(cells.len(), 2, "a row of the import table has two cells: {line}");
+        assert_eq!(
+            cells.len(),
+            2,
+            "a row of the import table has two cells: {line}"
+        );
         let names = |cell: &str| -> Vec<String> {
             cell.split(',')
                 .map(|s| s.trim().trim_matches('`').to_string())
@@ -44,7 +48,10 @@ fn allowed_graph() -> BTreeMap<String, BTreeSet<String>> {
             graph.insert(module, names(cells[1]).into_iter().collect());
         }
     }
-    assert!(!graph.is_empty(), "src/lib.rs has no `| module | may import |` table");
+    assert!(
+        !graph.is_empty(),
+        "src/lib.rs has no `| module | may import |` table"
+    );
     graph
 }
 
@@ -139,7 +146,9 @@ fn strip_comment_and_strings(line: &str) -> String {
 /// The top-level module a file belongs to (`src/cache/fill.rs` -> `cache`), and its submodule
 /// (`fill`, or `mod` for the folder's `mod.rs`).
 fn module_of(file: &Path) -> (String, String) {
-    let rel = file.strip_prefix(Path::new(ROOT).join("src")).expect("under src");
+    let rel = file
+        .strip_prefix(Path::new(ROOT).join("src"))
+        .expect("under src");
     let parts: Vec<String> = rel
         .iter()
         .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
@@ -211,7 +220,9 @@ fn every_module_imports_only_what_the_map_in_lib_rs_allows() {
             continue;
         }
         let Some(allowed) = graph.get(&module) else {
-            problems.push(format!("module `{module}` is not in src/lib.rs's import table"));
+            problems.push(format!(
+                "module `{module}` is not in src/lib.rs's import table"
+            ));
             continue;
         };
         let source = fs::read_to_string(&file).expect("read source");
@@ -230,18 +241,27 @@ fn every_module_imports_only_what_the_map_in_lib_rs_allows() {
     for (module, deps) in &graph {
         for dep in deps {
             if !graph.contains_key(dep) {
-                problems.push(format!("`{module}` may import `{dep}`, which is not in the table"));
+                problems.push(format!(
+                    "`{module}` may import `{dep}`, which is not in the table"
+                ));
             }
         }
     }
-    assert!(problems.is_empty(), "import rule broken:\n{}", problems.join("\n"));
+    assert!(
+        problems.is_empty(),
+        "import rule broken:\n{}",
+        problems.join("\n")
+    );
 }
 
 #[test]
 fn the_allowed_graph_has_no_cycle() {
     let graph = allowed_graph();
     let order = topological_order(&graph);
-    assert!(order.is_some(), "the import table in src/lib.rs has a cycle");
+    assert!(
+        order.is_some(),
+        "the import table in src/lib.rs has a cycle"
+    );
 }
 
 #[test]
@@ -269,7 +289,13 @@ fn the_files_of_one_module_do_not_import_each_other_in_a_cycle() {
             .map(|(sub, deps)| {
                 let deps = deps
                     .iter()
-                    .map(|d| if files.contains_key(d) { d.clone() } else { "mod".to_string() })
+                    .map(|d| {
+                        if files.contains_key(d) {
+                            d.clone()
+                        } else {
+                            "mod".to_string()
+                        }
+                    })
                     .filter(|d| d != sub && d != "mod")
                     .collect();
                 (sub.clone(), deps)
