@@ -11,13 +11,16 @@
 //! - time to first byte (median and worst over the clients);
 //! - the server's peak RSS (`VmHWM` from `/proc/<pid>/status`).
 //!
+//! It is its own workspace member (`bench/`), so it is not installed with the server; build both
+//! binaries (the bench looks for `stowage` next to itself unless `--stowage` names one):
+//!
 //! ```text
-//! cargo build --release --bins
+//! cargo build --release --workspace --bins
 //! target/release/stowage-bench cold-blob --size-mib 256 --clients 1,8,32
 //! target/release/stowage-bench all --json bench-results.json
 //! ```
 //!
-//! `all` runs every workload of issue 10, in one process and against one upstream: (1) warm blob
+//! `all` runs every workload, in one process and against one upstream: (1) warm blob
 //! throughput (1 and 8 clients) against nginx with `sendfile` serving the same file and a raw
 //! read of it (the ceiling) and against distribution's proxy; (2) warm manifests by tag and
 //! digest with `wrk -t2 -c64`; (3) a cold pull of a multi-layer image against pulling from the
