@@ -4,7 +4,7 @@
 
 mod support;
 
-use support::images::{self, Format, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
+use support::images::{Format, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
 
@@ -39,7 +39,7 @@ fn header(resp: &reqwest::blocking::Response, name: &str) -> String {
 fn docker_list_is_not_given_to_a_client_that_accepts_only_single_manifests() {
     let w = world();
     let index = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[512]);
-    let pushed = images::push(&w.upstream.url(), "library/multi", "1.0", index.clone());
+    let pushed = w.upstream.push("library/multi", "1.0", index.clone());
     let url = format!("{}/v2/library/multi/manifests/1.0", w.stowage.url());
 
     // A full-Accept client first: the list is cached under the tag.
@@ -83,7 +83,7 @@ fn docker_list_is_not_given_to_a_client_that_accepts_only_single_manifests() {
 fn oci_index_is_refused_rather_than_given_to_a_docker_only_client() {
     let w = world();
     let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[512]);
-    let pushed = images::push(&w.upstream.url(), "library/ociidx", "1.0", index);
+    let pushed = w.upstream.push("library/ociidx", "1.0", index);
     let url = format!("{}/v2/library/ociidx/manifests/1.0", w.stowage.url());
 
     let full = get(&url, &[&support::manifest_accept()]);
@@ -109,7 +109,7 @@ fn oci_index_is_refused_rather_than_given_to_a_docker_only_client() {
 fn accept_sent_as_one_line_per_type_is_read_in_full() {
     let w = world();
     let index = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[512]);
-    let pushed = images::push(&w.upstream.url(), "library/lines", "1.0", index);
+    let pushed = w.upstream.push("library/lines", "1.0", index);
     let url = format!("{}/v2/library/lines/manifests/1.0", w.stowage.url());
     // dockerd sends one Accept line per type, the list type not first.
     let resp = get(&url, &[DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST]);

@@ -159,20 +159,18 @@ struct Seeded {
 fn seeded(upstream: &Registry) -> Seeded {
     let single = push_test(upstream, "single", &[48 * KIB, 16 * KIB]);
     // Docker schema 2 types keep their type and digest through export and import.
-    let docker = images::push(
-        &upstream.url(),
+    let docker = upstream.push(
         "test/dockerfmt",
         "1",
         Image::build(Format::Docker, &[24 * KIB]),
     );
-    let docker_list = images::push(
-        &upstream.url(),
+    let docker_list = upstream.push(
         "test/dockerlist",
         "1",
         ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[20 * KIB]),
     );
     let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[32 * KIB]);
-    images::push(&upstream.url(), "test/multi", "1", index.clone());
+    upstream.push("test/multi", "1", index.clone());
     let mut stowage = Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .start();
@@ -542,7 +540,7 @@ fn import_pin_keeps_each_imported_image_whole_under_a_tight_budget() {
 fn export_refuses_an_index_none_of_whose_platforms_is_cached() {
     let upstream = Registry::start();
     let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[4 * KIB]);
-    images::push(&upstream.url(), "test/bare", "1", index);
+    upstream.push("test/bare", "1", index);
     let mut stowage = Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .start();
@@ -579,7 +577,7 @@ fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
     let upstream = Registry::start();
     let single = push_test(&upstream, "single", &[40 * KIB, 8 * KIB]);
     let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[20 * KIB]);
-    images::push(&upstream.url(), "test/multi", "1", index.clone());
+    upstream.push("test/multi", "1", index.clone());
     let (amd64, arm64) = (&index.children[0], &index.children[1]);
     let mut stowage = Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
@@ -656,20 +654,17 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
     let upstream = Registry::start();
     // dockerd uses mirrors for docker.io images only: push them under library/ to the registry
     // that stands for docker.io.
-    let single = images::push(
-        &upstream.url(),
+    let single = upstream.push(
         "library/single",
         "1",
         Image::build(Format::Docker, CLIENT_LAYERS),
     );
-    let multi = images::push(
-        &upstream.url(),
+    let multi = upstream.push(
         "library/multi",
         "1",
         ImageIndex::build(Format::Docker, &["amd64", "arm64"], CLIENT_LAYERS),
     );
-    let ociapp = images::push(
-        &upstream.url(),
+    let ociapp = upstream.push(
         "library/ociapp",
         "1",
         ImageIndex::build(Format::Oci, &["amd64", "arm64"], CLIENT_LAYERS),
@@ -954,7 +949,7 @@ fn the_admin_socket_runs_commands_only_from_its_own_version() {
 fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
     let upstream = Registry::start();
     let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[12 * KIB]);
-    images::push(&upstream.url(), "test/multi", "1", index.clone());
+    upstream.push("test/multi", "1", index.clone());
     let by_digest = push_test(&upstream, "bydigest", &[20 * KIB]);
     let a = push_test(&upstream, "fromfile-a", &[8 * KIB]);
     let b = push_test(&upstream, "fromfile-b", &[9 * KIB]);

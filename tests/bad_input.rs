@@ -8,7 +8,7 @@
 
 mod support;
 
-use support::images::{self, Format, Image, Pushed};
+use support::images::{Format, Image, Pushed};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
 use support::{error_codes, raw_request, RawResponse};
@@ -22,8 +22,7 @@ struct World {
 
 fn world() -> World {
     let upstream = Registry::start();
-    let present = images::push(
-        &upstream.url(),
+    let present = upstream.push(
         "library/present",
         "1.0",
         Image::build(Format::Docker, &[1024]),
@@ -446,12 +445,9 @@ fn write_methods_are_unsupported_and_never_reach_the_upstream() {
 fn a_name_containing_blobs_uploads_is_pulled_not_refused_as_a_push() {
     let w = world();
     let name = "team/blobs/uploads";
-    let pushed = images::push(
-        &w.upstream.url(),
-        name,
-        "1.0",
-        Image::build(Format::Docker, &[512]),
-    );
+    let pushed = w
+        .upstream
+        .push(name, "1.0", Image::build(Format::Docker, &[512]));
     let port = w.stowage.port();
     let target = format!("/v2/{name}/manifests/1.0");
     let resp = raw_request(port, "GET", &target, &[ACCEPT]);

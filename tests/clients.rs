@@ -200,7 +200,7 @@ fn push_small(
     tag: &str,
     build: impl Into<TestImage>,
 ) -> (Pushed, Image) {
-    let pushed = images::push(&upstream.url(), repo, tag, build);
+    let pushed = upstream.push(repo, tag, build);
     let image = amd64(&pushed).clone();
     (pushed, image)
 }
@@ -619,7 +619,7 @@ fn dockerd_pulls_an_image_of_at_least_128_mib() {
         total >= 128 * 1024 * 1024,
         "the big image should be at least 128 MiB, is {total} bytes"
     );
-    let pushed = images::push(&w.hub.url(), "library/big", "1", image.clone());
+    let pushed = w.hub.push("library/big", "1", image.clone());
 
     docker_pull_and_verify(&docker, "big:1", None, &pushed, &image, &files);
     assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull big:1");
@@ -806,8 +806,7 @@ fn podman_without_insecure_on_the_mirror_never_reaches_plain_http_stowage() {
     let conf = registries_conf(&w.stowage, &[]).replace("insecure = true\n", "");
     assert!(!conf.contains("insecure"), "{conf}");
     let env = ContainersEnv::new(&conf);
-    images::push(
-        &w.hub.url(),
+    w.hub.push(
         "library/alpine",
         "3.19",
         Image::build(Format::Docker, SMALL),
@@ -904,12 +903,9 @@ fn skopeo_copy_twice(w: &World, env: &ContainersEnv, reference: &str, pushed: &P
 fn skopeo_copies_docker_io_through_a_registries_conf_mirror_and_recopies_from_the_cache() {
     let w = world();
     let env = podman_env(&w);
-    let pushed = images::push(
-        &w.hub.url(),
-        "library/alpine",
-        "3.19",
-        Image::build(Format::Oci, SMALL),
-    );
+    let pushed = w
+        .hub
+        .push("library/alpine", "3.19", Image::build(Format::Oci, SMALL));
     skopeo_copy_twice(&w, &env, "docker.io/library/alpine:3.19", &pushed, false);
     assert_asked_mirror_for(&w, "/v2/library/alpine/manifests/3.19", "skopeo");
 }
@@ -918,8 +914,7 @@ fn skopeo_copies_docker_io_through_a_registries_conf_mirror_and_recopies_from_th
 fn skopeo_copies_a_second_upstream_through_a_prefix_style_mirror_location() {
     let w = world();
     let env = podman_env(&w);
-    let pushed = images::push(
-        &w.ghcr.url(),
+    let pushed = w.ghcr.push(
         "acme/tool",
         "1.0",
         ImageIndex::build(Format::Oci, &["amd64", "arm64"], SMALL),

@@ -15,7 +15,7 @@ use std::time::Duration;
 use support::clients::stowage_blob_gets;
 use support::fake_upstream::{FakeUpstream, Fault};
 use support::garage::Garage;
-use support::images::{self, Format, Image, Pushed};
+use support::images::{Format, Image, Pushed};
 use support::nginx::Nginx;
 use support::registry::Registry;
 use support::scrape::Scrape;
@@ -103,12 +103,7 @@ fn metric(node: &Stowage, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[test]
 fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
-        "fleet/app",
-        "v1",
-        Image::build(Format::Docker, LAYERS),
-    );
+    let pushed = upstream.push("fleet/app", "v1", Image::build(Format::Docker, LAYERS));
     let garage = Garage::start(3);
     let storage = garage.storage_toml(PREFIX);
     let a = node(&upstream.url(), &storage);
@@ -169,12 +164,7 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
 #[test]
 fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it() {
     let upstream = Registry::start();
-    let first = images::push(
-        &upstream.url(),
-        "fleet/app",
-        "v1",
-        Image::build(Format::Docker, LAYERS),
-    );
+    let first = upstream.push("fleet/app", "v1", Image::build(Format::Docker, LAYERS));
     let mut garage = Garage::start(3);
     let a = node(&upstream.url(), &garage.storage_toml(PREFIX));
     let out = tempfile::tempdir().expect("tempdir");
@@ -227,12 +217,7 @@ fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it
     );
 
     // New content falls back to the upstream, kept locally.
-    let second = images::push(
-        &upstream.url(),
-        "fleet/app",
-        "v2",
-        Image::build(Format::Oci, LAYERS),
-    );
+    let second = upstream.push("fleet/app", "v2", Image::build(Format::Oci, LAYERS));
     let out2 = tempfile::tempdir().expect("tempdir");
     pull(&a, &second, out2.path());
     assert!(metric(&a, "stowage_object_store_fallbacks_total", &[]) >= 1.0);
@@ -369,8 +354,7 @@ fn a_damaged_shared_blob_is_rejected_removed_and_replaced_from_the_upstream() {
 #[test]
 fn the_documented_nginx_setup_sends_each_digest_to_one_node() {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "fleet/app",
         "v1",
         Image::build(

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::images::{self, Format, Image, Pushed};
+use support::images::{Format, Image, Pushed};
 use support::registry::Registry;
 use support::stowage::{Stowage, StowageBuilder, UpstreamSpec};
 use support::{http, raw_request, wait_until};
@@ -25,8 +25,7 @@ struct World {
 
 fn world_with(configure: impl FnOnce(StowageBuilder) -> StowageBuilder) -> World {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "library/present",
         "1.0",
         Image::build(Format::Docker, &[64 * 1024]),

@@ -332,7 +332,7 @@ fn unpin_follows_the_pinned_reference_after_its_tag_moved() {
         .start();
     // test/a:1 and test/a:latest on one digest, both pinned (inside the running serve).
     let old = push_test(&upstream, "a", &[MIB]);
-    let old_latest = images::push(&upstream.url(), "test/a", "latest", old.image.clone());
+    let old_latest = upstream.push("test/a", "latest", old.image.clone());
     pull_image(&stowage, &old);
     pull_image(&stowage, &old_latest);
     command_ok(&stowage, &["pin", "test/a:1", "test/a:latest"]);
@@ -355,13 +355,12 @@ fn unpin_follows_the_pinned_reference_after_its_tag_moved() {
     );
 
     // Both tags move upstream; the mirror revalidates them (manifest_ttl = 0).
-    let new = images::push(
-        &upstream.url(),
+    let new = upstream.push(
         "test/a",
         "1",
         images::Image::build(images::Format::Oci, &[MIB]),
     );
-    let new_latest = images::push(&upstream.url(), "test/a", "latest", new.image.clone());
+    let new_latest = upstream.push("test/a", "latest", new.image.clone());
     pull_image(&stowage, &new);
     pull_image(&stowage, &new_latest);
     let ls = command_ok(&stowage, &["ls"]);

@@ -9,7 +9,7 @@ mod support;
 use std::time::Duration;
 
 use support::fake_upstream::{FakeUpstream, WrongBytes};
-use support::images::{self, Format, Image};
+use support::images::{Format, Image};
 use support::registry::Registry;
 use support::scrape::Scrape;
 use support::stowage::{Stowage, UpstreamSpec};
@@ -51,7 +51,7 @@ fn pull(stowage: &Stowage, name: &str, tag: &str, image: &Image) -> u64 {
 fn cold_then_warm_pull_counts_misses_then_hits_and_fetches_each_blob_once() {
     let upstream = Registry::start();
     let image = Image::build(Format::Docker, &[1024, 2 * 1024 * 1024]);
-    let pushed = images::push(&upstream.url(), "library/counted", "1.0", image.clone());
+    let pushed = upstream.push("library/counted", "1.0", image.clone());
     let blobs = pushed.blobs().len() as f64;
     assert_eq!(blobs, 3.0, "config + two layers");
     let blob_bytes: u64 = image.blobs().iter().map(|b| b.size() as u64).sum();

@@ -86,8 +86,8 @@ fn world() -> World {
         shared.clone(),
         images::random_layer(Format::Docker, 768),
     ]);
-    images::push(&hub.url(), REPO, "1.0", hub_image.clone());
-    images::push(&ghcr.url(), REPO, "1.0", ghcr_image.clone());
+    hub.push(REPO, "1.0", hub_image.clone());
+    ghcr.push(REPO, "1.0", ghcr_image.clone());
     let stowage = Stowage::start(&[
         UpstreamSpec::new("docker.io", &hub.url()),
         UpstreamSpec::new("ghcr.io", &ghcr.url()),

@@ -228,8 +228,7 @@ fn skopeo_run(args: &[&str]) -> (bool, String) {
 #[test]
 fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "library/app",
         "v1",
         Image::build(Format::Oci, &[1024, 64 * 1024]),
@@ -423,12 +422,7 @@ struct AuthWorld {
 
 fn auth_world(auth_extra: &str) -> AuthWorld {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
-        "library/app",
-        "v1",
-        Image::build(Format::Docker, &[1024]),
-    );
+    let pushed = upstream.push("library/app", "v1", Image::build(Format::Docker, &[1024]));
     let files = tempfile::tempdir().unwrap();
     let htpasswd = write_htpasswd(files.path(), &[("alice", "s3cret"), ("bob", "hunter2")]);
     let stowage = Stowage::builder()
@@ -615,24 +609,9 @@ fn open_paths_and_htpasswd_reload() {
 #[test]
 fn denied_repositories_are_403_and_never_reach_the_upstream() {
     let upstream = Registry::start();
-    let allowed = images::push(
-        &upstream.url(),
-        "library/app",
-        "v1",
-        Image::build(Format::Docker, &[1024]),
-    );
-    let evil = images::push(
-        &upstream.url(),
-        "evil/miner",
-        "v1",
-        Image::build(Format::Docker, &[2048]),
-    );
-    let secret = images::push(
-        &upstream.url(),
-        "myorg/secret",
-        "v1",
-        Image::build(Format::Docker, &[512]),
-    );
+    let allowed = upstream.push("library/app", "v1", Image::build(Format::Docker, &[1024]));
+    let evil = upstream.push("evil/miner", "v1", Image::build(Format::Docker, &[2048]));
+    let secret = upstream.push("myorg/secret", "v1", Image::build(Format::Docker, &[512]));
     let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())
         .with_extra("allow = [\"library/*\", \"myorg/**\"]\ndeny = [\"myorg/secret\"]")]);
     let accept = manifest_accept();

@@ -38,6 +38,21 @@ fn stowage_for(fake: &FakeUpstream) -> Stowage {
     Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())])
 }
 
+/// `GET url` (with `Accept: accept`, if given): the status, `Docker-Content-Digest` and body.
+fn fetch(url: &str, accept: Option<String>) -> (reqwest::StatusCode, Option<String>, Vec<u8>) {
+    let mut req = http().get(url);
+    if let Some(accept) = accept {
+        req = req.header("Accept", accept);
+    }
+    let resp = req.send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status();
+    let digest = header(&resp, "docker-content-digest");
+    let body = resp
+        .bytes()
+        .unwrap_or_else(|e| panic!("reading body of GET {url}: {e}"));
+    (status, digest, body.to_vec())
+}
+
 /// `GET` a manifest through stowage like containerd does and check it is byte-exact.
 fn pull_manifest(
     stowage: &Stowage,
@@ -46,19 +61,10 @@ fn pull_manifest(
     expected: &support::images::Manifest,
 ) {
     let url = format!("{}/v2/{repo}/manifests/{reference}", stowage.url());
-    let resp = http()
-        .get(&url)
-        .header("Accept", manifest_accept())
-        .send()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status();
-    let digest = header(&resp, "docker-content-digest");
-    let body = resp
-        .bytes()
-        .unwrap_or_else(|e| panic!("reading body of GET {url}: {e}"));
+    let (status, digest, body) = fetch(&url, Some(manifest_accept()));
     assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
     assert!(
-        body.as_ref() == expected.bytes.as_slice(),
+        body == expected.bytes,
         "GET {url}: manifest bytes differ from upstream's"
     );
     assert_eq!(
@@ -71,15 +77,7 @@ fn pull_manifest(
 /// `GET` a blob through stowage and check bytes and `Docker-Content-Digest`.
 fn pull_blob(stowage: &Stowage, repo: &str, blob: &Blob) {
     let url = format!("{}/v2/{repo}/blobs/{}", stowage.url(), blob.digest);
-    let resp = http()
-        .get(&url)
-        .send()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status();
-    let digest = header(&resp, "docker-content-digest");
-    let body = resp
-        .bytes()
-        .unwrap_or_else(|e| panic!("reading body of GET {url}: {e}"));
+    let (status, digest, body) = fetch(&url, None);
     assert_eq!(
         status,
         200,
@@ -374,14 +372,8 @@ fn hub_401_with_a_fresh_token_is_remembered_for_negative_ttl() {
     let stowage = stowage_for(&fake); // negative_ttl: 30 s by default
     let url = format!("{}/v2/{repo}/manifests/latest", stowage.url());
     let get = || {
-        let resp = http()
-            .get(&url)
-            .header("Accept", manifest_accept())
-            .send()
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let status = resp.status().as_u16();
-        let body = resp.bytes().unwrap();
-        (status, error_codes(&body, &format!("GET {url}")))
+        let (status, _, body) = fetch(&url, Some(manifest_accept()));
+        (status.as_u16(), error_codes(&body, &format!("GET {url}")))
     };
 
     assert_eq!(get(), (404, vec!["NAME_UNKNOWN".to_string()]));
@@ -428,15 +420,9 @@ fn harbor_404_not_found_stays_a_404_with_the_oci_code() {
     ];
     for (rest, code) in &cases {
         let url = format!("{}/v2/{repo}/{rest}", stowage.url());
-        let resp = c
-            .get(&url)
-            .header("Accept", manifest_accept())
-            .send()
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let status = resp.status().as_u16();
-        let body = resp.bytes().unwrap();
+        let (status, _, body) = fetch(&url, Some(manifest_accept()));
         assert_eq!(
-            (status, error_codes(&body, &format!("GET {url}"))),
+            (status.as_u16(), error_codes(&body, &format!("GET {url}"))),
             (404, vec![code.to_string()]),
             "GET {url}: {}",
             String::from_utf8_lossy(&body)
@@ -501,15 +487,7 @@ fn blob_redirect_is_followed_without_authorization_header() {
     pull_manifest(&stowage, repo, "7", &image.manifest);
     for blob in image.blobs() {
         let url = format!("{}/v2/{repo}/blobs/{}", stowage.url(), blob.digest);
-        let resp = http()
-            .get(&url)
-            .send()
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let status = resp.status();
-        let digest = header(&resp, "docker-content-digest");
-        let body = resp
-            .bytes()
-            .unwrap_or_else(|e| panic!("reading GET {url}: {e}"));
+        let (status, digest, body) = fetch(&url, None);
 
         let cdn = fake.cdn_requests();
         let leaked: Vec<_> = cdn.iter().filter(|r| r.has_authorization()).collect();
@@ -532,10 +510,7 @@ fn blob_redirect_is_followed_without_authorization_header() {
             "GET {url}: {}",
             String::from_utf8_lossy(&body[..body.len().min(500)])
         );
-        assert!(
-            body.as_ref() == blob.bytes.as_slice(),
-            "GET {url}: wrong bytes"
-        );
+        assert!(body == blob.bytes, "GET {url}: wrong bytes");
         assert_eq!(
             digest.as_deref(),
             Some(blob.digest.as_str()),
@@ -916,27 +891,17 @@ fn fake_upstream_token_endpoint_checks_basic_credentials() {
     let fake = FakeUpstream::builder()
         .token_credentials("alice", "hunter2")
         .start();
-    let c = http();
     let q = [("service", SERVICE), ("scope", "repository:x/y:pull")];
-    assert_eq!(c.get(fake.realm()).query(&q).send().unwrap().status(), 401);
-    assert_eq!(
-        c.get(fake.realm())
-            .query(&q)
-            .basic_auth("alice", Some("nope"))
-            .send()
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(fake.realm())
-            .query(&q)
-            .basic_auth("alice", Some("hunter2"))
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
+    let token_status = |password: Option<&str>| {
+        let mut req = http().get(fake.realm()).query(&q);
+        if let Some(password) = password {
+            req = req.basic_auth("alice", Some(password));
+        }
+        req.send().unwrap().status()
+    };
+    assert_eq!(token_status(None), 401);
+    assert_eq!(token_status(Some("nope")), 401);
+    assert_eq!(token_status(Some("hunter2")), 200);
     assert!(fake.token_requests()[2]
         .authorization
         .as_deref()

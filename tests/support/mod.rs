@@ -135,6 +135,17 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// `GET url`: panics unless it answers 200 with a JSON body, which it returns.
+pub fn get_json(url: &str) -> serde_json::Value {
+    let resp = http()
+        .get(url)
+        .send()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(resp.status().as_u16(), 200, "GET {url}");
+    resp.json()
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
 /// A blocking HTTP client for tests: no proxy from the environment, generous timeout, no
 /// automatic redirects (tests want to see exactly what the server answered).
 pub fn http() -> reqwest::blocking::Client {

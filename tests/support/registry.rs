@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use super::images::{Pushed, TestImage};
 use super::{free_port, http, tail, wait_until, READY_TIMEOUT};
 
 /// Marker query used by [`Registry::sync_log`]; lines carrying it are excluded from counts.
@@ -110,6 +111,11 @@ impl Registry {
     }
 
     /// `http://127.0.0.1:<port>`
+    /// Pushes `image` as `name:tag` (blobs, child manifests, then the tagged manifest).
+    pub fn push(&self, name: &str, tag: &str, image: impl Into<TestImage>) -> Pushed {
+        super::images::push(&self.url(), name, tag, image)
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
