@@ -17,40 +17,7 @@ use support::fake_upstream::{FakeUpstream, Fault, Gate};
 use support::images::{self, Format, Image, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
-use support::{error_codes, manifest_accept};
-
-/// A response, read in full.
-struct Resp {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> String {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    }
-    fn digest(&self) -> String {
-        self.header("docker-content-digest")
-    }
-}
-
-fn request(method: reqwest::Method, url: &str, accept: &[&str]) -> Resp {
-    let mut req = support::http().request(method.clone(), url);
-    for a in accept {
-        req = req.header("Accept", *a);
-    }
-    let resp = req.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    Resp {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.bytes().map(|b| b.to_vec()).unwrap_or_default(),
-    }
-}
+use support::{error_codes, manifest_accept, request, Resp};
 
 fn get(url: &str) -> Resp {
     request(reqwest::Method::GET, url, &[&manifest_accept()])

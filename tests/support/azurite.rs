@@ -22,7 +22,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use stowage::config::{AzureStoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{find_binary, free_port, tail, wait_until};
+use super::{find_binary, free_port, probe_list, tail, wait_until};
 
 /// Generous: node starting on a busy 2-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -311,22 +311,4 @@ fn random_key() -> Vec<u8> {
 fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     ring::hmac::sign(&key, message).as_ref().to_vec()
-}
-
-/// One `list` through `stowage::store` on a runtime of its own (in a thread, so that callers
-/// inside a tokio runtime can use the harness too).
-fn probe_list(cfg: &SharedStoreConfig) -> Result<(), String> {
-    let cfg = cfg.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let store = stowage::store::open(&cfg).map_err(|e| e.to_string())?;
-            store.list("").await.map(|_| ()).map_err(|e| e.to_string())
-        })
-    })
-    .join()
-    .unwrap_or_else(|_| Err("probe thread panicked".into()))
 }

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use stowage::config::{S3StoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{find_binary, free_port, tail, wait_until};
+use super::{find_binary, free_port, probe_list, tail, wait_until};
 
 /// Generous: three servers and a layout on a busy 2-core machine.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -518,22 +518,4 @@ fn parse_key(text: &str) -> (Option<String>, Option<String>) {
             .find(|v| !v.is_empty() && !v.starts_with('('))
     };
     (field("Key ID"), field("Secret key"))
-}
-
-/// One `list` through `stowage::store` on a runtime of its own (in a thread, so that callers
-/// inside a tokio runtime can use the harness too).
-fn probe_list(cfg: &SharedStoreConfig) -> Result<(), String> {
-    let cfg = cfg.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let store = stowage::store::open(&cfg).map_err(|e| e.to_string())?;
-            store.list("").await.map(|_| ()).map_err(|e| e.to_string())
-        })
-    })
-    .join()
-    .unwrap_or_else(|_| Err("probe thread panicked".into()))
 }

@@ -146,6 +146,25 @@ pub fn get_json(url: &str) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
 }
 
+/// One `list` through `stowage::store` on a runtime of its own (in a thread, so that callers
+/// inside a tokio runtime can use the harness too): the readiness probe of the object-store
+/// harnesses (Garage, Azurite).
+pub fn probe_list(cfg: &::stowage::config::SharedStoreConfig) -> Result<(), String> {
+    let cfg = cfg.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let store = ::stowage::store::open(&cfg).map_err(|e| e.to_string())?;
+            store.list("").await.map(|_| ()).map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Err("probe thread panicked".into()))
+}
+
 /// A blocking HTTP client for tests: no proxy from the environment, generous timeout, no
 /// automatic redirects (tests want to see exactly what the server answered).
 pub fn http() -> reqwest::blocking::Client {
@@ -237,6 +256,47 @@ pub fn skopeo_ok(args: &[&str], context: &str) -> Output {
         status = output.status,
     );
     output
+}
+
+/// A response through [`http`], read in full.
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    /// Reads `resp` in full (a body that breaks off reads as empty).
+    pub fn read(resp: reqwest::blocking::Response) -> Resp {
+        Resp {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.bytes().map(|b| b.to_vec()).unwrap_or_default(),
+        }
+    }
+
+    /// The header `name` as text, `""` when absent.
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// `Docker-Content-Digest`, `""` when absent.
+    pub fn digest(&self) -> String {
+        self.header("docker-content-digest")
+    }
+}
+
+/// `method url` with one `Accept` header per entry of `accept`, read in full.
+pub fn request(method: reqwest::Method, url: &str, accept: &[&str]) -> Resp {
+    let mut req = http().request(method.clone(), url);
+    for a in accept {
+        req = req.header("Accept", *a);
+    }
+    Resp::read(req.send().unwrap_or_else(|e| panic!("{method} {url}: {e}")))
 }
 
 /// A response read off a raw socket.
