@@ -7,7 +7,6 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Output;
 use std::time::Duration;
 
 use support::clients::{assert_unpacked, docker_daemon_json, docker_inspect, image_files, Dockerd};
@@ -16,7 +15,7 @@ use support::images::push_test;
 use support::images::{self, Format, Image, ImageIndex, Pushed};
 use support::registry::Registry;
 use support::scrape::Scrape;
-use support::stowage::{pull_image, Stowage, UpstreamSpec};
+use support::stowage::{command, command_ok, pull_image, text, Stowage, UpstreamSpec};
 use support::{http, manifest_accept, sha256_digest, wait_until};
 
 const KIB: usize = 1 << 10;
@@ -35,15 +34,6 @@ fn get(url: &str) -> (u16, String) {
 fn upstream_requests(upstream: &Registry) -> usize {
     upstream.sync_log();
     upstream.access_log().len()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]
@@ -92,23 +82,6 @@ fn offline_serves_cached_tags_past_ttl_and_never_contacts_upstream() {
         "an offline mirror contacted the upstream:\n{}",
         upstream.access_log_lines().join("\n")
     );
-}
-
-/// Runs `stowage <args> --config <stowage's config>`: on the cache directly when the server is
-/// stopped, through its admin socket while it runs.
-fn command(stowage: &Stowage, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
-        .arg("--config")
-        .arg(stowage.config_path())
-        .output()
-        .expect("run the stowage binary")
-}
-
-fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
-    let o = command(stowage, args);
-    assert!(o.status.success(), "stowage {args:?} failed: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 /// Every file of a skopeo `dir:` copy whose name is a digest hex hashes to that name; returns

@@ -18,7 +18,7 @@ use support::reader::{assert_whole, client, Got, Reader};
 use support::scrape::Scrape;
 use support::stowage::{Stowage, UpstreamSpec};
 use support::tmpfs::Tmpfs;
-use support::{sha256_digest, wait_until};
+use support::wait_until;
 
 /// Upper bound for every "eventually" (never a timing assertion): the machine is small and busy.
 const EVENTUALLY: Duration = Duration::from_secs(180);
@@ -62,17 +62,6 @@ fn assert_failed_transfer(got: &Got, blob: &[u8], what: &str) {
     );
 }
 
-fn wait_committed(stowage: &Stowage, digest: &str, blob: &[u8]) {
-    let path = stowage.blob_path(digest);
-    assert!(
-        wait_until(EVENTUALLY, || {
-            std::fs::read(&path).is_ok_and(|b| b.len() == blob.len() && sha256_digest(&b) == digest)
-        }),
-        "{digest} was never committed at {}",
-        path.display()
-    );
-}
-
 /// Fetches a small blob whole and waits for its commit (it is then a plain cached blob).
 fn cache_blob(stowage: &Stowage, digest: &str, blob: &[u8]) {
     assert_whole(
@@ -80,7 +69,7 @@ fn cache_blob(stowage: &Stowage, digest: &str, blob: &[u8]) {
         blob,
         "warming the cache",
     );
-    wait_committed(stowage, digest, blob);
+    stowage.wait_committed(digest, blob, EVENTUALLY);
     stowage.wait_commits();
 }
 
@@ -283,7 +272,7 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
         &big,
         "the blob once the disk has room",
     );
-    wait_committed(&stowage, &big_digest, &big);
+    stowage.wait_committed(&big_digest, &big, EVENTUALLY);
     // The failed fill, the refused attempt, and this one.
     assert_eq!(fake.blob_gets(&big_digest).len(), 3);
     let gets = fake.blob_gets(&big_digest).len();
@@ -349,7 +338,7 @@ fn a_fill_failing_for_lack_of_disk_evicts_unused_blobs_for_the_next_try() {
         &big,
         "the next try after eviction",
     );
-    wait_committed(&stowage, &big_digest, &big);
+    stowage.wait_committed(&big_digest, &big, EVENTUALLY);
     // The evicted blob is fetched again (the index forgot it too).
     let gets = fake.blob_gets(&old_digest).len();
     let _ = std::fs::remove_file(&ballast);

@@ -100,6 +100,11 @@ fn metric(node: &Stowage, name: &str, labels: &[(&str, &str)]) -> f64 {
     Scrape::get(&node.url()).find(name, labels).unwrap_or(0.0)
 }
 
+/// `stowage_fill_sources_total{source}` of `node`.
+fn fill_sources(node: &Stowage, source: &str) -> f64 {
+    metric(node, "stowage_fill_sources_total", &[("source", source)])
+}
+
 #[test]
 fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
     let upstream = Registry::start();
@@ -133,29 +138,18 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
         "the tag node A confirmed within manifest_ttl is a hit on node B: {during_b:#?}"
     );
     assert_eq!(
-        metric(
-            &b,
-            "stowage_fill_sources_total",
-            &[("source", "object_store")]
-        ),
+        fill_sources(&b, "object_store"),
         pushed.blobs().len() as f64,
         "every blob of node B came from the object store"
     );
-    assert_eq!(
-        metric(&b, "stowage_fill_sources_total", &[("source", "upstream")]),
-        0.0
-    );
+    assert_eq!(fill_sources(&b, "upstream"), 0.0);
     assert!(metric(&b, "stowage_object_store_hits_total", &[("kind", "tag")]) >= 1.0);
 
     // B's local tier now holds the blobs: a third pull asks nobody.
     let out_b2 = tempfile::tempdir().expect("tempdir");
     pull(&b, &pushed, out_b2.path());
     assert_eq!(
-        metric(
-            &b,
-            "stowage_fill_sources_total",
-            &[("source", "object_store")]
-        ),
+        fill_sources(&b, "object_store"),
         pushed.blobs().len() as f64,
         "the second pull on node B is served from its local tier"
     );
@@ -276,14 +270,7 @@ fn fill_lease_makes_the_second_node_wait_for_the_first_nodes_copy() {
         1,
         "one upstream transfer for the whole fleet"
     );
-    assert_eq!(
-        metric(
-            &b,
-            "stowage_fill_sources_total",
-            &[("source", "object_store")]
-        ),
-        1.0
-    );
+    assert_eq!(fill_sources(&b, "object_store"), 1.0);
     // The lease is released once the blob is shared.
     let lease = shared.path().join(format!(
         "leases/sha256/{}",

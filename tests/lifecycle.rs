@@ -9,7 +9,6 @@ mod support;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use std::time::Duration;
 use support::images::push_test;
 use support::images::{self, Pushed};
 use support::registry::Registry;
-use support::stowage::{pull_image, Stowage, UpstreamSpec};
+use support::stowage::{command, command_ok, pull_image, text, Stowage, UpstreamSpec};
 use support::{files_under, http, sha256_digest, wait_until};
 
 const MIB: usize = 1 << 20;
@@ -69,31 +68,6 @@ fn on_disk(data: &Path) -> u64 {
             .sum()
     };
     size(files_under(&data.join("blobs"))) + size(files_under(&data.join("tmp")))
-}
-
-/// Runs `stowage <args> --config <stowage's config>`.
-fn command(stowage: &Stowage, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
-        .arg("--config")
-        .arg(stowage.config_path())
-        .output()
-        .expect("run the stowage binary")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
-    let o = command(stowage, args);
-    assert!(o.status.success(), "stowage {args:?} failed: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn stop_cleanly(stowage: &mut Stowage) {

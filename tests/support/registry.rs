@@ -110,14 +110,14 @@ impl Registry {
         ready && !exited
     }
 
-    /// `http://127.0.0.1:<port>`
     /// Pushes `image` as `name:tag` (blobs, child manifests, then the tagged manifest).
     pub fn push(&self, name: &str, tag: &str, image: impl Into<TestImage>) -> Pushed {
         super::images::push(&self.url(), name, tag, image)
     }
 
+    /// `http://127.0.0.1:<port>`
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.host_port())
     }
 
     /// `127.0.0.1:<port>`, as used in `docker://` references.

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use super::{files_under, free_port, tail, wait_until, READY_TIMEOUT};
@@ -313,12 +313,26 @@ impl Stowage {
         t
     }
 
+    /// Waits up to `timeout` until `blob` (of `digest`) is committed, byte for byte, at its
+    /// place in the cache; panics if it never is.
+    pub fn wait_committed(&self, digest: &str, blob: &[u8], timeout: Duration) {
+        let path = self.blob_path(digest);
+        assert!(
+            wait_until(timeout, || {
+                std::fs::read(&path)
+                    .is_ok_and(|b| b.len() == blob.len() && super::sha256_digest(&b) == digest)
+            }),
+            "{digest} was never committed at {}",
+            path.display()
+        );
+    }
+
     /// `http://127.0.0.1:<port>`, or `https://localhost:<port>` with [`StowageBuilder::https`].
     pub fn url(&self) -> String {
         if self.options.tls_ca.is_some() {
             format!("https://localhost:{}", self.port)
         } else {
-            format!("http://127.0.0.1:{}", self.port)
+            format!("http://{}", self.host_port())
         }
     }
 
@@ -501,6 +515,34 @@ fn toml_str(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// Runs `stowage <args> --config <stowage's config>`: on the cache directly when the server is
+/// stopped, through its admin socket while it runs.
+pub fn command(stowage: &Stowage, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .arg("--config")
+        .arg(stowage.config_path())
+        .output()
+        .expect("run the stowage binary")
+}
+
+/// [`command`], panicking with its output unless it succeeded; returns its stdout.
+pub fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
+    let o = command(stowage, args);
+    assert!(o.status.success(), "stowage {args:?} failed: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command's status, stdout and stderr, for failure messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Pulls an image through `stowage` like a client: manifest by tag (its bytes must hash to the
