@@ -935,6 +935,12 @@ fn tags_list(state: &Shared, repo: &str) -> Response {
     json(StatusCode::OK, &body.to_string())
 }
 
+/// A 404 with `code`, or the code the fake was told to use instead (Harbor's `NOT_FOUND`).
+fn not_found(state: &Shared, code: &str, message: &str, head: bool) -> Response {
+    let code = state.options.not_found_code.as_deref().unwrap_or(code);
+    error(StatusCode::NOT_FOUND, code, message, head)
+}
+
 fn manifest(state: &Shared, repo: &str, reference: &str, head: bool) -> Response {
     let found = state
         .content()
@@ -942,16 +948,7 @@ fn manifest(state: &Shared, repo: &str, reference: &str, head: bool) -> Response
         .get(repo)
         .and_then(|r| r.manifests.get(reference).cloned());
     let Some(m) = found else {
-        return error(
-            StatusCode::NOT_FOUND,
-            state
-                .options
-                .not_found_code
-                .as_deref()
-                .unwrap_or("MANIFEST_UNKNOWN"),
-            "manifest unknown",
-            head,
-        );
+        return not_found(state, "MANIFEST_UNKNOWN", "manifest unknown", head);
     };
     let digest = sha256_digest(&m.bytes);
     let fault = if head {
@@ -1008,16 +1005,7 @@ fn registry_blob(
             .map(|bytes| (bytes, content.wrong.get(digest).cloned()))
     };
     let Some((bytes, wrong)) = found else {
-        return error(
-            StatusCode::NOT_FOUND,
-            state
-                .options
-                .not_found_code
-                .as_deref()
-                .unwrap_or("BLOB_UNKNOWN"),
-            "blob unknown to registry",
-            head,
-        );
+        return not_found(state, "BLOB_UNKNOWN", "blob unknown to registry", head);
     };
     if let (Some(cdn), false) = (state.cdn_addr, head) {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);

@@ -125,15 +125,6 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The registry's private temp dir (config, data, log).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// Everything the registry printed so far (logrus lines and access lines).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
