@@ -5,18 +5,11 @@
 mod support;
 
 use support::images::{Format, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
-use support::registry::Registry;
-use support::stowage::{Stowage, UpstreamSpec};
+use support::stowage::MirroredRegistry;
 
-struct World {
-    upstream: Registry,
-    stowage: Stowage,
-}
-
-fn world() -> World {
-    let upstream = Registry::start();
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())]);
-    World { upstream, stowage }
+/// A real upstream registry and a stowage in front of it as the `docker.io` upstream.
+fn world() -> MirroredRegistry {
+    MirroredRegistry::start()
 }
 
 fn get(url: &str, accept: &[&str]) -> reqwest::blocking::Response {

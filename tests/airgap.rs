@@ -1036,7 +1036,7 @@ fn stopping_serve_interrupts_a_prefetch_running_in_it_and_the_command_says_so() 
     );
     let layer = image.layers[0].blob.digest.clone();
     fake.hold_blob(&layer);
-    let mut stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let mut stowage = Stowage::for_docker_io(&fake.url());
     let socket = stowage.data_dir().join("admin.sock");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
         .args(["prefetch", "test/held:1", "--config"])

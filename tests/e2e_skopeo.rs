@@ -13,19 +13,12 @@ use std::time::Duration;
 
 use support::images::{self, Format, Image, ImageIndex, Pushed};
 use support::registry::Registry;
-use support::stowage::{Stowage, UpstreamSpec};
+use support::stowage::{MirroredRegistry, Stowage};
 use support::{get_json, http, manifest_accept, sha256_hex, skopeo_ok, wait_until};
 
 /// A real upstream registry and a stowage in front of it as the `docker.io` upstream.
-struct World {
-    stowage: Stowage,
-    upstream: Registry,
-}
-
-fn world() -> World {
-    let upstream = Registry::start();
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())]);
-    World { stowage, upstream }
+fn world() -> MirroredRegistry {
+    MirroredRegistry::start()
 }
 
 /// 1 KiB + 3 MiB layers: one small, one multi-MiB so streaming paths are exercised.
@@ -46,7 +39,12 @@ fn pull_and_verify(host: &str, reference: &str, pushed: &Pushed, all: bool, out:
 }
 
 /// [`pull_and_verify`] of `reference` from stowage into a fresh temp dir, which it returns.
-fn pull_from_stowage(w: &World, reference: &str, pushed: &Pushed, all: bool) -> tempfile::TempDir {
+fn pull_from_stowage(
+    w: &MirroredRegistry,
+    reference: &str,
+    pushed: &Pushed,
+    all: bool,
+) -> tempfile::TempDir {
     let out = tempfile::tempdir().expect("temp dir for a pull");
     pull_and_verify(&w.stowage.host_port(), reference, pushed, all, out.path());
     out
@@ -151,7 +149,7 @@ fn wait_for_cached_blobs(stowage: &Stowage, pushed: &Pushed) -> Vec<String> {
 
 /// Pull through stowage, verify; pull again, verify, and prove that no blob request reached
 /// the upstream the second time.
-fn pull_twice_through_stowage(w: &World, pushed: &Pushed, all: bool) {
+fn pull_twice_through_stowage(w: &MirroredRegistry, pushed: &Pushed, all: bool) {
     let reference = format!("{}:{}", pushed.name, pushed.tag);
     let _first = pull_from_stowage(w, &reference, pushed, all);
     assert!(
@@ -461,7 +459,7 @@ fn blob_head_and_get_return_identical_headers() {
 }
 
 /// Pulls `pushed` through stowage with skopeo (for the side effect of caching it).
-fn pull_through(w: &World, pushed: &Pushed) {
+fn pull_through(w: &MirroredRegistry, pushed: &Pushed) {
     let _out = pull_from_stowage(w, &format!("{}:{}", pushed.name, pushed.tag), pushed, false);
 }
 

@@ -440,7 +440,7 @@ fn oversized_upstream_answers_are_refused_and_not_cached() {
     let mut longer = real.clone();
     longer.extend_from_slice(&[0u8; 5_000]);
     fake.serve_wrong_bytes(&digest, WrongBytes::Replaced(longer));
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let stowage = Stowage::for_docker_io(&fake.url());
 
     let accept = support::manifest_accept();
     let target = "/v2/library/huge/manifests/latest";

@@ -12,7 +12,7 @@ use support::fake_upstream::{FakeUpstream, WrongBytes};
 use support::images::{Format, Image};
 use support::registry::Registry;
 use support::scrape::Scrape;
-use support::stowage::{Stowage, UpstreamSpec};
+use support::stowage::Stowage;
 use support::{http, manifest_accept, wait_until};
 
 /// Pulls `name:tag` the way a client does: `GET /v2/`, the manifest by tag, then every blob
@@ -55,7 +55,7 @@ fn cold_then_warm_pull_counts_misses_then_hits_and_fetches_each_blob_once() {
     let blobs = pushed.blobs().len() as f64;
     assert_eq!(blobs, 3.0, "config + two layers");
     let blob_bytes: u64 = image.blobs().iter().map(|b| b.size() as u64).sum();
-    let mut stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())]);
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     let base = stowage.url();
     let gb = blob_bytes as f64;
 
@@ -164,7 +164,7 @@ fn concurrent_requests_for_one_cold_blob_join_a_single_fill() {
     let bytes: Vec<u8> = (0..300 * 1024u32).map(|i| (i % 251) as u8).collect();
     let digest = fake.add_blob("library/joined", bytes.clone());
     fake.hold_blob(&digest);
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let stowage = Stowage::for_docker_io(&fake.url());
     let url = format!("{}/v2/library/joined/blobs/{digest}", stowage.url());
     const CLIENTS: usize = 4;
 
@@ -255,7 +255,7 @@ fn a_fill_with_wrong_bytes_counts_a_digest_mismatch_failure() {
     let fake = FakeUpstream::start();
     let digest = fake.add_blob("library/bad", vec![7u8; 64 * 1024]);
     fake.serve_wrong_bytes(&digest, WrongBytes::FlippedByte);
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let stowage = Stowage::for_docker_io(&fake.url());
     let url = format!("{}/v2/library/bad/blobs/{digest}", stowage.url());
     // The connection is aborted (or the body cut short): never a clean, complete 200.
     if let Ok(r) = http().get(&url).send() {
@@ -285,7 +285,7 @@ fn a_fill_with_wrong_bytes_counts_a_digest_mismatch_failure() {
 #[test]
 fn route_labels_are_templates_never_raw_paths() {
     let fake = FakeUpstream::start();
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let stowage = Stowage::for_docker_io(&fake.url());
     let base = stowage.url();
     let client = http();
     let digest = format!("sha256:{}", "ab".repeat(32));
@@ -365,7 +365,7 @@ fn cache_gauges_follow_repairs_missing_files_and_refills() {
     let (a_len, b_len) = (300 * 1024usize, 200 * 1024usize);
     let a = fake.add_blob("library/gauged", vec![1u8; a_len]);
     let b = fake.add_blob("library/gauged", vec![2u8; b_len]);
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let stowage = Stowage::for_docker_io(&fake.url());
     let get = |digest: &str, len: usize| {
         let url = format!("{}/v2/library/gauged/blobs/{digest}", stowage.url());
         let r = http().get(&url).send().unwrap();

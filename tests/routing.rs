@@ -563,7 +563,7 @@ fn a_range_while_a_blob_of_unknown_size_fills_gets_a_206() {
     // with its size unknown while the clients below ask for ranges.
     upstream.serve_chunked(&digest);
     upstream.push_faults(&digest, [Fault::HoldAt(64 * 1024)]);
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())]);
+    let stowage = Stowage::for_docker_io(&upstream.url());
     let url = format!("{}/v2/{REPO}/blobs/{digest}", stowage.url());
 
     let ranged = |range: &'static str| {

@@ -35,7 +35,7 @@ fn publish(fake: &FakeUpstream, repo: &str, tag: &str, image: &Image) {
 }
 
 fn stowage_for(fake: &FakeUpstream) -> Stowage {
-    Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())])
+    Stowage::for_docker_io(&fake.url())
 }
 
 /// `GET url` (with `Accept: accept`, if given): the status, `Docker-Content-Digest` and body.

@@ -139,11 +139,30 @@ pub struct Stowage {
     options: StowageBuilder,
 }
 
+/// A real upstream registry and a stowage in front of it as the `docker.io` upstream.
+pub struct MirroredRegistry {
+    pub stowage: Stowage,
+    pub upstream: super::registry::Registry,
+}
+
+impl MirroredRegistry {
+    pub fn start() -> MirroredRegistry {
+        let upstream = super::registry::Registry::start();
+        let stowage = Stowage::for_docker_io(&upstream.url());
+        MirroredRegistry { stowage, upstream }
+    }
+}
+
 impl Stowage {
     /// Starts stowage in front of `upstreams` (the first one is the default) and waits until
     /// `GET /v2/` answers 200.
     pub fn start(upstreams: &[UpstreamSpec]) -> Stowage {
         Stowage::builder().upstreams(upstreams).start()
+    }
+
+    /// Starts stowage in front of one upstream at `url`, as `docker.io`.
+    pub fn for_docker_io(url: &str) -> Stowage {
+        Stowage::start(&[UpstreamSpec::new("docker.io", url)])
     }
 
     /// Like [`start`](Self::start) with raw TOML appended to the config and extra env vars.
