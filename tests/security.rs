@@ -19,7 +19,7 @@ use base64::Engine as _;
 use support::images::{self, Format, Image};
 use support::registry::Registry;
 use support::stowage::{Stowage, StowageBuilder, UpstreamSpec};
-use support::{error_codes, http, manifest_accept, raw_request, skopeo, wait_until};
+use support::{error_codes, http, manifest_accept, raw_request, skopeo, wait_until, RawResponse};
 
 /// A test CA and a server certificate for `localhost` and `127.0.0.1` signed by it.
 struct Pki {
@@ -441,6 +441,15 @@ fn auth_world(auth_extra: &str) -> AuthWorld {
     }
 }
 
+impl AuthWorld {
+    /// `GET target` with `Authorization: authorization` (and, if given, `Accept: accept`).
+    fn get_as(&self, target: &str, authorization: &str, accept: Option<&str>) -> RawResponse {
+        let mut headers = vec![("Authorization", authorization)];
+        headers.extend(accept.map(|a| ("Accept", a)));
+        raw_request(self.stowage.port(), "GET", target, &headers)
+    }
+}
+
 #[test]
 fn missing_credentials_get_401_with_the_basic_challenge_and_reach_nothing() {
     let w = auth_world("");
@@ -470,12 +479,7 @@ fn missing_credentials_get_401_with_the_basic_challenge_and_reach_nothing() {
         }
     }
     // A non-Basic scheme is no credentials at all.
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        manifest,
-        &[("Authorization", "Bearer abc")],
-    );
+    let r = w.get_as(manifest, "Bearer abc", None);
     assert_eq!(r.status, 401);
     assert_eq!(
         w.upstream.count_requests("GET", "/v2/library/app")
@@ -496,18 +500,8 @@ fn wrong_credentials_get_the_same_401_whichever_part_is_wrong() {
     let accept = manifest_accept();
     let wrong_password = basic("alice", "hunter2");
     let unknown_user = basic("mallory", "s3cret");
-    let a = raw_request(
-        w.stowage.port(),
-        "GET",
-        target,
-        &[("Authorization", &wrong_password), ("Accept", &accept)],
-    );
-    let b = raw_request(
-        w.stowage.port(),
-        "GET",
-        target,
-        &[("Authorization", &unknown_user), ("Accept", &accept)],
-    );
+    let a = w.get_as(target, &wrong_password, Some(&accept));
+    let b = w.get_as(target, &unknown_user, Some(&accept));
     assert_eq!((a.status, b.status), (401, 401));
     assert_eq!(
         a.body, b.body,
@@ -517,20 +511,10 @@ fn wrong_credentials_get_the_same_401_whichever_part_is_wrong() {
     assert_eq!(error_codes(&a.body, "wrong password"), ["UNAUTHORIZED"]);
 
     let good = basic("alice", "s3cret");
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        target,
-        &[("Authorization", &good), ("Accept", &accept)],
-    );
+    let r = w.get_as(target, &good, Some(&accept));
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(r.body, w.pushed.manifest().bytes);
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        "/v2/",
-        &[("Authorization", &basic("bob", "hunter2"))],
-    );
+    let r = w.get_as("/v2/", &basic("bob", "hunter2"), None);
     assert_eq!(r.status, 200);
 
     // The credentials never reach the log.
@@ -545,12 +529,12 @@ fn failed_logins_are_limited_per_client_ip() {
     let w = auth_world("failed_login_limit = 3\nfailed_login_window = \"10m\"");
     let bad = basic("alice", "guess");
     for i in 0..3 {
-        let r = raw_request(w.stowage.port(), "GET", "/v2/", &[("Authorization", &bad)]);
+        let r = w.get_as("/v2/", &bad, None);
         assert_eq!(r.status, 401, "attempt {i}");
     }
     // Over the limit: refused without checking, even with the right password.
     let good = basic("alice", "s3cret");
-    let r = raw_request(w.stowage.port(), "GET", "/v2/", &[("Authorization", &good)]);
+    let r = w.get_as("/v2/", &good, None);
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(error_codes(&r.body, "throttled"), ["TOOMANYREQUESTS"]);
     let retry: u64 = r
@@ -568,12 +552,7 @@ fn open_paths_and_htpasswd_reload() {
         r.status, 401,
         "/healthz is protected when not in open_paths"
     );
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        "/healthz",
-        &[("Authorization", &basic("alice", "s3cret"))],
-    );
+    let r = w.get_as("/healthz", &basic("alice", "s3cret"), None);
     assert_eq!(r.status, 200);
 
     // Replace the users and send SIGHUP: carol gets in, alice is out.
@@ -586,22 +565,10 @@ fn open_paths_and_htpasswd_reload() {
         .success());
     let carol = basic("carol", "new-pass");
     let reloaded = wait_until(Duration::from_secs(30), || {
-        raw_request(
-            w.stowage.port(),
-            "GET",
-            "/v2/",
-            &[("Authorization", &carol)],
-        )
-        .status
-            == 200
+        w.get_as("/v2/", &carol, None).status == 200
     });
     assert!(reloaded, "carol never got in\n{}", w.stowage.log());
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        "/v2/",
-        &[("Authorization", &basic("alice", "s3cret"))],
-    );
+    let r = w.get_as("/v2/", &basic("alice", "s3cret"), None);
     assert_eq!(r.status, 401, "alice was removed");
     assert!(w.stowage.is_running());
 }

@@ -14,15 +14,14 @@
 //! installs it (`${XDG_CACHE_HOME:-~/.cache}/stowage-test/azurite/node_modules/.bin/`); missing
 //! is a panic, never a skip.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use stowage::config::{AzureStoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{find_binary, free_port, probe_list, tail, wait_until};
+use super::{find_binary, free_port, probe_list, spawn_logged, tail, wait_until};
 
 /// Generous: node starting on a busy 2-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -167,15 +166,10 @@ impl Azurite {
     }
 
     fn spawn(&mut self) {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open azurite log");
         let workspace = self.dir.path().join("data");
         std::fs::create_dir_all(&workspace).expect("create azurite workspace");
-        let child = Command::new(&self.bin)
-            .arg("--blobHost")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--blobHost")
             .arg("127.0.0.1")
             .arg("--blobPort")
             .arg(self.port.to_string())
@@ -187,13 +181,9 @@ impl Azurite {
             .args(["--disableTelemetry", "--skipApiVersionCheck"])
             // Its own account: the account name and a random key (never the well-known one).
             .env("AZURITE_ACCOUNTS", format!("{}:{}", self.account, self.key))
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone azurite log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
-        self.child = Some(child);
+            .env("NO_COLOR", "1");
+        let what = self.bin.display().to_string();
+        self.child = Some(spawn_logged(&mut cmd, &self.log, &what));
     }
 
     /// `PUT /<account>/<container>?restype=container`, Shared Key-signed, retried until the

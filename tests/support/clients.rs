@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::images::{Image, Layer};
 use super::stowage::Stowage;
-use super::{files_under, tail, wait_until};
+use super::{files_under, spawn_logged, tail, wait_until};
 
 /// Upper bound for one client command (a pull of the ≥128 MiB image on a busy 2-core machine
 /// included). Never a timing assertion: only a guard against hangs.
@@ -153,17 +153,8 @@ impl Daemon {
         grace: Duration,
         ready: impl Fn(&Daemon) -> bool,
     ) -> Daemon {
-        let log_file = File::options()
-            .create(true)
-            .append(true)
-            .open(dir.path().join(format!("{name}.log")))
-            .expect("open daemon log");
-        let child = without_proxy(&mut cmd)
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("clone log handle"))
-            .stderr(log_file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+        let log = dir.path().join(format!("{name}.log"));
+        let child = spawn_logged(without_proxy(&mut cmd), &log, name);
         let mut daemon = Daemon {
             name,
             child: Some(child),

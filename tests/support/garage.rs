@@ -12,14 +12,13 @@
 //! The binary is `$GARAGE_BIN`, else `garage` on `PATH`, else `~/.cargo/bin/garage`; missing is
 //! a panic (`scripts/test` installs it), never a skip.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use stowage::config::{S3StoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{find_binary, free_port, probe_list, tail, wait_until};
+use super::{find_binary, free_port, probe_list, spawn_logged, tail, wait_until};
 
 /// Generous: three servers and a layout on a busy 2-core machine.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -288,22 +287,12 @@ api_bind_addr = "127.0.0.1:{admin_port}"
     }
 
     fn spawn_node(&mut self, i: usize) {
-        let node = &self.nodes[i];
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .expect("open garage log");
-        let child = self
-            .command(i)
-            .arg("server")
+        let mut cmd = self.command(i);
+        cmd.arg("server")
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone garage log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} server: {e}", self.bin.display()));
+            .env("NO_COLOR", "1");
+        let what = format!("{} server", self.bin.display());
+        let child = spawn_logged(&mut cmd, &self.nodes[i].log, &what);
         self.nodes[i].child = Some(child);
     }
 

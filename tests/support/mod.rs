@@ -165,13 +165,37 @@ pub fn probe_list(cfg: &::stowage::config::SharedStoreConfig) -> Result<(), Stri
     .unwrap_or_else(|_| Err("probe thread panicked".into()))
 }
 
+/// Spawns `cmd` with no stdin and its stdout and stderr appended to `log`; panics naming
+/// `what` if it cannot.
+pub fn spawn_logged(
+    cmd: &mut std::process::Command,
+    log: &Path,
+    what: &str,
+) -> std::process::Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("open the log of {what}: {e}"));
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"))
+}
+
 /// A blocking HTTP client for tests: no proxy from the environment, generous timeout, no
 /// automatic redirects (tests want to see exactly what the server answered).
 pub fn http() -> reqwest::blocking::Client {
+    http_with_timeout(Duration::from_secs(120))
+}
+
+/// [`http`] with another timeout (blob transfers want a longer one).
+pub fn http_with_timeout(timeout: Duration) -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(120))
+        .timeout(timeout)
         .build()
         .expect("build reqwest blocking client")
 }
