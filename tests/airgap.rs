@@ -1,4 +1,4 @@
-//! Air-gapped sites (issue 8): `prefetch` (by itself or inside a live `serve`, through its admin
+//! Air-gapped sites: `prefetch` (by itself or inside a live `serve`, through its admin
 //! socket), `export` to an OCI image layout, `import`, `serve --offline`.
 //!
 //! Images are synthetic, pushed to a real upstream registry and pulled through stowage with plain
@@ -144,9 +144,7 @@ fn seeded(upstream: &Registry) -> Seeded {
     );
     let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[32 * KIB]);
     upstream.push("test/multi", "1", index.clone());
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     stowage.stop();
     command_ok(
         &stowage,
@@ -473,9 +471,7 @@ fn import_pin_keeps_each_imported_image_whole_under_a_tight_budget() {
     // Random layers do not compress: each image weighs about 600 KiB.
     let a = push_test(&upstream, "a", &[600 * KIB]);
     let b = push_test(&upstream, "b", &[600 * KIB]);
-    let seeder = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let seeder = Stowage::for_docker_io(&upstream.url());
     pull_image(&seeder, &a);
     pull_image(&seeder, &b);
     let mut seeder = seeder;
@@ -514,9 +510,7 @@ fn export_refuses_an_index_none_of_whose_platforms_is_cached() {
     let upstream = Registry::start();
     let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[4 * KIB]);
     upstream.push("test/bare", "1", index);
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     // The index alone, as a client that reads it and stops there.
     let r = http()
         .get(format!("{}/v2/test/bare/manifests/1", stowage.url()))
@@ -552,9 +546,7 @@ fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
     let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[20 * KIB]);
     upstream.push("test/multi", "1", index.clone());
     let (amd64, arm64) = (&index.children[0], &index.children[1]);
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     stowage.stop();
 
     let o = command(
@@ -627,11 +619,8 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
     let upstream = Registry::start();
     // dockerd uses mirrors for docker.io images only: push them under library/ to the registry
     // that stands for docker.io.
-    let single = upstream.push(
-        "library/single",
-        "1",
-        Image::build(Format::Docker, CLIENT_LAYERS),
-    );
+    let single_image = Image::build(Format::Docker, CLIENT_LAYERS);
+    let single = upstream.push("library/single", "1", single_image);
     let multi = upstream.push(
         "library/multi",
         "1",
@@ -642,9 +631,7 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
         "1",
         ImageIndex::build(Format::Oci, &["amd64", "arm64"], CLIENT_LAYERS),
     );
-    let mut seeder = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut seeder = Stowage::for_docker_io(&upstream.url());
     seeder.stop();
     let out = command_ok(
         &seeder,
@@ -720,9 +707,7 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
 fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
     let upstream = Registry::start();
     let live = push_test(&upstream, "live", &[2 << 20, 16 * KIB]);
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     let socket = stowage.data_dir().join("admin.sock");
     let mode = std::fs::metadata(&socket)
         .unwrap_or_else(|e| panic!("{}: {e}", socket.display()))
@@ -927,9 +912,7 @@ fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
     let a = push_test(&upstream, "fromfile-a", &[8 * KIB]);
     let b = push_test(&upstream, "fromfile-b", &[9 * KIB]);
     // Against a live serve: the flags travel through the admin socket.
-    let stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let stowage = Stowage::for_docker_io(&upstream.url());
     let cached =
         |blobs: Vec<&images::Blob>| blobs.iter().all(|b| stowage.blob_path(&b.digest).is_file());
 
@@ -975,9 +958,7 @@ fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
 fn a_bundle_without_oci_layout_or_of_another_layout_version_is_rejected() {
     let upstream = Registry::start();
     push_test(&upstream, "single", &[16 * KIB]);
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     stowage.stop();
     command_ok(&stowage, &["prefetch", "test/single:1"]);
     let work = tempfile::tempdir().expect("temp dir");

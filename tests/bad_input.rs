@@ -437,7 +437,7 @@ fn write_methods_are_unsupported_and_never_reach_the_upstream() {
 }
 
 /// A repository whose name contains the components `blobs/uploads` is an ordinary pull: uploads
-/// are only recognised at the right end of the path (gotcha 5).
+/// are only recognised at the right end of the path.
 #[test]
 fn a_name_containing_blobs_uploads_is_pulled_not_refused_as_a_push() {
     let w = world();

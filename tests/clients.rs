@@ -27,7 +27,7 @@ use serde_json::json;
 
 use support::clients::{
     assert_unpacked, containerd_hosts_toml, containerd_override_path_hosts_toml,
-    docker_daemon_json, docker_inspect, image_files, layer_files, registries_conf,
+    docker_daemon_json, docker_inspect, image_files, image_inspect, layer_files, registries_conf,
     stowage_blob_gets, stowage_requests, unpacked_test_files, Containerd, ContainersEnv, Dockerd,
 };
 use support::images::{self, Blob, Format, Image, ImageIndex, Layer, Manifest, Pushed, TestImage};
@@ -766,16 +766,9 @@ impl Client for ContainersEnv {
     fn pull_and_verify(&self, reference: &str, pushed: &Pushed, image: &Image) {
         self.podman_ok(&["pull", reference]);
         let what = format!("podman pull {reference}");
-        let out = self.podman_ok(&[
-            "image",
-            "inspect",
-            "--format",
-            "{{.Id}}|{{.Digest}}|{{json .RootFS.Layers}}",
-            reference,
-        ]);
-        let parts: Vec<&str> = out.trim().splitn(3, '|').collect();
-        assert_eq!(parts.len(), 3, "{what}: unexpected inspect output: {out}");
-        let layers: Vec<String> = serde_json::from_str(parts[2]).expect("RootFS.Layers is JSON");
+        let fields = ["{{.Id}}", "{{.Digest}}", "{{json .RootFS.Layers}}"];
+        let parts = image_inspect(|args| self.podman_ok(args), &fields, reference, &what);
+        let layers: Vec<String> = serde_json::from_str(&parts[2]).expect("RootFS.Layers is JSON");
         assert_id_and_layers(&format!("sha256:{}", parts[0]), &layers, image, &what);
         assert_eq!(parts[1], pushed.digest(), "{what}: manifest digest");
         assert_unpacked(&self.graphroot(), &image_files(image), &what);

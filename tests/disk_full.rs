@@ -135,6 +135,15 @@ fn start_paused_fill(stowage: &Stowage, fake: &FakeUpstream, digest: &str) -> (R
     (first, second)
 }
 
+/// `stowage_fill_failures_total{reason="internal"}`: fills that failed for local trouble.
+fn internal_failures(stowage: &Stowage) -> f64 {
+    metric(
+        stowage,
+        "stowage_fill_failures_total",
+        &[("reason", "internal")],
+    )
+}
+
 #[test]
 fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     // Declared before stowage: stowage stops first, then the tmpfs is unmounted.
@@ -148,11 +157,7 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     assert_eq!(stowage.data_dir(), disk.path());
 
     cache_blob(&stowage, &small_digest, &small);
-    let failures_before = metric(
-        &stowage,
-        "stowage_fill_failures_total",
-        &[("reason", "internal")],
-    );
+    let failures_before = internal_failures(&stowage);
 
     let (first, second) = start_paused_fill(&stowage, &fake, &big_digest);
     // The pre-check has passed; now the disk fills up behind the fill's back: less room than
@@ -178,11 +183,8 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     );
     // The failure is counted as local trouble (the disk), and logged with its cause.
     assert!(
-        wait_until(EVENTUALLY, || metric(
-            &stowage,
-            "stowage_fill_failures_total",
-            &[("reason", "internal")]
-        ) == failures_before + 1.0),
+        wait_until(EVENTUALLY, || internal_failures(&stowage)
+            == failures_before + 1.0),
         "stowage_fill_failures_total{{reason=\"internal\"}} did not count the fill:\n{}",
         Scrape::get(&stowage.url()).metric_lines("stowage_fill_failures_total")
     );
@@ -240,11 +242,8 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     assert!(body.contains("cache is full"), "error body: {body}");
     // The refusal is local trouble too, not the upstream's.
     assert!(
-        wait_until(EVENTUALLY, || metric(
-            &stowage,
-            "stowage_fill_failures_total",
-            &[("reason", "internal")]
-        ) == failures_before + 2.0),
+        wait_until(EVENTUALLY, || internal_failures(&stowage)
+            == failures_before + 2.0),
         "the refused fill is counted as internal:\n{}",
         Scrape::get(&stowage.url()).metric_lines("stowage_fill_failures_total")
     );

@@ -1,4 +1,4 @@
-//! The blob fill engine (issue 3), end to end through the stowage binary: one upstream transfer
+//! The blob fill engine, end to end through the stowage binary: one upstream transfer
 //! per blob however many clients ask, every client streaming as bytes arrive, resumes with
 //! `Range` when the upstream breaks, stalls or fails midway, a clean restart when it ignores
 //! `Range`, verification before commit, client `Range` requests (also while filling), and what

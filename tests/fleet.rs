@@ -1,4 +1,4 @@
-//! A fleet of stowage nodes sharing one object store (issue 11), end to end: a real upstream
+//! A fleet of stowage nodes sharing one object store, end to end: a real upstream
 //! (distribution), real Garage (a 3-node S3-compatible cluster started by the test), skopeo as
 //! the client; the in-process fake upstream where a test must hold a blob mid-fill; the shared
 //! directory backend (`storage.shared_path`) where the test needs conditional create, which

@@ -1,4 +1,4 @@
-//! Storage lifecycle (issue 5): the byte budget with least-recently-used eviction, pins, leases
+//! Storage lifecycle: the byte budget with least-recently-used eviction, pins, leases
 //! for blobs being streamed, recency across restarts, crash safety, `verify` and `gc`.
 //!
 //! Images are synthetic (random, incompressible layers) on a real upstream registry; pulls go

@@ -12,7 +12,7 @@ use support::fake_upstream::{FakeUpstream, WrongBytes};
 use support::images::{Format, Image};
 use support::registry::Registry;
 use support::scrape::Scrape;
-use support::stowage::Stowage;
+use support::stowage::{command_ok, Stowage};
 use support::{http, manifest_accept, wait_until};
 
 /// Pulls `name:tag` the way a client does: `GET /v2/`, the manifest by tag, then every blob
@@ -340,23 +340,6 @@ fn route_labels_are_templates_never_raw_paths() {
         !s.text.contains("12345"),
         "a raw path leaked into the labels"
     );
-}
-
-/// Runs an operator command against the running server (through its admin socket).
-fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
-        .arg("--config")
-        .arg(stowage.config_path())
-        .output()
-        .expect("run the stowage binary");
-    assert!(
-        o.status.success(),
-        "stowage {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 #[test]

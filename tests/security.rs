@@ -228,11 +228,8 @@ fn skopeo_run(args: &[&str]) -> (bool, String) {
 #[test]
 fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
     let upstream = Registry::start();
-    let pushed = upstream.push(
-        "library/app",
-        "v1",
-        Image::build(Format::Oci, &[1024, 64 * 1024]),
-    );
+    let image = Image::build(Format::Oci, &[1024, 64 * 1024]);
+    let pushed = upstream.push("library/app", "v1", image);
     let pki = Pki::new();
     let files = tempfile::tempdir().unwrap();
     let htpasswd = write_htpasswd(files.path(), &[("alice", "correct horse")]);
@@ -251,16 +248,17 @@ fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
     // The harness disables verification for copy; the later flag turns it back on.
     let verify = "--src-tls-verify=true";
 
-    let (ok, stderr) = skopeo_run(&[
-        "copy",
-        verify,
-        "--src-cert-dir",
-        &cert_dir,
-        "--src-creds",
-        "alice:correct horse",
-        &src,
-        &dst,
-    ]);
+    // `skopeo copy` with verification, the CA in `cert_dir` if given and `creds`.
+    let copy = |cert_dir: Option<&str>, creds: &str, dst: &str| {
+        let mut args = vec!["copy", verify];
+        if let Some(dir) = cert_dir {
+            args.extend(["--src-cert-dir", dir]);
+        }
+        args.extend(["--src-creds", creds, &src, dst]);
+        skopeo_run(&args)
+    };
+
+    let (ok, stderr) = copy(Some(&cert_dir), "alice:correct horse", &dst);
     assert!(ok, "skopeo over TLS with credentials failed:\n{stderr}");
     let manifest = std::fs::read(out.join("manifest.json")).expect("manifest.json copied");
     assert_eq!(manifest, pushed.manifest().bytes, "manifest bytes differ");
@@ -271,14 +269,7 @@ fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
 
     // Without the CA the certificate is not trusted: verification really is on.
     let out2 = format!("dir:{}", files.path().join("out2").display());
-    let (ok, stderr) = skopeo_run(&[
-        "copy",
-        verify,
-        "--src-creds",
-        "alice:correct horse",
-        &src,
-        &out2,
-    ]);
+    let (ok, stderr) = copy(None, "alice:correct horse", &out2);
     assert!(!ok, "skopeo trusted an unknown CA");
     assert!(
         stderr.contains("certificate") || stderr.contains("x509"),
@@ -287,16 +278,7 @@ fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
 
     // A wrong password is refused.
     let out3 = format!("dir:{}", files.path().join("out3").display());
-    let (ok, stderr) = skopeo_run(&[
-        "copy",
-        verify,
-        "--src-cert-dir",
-        &cert_dir,
-        "--src-creds",
-        "alice:wrong",
-        &src,
-        &out3,
-    ]);
+    let (ok, stderr) = copy(Some(&cert_dir), "alice:wrong", &out3);
     assert!(!ok, "skopeo pulled with a wrong password");
     assert!(
         stderr.contains("401") || stderr.to_lowercase().contains("unauthorized"),

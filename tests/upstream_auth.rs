@@ -1,7 +1,8 @@
 //! Upstream-facing behaviour that a real registry cannot provoke, pinned against the in-process
-//! [`FakeUpstream`]: Docker Hub-style bearer-token auth (protocol §3.2), blob redirects to a CDN on
-//! another host (§3.4, §8), bytes that do not match their digest (§8, gotcha 13), "401 with a
-//! fresh token" (gotcha 20), secrets in logs, and manifests whose exact bytes matter (§2.4).
+//! [`FakeUpstream`]: Docker Hub-style bearer-token auth, blob redirects to a CDN on another host
+//! (the token must not follow), bytes that do not match their digest (never served as a
+//! success), "401 with a fresh token" (Docker Hub's answer for a repository that does not
+//! exist), secrets in logs, and manifests whose exact bytes matter (the digest is of the bytes).
 //!
 //! Every stowage test runs the real binary (`support::stowage::Stowage`) with the fake as its
 //! default `docker.io` upstream. The last group of tests checks the fake itself against plain
@@ -293,7 +294,7 @@ fn upstream_401_after_fresh_token_is_not_retried_forever() {
         if let Some(challenge) = challenge {
             assert!(
                 !challenge.contains(&fake.realm()),
-                "GET {url}: upstream's challenge must not be forwarded to clients (gotcha 8): {challenge}"
+                "GET {url}: upstream's challenge must not be forwarded to clients: {challenge}"
             );
         }
     }
@@ -365,7 +366,7 @@ fn a_refused_cached_token_is_replaced_by_one_fresh_token() {
 #[test]
 fn hub_401_with_a_fresh_token_is_remembered_for_negative_ttl() {
     // Docker Hub answers a repository that does not exist with 401, even with a fresh token
-    // (protocol §3.2 step 5); asking again costs a HEAD, a token and a HEAD of rate limit.
+    // (the token endpoint grants an empty scope); asking again costs a HEAD, a token and a HEAD of rate limit.
     let fake = FakeUpstream::builder().token_auth().start();
     let repo = "nobody/nothing";
     fake.hide_repo(repo);
@@ -493,7 +494,7 @@ fn blob_redirect_is_followed_without_authorization_header() {
         let leaked: Vec<_> = cdn.iter().filter(|r| r.has_authorization()).collect();
         assert!(
             leaked.is_empty(),
-            "the bearer token was sent across hosts to the CDN (gotcha 9):\n{}",
+            "the bearer token was sent across hosts to the CDN:\n{}",
             describe(&fake.requests())
         );
         let hex = blob.hex();

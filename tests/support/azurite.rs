@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use stowage::config::{AzureStoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{find_binary, free_port, probe_list, spawn_logged, tail, wait_until};
+use super::{find_binary, free_port, probe_list, retry, spawn_logged, tail, wait_until};
 
 /// Generous: node starting on a busy 2-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -189,11 +189,7 @@ impl Azurite {
     /// `PUT /<account>/<container>?restype=container`, Shared Key-signed, retried until the
     /// emulator answers 201 (or 409: it exists).
     fn create_container(&mut self) {
-        let client = reqwest::blocking::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("azurite client");
+        let client = super::http_with_timeout(Duration::from_secs(10));
         let path = format!("/{}/{}", self.account, self.container);
         let url = format!("http://127.0.0.1:{}{path}?restype=container", self.port);
         let mut last = String::from("no answer yet");
@@ -247,23 +243,16 @@ impl Azurite {
     /// Polls a signed `LIST` through `stowage::store` until the emulator accepts it.
     fn wait_blob_api_ready(&mut self) {
         let cfg = self.shared_store_config("", Duration::from_secs(10));
-        let mut last = String::new();
-        let ready = wait_until(START_TIMEOUT, || {
+        let ready = retry(START_TIMEOUT, || {
             if !self.is_running() {
-                return true;
+                return Ok(());
             }
-            match probe_list(&cfg) {
-                Ok(()) => true,
-                Err(e) => {
-                    last = e;
-                    false
-                }
-            }
+            probe_list(&cfg)
         });
         if !self.is_running() {
             self.fail("azurite-blob exited");
         }
-        if !ready {
+        if let Err(last) = ready {
             self.fail(&format!(
                 "the blob API never accepted the key; last error: {last}"
             ));
@@ -280,13 +269,7 @@ impl Azurite {
 impl Drop for Azurite {
     fn drop(&mut self) {
         self.stop();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- azurite log ({}), last 20 lines:\n{}",
-                self.log.display(),
-                tail(&self.log(), 20)
-            );
-        }
+        super::print_log_if_panicking("azurite", &self.log, &self.log(), 20);
     }
 }
 

@@ -123,6 +123,14 @@ fn kill_pid_file(pid_file: &Path) {
     }
 }
 
+/// Adds `<flag> <dir>/<file>` to `cmd` for each `(flag, file)` of `flags`.
+fn with_paths<'c>(cmd: &'c mut Command, dir: &Path, flags: &[(&str, &str)]) -> &'c mut Command {
+    for (flag, file) in flags {
+        cmd.arg(flag).arg(dir.join(file));
+    }
+    cmd
+}
+
 fn daemon_dir(prefix: &str) -> tempfile::TempDir {
     // Short paths: unix socket paths are limited to 108 bytes.
     tempfile::Builder::new()
@@ -215,14 +223,7 @@ impl Drop for Daemon {
         if let Some(pid_file) = &self.orphan_pid_file {
             kill_pid_file(pid_file);
         }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- {} log ({}), last 40 lines:\n{}",
-                self.name,
-                self.log_path().display(),
-                tail(&self.log(), 40)
-            );
-        }
+        super::print_log_if_panicking(self.name, &self.log_path(), &self.log(), 40);
     }
 }
 
@@ -267,23 +268,25 @@ impl Dockerd {
         std::fs::write(d.join("daemon.json"), daemon_json).expect("write daemon.json");
         std::fs::create_dir_all(d.join("cli")).expect("create docker cli config dir");
         let mut cmd = Command::new("dockerd");
-        cmd.arg("--config-file")
-            .arg(d.join("daemon.json"))
-            .arg("--host")
-            .arg(format!("unix://{}", d.join("docker.sock").display()))
-            .arg("--data-root")
-            .arg(d.join("data"))
-            .arg("--exec-root")
-            .arg(d.join("exec"))
-            .arg("--pidfile")
-            .arg(d.join("dockerd.pid"))
-            .args([
-                "--iptables=false",
-                "--ip6tables=false",
-                "--ip-masq=false",
-                "--bridge=none",
-                "--storage-driver=vfs",
-            ]);
+        cmd.arg("--host")
+            .arg(format!("unix://{}", d.join("docker.sock").display()));
+        with_paths(
+            &mut cmd,
+            d,
+            &[
+                ("--config-file", "daemon.json"),
+                ("--data-root", "data"),
+                ("--exec-root", "exec"),
+                ("--pidfile", "dockerd.pid"),
+            ],
+        )
+        .args([
+            "--iptables=false",
+            "--ip6tables=false",
+            "--ip-masq=false",
+            "--bridge=none",
+            "--storage-driver=vfs",
+        ]);
         let mut daemon = Daemon::start("dockerd", dir, cmd, Duration::from_secs(60), |d| {
             docker_at(d.dir(), &["version"], Duration::from_secs(20))
                 .status
@@ -311,25 +314,46 @@ impl Dockerd {
     }
 }
 
+/// `image inspect --format <fields joined by |> <reference>` run by `client` (`docker_ok`,
+/// `podman_ok`): the fields' values, in order.
+pub fn image_inspect(
+    client: impl Fn(&[&str]) -> String,
+    fields: &[&str],
+    reference: &str,
+    what: &str,
+) -> Vec<String> {
+    let format = fields.join("|");
+    let out = client(&["image", "inspect", "--format", &format, reference]);
+    let parts: Vec<String> = out
+        .trim()
+        .splitn(fields.len(), '|')
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        parts.len(),
+        fields.len(),
+        "{what}: unexpected inspect output: {out}"
+    );
+    parts
+}
+
 /// `docker image inspect` fields: `(Id, Architecture, RootFS.Layers, RepoDigests)`.
 pub fn docker_inspect(
     docker: &Dockerd,
     reference: &str,
 ) -> (String, String, Vec<String>, Vec<String>) {
-    let out = docker.docker_ok(&[
-        "image",
-        "inspect",
-        "--format",
-        "{{.Id}}|{{.Architecture}}|{{json .RootFS.Layers}}|{{json .RepoDigests}}",
-        reference,
-    ]);
-    let parts: Vec<&str> = out.trim().splitn(4, '|').collect();
-    assert_eq!(parts.len(), 4, "unexpected docker inspect output: {out}");
+    let fields = [
+        "{{.Id}}",
+        "{{.Architecture}}",
+        "{{json .RootFS.Layers}}",
+        "{{json .RepoDigests}}",
+    ];
+    let parts = image_inspect(|args| docker.docker_ok(args), &fields, reference, "docker");
     (
         parts[0].to_string(),
         parts[1].to_string(),
-        serde_json::from_str(parts[2]).expect("RootFS.Layers is a JSON list"),
-        serde_json::from_str::<Option<Vec<String>>>(parts[3])
+        serde_json::from_str(&parts[2]).expect("RootFS.Layers is a JSON list"),
+        serde_json::from_str::<Option<Vec<String>>>(&parts[3])
             .expect("RepoDigests is a JSON list")
             .unwrap_or_default(),
     )
@@ -484,35 +508,32 @@ impl ContainersEnv {
     pub fn new(registries_conf: &str) -> ContainersEnv {
         let dir = daemon_dir("stw-podman-");
         let d = dir.path();
-        std::fs::write(d.join("registries.conf"), registries_conf).expect("write registries.conf");
-        std::fs::create_dir_all(d.join("registries.d")).expect("create registries.d");
-        std::fs::create_dir_all(d.join("tmp")).expect("create tmp");
-        std::fs::create_dir_all(d.join("home")).expect("create home");
-        std::fs::write(
-            d.join("policy.json"),
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-        )
-        .expect("write policy.json");
-        std::fs::write(d.join("auth.json"), r#"{"auths":{}}"#).expect("write auth.json");
-        std::fs::write(
-            d.join("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
-                d.join("graph").display(),
-                d.join("run").display()
+        for sub in ["registries.d", "tmp", "home"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap_or_else(|e| panic!("create {sub}: {e}"));
+        }
+        let storage_conf = format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            d.join("graph").display(),
+            d.join("run").display()
+        );
+        let containers_conf = format!(
+            "[engine]\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n\
+             cgroup_manager = \"cgroupfs\"\ntmp_dir = \"{}\"\n",
+            d.join("events.log").display(),
+            d.join("libpod-tmp").display()
+        );
+        for (name, text) in [
+            ("registries.conf", registries_conf),
+            (
+                "policy.json",
+                r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
             ),
-        )
-        .expect("write storage.conf");
-        std::fs::write(
-            d.join("containers.conf"),
-            format!(
-                "[engine]\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n\
-                 cgroup_manager = \"cgroupfs\"\ntmp_dir = \"{}\"\n",
-                d.join("events.log").display(),
-                d.join("libpod-tmp").display()
-            ),
-        )
-        .expect("write containers.conf");
+            ("auth.json", r#"{"auths":{}}"#),
+            ("storage.conf", &storage_conf),
+            ("containers.conf", &containers_conf),
+        ] {
+            std::fs::write(d.join(name), text).unwrap_or_else(|e| panic!("write {name}: {e}"));
+        }
         ContainersEnv { dir }
     }
 
@@ -554,14 +575,13 @@ impl ContainersEnv {
         let d = self.dir.path();
         let mut cmd = Command::new("skopeo");
         self.env(&mut cmd);
-        cmd.arg("--registries-conf")
-            .arg(d.join("registries.conf"))
-            .arg("--policy")
-            .arg(d.join("policy.json"))
-            .arg("--registries.d")
-            .arg(d.join("registries.d"))
-            .arg("--tmpdir")
-            .arg(d.join("tmp"))
+        let paths = [
+            ("--registries-conf", "registries.conf"),
+            ("--policy", "policy.json"),
+            ("--registries.d", "registries.d"),
+            ("--tmpdir", "tmp"),
+        ];
+        with_paths(&mut cmd, d, &paths)
             .args(["--override-os", "linux", "--override-arch", "amd64"])
             .args(args);
         run(&mut cmd, CLIENT_TIMEOUT)

@@ -98,6 +98,40 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
+/// Retries `attempt` (with [`wait_until`]'s pauses) until it succeeds or `timeout` passes:
+/// its value, or the last error.
+pub fn retry<T>(
+    timeout: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let mut last = Err("never tried".to_string());
+    wait_until(timeout, || {
+        last = attempt();
+        last.is_ok()
+    });
+    last
+}
+
+/// Kills and reaps `child`, if there still is one.
+pub fn kill_and_reap(child: &mut Option<std::process::Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// While a test panics (a guard's drop), prints the last `lines` lines of `log`, the log of
+/// `what` kept at `path`.
+pub fn print_log_if_panicking(what: &str, path: &Path, log: &str, lines: usize) {
+    if std::thread::panicking() {
+        eprintln!(
+            "--- {what} log ({}), last {lines} lines:\n{}",
+            path.display(),
+            tail(log, lines)
+        );
+    }
+}
+
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))

@@ -186,10 +186,7 @@ impl Registry {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill_and_reap(&mut self.child);
     }
 }
 

@@ -498,23 +498,14 @@ impl Stowage {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill_and_reap(&mut self.child);
     }
 }
 
 impl Drop for Stowage {
     fn drop(&mut self) {
         self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- stowage log ({}), last 60 lines:\n{}",
-                self.stderr_path().display(),
-                tail(&self.log(), 60)
-            );
-        }
+        super::print_log_if_panicking("stowage", &self.stderr_path(), &self.log(), 60);
     }
 }
 
