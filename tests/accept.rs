@@ -4,19 +4,12 @@
 
 mod support;
 
-use support::images::{self, Format, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
-use support::registry::Registry;
-use support::stowage::{Stowage, UpstreamSpec};
+use support::images::{Format, ImageIndex, Pushed, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX};
+use support::stowage::MirroredRegistry;
 
-struct World {
-    upstream: Registry,
-    stowage: Stowage,
-}
-
-fn world() -> World {
-    let upstream = Registry::start();
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())]);
-    World { upstream, stowage }
+/// A real upstream registry and a stowage in front of it as the `docker.io` upstream.
+fn world() -> MirroredRegistry {
+    MirroredRegistry::start()
 }
 
 fn get(url: &str, accept: &[&str]) -> reqwest::blocking::Response {
@@ -39,7 +32,7 @@ fn header(resp: &reqwest::blocking::Response, name: &str) -> String {
 fn docker_list_is_not_given_to_a_client_that_accepts_only_single_manifests() {
     let w = world();
     let index = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[512]);
-    let pushed = images::push(&w.upstream.url(), "library/multi", "1.0", index.clone());
+    let pushed = w.upstream.push("library/multi", "1.0", index.clone());
     let url = format!("{}/v2/library/multi/manifests/1.0", w.stowage.url());
 
     // A full-Accept client first: the list is cached under the tag.
@@ -79,12 +72,19 @@ fn docker_list_is_not_given_to_a_client_that_accepts_only_single_manifests() {
     assert_eq!(header(&again, "docker-content-digest"), pushed.digest());
 }
 
+/// Pushes a two-platform index of `format` as `repo:1.0`; returns it and its manifest URL on
+/// stowage.
+fn push_index(w: &MirroredRegistry, repo: &str, format: Format) -> (Pushed, String) {
+    let index = ImageIndex::build(format, &["amd64", "arm64"], &[512]);
+    let pushed = w.upstream.push(repo, "1.0", index);
+    let url = format!("{}/v2/{repo}/manifests/1.0", w.stowage.url());
+    (pushed, url)
+}
+
 #[test]
 fn oci_index_is_refused_rather_than_given_to_a_docker_only_client() {
     let w = world();
-    let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[512]);
-    let pushed = images::push(&w.upstream.url(), "library/ociidx", "1.0", index);
-    let url = format!("{}/v2/library/ociidx/manifests/1.0", w.stowage.url());
+    let (pushed, url) = push_index(&w, "library/ociidx", Format::Oci);
 
     let full = get(&url, &[&support::manifest_accept()]);
     assert_eq!(header(&full, "content-type"), OCI_INDEX);
@@ -108,9 +108,7 @@ fn oci_index_is_refused_rather_than_given_to_a_docker_only_client() {
 #[test]
 fn accept_sent_as_one_line_per_type_is_read_in_full() {
     let w = world();
-    let index = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[512]);
-    let pushed = images::push(&w.upstream.url(), "library/lines", "1.0", index);
-    let url = format!("{}/v2/library/lines/manifests/1.0", w.stowage.url());
+    let (pushed, url) = push_index(&w, "library/lines", Format::Docker);
     // dockerd sends one Accept line per type, the list type not first.
     let resp = get(&url, &[DOCKER_MANIFEST, OCI_INDEX, DOCKER_LIST]);
     assert_eq!(resp.status(), 200);

@@ -1,4 +1,4 @@
-//! Air-gapped sites (issue 8): `prefetch` (by itself or inside a live `serve`, through its admin
+//! Air-gapped sites: `prefetch` (by itself or inside a live `serve`, through its admin
 //! socket), `export` to an OCI image layout, `import`, `serve --offline`.
 //!
 //! Images are synthetic, pushed to a real upstream registry and pulled through stowage with plain
@@ -7,7 +7,6 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Output;
 use std::time::Duration;
 
 use support::clients::{assert_unpacked, docker_daemon_json, docker_inspect, image_files, Dockerd};
@@ -16,7 +15,7 @@ use support::images::push_test;
 use support::images::{self, Format, Image, ImageIndex, Pushed};
 use support::registry::Registry;
 use support::scrape::Scrape;
-use support::stowage::{pull_image, Stowage, UpstreamSpec};
+use support::stowage::{command, command_ok, pull_image, text, Stowage, UpstreamSpec};
 use support::{http, manifest_accept, sha256_digest, wait_until};
 
 const KIB: usize = 1 << 10;
@@ -35,15 +34,6 @@ fn get(url: &str) -> (u16, String) {
 fn upstream_requests(upstream: &Registry) -> usize {
     upstream.sync_log();
     upstream.access_log().len()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 #[test]
@@ -94,23 +84,6 @@ fn offline_serves_cached_tags_past_ttl_and_never_contacts_upstream() {
     );
 }
 
-/// Runs `stowage <args> --config <stowage's config>`: on the cache directly when the server is
-/// stopped, through its admin socket while it runs.
-fn command(stowage: &Stowage, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
-        .arg("--config")
-        .arg(stowage.config_path())
-        .output()
-        .expect("run the stowage binary")
-}
-
-fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
-    let o = command(stowage, args);
-    assert!(o.status.success(), "stowage {args:?} failed: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 /// Every file of a skopeo `dir:` copy whose name is a digest hex hashes to that name; returns
 /// the hexes.
 fn verified_dir_blobs(dir: &std::path::Path) -> Vec<String> {
@@ -159,23 +132,19 @@ struct Seeded {
 fn seeded(upstream: &Registry) -> Seeded {
     let single = push_test(upstream, "single", &[48 * KIB, 16 * KIB]);
     // Docker schema 2 types keep their type and digest through export and import.
-    let docker = images::push(
-        &upstream.url(),
+    let docker = upstream.push(
         "test/dockerfmt",
         "1",
         Image::build(Format::Docker, &[24 * KIB]),
     );
-    let docker_list = images::push(
-        &upstream.url(),
+    let docker_list = upstream.push(
         "test/dockerlist",
         "1",
         ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[20 * KIB]),
     );
     let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[32 * KIB]);
-    images::push(&upstream.url(), "test/multi", "1", index.clone());
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    upstream.push("test/multi", "1", index.clone());
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     stowage.stop();
     command_ok(
         &stowage,
@@ -502,9 +471,7 @@ fn import_pin_keeps_each_imported_image_whole_under_a_tight_budget() {
     // Random layers do not compress: each image weighs about 600 KiB.
     let a = push_test(&upstream, "a", &[600 * KIB]);
     let b = push_test(&upstream, "b", &[600 * KIB]);
-    let seeder = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let seeder = Stowage::for_docker_io(&upstream.url());
     pull_image(&seeder, &a);
     pull_image(&seeder, &b);
     let mut seeder = seeder;
@@ -542,10 +509,8 @@ fn import_pin_keeps_each_imported_image_whole_under_a_tight_budget() {
 fn export_refuses_an_index_none_of_whose_platforms_is_cached() {
     let upstream = Registry::start();
     let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[4 * KIB]);
-    images::push(&upstream.url(), "test/bare", "1", index);
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    upstream.push("test/bare", "1", index);
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     // The index alone, as a client that reads it and stops there.
     let r = http()
         .get(format!("{}/v2/test/bare/manifests/1", stowage.url()))
@@ -579,11 +544,9 @@ fn prefetch_fetches_selected_platforms_pins_and_reports_unknown_images() {
     let upstream = Registry::start();
     let single = push_test(&upstream, "single", &[40 * KIB, 8 * KIB]);
     let index = images::ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[20 * KIB]);
-    images::push(&upstream.url(), "test/multi", "1", index.clone());
+    upstream.push("test/multi", "1", index.clone());
     let (amd64, arm64) = (&index.children[0], &index.children[1]);
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     stowage.stop();
 
     let o = command(
@@ -656,27 +619,19 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
     let upstream = Registry::start();
     // dockerd uses mirrors for docker.io images only: push them under library/ to the registry
     // that stands for docker.io.
-    let single = images::push(
-        &upstream.url(),
-        "library/single",
-        "1",
-        Image::build(Format::Docker, CLIENT_LAYERS),
-    );
-    let multi = images::push(
-        &upstream.url(),
+    let single_image = Image::build(Format::Docker, CLIENT_LAYERS);
+    let single = upstream.push("library/single", "1", single_image);
+    let multi = upstream.push(
         "library/multi",
         "1",
         ImageIndex::build(Format::Docker, &["amd64", "arm64"], CLIENT_LAYERS),
     );
-    let ociapp = images::push(
-        &upstream.url(),
+    let ociapp = upstream.push(
         "library/ociapp",
         "1",
         ImageIndex::build(Format::Oci, &["amd64", "arm64"], CLIENT_LAYERS),
     );
-    let mut seeder = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut seeder = Stowage::for_docker_io(&upstream.url());
     seeder.stop();
     let out = command_ok(
         &seeder,
@@ -752,9 +707,7 @@ fn prefetched_images_carried_in_a_bundle_are_pulled_by_dockerd_and_skopeo_from_a
 fn prefetch_runs_inside_a_live_serve_through_its_admin_socket() {
     let upstream = Registry::start();
     let live = push_test(&upstream, "live", &[2 << 20, 16 * KIB]);
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     let socket = stowage.data_dir().join("admin.sock");
     let mode = std::fs::metadata(&socket)
         .unwrap_or_else(|e| panic!("{}: {e}", socket.display()))
@@ -954,14 +907,12 @@ fn the_admin_socket_runs_commands_only_from_its_own_version() {
 fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
     let upstream = Registry::start();
     let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[12 * KIB]);
-    images::push(&upstream.url(), "test/multi", "1", index.clone());
+    upstream.push("test/multi", "1", index.clone());
     let by_digest = push_test(&upstream, "bydigest", &[20 * KIB]);
     let a = push_test(&upstream, "fromfile-a", &[8 * KIB]);
     let b = push_test(&upstream, "fromfile-b", &[9 * KIB]);
     // Against a live serve: the flags travel through the admin socket.
-    let stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let stowage = Stowage::for_docker_io(&upstream.url());
     let cached =
         |blobs: Vec<&images::Blob>| blobs.iter().all(|b| stowage.blob_path(&b.digest).is_file());
 
@@ -1007,9 +958,7 @@ fn prefetch_takes_all_platforms_a_digest_reference_and_a_file_of_references() {
 fn a_bundle_without_oci_layout_or_of_another_layout_version_is_rejected() {
     let upstream = Registry::start();
     push_test(&upstream, "single", &[16 * KIB]);
-    let mut stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .start();
+    let mut stowage = Stowage::for_docker_io(&upstream.url());
     stowage.stop();
     command_ok(&stowage, &["prefetch", "test/single:1"]);
     let work = tempfile::tempdir().expect("temp dir");
@@ -1068,7 +1017,7 @@ fn stopping_serve_interrupts_a_prefetch_running_in_it_and_the_command_says_so() 
     );
     let layer = image.layers[0].blob.digest.clone();
     fake.hold_blob(&layer);
-    let mut stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let mut stowage = Stowage::for_docker_io(&fake.url());
     let socket = stowage.data_dir().join("admin.sock");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
         .args(["prefetch", "test/held:1", "--config"])

@@ -19,7 +19,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use serde_json::json;
 
 use support::clients::{
     assert_unpacked, containerd_hosts_toml, containerd_override_path_hosts_toml,
-    docker_daemon_json, docker_inspect, image_files, layer_files, registries_conf,
+    docker_daemon_json, docker_inspect, image_files, image_inspect, layer_files, registries_conf,
     stowage_blob_gets, stowage_requests, unpacked_test_files, Containerd, ContainersEnv, Dockerd,
 };
 use support::images::{self, Blob, Format, Image, ImageIndex, Layer, Manifest, Pushed, TestImage};
@@ -179,6 +179,173 @@ fn assert_nothing_unpacked(root: &Path, what: &str) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The scenario every client runs: pull through the mirror, remove, pull again from the cache
+// ---------------------------------------------------------------------------------------------
+
+/// What the shared scenario needs of a client that unpacks images (dockerd, containerd,
+/// podman): pull and check it holds exactly the pushed image, remove it, and where it unpacks.
+trait Client {
+    /// Pulls `reference` and checks the client holds `image` of `pushed`, unpacked.
+    fn pull_and_verify(&self, reference: &str, pushed: &Pushed, image: &Image);
+    /// Removes `reference` (and its layers) from the client.
+    fn remove(&self, reference: &str);
+    /// Where the client unpacks layers.
+    fn unpack_root(&self) -> PathBuf;
+}
+
+/// Pushes a small image (`build`) to `upstream` as `repo:tag`; returns it and its amd64 image.
+fn push_small(
+    upstream: &Registry,
+    repo: &str,
+    tag: &str,
+    build: impl Into<TestImage>,
+) -> (Pushed, Image) {
+    let pushed = upstream.push(repo, tag, build);
+    let image = amd64(&pushed).clone();
+    (pushed, image)
+}
+
+/// The first pull: `client` pulls `reference` and holds `image`, whose every blob stowage
+/// served and fetched from `upstream`.
+fn first_pull(
+    w: &World,
+    client: &impl Client,
+    upstream: &Registry,
+    (reference, pushed, image): (&str, &Pushed, &Image),
+    what: &str,
+) {
+    client.pull_and_verify(reference, pushed, image);
+    assert_fetched_through_stowage(w, upstream, image, what);
+}
+
+/// The second pull: `client` removes `reference`, then pulls it again from stowage's cache
+/// alone (see [`repull_from_cache`]).
+fn remove_and_repull(
+    w: &World,
+    client: &impl Client,
+    (reference, pushed, image): (&str, &Pushed, &Image),
+    what: &str,
+) {
+    client.remove(reference);
+    let root = client.unpack_root();
+    repull_from_cache(w, &[image], Some(&root), what, || {
+        client.pull_and_verify(reference, pushed, image)
+    });
+}
+
+/// One image a scenario pushes and pulls: `repo:tag` built as `build` on `upstream`, pulled
+/// by the client as `reference`.
+struct Pull<'a> {
+    upstream: &'a Registry,
+    repo: &'static str,
+    tag: &'static str,
+    build: TestImage,
+    reference: &'a str,
+}
+
+/// `library/alpine:3.19`, a small single-platform Docker image on the docker.io upstream.
+fn hub_alpine<'a>(w: &'a World, reference: &'a str) -> Pull<'a> {
+    let build = Image::build(Format::Docker, SMALL).into();
+    Pull {
+        upstream: &w.hub,
+        repo: "library/alpine",
+        tag: "3.19",
+        build,
+        reference,
+    }
+}
+
+/// `acme/tool:1.0` on the ghcr.io upstream, pulled as `ghcr.io/acme/tool:1.0`.
+fn ghcr_tool(w: &World, build: impl Into<TestImage>) -> Pull<'_> {
+    let build = build.into();
+    let reference = "ghcr.io/acme/tool:1.0";
+    Pull {
+        upstream: &w.ghcr,
+        repo: "acme/tool",
+        tag: "1.0",
+        build,
+        reference,
+    }
+}
+
+/// The scenario every unpacking client runs once per upstream: push `pull`, pull it through
+/// the mirror ([`first_pull`], named `what[0]`), run the client's own `checks`, then remove it
+/// and pull it again from the cache alone ([`remove_and_repull`], named `what[1]`).
+fn pull_twice(w: &World, client: &impl Client, pull: Pull, what: [&str; 2], checks: impl FnOnce()) {
+    let (pushed, image) = push_small(pull.upstream, pull.repo, pull.tag, pull.build);
+    let image_pull = (pull.reference, &pushed, &image);
+    first_pull(w, client, pull.upstream, image_pull, what[0]);
+    checks();
+    remove_and_repull(w, client, image_pull, what[1]);
+}
+
+/// [`pull_twice`] of [`hub_alpine`] as `docker.io/library/alpine:3.19`, by `who` (`ctr`,
+/// `podman`).
+fn hub_alpine_pulled_twice(w: &World, client: &impl Client, who: &str, checks: impl FnOnce()) {
+    let pull = hub_alpine(w, "docker.io/library/alpine:3.19");
+    let what = [
+        format!("{who} pull docker.io/library/alpine"),
+        format!("{who} pull of alpine"),
+    ];
+    pull_twice(w, client, pull, [&what[0], &what[1]], checks);
+}
+
+/// [`pull_twice`] of [`ghcr_tool`] as an index of `format` for amd64 and arm64, by `who`; not a
+/// request for it may reach the docker.io upstream.
+fn ghcr_index_pulled_twice(
+    w: &World,
+    client: &impl Client,
+    format: Format,
+    who: &str,
+    checks: impl FnOnce(),
+) {
+    let pull = ghcr_tool(w, ImageIndex::build(format, &["amd64", "arm64"], SMALL));
+    let what = [
+        format!("{who} pull ghcr.io/acme/tool"),
+        format!("{who} pull of ghcr.io/acme/tool"),
+    ];
+    pull_twice(w, client, pull, [&what[0], &what[1]], || {
+        checks();
+        assert_nothing_reached_hub(w, "acme/tool");
+    });
+}
+
+/// stowage logged a `200` for `path`: `who` asked the mirror for it.
+fn assert_asked_mirror_for(w: &World, path: &str, who: &str) {
+    let requests = stowage_requests(&w.stowage);
+    assert!(
+        requests.iter().any(|l| l.path == path && l.status == 200),
+        "{who} should ask the mirror for {path}; stowage requests: {requests:#?}"
+    );
+}
+
+/// Every repository request stowage logged addressed it as `127.0.0.1:<port>/<prefix>/...`.
+fn assert_prefix_style(w: &World, prefix: &str, who: &str) {
+    let requests = stowage_requests(&w.stowage);
+    assert!(
+        requests
+            .iter()
+            .filter(|l| l.path.starts_with("/v2/") && l.path != "/v2/")
+            .all(|l| l.path.starts_with(&format!("/v2/{prefix}/"))),
+        "{who} should address stowage as 127.0.0.1:<port>/{prefix}: {requests:#?}"
+    );
+}
+
+/// The checks of `image` a client's inspect output must pass: the ID is the pushed config's
+/// digest and the RootFS layers are the diff_ids.
+fn assert_id_and_layers(id: &str, layers: &[String], image: &Image, what: &str) {
+    assert_eq!(
+        id, image.config.digest,
+        "{what}: image ID is not the pushed config's digest"
+    );
+    let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
+    assert_eq!(
+        layers, diff_ids,
+        "{what}: RootFS.Layers are not the diff_ids"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
 // dockerd
 // ---------------------------------------------------------------------------------------------
 
@@ -201,16 +368,8 @@ fn docker_pull_and_verify(
     docker.docker_ok(&args);
     let what = format!("docker pull {reference} ({})", image.architecture);
     let (id, architecture, layers, repo_digests) = docker_inspect(docker, reference);
-    assert_eq!(
-        id, image.config.digest,
-        "{what}: image ID is not the pushed config's digest"
-    );
+    assert_id_and_layers(&id, &layers, image, &what);
     assert_eq!(architecture, image.architecture, "{what}: architecture");
-    let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
-    assert_eq!(
-        layers, diff_ids,
-        "{what}: RootFS.Layers are not the diff_ids"
-    );
     // dockerd 20.10 keeps `repo@<list digest>` on the image that got it first, so after a
     // default-platform pull the `--platform` pull of another child has no RepoDigests.
     if platform.is_none() {
@@ -222,6 +381,21 @@ fn docker_pull_and_verify(
         );
     }
     assert_unpacked(&docker.data_root(), files, &what);
+}
+
+/// dockerd pulls the default platform and unpacks every file of the image's layers.
+impl Client for Dockerd {
+    fn pull_and_verify(&self, reference: &str, pushed: &Pushed, image: &Image) {
+        docker_pull_and_verify(self, reference, None, pushed, image, &image_files(image));
+    }
+
+    fn remove(&self, reference: &str) {
+        self.docker_ok(&["rmi", reference]);
+    }
+
+    fn unpack_root(&self) -> PathBuf {
+        self.data_root()
+    }
 }
 
 struct DockerWorld {
@@ -238,55 +412,21 @@ fn docker_world() -> DockerWorld {
 #[test]
 fn dockerd_pulls_a_bare_name_through_the_mirror_and_repulls_from_the_cache() {
     let DockerWorld { docker, w } = docker_world();
-    let pushed = images::push(
-        &w.hub.url(),
-        "library/alpine",
-        "3.19",
-        Image::build(Format::Docker, SMALL),
-    );
-    let image = amd64(&pushed).clone();
-
     // `alpine:3.19` = docker.io/library/alpine:3.19; Docker Hub is unreachable, so success
     // means the mirror answered.
-    docker_pull_and_verify(
-        &docker,
-        "alpine:3.19",
-        None,
-        &pushed,
-        &image,
-        &image_files(&image),
-    );
-    assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull alpine:3.19");
-    let requests = stowage_requests(&w.stowage);
-    assert!(
-        requests
-            .iter()
-            .any(|l| l.path == "/v2/library/alpine/manifests/3.19" && l.status == 200),
-        "dockerd should ask the mirror for /v2/library/alpine/manifests/3.19 (with library/, no ns); stowage requests: {requests:#?}"
-    );
-    assert!(
-        requests.iter().all(|l| !l.query.contains("ns=")),
-        "dockerd's classic puller sends no ?ns=; stowage requests: {requests:#?}"
-    );
-
-    docker.docker_ok(&["rmi", "alpine:3.19"]);
-    let root = docker.data_root();
-    repull_from_cache(
-        &w,
-        &[&image],
-        Some(&root),
-        "docker pull alpine:3.19",
-        || {
-            docker_pull_and_verify(
-                &docker,
-                "alpine:3.19",
-                None,
-                &pushed,
-                &image,
-                &image_files(&image),
-            )
-        },
-    );
+    let what = ["docker pull alpine:3.19"; 2];
+    pull_twice(&w, &docker, hub_alpine(&w, "alpine:3.19"), what, || {
+        assert_asked_mirror_for(
+            &w,
+            "/v2/library/alpine/manifests/3.19",
+            "dockerd (with library/, no ns)",
+        );
+        let requests = stowage_requests(&w.stowage);
+        assert!(
+            requests.iter().all(|l| !l.query.contains("ns=")),
+            "dockerd's classic puller sends no ?ns=; stowage requests: {requests:#?}"
+        );
+    });
 }
 
 #[test]
@@ -316,24 +456,28 @@ fn dockerd_falls_back_to_docker_hub_silently_when_the_mirror_has_no_such_image()
 #[test]
 fn dockerd_pulls_a_multi_arch_image_for_the_default_platform_and_for_arm64() {
     let DockerWorld { docker, w } = docker_world();
-    let pushed = images::push(
-        &w.hub.url(),
-        "library/multi",
-        "1.0",
-        ImageIndex::build(Format::Docker, &["amd64", "arm64"], SMALL),
-    );
-    let amd = arch(&pushed, "amd64").clone();
+    let build = ImageIndex::build(Format::Docker, &["amd64", "arm64"], SMALL);
+    let (pushed, amd) = push_small(&w.hub, "library/multi", "1.0", build);
     let arm = arch(&pushed, "arm64").clone();
+    let pull_arm64 = || {
+        let files = image_files(&arm);
+        docker_pull_and_verify(
+            &docker,
+            "multi:1.0",
+            Some("linux/arm64"),
+            &pushed,
+            &arm,
+            &files,
+        )
+    };
 
-    docker_pull_and_verify(
+    first_pull(
+        &w,
         &docker,
-        "multi:1.0",
-        None,
-        &pushed,
-        &amd,
-        &image_files(&amd),
+        &w.hub,
+        ("multi:1.0", &pushed, &amd),
+        "docker pull multi:1.0",
     );
-    assert_fetched_through_stowage(&w, &w.hub, &amd, "docker pull multi:1.0");
     for blob in arm.blobs() {
         assert_eq!(
             upstream_blob_gets(&w.hub, &blob.digest),
@@ -343,14 +487,7 @@ fn dockerd_pulls_a_multi_arch_image_for_the_default_platform_and_for_arm64() {
         );
     }
 
-    docker_pull_and_verify(
-        &docker,
-        "multi:1.0",
-        Some("linux/arm64"),
-        &pushed,
-        &arm,
-        &image_files(&arm),
-    );
+    pull_arm64();
     assert_fetched_through_stowage(&w, &w.hub, &arm, "docker pull --platform linux/arm64");
 
     // Remove both (the arm64 pull left the amd64 image untagged), then pull both again.
@@ -358,58 +495,28 @@ fn dockerd_pulls_a_multi_arch_image_for_the_default_platform_and_for_arm64() {
     let root = docker.data_root();
     let what = "docker pull multi:1.0 and --platform linux/arm64";
     repull_from_cache(&w, &[&amd, &arm], Some(&root), what, || {
-        docker_pull_and_verify(
-            &docker,
-            "multi:1.0",
-            None,
-            &pushed,
-            &amd,
-            &image_files(&amd),
-        );
-        docker_pull_and_verify(
-            &docker,
-            "multi:1.0",
-            Some("linux/arm64"),
-            &pushed,
-            &arm,
-            &image_files(&arm),
-        );
+        docker.pull_and_verify("multi:1.0", &pushed, &amd);
+        pull_arm64();
     });
 }
 
 #[test]
 fn dockerd_pulls_an_oci_index_image() {
     let DockerWorld { docker, w } = docker_world();
-    let pushed = images::push(
-        &w.hub.url(),
-        "library/ociapp",
-        "2.0",
-        ImageIndex::build(Format::Oci, &["amd64", "arm64"], SMALL),
-    );
-    let image = amd64(&pushed).clone();
-
-    docker_pull_and_verify(
-        &docker,
-        "ociapp:2.0",
-        None,
-        &pushed,
-        &image,
-        &image_files(&image),
-    );
-    assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull ociapp:2.0 (OCI index)");
-
-    docker.docker_ok(&["rmi", "ociapp:2.0"]);
-    let root = docker.data_root();
-    repull_from_cache(&w, &[&image], Some(&root), "docker pull ociapp:2.0", || {
-        docker_pull_and_verify(
-            &docker,
-            "ociapp:2.0",
-            None,
-            &pushed,
-            &image,
-            &image_files(&image),
-        )
-    });
+    let build = ImageIndex::build(Format::Oci, &["amd64", "arm64"], SMALL).into();
+    let reference = "ociapp:2.0";
+    let pull = Pull {
+        upstream: &w.hub,
+        repo: "library/ociapp",
+        tag: "2.0",
+        build,
+        reference,
+    };
+    let what = [
+        "docker pull ociapp:2.0 (OCI index)",
+        "docker pull ociapp:2.0",
+    ];
+    pull_twice(&w, &docker, pull, what, || {});
 }
 
 /// A linux/amd64 Docker image of `big` random bytes in one layer plus a small layer, built with
@@ -512,7 +619,7 @@ fn dockerd_pulls_an_image_of_at_least_128_mib() {
         total >= 128 * 1024 * 1024,
         "the big image should be at least 128 MiB, is {total} bytes"
     );
-    let pushed = images::push(&w.hub.url(), "library/big", "1", image.clone());
+    let pushed = w.hub.push("library/big", "1", image.clone());
 
     docker_pull_and_verify(&docker, "big:1", None, &pushed, &image, &files);
     assert_fetched_through_stowage(&w, &w.hub, &image, "docker pull big:1");
@@ -529,19 +636,12 @@ fn dockerd_pulls_another_upstream_by_naming_stowage_with_a_host_prefix() {
     // registry-mirrors only ever apply to Docker Hub; other upstreams are pulled from stowage
     // as a registry of its own, `<stowage>/ghcr.io/<repo>` (127.0.0.0/8 is insecure by default).
     let DockerWorld { docker, w } = docker_world();
-    let pushed = images::push(
-        &w.ghcr.url(),
-        "acme/tool",
-        "1.0",
-        ImageIndex::build(Format::Oci, &["amd64", "arm64"], SMALL),
-    );
-    let image = amd64(&pushed).clone();
+    let build = ImageIndex::build(Format::Oci, &["amd64", "arm64"], SMALL);
+    let (_, image) = push_small(&w.ghcr, "acme/tool", "1.0", build);
     let reference = format!("{}/ghcr.io/acme/tool:1.0", w.stowage.host_port());
     docker.docker_ok(&["pull", &reference]);
     let (id, _, layers, _) = docker_inspect(&docker, &reference);
-    assert_eq!(id, image.config.digest, "docker pull {reference}: image ID");
-    let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
-    assert_eq!(layers, diff_ids, "docker pull {reference}: RootFS.Layers");
+    assert_id_and_layers(&id, &layers, &image, &format!("docker pull {reference}"));
     assert_unpacked(&docker.data_root(), &image_files(&image), &reference);
     assert_fetched_through_stowage(&w, &w.ghcr, &image, &reference);
     assert_nothing_reached_hub(&w, "acme/tool");
@@ -567,25 +667,35 @@ fn containerd_for(w: &World) -> Containerd {
 
 /// `ctr images pull` through the mirror, then checks the image record points at the pushed
 /// manifest, ctr unpacked the amd64 platform, and every file of it is in a native snapshot.
-fn ctr_pull_and_verify(containerd: &Containerd, reference: &str, pushed: &Pushed, image: &Image) {
-    let out = containerd.pull(reference);
-    let what = format!("ctr images pull {reference}");
-    assert!(
-        out.contains(&format!("unpacking linux/amd64 {}", pushed.digest())),
-        "{what}: ctr did not report unpacking linux/amd64 of {}; output:\n{out}",
-        pushed.digest()
-    );
-    let list = containerd.ctr_ok(&["images", "ls"]);
-    let line = list
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(reference))
-        .unwrap_or_else(|| panic!("{what}: image not listed by ctr images ls:\n{list}"));
-    assert!(
-        line.contains(pushed.digest()),
-        "{what}: ctr images ls should show the pushed digest {}: {line}",
-        pushed.digest()
-    );
-    assert_unpacked(&containerd.root(), &image_files(image), &what);
+impl Client for Containerd {
+    fn pull_and_verify(&self, reference: &str, pushed: &Pushed, image: &Image) {
+        let out = self.pull(reference);
+        let what = format!("ctr images pull {reference}");
+        assert!(
+            out.contains(&format!("unpacking linux/amd64 {}", pushed.digest())),
+            "{what}: ctr did not report unpacking linux/amd64 of {}; output:\n{out}",
+            pushed.digest()
+        );
+        let list = self.ctr_ok(&["images", "ls"]);
+        let line = list
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(reference))
+            .unwrap_or_else(|| panic!("{what}: image not listed by ctr images ls:\n{list}"));
+        assert!(
+            line.contains(pushed.digest()),
+            "{what}: ctr images ls should show the pushed digest {}: {line}",
+            pushed.digest()
+        );
+        assert_unpacked(&self.root(), &image_files(image), &what);
+    }
+
+    fn remove(&self, reference: &str) {
+        self.ctr_ok(&["images", "rm", "--sync", reference]);
+    }
+
+    fn unpack_root(&self) -> PathBuf {
+        self.root()
+    }
 }
 
 /// Every request stowage logged for repository path `repo_path` carried `?ns=<ns>`.
@@ -611,54 +721,17 @@ fn assert_all_carry_ns(w: &World, repo_path: &str, ns: &str) {
 #[test]
 fn containerd_pulls_docker_io_through_a_hosts_toml_mirror_and_repulls_from_the_cache() {
     let w = world();
-    let containerd = containerd_for(&w);
-    let pushed = images::push(
-        &w.hub.url(),
-        "library/alpine",
-        "3.19",
-        Image::build(Format::Docker, SMALL),
-    );
-    let image = amd64(&pushed).clone();
-    let reference = "docker.io/library/alpine:3.19";
-
-    ctr_pull_and_verify(&containerd, reference, &pushed, &image);
-    assert_fetched_through_stowage(&w, &w.hub, &image, "ctr pull docker.io/library/alpine");
-    assert_all_carry_ns(&w, "library/alpine", "docker.io");
-
-    containerd.ctr_ok(&["images", "rm", "--sync", reference]);
-    let root = containerd.root();
-    repull_from_cache(&w, &[&image], Some(&root), "ctr pull of alpine", || {
-        ctr_pull_and_verify(&containerd, reference, &pushed, &image)
+    hub_alpine_pulled_twice(&w, &containerd_for(&w), "ctr", || {
+        assert_all_carry_ns(&w, "library/alpine", "docker.io")
     });
 }
 
 #[test]
 fn containerd_mirrors_a_second_upstream_host_through_the_same_stowage_by_ns() {
     let w = world();
-    let containerd = containerd_for(&w);
-    let pushed = images::push(
-        &w.ghcr.url(),
-        "acme/tool",
-        "1.0",
-        ImageIndex::build(Format::Oci, &["amd64", "arm64"], SMALL),
-    );
-    let image = amd64(&pushed).clone();
-    let reference = "ghcr.io/acme/tool:1.0";
-
-    ctr_pull_and_verify(&containerd, reference, &pushed, &image);
-    assert_fetched_through_stowage(&w, &w.ghcr, &image, "ctr pull ghcr.io/acme/tool");
-    assert_all_carry_ns(&w, "acme/tool", "ghcr.io");
-    assert_nothing_reached_hub(&w, "acme/tool");
-
-    containerd.ctr_ok(&["images", "rm", "--sync", reference]);
-    let root = containerd.root();
-    repull_from_cache(
-        &w,
-        &[&image],
-        Some(&root),
-        "ctr pull of ghcr.io/acme/tool",
-        || ctr_pull_and_verify(&containerd, reference, &pushed, &image),
-    );
+    ghcr_index_pulled_twice(&w, &containerd_for(&w), Format::Oci, "ctr", || {
+        assert_all_carry_ns(&w, "acme/tool", "ghcr.io")
+    });
 }
 
 #[test]
@@ -671,29 +744,12 @@ fn containerd_reaches_a_path_prefixed_mirror_with_override_path() {
         "ghcr.io",
         &containerd_override_path_hosts_toml("https://ghcr.io", &w.stowage, "ghcr.io"),
     );
-    let pushed = images::push(
-        &w.ghcr.url(),
-        "acme/tool",
-        "1.0",
-        Image::build(Format::Oci, SMALL),
-    );
-    let image = amd64(&pushed).clone();
-    let reference = "ghcr.io/acme/tool:1.0";
-
-    ctr_pull_and_verify(&containerd, reference, &pushed, &image);
-    assert_fetched_through_stowage(&w, &w.ghcr, &image, "ctr pull with override_path");
-    assert_all_carry_ns(&w, "ghcr.io/acme/tool", "ghcr.io");
-    assert_nothing_reached_hub(&w, "acme/tool");
-
-    containerd.ctr_ok(&["images", "rm", "--sync", reference]);
-    let root = containerd.root();
-    repull_from_cache(
-        &w,
-        &[&image],
-        Some(&root),
-        "ctr pull with override_path",
-        || ctr_pull_and_verify(&containerd, reference, &pushed, &image),
-    );
+    let pull = ghcr_tool(&w, Image::build(Format::Oci, SMALL));
+    let what = ["ctr pull with override_path"; 2];
+    pull_twice(&w, &containerd, pull, what, || {
+        assert_all_carry_ns(&w, "ghcr.io/acme/tool", "ghcr.io");
+        assert_nothing_reached_hub(&w, "acme/tool");
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -706,60 +762,32 @@ fn podman_env(w: &World) -> ContainersEnv {
 
 /// `podman pull` through the mirror, then checks podman's image is the pushed one (ID = config
 /// digest, manifest digest, diff_ids) and every file was unpacked into vfs.
-fn podman_pull_and_verify(env: &ContainersEnv, reference: &str, pushed: &Pushed, image: &Image) {
-    env.podman_ok(&["pull", reference]);
-    let what = format!("podman pull {reference}");
-    let out = env.podman_ok(&[
-        "image",
-        "inspect",
-        "--format",
-        "{{.Id}}|{{.Digest}}|{{json .RootFS.Layers}}",
-        reference,
-    ]);
-    let parts: Vec<&str> = out.trim().splitn(3, '|').collect();
-    assert_eq!(parts.len(), 3, "{what}: unexpected inspect output: {out}");
-    assert_eq!(
-        format!("sha256:{}", parts[0]),
-        image.config.digest,
-        "{what}: image ID is not the pushed config's digest"
-    );
-    assert_eq!(parts[1], pushed.digest(), "{what}: manifest digest");
-    let layers: Vec<String> = serde_json::from_str(parts[2]).expect("RootFS.Layers is JSON");
-    let diff_ids: Vec<String> = image.layers.iter().map(|l| l.diff_id.clone()).collect();
-    assert_eq!(
-        layers, diff_ids,
-        "{what}: RootFS.Layers are not the diff_ids"
-    );
-    assert_unpacked(&env.graphroot(), &image_files(image), &what);
+impl Client for ContainersEnv {
+    fn pull_and_verify(&self, reference: &str, pushed: &Pushed, image: &Image) {
+        self.podman_ok(&["pull", reference]);
+        let what = format!("podman pull {reference}");
+        let fields = ["{{.Id}}", "{{.Digest}}", "{{json .RootFS.Layers}}"];
+        let parts = image_inspect(|args| self.podman_ok(args), &fields, reference, &what);
+        let layers: Vec<String> = serde_json::from_str(&parts[2]).expect("RootFS.Layers is JSON");
+        assert_id_and_layers(&format!("sha256:{}", parts[0]), &layers, image, &what);
+        assert_eq!(parts[1], pushed.digest(), "{what}: manifest digest");
+        assert_unpacked(&self.graphroot(), &image_files(image), &what);
+    }
+
+    fn remove(&self, reference: &str) {
+        self.podman_ok(&["rmi", reference]);
+    }
+
+    fn unpack_root(&self) -> PathBuf {
+        self.graphroot()
+    }
 }
 
 #[test]
 fn podman_pulls_docker_io_through_a_registries_conf_mirror_and_repulls_from_the_cache() {
     let w = world();
-    let env = podman_env(&w);
-    let pushed = images::push(
-        &w.hub.url(),
-        "library/alpine",
-        "3.19",
-        Image::build(Format::Docker, SMALL),
-    );
-    let image = amd64(&pushed).clone();
-    let reference = "docker.io/library/alpine:3.19";
-
-    podman_pull_and_verify(&env, reference, &pushed, &image);
-    assert_fetched_through_stowage(&w, &w.hub, &image, "podman pull docker.io/library/alpine");
-    let requests = stowage_requests(&w.stowage);
-    assert!(
-        requests
-            .iter()
-            .any(|l| l.path == "/v2/library/alpine/manifests/3.19" && l.status == 200),
-        "podman should ask the mirror for /v2/library/alpine/manifests/3.19; stowage requests: {requests:#?}"
-    );
-
-    env.podman_ok(&["rmi", reference]);
-    let root = env.graphroot();
-    repull_from_cache(&w, &[&image], Some(&root), "podman pull of alpine", || {
-        podman_pull_and_verify(&env, reference, &pushed, &image)
+    hub_alpine_pulled_twice(&w, &podman_env(&w), "podman", || {
+        assert_asked_mirror_for(&w, "/v2/library/alpine/manifests/3.19", "podman")
     });
 }
 
@@ -771,8 +799,7 @@ fn podman_without_insecure_on_the_mirror_never_reaches_plain_http_stowage() {
     let conf = registries_conf(&w.stowage, &[]).replace("insecure = true\n", "");
     assert!(!conf.contains("insecure"), "{conf}");
     let env = ContainersEnv::new(&conf);
-    images::push(
-        &w.hub.url(),
+    w.hub.push(
         "library/alpine",
         "3.19",
         Image::build(Format::Docker, SMALL),
@@ -794,37 +821,9 @@ fn podman_without_insecure_on_the_mirror_never_reaches_plain_http_stowage() {
 #[test]
 fn podman_pulls_a_second_upstream_through_a_prefix_style_mirror_location() {
     let w = world();
-    let env = podman_env(&w);
-    let pushed = images::push(
-        &w.ghcr.url(),
-        "acme/tool",
-        "1.0",
-        ImageIndex::build(Format::Docker, &["amd64", "arm64"], SMALL),
-    );
-    let image = amd64(&pushed).clone();
-    let reference = "ghcr.io/acme/tool:1.0";
-
-    podman_pull_and_verify(&env, reference, &pushed, &image);
-    assert_fetched_through_stowage(&w, &w.ghcr, &image, "podman pull ghcr.io/acme/tool");
-    let requests = stowage_requests(&w.stowage);
-    assert!(
-        requests
-            .iter()
-            .filter(|l| l.path.starts_with("/v2/") && l.path != "/v2/")
-            .all(|l| l.path.starts_with("/v2/ghcr.io/acme/tool/")),
-        "podman should address stowage as 127.0.0.1:<port>/ghcr.io/acme/tool: {requests:#?}"
-    );
-    assert_nothing_reached_hub(&w, "acme/tool");
-
-    env.podman_ok(&["rmi", reference]);
-    let root = env.graphroot();
-    repull_from_cache(
-        &w,
-        &[&image],
-        Some(&root),
-        "podman pull of ghcr.io/acme/tool",
-        || podman_pull_and_verify(&env, reference, &pushed, &image),
-    );
+    ghcr_index_pulled_twice(&w, &podman_env(&w), Format::Docker, "podman", || {
+        assert_prefix_style(&w, "ghcr.io/acme/tool", "podman")
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -897,40 +896,23 @@ fn skopeo_copy_twice(w: &World, env: &ContainersEnv, reference: &str, pushed: &P
 fn skopeo_copies_docker_io_through_a_registries_conf_mirror_and_recopies_from_the_cache() {
     let w = world();
     let env = podman_env(&w);
-    let pushed = images::push(
-        &w.hub.url(),
-        "library/alpine",
-        "3.19",
-        Image::build(Format::Oci, SMALL),
-    );
+    let pushed = w
+        .hub
+        .push("library/alpine", "3.19", Image::build(Format::Oci, SMALL));
     skopeo_copy_twice(&w, &env, "docker.io/library/alpine:3.19", &pushed, false);
-    let requests = stowage_requests(&w.stowage);
-    assert!(
-        requests
-            .iter()
-            .any(|l| l.path == "/v2/library/alpine/manifests/3.19" && l.status == 200),
-        "skopeo should ask the mirror for /v2/library/alpine/manifests/3.19: {requests:#?}"
-    );
+    assert_asked_mirror_for(&w, "/v2/library/alpine/manifests/3.19", "skopeo");
 }
 
 #[test]
 fn skopeo_copies_a_second_upstream_through_a_prefix_style_mirror_location() {
     let w = world();
     let env = podman_env(&w);
-    let pushed = images::push(
-        &w.ghcr.url(),
+    let pushed = w.ghcr.push(
         "acme/tool",
         "1.0",
         ImageIndex::build(Format::Oci, &["amd64", "arm64"], SMALL),
     );
     skopeo_copy_twice(&w, &env, "ghcr.io/acme/tool:1.0", &pushed, true);
-    let requests = stowage_requests(&w.stowage);
-    assert!(
-        requests
-            .iter()
-            .filter(|l| l.path.starts_with("/v2/") && l.path != "/v2/")
-            .all(|l| l.path.starts_with("/v2/ghcr.io/acme/tool/")),
-        "skopeo should address stowage as 127.0.0.1:<port>/ghcr.io/acme/tool: {requests:#?}"
-    );
+    assert_prefix_style(&w, "ghcr.io/acme/tool", "skopeo");
     assert_nothing_reached_hub(&w, "acme/tool");
 }

@@ -18,7 +18,7 @@ use support::reader::{assert_whole, client, Got, Reader};
 use support::scrape::Scrape;
 use support::stowage::{Stowage, UpstreamSpec};
 use support::tmpfs::Tmpfs;
-use support::{sha256_digest, wait_until};
+use support::wait_until;
 
 /// Upper bound for every "eventually" (never a timing assertion): the machine is small and busy.
 const EVENTUALLY: Duration = Duration::from_secs(180);
@@ -62,17 +62,6 @@ fn assert_failed_transfer(got: &Got, blob: &[u8], what: &str) {
     );
 }
 
-fn wait_committed(stowage: &Stowage, digest: &str, blob: &[u8]) {
-    let path = stowage.blob_path(digest);
-    assert!(
-        wait_until(EVENTUALLY, || {
-            std::fs::read(&path).is_ok_and(|b| b.len() == blob.len() && sha256_digest(&b) == digest)
-        }),
-        "{digest} was never committed at {}",
-        path.display()
-    );
-}
-
 /// Fetches a small blob whole and waits for its commit (it is then a plain cached blob).
 fn cache_blob(stowage: &Stowage, digest: &str, blob: &[u8]) {
     assert_whole(
@@ -80,7 +69,7 @@ fn cache_blob(stowage: &Stowage, digest: &str, blob: &[u8]) {
         blob,
         "warming the cache",
     );
-    wait_committed(stowage, digest, blob);
+    stowage.wait_committed(digest, blob, EVENTUALLY);
     stowage.wait_commits();
 }
 
@@ -146,6 +135,15 @@ fn start_paused_fill(stowage: &Stowage, fake: &FakeUpstream, digest: &str) -> (R
     (first, second)
 }
 
+/// `stowage_fill_failures_total{reason="internal"}`: fills that failed for local trouble.
+fn internal_failures(stowage: &Stowage) -> f64 {
+    metric(
+        stowage,
+        "stowage_fill_failures_total",
+        &[("reason", "internal")],
+    )
+}
+
 #[test]
 fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     // Declared before stowage: stowage stops first, then the tmpfs is unmounted.
@@ -159,11 +157,7 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     assert_eq!(stowage.data_dir(), disk.path());
 
     cache_blob(&stowage, &small_digest, &small);
-    let failures_before = metric(
-        &stowage,
-        "stowage_fill_failures_total",
-        &[("reason", "internal")],
-    );
+    let failures_before = internal_failures(&stowage);
 
     let (first, second) = start_paused_fill(&stowage, &fake, &big_digest);
     // The pre-check has passed; now the disk fills up behind the fill's back: less room than
@@ -189,11 +183,8 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     );
     // The failure is counted as local trouble (the disk), and logged with its cause.
     assert!(
-        wait_until(EVENTUALLY, || metric(
-            &stowage,
-            "stowage_fill_failures_total",
-            &[("reason", "internal")]
-        ) == failures_before + 1.0),
+        wait_until(EVENTUALLY, || internal_failures(&stowage)
+            == failures_before + 1.0),
         "stowage_fill_failures_total{{reason=\"internal\"}} did not count the fill:\n{}",
         Scrape::get(&stowage.url()).metric_lines("stowage_fill_failures_total")
     );
@@ -251,11 +242,8 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
     assert!(body.contains("cache is full"), "error body: {body}");
     // The refusal is local trouble too, not the upstream's.
     assert!(
-        wait_until(EVENTUALLY, || metric(
-            &stowage,
-            "stowage_fill_failures_total",
-            &[("reason", "internal")]
-        ) == failures_before + 2.0),
+        wait_until(EVENTUALLY, || internal_failures(&stowage)
+            == failures_before + 2.0),
         "the refused fill is counted as internal:\n{}",
         Scrape::get(&stowage.url()).metric_lines("stowage_fill_failures_total")
     );
@@ -283,7 +271,7 @@ fn enospc_mid_fill_aborts_readers_commits_nothing_and_the_cache_recovers() {
         &big,
         "the blob once the disk has room",
     );
-    wait_committed(&stowage, &big_digest, &big);
+    stowage.wait_committed(&big_digest, &big, EVENTUALLY);
     // The failed fill, the refused attempt, and this one.
     assert_eq!(fake.blob_gets(&big_digest).len(), 3);
     let gets = fake.blob_gets(&big_digest).len();
@@ -349,7 +337,7 @@ fn a_fill_failing_for_lack_of_disk_evicts_unused_blobs_for_the_next_try() {
         &big,
         "the next try after eviction",
     );
-    wait_committed(&stowage, &big_digest, &big);
+    stowage.wait_committed(&big_digest, &big, EVENTUALLY);
     // The evicted blob is fetched again (the index forgot it too).
     let gets = fake.blob_gets(&old_digest).len();
     let _ = std::fs::remove_file(&ballast);

@@ -13,19 +13,12 @@ use std::time::Duration;
 
 use support::images::{self, Format, Image, ImageIndex, Pushed};
 use support::registry::Registry;
-use support::stowage::{Stowage, UpstreamSpec};
-use support::{http, manifest_accept, sha256_hex, skopeo_ok, wait_until};
+use support::stowage::{MirroredRegistry, Stowage};
+use support::{get_json, http, manifest_accept, sha256_hex, skopeo_ok, wait_until};
 
 /// A real upstream registry and a stowage in front of it as the `docker.io` upstream.
-struct World {
-    stowage: Stowage,
-    upstream: Registry,
-}
-
-fn world() -> World {
-    let upstream = Registry::start();
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())]);
-    World { stowage, upstream }
+fn world() -> MirroredRegistry {
+    MirroredRegistry::start()
 }
 
 /// 1 KiB + 3 MiB layers: one small, one multi-MiB so streaming paths are exercised.
@@ -43,6 +36,18 @@ fn pull_and_verify(host: &str, reference: &str, pushed: &Pushed, all: bool, out:
     args.extend([src.as_str(), dst.as_str()]);
     skopeo_ok(&args, &format!("pulling {reference} from {host}"));
     verify_dir(out, pushed, all);
+}
+
+/// [`pull_and_verify`] of `reference` from stowage into a fresh temp dir, which it returns.
+fn pull_from_stowage(
+    w: &MirroredRegistry,
+    reference: &str,
+    pushed: &Pushed,
+    all: bool,
+) -> tempfile::TempDir {
+    let out = tempfile::tempdir().expect("temp dir for a pull");
+    pull_and_verify(&w.stowage.host_port(), reference, pushed, all, out.path());
+    out
 }
 
 /// Checks a skopeo `dir:` copy: `manifest.json` is byte-identical to the pushed top manifest,
@@ -144,16 +149,9 @@ fn wait_for_cached_blobs(stowage: &Stowage, pushed: &Pushed) -> Vec<String> {
 
 /// Pull through stowage, verify; pull again, verify, and prove that no blob request reached
 /// the upstream the second time.
-fn pull_twice_through_stowage(w: &World, pushed: &Pushed, all: bool) {
+fn pull_twice_through_stowage(w: &MirroredRegistry, pushed: &Pushed, all: bool) {
     let reference = format!("{}:{}", pushed.name, pushed.tag);
-    let first = tempfile::tempdir().expect("temp dir for first pull");
-    pull_and_verify(
-        &w.stowage.host_port(),
-        &reference,
-        pushed,
-        all,
-        first.path(),
-    );
+    let _first = pull_from_stowage(w, &reference, pushed, all);
     assert!(
         w.upstream.blob_gets() > 0,
         "the first (cold) pull of {reference} should have fetched blobs from the upstream; upstream saw: {:#?}",
@@ -164,14 +162,7 @@ fn pull_twice_through_stowage(w: &World, pushed: &Pushed, all: bool) {
     let upstream_blob_gets_before = w.upstream.blob_gets();
     let log_before = w.upstream.access_log_lines().len();
 
-    let second = tempfile::tempdir().expect("temp dir for second pull");
-    pull_and_verify(
-        &w.stowage.host_port(),
-        &reference,
-        pushed,
-        all,
-        second.path(),
-    );
+    let _second = pull_from_stowage(w, &reference, pushed, all);
     let after = w.upstream.access_log_lines();
     assert_eq!(
         w.upstream.blob_gets(),
@@ -193,8 +184,7 @@ fn harness_pushes_images_that_skopeo_pulls_straight_from_the_upstream() {
     let upstream = Registry::start();
     let cases: Vec<(Pushed, bool)> = vec![
         (
-            images::push(
-                &upstream.url(),
+            upstream.push(
                 "library/h-docker",
                 "1.0",
                 Image::build(Format::Docker, &[512, 4096]),
@@ -202,17 +192,11 @@ fn harness_pushes_images_that_skopeo_pulls_straight_from_the_upstream() {
             false,
         ),
         (
-            images::push(
-                &upstream.url(),
-                "library/h-oci",
-                "1.0",
-                Image::build(Format::Oci, &[512]),
-            ),
+            upstream.push("library/h-oci", "1.0", Image::build(Format::Oci, &[512])),
             false,
         ),
         (
-            images::push(
-                &upstream.url(),
+            upstream.push(
                 "library/h-list",
                 "1.0",
                 ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[512]),
@@ -220,8 +204,7 @@ fn harness_pushes_images_that_skopeo_pulls_straight_from_the_upstream() {
             true,
         ),
         (
-            images::push(
-                &upstream.url(),
+            upstream.push(
                 "org/h-index",
                 "1.0",
                 ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[512]),
@@ -244,8 +227,7 @@ fn harness_pushes_images_that_skopeo_pulls_straight_from_the_upstream() {
 #[test]
 fn docker_schema2_image_pulls_byte_exact_and_second_pull_sends_no_blob_request_upstream() {
     let w = world();
-    let pushed = images::push(
-        &w.upstream.url(),
+    let pushed = w.upstream.push(
         "library/e2e-docker",
         "1.0",
         Image::build(Format::Docker, LAYERS),
@@ -256,12 +238,9 @@ fn docker_schema2_image_pulls_byte_exact_and_second_pull_sends_no_blob_request_u
 #[test]
 fn oci_manifest_image_pulls_byte_exact_and_second_pull_sends_no_blob_request_upstream() {
     let w = world();
-    let pushed = images::push(
-        &w.upstream.url(),
-        "library/e2e-oci",
-        "1.0",
-        Image::build(Format::Oci, LAYERS),
-    );
+    let pushed = w
+        .upstream
+        .push("library/e2e-oci", "1.0", Image::build(Format::Oci, LAYERS));
     pull_twice_through_stowage(&w, &pushed, false);
 }
 
@@ -270,7 +249,7 @@ fn docker_manifest_list_pulls_every_platform_byte_exact_and_second_pull_sends_no
 ) {
     let w = world();
     let list = ImageIndex::build(Format::Docker, &["amd64", "arm64"], LAYERS);
-    let pushed = images::push(&w.upstream.url(), "library/e2e-list", "1.0", list);
+    let pushed = w.upstream.push("library/e2e-list", "1.0", list);
     pull_twice_through_stowage(&w, &pushed, true);
 }
 
@@ -278,48 +257,40 @@ fn docker_manifest_list_pulls_every_platform_byte_exact_and_second_pull_sends_no
 fn oci_index_pulls_every_platform_byte_exact_and_second_pull_sends_no_blob_request_upstream() {
     let w = world();
     let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], LAYERS);
-    let pushed = images::push(&w.upstream.url(), "org/e2e-index", "1.0", index);
+    let pushed = w.upstream.push("org/e2e-index", "1.0", index);
     pull_twice_through_stowage(&w, &pushed, true);
 }
 
 #[test]
 fn pull_by_digest_is_byte_exact() {
     let w = world();
-    let pushed = images::push(
-        &w.upstream.url(),
+    let pushed = w.upstream.push(
         "library/e2e-bydigest",
         "1.0",
         Image::build(Format::Docker, LAYERS),
     );
-    let out = tempfile::tempdir().expect("temp dir");
-    let reference = format!("{}@{}", pushed.name, pushed.digest());
-    pull_and_verify(
-        &w.stowage.host_port(),
-        &reference,
+    let _out = pull_from_stowage(
+        &w,
+        &format!("{}@{}", pushed.name, pushed.digest()),
         &pushed,
         false,
-        out.path(),
     );
 
     // The manifest list of a multi-arch image by digest, every platform.
     let list = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[2048]);
-    let pushed = images::push(&w.upstream.url(), "library/e2e-bydigest-index", "1.0", list);
-    let out = tempfile::tempdir().expect("temp dir");
-    let reference = format!("{}@{}", pushed.name, pushed.digest());
-    pull_and_verify(
-        &w.stowage.host_port(),
-        &reference,
+    let pushed = w.upstream.push("library/e2e-bydigest-index", "1.0", list);
+    let _out = pull_from_stowage(
+        &w,
+        &format!("{}@{}", pushed.name, pushed.digest()),
         &pushed,
         true,
-        out.path(),
     );
 }
 
 #[test]
 fn one_segment_name_is_served_from_library() {
     let w = world();
-    let pushed = images::push(
-        &w.upstream.url(),
+    let pushed = w.upstream.push(
         "library/e2e-short",
         "3.19",
         Image::build(Format::Docker, &[4096]),
@@ -347,14 +318,7 @@ fn one_segment_name_is_served_from_library() {
     );
 
     // And a real client pulling the short name gets the whole image.
-    let out = tempfile::tempdir().expect("temp dir");
-    pull_and_verify(
-        &w.stowage.host_port(),
-        "e2e-short:3.19",
-        &pushed,
-        false,
-        out.path(),
-    );
+    let _out = pull_from_stowage(&w, "e2e-short:3.19", &pushed, false);
 }
 
 fn header(resp: &reqwest::blocking::Response, name: &str) -> Option<String> {
@@ -437,14 +401,12 @@ fn assert_head_and_get_agree(
 #[test]
 fn manifest_head_and_get_return_identical_headers() {
     let w = world();
-    let single = images::push(
-        &w.upstream.url(),
+    let single = w.upstream.push(
         "library/e2e-heads",
         "1.0",
         Image::build(Format::Docker, &[1024]),
     );
-    let index = images::push(
-        &w.upstream.url(),
+    let index = w.upstream.push(
         "library/e2e-heads-index",
         "1.0",
         ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[1024]),
@@ -480,8 +442,7 @@ fn manifest_head_and_get_return_identical_headers() {
 #[test]
 fn blob_head_and_get_return_identical_headers() {
     let w = world();
-    let pushed = images::push(
-        &w.upstream.url(),
+    let pushed = w.upstream.push(
         "library/e2e-blob-heads",
         "1.0",
         Image::build(Format::Oci, LAYERS),
@@ -498,16 +459,8 @@ fn blob_head_and_get_return_identical_headers() {
 }
 
 /// Pulls `pushed` through stowage with skopeo (for the side effect of caching it).
-fn pull_through(w: &World, pushed: &Pushed) {
-    let out = tempfile::tempdir().expect("temp dir");
-    let reference = format!("{}:{}", pushed.name, pushed.tag);
-    pull_and_verify(
-        &w.stowage.host_port(),
-        &reference,
-        pushed,
-        false,
-        out.path(),
-    );
+fn pull_through(w: &MirroredRegistry, pushed: &Pushed) {
+    let _out = pull_from_stowage(w, &format!("{}:{}", pushed.name, pushed.tag), pushed, false);
 }
 
 /// Whether a name reported by stowage denotes `name` (optionally qualified by its upstream host).
@@ -518,14 +471,12 @@ fn same_repo(reported: &str, name: &str) -> bool {
 #[test]
 fn catalog_lists_pulled_repositories() {
     let w = world();
-    let a = images::push(
-        &w.upstream.url(),
+    let a = w.upstream.push(
         "library/e2e-cat-one",
         "1.0",
         Image::build(Format::Docker, &[1024]),
     );
-    let b = images::push(
-        &w.upstream.url(),
+    let b = w.upstream.push(
         "acme/e2e-cat-two",
         "1.0",
         Image::build(Format::Oci, &[1024]),
@@ -533,12 +484,7 @@ fn catalog_lists_pulled_repositories() {
     pull_through(&w, &a);
     pull_through(&w, &b);
 
-    let resp = http()
-        .get(format!("{}/v2/_catalog", w.stowage.url()))
-        .send()
-        .expect("GET /v2/_catalog");
-    assert_eq!(resp.status().as_u16(), 200, "GET /v2/_catalog");
-    let body: serde_json::Value = resp.json().expect("_catalog answers JSON");
+    let body = get_json(&format!("{}/v2/_catalog", w.stowage.url()));
     let repos: Vec<String> = body["repositories"]
         .as_array()
         .unwrap_or_else(|| panic!("_catalog has no \"repositories\" array: {body}"))
@@ -560,14 +506,12 @@ fn catalog_lists_pulled_repositories() {
 #[test]
 fn search_finds_pulled_repository() {
     let w = world();
-    let pushed = images::push(
-        &w.upstream.url(),
+    let pushed = w.upstream.push(
         "library/e2e-searchable",
         "1.0",
         Image::build(Format::Docker, &[1024]),
     );
-    let other = images::push(
-        &w.upstream.url(),
+    let other = w.upstream.push(
         "acme/e2e-unrelated",
         "1.0",
         Image::build(Format::Docker, &[1024]),
@@ -575,12 +519,7 @@ fn search_finds_pulled_repository() {
     pull_through(&w, &pushed);
     pull_through(&w, &other);
 
-    let resp = http()
-        .get(format!("{}/v1/search?q=searchable", w.stowage.url()))
-        .send()
-        .expect("GET /v1/search");
-    assert_eq!(resp.status().as_u16(), 200, "GET /v1/search?q=searchable");
-    let body: serde_json::Value = resp.json().expect("/v1/search answers JSON");
+    let body = get_json(&format!("{}/v1/search?q=searchable", w.stowage.url()));
     assert_eq!(
         body["query"], "searchable",
         "/v1/search echoes the query: {body}"
@@ -622,8 +561,7 @@ fn search_finds_pulled_repository() {
 #[test]
 fn tags_list_proxies_the_upstream_tags() {
     let w = world();
-    let pushed = images::push(
-        &w.upstream.url(),
+    let pushed = w.upstream.push(
         "library/e2e-tags",
         "1.0",
         Image::build(Format::Docker, &[1024]),

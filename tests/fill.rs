@@ -1,4 +1,4 @@
-//! The blob fill engine (issue 3), end to end through the stowage binary: one upstream transfer
+//! The blob fill engine, end to end through the stowage binary: one upstream transfer
 //! per blob however many clients ask, every client streaming as bytes arrive, resumes with
 //! `Range` when the upstream breaks, stalls or fails midway, a clean restart when it ignores
 //! `Range`, verification before commit, client `Range` requests (also while filling), and what
@@ -18,7 +18,7 @@ use support::images::{push_blob, Blob, OCI_LAYER};
 use support::reader::{assert_whole, client, wait_for_bytes, Reader};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
-use support::{error_codes, sha256_digest, wait_until};
+use support::{error_codes, wait_until};
 
 /// Upper bound for every "eventually" (never a timing assertion): the machine is small and busy.
 const EVENTUALLY: Duration = Duration::from_secs(180);
@@ -49,17 +49,6 @@ fn upstream_ranges(fake: &FakeUpstream, digest: &str) -> Vec<Option<String>> {
         .into_iter()
         .map(|r| r.range)
         .collect()
-}
-
-fn wait_committed(stowage: &Stowage, digest: &str, blob: &[u8]) {
-    let path = stowage.blob_path(digest);
-    assert!(
-        wait_until(EVENTUALLY, || {
-            std::fs::read(&path).is_ok_and(|b| b.len() == blob.len() && sha256_digest(&b) == digest)
-        }),
-        "{digest} was never committed at {}",
-        path.display()
-    );
 }
 
 fn assert_nothing_committed(stowage: &Stowage, digest: &str) {
@@ -111,7 +100,7 @@ fn concurrent_cold_gets_share_one_upstream_transfer_and_stream_before_completion
         vec![None],
         "32 clients must cause exactly one upstream GET"
     );
-    wait_committed(&stowage, &digest, &blob);
+    stowage.wait_committed(&digest, &blob, EVENTUALLY);
 }
 
 #[test]
@@ -193,7 +182,7 @@ fn breaks_stalls_and_5xx_midway_are_resumed_with_range() {
         authorised, 5,
         "each resume re-follows the registry's redirect"
     );
-    wait_committed(&stowage, &digest, &blob);
+    stowage.wait_committed(&digest, &blob, EVENTUALLY);
     assert!(stowage.log().contains("fill resumed"));
     // Four breaks, four resumes — and the metric says so.
     let scrape = support::scrape::Scrape::get(&stowage.url());
@@ -226,7 +215,7 @@ fn upstream_ignoring_range_restarts_without_duplicate_bytes() {
         upstream_ranges(&fake, &digest),
         vec![None, Some(format!("bytes={}-", size * 4 / 10))]
     );
-    wait_committed(&stowage, &digest, &blob);
+    stowage.wait_committed(&digest, &blob, EVENTUALLY);
 }
 
 #[test]
@@ -269,7 +258,7 @@ fn resumes_that_keep_failing_abort_clients_and_commit_nothing() {
         &blob,
         "after the upstream recovered",
     );
-    wait_committed(&stowage, &digest, &blob);
+    stowage.wait_committed(&digest, &blob, EVENTUALLY);
 }
 
 #[test]
@@ -381,7 +370,7 @@ fn wrong_bytes_abort_every_client_and_commit_nothing() {
         &blob,
         "after upstream fixed the blob",
     );
-    wait_committed(&stowage, &digest, &blob);
+    stowage.wait_committed(&digest, &blob, EVENTUALLY);
 }
 
 #[test]
@@ -398,7 +387,7 @@ fn starting_client_hanging_up_does_not_stop_the_fill() {
     // The client is gone and the fill is still waiting for the upstream's tail.
     assert!(!stowage.blob_path(&digest).exists());
     fake.release_holds();
-    wait_committed(&stowage, &digest, &blob);
+    stowage.wait_committed(&digest, &blob, EVENTUALLY);
     assert_whole(
         &Reader::start(&url, &[], false, None).finish(),
         &blob,
@@ -467,7 +456,7 @@ fn kill_during_a_fill_leaves_no_partial_blob() {
         vec![None, None],
         "the new process fetches the blob afresh"
     );
-    wait_committed(&stowage, &digest, &blob);
+    stowage.wait_committed(&digest, &blob, EVENTUALLY);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,7 +477,7 @@ fn range_requests_on_cached_blobs() {
     let whole = Reader::start(&url, &[], false, None).finish();
     assert_whole(&whole, &blob, "the first GET");
     assert_eq!(header(&whole.headers, "accept-ranges"), Some("bytes"));
-    wait_committed(&stowage, &digest, &blob);
+    stowage.wait_committed(&digest, &blob, EVENTUALLY);
 
     let get = |range: &str| Reader::start(&url, &[("Range", range)], true, None).finish();
     for (range, start, end) in [

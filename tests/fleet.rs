@@ -1,4 +1,4 @@
-//! A fleet of stowage nodes sharing one object store (issue 11), end to end: a real upstream
+//! A fleet of stowage nodes sharing one object store, end to end: a real upstream
 //! (distribution), real Garage (a 3-node S3-compatible cluster started by the test), skopeo as
 //! the client; the in-process fake upstream where a test must hold a blob mid-fill; the shared
 //! directory backend (`storage.shared_path`) where the test needs conditional create, which
@@ -15,7 +15,7 @@ use std::time::Duration;
 use support::clients::stowage_blob_gets;
 use support::fake_upstream::{FakeUpstream, Fault};
 use support::garage::Garage;
-use support::images::{self, Format, Image, Pushed};
+use support::images::{Format, Image, Pushed};
 use support::nginx::Nginx;
 use support::registry::Registry;
 use support::scrape::Scrape;
@@ -100,15 +100,15 @@ fn metric(node: &Stowage, name: &str, labels: &[(&str, &str)]) -> f64 {
     Scrape::get(&node.url()).find(name, labels).unwrap_or(0.0)
 }
 
+/// `stowage_fill_sources_total{source}` of `node`.
+fn fill_sources(node: &Stowage, source: &str) -> f64 {
+    metric(node, "stowage_fill_sources_total", &[("source", source)])
+}
+
 #[test]
 fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
-        "fleet/app",
-        "v1",
-        Image::build(Format::Docker, LAYERS),
-    );
+    let pushed = upstream.push("fleet/app", "v1", Image::build(Format::Docker, LAYERS));
     let garage = Garage::start(3);
     let storage = garage.storage_toml(PREFIX);
     let a = node(&upstream.url(), &storage);
@@ -138,29 +138,18 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
         "the tag node A confirmed within manifest_ttl is a hit on node B: {during_b:#?}"
     );
     assert_eq!(
-        metric(
-            &b,
-            "stowage_fill_sources_total",
-            &[("source", "object_store")]
-        ),
+        fill_sources(&b, "object_store"),
         pushed.blobs().len() as f64,
         "every blob of node B came from the object store"
     );
-    assert_eq!(
-        metric(&b, "stowage_fill_sources_total", &[("source", "upstream")]),
-        0.0
-    );
+    assert_eq!(fill_sources(&b, "upstream"), 0.0);
     assert!(metric(&b, "stowage_object_store_hits_total", &[("kind", "tag")]) >= 1.0);
 
     // B's local tier now holds the blobs: a third pull asks nobody.
     let out_b2 = tempfile::tempdir().expect("tempdir");
     pull(&b, &pushed, out_b2.path());
     assert_eq!(
-        metric(
-            &b,
-            "stowage_fill_sources_total",
-            &[("source", "object_store")]
-        ),
+        fill_sources(&b, "object_store"),
         pushed.blobs().len() as f64,
         "the second pull on node B is served from its local tier"
     );
@@ -169,12 +158,7 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
 #[test]
 fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it() {
     let upstream = Registry::start();
-    let first = images::push(
-        &upstream.url(),
-        "fleet/app",
-        "v1",
-        Image::build(Format::Docker, LAYERS),
-    );
+    let first = upstream.push("fleet/app", "v1", Image::build(Format::Docker, LAYERS));
     let mut garage = Garage::start(3);
     let a = node(&upstream.url(), &garage.storage_toml(PREFIX));
     let out = tempfile::tempdir().expect("tempdir");
@@ -227,12 +211,7 @@ fn losing_the_object_store_keeps_the_local_tier_serving_and_readiness_reports_it
     );
 
     // New content falls back to the upstream, kept locally.
-    let second = images::push(
-        &upstream.url(),
-        "fleet/app",
-        "v2",
-        Image::build(Format::Oci, LAYERS),
-    );
+    let second = upstream.push("fleet/app", "v2", Image::build(Format::Oci, LAYERS));
     let out2 = tempfile::tempdir().expect("tempdir");
     pull(&a, &second, out2.path());
     assert!(metric(&a, "stowage_object_store_fallbacks_total", &[]) >= 1.0);
@@ -291,14 +270,7 @@ fn fill_lease_makes_the_second_node_wait_for_the_first_nodes_copy() {
         1,
         "one upstream transfer for the whole fleet"
     );
-    assert_eq!(
-        metric(
-            &b,
-            "stowage_fill_sources_total",
-            &[("source", "object_store")]
-        ),
-        1.0
-    );
+    assert_eq!(fill_sources(&b, "object_store"), 1.0);
     // The lease is released once the blob is shared.
     let lease = shared.path().join(format!(
         "leases/sha256/{}",
@@ -369,8 +341,7 @@ fn a_damaged_shared_blob_is_rejected_removed_and_replaced_from_the_upstream() {
 #[test]
 fn the_documented_nginx_setup_sends_each_digest_to_one_node() {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "fleet/app",
         "v1",
         Image::build(

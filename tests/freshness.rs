@@ -17,40 +17,7 @@ use support::fake_upstream::{FakeUpstream, Fault, Gate};
 use support::images::{self, Format, Image, ImageIndex, DOCKER_LIST, DOCKER_MANIFEST};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
-use support::{error_codes, manifest_accept};
-
-/// A response, read in full.
-struct Resp {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> String {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    }
-    fn digest(&self) -> String {
-        self.header("docker-content-digest")
-    }
-}
-
-fn request(method: reqwest::Method, url: &str, accept: &[&str]) -> Resp {
-    let mut req = support::http().request(method.clone(), url);
-    for a in accept {
-        req = req.header("Accept", *a);
-    }
-    let resp = req.send().unwrap_or_else(|e| panic!("{method} {url}: {e}"));
-    Resp {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.bytes().map(|b| b.to_vec()).unwrap_or_default(),
-    }
-}
+use support::{error_codes, manifest_accept, request, Resp};
 
 fn get(url: &str) -> Resp {
     request(reqwest::Method::GET, url, &[&manifest_accept()])
@@ -87,8 +54,7 @@ fn moved_tag_is_served_from_cache_within_ttl_then_one_head_and_one_get_by_digest
     let upstream = Registry::start();
     let ttl = Duration::from_secs(10);
     let stowage = hub(&upstream.url(), "manifest_ttl = \"10s\"");
-    let first = images::push(
-        &upstream.url(),
+    let first = upstream.push(
         "library/fresh",
         "latest",
         Image::build(Format::Docker, &[256]),
@@ -156,12 +122,7 @@ fn moved_tag_is_served_from_cache_within_ttl_then_one_head_and_one_get_by_digest
 fn unchanged_tag_after_ttl_costs_one_head_and_no_get() {
     let upstream = Registry::start();
     let stowage = hub(&upstream.url(), "manifest_ttl = \"2s\"");
-    let pushed = images::push(
-        &upstream.url(),
-        "library/steady",
-        "1.0",
-        Image::build(Format::Oci, &[256]),
-    );
+    let pushed = upstream.push("library/steady", "1.0", Image::build(Format::Oci, &[256]));
     let url = format!("{}/v2/library/steady/manifests/1.0", stowage.url());
     let r = get(&url);
     let checked = Instant::now();
@@ -187,7 +148,7 @@ fn immutable_tags_are_never_revalidated_and_ttl_zero_always_is() {
         "manifest_ttl = \"0\"\nimmutable_tags = ['^v?\\d+\\.\\d+\\.\\d+$']",
     );
     let image = Image::build(Format::Docker, &[128]);
-    let pushed = images::push(&upstream.url(), "library/pinned", "v1.2.3", image.clone());
+    let pushed = upstream.push("library/pinned", "v1.2.3", image.clone());
     images::push_manifest(&upstream.url(), "library/pinned", "latest", &image.manifest);
     let pinned = format!("{}/v2/library/pinned/manifests/v1.2.3", stowage.url());
     let latest = format!("{}/v2/library/pinned/manifests/latest", stowage.url());
@@ -214,14 +175,12 @@ fn immutable_tags_are_never_revalidated_and_ttl_zero_always_is() {
 fn stopped_upstream_serves_cached_tag_with_warning_and_uncached_tag_is_503() {
     let mut upstream = Registry::start();
     let stowage = hub(&upstream.url(), "manifest_ttl = \"0\"");
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "library/offline",
         "1.0",
         Image::build(Format::Docker, &[256]),
     );
-    images::push(
-        &upstream.url(),
+    upstream.push(
         "library/offline",
         "never-pulled",
         Image::build(Format::Docker, &[64]),
@@ -313,8 +272,7 @@ fn max_stale_bounds_how_long_a_cached_tag_outlives_its_upstream() {
     let mut upstream = Registry::start();
     let max_stale = Duration::from_secs(6);
     let stowage = hub(&upstream.url(), "manifest_ttl = \"0\"\nmax_stale = \"6s\"");
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "library/bounded",
         "1.0",
         Image::build(Format::Docker, &[128]),
@@ -345,14 +303,12 @@ fn upstream_429_serves_stale_when_cached_and_passes_429_with_retry_after_when_no
     let upstream = Registry::start();
     let gate = Gate::start(&upstream.url());
     let stowage = hub(&gate.url(), "manifest_ttl = \"0\"");
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "library/limited",
         "1.0",
         Image::build(Format::Docker, &[128]),
     );
-    images::push(
-        &upstream.url(),
+    upstream.push(
         "library/limited",
         "2.0",
         Image::build(Format::Docker, &[64]),
@@ -426,7 +382,7 @@ fn accept_restricted_client_gets_its_own_cached_variant_and_never_the_list() {
     let ttl = Duration::from_secs(10);
     let stowage = hub(&upstream.url(), "manifest_ttl = \"10s\"");
     let index = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[256]);
-    let pushed = images::push(&upstream.url(), "library/multi", "1.0", index.clone());
+    let pushed = upstream.push("library/multi", "1.0", index.clone());
     let children: Vec<String> = index
         .children
         .iter()
@@ -492,8 +448,7 @@ fn upstream_404_for_a_tag_is_remembered_for_negative_ttl() {
     let upstream = Registry::start();
     let negative_ttl = Duration::from_secs(8);
     let stowage = hub(&upstream.url(), "negative_ttl = \"8s\"");
-    images::push(
-        &upstream.url(),
+    upstream.push(
         "library/later",
         "other",
         Image::build(Format::Docker, &[64]),
@@ -515,12 +470,7 @@ fn upstream_404_for_a_tag_is_remembered_for_negative_ttl() {
     );
     assert_eq!(seen, Vec::<String>::new(), "the 404 is remembered");
 
-    let pushed = images::push(
-        &upstream.url(),
-        "library/later",
-        "1.0",
-        Image::build(Format::Docker, &[64]),
-    );
+    let pushed = upstream.push("library/later", "1.0", Image::build(Format::Docker, &[64]));
     sleep_past(first, negative_ttl);
     let r = get(&url);
     assert_eq!((r.status, r.digest()), (200, pushed.digest().to_string()));
@@ -532,7 +482,7 @@ fn variants_are_dropped_when_the_tag_moves() {
     let ttl = Duration::from_secs(2);
     let stowage = hub(&upstream.url(), "manifest_ttl = \"2s\"");
     let old = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[128]);
-    images::push(&upstream.url(), "library/moving", "1.0", old.clone());
+    upstream.push("library/moving", "1.0", old.clone());
     let url = format!("{}/v2/library/moving/manifests/1.0", stowage.url());
     let narrow = || request(reqwest::Method::GET, &url, &[DOCKER_MANIFEST]);
     assert_eq!(get(&url).header("content-type"), DOCKER_LIST);
@@ -542,7 +492,7 @@ fn variants_are_dropped_when_the_tag_moves() {
     assert!(old.children.iter().any(|c| c.manifest.digest == r.digest()));
 
     let new = ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[128]);
-    let pushed = images::push(&upstream.url(), "library/moving", "1.0", new.clone());
+    let pushed = upstream.push("library/moving", "1.0", new.clone());
     sleep_past(checked, ttl);
     // The narrow client first: the HEAD finds the tag moved, so its variant is fetched anew.
     let r = narrow();
@@ -562,8 +512,7 @@ fn a_fresh_tag_stays_fresh_across_a_restart() {
     let upstream = Registry::start();
     let ttl = Duration::from_secs(120);
     let mut stowage = hub(&upstream.url(), "manifest_ttl = \"120s\"");
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "library/durable",
         "1.0",
         Image::build(Format::Docker, &[128]),
@@ -593,12 +542,7 @@ fn a_hanging_upstream_is_given_up_after_revalidate_timeout_and_the_cache_served(
         &gate.url(),
         "manifest_ttl = \"0\"\nrevalidate_timeout = \"1s\"\nread_timeout = \"600s\"",
     );
-    let pushed = images::push(
-        &upstream.url(),
-        "library/slow",
-        "1.0",
-        Image::build(Format::Docker, &[64]),
-    );
+    let pushed = upstream.push("library/slow", "1.0", Image::build(Format::Docker, &[64]));
     let url = format!("{}/v2/library/slow/manifests/1.0", stowage.url());
     assert_eq!(get(&url).status, 200);
     gate.hang();
@@ -622,12 +566,7 @@ fn a_burst_on_an_expired_tag_sends_one_revalidation_and_shares_its_outcome() {
         &gate.url(),
         "manifest_ttl = \"0\"\nrevalidate_timeout = \"8s\"\nread_timeout = \"600s\"",
     );
-    let pushed = images::push(
-        &upstream.url(),
-        "library/burst",
-        "1.0",
-        Image::build(Format::Docker, &[64]),
-    );
+    let pushed = upstream.push("library/burst", "1.0", Image::build(Format::Docker, &[64]));
     let url = format!("{}/v2/library/burst/manifests/1.0", stowage.url());
     assert_eq!(get(&url).status, 200);
     gate.hang();

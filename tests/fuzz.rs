@@ -115,6 +115,30 @@ fn assert_safe_digest(d: &Digest) {
     );
 }
 
+/// `<name>/manifests/<tag>`, `<name>/blobs/<digest>` and `<name>/tags/list` route to the pull
+/// endpoints with `name`, `tag` and `digest` intact.
+fn assert_pull_routes(name: &str, tag: &str, digest: &str) -> Result<(), TestCaseError> {
+    match route::parse(&format!("{name}/manifests/{tag}")) {
+        Ok(Endpoint::Manifest(n, Reference::Tag(t))) => {
+            prop_assert_eq!(n.as_str(), name);
+            prop_assert_eq!(t.as_str(), tag);
+        }
+        other => prop_assert!(false, "{name}/manifests/{tag}: {other:?}"),
+    }
+    match route::parse(&format!("{name}/blobs/{digest}")) {
+        Ok(Endpoint::Blob(n, d)) => {
+            prop_assert_eq!(n.as_str(), name);
+            prop_assert_eq!(d.to_string(), digest);
+        }
+        other => prop_assert!(false, "{name}/blobs/{digest}: {other:?}"),
+    }
+    match route::parse(&format!("{name}/tags/list")) {
+        Ok(Endpoint::Tags(n)) => prop_assert_eq!(n.as_str(), name),
+        other => prop_assert!(false, "{name}/tags/list: {other:?}"),
+    }
+    Ok(())
+}
+
 proptest! {
     #[test]
     fn names_never_panic_and_accepted_names_are_safe(s in pathish()) {
@@ -186,24 +210,7 @@ proptest! {
         tag in valid_tag(),
         digest in valid_digest(),
     ) {
-        match route::parse(&format!("{name}/manifests/{tag}")) {
-            Ok(Endpoint::Manifest(n, Reference::Tag(t))) => {
-                prop_assert_eq!(n.as_str(), name.as_str());
-                prop_assert_eq!(t.as_str(), tag.as_str());
-            }
-            other => prop_assert!(false, "{name}/manifests/{tag}: {other:?}"),
-        }
-        match route::parse(&format!("{name}/blobs/{digest}")) {
-            Ok(Endpoint::Blob(n, d)) => {
-                prop_assert_eq!(n.as_str(), name.as_str());
-                prop_assert_eq!(d.to_string(), digest.clone());
-            }
-            other => prop_assert!(false, "{name}/blobs/{digest}: {other:?}"),
-        }
-        match route::parse(&format!("{name}/tags/list")) {
-            Ok(Endpoint::Tags(n)) => prop_assert_eq!(n.as_str(), name.as_str()),
-            other => prop_assert!(false, "{name}/tags/list: {other:?}"),
-        }
+        assert_pull_routes(&name, &tag, &digest)?;
     }
 
     #[test]
@@ -213,24 +220,7 @@ proptest! {
         digest in valid_digest(),
         id in "[a-zA-Z0-9-]{1,36}",
     ) {
-        match route::parse(&format!("{name}/manifests/{tag}")) {
-            Ok(Endpoint::Manifest(n, Reference::Tag(t))) => {
-                prop_assert_eq!(n.as_str(), name.as_str());
-                prop_assert_eq!(t.as_str(), tag.as_str());
-            }
-            other => prop_assert!(false, "{name}/manifests/{tag}: {other:?}"),
-        }
-        match route::parse(&format!("{name}/blobs/{digest}")) {
-            Ok(Endpoint::Blob(n, d)) => {
-                prop_assert_eq!(n.as_str(), name.as_str());
-                prop_assert_eq!(d.to_string(), digest.clone());
-            }
-            other => prop_assert!(false, "{name}/blobs/{digest}: {other:?}"),
-        }
-        match route::parse(&format!("{name}/tags/list")) {
-            Ok(Endpoint::Tags(n)) => prop_assert_eq!(n.as_str(), name.as_str()),
-            other => prop_assert!(false, "{name}/tags/list: {other:?}"),
-        }
+        assert_pull_routes(&name, &tag, &digest)?;
         for upload in [
             format!("{name}/blobs/uploads/"),
             format!("{name}/blobs/uploads/{id}"),

@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::images::{self, Format, Image, Pushed};
+use support::images::{Format, Image, Pushed};
 use support::registry::Registry;
 use support::stowage::{Stowage, StowageBuilder, UpstreamSpec};
 use support::{http, raw_request, wait_until};
@@ -25,8 +25,7 @@ struct World {
 
 fn world_with(configure: impl FnOnce(StowageBuilder) -> StowageBuilder) -> World {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
+    let pushed = upstream.push(
         "library/present",
         "1.0",
         Image::build(Format::Docker, &[64 * 1024]),
@@ -318,6 +317,20 @@ fn bad_range_headers_never_get_a_5xx_or_wrong_bytes() {
     assert!(!w.stowage.log().contains("panicked"));
 }
 
+/// Reads `s` until the server closes it: whether it closed (a clean end or a reset: closing with
+/// bytes unread may reset instead of a clean FIN; both are a close) and what it sent before.
+fn read_to_close(s: &mut TcpStream) -> (bool, Vec<u8>) {
+    let mut out = Vec::new();
+    let closed = s.read_to_end(&mut out);
+    let reset = closed
+        .as_ref()
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+    if let Err(e) = &closed {
+        eprintln!("read until close: {e}");
+    }
+    (closed.is_ok() || reset, out)
+}
+
 #[test]
 fn a_slow_loris_is_cut_off_by_the_header_read_timeout() {
     let w = world_with(|b| b.server_toml("header_read_timeout = \"1s\""));
@@ -326,16 +339,9 @@ fn a_slow_loris_is_cut_off_by_the_header_read_timeout() {
     s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         .unwrap();
     let start = Instant::now();
-    let mut out = Vec::new();
     // Without the timeout this read blocks until the 30 s client timeout and errors.
-    let closed = s.read_to_end(&mut out);
-    let reset = closed
-        .as_ref()
-        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
-    assert!(
-        closed.is_ok() || reset,
-        "server kept a half-sent request open: {closed:?}"
-    );
+    let (closed, out) = read_to_close(&mut s);
+    assert!(closed, "server kept a half-sent request open");
     let text = String::from_utf8_lossy(&out);
     assert!(
         out.is_empty() || text.starts_with("HTTP/1.1 408"),
@@ -348,15 +354,10 @@ fn a_slow_loris_is_cut_off_by_the_header_read_timeout() {
         let mut s = TcpStream::connect(("127.0.0.1", w.stowage.port())).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         s.write_all(opening).unwrap();
-        let mut out = Vec::new();
-        let closed = s.read_to_end(&mut out);
-        // Closing with the peeked bytes unread may reset instead of a clean FIN; both are a close.
-        let reset = closed
-            .as_ref()
-            .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset);
+        let (closed, out) = read_to_close(&mut s);
         assert!(
-            (closed.is_ok() || reset) && out.is_empty(),
-            "idle connection after {opening:?} was not closed: {closed:?} {out:?}"
+            closed && out.is_empty(),
+            "idle connection after {opening:?} was not closed: {out:?}"
         );
     }
     // Normal clients are served.
@@ -439,7 +440,7 @@ fn oversized_upstream_answers_are_refused_and_not_cached() {
     let mut longer = real.clone();
     longer.extend_from_slice(&[0u8; 5_000]);
     fake.serve_wrong_bytes(&digest, WrongBytes::Replaced(longer));
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let stowage = Stowage::for_docker_io(&fake.url());
 
     let accept = support::manifest_accept();
     let target = "/v2/library/huge/manifests/latest";

@@ -1,4 +1,4 @@
-//! Storage lifecycle (issue 5): the byte budget with least-recently-used eviction, pins, leases
+//! Storage lifecycle: the byte budget with least-recently-used eviction, pins, leases
 //! for blobs being streamed, recency across restarts, crash safety, `verify` and `gc`.
 //!
 //! Images are synthetic (random, incompressible layers) on a real upstream registry; pulls go
@@ -9,7 +9,6 @@ mod support;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +16,7 @@ use std::time::Duration;
 use support::images::push_test;
 use support::images::{self, Pushed};
 use support::registry::Registry;
-use support::stowage::{pull_image, Stowage, UpstreamSpec};
+use support::stowage::{command, command_ok, pull_image, text, Stowage, UpstreamSpec};
 use support::{files_under, http, sha256_digest, wait_until};
 
 const MIB: usize = 1 << 20;
@@ -69,31 +68,6 @@ fn on_disk(data: &Path) -> u64 {
             .sum()
     };
     size(files_under(&data.join("blobs"))) + size(files_under(&data.join("tmp")))
-}
-
-/// Runs `stowage <args> --config <stowage's config>`.
-fn command(stowage: &Stowage, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_stowage"))
-        .args(args)
-        .arg("--config")
-        .arg(stowage.config_path())
-        .output()
-        .expect("run the stowage binary")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
-    let o = command(stowage, args);
-    assert!(o.status.success(), "stowage {args:?} failed: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
 fn stop_cleanly(stowage: &mut Stowage) {
@@ -332,7 +306,7 @@ fn unpin_follows_the_pinned_reference_after_its_tag_moved() {
         .start();
     // test/a:1 and test/a:latest on one digest, both pinned (inside the running serve).
     let old = push_test(&upstream, "a", &[MIB]);
-    let old_latest = images::push(&upstream.url(), "test/a", "latest", old.image.clone());
+    let old_latest = upstream.push("test/a", "latest", old.image.clone());
     pull_image(&stowage, &old);
     pull_image(&stowage, &old_latest);
     command_ok(&stowage, &["pin", "test/a:1", "test/a:latest"]);
@@ -355,13 +329,12 @@ fn unpin_follows_the_pinned_reference_after_its_tag_moved() {
     );
 
     // Both tags move upstream; the mirror revalidates them (manifest_ttl = 0).
-    let new = images::push(
-        &upstream.url(),
+    let new = upstream.push(
         "test/a",
         "1",
         images::Image::build(images::Format::Oci, &[MIB]),
     );
-    let new_latest = images::push(&upstream.url(), "test/a", "latest", new.image.clone());
+    let new_latest = upstream.push("test/a", "latest", new.image.clone());
     pull_image(&stowage, &new);
     pull_image(&stowage, &new_latest);
     let ls = command_ok(&stowage, &["ls"]);

@@ -539,7 +539,7 @@ fn json_logs_parse_carry_request_ids_and_never_show_credentials() {
 #[test]
 fn text_logs_carry_the_request_id_returned_to_the_client() {
     let fake = FakeUpstream::start();
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
+    let stowage = Stowage::for_docker_io(&fake.url());
     let r = http()
         .get(format!("{}/v2/_catalog", stowage.url()))
         .send()

@@ -19,7 +19,7 @@ use support::fake_upstream::{FakeUpstream, Fault};
 use support::images::{self, Blob, Format, Image, Layer, Manifest};
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
-use support::{error_codes, manifest_accept, sha256_digest, skopeo_ok};
+use support::{error_codes, manifest_accept, request, sha256_digest, skopeo_ok, Resp};
 
 const REPO: &str = "team/app";
 
@@ -86,8 +86,8 @@ fn world() -> World {
         shared.clone(),
         images::random_layer(Format::Docker, 768),
     ]);
-    images::push(&hub.url(), REPO, "1.0", hub_image.clone());
-    images::push(&ghcr.url(), REPO, "1.0", ghcr_image.clone());
+    hub.push(REPO, "1.0", hub_image.clone());
+    ghcr.push(REPO, "1.0", ghcr_image.clone());
     let stowage = Stowage::start(&[
         UpstreamSpec::new("docker.io", &hub.url()),
         UpstreamSpec::new("ghcr.io", &ghcr.url()),
@@ -102,33 +102,8 @@ fn world() -> World {
     }
 }
 
-struct Resp {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> String {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string()
-    }
-}
-
 fn get(url: &str) -> Resp {
-    let resp = support::http()
-        .get(url)
-        .header("Accept", manifest_accept())
-        .send()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    Resp {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.bytes().map(|b| b.to_vec()).unwrap_or_default(),
-    }
+    request(reqwest::Method::GET, url, &[&manifest_accept()])
 }
 
 /// Pulls manifest and every blob of `image` through `base` (a `/v2/<name>` URL prefix) with
@@ -226,6 +201,36 @@ fn same_name_resolves_per_upstream_by_ns_prefix_and_bare_and_a_shared_layer_is_s
     }
 }
 
+/// Follows a paged `tags/list` from `start` (a path under `base`) along its `Link` headers:
+/// every page answers 200 and at most `max_pages` are read; `next_page(path, link, tags so
+/// far)` checks each non-empty `Link` and returns the next path. Returns every tag and the
+/// number of pages.
+fn follow_tag_pages(
+    base: &str,
+    start: &str,
+    max_pages: usize,
+    mut next_page: impl FnMut(&str, &str, &[String]) -> String,
+) -> (Vec<String>, usize) {
+    let mut next = Some(start.to_string());
+    let mut tags = Vec::new();
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        pages += 1;
+        assert!(pages <= max_pages, "{start}: too many pages");
+        let r = get(&format!("{base}{path}"));
+        assert_eq!(r.status, 200, "{path}");
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        for t in v["tags"].as_array().unwrap() {
+            tags.push(t.as_str().unwrap().to_string());
+        }
+        let link = r.header("link");
+        if !link.is_empty() {
+            next = Some(next_page(&path, &link, &tags));
+        }
+    }
+    (tags, pages)
+}
+
 #[test]
 fn tag_list_links_keep_the_prefix_or_ns_the_client_used() {
     let w = world();
@@ -247,33 +252,19 @@ fn tag_list_links_keep_the_prefix_or_ns_the_client_used() {
             "ns=ghcr.io",
         ),
     ] {
-        let mut next = Some(start);
-        let mut tags = Vec::new();
-        let mut pages = 0;
-        while let Some(path) = next.take() {
-            pages += 1;
-            assert!(pages <= 5, "too many pages");
-            let r = get(&format!("{base}{path}"));
-            assert_eq!(r.status, 200, "{path}");
-            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            for t in v["tags"].as_array().unwrap() {
-                tags.push(t.as_str().unwrap().to_string());
-            }
-            let link = r.header("link");
-            if !link.is_empty() {
-                let url = link
-                    .trim_start_matches('<')
-                    .split_once('>')
-                    .map(|(u, _)| u.to_string())
-                    .unwrap();
-                assert!(
-                    url.starts_with(&expected_prefix),
-                    "Link {link:?} is not in the client's form {expected_prefix:?}"
-                );
-                assert!(url.contains(extra), "Link {link:?} lost {extra:?}");
-                next = Some(url);
-            }
-        }
+        let (tags, _) = follow_tag_pages(&base, &start, 5, |_, link, _| {
+            let url = link
+                .trim_start_matches('<')
+                .split_once('>')
+                .map(|(u, _)| u.to_string())
+                .unwrap();
+            assert!(
+                url.starts_with(&expected_prefix),
+                "Link {link:?} is not in the client's form {expected_prefix:?}"
+            );
+            assert!(url.contains(extra), "Link {link:?} lost {extra:?}");
+            url
+        });
         assert_eq!(tags, pushed_ghcr_tags, "all ghcr.io tags, page by page");
     }
 
@@ -463,24 +454,9 @@ fn tag_list_without_n_follows_an_upstream_that_pages_by_default() {
             Some("3"),
         ),
     ] {
-        let mut next = Some(start.clone());
-        let mut tags = Vec::new();
-        let mut pages = 0;
-        while let Some(path) = next.take() {
-            pages += 1;
-            assert!(pages <= 6, "{start}: too many pages");
-            let r = get(&format!("{base}{path}"));
-            assert_eq!(r.status, 200, "{path}");
-            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
-            for t in v["tags"].as_array().unwrap() {
-                tags.push(t.as_str().unwrap().to_string());
-            }
-            let link = r.header("link");
-            if link.is_empty() {
-                continue;
-            }
+        let (tags, pages) = follow_tag_pages(&base, &start, 6, |path, link, tags| {
             assert!(link.ends_with("rel=\"next\""), "{path}: {link}");
-            let url = link_target(&link).unwrap_or_else(|| panic!("{path}: Link {link:?}"));
+            let url = link_target(link).unwrap_or_else(|| panic!("{path}: Link {link:?}"));
             assert!(
                 url.starts_with(&expected_prefix),
                 "{path}: Link {link:?} is not in the client's form {expected_prefix:?}"
@@ -499,8 +475,8 @@ fn tag_list_without_n_follows_an_upstream_that_pages_by_default() {
                 tags.last().map(String::as_str),
                 "{path}: Link {link:?}"
             );
-            next = Some(url);
-        }
+            url
+        });
         assert_eq!(
             tags,
             ["1", "2", "3", "4", "5"],
@@ -587,7 +563,7 @@ fn a_range_while_a_blob_of_unknown_size_fills_gets_a_206() {
     // with its size unknown while the clients below ask for ranges.
     upstream.serve_chunked(&digest);
     upstream.push_faults(&digest, [Fault::HoldAt(64 * 1024)]);
-    let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())]);
+    let stowage = Stowage::for_docker_io(&upstream.url());
     let url = format!("{}/v2/{REPO}/blobs/{digest}", stowage.url());
 
     let ranged = |range: &'static str| {
@@ -598,11 +574,7 @@ fn a_range_while_a_blob_of_unknown_size_fills_gets_a_206() {
                 .header("Range", range)
                 .send()
                 .unwrap_or_else(|e| panic!("GET {url} Range {range}: {e}"));
-            Resp {
-                status: resp.status().as_u16(),
-                headers: resp.headers().clone(),
-                body: resp.bytes().map(|b| b.to_vec()).unwrap_or_default(),
-            }
+            Resp::read(resp)
         })
     };
     // dockerd's resume starts the fill; two more join it.

@@ -19,7 +19,7 @@ use base64::Engine as _;
 use support::images::{self, Format, Image};
 use support::registry::Registry;
 use support::stowage::{Stowage, StowageBuilder, UpstreamSpec};
-use support::{error_codes, http, manifest_accept, raw_request, skopeo, wait_until};
+use support::{error_codes, http, manifest_accept, raw_request, skopeo, wait_until, RawResponse};
 
 /// A test CA and a server certificate for `localhost` and `127.0.0.1` signed by it.
 struct Pki {
@@ -228,12 +228,8 @@ fn skopeo_run(args: &[&str]) -> (bool, String) {
 #[test]
 fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
-        "library/app",
-        "v1",
-        Image::build(Format::Oci, &[1024, 64 * 1024]),
-    );
+    let image = Image::build(Format::Oci, &[1024, 64 * 1024]);
+    let pushed = upstream.push("library/app", "v1", image);
     let pki = Pki::new();
     let files = tempfile::tempdir().unwrap();
     let htpasswd = write_htpasswd(files.path(), &[("alice", "correct horse")]);
@@ -252,16 +248,17 @@ fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
     // The harness disables verification for copy; the later flag turns it back on.
     let verify = "--src-tls-verify=true";
 
-    let (ok, stderr) = skopeo_run(&[
-        "copy",
-        verify,
-        "--src-cert-dir",
-        &cert_dir,
-        "--src-creds",
-        "alice:correct horse",
-        &src,
-        &dst,
-    ]);
+    // `skopeo copy` with verification, the CA in `cert_dir` if given and `creds`.
+    let copy = |cert_dir: Option<&str>, creds: &str, dst: &str| {
+        let mut args = vec!["copy", verify];
+        if let Some(dir) = cert_dir {
+            args.extend(["--src-cert-dir", dir]);
+        }
+        args.extend(["--src-creds", creds, &src, dst]);
+        skopeo_run(&args)
+    };
+
+    let (ok, stderr) = copy(Some(&cert_dir), "alice:correct horse", &dst);
     assert!(ok, "skopeo over TLS with credentials failed:\n{stderr}");
     let manifest = std::fs::read(out.join("manifest.json")).expect("manifest.json copied");
     assert_eq!(manifest, pushed.manifest().bytes, "manifest bytes differ");
@@ -272,14 +269,7 @@ fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
 
     // Without the CA the certificate is not trusted: verification really is on.
     let out2 = format!("dir:{}", files.path().join("out2").display());
-    let (ok, stderr) = skopeo_run(&[
-        "copy",
-        verify,
-        "--src-creds",
-        "alice:correct horse",
-        &src,
-        &out2,
-    ]);
+    let (ok, stderr) = copy(None, "alice:correct horse", &out2);
     assert!(!ok, "skopeo trusted an unknown CA");
     assert!(
         stderr.contains("certificate") || stderr.contains("x509"),
@@ -288,16 +278,7 @@ fn skopeo_pulls_over_tls_with_credentials_and_verifies_the_certificate() {
 
     // A wrong password is refused.
     let out3 = format!("dir:{}", files.path().join("out3").display());
-    let (ok, stderr) = skopeo_run(&[
-        "copy",
-        verify,
-        "--src-cert-dir",
-        &cert_dir,
-        "--src-creds",
-        "alice:wrong",
-        &src,
-        &out3,
-    ]);
+    let (ok, stderr) = copy(Some(&cert_dir), "alice:wrong", &out3);
     assert!(!ok, "skopeo pulled with a wrong password");
     assert!(
         stderr.contains("401") || stderr.to_lowercase().contains("unauthorized"),
@@ -423,12 +404,7 @@ struct AuthWorld {
 
 fn auth_world(auth_extra: &str) -> AuthWorld {
     let upstream = Registry::start();
-    let pushed = images::push(
-        &upstream.url(),
-        "library/app",
-        "v1",
-        Image::build(Format::Docker, &[1024]),
-    );
+    let pushed = upstream.push("library/app", "v1", Image::build(Format::Docker, &[1024]));
     let files = tempfile::tempdir().unwrap();
     let htpasswd = write_htpasswd(files.path(), &[("alice", "s3cret"), ("bob", "hunter2")]);
     let stowage = Stowage::builder()
@@ -444,6 +420,15 @@ fn auth_world(auth_extra: &str) -> AuthWorld {
         upstream,
         files,
         pushed,
+    }
+}
+
+impl AuthWorld {
+    /// `GET target` with `Authorization: authorization` (and, if given, `Accept: accept`).
+    fn get_as(&self, target: &str, authorization: &str, accept: Option<&str>) -> RawResponse {
+        let mut headers = vec![("Authorization", authorization)];
+        headers.extend(accept.map(|a| ("Accept", a)));
+        raw_request(self.stowage.port(), "GET", target, &headers)
     }
 }
 
@@ -476,12 +461,7 @@ fn missing_credentials_get_401_with_the_basic_challenge_and_reach_nothing() {
         }
     }
     // A non-Basic scheme is no credentials at all.
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        manifest,
-        &[("Authorization", "Bearer abc")],
-    );
+    let r = w.get_as(manifest, "Bearer abc", None);
     assert_eq!(r.status, 401);
     assert_eq!(
         w.upstream.count_requests("GET", "/v2/library/app")
@@ -502,18 +482,8 @@ fn wrong_credentials_get_the_same_401_whichever_part_is_wrong() {
     let accept = manifest_accept();
     let wrong_password = basic("alice", "hunter2");
     let unknown_user = basic("mallory", "s3cret");
-    let a = raw_request(
-        w.stowage.port(),
-        "GET",
-        target,
-        &[("Authorization", &wrong_password), ("Accept", &accept)],
-    );
-    let b = raw_request(
-        w.stowage.port(),
-        "GET",
-        target,
-        &[("Authorization", &unknown_user), ("Accept", &accept)],
-    );
+    let a = w.get_as(target, &wrong_password, Some(&accept));
+    let b = w.get_as(target, &unknown_user, Some(&accept));
     assert_eq!((a.status, b.status), (401, 401));
     assert_eq!(
         a.body, b.body,
@@ -523,20 +493,10 @@ fn wrong_credentials_get_the_same_401_whichever_part_is_wrong() {
     assert_eq!(error_codes(&a.body, "wrong password"), ["UNAUTHORIZED"]);
 
     let good = basic("alice", "s3cret");
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        target,
-        &[("Authorization", &good), ("Accept", &accept)],
-    );
+    let r = w.get_as(target, &good, Some(&accept));
     assert_eq!(r.status, 200, "{}", r.body_text());
     assert_eq!(r.body, w.pushed.manifest().bytes);
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        "/v2/",
-        &[("Authorization", &basic("bob", "hunter2"))],
-    );
+    let r = w.get_as("/v2/", &basic("bob", "hunter2"), None);
     assert_eq!(r.status, 200);
 
     // The credentials never reach the log.
@@ -551,12 +511,12 @@ fn failed_logins_are_limited_per_client_ip() {
     let w = auth_world("failed_login_limit = 3\nfailed_login_window = \"10m\"");
     let bad = basic("alice", "guess");
     for i in 0..3 {
-        let r = raw_request(w.stowage.port(), "GET", "/v2/", &[("Authorization", &bad)]);
+        let r = w.get_as("/v2/", &bad, None);
         assert_eq!(r.status, 401, "attempt {i}");
     }
     // Over the limit: refused without checking, even with the right password.
     let good = basic("alice", "s3cret");
-    let r = raw_request(w.stowage.port(), "GET", "/v2/", &[("Authorization", &good)]);
+    let r = w.get_as("/v2/", &good, None);
     assert_eq!(r.status, 429, "{r:?}");
     assert_eq!(error_codes(&r.body, "throttled"), ["TOOMANYREQUESTS"]);
     let retry: u64 = r
@@ -574,12 +534,7 @@ fn open_paths_and_htpasswd_reload() {
         r.status, 401,
         "/healthz is protected when not in open_paths"
     );
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        "/healthz",
-        &[("Authorization", &basic("alice", "s3cret"))],
-    );
+    let r = w.get_as("/healthz", &basic("alice", "s3cret"), None);
     assert_eq!(r.status, 200);
 
     // Replace the users and send SIGHUP: carol gets in, alice is out.
@@ -592,22 +547,10 @@ fn open_paths_and_htpasswd_reload() {
         .success());
     let carol = basic("carol", "new-pass");
     let reloaded = wait_until(Duration::from_secs(30), || {
-        raw_request(
-            w.stowage.port(),
-            "GET",
-            "/v2/",
-            &[("Authorization", &carol)],
-        )
-        .status
-            == 200
+        w.get_as("/v2/", &carol, None).status == 200
     });
     assert!(reloaded, "carol never got in\n{}", w.stowage.log());
-    let r = raw_request(
-        w.stowage.port(),
-        "GET",
-        "/v2/",
-        &[("Authorization", &basic("alice", "s3cret"))],
-    );
+    let r = w.get_as("/v2/", &basic("alice", "s3cret"), None);
     assert_eq!(r.status, 401, "alice was removed");
     assert!(w.stowage.is_running());
 }
@@ -615,24 +558,9 @@ fn open_paths_and_htpasswd_reload() {
 #[test]
 fn denied_repositories_are_403_and_never_reach_the_upstream() {
     let upstream = Registry::start();
-    let allowed = images::push(
-        &upstream.url(),
-        "library/app",
-        "v1",
-        Image::build(Format::Docker, &[1024]),
-    );
-    let evil = images::push(
-        &upstream.url(),
-        "evil/miner",
-        "v1",
-        Image::build(Format::Docker, &[2048]),
-    );
-    let secret = images::push(
-        &upstream.url(),
-        "myorg/secret",
-        "v1",
-        Image::build(Format::Docker, &[512]),
-    );
+    let allowed = upstream.push("library/app", "v1", Image::build(Format::Docker, &[1024]));
+    let evil = upstream.push("evil/miner", "v1", Image::build(Format::Docker, &[2048]));
+    let secret = upstream.push("myorg/secret", "v1", Image::build(Format::Docker, &[512]));
     let stowage = Stowage::start(&[UpstreamSpec::new("docker.io", &upstream.url())
         .with_extra("allow = [\"library/*\", \"myorg/**\"]\ndeny = [\"myorg/secret\"]")]);
     let accept = manifest_accept();

@@ -72,9 +72,7 @@ async fn object_backend_on_memory_passes_the_suite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garage_backend_passes_the_suite() {
-    let mut garage = tokio::task::spawn_blocking(|| Garage::start(3))
-        .await
-        .unwrap();
+    let mut garage = blocking(|| Garage::start(3)).await;
     let cfg = garage.shared_store_config("suite/", Duration::from_secs(10));
     let store = stowage::store::open(&cfg).unwrap();
     assert!(
@@ -116,34 +114,24 @@ async fn garage_backend_passes_the_suite() {
         "the interrupted upload was completed: {seen:#?}"
     );
 
-    // Everything the suite wrote stays below the prefix: a store without one sees it there.
-    let unprefixed = stowage::store::open(&garage.shared_store_config("", cfg.timeout)).unwrap();
-    let all = unprefixed.list("").await.unwrap();
-    assert!(!all.is_empty());
-    assert!(
-        all.iter().all(|o| o.key.starts_with("suite/")),
-        "{:?}",
-        all.iter().map(|o| &o.key).collect::<Vec<_>>()
-    );
+    assert_suite_stayed_below_prefix(&garage.shared_store_config("", cfg.timeout)).await;
 
     // A stopped store fails fast and says it is unavailable.
-    let mut garage = tokio::task::spawn_blocking(move || {
+    let mut garage = blocking(move || {
         garage.stop_all();
         garage
     })
-    .await
-    .unwrap();
+    .await;
     fails_fast_while_down(&store).await;
 
     // Restarted, the cluster serves what it stored before.
-    let garage = tokio::task::spawn_blocking(move || {
+    let garage = blocking(move || {
         for i in 0..3 {
             garage.restart_node(i);
         }
         garage
     })
-    .await
-    .unwrap();
+    .await;
     let back = support::wait_until(Duration::from_secs(60), || {
         let store = store.clone();
         let got = std::thread::spawn(move || {
@@ -165,7 +153,7 @@ async fn garage_backend_passes_the_suite() {
 /// complete, `If-None-Match: *` for conditional create.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn azurite_backend_passes_the_suite() {
-    let mut azurite = tokio::task::spawn_blocking(Azurite::start).await.unwrap();
+    let mut azurite = blocking(Azurite::start).await;
     let cfg = azurite.shared_store_config("suite/", Duration::from_secs(10));
     let store = stowage::store::open(&cfg).unwrap();
     let describe = store.describe();
@@ -227,15 +215,7 @@ async fn azurite_backend_passes_the_suite() {
         "the interrupted upload was committed: {seen:#?}"
     );
 
-    // Everything the suite wrote stays below the prefix: a store without one sees it there.
-    let unprefixed = stowage::store::open(&azurite.shared_store_config("", cfg.timeout)).unwrap();
-    let all = unprefixed.list("").await.unwrap();
-    assert!(!all.is_empty());
-    assert!(
-        all.iter().all(|o| o.key.starts_with("suite/")),
-        "{:?}",
-        all.iter().map(|o| &o.key).collect::<Vec<_>>()
-    );
+    assert_suite_stayed_below_prefix(&azurite.shared_store_config("", cfg.timeout)).await;
 
     // The account URL may be written with a trailing slash.
     let mut slashed = azurite.shared_store_config("suite/", cfg.timeout);
@@ -250,26 +230,42 @@ async fn azurite_backend_passes_the_suite() {
     );
 
     // A stopped store fails fast and says it is unavailable.
-    let mut azurite = tokio::task::spawn_blocking(move || {
+    let mut azurite = blocking(move || {
         azurite.stop();
         azurite
     })
-    .await
-    .unwrap();
+    .await;
     fails_fast_while_down(&store).await;
 
     // Restarted on its workspace, it serves what it stored before.
-    let azurite = tokio::task::spawn_blocking(move || {
+    let azurite = blocking(move || {
         azurite.restart();
         azurite
     })
-    .await
-    .unwrap();
+    .await;
     assert_eq!(
         store.get_bytes("bytes/manifest").await.unwrap().unwrap(),
         "version two"
     );
     drop(azurite);
+}
+
+/// Everything the suite wrote stays below its prefix `suite/`: a store opened on `unprefixed`
+/// (the same bucket or container without a prefix) sees it all there.
+async fn assert_suite_stayed_below_prefix(unprefixed: &stowage::config::SharedStoreConfig) {
+    let unprefixed = stowage::store::open(unprefixed).unwrap();
+    let all = unprefixed.list("").await.unwrap();
+    assert!(!all.is_empty());
+    assert!(
+        all.iter().all(|o| o.key.starts_with("suite/")),
+        "{:?}",
+        all.iter().map(|o| &o.key).collect::<Vec<_>>()
+    );
+}
+
+/// Runs `f` on the blocking pool (the harnesses block) and returns what it returns.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
 }
 
 /// A store whose server is down fails a read and a write quickly, as `Unavailable`.
@@ -566,9 +562,8 @@ async fn interrupted_upload_leaves_no_object(store: &Store, scratch: &Path) {
     }
     drop(upload);
     stop_tx.send(()).unwrap();
-    tokio::task::spawn_blocking(move || writer.join())
+    blocking(move || writer.join())
         .await
-        .unwrap()
         .expect("writer thread panicked")
         .expect("writer thread failed");
 

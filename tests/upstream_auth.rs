@@ -1,7 +1,8 @@
 //! Upstream-facing behaviour that a real registry cannot provoke, pinned against the in-process
-//! [`FakeUpstream`]: Docker Hub-style bearer-token auth (protocol §3.2), blob redirects to a CDN on
-//! another host (§3.4, §8), bytes that do not match their digest (§8, gotcha 13), "401 with a
-//! fresh token" (gotcha 20), secrets in logs, and manifests whose exact bytes matter (§2.4).
+//! [`FakeUpstream`]: Docker Hub-style bearer-token auth, blob redirects to a CDN on another host
+//! (the token must not follow), bytes that do not match their digest (never served as a
+//! success), "401 with a fresh token" (Docker Hub's answer for a repository that does not
+//! exist), secrets in logs, and manifests whose exact bytes matter (the digest is of the bytes).
 //!
 //! Every stowage test runs the real binary (`support::stowage::Stowage`) with the fake as its
 //! default `docker.io` upstream. The last group of tests checks the fake itself against plain
@@ -35,7 +36,22 @@ fn publish(fake: &FakeUpstream, repo: &str, tag: &str, image: &Image) {
 }
 
 fn stowage_for(fake: &FakeUpstream) -> Stowage {
-    Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())])
+    Stowage::for_docker_io(&fake.url())
+}
+
+/// `GET url` (with `Accept: accept`, if given): the status, `Docker-Content-Digest` and body.
+fn fetch(url: &str, accept: Option<String>) -> (reqwest::StatusCode, Option<String>, Vec<u8>) {
+    let mut req = http().get(url);
+    if let Some(accept) = accept {
+        req = req.header("Accept", accept);
+    }
+    let resp = req.send().unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status();
+    let digest = header(&resp, "docker-content-digest");
+    let body = resp
+        .bytes()
+        .unwrap_or_else(|e| panic!("reading body of GET {url}: {e}"));
+    (status, digest, body.to_vec())
 }
 
 /// `GET` a manifest through stowage like containerd does and check it is byte-exact.
@@ -46,19 +62,10 @@ fn pull_manifest(
     expected: &support::images::Manifest,
 ) {
     let url = format!("{}/v2/{repo}/manifests/{reference}", stowage.url());
-    let resp = http()
-        .get(&url)
-        .header("Accept", manifest_accept())
-        .send()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status();
-    let digest = header(&resp, "docker-content-digest");
-    let body = resp
-        .bytes()
-        .unwrap_or_else(|e| panic!("reading body of GET {url}: {e}"));
+    let (status, digest, body) = fetch(&url, Some(manifest_accept()));
     assert_eq!(status, 200, "GET {url}: {}", String::from_utf8_lossy(&body));
     assert!(
-        body.as_ref() == expected.bytes.as_slice(),
+        body == expected.bytes,
         "GET {url}: manifest bytes differ from upstream's"
     );
     assert_eq!(
@@ -71,15 +78,7 @@ fn pull_manifest(
 /// `GET` a blob through stowage and check bytes and `Docker-Content-Digest`.
 fn pull_blob(stowage: &Stowage, repo: &str, blob: &Blob) {
     let url = format!("{}/v2/{repo}/blobs/{}", stowage.url(), blob.digest);
-    let resp = http()
-        .get(&url)
-        .send()
-        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-    let status = resp.status();
-    let digest = header(&resp, "docker-content-digest");
-    let body = resp
-        .bytes()
-        .unwrap_or_else(|e| panic!("reading body of GET {url}: {e}"));
+    let (status, digest, body) = fetch(&url, None);
     assert_eq!(
         status,
         200,
@@ -295,7 +294,7 @@ fn upstream_401_after_fresh_token_is_not_retried_forever() {
         if let Some(challenge) = challenge {
             assert!(
                 !challenge.contains(&fake.realm()),
-                "GET {url}: upstream's challenge must not be forwarded to clients (gotcha 8): {challenge}"
+                "GET {url}: upstream's challenge must not be forwarded to clients: {challenge}"
             );
         }
     }
@@ -367,21 +366,15 @@ fn a_refused_cached_token_is_replaced_by_one_fresh_token() {
 #[test]
 fn hub_401_with_a_fresh_token_is_remembered_for_negative_ttl() {
     // Docker Hub answers a repository that does not exist with 401, even with a fresh token
-    // (protocol §3.2 step 5); asking again costs a HEAD, a token and a HEAD of rate limit.
+    // (the token endpoint grants an empty scope); asking again costs a HEAD, a token and a HEAD of rate limit.
     let fake = FakeUpstream::builder().token_auth().start();
     let repo = "nobody/nothing";
     fake.hide_repo(repo);
     let stowage = stowage_for(&fake); // negative_ttl: 30 s by default
     let url = format!("{}/v2/{repo}/manifests/latest", stowage.url());
     let get = || {
-        let resp = http()
-            .get(&url)
-            .header("Accept", manifest_accept())
-            .send()
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let status = resp.status().as_u16();
-        let body = resp.bytes().unwrap();
-        (status, error_codes(&body, &format!("GET {url}")))
+        let (status, _, body) = fetch(&url, Some(manifest_accept()));
+        (status.as_u16(), error_codes(&body, &format!("GET {url}")))
     };
 
     assert_eq!(get(), (404, vec!["NAME_UNKNOWN".to_string()]));
@@ -428,15 +421,9 @@ fn harbor_404_not_found_stays_a_404_with_the_oci_code() {
     ];
     for (rest, code) in &cases {
         let url = format!("{}/v2/{repo}/{rest}", stowage.url());
-        let resp = c
-            .get(&url)
-            .header("Accept", manifest_accept())
-            .send()
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let status = resp.status().as_u16();
-        let body = resp.bytes().unwrap();
+        let (status, _, body) = fetch(&url, Some(manifest_accept()));
         assert_eq!(
-            (status, error_codes(&body, &format!("GET {url}"))),
+            (status.as_u16(), error_codes(&body, &format!("GET {url}"))),
             (404, vec![code.to_string()]),
             "GET {url}: {}",
             String::from_utf8_lossy(&body)
@@ -501,21 +488,13 @@ fn blob_redirect_is_followed_without_authorization_header() {
     pull_manifest(&stowage, repo, "7", &image.manifest);
     for blob in image.blobs() {
         let url = format!("{}/v2/{repo}/blobs/{}", stowage.url(), blob.digest);
-        let resp = http()
-            .get(&url)
-            .send()
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let status = resp.status();
-        let digest = header(&resp, "docker-content-digest");
-        let body = resp
-            .bytes()
-            .unwrap_or_else(|e| panic!("reading GET {url}: {e}"));
+        let (status, digest, body) = fetch(&url, None);
 
         let cdn = fake.cdn_requests();
         let leaked: Vec<_> = cdn.iter().filter(|r| r.has_authorization()).collect();
         assert!(
             leaked.is_empty(),
-            "the bearer token was sent across hosts to the CDN (gotcha 9):\n{}",
+            "the bearer token was sent across hosts to the CDN:\n{}",
             describe(&fake.requests())
         );
         let hex = blob.hex();
@@ -532,10 +511,7 @@ fn blob_redirect_is_followed_without_authorization_header() {
             "GET {url}: {}",
             String::from_utf8_lossy(&body[..body.len().min(500)])
         );
-        assert!(
-            body.as_ref() == blob.bytes.as_slice(),
-            "GET {url}: wrong bytes"
-        );
+        assert!(body == blob.bytes, "GET {url}: wrong bytes");
         assert_eq!(
             digest.as_deref(),
             Some(blob.digest.as_str()),
@@ -916,27 +892,17 @@ fn fake_upstream_token_endpoint_checks_basic_credentials() {
     let fake = FakeUpstream::builder()
         .token_credentials("alice", "hunter2")
         .start();
-    let c = http();
     let q = [("service", SERVICE), ("scope", "repository:x/y:pull")];
-    assert_eq!(c.get(fake.realm()).query(&q).send().unwrap().status(), 401);
-    assert_eq!(
-        c.get(fake.realm())
-            .query(&q)
-            .basic_auth("alice", Some("nope"))
-            .send()
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(fake.realm())
-            .query(&q)
-            .basic_auth("alice", Some("hunter2"))
-            .send()
-            .unwrap()
-            .status(),
-        200
-    );
+    let token_status = |password: Option<&str>| {
+        let mut req = http().get(fake.realm()).query(&q);
+        if let Some(password) = password {
+            req = req.basic_auth("alice", Some(password));
+        }
+        req.send().unwrap().status()
+    };
+    assert_eq!(token_status(None), 401);
+    assert_eq!(token_status(Some("nope")), 401);
+    assert_eq!(token_status(Some("hunter2")), 200);
     assert!(fake.token_requests()[2]
         .authorization
         .as_deref()

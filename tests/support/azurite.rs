@@ -14,15 +14,14 @@
 //! installs it (`${XDG_CACHE_HOME:-~/.cache}/stowage-test/azurite/node_modules/.bin/`); missing
 //! is a panic, never a skip.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use stowage::config::{AzureStoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{find_binary, free_port, tail, wait_until};
+use super::{find_binary, free_port, probe_list, retry, spawn_logged, tail, wait_until};
 
 /// Generous: node starting on a busy 2-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -167,15 +166,10 @@ impl Azurite {
     }
 
     fn spawn(&mut self) {
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open azurite log");
         let workspace = self.dir.path().join("data");
         std::fs::create_dir_all(&workspace).expect("create azurite workspace");
-        let child = Command::new(&self.bin)
-            .arg("--blobHost")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--blobHost")
             .arg("127.0.0.1")
             .arg("--blobPort")
             .arg(self.port.to_string())
@@ -187,23 +181,15 @@ impl Azurite {
             .args(["--disableTelemetry", "--skipApiVersionCheck"])
             // Its own account: the account name and a random key (never the well-known one).
             .env("AZURITE_ACCOUNTS", format!("{}:{}", self.account, self.key))
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone azurite log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", self.bin.display()));
-        self.child = Some(child);
+            .env("NO_COLOR", "1");
+        let what = self.bin.display().to_string();
+        self.child = Some(spawn_logged(&mut cmd, &self.log, &what));
     }
 
     /// `PUT /<account>/<container>?restype=container`, Shared Key-signed, retried until the
     /// emulator answers 201 (or 409: it exists).
     fn create_container(&mut self) {
-        let client = reqwest::blocking::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .expect("azurite client");
+        let client = super::http_with_timeout(Duration::from_secs(10));
         let path = format!("/{}/{}", self.account, self.container);
         let url = format!("http://127.0.0.1:{}{path}?restype=container", self.port);
         let mut last = String::from("no answer yet");
@@ -257,23 +243,16 @@ impl Azurite {
     /// Polls a signed `LIST` through `stowage::store` until the emulator accepts it.
     fn wait_blob_api_ready(&mut self) {
         let cfg = self.shared_store_config("", Duration::from_secs(10));
-        let mut last = String::new();
-        let ready = wait_until(START_TIMEOUT, || {
+        let ready = retry(START_TIMEOUT, || {
             if !self.is_running() {
-                return true;
+                return Ok(());
             }
-            match probe_list(&cfg) {
-                Ok(()) => true,
-                Err(e) => {
-                    last = e;
-                    false
-                }
-            }
+            probe_list(&cfg)
         });
         if !self.is_running() {
             self.fail("azurite-blob exited");
         }
-        if !ready {
+        if let Err(last) = ready {
             self.fail(&format!(
                 "the blob API never accepted the key; last error: {last}"
             ));
@@ -290,13 +269,7 @@ impl Azurite {
 impl Drop for Azurite {
     fn drop(&mut self) {
         self.stop();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- azurite log ({}), last 20 lines:\n{}",
-                self.log.display(),
-                tail(&self.log(), 20)
-            );
-        }
+        super::print_log_if_panicking("azurite", &self.log, &self.log(), 20);
     }
 }
 
@@ -311,22 +284,4 @@ fn random_key() -> Vec<u8> {
 fn hmac_sha256(key: &[u8], message: &[u8]) -> Vec<u8> {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
     ring::hmac::sign(&key, message).as_ref().to_vec()
-}
-
-/// One `list` through `stowage::store` on a runtime of its own (in a thread, so that callers
-/// inside a tokio runtime can use the harness too).
-fn probe_list(cfg: &SharedStoreConfig) -> Result<(), String> {
-    let cfg = cfg.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let store = stowage::store::open(&cfg).map_err(|e| e.to_string())?;
-            store.list("").await.map(|_| ()).map_err(|e| e.to_string())
-        })
-    })
-    .join()
-    .unwrap_or_else(|_| Err("probe thread panicked".into()))
 }

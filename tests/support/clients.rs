@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::images::{Image, Layer};
 use super::stowage::Stowage;
-use super::{files_under, tail, wait_until};
+use super::{files_under, spawn_logged, tail, wait_until};
 
 /// Upper bound for one client command (a pull of the ≥128 MiB image on a busy 2-core machine
 /// included). Never a timing assertion: only a guard against hangs.
@@ -26,14 +26,8 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(600);
 /// Upper bound for a daemon to answer its first request.
 pub const DAEMON_READY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Runs `cmd` with stdout/stderr captured in temp files; kills it if it runs past `timeout`
-/// (the returned status then is the kill's). Proxy variables are removed from its environment.
-pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
-    let dir = tempfile::tempdir().expect("temp dir for command output");
-    let out_path = dir.path().join("stdout");
-    let err_path = dir.path().join("stderr");
-    let out = File::create(&out_path).expect("create stdout file");
-    let err = File::create(&err_path).expect("create stderr file");
+/// Removes the proxy variables from `cmd`'s environment: every client here talks to 127.0.0.1.
+fn without_proxy(cmd: &mut Command) -> &mut Command {
     for var in [
         "http_proxy",
         "https_proxy",
@@ -44,7 +38,18 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
     ] {
         cmd.env_remove(var);
     }
-    let mut child = cmd
+    cmd
+}
+
+/// Runs `cmd` with stdout/stderr captured in temp files; kills it if it runs past `timeout`
+/// (the returned status then is the kill's). Proxy variables are removed from its environment.
+pub fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let dir = tempfile::tempdir().expect("temp dir for command output");
+    let out_path = dir.path().join("stdout");
+    let err_path = dir.path().join("stderr");
+    let out = File::create(&out_path).expect("create stdout file");
+    let err = File::create(&err_path).expect("create stderr file");
+    let mut child = without_proxy(cmd)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -118,6 +123,14 @@ fn kill_pid_file(pid_file: &Path) {
     }
 }
 
+/// Adds `<flag> <dir>/<file>` to `cmd` for each `(flag, file)` of `flags`.
+fn with_paths<'c>(cmd: &'c mut Command, dir: &Path, flags: &[(&str, &str)]) -> &'c mut Command {
+    for (flag, file) in flags {
+        cmd.arg(flag).arg(dir.join(file));
+    }
+    cmd
+}
+
 fn daemon_dir(prefix: &str) -> tempfile::TempDir {
     // Short paths: unix socket paths are limited to 108 bytes.
     tempfile::Builder::new()
@@ -126,27 +139,92 @@ fn daemon_dir(prefix: &str) -> tempfile::TempDir {
         .expect("temp dir for daemon")
 }
 
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
-    let log_file = File::options()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("open daemon log");
-    for var in [
-        "http_proxy",
-        "https_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "all_proxy",
-    ] {
-        cmd.env_remove(var);
+/// The one guard every client daemon runs under: its temp dir (config, data, socket, log
+/// `<name>.log`), the process, stopped on drop (SIGTERM, `grace`, SIGKILL; then the process in
+/// `orphan_pid_file`, if any, is killed), and the tail of its log printed if the test panics.
+pub struct Daemon {
+    name: &'static str,
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    grace: Duration,
+    orphan_pid_file: Option<PathBuf>,
+}
+
+impl Daemon {
+    /// Spawns `cmd` (written against `dir`) with its output appended to `<dir>/<name>.log`,
+    /// then waits until `ready` (a client command against it) succeeds; panics with the log if
+    /// the daemon exits or is not ready within [`DAEMON_READY_TIMEOUT`].
+    fn start(
+        name: &'static str,
+        dir: tempfile::TempDir,
+        mut cmd: Command,
+        grace: Duration,
+        ready: impl Fn(&Daemon) -> bool,
+    ) -> Daemon {
+        let log = dir.path().join(format!("{name}.log"));
+        let child = spawn_logged(without_proxy(&mut cmd), &log, name);
+        let mut daemon = Daemon {
+            name,
+            child: Some(child),
+            dir,
+            grace,
+            orphan_pid_file: None,
+        };
+        let mut exited = None;
+        let up = wait_until(DAEMON_READY_TIMEOUT, || {
+            if let Some(Ok(Some(status))) = daemon.child.as_mut().map(|c| c.try_wait()) {
+                exited = Some(status);
+                return true;
+            }
+            ready(&daemon)
+        });
+        assert!(
+            up && exited.is_none(),
+            "{name} did not come up (exit: {exited:?})\n--- log\n{}",
+            tail(&daemon.log(), 60)
+        );
+        daemon
     }
-    cmd.stdin(Stdio::null())
-        .stdout(log_file.try_clone().expect("clone log handle"))
-        .stderr(log_file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"))
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("{}.log", self.name))
+    }
+
+    /// The stdout of `out` of client command `what`, panicking with its output and this
+    /// daemon's log unless it succeeded.
+    fn stdout_ok(&self, what: &str, args: &[&str], out: Output) -> String {
+        if !out.status.success() {
+            panic!(
+                "{what} {args:?} failed ({})\n--- stdout\n{}\n--- stderr\n{}\n--- {} log\n{}",
+                out.status,
+                tail(&String::from_utf8_lossy(&out.stdout), 30),
+                tail(&String::from_utf8_lossy(&out.stderr), 30),
+                self.name,
+                tail(&self.log(), 40)
+            );
+        }
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child, self.grace);
+        }
+        if let Some(pid_file) = &self.orphan_pid_file {
+            kill_pid_file(pid_file);
+        }
+        super::print_log_if_panicking(self.name, &self.log_path(), &self.log(), 40);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -163,11 +241,22 @@ pub fn docker_daemon_json(mirror: &Stowage) -> String {
     )
 }
 
+/// `docker` (Debian's CLI) against the dockerd whose files are in `dir`.
+fn docker_at(dir: &Path, args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new("/usr/bin/docker");
+    cmd.env(
+        "DOCKER_HOST",
+        format!("unix://{}", dir.join("docker.sock").display()),
+    )
+    .env("DOCKER_CONFIG", dir.join("cli"))
+    .args(args);
+    run(&mut cmd, timeout)
+}
+
 /// A private `dockerd` (vfs storage, no networking setup) with a `daemon.json` of the test's
 /// choosing. Stopped on drop.
 pub struct Dockerd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+    daemon: Daemon,
 }
 
 impl Dockerd {
@@ -179,108 +268,73 @@ impl Dockerd {
         std::fs::write(d.join("daemon.json"), daemon_json).expect("write daemon.json");
         std::fs::create_dir_all(d.join("cli")).expect("create docker cli config dir");
         let mut cmd = Command::new("dockerd");
-        cmd.arg("--config-file")
-            .arg(d.join("daemon.json"))
-            .arg("--host")
-            .arg(format!("unix://{}", d.join("docker.sock").display()))
-            .arg("--data-root")
-            .arg(d.join("data"))
-            .arg("--exec-root")
-            .arg(d.join("exec"))
-            .arg("--pidfile")
-            .arg(d.join("dockerd.pid"))
-            .args([
-                "--iptables=false",
-                "--ip6tables=false",
-                "--ip-masq=false",
-                "--bridge=none",
-                "--storage-driver=vfs",
-            ]);
-        let child = spawn_logged(&mut cmd, &d.join("dockerd.log"));
-        let mut dockerd = Dockerd {
-            child: Some(child),
-            dir,
-        };
-        let mut exited = None;
-        let ready = wait_until(DAEMON_READY_TIMEOUT, || {
-            if let Some(Ok(Some(status))) = dockerd.child.as_mut().map(|c| c.try_wait()) {
-                exited = Some(status);
-                return true;
-            }
-            dockerd
-                .docker_timeout(&["version"], Duration::from_secs(20))
+        cmd.arg("--host")
+            .arg(format!("unix://{}", d.join("docker.sock").display()));
+        with_paths(
+            &mut cmd,
+            d,
+            &[
+                ("--config-file", "daemon.json"),
+                ("--data-root", "data"),
+                ("--exec-root", "exec"),
+                ("--pidfile", "dockerd.pid"),
+            ],
+        )
+        .args([
+            "--iptables=false",
+            "--ip6tables=false",
+            "--ip-masq=false",
+            "--bridge=none",
+            "--storage-driver=vfs",
+        ]);
+        let mut daemon = Daemon::start("dockerd", dir, cmd, Duration::from_secs(60), |d| {
+            docker_at(d.dir(), &["version"], Duration::from_secs(20))
                 .status
                 .success()
         });
-        assert!(
-            ready && exited.is_none(),
-            "dockerd did not come up (exit: {exited:?})\n--- log\n{}",
-            tail(&dockerd.log(), 60)
-        );
-        dockerd
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
+        // dockerd starts its own containerd; it stops it on SIGTERM, but not after a SIGKILL.
+        daemon.orphan_pid_file = Some(daemon.dir().join("exec/containerd/containerd.pid"));
+        Dockerd { daemon }
     }
 
     /// `--data-root`: where vfs unpacks layers (`vfs/dir/<id>/...`).
     pub fn data_root(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
-    }
-
-    fn docker_timeout(&self, args: &[&str], timeout: Duration) -> Output {
-        let mut cmd = Command::new("/usr/bin/docker");
-        cmd.env(
-            "DOCKER_HOST",
-            format!("unix://{}", self.dir.path().join("docker.sock").display()),
-        )
-        .env("DOCKER_CONFIG", self.dir.path().join("cli"))
-        .args(args);
-        run(&mut cmd, timeout)
+        self.daemon.dir().join("data")
     }
 
     /// Runs Debian's docker CLI (`/usr/bin/docker`, not any other `docker` on `PATH`) against
     /// this daemon.
     pub fn docker(&self, args: &[&str]) -> Output {
-        self.docker_timeout(args, CLIENT_TIMEOUT)
+        docker_at(self.daemon.dir(), args, CLIENT_TIMEOUT)
     }
 
     /// Like [`docker`](Self::docker), panicking with the output and dockerd's log on failure.
     pub fn docker_ok(&self, args: &[&str]) -> String {
-        let out = self.docker(args);
-        if !out.status.success() {
-            panic!(
-                "docker {args:?} failed ({})\n--- stdout\n{}\n--- stderr\n{}\n--- dockerd log\n{}",
-                out.status,
-                tail(&String::from_utf8_lossy(&out.stdout), 30),
-                tail(&String::from_utf8_lossy(&out.stderr), 30),
-                tail(&self.log(), 40)
-            );
-        }
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.daemon.stdout_ok("docker", args, self.docker(args))
     }
 }
 
-impl Drop for Dockerd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop_child(&mut child, Duration::from_secs(60));
-        }
-        // dockerd starts its own containerd; it stops it on SIGTERM, but not after a SIGKILL.
-        kill_pid_file(&self.dir.path().join("exec/containerd/containerd.pid"));
-        if std::thread::panicking() {
-            eprintln!(
-                "--- dockerd log ({}), last 40 lines:\n{}",
-                self.dir.path().join("dockerd.log").display(),
-                tail(&self.log(), 40)
-            );
-        }
-    }
+/// `image inspect --format <fields joined by |> <reference>` run by `client` (`docker_ok`,
+/// `podman_ok`): the fields' values, in order.
+pub fn image_inspect(
+    client: impl Fn(&[&str]) -> String,
+    fields: &[&str],
+    reference: &str,
+    what: &str,
+) -> Vec<String> {
+    let format = fields.join("|");
+    let out = client(&["image", "inspect", "--format", &format, reference]);
+    let parts: Vec<String> = out
+        .trim()
+        .splitn(fields.len(), '|')
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        parts.len(),
+        fields.len(),
+        "{what}: unexpected inspect output: {out}"
+    );
+    parts
 }
 
 /// `docker image inspect` fields: `(Id, Architecture, RootFS.Layers, RepoDigests)`.
@@ -288,20 +342,18 @@ pub fn docker_inspect(
     docker: &Dockerd,
     reference: &str,
 ) -> (String, String, Vec<String>, Vec<String>) {
-    let out = docker.docker_ok(&[
-        "image",
-        "inspect",
-        "--format",
-        "{{.Id}}|{{.Architecture}}|{{json .RootFS.Layers}}|{{json .RepoDigests}}",
-        reference,
-    ]);
-    let parts: Vec<&str> = out.trim().splitn(4, '|').collect();
-    assert_eq!(parts.len(), 4, "unexpected docker inspect output: {out}");
+    let fields = [
+        "{{.Id}}",
+        "{{.Architecture}}",
+        "{{json .RootFS.Layers}}",
+        "{{json .RepoDigests}}",
+    ];
+    let parts = image_inspect(|args| docker.docker_ok(args), &fields, reference, "docker");
     (
         parts[0].to_string(),
         parts[1].to_string(),
-        serde_json::from_str(parts[2]).expect("RootFS.Layers is a JSON list"),
-        serde_json::from_str::<Option<Vec<String>>>(parts[3])
+        serde_json::from_str(&parts[2]).expect("RootFS.Layers is a JSON list"),
+        serde_json::from_str::<Option<Vec<String>>>(&parts[3])
             .expect("RepoDigests is a JSON list")
             .unwrap_or_default(),
     )
@@ -329,10 +381,18 @@ pub fn containerd_override_path_hosts_toml(server: &str, mirror: &Stowage, prefi
     )
 }
 
+/// `ctr --address <sock> <args>` against the containerd whose files are in `dir`.
+fn ctr_at(dir: &Path, args: &[&str], timeout: Duration) -> Output {
+    let mut cmd = Command::new("ctr");
+    cmd.arg("--address")
+        .arg(dir.join("containerd.sock"))
+        .args(args);
+    run(&mut cmd, timeout)
+}
+
 /// A private `containerd` (own root, state, sockets; CRI plugin disabled). Stopped on drop.
 pub struct Containerd {
-    child: Option<Child>,
-    dir: tempfile::TempDir,
+    daemon: Daemon,
 }
 
 impl Containerd {
@@ -358,42 +418,22 @@ impl Containerd {
         std::fs::create_dir_all(d.join("hosts")).expect("create hosts dir");
         let mut cmd = Command::new("containerd");
         cmd.arg("--config").arg(d.join("config.toml"));
-        let child = spawn_logged(&mut cmd, &d.join("containerd.log"));
-        let mut containerd = Containerd {
-            child: Some(child),
-            dir,
-        };
-        let mut exited = None;
-        let ready = wait_until(DAEMON_READY_TIMEOUT, || {
-            if let Some(Ok(Some(status))) = containerd.child.as_mut().map(|c| c.try_wait()) {
-                exited = Some(status);
-                return true;
-            }
-            containerd
-                .ctr_timeout(&["version"], Duration::from_secs(20))
+        let daemon = Daemon::start("containerd", dir, cmd, Duration::from_secs(30), |d| {
+            ctr_at(d.dir(), &["version"], Duration::from_secs(20))
                 .status
                 .success()
         });
-        assert!(
-            ready && exited.is_none(),
-            "containerd did not come up (exit: {exited:?})\n--- log\n{}",
-            tail(&containerd.log(), 60)
-        );
-        containerd
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
+        Containerd { daemon }
     }
 
     /// containerd's `root` (content store, native snapshots).
     pub fn root(&self) -> PathBuf {
-        self.dir.path().join("root")
+        self.daemon.dir().join("root")
     }
 
     /// The `--hosts-dir` passed to `ctr images pull`.
     pub fn hosts_dir(&self) -> PathBuf {
-        self.dir.path().join("hosts")
+        self.daemon.dir().join("hosts")
     }
 
     /// Writes `<hosts-dir>/<registry>/hosts.toml`.
@@ -403,36 +443,14 @@ impl Containerd {
         std::fs::write(dir.join("hosts.toml"), toml).expect("write hosts.toml");
     }
 
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
-    }
-
-    fn ctr_timeout(&self, args: &[&str], timeout: Duration) -> Output {
-        let mut cmd = Command::new("ctr");
-        cmd.arg("--address")
-            .arg(self.dir.path().join("containerd.sock"))
-            .args(args);
-        run(&mut cmd, timeout)
-    }
-
     /// `ctr --address <sock> <args>`.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        self.ctr_timeout(args, CLIENT_TIMEOUT)
+        ctr_at(self.daemon.dir(), args, CLIENT_TIMEOUT)
     }
 
     /// Like [`ctr`](Self::ctr), panicking with the output and containerd's log on failure.
     pub fn ctr_ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        if !out.status.success() {
-            panic!(
-                "ctr {args:?} failed ({})\n--- stdout\n{}\n--- stderr\n{}\n--- containerd log\n{}",
-                out.status,
-                tail(&String::from_utf8_lossy(&out.stdout), 30),
-                tail(&String::from_utf8_lossy(&out.stderr), 30),
-                tail(&self.log(), 40)
-            );
-        }
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.daemon.stdout_ok("ctr", args, self.ctr(args))
     }
 
     /// `ctr images pull --hosts-dir <hosts> --snapshotter native <reference>` (pulls the host's
@@ -448,21 +466,6 @@ impl Containerd {
             "native",
             reference,
         ])
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            stop_child(&mut child, Duration::from_secs(30));
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "--- containerd log ({}), last 40 lines:\n{}",
-                self.dir.path().join("containerd.log").display(),
-                tail(&self.log(), 40)
-            );
-        }
     }
 }
 
@@ -505,40 +508,33 @@ impl ContainersEnv {
     pub fn new(registries_conf: &str) -> ContainersEnv {
         let dir = daemon_dir("stw-podman-");
         let d = dir.path();
-        std::fs::write(d.join("registries.conf"), registries_conf).expect("write registries.conf");
-        std::fs::create_dir_all(d.join("registries.d")).expect("create registries.d");
-        std::fs::create_dir_all(d.join("tmp")).expect("create tmp");
-        std::fs::create_dir_all(d.join("home")).expect("create home");
-        std::fs::write(
-            d.join("policy.json"),
-            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
-        )
-        .expect("write policy.json");
-        std::fs::write(d.join("auth.json"), r#"{"auths":{}}"#).expect("write auth.json");
-        std::fs::write(
-            d.join("storage.conf"),
-            format!(
-                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
-                d.join("graph").display(),
-                d.join("run").display()
+        for sub in ["registries.d", "tmp", "home"] {
+            std::fs::create_dir_all(d.join(sub)).unwrap_or_else(|e| panic!("create {sub}: {e}"));
+        }
+        let storage_conf = format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            d.join("graph").display(),
+            d.join("run").display()
+        );
+        let containers_conf = format!(
+            "[engine]\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n\
+             cgroup_manager = \"cgroupfs\"\ntmp_dir = \"{}\"\n",
+            d.join("events.log").display(),
+            d.join("libpod-tmp").display()
+        );
+        for (name, text) in [
+            ("registries.conf", registries_conf),
+            (
+                "policy.json",
+                r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
             ),
-        )
-        .expect("write storage.conf");
-        std::fs::write(
-            d.join("containers.conf"),
-            format!(
-                "[engine]\nevents_logger = \"file\"\nevents_logfile_path = \"{}\"\n\
-                 cgroup_manager = \"cgroupfs\"\ntmp_dir = \"{}\"\n",
-                d.join("events.log").display(),
-                d.join("libpod-tmp").display()
-            ),
-        )
-        .expect("write containers.conf");
+            ("auth.json", r#"{"auths":{}}"#),
+            ("storage.conf", &storage_conf),
+            ("containers.conf", &containers_conf),
+        ] {
+            std::fs::write(d.join(name), text).unwrap_or_else(|e| panic!("write {name}: {e}"));
+        }
         ContainersEnv { dir }
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// podman's graphroot (vfs unpacks into `vfs/dir/<id>/...`).
@@ -579,14 +575,13 @@ impl ContainersEnv {
         let d = self.dir.path();
         let mut cmd = Command::new("skopeo");
         self.env(&mut cmd);
-        cmd.arg("--registries-conf")
-            .arg(d.join("registries.conf"))
-            .arg("--policy")
-            .arg(d.join("policy.json"))
-            .arg("--registries.d")
-            .arg(d.join("registries.d"))
-            .arg("--tmpdir")
-            .arg(d.join("tmp"))
+        let paths = [
+            ("--registries-conf", "registries.conf"),
+            ("--policy", "policy.json"),
+            ("--registries.d", "registries.d"),
+            ("--tmpdir", "tmp"),
+        ];
+        with_paths(&mut cmd, d, &paths)
             .args(["--override-os", "linux", "--override-arch", "amd64"])
             .args(args);
         run(&mut cmd, CLIENT_TIMEOUT)

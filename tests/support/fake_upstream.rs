@@ -258,8 +258,7 @@ impl Shared {
 /// A running fake upstream registry. Stops when dropped.
 pub struct FakeUpstream {
     shared: Arc<Shared>,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: InProcessServer,
 }
 
 impl FakeUpstream {
@@ -286,48 +285,21 @@ impl FakeUpstream {
             hooks: Hooks::default(),
             holds: tokio::sync::watch::channel(false).0,
         });
-        registry.set_nonblocking(true).unwrap();
-        if let Some(cdn) = &cdn {
-            cdn.set_nonblocking(true).unwrap();
-        }
-
-        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let state = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("fake-upstream".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("fake upstream runtime");
-                rt.block_on(async move {
-                    let registry = tokio::net::TcpListener::from_std(registry).unwrap();
-                    let app = Router::new()
-                        .fallback(registry_handler)
-                        .layer(axum::middleware::from_fn_with_state(state.clone(), hooks))
-                        .with_state(state.clone());
-                    tokio::spawn(async move { axum::serve(registry, app).await.ok() });
-                    if let Some(cdn) = cdn {
-                        let cdn = tokio::net::TcpListener::from_std(cdn).unwrap();
-                        let app = Router::new().fallback(cdn_handler).with_state(state);
-                        tokio::spawn(async move { axum::serve(cdn, app).await.ok() });
-                    }
-                    ready_tx.send(()).ok();
-                    stop.await.ok();
-                });
-                // Dropping the runtime aborts the servers and any open connections.
-                rt.shutdown_timeout(Duration::from_secs(2));
-            })
-            .expect("spawn fake upstream thread");
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("fake upstream did not start");
+        let server = InProcessServer::start("fake upstream", move || {
+            let app = Router::new()
+                .fallback(registry_handler)
+                .layer(axum::middleware::from_fn_with_state(state.clone(), hooks))
+                .with_state(state.clone());
+            let mut apps = vec![(registry, app)];
+            if let Some(cdn) = cdn {
+                apps.push((cdn, Router::new().fallback(cdn_handler).with_state(state)));
+            }
+            apps
+        });
         FakeUpstream {
             shared,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -348,6 +320,16 @@ impl FakeUpstream {
     /// The token endpoint named as `realm` in challenges.
     pub fn realm(&self) -> String {
         format!("{}/token", self.url())
+    }
+
+    /// The content of `repo`, created empty on first use.
+    fn with_repo<T>(&self, repo: &str, f: impl FnOnce(&mut Repo) -> T) -> T {
+        f(self
+            .shared
+            .content()
+            .repos
+            .entry(repo.to_owned())
+            .or_default())
     }
 
     /// Register a manifest under `tag` (and its digest); returns the digest of `bytes`.
@@ -381,13 +363,7 @@ impl FakeUpstream {
             media_type: media_type.to_owned(),
             bytes,
         };
-        self.shared
-            .content()
-            .repos
-            .entry(repo.to_owned())
-            .or_default()
-            .manifests
-            .insert(digest.clone(), stored);
+        self.with_repo(repo, |r| r.manifests.insert(digest.clone(), stored));
         digest
     }
 
@@ -395,13 +371,7 @@ impl FakeUpstream {
     pub fn add_blob(&self, repo: &str, bytes: impl Into<Bytes>) -> String {
         let bytes = bytes.into();
         let digest = sha256_digest(&bytes);
-        self.shared
-            .content()
-            .repos
-            .entry(repo.to_owned())
-            .or_default()
-            .blobs
-            .insert(digest.clone(), bytes);
+        self.with_repo(repo, |r| r.blobs.insert(digest.clone(), bytes));
         digest
     }
 
@@ -419,12 +389,8 @@ impl FakeUpstream {
     /// CDN when redirecting) takes the next one; when the queue is empty blobs are served
     /// normally. Combines with [`Self::serve_wrong_bytes`].
     pub fn push_faults(&self, digest: &str, faults: impl IntoIterator<Item = Fault>) {
-        self.shared
-            .content()
-            .faults
-            .entry(digest.to_owned())
-            .or_default()
-            .extend(faults);
+        let mut content = self.shared.content();
+        enqueue(&mut content.faults, digest, faults);
     }
 
     /// Lets every response held by [`Fault::HoldAt`] (now or later) continue.
@@ -466,12 +432,8 @@ impl FakeUpstream {
     /// client names it): each `GET` takes the next one; `HEAD`s are never faulted. Supports
     /// [`Fault::CutAt`], [`Fault::StallAt`], [`Fault::HoldAt`] and [`Fault::Status`].
     pub fn push_manifest_faults(&self, reference: &str, faults: impl IntoIterator<Item = Fault>) {
-        self.shared
-            .content()
-            .manifest_faults
-            .entry(reference.to_owned())
-            .or_default()
-            .extend(faults);
+        let mut content = self.shared.content();
+        enqueue(&mut content.manifest_faults, reference, faults);
     }
 
     /// Every token value the token endpoint has handed out.
@@ -545,7 +507,65 @@ impl FakeUpstream {
     }
 }
 
-impl Drop for FakeUpstream {
+/// Appends `faults` to the queue of `key` in `queues`.
+fn enqueue(
+    queues: &mut HashMap<String, std::collections::VecDeque<Fault>>,
+    key: &str,
+    faults: impl IntoIterator<Item = Fault>,
+) {
+    queues.entry(key.to_owned()).or_default().extend(faults);
+}
+
+/// Axum apps served on their listeners from a thread of their own with its own runtime (the
+/// tests are synchronous), until dropped: the fake upstream and its CDN, a gate. Dropping the
+/// runtime aborts the servers and any open connections.
+pub struct InProcessServer {
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl InProcessServer {
+    /// Starts the apps `apps` builds (inside the runtime) and returns once they all listen.
+    pub fn start(
+        name: &str,
+        apps: impl FnOnce() -> Vec<(StdTcpListener, Router)> + Send + 'static,
+    ) -> InProcessServer {
+        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("in-process server runtime");
+                rt.block_on(async move {
+                    for (listener, app) in apps() {
+                        listener
+                            .set_nonblocking(true)
+                            .expect("nonblocking listener");
+                        let listener =
+                            tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                        tokio::spawn(async move { axum::serve(listener, app).await.ok() });
+                    }
+                    ready_tx.send(()).ok();
+                    stop.await.ok();
+                });
+                rt.shutdown_timeout(Duration::from_secs(2));
+            })
+            .unwrap_or_else(|e| panic!("spawn {name} thread: {e}"));
+        ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("{name} did not start"));
+        InProcessServer {
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for InProcessServer {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             tx.send(()).ok();
@@ -915,6 +935,12 @@ fn tags_list(state: &Shared, repo: &str) -> Response {
     json(StatusCode::OK, &body.to_string())
 }
 
+/// A 404 with `code`, or the code the fake was told to use instead (Harbor's `NOT_FOUND`).
+fn not_found(state: &Shared, code: &str, message: &str, head: bool) -> Response {
+    let code = state.options.not_found_code.as_deref().unwrap_or(code);
+    error(StatusCode::NOT_FOUND, code, message, head)
+}
+
 fn manifest(state: &Shared, repo: &str, reference: &str, head: bool) -> Response {
     let found = state
         .content()
@@ -922,16 +948,7 @@ fn manifest(state: &Shared, repo: &str, reference: &str, head: bool) -> Response
         .get(repo)
         .and_then(|r| r.manifests.get(reference).cloned());
     let Some(m) = found else {
-        return error(
-            StatusCode::NOT_FOUND,
-            state
-                .options
-                .not_found_code
-                .as_deref()
-                .unwrap_or("MANIFEST_UNKNOWN"),
-            "manifest unknown",
-            head,
-        );
+        return not_found(state, "MANIFEST_UNKNOWN", "manifest unknown", head);
     };
     let digest = sha256_digest(&m.bytes);
     let fault = if head {
@@ -988,16 +1005,7 @@ fn registry_blob(
             .map(|bytes| (bytes, content.wrong.get(digest).cloned()))
     };
     let Some((bytes, wrong)) = found else {
-        return error(
-            StatusCode::NOT_FOUND,
-            state
-                .options
-                .not_found_code
-                .as_deref()
-                .unwrap_or("BLOB_UNKNOWN"),
-            "blob unknown to registry",
-            head,
-        );
+        return not_found(state, "BLOB_UNKNOWN", "blob unknown to registry", head);
     };
     if let (Some(cdn), false) = (state.cdn_addr, head) {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
@@ -1336,55 +1344,33 @@ struct GateState {
 pub struct Gate {
     state: Arc<GateState>,
     addr: SocketAddr,
-    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _server: InProcessServer,
 }
 
 impl Gate {
     /// Starts a gate forwarding to `target_url` (e.g. `registry.url()`).
     pub fn start(target_url: &str) -> Gate {
         let listener = StdTcpListener::bind("127.0.0.1:0").expect("bind gate");
-        listener.set_nonblocking(true).expect("gate nonblocking");
         let addr = listener.local_addr().expect("gate addr");
         let state = Arc::new(GateState {
             target: target_url.trim_end_matches('/').to_owned(),
             fault: Mutex::new(None),
             seen: Mutex::default(),
         });
-        let (shutdown, stop) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let s = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("gate".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("gate runtime");
-                rt.block_on(async move {
-                    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                    let client = reqwest::Client::builder()
-                        .no_proxy()
-                        .redirect(reqwest::redirect::Policy::none())
-                        .build()
-                        .expect("gate client");
-                    let app = Router::new().fallback(gate_handler).with_state((s, client));
-                    tokio::spawn(async move { axum::serve(listener, app).await.ok() });
-                    ready_tx.send(()).ok();
-                    stop.await.ok();
-                });
-                rt.shutdown_timeout(Duration::from_secs(2));
-            })
-            .expect("spawn gate thread");
-        ready_rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("gate did not start");
+        let server = InProcessServer::start("gate", move || {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("gate client");
+            let app = Router::new().fallback(gate_handler).with_state((s, client));
+            vec![(listener, app)]
+        });
         Gate {
             state,
             addr,
-            shutdown: Some(shutdown),
-            thread: Some(thread),
+            _server: server,
         }
     }
 
@@ -1426,17 +1412,6 @@ impl Gate {
             .iter()
             .filter(|(m, p)| m == method && p.contains(path_contains))
             .count()
-    }
-}
-
-impl Drop for Gate {
-    fn drop(&mut self) {
-        if let Some(tx) = self.shutdown.take() {
-            tx.send(()).ok();
-        }
-        if let Some(thread) = self.thread.take() {
-            thread.join().ok();
-        }
     }
 }
 

@@ -12,14 +12,13 @@
 //! The binary is `$GARAGE_BIN`, else `garage` on `PATH`, else `~/.cargo/bin/garage`; missing is
 //! a panic (`scripts/test` installs it), never a skip.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use stowage::config::{S3StoreConfig, Secret, SharedStoreConfig, SharedStoreKind};
 
-use super::{find_binary, free_port, tail, wait_until};
+use super::{find_binary, free_port, probe_list, retry, spawn_logged, tail, wait_until};
 
 /// Generous: three servers and a layout on a busy 2-core machine.
 const CLUSTER_TIMEOUT: Duration = Duration::from_secs(120);
@@ -181,11 +180,7 @@ impl Garage {
     pub fn restart_node(&mut self, i: usize) {
         self.stop_node(i);
         self.spawn_node(i);
-        let client = reqwest::blocking::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .expect("garage health client");
+        let client = super::http_with_timeout(Duration::from_secs(5));
         let url = format!("http://127.0.0.1:{}/health", self.nodes[i].admin_port);
         let up = wait_until(CLUSTER_TIMEOUT, || client.get(&url).send().is_ok());
         if !up {
@@ -198,17 +193,8 @@ impl Garage {
                 continue;
             }
             let peer = self.nodes[j].id.clone();
-            let mut last = String::new();
-            let connected = wait_until(CLUSTER_TIMEOUT, || {
-                match self.cli(i, &["node", "connect", &peer]) {
-                    Ok(_) => true,
-                    Err(e) => {
-                        last = e;
-                        false
-                    }
-                }
-            });
-            if !connected {
+            let connected = retry(CLUSTER_TIMEOUT, || self.cli(i, &["node", "connect", &peer]));
+            if let Err(last) = connected {
                 self.fail(&format!(
                     "restarted node {i} cannot connect to node {j}: {last}"
                 ));
@@ -288,22 +274,12 @@ api_bind_addr = "127.0.0.1:{admin_port}"
     }
 
     fn spawn_node(&mut self, i: usize) {
-        let node = &self.nodes[i];
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(&node.log)
-            .expect("open garage log");
-        let child = self
-            .command(i)
-            .arg("server")
+        let mut cmd = self.command(i);
+        cmd.arg("server")
             .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone garage log handle"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {} server: {e}", self.bin.display()));
+            .env("NO_COLOR", "1");
+        let what = format!("{} server", self.bin.display());
+        let child = spawn_logged(&mut cmd, &self.nodes[i].log, &what);
         self.nodes[i].child = Some(child);
     }
 
@@ -353,24 +329,13 @@ api_bind_addr = "127.0.0.1:{admin_port}"
     /// Like [`cli`](Self::cli), retried until it succeeds: right after startup a node may not
     /// yet know its peers or the layout. Panics with the last error at the deadline.
     fn cli_retry(&mut self, i: usize, args: &[&str]) -> Output {
-        let mut last = String::new();
-        let mut output = None;
-        let ok = wait_until(CLUSTER_TIMEOUT, || {
+        let output = retry(CLUSTER_TIMEOUT, || {
             self.assert_all_running();
-            match self.cli(i, args) {
-                Ok(out) => {
-                    output = Some(out);
-                    true
-                }
-                Err(e) => {
-                    last = e;
-                    false
-                }
-            }
+            self.cli(i, args)
         });
         match output {
-            Some(out) if ok => out,
-            _ => self.fail(&format!("gave up on garage {args:?}:\n{last}")),
+            Ok(out) => out,
+            Err(last) => self.fail(&format!("gave up on garage {args:?}:\n{last}")),
         }
     }
 
@@ -397,11 +362,7 @@ api_bind_addr = "127.0.0.1:{admin_port}"
 
     /// Polls every node's admin `/health` until it says the cluster is fully operational.
     fn wait_healthy(&mut self) {
-        let client = reqwest::blocking::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .expect("garage health client");
+        let client = super::http_with_timeout(Duration::from_secs(5));
         let urls: Vec<String> = self
             .nodes
             .iter()
@@ -459,18 +420,11 @@ api_bind_addr = "127.0.0.1:{admin_port}"
     /// rights may need a moment to reach every node.
     fn wait_s3_ready(&mut self) {
         let cfg = self.shared_store_config("", Duration::from_secs(5));
-        let mut last = String::new();
-        let ready = wait_until(CLUSTER_TIMEOUT, || {
+        let ready = retry(CLUSTER_TIMEOUT, || {
             self.assert_all_running();
-            match probe_list(&cfg) {
-                Ok(()) => true,
-                Err(e) => {
-                    last = e;
-                    false
-                }
-            }
+            probe_list(&cfg)
         });
-        if !ready {
+        if let Err(last) = ready {
             self.fail(&format!(
                 "S3 API never accepted the key; last error: {last}"
             ));
@@ -497,14 +451,9 @@ api_bind_addr = "127.0.0.1:{admin_port}"
 impl Drop for Garage {
     fn drop(&mut self) {
         self.stop_all();
-        if std::thread::panicking() {
-            for i in 0..self.nodes.len() {
-                eprintln!(
-                    "--- garage node {i} log ({}), last 20 lines:\n{}",
-                    self.nodes[i].log.display(),
-                    tail(&self.log(i), 20)
-                );
-            }
+        for i in 0..self.nodes.len() {
+            let what = format!("garage node {i}");
+            super::print_log_if_panicking(&what, &self.nodes[i].log, &self.log(i), 20);
         }
     }
 }
@@ -518,22 +467,4 @@ fn parse_key(text: &str) -> (Option<String>, Option<String>) {
             .find(|v| !v.is_empty() && !v.starts_with('('))
     };
     (field("Key ID"), field("Secret key"))
-}
-
-/// One `list` through `stowage::store` on a runtime of its own (in a thread, so that callers
-/// inside a tokio runtime can use the harness too).
-fn probe_list(cfg: &SharedStoreConfig) -> Result<(), String> {
-    let cfg = cfg.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
-        rt.block_on(async {
-            let store = stowage::store::open(&cfg).map_err(|e| e.to_string())?;
-            store.list("").await.map(|_| ()).map_err(|e| e.to_string())
-        })
-    })
-    .join()
-    .unwrap_or_else(|_| Err("probe thread panicked".into()))
 }

@@ -106,9 +106,14 @@ pub struct Manifest {
 impl Manifest {
     fn from_json(media_type: &str, value: &serde_json::Value) -> Manifest {
         let bytes = serde_json::to_vec_pretty(value).expect("serialise manifest");
+        let Blob {
+            media_type,
+            digest,
+            bytes,
+        } = Blob::new(media_type, bytes);
         Manifest {
-            media_type: media_type.to_string(),
-            digest: sha256_digest(&bytes),
+            media_type,
+            digest,
             bytes,
         }
     }

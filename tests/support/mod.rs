@@ -98,6 +98,40 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
+/// Retries `attempt` (with [`wait_until`]'s pauses) until it succeeds or `timeout` passes:
+/// its value, or the last error.
+pub fn retry<T>(
+    timeout: Duration,
+    mut attempt: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let mut last = Err("never tried".to_string());
+    wait_until(timeout, || {
+        last = attempt();
+        last.is_ok()
+    });
+    last
+}
+
+/// Kills and reaps `child`, if there still is one.
+pub fn kill_and_reap(child: &mut Option<std::process::Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// While a test panics (a guard's drop), prints the last `lines` lines of `log`, the log of
+/// `what` kept at `path`.
+pub fn print_log_if_panicking(what: &str, path: &Path, log: &str, lines: usize) {
+    if std::thread::panicking() {
+        eprintln!(
+            "--- {what} log ({}), last {lines} lines:\n{}",
+            path.display(),
+            tail(log, lines)
+        );
+    }
+}
+
 /// Lowercase hex sha256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -135,13 +169,67 @@ pub fn tail(text: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// `GET url`: panics unless it answers 200 with a JSON body, which it returns.
+pub fn get_json(url: &str) -> serde_json::Value {
+    let resp = http()
+        .get(url)
+        .send()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    assert_eq!(resp.status().as_u16(), 200, "GET {url}");
+    resp.json()
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// One `list` through `stowage::store` on a runtime of its own (in a thread, so that callers
+/// inside a tokio runtime can use the harness too): the readiness probe of the object-store
+/// harnesses (Garage, Azurite).
+pub fn probe_list(cfg: &::stowage::config::SharedStoreConfig) -> Result<(), String> {
+    let cfg = cfg.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let store = ::stowage::store::open(&cfg).map_err(|e| e.to_string())?;
+            store.list("").await.map(|_| ()).map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Err("probe thread panicked".into()))
+}
+
+/// Spawns `cmd` with no stdin and its stdout and stderr appended to `log`; panics naming
+/// `what` if it cannot.
+pub fn spawn_logged(
+    cmd: &mut std::process::Command,
+    log: &Path,
+    what: &str,
+) -> std::process::Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap_or_else(|e| panic!("open the log of {what}: {e}"));
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"))
+}
+
 /// A blocking HTTP client for tests: no proxy from the environment, generous timeout, no
 /// automatic redirects (tests want to see exactly what the server answered).
 pub fn http() -> reqwest::blocking::Client {
+    http_with_timeout(Duration::from_secs(120))
+}
+
+/// [`http`] with another timeout (blob transfers want a longer one).
+pub fn http_with_timeout(timeout: Duration) -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .no_proxy()
         .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(120))
+        .timeout(timeout)
         .build()
         .expect("build reqwest blocking client")
 }
@@ -226,6 +314,47 @@ pub fn skopeo_ok(args: &[&str], context: &str) -> Output {
         status = output.status,
     );
     output
+}
+
+/// A response through [`http`], read in full.
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    /// Reads `resp` in full (a body that breaks off reads as empty).
+    pub fn read(resp: reqwest::blocking::Response) -> Resp {
+        Resp {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.bytes().map(|b| b.to_vec()).unwrap_or_default(),
+        }
+    }
+
+    /// The header `name` as text, `""` when absent.
+    pub fn header(&self, name: &str) -> String {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// `Docker-Content-Digest`, `""` when absent.
+    pub fn digest(&self) -> String {
+        self.header("docker-content-digest")
+    }
+}
+
+/// `method url` with one `Accept` header per entry of `accept`, read in full.
+pub fn request(method: reqwest::Method, url: &str, accept: &[&str]) -> Resp {
+    let mut req = http().request(method.clone(), url);
+    for a in accept {
+        req = req.header("Accept", *a);
+    }
+    Resp::read(req.send().unwrap_or_else(|e| panic!("{method} {url}: {e}")))
 }
 
 /// A response read off a raw socket.

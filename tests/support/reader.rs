@@ -18,12 +18,7 @@ const EVENTUALLY: Duration = Duration::from_secs(180);
 /// A blocking client for blob transfers: no proxy, no redirects, a timeout long enough for a
 /// slow fill on a busy machine.
 pub fn client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(600))
-        .build()
-        .expect("build reqwest blocking client")
+    super::http_with_timeout(Duration::from_secs(600))
 }
 
 /// What one streaming client saw.

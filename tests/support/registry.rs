@@ -7,13 +7,13 @@
 //! count exactly which requests reached the upstream. The line is written after the response,
 //! so call [`Registry::sync_log`] (done by the counting helpers) before trusting a count.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{free_port, http, tail, wait_until, READY_TIMEOUT};
+use super::images::{Pushed, TestImage};
+use super::{free_port, http, spawn_logged, tail, wait_until, READY_TIMEOUT};
 
 /// Marker query used by [`Registry::sync_log`]; lines carrying it are excluded from counts.
 const MARKER: &str = "stowage-test-log-marker";
@@ -51,19 +51,10 @@ impl Registry {
             let config_path = dir.path().join("config.yml");
             std::fs::write(&config_path, config_yaml(&dir.path().join("data"), port))
                 .expect("write docker-registry config");
-            let log = File::options()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .expect("open registry log file");
-            let child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone log handle"))
-                .stderr(log)
-                .spawn()
-                .expect("spawn docker-registry (is the docker-registry package installed?)");
+            let mut cmd = Command::new("docker-registry");
+            cmd.arg("serve").arg(&config_path);
+            let what = "docker-registry (is the docker-registry package installed?)";
+            let child = spawn_logged(&mut cmd, &log_path, what);
             let mut registry = Registry {
                 child: Some(child),
                 dir,
@@ -109,23 +100,19 @@ impl Registry {
         ready && !exited
     }
 
+    /// Pushes `image` as `name:tag` (blobs, child manifests, then the tagged manifest).
+    pub fn push(&self, name: &str, tag: &str, image: impl Into<TestImage>) -> Pushed {
+        super::images::push(&self.url(), name, tag, image)
+    }
+
     /// `http://127.0.0.1:<port>`
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.host_port())
     }
 
     /// `127.0.0.1:<port>`, as used in `docker://` references.
     pub fn host_port(&self) -> String {
         format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The registry's private temp dir (config, data, log).
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Everything the registry printed so far (logrus lines and access lines).
@@ -199,10 +186,7 @@ impl Registry {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill_and_reap(&mut self.child);
     }
 }
 

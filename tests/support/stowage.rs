@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
 use super::{files_under, free_port, tail, wait_until, READY_TIMEOUT};
@@ -139,11 +139,30 @@ pub struct Stowage {
     options: StowageBuilder,
 }
 
+/// A real upstream registry and a stowage in front of it as the `docker.io` upstream.
+pub struct MirroredRegistry {
+    pub stowage: Stowage,
+    pub upstream: super::registry::Registry,
+}
+
+impl MirroredRegistry {
+    pub fn start() -> MirroredRegistry {
+        let upstream = super::registry::Registry::start();
+        let stowage = Stowage::for_docker_io(&upstream.url());
+        MirroredRegistry { stowage, upstream }
+    }
+}
+
 impl Stowage {
     /// Starts stowage in front of `upstreams` (the first one is the default) and waits until
     /// `GET /v2/` answers 200.
     pub fn start(upstreams: &[UpstreamSpec]) -> Stowage {
         Stowage::builder().upstreams(upstreams).start()
+    }
+
+    /// Starts stowage in front of one upstream at `url`, as `docker.io`.
+    pub fn for_docker_io(url: &str) -> Stowage {
+        Stowage::start(&[UpstreamSpec::new("docker.io", url)])
     }
 
     /// Like [`start`](Self::start) with raw TOML appended to the config and extra env vars.
@@ -313,12 +332,26 @@ impl Stowage {
         t
     }
 
+    /// Waits up to `timeout` until `blob` (of `digest`) is committed, byte for byte, at its
+    /// place in the cache; panics if it never is.
+    pub fn wait_committed(&self, digest: &str, blob: &[u8], timeout: Duration) {
+        let path = self.blob_path(digest);
+        assert!(
+            wait_until(timeout, || {
+                std::fs::read(&path)
+                    .is_ok_and(|b| b.len() == blob.len() && super::sha256_digest(&b) == digest)
+            }),
+            "{digest} was never committed at {}",
+            path.display()
+        );
+    }
+
     /// `http://127.0.0.1:<port>`, or `https://localhost:<port>` with [`StowageBuilder::https`].
     pub fn url(&self) -> String {
         if self.options.tls_ca.is_some() {
             format!("https://localhost:{}", self.port)
         } else {
-            format!("http://127.0.0.1:{}", self.port)
+            format!("http://{}", self.host_port())
         }
     }
 
@@ -465,23 +498,14 @@ impl Stowage {
     }
 
     fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        super::kill_and_reap(&mut self.child);
     }
 }
 
 impl Drop for Stowage {
     fn drop(&mut self) {
         self.kill();
-        if std::thread::panicking() {
-            eprintln!(
-                "--- stowage log ({}), last 60 lines:\n{}",
-                self.stderr_path().display(),
-                tail(&self.log(), 60)
-            );
-        }
+        super::print_log_if_panicking("stowage", &self.stderr_path(), &self.log(), 60);
     }
 }
 
@@ -501,6 +525,34 @@ fn toml_str(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// Runs `stowage <args> --config <stowage's config>`: on the cache directly when the server is
+/// stopped, through its admin socket while it runs.
+pub fn command(stowage: &Stowage, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stowage"))
+        .args(args)
+        .arg("--config")
+        .arg(stowage.config_path())
+        .output()
+        .expect("run the stowage binary")
+}
+
+/// [`command`], panicking with its output unless it succeeded; returns its stdout.
+pub fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
+    let o = command(stowage, args);
+    assert!(o.status.success(), "stowage {args:?} failed: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A command's status, stdout and stderr, for failure messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Pulls an image through `stowage` like a client: manifest by tag (its bytes must hash to the

@@ -11,13 +11,16 @@
 //! - time to first byte (median and worst over the clients);
 //! - the server's peak RSS (`VmHWM` from `/proc/<pid>/status`).
 //!
+//! It is its own workspace member (`bench/`), so it is not installed with the server; build both
+//! binaries (the bench looks for `stowage` next to itself unless `--stowage` names one):
+//!
 //! ```text
-//! cargo build --release --bins
+//! cargo build --release --workspace --bins
 //! target/release/stowage-bench cold-blob --size-mib 256 --clients 1,8,32
 //! target/release/stowage-bench all --json bench-results.json
 //! ```
 //!
-//! `all` runs every workload of issue 10, in one process and against one upstream: (1) warm blob
+//! `all` runs every workload, in one process and against one upstream: (1) warm blob
 //! throughput (1 and 8 clients) against nginx with `sendfile` serving the same file and a raw
 //! read of it (the ceiling) and against distribution's proxy; (2) warm manifests by tag and
 //! digest with `wrk -t2 -c64`; (3) a cold pull of a multi-layer image against pulling from the
@@ -832,113 +835,105 @@ mod all {
         Ok(best)
     }
 
-    pub async fn run(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
-        let t_start = Instant::now();
-        let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-        let mut upstream = Upstream::start(&cli.registry, work).await?;
-        let size = (o.size_mib as u64) << 20;
-        let blob_repo = "bench/warm";
-        let digest = push_blob(&upstream.url, blob_repo, random(size as usize)).await?;
-        let (img_repo, tag) = ("bench/image", "v1");
-        let (mdigest, blobs) =
-            push_image(&upstream.url, img_repo, tag, o.layers, o.layer_mib << 20).await?;
-        note(&format!(
-            "upstream {} loaded: blob {digest}, image {img_repo}:{tag} = {mdigest}",
-            upstream.url
-        ));
+    /// The upstream's content and the ceiling, as the per-server workloads use them.
+    struct Loaded<'a> {
+        upstream: &'a Upstream,
+        blob_repo: &'a str,
+        digest: &'a str,
+        size: u64,
+        img_repo: &'a str,
+        tag: &'a str,
+        mdigest: &'a str,
+        blobs: &'a [(String, u64)],
+        nurl: &'a str,
+    }
 
-        // The ceiling: the upstream's own file of the blob, by nginx with sendfile and raw.
-        let hexd = digest.trim_start_matches("sha256:");
-        let blob_dir = work.join(format!(
-            "upstream-data/docker/registry/v2/blobs/sha256/{}/{hexd}",
-            &hexd[..2]
-        ));
-        let raw = raw_read(&blob_dir.join("data"))?;
-        let (nginx_proc, nginx_url) = start_nginx(&o.nginx, &work.join("nginx"), &blob_dir)?;
-        let nurl = format!("{nginx_url}/data");
-        wait_get(&nurl).await?;
-        note(&format!("ceiling: raw read {raw:.2} GB/s"));
-
-        let mut per: Vec<(ServerKind, serde_json::Value)> = Vec::new();
-        for &kind in &cli.servers {
-            let dir = work.join(format!("all-{}", kind.name().replace(' ', "-")));
-            let server = Server::start(kind, cli, &upstream, &dir).await?;
-            // The same pull straight from the upstream (same client code), best of two, just
-            // before: the ratio compares runs seconds apart on this shared machine.
-            let direct = {
-                let a = pull(&upstream.url, img_repo, tag, &blobs).await?;
-                let b = pull(&upstream.url, img_repo, tag, &blobs).await?;
-                a.min(b)
-            };
-            let cold = pull(&server.url, img_repo, tag, &blobs).await?;
-            note(&format!(
-                "{}: cold pull {:.3} s (direct {:.3} s)",
-                kind.name(),
-                cold.as_secs_f64(),
-                direct.as_secs_f64()
-            ));
-            let burl = format!("{}/v2/{blob_repo}/blobs/{digest}", server.url);
-            throughput(&burl, size, 1).await?; // fill the cache
-                                               // distribution stores in the background after answering; let it finish.
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            // nginx (the ceiling) and the server take turns, best of each: both see the same
-            // background load.
-            let (mut w1, mut w8, mut n1, mut n8) = (0f64, 0f64, 0f64, 0f64);
-            for _ in 0..3 {
-                n1 = n1.max(throughput(&nurl, size, 1).await?);
-                w1 = w1.max(throughput(&burl, size, 1).await?);
-            }
-            for _ in 0..2 {
-                n8 = n8.max(throughput(&nurl, size, 8).await?);
-                w8 = w8.max(throughput(&burl, size, 8).await?);
-            }
-            note(&format!(
-                "{}: warm blob {w1:.2} GB/s (1), {w8:.2} GB/s (8); nginx sendfile in turn \
-                 {n1:.2} GB/s (1), {n8:.2} GB/s (8)",
-                kind.name()
-            ));
-            let by_tag = format!("{}/v2/{img_repo}/manifests/{tag}", server.url);
-            let by_digest = format!("{}/v2/{img_repo}/manifests/{mdigest}", server.url);
-            let (tag_rps, tag_p99, tag_bad) = wrk(&by_tag, o.wrk_secs)?;
-            let (dig_rps, dig_p99, dig_bad) = wrk(&by_digest, o.wrk_secs)?;
-            note(&format!(
-                "{}: manifests by tag {tag_rps:.0}/s p99 {tag_p99:.2} ms ({tag_bad} non-2xx), \
-                 by digest {dig_rps:.0}/s p99 {dig_p99:.2} ms ({dig_bad} non-2xx)",
-                kind.name()
-            ));
-            let rss = server.proc.peak_rss_kib();
-            per.push((
-                kind,
-                json!({
-                    "cold_pull_s": cold.as_secs_f64(),
-                    "direct_pull_s": direct.as_secs_f64(),
-                    "warm_blob_gbps_1": w1, "warm_blob_gbps_8": w8,
-                    "nginx_gbps_1": n1, "nginx_gbps_8": n8,
-                    "manifest_tag_rps": tag_rps, "manifest_tag_p99_ms": tag_p99,
-                    "manifest_tag_non2xx": tag_bad,
-                    "manifest_digest_rps": dig_rps, "manifest_digest_p99_ms": dig_p99,
-                    "manifest_digest_non2xx": dig_bad,
-                    "peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
-                }),
-            ));
-            drop(server);
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-
-        let nginx_rss = nginx_proc.peak_rss_kib();
-        drop(nginx_proc);
-
-        // Workload 4: the same blob, cold, to N clients at once; a fresh server per N.
-        let cold = cold_blob_runs(
-            cli,
-            &mut upstream,
-            work,
+    /// Workloads 1-3 and 5 on a fresh `kind` server: a cold pull (against the upstream
+    /// directly), warm blob throughput (against nginx in turn), manifests with `wrk`, and the
+    /// server's peak RSS; one JSON object of figures.
+    async fn measure_server(
+        cli: &Cli,
+        work: &Path,
+        o: &Opts,
+        kind: ServerKind,
+        loaded: &Loaded<'_>,
+    ) -> Result<serde_json::Value, BoxError> {
+        let Loaded {
+            upstream,
             blob_repo,
-            &digest,
+            digest,
             size,
-            &o.cold_clients,
-        )
-        .await?;
+            img_repo,
+            tag,
+            mdigest,
+            blobs,
+            nurl,
+        } = *loaded;
+        let dir = work.join(format!("all-{}", kind.name().replace(' ', "-")));
+        let server = Server::start(kind, cli, upstream, &dir).await?;
+        // The same pull straight from the upstream (same client code), best of two, just
+        // before: the ratio compares runs seconds apart on this shared machine.
+        let direct = {
+            let a = pull(&upstream.url, img_repo, tag, blobs).await?;
+            let b = pull(&upstream.url, img_repo, tag, blobs).await?;
+            a.min(b)
+        };
+        let cold = pull(&server.url, img_repo, tag, blobs).await?;
+        note(&format!(
+            "{}: cold pull {:.3} s (direct {:.3} s)",
+            kind.name(),
+            cold.as_secs_f64(),
+            direct.as_secs_f64()
+        ));
+        let burl = format!("{}/v2/{blob_repo}/blobs/{digest}", server.url);
+        // Fill the cache; distribution stores in the background after answering: let it finish.
+        throughput(&burl, size, 1).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // nginx (the ceiling) and the server take turns, best of each: both see the same
+        // background load.
+        let (mut w1, mut w8, mut n1, mut n8) = (0f64, 0f64, 0f64, 0f64);
+        for _ in 0..3 {
+            n1 = n1.max(throughput(nurl, size, 1).await?);
+            w1 = w1.max(throughput(&burl, size, 1).await?);
+        }
+        for _ in 0..2 {
+            n8 = n8.max(throughput(nurl, size, 8).await?);
+            w8 = w8.max(throughput(&burl, size, 8).await?);
+        }
+        note(&format!(
+            "{}: warm blob {w1:.2} GB/s (1), {w8:.2} GB/s (8); nginx sendfile in turn \
+             {n1:.2} GB/s (1), {n8:.2} GB/s (8)",
+            kind.name()
+        ));
+        let by_tag = format!("{}/v2/{img_repo}/manifests/{tag}", server.url);
+        let by_digest = format!("{}/v2/{img_repo}/manifests/{mdigest}", server.url);
+        let (tag_rps, tag_p99, tag_bad) = wrk(&by_tag, o.wrk_secs)?;
+        let (dig_rps, dig_p99, dig_bad) = wrk(&by_digest, o.wrk_secs)?;
+        note(&format!(
+            "{}: manifests by tag {tag_rps:.0}/s p99 {tag_p99:.2} ms ({tag_bad} non-2xx), \
+             by digest {dig_rps:.0}/s p99 {dig_p99:.2} ms ({dig_bad} non-2xx)",
+            kind.name()
+        ));
+        let rss = server.proc.peak_rss_kib();
+        let figures = json!({
+            "cold_pull_s": cold.as_secs_f64(),
+            "direct_pull_s": direct.as_secs_f64(),
+            "warm_blob_gbps_1": w1, "warm_blob_gbps_8": w8,
+            "nginx_gbps_1": n1, "nginx_gbps_8": n8,
+            "manifest_tag_rps": tag_rps, "manifest_tag_p99_ms": tag_p99,
+            "manifest_tag_non2xx": tag_bad,
+            "manifest_digest_rps": dig_rps, "manifest_digest_p99_ms": dig_p99,
+            "manifest_digest_non2xx": dig_bad,
+            "peak_rss_mib": rss.map(|k| k as f64 / 1024.0),
+        });
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(figures)
+    }
+
+    /// Adds the cold-blob runs (workload 4) to each server's figures, and the peak RSS over
+    /// workloads 1-4.
+    fn merge_cold_runs(per: &mut [(ServerKind, serde_json::Value)], cold: &[Sample], size: u64) {
         for (kind, v) in per.iter_mut() {
             let mut peak = v["peak_rss_mib"].as_f64();
             for c in cold.iter().filter(|c| c.server == *kind) {
@@ -960,22 +955,26 @@ mod all {
             }
             v["peak_rss_mib_1_to_4"] = json!(peak);
         }
+    }
 
-        // Workload 6: startup with many cached blobs.
-        if o.startup_blobs > 0 {
-            let times =
-                startup::run(cli, &upstream.url, work, o.startup_blobs, o.startup_runs).await?;
-            for (kind, mut t) in times {
-                let secs: Vec<f64> = t.iter().map(Duration::as_secs_f64).collect();
-                t.sort();
-                let median = t[t.len() / 2].as_secs_f64();
-                if let Some((_, v)) = per.iter_mut().find(|(k, _)| *k == kind) {
-                    v["startup_s_median"] = json!(median);
-                    v["startup_s_runs"] = json!(secs);
-                }
+    /// Adds the startup times (workload 6) to each server's figures: the median and every run.
+    fn merge_startup(
+        per: &mut [(ServerKind, serde_json::Value)],
+        times: Vec<(ServerKind, Vec<Duration>)>,
+    ) {
+        for (kind, mut t) in times {
+            let secs: Vec<f64> = t.iter().map(Duration::as_secs_f64).collect();
+            t.sort();
+            let median = t[t.len() / 2].as_secs_f64();
+            if let Some((_, v)) = per.iter_mut().find(|(k, _)| *k == kind) {
+                v["startup_s_median"] = json!(median);
+                v["startup_s_runs"] = json!(secs);
             }
         }
+    }
 
+    /// The table's rows: stowage's figure beside its peer's for every workload.
+    fn table_lines(o: &Opts, raw: f64, per: &[(ServerKind, serde_json::Value)]) -> Vec<Line> {
         let get = |k: ServerKind, f: &str| {
             per.iter()
                 .find(|(kind, _)| *kind == k)
@@ -1138,6 +1137,30 @@ mod all {
             "distribution",
             false,
         ));
+        lines
+    }
+
+    /// What `run` measured outside the per-server figures, for the report.
+    struct Run {
+        raw: f64,
+        nginx_rss: Option<u64>,
+        load_start: String,
+        t_start: Instant,
+    }
+
+    /// Prints the Markdown table of `lines` and writes the JSON file of every figure.
+    fn report(
+        o: &Opts,
+        lines: &[Line],
+        per: &[(ServerKind, serde_json::Value)],
+        run: &Run,
+    ) -> Result<(), BoxError> {
+        let Run {
+            raw,
+            nginx_rss,
+            load_start,
+            t_start,
+        } = run;
         let fmt = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "–".into());
         let mut out = std::io::stdout().lock();
         writeln!(
@@ -1154,7 +1177,7 @@ mod all {
                 .trim()
         )?;
         let mut rows = Vec::new();
-        for l in &lines {
+        for l in lines {
             let ratio = match (l.stowage, l.peer) {
                 (Some(a), Some(b)) if b > 0.0 => Some(a / b),
                 _ => None,
@@ -1193,6 +1216,82 @@ mod all {
         std::fs::write(&o.json, serde_json::to_vec_pretty(&doc)?)?;
         writeln!(out, "\nJSON: {}", o.json.display())?;
         Ok(())
+    }
+
+    pub async fn run(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
+        let t_start = Instant::now();
+        let load_start = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        let mut upstream = Upstream::start(&cli.registry, work).await?;
+        let size = (o.size_mib as u64) << 20;
+        let blob_repo = "bench/warm";
+        let digest = push_blob(&upstream.url, blob_repo, random(size as usize)).await?;
+        let (img_repo, tag) = ("bench/image", "v1");
+        let (mdigest, blobs) =
+            push_image(&upstream.url, img_repo, tag, o.layers, o.layer_mib << 20).await?;
+        note(&format!(
+            "upstream {} loaded: blob {digest}, image {img_repo}:{tag} = {mdigest}",
+            upstream.url
+        ));
+
+        // The ceiling: the upstream's own file of the blob, by nginx with sendfile and raw.
+        let hexd = digest.trim_start_matches("sha256:");
+        let blob_dir = work.join(format!(
+            "upstream-data/docker/registry/v2/blobs/sha256/{}/{hexd}",
+            &hexd[..2]
+        ));
+        let raw = raw_read(&blob_dir.join("data"))?;
+        let (nginx_proc, nginx_url) = start_nginx(&o.nginx, &work.join("nginx"), &blob_dir)?;
+        let nurl = format!("{nginx_url}/data");
+        wait_get(&nurl).await?;
+        note(&format!("ceiling: raw read {raw:.2} GB/s"));
+
+        let loaded = Loaded {
+            upstream: &upstream,
+            blob_repo,
+            digest: &digest,
+            size,
+            img_repo,
+            tag,
+            mdigest: &mdigest,
+            blobs: &blobs,
+            nurl: &nurl,
+        };
+        let mut per: Vec<(ServerKind, serde_json::Value)> = Vec::new();
+        for &kind in &cli.servers {
+            per.push((kind, measure_server(cli, work, o, kind, &loaded).await?));
+        }
+
+        let nginx_rss = nginx_proc.peak_rss_kib();
+        drop(nginx_proc);
+
+        // Workload 4: the same blob, cold, to N clients at once; a fresh server per N.
+        let cold = cold_blob_runs(
+            cli,
+            &mut upstream,
+            work,
+            blob_repo,
+            &digest,
+            size,
+            &o.cold_clients,
+        )
+        .await?;
+        merge_cold_runs(&mut per, &cold, size);
+
+        // Workload 6: startup with many cached blobs.
+        if o.startup_blobs > 0 {
+            let times =
+                startup::run(cli, &upstream.url, work, o.startup_blobs, o.startup_runs).await?;
+            merge_startup(&mut per, times);
+        }
+
+        let lines = table_lines(o, raw, &per);
+        let run = Run {
+            raw,
+            nginx_rss,
+            load_start,
+            t_start,
+        };
+        report(o, &lines, &per, &run)
     }
 }
 
