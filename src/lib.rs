@@ -115,6 +115,7 @@ pub mod airgap;
 pub mod cache;
 pub mod config;
 pub mod fleet;
+pub mod hosted;
 pub mod http;
 pub mod metrics;
 pub mod mirror;

@@ -8,12 +8,16 @@ use std::fmt;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
     BlobUnknown,
+    BlobUploadInvalid,
+    BlobUploadUnknown,
+    ManifestBlobUnknown,
     ManifestUnknown,
     ManifestInvalid,
     NameUnknown,
     NameInvalid,
     DigestInvalid,
     TagInvalid,
+    SizeInvalid,
     RangeInvalid,
     PaginationNumberInvalid,
     Unsupported,
@@ -29,12 +33,16 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            ErrorCode::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            ErrorCode::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
             ErrorCode::NameUnknown => "NAME_UNKNOWN",
             ErrorCode::NameInvalid => "NAME_INVALID",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::TagInvalid => "TAG_INVALID",
+            ErrorCode::SizeInvalid => "SIZE_INVALID",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::PaginationNumberInvalid => "PAGINATION_NUMBER_INVALID",
             ErrorCode::Unsupported => "UNSUPPORTED",
@@ -49,8 +57,14 @@ impl ErrorCode {
     /// The HTTP status distribution uses for the code.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::BlobUnknown | ErrorCode::ManifestUnknown | ErrorCode::NameUnknown => 404,
+            ErrorCode::BlobUnknown
+            | ErrorCode::BlobUploadUnknown
+            | ErrorCode::ManifestUnknown
+            | ErrorCode::NameUnknown => 404,
             ErrorCode::ManifestInvalid
+            | ErrorCode::BlobUploadInvalid
+            | ErrorCode::ManifestBlobUnknown
+            | ErrorCode::SizeInvalid
             | ErrorCode::NameInvalid
             | ErrorCode::DigestInvalid
             | ErrorCode::TagInvalid

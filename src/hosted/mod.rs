@@ -1,0 +1,617 @@
+//! Hosted repositories: the names that live in stowage (`hosted.repositories`), pushed to and
+//! pulled from without any upstream. Beside [`crate::mirror`], chosen by the edge from the name.
+//!
+//! Pushed content is data, not cache. Its blob files live under `hosted/blobs/` and its records
+//! in a sled database of its own ([`index`]), so the cache's LRU and budget cannot see them; its
+//! bytes count in `hosted.max_size` ([`uploads::Quota`]). A repository sees only what was pushed
+//! or mounted into it (per-repository links): a blob existence answer never leaks another
+//! repository's content.
+//!
+//! The order that makes a `201` true. Blob: upload file fsynced and verified → renamed into
+//! `hosted/blobs/sha256/<2>/<64>` → directory fsynced → blob record and link → index flushed →
+//! `201`. Manifest: parsed, every reference checked in this repository → bytes, link and tag
+//! stored → index flushed → `201`. A crash between two steps leaves either nothing visible or
+//! the complete thing (a blob file without a link is unreachable and collected by `gc`).
+
+pub mod index;
+pub mod uploads;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+
+use crate::oci::manifest::{self, Parsed};
+use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
+use crate::policy::Pattern;
+
+pub use index::{HostedIndex, StoredManifest};
+pub use uploads::{Quota, Session, Uploads};
+
+/// The largest manifest accepted (as for upstream manifests).
+pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
+
+/// The `[hosted]` settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub repositories: Vec<Pattern>,
+    pub max_size: u64,
+    pub delete: bool,
+    pub upload_timeout: Duration,
+}
+
+/// The hosted repositories of one node.
+pub struct Hosted {
+    settings: Settings,
+    root: PathBuf,
+    index: HostedIndex,
+    uploads: Uploads,
+    quota: Arc<Quota>,
+}
+
+fn internal(what: &str, e: impl std::fmt::Display) -> RegistryError {
+    tracing::error!(error = %e, "hosted: {what}");
+    RegistryError::new(ErrorCode::Unknown, format!("{what}: {e}"))
+}
+
+fn blob_unknown(repo: &RepoName, digest: &Digest) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::BlobUnknown,
+        format!("blob {digest} is not in {repo}"),
+    )
+}
+
+fn manifest_unknown(repo: &RepoName, reference: &impl std::fmt::Display) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::ManifestUnknown,
+        format!("manifest {reference} is not in {repo}"),
+    )
+}
+
+/// A hosted blob opened for reading.
+pub struct HostedBlob {
+    pub file: std::fs::File,
+    pub size: u64,
+}
+
+impl Hosted {
+    /// Opens the hosted store under `<storage.path>/hosted`.
+    pub fn open(settings: Settings, storage_root: &Path) -> Result<Hosted, crate::Error> {
+        let root = storage_root.join("hosted");
+        let startup = |what: &str, e: &dyn std::fmt::Display| {
+            crate::Error::Startup(format!("hosted storage {}: {what}: {e}", root.display()))
+        };
+        std::fs::create_dir_all(root.join("blobs/sha256")).map_err(|e| startup("create", &e))?;
+        let index = HostedIndex::open(&root.join("index")).map_err(|e| startup("index", &e))?;
+        let quota = Arc::new(Quota::new(settings.max_size));
+        let committed = index
+            .blobs()
+            .map_err(|e| startup("index", &e))?
+            .iter()
+            .map(|(_, size)| size)
+            .sum::<u64>()
+            + index
+                .manifest_sizes()
+                .map_err(|e| startup("index", &e))?
+                .iter()
+                .map(|(_, size)| size)
+                .sum::<u64>();
+        quota.add(committed);
+        let uploads = Uploads::open(&root.join("uploads"), quota.clone())
+            .map_err(|e| startup("uploads", &e))?;
+        Ok(Hosted {
+            settings,
+            root,
+            index,
+            uploads,
+            quota,
+        })
+    }
+
+    /// Whether `name` is a hosted repository.
+    pub fn holds_name(&self, name: &RepoName) -> bool {
+        self.settings
+            .repositories
+            .iter()
+            .any(|p| p.matches(name.as_str()))
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn index(&self) -> &HostedIndex {
+        &self.index
+    }
+
+    pub fn uploads(&self) -> &Uploads {
+        &self.uploads
+    }
+
+    /// Bytes held (committed content and open uploads) and blob files.
+    pub fn usage(&self) -> (u64, usize) {
+        let blobs = self.index.blobs().map(|b| b.len()).unwrap_or(0);
+        (self.quota.used(), blobs)
+    }
+
+    /// The path of a hosted blob file.
+    pub fn blob_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join("blobs/sha256")
+            .join(hex.get(..2).unwrap_or("xx"))
+            .join(hex)
+    }
+
+    // ---- pull side ------------------------------------------------------------------------
+
+    /// A blob linked in `repo`.
+    pub fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<HostedBlob, RegistryError> {
+        if self
+            .index
+            .link(repo, digest)
+            .map_err(|e| internal("index", e))?
+            .is_none()
+        {
+            return Err(blob_unknown(repo, digest));
+        }
+        let file = std::fs::File::open(self.blob_path(digest)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                tracing::error!(%repo, %digest, "hosted blob linked but its file is missing");
+                blob_unknown(repo, digest)
+            } else {
+                internal("open blob", e)
+            }
+        })?;
+        let size = file.metadata().map_err(|e| internal("stat blob", e))?.len();
+        Ok(HostedBlob { file, size })
+    }
+
+    /// A manifest of `repo` by tag or digest.
+    pub fn manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<StoredManifest, RegistryError> {
+        let digest = match reference {
+            Reference::Tag(tag) => self
+                .index
+                .tag(repo, tag)
+                .map_err(|e| internal("index", e))?
+                .ok_or_else(|| manifest_unknown(repo, tag))?,
+            Reference::Digest(d) => {
+                if !self
+                    .index
+                    .has_mlink(repo, d)
+                    .map_err(|e| internal("index", e))?
+                {
+                    return Err(manifest_unknown(repo, d));
+                }
+                d.clone()
+            }
+        };
+        self.index
+            .manifest(&digest)
+            .map_err(|e| internal("index", e))?
+            .ok_or_else(|| manifest_unknown(repo, &digest))
+    }
+
+    /// The tags of `repo`, sorted; `NAME_UNKNOWN` for a repository with no manifest.
+    pub fn tags(&self, repo: &RepoName) -> Result<Vec<String>, RegistryError> {
+        let tags: Vec<String> = self
+            .index
+            .tags_of(repo)
+            .map_err(|e| internal("index", e))?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect();
+        if tags.is_empty() && !self.has_repository(repo)? {
+            return Err(RegistryError::new(
+                ErrorCode::NameUnknown,
+                format!("repository {repo} is not known"),
+            ));
+        }
+        Ok(tags)
+    }
+
+    fn has_repository(&self, repo: &RepoName) -> Result<bool, RegistryError> {
+        Ok(self
+            .index
+            .repositories()
+            .map_err(|e| internal("index", e))?
+            .iter()
+            .any(|r| r == repo.as_str()))
+    }
+
+    /// Hosted repositories holding at least one manifest.
+    pub fn repositories(&self) -> Result<Vec<String>, RegistryError> {
+        self.index.repositories().map_err(|e| internal("index", e))
+    }
+
+    // ---- push side: blobs -----------------------------------------------------------------
+
+    /// Links an existing hosted blob from `from` into `repo`; false when `from` does not hold it.
+    pub async fn mount(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        from: &RepoName,
+    ) -> Result<bool, RegistryError> {
+        let Some(size) = self
+            .index
+            .link(from, digest)
+            .map_err(|e| internal("index", e))?
+        else {
+            return Ok(false);
+        };
+        if !self.blob_path(digest).exists() {
+            return Ok(false);
+        }
+        self.index
+            .put_link(repo, digest, size)
+            .map_err(|e| internal("index", e))?;
+        self.index.flush().await.map_err(|e| internal("index", e))?;
+        Ok(true)
+    }
+
+    /// Adopts a verified blob file from outside hosted storage (a cached blob being mounted):
+    /// hard-linked when possible (the bytes then live once on disk), else copied; counted in
+    /// the hosted budget; linked into `repo`.
+    pub async fn adopt(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        source: &Path,
+    ) -> Result<(), RegistryError> {
+        let size = tokio::fs::metadata(source)
+            .await
+            .map_err(|e| internal("stat cached blob", e))?
+            .len();
+        if self
+            .index
+            .blob(digest)
+            .map_err(|e| internal("index", e))?
+            .is_none()
+        {
+            self.quota.take(size)?;
+            let dest = self.blob_path(digest);
+            let tmp = self
+                .root
+                .join("uploads")
+                .join(format!("adopt-{}", digest.hex()));
+            let source = source.to_path_buf();
+            let placed = tokio::task::spawn_blocking(move || place_copy(&source, &tmp, &dest))
+                .await
+                .map_err(|e| internal("adopt", e))
+                .and_then(|r| r.map_err(|e| internal("adopt", e)));
+            if let Err(e) = placed {
+                self.quota.give(size);
+                return Err(e);
+            }
+            self.index
+                .put_blob(digest, size)
+                .map_err(|e| internal("index", e))?;
+        }
+        self.index
+            .put_link(repo, digest, size)
+            .map_err(|e| internal("index", e))?;
+        self.index.flush().await.map_err(|e| internal("index", e))
+    }
+
+    /// Opens an upload session.
+    pub async fn start_upload(&self, repo: &RepoName) -> Result<String, RegistryError> {
+        self.uploads.create(repo).await
+    }
+
+    /// Appends a request body to a session; the bytes it holds afterwards.
+    pub async fn patch<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        start: Option<u64>,
+        length: Option<u64>,
+        body: S,
+    ) -> Result<u64, RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let mut s = self.uploads.get(repo, id).await?;
+        self.uploads.append(&mut s, start, length, body).await?;
+        Ok(s.offset)
+    }
+
+    /// The bytes a session holds.
+    pub async fn upload_offset(&self, repo: &RepoName, id: &str) -> Result<u64, RegistryError> {
+        Ok(self.uploads.get(repo, id).await?.offset)
+    }
+
+    /// Cancels a session.
+    pub async fn cancel_upload(&self, repo: &RepoName, id: &str) -> Result<(), RegistryError> {
+        let s = self.uploads.get(repo, id).await?;
+        self.uploads.cancel(s).await;
+        Ok(())
+    }
+
+    /// Closes a session with its last bytes (possibly none) and commits the blob as `digest`.
+    /// A body that breaks off or a digest that does not match ends the session, keeping nothing.
+    pub async fn finish_upload<S, E>(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        length: Option<u64>,
+        body: S,
+    ) -> Result<(), RegistryError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send,
+        E: std::fmt::Display,
+    {
+        let mut s = self.uploads.get(repo, id).await?;
+        if let Err(e) = self.uploads.append(&mut s, None, length, body).await {
+            self.uploads.cancel(s).await;
+            return Err(e);
+        }
+        let finished = self.uploads.finish(s, digest).await?;
+        self.commit_blob(repo, finished).await
+    }
+
+    /// Moves a verified upload into the blob layout and links it (module docs: the order).
+    async fn commit_blob(
+        &self,
+        repo: &RepoName,
+        f: uploads::Finished,
+    ) -> Result<(), RegistryError> {
+        let dest = self.blob_path(&f.digest);
+        let known = self
+            .index
+            .blob(&f.digest)
+            .map_err(|e| internal("index", e))?
+            .is_some()
+            && dest.exists();
+        if known {
+            // The same bytes are already held: this upload's copy is not needed.
+            let _ = tokio::fs::remove_file(&f.path).await;
+            self.quota.give(f.size);
+        } else {
+            let (from, to) = (f.path.clone(), dest.clone());
+            let placed = tokio::task::spawn_blocking(move || place_rename(&from, &to))
+                .await
+                .map_err(|e| internal("commit blob", e))
+                .and_then(|r| r.map_err(|e| internal("commit blob", e)));
+            if let Err(e) = placed {
+                let _ = tokio::fs::remove_file(&f.path).await;
+                self.quota.give(f.size);
+                return Err(e);
+            }
+            self.index
+                .put_blob(&f.digest, f.size)
+                .map_err(|e| internal("index", e))?;
+        }
+        self.index
+            .put_link(repo, &f.digest, f.size)
+            .map_err(|e| internal("index", e))?;
+        self.index.flush().await.map_err(|e| internal("index", e))
+    }
+
+    // ---- push side: manifests -------------------------------------------------------------
+
+    /// Checks and stores a pushed manifest under `reference`; its digest and parsed form.
+    pub async fn put_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<(Digest, Parsed), RegistryError> {
+        if bytes.len() > MAX_MANIFEST_SIZE {
+            return Err(RegistryError::new(
+                ErrorCode::SizeInvalid,
+                format!(
+                    "manifest of {} bytes is over the {MAX_MANIFEST_SIZE}-byte limit",
+                    bytes.len()
+                ),
+            )
+            .with_status(413));
+        }
+        let digest = Digest::of(&bytes);
+        if let Reference::Digest(d) = reference {
+            if d != &digest {
+                return Err(RegistryError::new(
+                    ErrorCode::DigestInvalid,
+                    format!("the manifest hashes to {digest}, not {d}"),
+                ));
+            }
+        }
+        let parsed = manifest::parse(&bytes, content_type)
+            .map_err(|e| RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()))?;
+        self.check_references(repo, &parsed)?;
+        self.store_manifest(repo, reference, &digest, &parsed, bytes)
+            .await?;
+        Ok((digest, parsed))
+    }
+
+    /// Every blob (but foreign layers) and child manifest must be in `repo`.
+    fn check_references(&self, repo: &RepoName, parsed: &Parsed) -> Result<(), RegistryError> {
+        for blob in &parsed.blobs {
+            if blob
+                .media_type
+                .as_deref()
+                .is_some_and(manifest::is_non_distributable)
+            {
+                continue;
+            }
+            let linked = self
+                .index
+                .link(repo, &blob.digest)
+                .map_err(|e| internal("index", e))?;
+            if linked.is_none() {
+                return Err(RegistryError::new(
+                    ErrorCode::ManifestBlobUnknown,
+                    format!("blob {} is not in {repo}: push it first", blob.digest),
+                ));
+            }
+        }
+        for child in &parsed.children {
+            if !self
+                .index
+                .has_mlink(repo, &child.digest)
+                .map_err(|e| internal("index", e))?
+            {
+                return Err(RegistryError::new(
+                    ErrorCode::ManifestBlobUnknown,
+                    format!("manifest {} is not in {repo}: push it first", child.digest),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn store_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        digest: &Digest,
+        parsed: &Parsed,
+        bytes: Bytes,
+    ) -> Result<(), RegistryError> {
+        let new = self
+            .index
+            .manifest(digest)
+            .map_err(|e| internal("index", e))?
+            .is_none();
+        if new {
+            self.quota.take(bytes.len() as u64)?;
+            let stored = StoredManifest {
+                digest: digest.clone(),
+                media_type: parsed.media_type.clone(),
+                bytes,
+            };
+            if let Err(e) = self.index.put_manifest(&stored) {
+                self.quota.give(stored.bytes.len() as u64);
+                return Err(internal("index", e));
+            }
+        }
+        self.index
+            .put_mlink(repo, digest, now_secs())
+            .map_err(|e| internal("index", e))?;
+        if let Reference::Tag(tag) = reference {
+            self.index
+                .put_tag(repo, tag, digest)
+                .map_err(|e| internal("index", e))?;
+        }
+        self.index.flush().await.map_err(|e| internal("index", e))
+    }
+
+    // ---- deletes --------------------------------------------------------------------------
+
+    fn check_delete(&self) -> Result<(), RegistryError> {
+        if self.settings.delete {
+            Ok(())
+        } else {
+            Err(RegistryError::new(
+                ErrorCode::Unsupported,
+                "deletes are disabled (hosted.delete = false)",
+            ))
+        }
+    }
+
+    /// Deletes a manifest by digest (and every tag of `repo` pointing to it), or one tag.
+    pub async fn delete_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<(), RegistryError> {
+        self.check_delete()?;
+        let idx = &self.index;
+        match reference {
+            Reference::Tag(tag) => {
+                if !idx
+                    .remove_tag(repo, tag.as_str())
+                    .map_err(|e| internal("index", e))?
+                {
+                    return Err(manifest_unknown(repo, tag));
+                }
+            }
+            Reference::Digest(d) => {
+                if !idx
+                    .remove_mlink(repo, d)
+                    .map_err(|e| internal("index", e))?
+                {
+                    return Err(manifest_unknown(repo, d));
+                }
+                for (tag, hex) in idx.tags_of(repo).map_err(|e| internal("index", e))? {
+                    if hex == d.hex() {
+                        idx.remove_tag(repo, &tag)
+                            .map_err(|e| internal("index", e))?;
+                    }
+                }
+            }
+        }
+        idx.flush().await.map_err(|e| internal("index", e))
+    }
+
+    /// Unlinks a blob from `repo` (its file goes at the next `gc` if nothing else links it).
+    pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
+        self.check_delete()?;
+        if !self
+            .index
+            .remove_link(repo, digest)
+            .map_err(|e| internal("index", e))?
+        {
+            return Err(blob_unknown(repo, digest));
+        }
+        self.index.flush().await.map_err(|e| internal("index", e))
+    }
+
+    /// Purges upload sessions idle past `hosted.upload_timeout`.
+    pub async fn purge_idle_uploads(&self) -> usize {
+        self.uploads.purge_idle(self.settings.upload_timeout).await
+    }
+
+    /// A tag parsed for a push.
+    pub fn tag_of(reference: &Reference) -> Option<&Tag> {
+        match reference {
+            Reference::Tag(t) => Some(t),
+            Reference::Digest(_) => None,
+        }
+    }
+}
+
+/// Renames a verified file into the blob layout, durably (file then directory fsynced).
+fn place_rename(from: &Path, to: &Path) -> std::io::Result<()> {
+    let dir = to
+        .parent()
+        .ok_or_else(|| std::io::Error::other("blob path has no parent"))?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::rename(from, to)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Places a copy of `source` at `dest`: a hard link when the file system allows, else a copy
+/// through `tmp` (fsynced, renamed).
+fn place_copy(source: &Path, tmp: &Path, dest: &Path) -> std::io::Result<()> {
+    let dir = dest
+        .parent()
+        .ok_or_else(|| std::io::Error::other("blob path has no parent"))?;
+    std::fs::create_dir_all(dir)?;
+    match std::fs::hard_link(source, dest) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(_) => {
+            std::fs::copy(source, tmp)?;
+            std::fs::File::open(tmp)?.sync_all()?;
+            std::fs::rename(tmp, dest)?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
