@@ -3,7 +3,7 @@
 //!
 //! - `blobs`: hex → size, one record per blob file under `hosted/blobs/` (what
 //!   `hosted.max_size` counts);
-//! - `links`: `repo \0 hex` → size, the blobs pushed into (or mounted into) a repository — a
+//! - `links`: `repo \0 hex` → size and unix seconds of the link, the blobs pushed into (or mounted into) a repository — a
 //!   blob is visible in a repository only through its link;
 //! - `manifests`: hex → media type and bytes, stored byte-exact;
 //! - `mlinks`: `repo \0 hex` → unix seconds of the push: the manifests a repository holds;
@@ -146,12 +146,14 @@ impl HostedIndex {
         Ok(self
             .links
             .get(key(repo.as_str(), digest.hex()))?
-            .map(|v| u64_of(&v)))
+            .map(|v| u64_of(v.get(..8).unwrap_or(&[]))))
     }
 
+    /// Links `digest` into `repo` (linked now: young links survive `gc`'s grace period).
     pub fn put_link(&self, repo: &RepoName, digest: &Digest, size: u64) -> Result<(), IndexError> {
-        self.links
-            .insert(key(repo.as_str(), digest.hex()), &size.to_be_bytes())?;
+        let mut v = size.to_be_bytes().to_vec();
+        v.extend_from_slice(&super::now_secs().to_be_bytes());
+        self.links.insert(key(repo.as_str(), digest.hex()), v)?;
         Ok(())
     }
 
@@ -163,14 +165,28 @@ impl HostedIndex {
             .is_some())
     }
 
-    /// Every blob link: (repository, hex).
-    pub fn all_links(&self) -> Result<Vec<(String, String)>, IndexError> {
+    /// Every blob link: (repository, hex, linked at).
+    pub fn all_links(&self) -> Result<Vec<(String, String, u64)>, IndexError> {
         let mut out = Vec::new();
         for kv in self.links.iter() {
-            let (k, _) = kv?;
-            out.extend(split_key(&k));
+            let (k, v) = kv?;
+            if let Some((repo, hex)) = split_key(&k) {
+                out.push((repo, hex, u64_of(v.get(8..16).unwrap_or(&[]))));
+            }
         }
         Ok(out)
+    }
+
+    /// Removes a link given as raw names (for `gc`).
+    pub fn remove_link_raw(&self, repo: &str, hex: &str) -> Result<(), IndexError> {
+        self.links.remove(key(repo, hex))?;
+        Ok(())
+    }
+
+    /// Removes a manifest link given as raw names (for `gc`).
+    pub fn remove_mlink_raw(&self, repo: &str, hex: &str) -> Result<(), IndexError> {
+        self.mlinks.remove(key(repo, hex))?;
+        Ok(())
     }
 
     /// The manifest with `digest`, wherever it was pushed.

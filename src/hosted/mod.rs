@@ -13,6 +13,7 @@
 //! stored → index flushed → `201`. A crash between two steps leaves either nothing visible or
 //! the complete thing (a blob file without a link is unreachable and collected by `gc`).
 
+pub mod gc;
 pub mod index;
 pub mod uploads;
 
@@ -49,6 +50,8 @@ pub struct Hosted {
     index: HostedIndex,
     uploads: Uploads,
     quota: Arc<Quota>,
+    /// Shared by pushes from their reference check to their index flush, exclusive for `gc`.
+    gc_lock: tokio::sync::RwLock<()>,
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> RegistryError {
@@ -71,6 +74,7 @@ fn manifest_unknown(repo: &RepoName, reference: &impl std::fmt::Display) -> Regi
 }
 
 /// A hosted blob opened for reading.
+#[derive(Debug)]
 pub struct HostedBlob {
     pub file: std::fs::File,
     pub size: u64,
@@ -107,6 +111,7 @@ impl Hosted {
             index,
             uploads,
             quota,
+            gc_lock: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -239,6 +244,7 @@ impl Hosted {
         digest: &Digest,
         from: &RepoName,
     ) -> Result<bool, RegistryError> {
+        let _push = self.gc_lock.read().await;
         let Some(size) = self
             .index
             .link(from, digest)
@@ -269,6 +275,7 @@ impl Hosted {
             .await
             .map_err(|e| internal("stat cached blob", e))?
             .len();
+        let _push = self.gc_lock.read().await;
         if self
             .index
             .blob(digest)
@@ -364,6 +371,7 @@ impl Hosted {
         repo: &RepoName,
         f: uploads::Finished,
     ) -> Result<(), RegistryError> {
+        let _push = self.gc_lock.read().await;
         let dest = self.blob_path(&f.digest);
         let known = self
             .index
@@ -427,6 +435,7 @@ impl Hosted {
         }
         let parsed = manifest::parse(&bytes, content_type)
             .map_err(|e| RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()))?;
+        let _push = self.gc_lock.read().await;
         self.check_references(repo, &parsed)?;
         self.store_manifest(repo, reference, &digest, &parsed, bytes)
             .await?;
@@ -614,4 +623,142 @@ fn now_secs() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            repositories: vec![Pattern::new("team/**").unwrap()],
+            max_size: 1 << 20,
+            delete: true,
+            upload_timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn once(bytes: &'static [u8]) -> impl Stream<Item = Result<Bytes, std::io::Error>> {
+        futures_util::stream::iter(vec![Ok(Bytes::from_static(bytes))])
+    }
+
+    async fn push_blob(h: &Hosted, repo: &RepoName, bytes: &'static [u8]) -> Digest {
+        let d = Digest::of(bytes);
+        let id = h.start_upload(repo).await.unwrap();
+        h.finish_upload(repo, &id, &d, None, once(bytes))
+            .await
+            .unwrap();
+        d
+    }
+
+    fn image(config: &Digest, layer: &Digest, subject: Option<&Digest>) -> Bytes {
+        let mut v = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": crate::oci::media::OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.to_string(), "size": 2},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer.to_string(), "size": 5}]
+        });
+        if let Some(s) = subject {
+            v["subject"] = serde_json::json!({"mediaType": crate::oci::media::OCI_MANIFEST, "digest": s.to_string(), "size": 1});
+        }
+        Bytes::from(v.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_push_is_visible_only_in_its_repository_and_checks_its_references() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Hosted::open(settings(), dir.path()).unwrap();
+        let repo: RepoName = "team/app".parse().unwrap();
+        let other: RepoName = "team/other".parse().unwrap();
+        assert!(h.holds_name(&repo));
+        assert!(!h.holds_name(&"library/alpine".parse().unwrap()));
+        let config = push_blob(&h, &repo, b"{}").await;
+        let bytes = image(&config, &Digest::of(b"layer"), None);
+        let tag = Reference::Tag("1".parse().unwrap());
+        let e = h
+            .put_manifest(&repo, &tag, None, bytes.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::ManifestBlobUnknown);
+        let layer = push_blob(&h, &repo, b"layer").await;
+        let (digest, _) = h
+            .put_manifest(&repo, &tag, None, bytes.clone())
+            .await
+            .unwrap();
+        assert_eq!(h.manifest(&repo, &tag).unwrap().bytes, bytes);
+        assert_eq!(h.blob(&repo, &layer).unwrap().size, 5);
+        assert_eq!(
+            h.blob(&other, &layer).unwrap_err().code,
+            ErrorCode::BlobUnknown
+        );
+        assert_eq!(
+            h.manifest(&other, &Reference::Digest(digest))
+                .unwrap_err()
+                .code,
+            ErrorCode::ManifestUnknown
+        );
+        assert!(h.mount(&other, &layer, &repo).await.unwrap());
+        assert_eq!(h.blob(&other, &layer).unwrap().size, 5);
+        assert_eq!(h.repositories().unwrap(), vec!["team/app"]);
+    }
+
+    #[tokio::test]
+    async fn gc_keeps_what_tags_reach_and_their_referrers_and_removes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Hosted::open(settings(), dir.path()).unwrap();
+        let repo: RepoName = "team/app".parse().unwrap();
+        let config = push_blob(&h, &repo, b"{}").await;
+        let kept_layer = push_blob(&h, &repo, b"layer").await;
+        let old_layer = push_blob(&h, &repo, b"old-layer").await;
+        let stray = push_blob(&h, &repo, b"never referenced").await;
+        let tagged = image(&config, &kept_layer, None);
+        let (tagged_digest, _) = h
+            .put_manifest(&repo, &Reference::Tag("1".parse().unwrap()), None, tagged)
+            .await
+            .unwrap();
+        let untagged = image(&config, &old_layer, None);
+        let (untagged_digest, _) = h
+            .put_manifest(&repo, &Reference::Tag("2".parse().unwrap()), None, untagged)
+            .await
+            .unwrap();
+        // Tag 2 moves away: its old manifest is reached by nothing.
+        let signature = image(&config, &kept_layer, Some(&tagged_digest));
+        let (sig_digest, _) = h
+            .put_manifest(
+                &repo,
+                &Reference::Digest(Digest::of(&signature)),
+                None,
+                signature,
+            )
+            .await
+            .unwrap();
+        h.index.remove_tag(&repo, "2").unwrap();
+
+        // Within the grace period nothing goes.
+        let report = h.gc(Duration::from_secs(3600), false).await.unwrap();
+        assert_eq!(report, gc::GcReport::default());
+        let dry = h.gc(Duration::ZERO, true).await.unwrap();
+        assert_eq!(
+            dry.manifests,
+            vec![("team/app".to_string(), untagged_digest.hex().to_string())]
+        );
+        assert!(
+            h.blob(&repo, &old_layer).is_ok(),
+            "a dry run removes nothing"
+        );
+        let report = h.gc(Duration::ZERO, false).await.unwrap();
+        assert_eq!(report, dry);
+        assert_eq!(report.blobs.len(), 2, "{report:?}");
+        assert!(h.manifest(&repo, &Reference::Digest(tagged_digest)).is_ok());
+        assert!(h.manifest(&repo, &Reference::Digest(sig_digest)).is_ok());
+        assert!(h
+            .manifest(&repo, &Reference::Digest(untagged_digest))
+            .is_err());
+        assert!(h.blob(&repo, &kept_layer).is_ok());
+        for gone in [&old_layer, &stray] {
+            assert!(h.blob(&repo, gone).is_err());
+            assert!(!h.blob_path(gone).exists());
+        }
+        assert!(h.blob_path(&config).exists());
+    }
 }

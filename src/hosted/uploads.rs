@@ -234,8 +234,9 @@ impl Uploads {
     }
 
     /// Appends a request body at `start` (the `Content-Range` start, if the client sent one).
-    /// `length` is the body's announced length, checked against the budget up front. A body
-    /// that breaks off, or passes the budget, is undone to where it started.
+    /// `length` is the body's announced length: checked against the budget up front and against
+    /// what arrived. A body that breaks off, is not as long as announced, or passes the budget
+    /// is undone to where it started.
     pub async fn append<S, E>(
         &self,
         s: &mut Session,
@@ -266,13 +267,20 @@ impl Uploads {
         }
         s.touched = Instant::now();
         let before = s.offset;
-        match self.write_body(s, body).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.undo(s, before).await;
-                Err(e)
+        let written = self.write_body(s, body).await.and_then(|()| {
+            let got = s.offset - before;
+            match length {
+                Some(n) if n != got => Err(RegistryError::new(
+                    ErrorCode::BlobUploadInvalid,
+                    format!("the request announced {n} bytes but carried {got}"),
+                )),
+                _ => Ok(()),
             }
+        });
+        if written.is_err() {
+            self.undo(s, before).await;
         }
+        written
     }
 
     async fn write_body<S, E>(&self, s: &mut Session, body: S) -> Result<(), RegistryError>

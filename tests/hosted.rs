@@ -1,0 +1,590 @@
+//! Hosted repositories: pushes into stowage and pulls of what was pushed, through the same
+//! endpoint as the mirror, with the real upstream (`docker-registry`) beside them. Every push
+//! answer is checked against the OCI distribution spec: statuses, headers, error bodies, and
+//! that nothing is left behind when a push fails.
+
+mod support;
+
+use std::time::Duration;
+
+use support::images::{self, Format, Image, ImageIndex};
+use support::registry::Registry;
+use support::stowage::{Stowage, UpstreamSpec};
+use support::{error_codes, files_under, http, raw_request, sha256_digest, skopeo_ok, wait_until};
+
+const HOSTED: &str = "[hosted]\nrepositories = [\"team/**\", \"ci/*\"]\nmax_size = \"1GiB\"\n";
+
+fn start(extra: &str) -> (Registry, Stowage) {
+    let upstream = Registry::start();
+    let spec = UpstreamSpec::new("docker.io", &upstream.url());
+    let stowage = Stowage::builder()
+        .upstream(spec)
+        .extra_toml(&format!("{HOSTED}{extra}"))
+        .start();
+    (upstream, stowage)
+}
+
+fn hosted_dir(s: &Stowage) -> std::path::PathBuf {
+    s.data_dir().join("hosted")
+}
+
+fn upload_files(s: &Stowage) -> Vec<std::path::PathBuf> {
+    files_under(&hosted_dir(s).join("uploads"))
+}
+
+/// `POST /v2/<name>/blobs/uploads/`: the session's absolute URL.
+fn open_upload(s: &Stowage, name: &str) -> String {
+    let resp = http()
+        .post(format!("{}/v2/{name}/blobs/uploads/", s.url()))
+        .header("Content-Length", "0")
+        .send()
+        .expect("POST upload");
+    assert_eq!(resp.status().as_u16(), 202, "{:?}", resp.text());
+    assert_eq!(resp.headers()["range"], "0-0");
+    assert!(resp.headers().contains_key("docker-upload-uuid"));
+    let location = resp.headers()["location"].to_str().unwrap().to_string();
+    assert!(
+        location.starts_with(&format!("/v2/{name}/blobs/uploads/")),
+        "{location}"
+    );
+    format!("{}{location}", s.url())
+}
+
+fn with_digest(location: &str, digest: &str) -> String {
+    let sep = if location.contains('?') { '&' } else { '?' };
+    format!("{location}{sep}digest={digest}")
+}
+
+#[test]
+fn pushed_images_are_pulled_back_byte_exact_through_the_same_endpoint() {
+    let (_upstream, stowage) = start("");
+    let image = Image::build(Format::Oci, &[3000, 70_000]);
+    let pushed = images::push(&stowage.url(), "team/app", "1", image);
+
+    let client = http();
+    for reference in ["1", pushed.digest()] {
+        let resp = client
+            .get(format!(
+                "{}/v2/team/app/manifests/{reference}",
+                stowage.url()
+            ))
+            .header("Accept", support::manifest_accept())
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.headers()["content-type"], images::OCI_MANIFEST);
+        assert_eq!(resp.headers()["docker-content-digest"], pushed.digest());
+        assert_eq!(resp.bytes().unwrap().to_vec(), pushed.manifest().bytes);
+    }
+    for blob in pushed.blobs() {
+        let resp = client
+            .get(format!(
+                "{}/v2/team/app/blobs/{}",
+                stowage.url(),
+                blob.digest
+            ))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        assert_eq!(resp.bytes().unwrap().to_vec(), blob.bytes);
+        // A ranged read, as a resuming client sends.
+        let resp = client
+            .get(format!(
+                "{}/v2/team/app/blobs/{}",
+                stowage.url(),
+                blob.digest
+            ))
+            .header("Range", "bytes=10-19")
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 206);
+        assert_eq!(resp.bytes().unwrap().to_vec(), blob.bytes[10..20].to_vec());
+    }
+    // Another hosted repository does not see these blobs (no cross-repository oracle).
+    let other = client
+        .head(format!(
+            "{}/v2/team/other/blobs/{}",
+            stowage.url(),
+            pushed.blobs()[0].digest
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(other.status().as_u16(), 404);
+
+    let tags: serde_json::Value = client
+        .get(format!("{}/v2/team/app/tags/list", stowage.url()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(tags, serde_json::json!({"name": "team/app", "tags": ["1"]}));
+    let catalog: serde_json::Value = client
+        .get(format!("{}/v2/_catalog", stowage.url()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let repos = catalog["repositories"].as_array().unwrap();
+    assert!(repos.iter().any(|r| r == "team/app"), "{catalog}");
+
+    // And a real client reads it all back.
+    let out = tempfile::tempdir().unwrap();
+    skopeo_ok(
+        &[
+            "copy",
+            &format!("docker://{}/team/app:1", stowage.host_port()),
+            &format!("dir:{}", out.path().display()),
+        ],
+        "skopeo pull of a pushed image",
+    );
+    assert_eq!(
+        std::fs::read(out.path().join("manifest.json")).unwrap(),
+        pushed.manifest().bytes
+    );
+}
+
+#[test]
+fn skopeo_pushes_into_hosted_and_a_second_skopeo_pulls_it() {
+    let (upstream, stowage) = start("");
+    // Source image in the upstream registry; skopeo copies it into hosted storage (its own
+    // push path: POST, streamed PATCH, PUT ?digest=).
+    let pushed = images::push(
+        &upstream.url(),
+        "test/src",
+        "1",
+        ImageIndex::build(Format::Docker, &["amd64", "arm64"], &[5000]),
+    );
+    skopeo_ok(
+        &[
+            "copy",
+            "--all",
+            &format!("docker://{}/test/src:1", upstream.host_port()),
+            &format!("docker://{}/ci/app:1", stowage.host_port()),
+        ],
+        "skopeo push of a two-platform list into hosted",
+    );
+    let out = tempfile::tempdir().unwrap();
+    skopeo_ok(
+        &[
+            "copy",
+            "--all",
+            &format!("docker://{}/ci/app:1", stowage.host_port()),
+            &format!("dir:{}", out.path().display()),
+        ],
+        "skopeo pull back from hosted",
+    );
+    assert_eq!(
+        std::fs::read(out.path().join("manifest.json")).unwrap(),
+        pushed.manifest().bytes,
+        "the list is stored byte-exact"
+    );
+    // The push never reached the upstream.
+    assert_eq!(upstream.count_requests("GET", "/v2/ci/app"), 0);
+}
+
+#[test]
+fn chunked_upload_follows_the_spec() {
+    let (_upstream, stowage) = start("");
+    let client = http();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let digest = sha256_digest(&data);
+    let location = open_upload(&stowage, "team/chunked");
+
+    let patch = |start: usize, end: usize| {
+        client
+            .patch(&location)
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Range", format!("{start}-{}", end - 1))
+            .body(data[start..end].to_vec())
+            .send()
+            .unwrap()
+    };
+    let r = patch(0, 40_000);
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(r.headers()["range"], "0-39999");
+    // Out of order, and overlapping: 416 with the current range.
+    for (s, e) in [(50_000, 60_000), (30_000, 45_000)] {
+        let r = patch(s, e);
+        assert_eq!(r.status().as_u16(), 416);
+        assert_eq!(r.headers()["range"], "0-39999");
+    }
+    let status = client.get(&location).send().unwrap();
+    assert_eq!(status.status().as_u16(), 204);
+    assert_eq!(status.headers()["range"], "0-39999");
+    // The rest streamed without Content-Range, then closed with an empty PUT.
+    let r = client
+        .patch(&location)
+        .body(data[40_000..].to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let r = client.put(with_digest(&location, &digest)).send().unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text());
+    assert_eq!(r.headers()["docker-content-digest"], digest.as_str());
+    assert_eq!(
+        r.headers()["location"],
+        format!("/v2/team/chunked/blobs/{digest}").as_str()
+    );
+    let got = client
+        .get(format!("{}/v2/team/chunked/blobs/{digest}", stowage.url()))
+        .send()
+        .unwrap();
+    assert_eq!(got.bytes().unwrap().to_vec(), data);
+    // The session is over: reusing it is BLOB_UPLOAD_UNKNOWN.
+    let again = client.put(with_digest(&location, &digest)).send().unwrap();
+    assert_eq!(again.status().as_u16(), 404);
+    assert_eq!(
+        error_codes(&again.bytes().unwrap(), "reused session"),
+        ["BLOB_UPLOAD_UNKNOWN"]
+    );
+    assert!(upload_files(&stowage).is_empty());
+}
+
+#[test]
+fn monolithic_post_and_mount_answer_201() {
+    let (_upstream, stowage) = start("");
+    let client = http();
+    let data = b"monolithic blob".to_vec();
+    let digest = sha256_digest(&data);
+    let r = client
+        .post(format!(
+            "{}/v2/team/a/blobs/uploads/?digest={digest}",
+            stowage.url()
+        ))
+        .header("Content-Type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text());
+    // Mounted into another repository without a byte sent.
+    let r = client
+        .post(format!(
+            "{}/v2/team/b/blobs/uploads/?mount={digest}&from=team/a",
+            stowage.url()
+        ))
+        .header("Content-Length", "0")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    assert_eq!(
+        r.headers()["location"],
+        format!("/v2/team/b/blobs/{digest}").as_str()
+    );
+    let head = client
+        .head(format!("{}/v2/team/b/blobs/{digest}", stowage.url()))
+        .send()
+        .unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(
+        head.headers()["content-length"],
+        data.len().to_string().as_str()
+    );
+    // A mount from a repository that does not hold it is a normal upload session.
+    let r = client
+        .post(format!(
+            "{}/v2/team/c/blobs/uploads/?mount={digest}&from=team/nothing",
+            stowage.url()
+        ))
+        .header("Content-Length", "0")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+}
+
+#[test]
+fn cached_upstream_layers_are_mounted_into_hosted_without_an_upload() {
+    let (upstream, stowage) = start("");
+    let base = images::push(
+        &upstream.url(),
+        "library/alpine",
+        "3",
+        Image::build(Format::Docker, &[20_000]),
+    );
+    support::stowage::pull_image(&stowage, &base);
+    stowage.wait_commits();
+    let layer = &base.blobs()[1];
+    let r = http()
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?mount={}&from=library/alpine",
+            stowage.url(),
+            layer.digest
+        ))
+        .header("Content-Length", "0")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{:?}", r.text());
+    let got = http()
+        .get(format!(
+            "{}/v2/team/app/blobs/{}",
+            stowage.url(),
+            layer.digest
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(got.bytes().unwrap().to_vec(), layer.bytes);
+}
+
+#[test]
+fn bad_pushes_get_the_right_error_and_leave_nothing_behind() {
+    let (_upstream, stowage) = start("");
+    let client = http();
+    let data = b"some bytes".to_vec();
+
+    // Wrong digest on close.
+    let location = open_upload(&stowage, "team/bad");
+    let r = client
+        .put(with_digest(&location, &sha256_digest(b"other bytes")))
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(
+        error_codes(&r.bytes().unwrap(), "wrong digest"),
+        ["DIGEST_INVALID"]
+    );
+    assert!(
+        upload_files(&stowage).is_empty(),
+        "{:?}",
+        upload_files(&stowage)
+    );
+    assert!(files_under(&hosted_dir(&stowage).join("blobs")).is_empty());
+
+    // A truncated PUT: Content-Length promises more than is sent.
+    let location = open_upload(&stowage, "team/bad");
+    let target = location.trim_start_matches(&stowage.url()).to_string();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", stowage.port())).unwrap();
+    use std::io::Write;
+    write!(
+        conn,
+        "PUT {} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nonly a few bytes",
+        with_digest(&target, &sha256_digest(&[0u8; 1000]))
+    )
+    .unwrap();
+    conn.shutdown(std::net::Shutdown::Write).unwrap();
+    drop(conn);
+    assert!(
+        wait_until(Duration::from_secs(10), || upload_files(&stowage)
+            .is_empty()),
+        "a truncated PUT leaves nothing: {:?}",
+        upload_files(&stowage)
+    );
+
+    // A manifest naming blobs that are not there.
+    let image = Image::build(Format::Oci, &[1000]);
+    let r = client
+        .put(format!("{}/v2/team/bad/manifests/1", stowage.url()))
+        .header("Content-Type", images::OCI_MANIFEST)
+        .body(image.manifest.bytes.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(
+        error_codes(&r.bytes().unwrap(), "missing blobs"),
+        ["MANIFEST_BLOB_UNKNOWN"]
+    );
+    // Not a manifest at all; too big; a digest reference that does not match.
+    let r = client
+        .put(format!("{}/v2/team/bad/manifests/1", stowage.url()))
+        .header("Content-Type", images::OCI_MANIFEST)
+        .body("{not json")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(
+        error_codes(&r.bytes().unwrap(), "garbage"),
+        ["MANIFEST_INVALID"]
+    );
+    let r = client
+        .put(format!("{}/v2/team/bad/manifests/1", stowage.url()))
+        .header("Content-Type", images::OCI_MANIFEST)
+        .body(vec![b' '; 5 << 20])
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    let r = client
+        .put(format!(
+            "{}/v2/team/bad/manifests/{}",
+            stowage.url(),
+            sha256_digest(b"x")
+        ))
+        .header("Content-Type", images::OCI_MANIFEST)
+        .body(image.manifest.bytes.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(
+        error_codes(&r.bytes().unwrap(), "digest ref"),
+        ["DIGEST_INVALID"]
+    );
+
+    // Names outside hosted.repositories: pushes stay unsupported, as for a plain mirror.
+    for path in [
+        "/v2/library/alpine/blobs/uploads/",
+        "/v2/ci/a/b/blobs/uploads/",
+    ] {
+        let r = raw_request(stowage.port(), "POST", path, &[]);
+        assert_eq!(r.status, 405, "{path}");
+        assert_eq!(error_codes(&r.body, path), ["UNSUPPORTED"]);
+    }
+    // Deletes are off by default.
+    let r = client
+        .delete(format!("{}/v2/team/bad/manifests/1", stowage.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(error_codes(&r.bytes().unwrap(), "delete"), ["UNSUPPORTED"]);
+    // Nothing of the above is visible.
+    let r = client
+        .get(format!("{}/v2/team/bad/tags/list", stowage.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}
+
+#[test]
+fn acknowledged_pushes_survive_kill_9_and_are_never_evicted() {
+    // A cache budget far below what is pushed: hosted content is not in it.
+    let upstream = Registry::start();
+    let mut stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .max_size("1MiB")
+        .extra_toml(HOSTED)
+        .start();
+    let pushed = images::push(
+        &stowage.url(),
+        "team/durable",
+        "1",
+        Image::build(Format::Docker, &[600_000, 600_000]),
+    );
+    // Half an upload in flight when the process dies.
+    let location = open_upload(&stowage, "team/durable");
+    let r = http()
+        .patch(&location)
+        .header("Content-Range", "0-9")
+        .body(vec![7u8; 10])
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // Mirrored pulls that need eviction in the cache.
+    let cached = images::push(
+        &upstream.url(),
+        "library/big",
+        "1",
+        Image::build(Format::Oci, &[700_000]),
+    );
+    support::stowage::pull_image(&stowage, &cached);
+
+    stowage.restart(); // SIGKILL, then start again
+    let out = tempfile::tempdir().unwrap();
+    skopeo_ok(
+        &[
+            "copy",
+            &format!("docker://{}/team/durable:1", stowage.host_port()),
+            &format!("dir:{}", out.path().display()),
+        ],
+        "pull after kill -9",
+    );
+    for blob in pushed.blobs() {
+        let p = out.path().join(blob.hex());
+        assert_eq!(std::fs::read(&p).unwrap(), blob.bytes, "{}", p.display());
+    }
+    // The interrupted session resumes where it was.
+    let status = http().get(&location).send().unwrap();
+    assert_eq!(status.status().as_u16(), 204);
+    assert_eq!(status.headers()["range"], "0-9");
+}
+
+#[test]
+fn deletes_when_enabled_and_idle_uploads_are_purged() {
+    let (_upstream, stowage) = start("delete = true\nupload_timeout = \"1s\"\n");
+    let pushed = images::push(
+        &stowage.url(),
+        "team/del",
+        "1",
+        Image::build(Format::Oci, &[1000]),
+    );
+    let client = http();
+    // Delete the tag only: the manifest stays reachable by digest.
+    let r = client
+        .delete(format!("{}/v2/team/del/manifests/1", stowage.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let by_digest = format!(
+        "{}/v2/team/del/manifests/{}",
+        stowage.url(),
+        pushed.digest()
+    );
+    assert_eq!(
+        client.head(&by_digest).send().unwrap().status().as_u16(),
+        200
+    );
+    let r = client.delete(&by_digest).send().unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    assert_eq!(
+        client.head(&by_digest).send().unwrap().status().as_u16(),
+        404
+    );
+    let blob = &pushed.blobs()[0];
+    let blob_url = format!("{}/v2/team/del/blobs/{}", stowage.url(), blob.digest);
+    assert_eq!(
+        client.delete(&blob_url).send().unwrap().status().as_u16(),
+        202
+    );
+    assert_eq!(
+        client.head(&blob_url).send().unwrap().status().as_u16(),
+        404
+    );
+    // Mirrored names never take deletes.
+    let r = client
+        .delete(format!("{}/v2/library/x/manifests/1", stowage.url()))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+
+    // Abandoned sessions are purged after upload_timeout, with their files.
+    for _ in 0..50 {
+        let location = open_upload(&stowage, "team/abandoned");
+        let r = client
+            .patch(&location)
+            .body(vec![1u8; 1000])
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    assert!(!upload_files(&stowage).is_empty());
+    assert!(
+        wait_until(Duration::from_secs(30), || upload_files(&stowage)
+            .is_empty()),
+        "idle sessions still on disk: {}",
+        upload_files(&stowage).len()
+    );
+}
+
+#[test]
+fn a_push_over_hosted_max_size_is_refused_with_507_and_keeps_nothing() {
+    let upstream = Registry::start();
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .extra_toml("[hosted]\nrepositories = [\"team/**\"]\nmax_size = \"100KiB\"\n")
+        .start();
+    let location = open_upload(&stowage, "team/big");
+    let data = vec![3u8; 200_000];
+    let r = http()
+        .put(with_digest(&location, &sha256_digest(&data)))
+        .body(data)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 507);
+    assert!(upload_files(&stowage).is_empty());
+    assert!(files_under(&hosted_dir(&stowage).join("blobs")).is_empty());
+    // A blob that fits is still taken.
+    let small = vec![4u8; 1000];
+    let location = open_upload(&stowage, "team/big");
+    let r = http()
+        .put(with_digest(&location, &sha256_digest(&small)))
+        .body(small)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+}
