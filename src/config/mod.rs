@@ -10,6 +10,7 @@
 //! layer reads them.
 
 mod error;
+mod hosted;
 mod raw;
 mod store;
 mod units;
@@ -21,6 +22,7 @@ use std::time::Duration;
 
 use error::invalid;
 pub use error::ConfigError;
+pub use hosted::{AccessRule, Action, HostedConfig};
 use raw::{parse_raw, read_raw, RawAuth, RawConfig, RawServer, RawStorage};
 pub use store::{
     check_store_key, AzureStoreConfig, GcsStoreConfig, S3StoreConfig, Secret, SharedStoreConfig,
@@ -47,6 +49,8 @@ pub struct Config {
     /// lacks is a 404 saying the mirror is offline. `[[upstreams]]` may then be absent (the
     /// built-in `docker.io` entry only names the default host for routing).
     pub offline: bool,
+    /// Hosted repositories (`[hosted]`); `None`: every name is mirrored and pushes get 405.
+    pub hosted: Option<HostedConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -88,6 +92,8 @@ pub struct AuthConfig {
     /// Failed logins one client IP may make within `failed_login_window` before it gets 429.
     pub failed_login_limit: u32,
     pub failed_login_window: Duration,
+    /// `[[auth.access]]` rules; none: every authenticated user may do everything.
+    pub access: Vec<AccessRule>,
 }
 
 #[derive(Clone, Debug)]
@@ -162,12 +168,14 @@ impl Config {
         let (listen, metrics_listen) = listeners(&raw.server)?;
         let storage = storage_config(raw.storage, &env)?;
         let upstreams = upstream::upstreams_config(raw.upstreams, &env)?;
+        let hosted = hosted::hosted_config(raw.hosted, &upstreams)?;
         Ok(Config {
             server: server_config(listen, metrics_listen, raw.server)?,
             storage,
             upstreams,
             auth: auth_config(raw.auth)?,
             offline: raw.offline.unwrap_or(false),
+            hosted,
         })
     }
 }
@@ -379,6 +387,7 @@ fn auth_config(raw: RawAuth) -> Result<AuthConfig, ConfigError> {
         open_paths,
         failed_login_limit,
         failed_login_window,
+        access: hosted::access_rules(raw.access)?,
     })
 }
 

@@ -22,6 +22,27 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub(super) auth: RawAuth,
     pub(super) offline: Option<bool>,
+    pub(super) hosted: Option<RawHosted>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHosted {
+    pub(super) repositories: Option<Vec<String>>,
+    pub(super) max_size: Option<String>,
+    pub(super) delete: Option<bool>,
+    pub(super) upload_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccess {
+    #[serde(default)]
+    pub(super) users: Vec<String>,
+    #[serde(default)]
+    pub(super) repositories: Vec<String>,
+    #[serde(default)]
+    pub(super) actions: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -44,6 +65,7 @@ pub(super) struct RawAuth {
     pub(super) open_paths: Option<Vec<String>>,
     pub(super) failed_login_limit: Option<u32>,
     pub(super) failed_login_window: Option<String>,
+    pub(super) access: Option<Vec<RawAccess>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -243,6 +265,8 @@ mod tests {
             ("storage.azure", fields::<RawAzure>()),
             ("upstreams", fields::<RawUpstream>()),
             ("auth", fields::<RawAuth>()),
+            ("auth.access", fields::<RawAccess>()),
+            ("hosted", fields::<RawHosted>()),
         ]
     }
 
@@ -378,6 +402,7 @@ mod tests {
                 "upstreams" => {
                     "[[upstreams]]\nhost = \"a\"\nurl = \"http://a\"\nbogus_key = 1".into()
                 }
+                "auth.access" => "[[auth.access]]\nbogus_key = 1".into(),
                 t => format!("[{t}]\nbogus_key = 1"),
             };
             let e = parse_raw(&doc, Path::new("x")).unwrap_err().to_string();

@@ -26,7 +26,6 @@ use futures_util::Stream;
 
 use crate::oci::manifest::{self, Parsed};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
-use crate::policy::Pattern;
 
 pub use index::{HostedIndex, StoredManifest};
 pub use uploads::{Quota, Session, Uploads};
@@ -34,14 +33,7 @@ pub use uploads::{Quota, Session, Uploads};
 /// The largest manifest accepted (as for upstream manifests).
 pub const MAX_MANIFEST_SIZE: usize = 4 * 1024 * 1024;
 
-/// The `[hosted]` settings.
-#[derive(Clone, Debug)]
-pub struct Settings {
-    pub repositories: Vec<Pattern>,
-    pub max_size: u64,
-    pub delete: bool,
-    pub upload_timeout: Duration,
-}
+pub use crate::config::HostedConfig as Settings;
 
 /// The hosted repositories of one node.
 pub struct Hosted {
@@ -628,6 +620,7 @@ fn now_secs() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Pattern;
 
     fn settings() -> Settings {
         Settings {

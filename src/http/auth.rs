@@ -386,6 +386,7 @@ mod tests {
             open_paths: vec!["/healthz".into()],
             failed_login_limit: limit,
             failed_login_window: window,
+            access: Vec::new(),
         };
         (Auth::from_config(&config).unwrap().unwrap(), file)
     }
@@ -513,6 +514,7 @@ mod tests {
             open_paths: vec![],
             failed_login_limit: 1,
             failed_login_window: Duration::from_secs(1),
+            access: Vec::new(),
         };
         let e = Auth::from_config(&config).unwrap_err().to_string();
         assert!(e.contains("auth.htpasswd"), "{e}");

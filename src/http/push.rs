@@ -205,7 +205,7 @@ fn blob_response(
     let body = if head {
         Body::empty()
     } else {
-        Body::from_stream(crate::cache::fill::file_stream(blob.file, start, len))
+        Body::from_stream(crate::stream::file_stream(blob.file, start, len))
     };
     builder
         .body(body)
