@@ -24,6 +24,9 @@
 //! | `stowage_cache_size_bytes`, `stowage_cache_blobs` | committed blobs, from the index at startup plus commits |
 //! | `stowage_cache_budget_bytes` | `storage.max_size` |
 //! | `stowage_evictions_total`, `stowage_evicted_bytes_total` | blobs removed to stay in budget |
+//! | `stowage_hosted_bytes`, `stowage_hosted_blobs` | pushed content held (blobs, manifests, open uploads) and blob files |
+//! | `stowage_uploads_in_progress` | open upload sessions |
+//! | `stowage_pushes_total{result}` | finished blob uploads, mounts and manifest PUTs: `ok`, `rejected` (4xx), `full` (507), `error` |
 //!
 //! Label values are bounded: routes are templates, methods and reasons come from fixed lists,
 //! `upstream` is a configured host, `status` a number.
@@ -60,6 +63,12 @@ pub struct Metrics {
     pub cache_size_bytes: IntGauge,
     pub cache_budget_bytes: IntGauge,
     pub cache_blobs: IntGauge,
+    /// Hosted content (`hosted`): bytes held, blob files, open upload sessions.
+    pub hosted_bytes: IntGauge,
+    pub hosted_blobs: IntGauge,
+    pub uploads_in_progress: IntGauge,
+    /// Finished pushes by result (`ok`, `rejected`, `full`, `error`).
+    pub pushes: IntCounterVec,
     /// Counted by `cache::budget`'s eviction, through [`Metrics::blob_evicted`].
     pub evictions: IntCounter,
     /// Counted by `cache::budget`'s eviction, through [`Metrics::blob_evicted`].
@@ -312,6 +321,23 @@ impl Metrics {
                 "The cache's byte budget (storage.max_size).",
             ),
             cache_blobs: gauge(r, "stowage_cache_blobs", "Committed blobs in the cache."),
+            hosted_bytes: gauge(
+                r,
+                "stowage_hosted_bytes",
+                "Bytes of hosted content: blobs, manifests and open uploads (hosted.max_size).",
+            ),
+            hosted_blobs: gauge(r, "stowage_hosted_blobs", "Blob files of hosted repositories."),
+            uploads_in_progress: gauge(
+                r,
+                "stowage_uploads_in_progress",
+                "Open blob upload sessions.",
+            ),
+            pushes: counter_vec(
+                r,
+                "stowage_pushes_total",
+                "Finished blob uploads, mounts and manifest PUTs, by result.",
+                &["result"],
+            ),
             evictions: counter(
                 r,
                 "stowage_evictions_total",
@@ -525,6 +551,9 @@ mod tests {
             "stowage_evictions_total",
             "stowage_evicted_bytes_total",
             "stowage_http_requests_in_flight",
+            "stowage_hosted_bytes",
+            "stowage_hosted_blobs",
+            "stowage_uploads_in_progress",
         ] {
             assert!(
                 text.lines().any(|l| l.starts_with(&format!("{name} "))),

@@ -199,7 +199,11 @@ impl Hosted {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         return Err(internal("remove blob", e))
                     }
-                    _ => self.quota.give(size),
+                    _ => {
+                        self.quota.give(size);
+                        self.blob_count
+                            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                    }
                 }
             }
         }

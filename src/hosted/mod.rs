@@ -44,6 +44,8 @@ pub struct Hosted {
     quota: Arc<Quota>,
     /// Shared by pushes from their reference check to their index flush, exclusive for `gc`.
     gc_lock: tokio::sync::RwLock<()>,
+    /// Blob files with a record (`stowage_hosted_blobs`).
+    blob_count: std::sync::atomic::AtomicU64,
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> RegistryError {
@@ -95,6 +97,7 @@ impl Hosted {
                 .map(|(_, size)| size)
                 .sum::<u64>();
         quota.add(committed);
+        let blob_count = index.blobs().map_err(|e| startup("index", &e))?.len() as u64;
         let uploads = Uploads::open(&root.join("uploads"), quota.clone())
             .map_err(|e| startup("uploads", &e))?;
         Ok(Hosted {
@@ -104,6 +107,7 @@ impl Hosted {
             uploads,
             quota,
             gc_lock: tokio::sync::RwLock::new(()),
+            blob_count: std::sync::atomic::AtomicU64::new(blob_count),
         })
     }
 
@@ -128,9 +132,26 @@ impl Hosted {
     }
 
     /// Bytes held (committed content and open uploads) and blob files.
-    pub fn usage(&self) -> (u64, usize) {
-        let blobs = self.index.blobs().map(|b| b.len()).unwrap_or(0);
-        (self.quota.used(), blobs)
+    pub fn usage(&self) -> (u64, u64) {
+        (
+            self.quota.used(),
+            self.blob_count.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Sets the hosted gauges from the current totals (after every change to them).
+    pub fn publish(&self) {
+        let m = crate::metrics::metrics();
+        let (bytes, blobs) = self.usage();
+        m.hosted_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        m.hosted_blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
+        m.uploads_in_progress
+            .set(i64::try_from(self.uploads.in_progress()).unwrap_or(i64::MAX));
+    }
+
+    fn blob_added(&self) {
+        self.blob_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The path of a hosted blob file.
@@ -292,6 +313,7 @@ impl Hosted {
             self.index
                 .put_blob(digest, size)
                 .map_err(|e| internal("index", e))?;
+            self.blob_added();
         }
         self.index
             .put_link(repo, digest, size)
@@ -389,6 +411,7 @@ impl Hosted {
             self.index
                 .put_blob(&f.digest, f.size)
                 .map_err(|e| internal("index", e))?;
+            self.blob_added();
         }
         self.index
             .put_link(repo, &f.digest, f.size)
