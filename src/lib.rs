@@ -52,6 +52,12 @@
 //!   fails; negative cache of upstream 404s (and of Docker Hub's 401 for a repository that does
 //!   not exist); blob hit / join / start fill; `offline` (cache only, 404 naming the offline
 //!   mirror, no upstream contact).
+//! - [`hosted`] — the private registry beside the mirror: names matching `hosted.repositories`
+//!   are pushed to and pulled from stowage, never forwarded upstream. Upload sessions as files
+//!   hashed while they stream, per-repository links (no cross-repository existence answers),
+//!   manifest checks, deletes, a garbage collector that runs beside pushes; its blobs, records
+//!   (a sled database of its own) and byte budget are apart from the cache's, so eviction cannot
+//!   see them, and a `201` is only sent once the content is fsynced and indexed.
 //! - [`ops`] — operations on an open cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`,
 //!   Docker-style image reference parsing, and the progress [`ops::Event`]s every operation
 //!   reports through.
@@ -97,11 +103,12 @@
 //! | `store`, `cache` | `oci`, `stream`, `metrics`, `config` |
 //! | `fleet` | `oci`, `stream`, `metrics`, `config`, `store`, `cache` |
 //! | `mirror` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet` |
+//! | `hosted` | `oci`, `stream`, `metrics`, `policy`, `config` |
 //! | `ops` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror` |
 //! | `airgap` | `oci`, `stream`, `metrics`, `config`, `upstream`, `cache`, `mirror`, `ops` |
-//! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror` |
+//! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror`, `hosted` |
 //! | `admin` | `oci`, `metrics`, `config`, `cache`, `mirror`, `ops`, `airgap` |
-//! | `server` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `ops`, `http`, `admin` |
+//! | `server` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `http`, `admin` |
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real
 //! `docker-registry` upstream, synthetic images, the stowage binary on an ephemeral port, an

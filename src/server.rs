@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::AdminServer;
 use crate::config::Config;
+use crate::hosted::Hosted;
 use crate::http::listener::Security;
 use crate::mirror::Mirror;
 use crate::Error;
@@ -34,20 +35,25 @@ pub async fn run(config: Config, security: Security) -> Result<(), Error> {
     // Before any listener is bound: a signal from here on stops the server cleanly.
     let signal = shutdown_signal();
     let reloader = reload_on_sighup(security.clone());
+    let hosted = open_hosted(&config, security.auth.is_some())?;
     let mirror = Arc::new(Mirror::new(config)?);
     init_metrics(&mirror).await?;
     let listeners = Listeners::bind(listen, metrics_listen).await?;
     log_cache_opened(&mirror);
     let housekeeping = spawn_housekeeping(mirror.clone());
+    let purging = hosted.clone().map(spawn_upload_purge);
     log_listening(&mirror, &listeners, &security)?;
     let admin = start_admin(&mirror);
     let stop = stop_on(signal);
-    let result = serve_until_stopped(listeners, &mirror, security, stop).await;
+    let result = serve_until_stopped(listeners, &mirror, hosted.clone(), security, stop).await;
     if let Some(a) = admin {
         a.stop().await;
     }
     reloader.abort();
     housekeeping.abort();
+    if let Some(p) = purging {
+        p.abort();
+    }
     if let Some(fleet) = &mirror.fleet {
         // Blobs filled just before the signal are shared with the fleet before we go.
         fleet.settle(FLEET_SETTLE).await;
@@ -115,6 +121,48 @@ fn log_cache_opened(mirror: &Mirror) {
         budget = stats.budget_bytes,
         "cache opened"
     );
+}
+
+/// The hosted repositories, when `[hosted]` is set. Without `[auth]` anyone who reaches the
+/// port may push (as with `registry:2`): said once, at startup.
+fn open_hosted(config: &Config, auth: bool) -> Result<Option<Arc<Hosted>>, Error> {
+    let Some(settings) = config.hosted.clone() else {
+        return Ok(None);
+    };
+    let hosted = Hosted::open(settings, &config.storage.path)?;
+    hosted.publish();
+    let patterns: Vec<String> = hosted
+        .settings()
+        .repositories
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    tracing::info!(repositories = %patterns.join(","), "hosted repositories open");
+    if !auth {
+        tracing::warn!(
+            "hosted repositories without [auth]: anyone who reaches the port can push to them"
+        );
+    }
+    Ok(Some(Arc::new(hosted)))
+}
+
+/// Purges upload sessions idle past `hosted.upload_timeout`, checking at a quarter of it
+/// (between 1 s and 1 min). The caller owns the task and aborts it at shutdown.
+fn spawn_upload_purge(hosted: Arc<Hosted>) -> JoinHandle<()> {
+    let every = (hosted.settings().upload_timeout / 4)
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let purged = hosted.purge_idle_uploads().await;
+            if purged > 0 {
+                tracing::info!(purged, "idle upload sessions purged");
+                hosted.publish();
+            }
+        }
+    })
 }
 
 /// Housekeeping: recency to sled in batches, deferred evictions, every
@@ -195,6 +243,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 async fn serve_until_stopped(
     listeners: Listeners,
     mirror: &Arc<Mirror>,
+    hosted: Option<Arc<Hosted>>,
     security: Security,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -209,6 +258,7 @@ async fn serve_until_stopped(
     let result = crate::http::serve(
         listeners.api,
         mirror.clone(),
+        hosted,
         security,
         stopped(stop),
         GRACE,

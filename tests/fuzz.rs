@@ -221,11 +221,17 @@ proptest! {
         id in "[a-zA-Z0-9-]{1,36}",
     ) {
         assert_pull_routes(&name, &tag, &digest)?;
-        for upload in [
-            format!("{name}/blobs/uploads/"),
-            format!("{name}/blobs/uploads/{id}"),
+        let repo: stowage::oci::RepoName = name.parse().unwrap();
+        for (upload, want) in [
+            (format!("{name}/blobs/uploads/"), None),
+            (format!("{name}/blobs/uploads/{id}"), Some(id.clone())),
         ] {
-            prop_assert_eq!(route::parse(&upload).ok(), Some(Endpoint::Upload), "{}", upload);
+            prop_assert_eq!(
+                route::parse(&upload).ok(),
+                Some(Endpoint::Upload(repo.clone(), want)),
+                "{}",
+                upload
+            );
         }
     }
 

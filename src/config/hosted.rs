@@ -119,14 +119,14 @@ pub(super) fn access_rules(raw: Option<Vec<RawAccess>>) -> Result<Vec<AccessRule
     for (i, r) in raw.unwrap_or_default().into_iter().enumerate() {
         let key = |field: &str| format!("auth.access[{i}].{field}");
         if r.users.is_empty() {
-            return Err(invalid(&key("users"), "name at least one user (or \"*\")"));
+            return Err(invalid(key("users"), "name at least one user (or \"*\")"));
         }
         let mut repositories = Vec::new();
         for text in &r.repositories {
-            repositories.push(Pattern::new(text).map_err(|m| invalid(&key("repositories"), m))?);
+            repositories.push(Pattern::new(text).map_err(|m| invalid(key("repositories"), m))?);
         }
         if repositories.is_empty() {
-            return Err(invalid(&key("repositories"), "name at least one pattern"));
+            return Err(invalid(key("repositories"), "name at least one pattern"));
         }
         let mut actions = Vec::new();
         for a in &r.actions {
@@ -136,7 +136,7 @@ pub(super) fn access_rules(raw: Option<Vec<RawAccess>>) -> Result<Vec<AccessRule
                 "delete" => Action::Delete,
                 other => {
                     return Err(invalid(
-                        &key("actions"),
+                        key("actions"),
                         format!("{other:?} is not one of \"pull\", \"push\", \"delete\""),
                     ))
                 }

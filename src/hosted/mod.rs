@@ -19,7 +19,6 @@ pub mod uploads;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -644,6 +643,7 @@ fn now_secs() -> u64 {
 mod tests {
     use super::*;
     use crate::policy::Pattern;
+    use std::time::Duration;
 
     fn settings() -> Settings {
         Settings {

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod listener;
+mod push;
 pub mod range;
 pub mod route;
 pub mod tls;
@@ -27,6 +28,7 @@ use http::{header, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 use tracing::Instrument as _;
 
+use crate::hosted::Hosted;
 use crate::metrics::{method_label, metrics, Kind, Source};
 use crate::mirror::{BlobAnswer, ManifestAnswer, Mirror, Outcome, TagPage};
 use crate::oci::{Accept, Digest, ErrorCode, RegistryError, RepoName};
@@ -36,10 +38,13 @@ use route::Endpoint;
 /// Shared state of the HTTP edge.
 pub type AppState = Arc<Mirror>;
 
+/// The hosted repositories beside the mirror (`[hosted]`), handed to handlers as an extension.
+pub type HostedState = Option<Arc<Hosted>>;
+
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
 /// Builds the router; `auth` (from `[auth]`) guards everything but its open paths.
-pub fn router(mirror: AppState, auth: Option<Arc<auth::Auth>>) -> Router {
+pub fn router(mirror: AppState, hosted: HostedState, auth: Option<Arc<auth::Auth>>) -> Router {
     Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
@@ -51,6 +56,7 @@ pub fn router(mirror: AppState, auth: Option<Arc<auth::Auth>>) -> Router {
             auth::require,
         ))
         .layer(axum::middleware::from_fn(observe))
+        .layer(axum::Extension(hosted))
         .with_state(mirror)
 }
 
@@ -70,11 +76,12 @@ pub fn metrics_router(mirror: AppState, auth: Option<Arc<auth::Auth>>) -> Router
 pub async fn serve(
     listener: tokio::net::TcpListener,
     mirror: AppState,
+    hosted: HostedState,
     security: listener::Security,
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let app = router(mirror, security.auth.clone());
+    let app = router(mirror, hosted, security.auth.clone());
     listener::run(
         listener,
         app,
@@ -426,14 +433,18 @@ impl Params {
 
 /// Answers a `/v2/` request; containerd's `ns` is echoed in `OCI-Namespace` on every answer,
 /// errors included.
-async fn dispatch(State(mirror): State<AppState>, req: Request) -> Response {
+async fn dispatch(
+    State(mirror): State<AppState>,
+    axum::Extension(hosted): axum::Extension<HostedState>,
+    req: Request,
+) -> Response {
     let head = req.method() == Method::HEAD;
     // containerd's `ns`: the registry the client meant.
     let ns = match Params::of(req.uri()) {
         Ok(p) => p.get("ns").map(str::to_string),
         Err(e) => return error_response(&bad_query(e), head),
     };
-    let mut resp = match handle(&mirror, req, ns.as_deref()).await {
+    let mut resp = match handle(&mirror, hosted.as_deref(), req, ns.as_deref()).await {
         Ok(r) => r,
         Err(e) => error_response(&e, head),
     };
@@ -443,11 +454,11 @@ async fn dispatch(State(mirror): State<AppState>, req: Request) -> Response {
 
 async fn handle(
     mirror: &Mirror,
+    hosted: Option<&Hosted>,
     req: Request,
     ns: Option<&str>,
 ) -> Result<Response, RegistryError> {
-    // Only the head matters for a pull API; dropping the body keeps the future `Send`.
-    let (req, _body) = req.into_parts();
+    let (req, body) = req.into_parts();
     let path = req.uri.path();
     let rest = if path == "/v2" {
         ""
@@ -461,21 +472,24 @@ async fn handle(
         .with_status(404));
     };
     let endpoint = route::parse(rest)?;
+    if let Some(hosted) = hosted {
+        if let Some(endpoint) = hosted_endpoint(mirror, hosted, &endpoint, ns) {
+            let answer = push::handle(hosted, &mirror.cache, endpoint, req, body).await;
+            hosted.publish();
+            return answer;
+        }
+    }
+    // Only the head matters for a pull: the body goes unread.
+    drop(body);
     let method = req.method.clone();
     if method != Method::GET && method != Method::HEAD {
-        return Err(RegistryError::new(
-            ErrorCode::Unsupported,
-            "this is a pull-through mirror: push and delete are not supported",
-        ));
+        return Err(not_pushable(hosted.is_some()));
     }
     let head = method == Method::HEAD;
     match endpoint {
         Endpoint::Base => Ok(json_response(b"{}".to_vec(), head, None)),
-        Endpoint::Catalog => catalog(mirror, &req.uri, head),
-        Endpoint::Upload => Err(RegistryError::new(
-            ErrorCode::Unsupported,
-            "this is a pull-through mirror: push is not supported",
-        )),
+        Endpoint::Catalog => catalog(mirror, hosted, &req.uri, head),
+        Endpoint::Upload(..) => Err(not_pushable(hosted.is_some())),
         Endpoint::Tags(name) => tags_list(mirror, &name, ns, &req.uri, head).await,
         Endpoint::Manifest(name, reference) => {
             let route = mirror.route(&name, ns)?;
@@ -493,6 +507,46 @@ async fn handle(
             blob_response(answer, &digest, head, range)
         }
     }
+}
+
+/// The endpoint as a hosted one, when its name is hosted. A `ns` that names an upstream keeps
+/// the request on the mirror (containerd asking for that registry's repository).
+fn hosted_endpoint(
+    mirror: &Mirror,
+    hosted: &Hosted,
+    endpoint: &Endpoint,
+    ns: Option<&str>,
+) -> Option<push::HostedEndpoint> {
+    let name = match endpoint {
+        Endpoint::Tags(n)
+        | Endpoint::Manifest(n, _)
+        | Endpoint::Blob(n, _)
+        | Endpoint::Upload(n, _) => n,
+        Endpoint::Base | Endpoint::Catalog => return None,
+    };
+    if !hosted.holds_name(name) || (ns.is_some() && mirror.route(name, ns).is_ok()) {
+        return None;
+    }
+    Some(match endpoint {
+        Endpoint::Tags(n) => push::HostedEndpoint::Tags(n.clone()),
+        Endpoint::Manifest(n, r) => push::HostedEndpoint::Manifest(n.clone(), r.clone()),
+        Endpoint::Blob(n, d) => push::HostedEndpoint::Blob(n.clone(), d.clone()),
+        Endpoint::Upload(n, None) => push::HostedEndpoint::Uploads(n.clone()),
+        Endpoint::Upload(n, Some(id)) => push::HostedEndpoint::Session(n.clone(), id.clone()),
+        Endpoint::Base | Endpoint::Catalog => return None,
+    })
+}
+
+/// A push or delete of a name that is not hosted.
+fn not_pushable(hosted_configured: bool) -> RegistryError {
+    RegistryError::new(
+        ErrorCode::Unsupported,
+        if hosted_configured {
+            "this name is mirrored, not hosted: push and delete go to names in hosted.repositories"
+        } else {
+            "this is a pull-through mirror: push and delete are not supported"
+        },
+    )
 }
 
 /// `GET /v2/<name>/tags/list`: a page of the upstream's tags, with a `Link` to the next one.
@@ -750,9 +804,14 @@ fn pagination(uri: &http::Uri) -> Result<(Option<usize>, Option<String>), Regist
     Ok((n, params.get("last").map(str::to_string)))
 }
 
-fn catalog(mirror: &Mirror, uri: &http::Uri, head: bool) -> Result<Response, RegistryError> {
+fn catalog(
+    mirror: &Mirror,
+    hosted: Option<&Hosted>,
+    uri: &http::Uri,
+    head: bool,
+) -> Result<Response, RegistryError> {
     let (n, last) = pagination(uri)?;
-    let all = mirror.catalog()?;
+    let all = all_repositories(mirror, hosted)?;
     let after: Vec<String> = all
         .into_iter()
         .filter(|r| last.as_ref().is_none_or(|l| r.as_str() > l.as_str()))
@@ -778,6 +837,20 @@ fn catalog(mirror: &Mirror, uri: &http::Uri, head: bool) -> Result<Response, Reg
     Ok(resp)
 }
 
+/// Cached and hosted repository names, sorted, each once.
+fn all_repositories(
+    mirror: &Mirror,
+    hosted: Option<&Hosted>,
+) -> Result<Vec<String>, RegistryError> {
+    let mut all = mirror.catalog()?;
+    if let Some(h) = hosted {
+        all.extend(h.repositories()?);
+        all.sort();
+        all.dedup();
+    }
+    Ok(all)
+}
+
 /// The parameters of `/v1/search`: the term and the page size.
 #[derive(Deserialize)]
 struct SearchQuery {
@@ -789,6 +862,7 @@ struct SearchQuery {
 /// `docker search <mirror>/<term>` works.
 async fn search(
     State(mirror): State<AppState>,
+    axum::Extension(hosted): axum::Extension<HostedState>,
     query: Result<Query<SearchQuery>, QueryRejection>,
 ) -> Response {
     let Ok(Query(q)) = query else {
@@ -798,7 +872,7 @@ async fn search(
         );
     };
     let term = q.q.unwrap_or_default().to_ascii_lowercase();
-    let names = match mirror.catalog() {
+    let names = match all_repositories(&mirror, hosted.as_deref()) {
         Ok(n) => n,
         Err(e) => return error_response(&e, false),
     };

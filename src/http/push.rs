@@ -35,18 +35,18 @@ pub(super) enum HostedEndpoint {
 }
 
 fn query(uri: &http::Uri) -> Result<PushQuery, RegistryError> {
-    match uri.query() {
-        None => Ok(PushQuery::default()),
-        Some(q) => axum::extract::Query::<PushQuery>::try_from_uri(uri).map(|q| q.0).map_err(|e| {
+    axum::extract::Query::<PushQuery>::try_from_uri(uri)
+        .map(|q| q.0)
+        .map_err(|e| {
             RegistryError::new(ErrorCode::Unsupported, format!("bad query string: {e}"))
                 .with_status(400)
-        }),
-    }
+        })
 }
 
 fn parse_digest(s: &str) -> Result<Digest, RegistryError> {
-    s.parse()
-        .map_err(|e: crate::oci::DigestError| RegistryError::new(ErrorCode::DigestInvalid, e.to_string()))
+    s.parse().map_err(|e: crate::oci::DigestError| {
+        RegistryError::new(ErrorCode::DigestInvalid, e.to_string())
+    })
 }
 
 fn unsupported(method: &Method) -> RegistryError {
@@ -81,7 +81,9 @@ pub(super) async fn handle(
     let method = &parts.method;
     let head = method == Method::HEAD;
     match endpoint {
-        HostedEndpoint::Tags(name) if method == Method::GET || head => tags(hosted, &name, &q, head),
+        HostedEndpoint::Tags(name) if method == Method::GET || head => {
+            tags(hosted, &name, &q, head)
+        }
         HostedEndpoint::Manifest(name, reference) => match *method {
             Method::GET | Method::HEAD => {
                 let m = hosted.manifest(&name, &reference)?;
@@ -97,7 +99,12 @@ pub(super) async fn handle(
         HostedEndpoint::Blob(name, digest) => match *method {
             Method::GET | Method::HEAD => {
                 let blob = hosted.blob(&name, &digest)?;
-                blob_response(blob, &digest, head, super::blob_range(&parts.headers, &digest))
+                blob_response(
+                    blob,
+                    &digest,
+                    head,
+                    super::blob_range(&parts.headers, &digest),
+                )
             }
             Method::DELETE => {
                 hosted.delete_blob(&name, &digest).await?;
@@ -108,9 +115,7 @@ pub(super) async fn handle(
         HostedEndpoint::Uploads(name) if method == Method::POST => {
             post_upload(hosted, cache, &name, &q, &parts.headers, body).await
         }
-        HostedEndpoint::Session(name, id) => {
-            session(hosted, &name, &id, &q, &parts, body).await
-        }
+        HostedEndpoint::Session(name, id) => session(hosted, &name, &id, &q, &parts, body).await,
         _ => Err(unsupported(method)),
     }
 }
@@ -120,7 +125,12 @@ fn accepted() -> Response {
 }
 
 /// `tags/list` of a hosted repository: lexical order, `n` and `last`, `Link` while more remain.
-fn tags(hosted: &Hosted, name: &RepoName, q: &PushQuery, head: bool) -> Result<Response, RegistryError> {
+fn tags(
+    hosted: &Hosted,
+    name: &RepoName,
+    q: &PushQuery,
+    head: bool,
+) -> Result<Response, RegistryError> {
     let n = match &q.n {
         None => None,
         Some(v) => Some(v.parse::<usize>().map_err(|_| {
@@ -158,7 +168,11 @@ fn manifest_response(m: crate::hosted::StoredManifest, head: bool) -> Response {
         .header(header::CONTENT_LENGTH, len)
         .header("docker-content-digest", super::digest_value(&m.digest))
         .header(header::ETAG, format!("\"{}\"", m.digest))
-        .body(if head { Body::empty() } else { Body::from(m.bytes) })
+        .body(if head {
+            Body::empty()
+        } else {
+            Body::from(m.bytes)
+        })
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
@@ -223,11 +237,15 @@ async fn put_manifest(
     if content_length(headers).is_some_and(|n| n > limit as u64) {
         return Err(too_big(limit));
     }
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| too_big(limit))?;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| too_big(limit))?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok());
-    let result = hosted.put_manifest(name, reference, content_type, bytes).await;
+    let result = hosted
+        .put_manifest(name, reference, content_type, bytes)
+        .await;
     let (digest, parsed) = counted(result)?;
     let mut resp = created(&format!("/v2/{name}/manifests/{digest}"), &digest);
     if let Some(subject) = parsed.subject {
@@ -304,7 +322,13 @@ async fn post_upload(
     if let Some(d) = &q.digest {
         let digest = parse_digest(d)?;
         let done = hosted
-            .finish_upload(name, &id, &digest, content_length(headers), body_stream(body))
+            .finish_upload(
+                name,
+                &id,
+                &digest,
+                content_length(headers),
+                body_stream(body),
+            )
             .await;
         counted(done)?;
         return Ok(created(&format!("/v2/{name}/blobs/{digest}"), &digest));
@@ -368,13 +392,17 @@ async fn session(
                 }
                 None => (None, length),
             };
-            match hosted.patch(name, id, start, length, body_stream(body)).await {
+            match hosted
+                .patch(name, id, start, length, body_stream(body))
+                .await
+            {
                 Ok(offset) => Ok(session_answer(StatusCode::ACCEPTED, name, id, offset)),
                 Err(e) if e.code == ErrorCode::RangeInvalid => {
                     // 416 with the range held, so the client can resume from there.
                     let offset = hosted.upload_offset(name, id).await?;
                     let mut resp = super::error_response(&e, false);
-                    if let Ok(v) = HeaderValue::from_str(&format!("0-{}", offset.saturating_sub(1))) {
+                    if let Ok(v) = HeaderValue::from_str(&format!("0-{}", offset.saturating_sub(1)))
+                    {
                         resp.headers_mut().insert(header::RANGE, v);
                     }
                     Ok(resp)
@@ -384,7 +412,10 @@ async fn session(
         }
         Method::PUT => {
             let digest = q.digest.as_deref().ok_or_else(|| {
-                RegistryError::new(ErrorCode::DigestInvalid, "PUT closing an upload needs ?digest=")
+                RegistryError::new(
+                    ErrorCode::DigestInvalid,
+                    "PUT closing an upload needs ?digest=",
+                )
             })?;
             let digest = parse_digest(digest)?;
             let done = hosted
@@ -438,7 +469,10 @@ mod tests {
         assert_eq!(content_range(&h).unwrap(), None);
         h.insert(header::CONTENT_RANGE, HeaderValue::from_static("0-9"));
         assert_eq!(content_range(&h).unwrap(), Some((0, 9)));
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes=10-19"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes=10-19"),
+        );
         assert_eq!(content_range(&h).unwrap(), Some((10, 19)));
         for bad in ["9-0", "x-1", "10", "-"] {
             h.insert(header::CONTENT_RANGE, HeaderValue::from_static(bad));

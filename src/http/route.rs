@@ -17,8 +17,9 @@ pub enum Endpoint {
     Manifest(RepoName, Reference),
     /// `/v2/<name>/blobs/<digest>`
     Blob(RepoName, Digest),
-    /// `/v2/<name>/blobs/uploads/...` (push: unsupported)
-    Upload,
+    /// `/v2/<name>/blobs/uploads/` (no id: open a session, mount, monolithic upload) or
+    /// `/v2/<name>/blobs/uploads/<id>` (a session)
+    Upload(RepoName, Option<String>),
 }
 
 fn name(s: &str) -> Result<RepoName, RegistryError> {
@@ -55,12 +56,14 @@ pub fn parse(rest: &str) -> Result<Endpoint, RegistryError> {
     }
     // Pushes, also matched at the right end: `<name>/blobs/uploads[/]` or
     // `<name>/blobs/uploads/<id>` — a name may itself contain `blobs/uploads`.
-    if rest.ends_with(UPLOADS)
-        || rest
-            .rsplit_once('/')
-            .is_some_and(|(head, _)| head.ends_with(UPLOADS))
-    {
-        return Ok(Endpoint::Upload);
+    if let Some(n) = rest.strip_suffix(UPLOADS) {
+        return Ok(Endpoint::Upload(name(n)?, None));
+    }
+    if let Some((head, id)) = rest.rsplit_once('/') {
+        if let Some(n) = head.strip_suffix(UPLOADS) {
+            let id = (!id.is_empty()).then(|| id.to_string());
+            return Ok(Endpoint::Upload(name(n)?, id));
+        }
     }
     let (head, last) = rest
         .rsplit_once('/')
@@ -116,8 +119,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(parse("x/blobs/uploads/").unwrap(), Endpoint::Upload);
-        assert_eq!(parse("x/blobs/uploads/uuid-1").unwrap(), Endpoint::Upload);
+        let x: RepoName = "x".parse().unwrap();
+        assert_eq!(
+            parse("x/blobs/uploads/").unwrap(),
+            Endpoint::Upload(x.clone(), None)
+        );
+        assert_eq!(
+            parse("x/blobs/uploads/uuid-1").unwrap(),
+            Endpoint::Upload(x, Some("uuid-1".into()))
+        );
     }
 
     #[test]
@@ -139,14 +149,17 @@ mod tests {
             Endpoint::Tags(n) if n.as_str() == "a/blobs/uploads"
         ));
         // Uploads are still recognised at the right end, whatever the name holds.
-        assert_eq!(parse("x/blobs/uploads").unwrap(), Endpoint::Upload);
+        let upload = |n: &str, id: Option<&str>| {
+            Endpoint::Upload(n.parse().unwrap(), id.map(str::to_string))
+        };
+        assert_eq!(parse("x/blobs/uploads").unwrap(), upload("x", None));
         assert_eq!(
             parse("a/blobs/uploads/b/blobs/uploads/").unwrap(),
-            Endpoint::Upload
+            upload("a/blobs/uploads/b", None)
         );
         assert_eq!(
             parse("a/blobs/uploads/blobs/uploads/uuid-1").unwrap(),
-            Endpoint::Upload
+            upload("a/blobs/uploads", Some("uuid-1"))
         );
         // Nothing after the upload id: `<name>/blobs/uploads/<id>/more` is no endpoint.
         assert_eq!(code("x/blobs/uploads/uuid-1/more"), ErrorCode::NameUnknown);
