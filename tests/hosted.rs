@@ -593,3 +593,113 @@ fn a_push_over_hosted_max_size_is_refused_with_507_and_keeps_nothing() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 201);
 }
+
+#[test]
+fn access_rules_decide_who_may_push_pull_and_delete() {
+    let upstream = Registry::start();
+    let files = tempfile::tempdir().unwrap();
+    let htpasswd = files.path().join("htpasswd");
+    let entry = |user: &str, pass: &str| format!("{user}:{}\n", bcrypt::hash(pass, 4).unwrap());
+    std::fs::write(
+        &htpasswd,
+        entry("ci", "ci-pass") + &entry("reader", "read-pass"),
+    )
+    .unwrap();
+    let rules = "[[auth.access]]\nusers = [\"ci\"]\nrepositories = [\"team/**\"]\nactions = [\"pull\", \"push\", \"delete\"]\n\
+                 [[auth.access]]\nusers = [\"reader\"]\nrepositories = [\"team/**\", \"library/**\"]\nactions = [\"pull\"]\n\
+                 [[auth.access]]\nusers = [\"anonymous\"]\nrepositories = [\"team/public\"]\nactions = [\"pull\"]\n";
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .auth_required()
+        .extra_toml(&format!(
+            "{HOSTED}delete = true\n[auth]\nhtpasswd = {:?}\n{rules}",
+            htpasswd.display().to_string()
+        ))
+        .start();
+    images::push(
+        &upstream.url(),
+        "test/src",
+        "1",
+        Image::build(Format::Oci, &[4000]),
+    );
+    for dest in ["team/app:1", "team/public:1"] {
+        skopeo_ok(
+            &[
+                "copy",
+                "--dest-creds",
+                "ci:ci-pass",
+                &format!("docker://{}/test/src:1", upstream.host_port()),
+                &format!("docker://{}/{dest}", stowage.host_port()),
+            ],
+            "push by a user with push",
+        );
+    }
+    let client = http();
+    let url = |path: &str| format!("{}{path}", stowage.url());
+
+    // A pull-only user: pulls, but a push is 403 naming the rule that matched.
+    let ok = client
+        .get(url("/v2/team/app/manifests/1"))
+        .basic_auth("reader", Some("read-pass"))
+        .header("Accept", support::manifest_accept())
+        .send()
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    let denied = client
+        .post(url("/v2/team/app/blobs/uploads/"))
+        .basic_auth("reader", Some("read-pass"))
+        .header("Content-Length", "0")
+        .send()
+        .unwrap();
+    assert_eq!(denied.status().as_u16(), 403);
+    let body = denied.text().unwrap();
+    assert!(
+        body.contains("DENIED") && body.contains("auth.access[1] allows only pull"),
+        "{body}"
+    );
+    let denied = client
+        .delete(url("/v2/team/app/manifests/1"))
+        .basic_auth("reader", Some("read-pass"))
+        .send()
+        .unwrap();
+    assert_eq!(denied.status().as_u16(), 403);
+
+    // Anonymous: the one public repository, nothing else; a 401 asks it to log in.
+    let anon = client.get(url("/v2/team/app/manifests/1")).send().unwrap();
+    assert_eq!(anon.status().as_u16(), 401);
+    assert_eq!(
+        anon.headers()["www-authenticate"],
+        "Basic realm=\"stowage\""
+    );
+    assert_eq!(
+        client.get(url("/v2/")).send().unwrap().status().as_u16(),
+        401
+    );
+    let public = client
+        .get(url("/v2/team/public/manifests/1"))
+        .header("Accept", support::manifest_accept())
+        .send()
+        .unwrap();
+    assert_eq!(public.status().as_u16(), 200);
+    let catalog: serde_json::Value = client
+        .get(url("/v2/_catalog"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(catalog["repositories"], serde_json::json!(["team/public"]));
+    let anon_push = client
+        .post(url("/v2/team/public/blobs/uploads/"))
+        .header("Content-Length", "0")
+        .send()
+        .unwrap();
+    assert_eq!(anon_push.status().as_u16(), 401);
+
+    // The pusher deletes.
+    let del = client
+        .delete(url("/v2/team/app/manifests/1"))
+        .basic_auth("ci", Some("ci-pass"))
+        .send()
+        .unwrap();
+    assert_eq!(del.status().as_u16(), 202);
+}

@@ -27,8 +27,8 @@ use base64::Engine as _;
 use http::{header, HeaderValue};
 use sha2::{Digest as _, Sha256};
 
-use crate::config::{AuthConfig, ConfigError};
-use crate::oci::{ErrorCode, RegistryError};
+use crate::config::{AccessRule, Action, AuthConfig, ConfigError};
+use crate::oci::{ErrorCode, RegistryError, RepoName};
 
 /// The `WWW-Authenticate` challenge.
 pub const CHALLENGE: &str = "Basic realm=\"stowage\"";
@@ -123,6 +123,8 @@ pub struct Auth {
     window: Duration,
     failures: Mutex<HashMap<IpAddr, Failures>>,
     verified: Mutex<HashMap<[u8; 32], (String, Instant)>>,
+    /// `[[auth.access]]`: who may pull, push and delete what (none: every user everything).
+    access: Vec<AccessRule>,
     /// Per-process key for the verified-credentials table.
     key: [u8; 32],
 }
@@ -173,6 +175,7 @@ impl Auth {
             window: config.failed_login_window,
             failures: Mutex::new(HashMap::new()),
             verified: Mutex::new(HashMap::new()),
+            access: config.access.clone(),
             key: rand::random(),
         })))
     }
@@ -321,6 +324,76 @@ fn parse_basic(value: &HeaderValue) -> Option<(String, String)> {
 
 /// The middleware: with auth off, or for an open path, the request goes straight on;
 /// everything else needs valid credentials.
+/// Who is asking, set on the request by [`require`] when `[auth]` is on: an htpasswd user, or
+/// `None` for an anonymous request that some rule may allow.
+#[derive(Clone)]
+pub struct Caller {
+    auth: Arc<Auth>,
+    pub user: Option<String>,
+}
+
+impl Caller {
+    /// Whether `[[auth.access]]` rules restrict this server (else every user may do anything).
+    pub fn restricted(&self) -> bool {
+        !self.auth.access.is_empty()
+    }
+
+    /// Whether the caller may do `action` to `repo`, by `[[auth.access]]`. Refused: `401` with
+    /// the challenge for an anonymous caller, `403 DENIED` naming the rules that match for a
+    /// user.
+    pub fn check(&self, repo: &RepoName, action: Action) -> Result<(), RegistryError> {
+        let rules = &self.auth.access;
+        if rules.is_empty() {
+            // No rules: every authenticated user may do everything (anonymous never got here).
+            return Ok(());
+        }
+        let mine: Vec<(usize, &AccessRule)> = rules
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| {
+                r.users.iter().any(|u| match &self.user {
+                    None => u == "anonymous",
+                    Some(name) => u == "*" || u == name,
+                }) && r.repositories.iter().any(|p| p.matches(repo.as_str()))
+            })
+            .collect();
+        if mine.iter().any(|(_, r)| r.actions.contains(&action)) {
+            return Ok(());
+        }
+        let Some(user) = &self.user else {
+            return Err(RegistryError::new(
+                ErrorCode::Unauthorized,
+                format!("authentication required to {} {repo}", action.as_str()),
+            ));
+        };
+        let why = if mine.is_empty() {
+            "no [[auth.access]] rule names this user and repository".to_string()
+        } else {
+            let named: Vec<String> = mine
+                .iter()
+                .map(|(i, r)| {
+                    let actions: Vec<&str> = r.actions.iter().map(|a| a.as_str()).collect();
+                    format!("auth.access[{i}] allows only {}", actions.join(", "))
+                })
+                .collect();
+            named.join("; ")
+        };
+        Err(RegistryError::new(
+            ErrorCode::Denied,
+            format!("user {user} may not {} {repo}: {why}", action.as_str()),
+        ))
+    }
+}
+
+impl Auth {
+    /// Whether any `[[auth.access]]` rule names `anonymous`.
+    fn grants_anonymous(&self) -> bool {
+        self.access
+            .iter()
+            .any(|r| r.users.iter().any(|u| u == "anonymous"))
+    }
+}
+
 pub async fn require(
     State(auth): State<Option<Arc<Auth>>>,
     mut req: Request,
@@ -342,6 +415,21 @@ pub async fn require(
         Verdict::Allowed(user) => {
             req.headers_mut().remove(header::AUTHORIZATION);
             tracing::debug!(user = %user, "authenticated");
+            req.extensions_mut().insert(Caller {
+                auth: auth.clone(),
+                user: Some(user),
+            });
+            return next.run(req).await;
+        }
+        // Anonymous requests go on only where a rule names "anonymous", and never for the
+        // `/v2/` probe, whose 401 is how clients learn to send their credentials.
+        Verdict::Missing
+            if auth.grants_anonymous() && req.uri().path().trim_end_matches('/') != "/v2" =>
+        {
+            req.extensions_mut().insert(Caller {
+                auth: auth.clone(),
+                user: None,
+            });
             return next.run(req).await;
         }
         Verdict::Missing => RegistryError::new(ErrorCode::Unauthorized, "authentication required"),

@@ -28,6 +28,7 @@ use http::{header, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 use tracing::Instrument as _;
 
+use crate::config::Action;
 use crate::hosted::Hosted;
 use crate::metrics::{method_label, metrics, Kind, Source};
 use crate::mirror::{BlobAnswer, ManifestAnswer, Mirror, Outcome, TagPage};
@@ -444,10 +445,18 @@ async fn dispatch(
         Ok(p) => p.get("ns").map(str::to_string),
         Err(e) => return error_response(&bad_query(e), head),
     };
+    let caller = req.extensions().get::<auth::Caller>().cloned();
     let mut resp = match handle(&mirror, hosted.as_deref(), req, ns.as_deref()).await {
         Ok(r) => r,
         Err(e) => error_response(&e, head),
     };
+    if resp.status() == StatusCode::UNAUTHORIZED && caller.is_some() {
+        // An anonymous caller a rule did not allow: tell it to log in.
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(auth::CHALLENGE),
+        );
+    }
     echo_ns(&mut resp, ns.as_deref());
     resp
 }
@@ -472,9 +481,14 @@ async fn handle(
         .with_status(404));
     };
     let endpoint = route::parse(rest)?;
+    let caller = req.extensions.get::<auth::Caller>().cloned();
+    if let Some(c) = &caller {
+        authorize(c, &endpoint, &req.method)?;
+    }
     if let Some(hosted) = hosted {
         if let Some(endpoint) = hosted_endpoint(mirror, hosted, &endpoint, ns) {
-            let answer = push::handle(hosted, &mirror.cache, endpoint, req, body).await;
+            let answer =
+                push::handle(hosted, &mirror.cache, caller.as_ref(), endpoint, req, body).await;
             hosted.publish();
             return answer;
         }
@@ -488,7 +502,7 @@ async fn handle(
     let head = method == Method::HEAD;
     match endpoint {
         Endpoint::Base => Ok(json_response(b"{}".to_vec(), head, None)),
-        Endpoint::Catalog => catalog(mirror, hosted, &req.uri, head),
+        Endpoint::Catalog => catalog(mirror, hosted, caller.as_ref(), &req.uri, head),
         Endpoint::Upload(..) => Err(not_pushable(hosted.is_some())),
         Endpoint::Tags(name) => tags_list(mirror, &name, ns, &req.uri, head).await,
         Endpoint::Manifest(name, reference) => {
@@ -535,6 +549,27 @@ fn hosted_endpoint(
         Endpoint::Upload(n, Some(id)) => push::HostedEndpoint::Session(n.clone(), id.clone()),
         Endpoint::Base | Endpoint::Catalog => return None,
     })
+}
+
+/// `[[auth.access]]` for one request: reads are `pull`, uploads and manifest PUTs `push`,
+/// DELETEs of manifests and blobs `delete` (cancelling an upload is part of a push).
+fn authorize(
+    caller: &auth::Caller,
+    endpoint: &Endpoint,
+    method: &Method,
+) -> Result<(), RegistryError> {
+    let read = method == Method::GET || method == Method::HEAD;
+    let (name, action) = match endpoint {
+        Endpoint::Base | Endpoint::Catalog => return Ok(()),
+        Endpoint::Upload(n, _) => (n, Action::Push),
+        Endpoint::Tags(n) => (n, Action::Pull),
+        Endpoint::Manifest(n, _) | Endpoint::Blob(n, _) if read => (n, Action::Pull),
+        Endpoint::Manifest(n, _) | Endpoint::Blob(n, _) if method == Method::DELETE => {
+            (n, Action::Delete)
+        }
+        Endpoint::Manifest(n, _) | Endpoint::Blob(n, _) => (n, Action::Push),
+    };
+    caller.check(name, action)
 }
 
 /// A push or delete of a name that is not hosted.
@@ -807,11 +842,19 @@ fn pagination(uri: &http::Uri) -> Result<(Option<usize>, Option<String>), Regist
 fn catalog(
     mirror: &Mirror,
     hosted: Option<&Hosted>,
+    caller: Option<&auth::Caller>,
     uri: &http::Uri,
     head: bool,
 ) -> Result<Response, RegistryError> {
     let (n, last) = pagination(uri)?;
-    let all = all_repositories(mirror, hosted)?;
+    let mut all = all_repositories(mirror, hosted)?;
+    if let Some(c) = caller {
+        // Only what the caller may pull is listed.
+        all.retain(|r| {
+            r.parse::<RepoName>()
+                .is_ok_and(|name| c.check(&name, Action::Pull).is_ok())
+        });
+    }
     let after: Vec<String> = all
         .into_iter()
         .filter(|r| last.as_ref().is_none_or(|l| r.as_str() > l.as_str()))

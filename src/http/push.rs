@@ -73,6 +73,7 @@ fn body_stream(
 pub(super) async fn handle(
     hosted: &Hosted,
     cache: &Cache,
+    caller: Option<&super::auth::Caller>,
     endpoint: HostedEndpoint,
     parts: http::request::Parts,
     body: Body,
@@ -113,7 +114,7 @@ pub(super) async fn handle(
             _ => Err(unsupported(method)),
         },
         HostedEndpoint::Uploads(name) if method == Method::POST => {
-            post_upload(hosted, cache, &name, &q, &parts.headers, body).await
+            post_upload(hosted, cache, caller, &name, &q, &parts.headers, body).await
         }
         HostedEndpoint::Session(name, id) => session(hosted, &name, &id, &q, &parts, body).await,
         _ => Err(unsupported(method)),
@@ -306,6 +307,7 @@ fn session_answer(status: StatusCode, name: &RepoName, id: &str, offset: u64) ->
 async fn post_upload(
     hosted: &Hosted,
     cache: &Cache,
+    caller: Option<&super::auth::Caller>,
     name: &RepoName,
     q: &PushQuery,
     headers: &HeaderMap,
@@ -313,7 +315,15 @@ async fn post_upload(
 ) -> Result<Response, RegistryError> {
     if let Some(mount) = &q.mount {
         let digest = parse_digest(mount)?;
-        if mount_blob(hosted, cache, name, &digest, q.from.as_deref()).await? {
+        let from = q.from.as_deref().and_then(|f| f.parse::<RepoName>().ok());
+        // A mount reads `from`: without the right to pull it, the client uploads instead.
+        let may_read = match (caller, &from) {
+            (Some(c), Some(f)) => c.check(f, crate::config::Action::Pull).is_ok(),
+            // Under access rules a mount names what it reads.
+            (Some(c), None) => !c.restricted(),
+            (None, _) => true,
+        };
+        if may_read && mount_blob(hosted, cache, name, &digest, from.as_ref()).await? {
             counted(Ok(()))?;
             return Ok(created(&format!("/v2/{name}/blobs/{digest}"), &digest));
         }
@@ -344,10 +354,9 @@ async fn mount_blob(
     cache: &Cache,
     name: &RepoName,
     digest: &Digest,
-    from: Option<&str>,
+    from: Option<&RepoName>,
 ) -> Result<bool, RegistryError> {
-    let from = from.and_then(|f| f.parse::<RepoName>().ok());
-    if let Some(from) = from.as_ref().filter(|f| hosted.holds_name(f)) {
+    if let Some(from) = from.filter(|f| hosted.holds_name(f)) {
         return hosted.mount(name, digest, from).await;
     }
     let cached = cache
