@@ -209,7 +209,7 @@ fn unknown_digest_algorithm_is_digest_invalid() {
 }
 
 #[test]
-fn malformed_tags_are_tag_invalid() {
+fn malformed_tags_are_unknown_to_pulls_and_invalid_to_pushes() {
     let w = world();
     let long = "a".repeat(129);
     let tags = ["-bad", ".bad", long.as_str()];
@@ -217,9 +217,18 @@ fn malformed_tags_are_tag_invalid() {
         &w,
         "/v2/library/present/manifests/{}",
         &tags,
-        400,
-        &["TAG_INVALID"],
+        404,
+        &["MANIFEST_UNKNOWN"],
     );
+    for tag in tags {
+        expect_error(
+            &w,
+            "PUT",
+            &format!("/v2/library/present/manifests/{tag}"),
+            400,
+            &["TAG_INVALID"],
+        );
+    }
     // 128 characters is still a valid tag: unknown upstream, so 404, not 400.
     let max = "a".repeat(128);
     expect_error(
@@ -311,15 +320,9 @@ fn dot_dot_segments_in_paths_are_rejected() {
     }
     // Traversal in the reference or digest position: rejected as malformed (which code is
     // pinned separately by `percent_encoded_references_are_digest_or_tag_invalid`).
-    for (target, _) in TRAVERSAL_IN_REFERENCE {
+    for (target, status, code) in TRAVERSAL_IN_REFERENCE {
         for method in ["GET", "HEAD"] {
-            let resp = expect_error(
-                &w,
-                method,
-                target,
-                400,
-                &["DIGEST_INVALID", "TAG_INVALID", "NAME_INVALID"],
-            );
+            let resp = expect_error(&w, method, target, status, &[code]);
             assert!(
                 !resp.body_text().contains("root:"),
                 "{method} {target} leaked a file"
@@ -358,28 +361,40 @@ fn dot_dot_segments_in_paths_are_rejected() {
 
 /// Percent-encoded traversal in the digest/tag position, with the code that names the part
 /// that is actually malformed (the repository name in these paths is fine).
-const TRAVERSAL_IN_REFERENCE: [(&str, &str); 5] = [
+const TRAVERSAL_IN_REFERENCE: [(&str, u16, &str); 5] = [
     (
         "/v2/library/present/blobs/..%2f..%2f..%2fetc%2fpasswd",
+        400,
         "DIGEST_INVALID",
     ),
     (
         "/v2/library/present/blobs/sha256:..%2f..%2fetc%2fpasswd",
+        400,
         "DIGEST_INVALID",
     ),
+    // A reference that is no tag names no manifest: on a pull that is a 404.
     (
         "/v2/library/present/manifests/..%2f..%2fetc%2fpasswd",
-        "TAG_INVALID",
+        404,
+        "MANIFEST_UNKNOWN",
     ),
-    ("/v2/library/present/manifests/%2e%2e", "TAG_INVALID"),
-    ("/v2/library/present/manifests/bad%21tag", "TAG_INVALID"),
+    (
+        "/v2/library/present/manifests/%2e%2e",
+        404,
+        "MANIFEST_UNKNOWN",
+    ),
+    (
+        "/v2/library/present/manifests/bad%21tag",
+        404,
+        "MANIFEST_UNKNOWN",
+    ),
 ];
 
 #[test]
 fn percent_encoded_references_are_digest_or_tag_invalid() {
     let w = world();
-    for (target, code) in TRAVERSAL_IN_REFERENCE {
-        expect_error_get_and_head(&w, target, 400, &[code]);
+    for (target, status, code) in TRAVERSAL_IN_REFERENCE {
+        expect_error_get_and_head(&w, target, status, &[code]);
     }
     assert_cache_untouched(&w.stowage);
 }

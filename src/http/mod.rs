@@ -480,7 +480,7 @@ async fn handle(
         )
         .with_status(404));
     };
-    let endpoint = route::parse(rest)?;
+    let endpoint = route::parse(rest).map_err(|e| pull_or_push_error(e, &req.method))?;
     let caller = req.extensions.get::<auth::Caller>().cloned();
     if let Some(c) = &caller {
         authorize(c, &endpoint, &req.method)?;
@@ -549,6 +549,20 @@ fn hosted_endpoint(
         Endpoint::Upload(n, Some(id)) => push::HostedEndpoint::Session(n.clone(), id.clone()),
         Endpoint::Base | Endpoint::Catalog => return None,
     })
+}
+
+/// A reference that breaks the tag grammar names no manifest: a pull of it is a
+/// `404 MANIFEST_UNKNOWN`; a push of it stays `400 TAG_INVALID`.
+fn pull_or_push_error(e: RegistryError, method: &Method) -> RegistryError {
+    let pull = method == Method::GET || method == Method::HEAD;
+    if pull && e.code == ErrorCode::TagInvalid {
+        RegistryError::new(
+            ErrorCode::ManifestUnknown,
+            format!("manifest unknown: {}", e.message),
+        )
+    } else {
+        e
+    }
 }
 
 /// `[[auth.access]]` for one request: reads are `pull`, uploads and manifest PUTs `push`,
