@@ -591,6 +591,19 @@ impl ContainersEnv {
         let out = expect_success(self.skopeo(args), &format!("skopeo {args:?}"), "");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
+
+    /// `buildah <args>` with this environment (the same storage as podman's).
+    pub fn buildah_ok(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new("buildah");
+        self.env(&mut cmd);
+        cmd.args(args);
+        let out = expect_success(
+            run(&mut cmd, CLIENT_TIMEOUT),
+            &format!("buildah {args:?}"),
+            "",
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
