@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use crate::airgap::{self, PrefetchRequest};
 use crate::cache::Cache;
 use crate::config::Config;
+use crate::hosted::Hosted;
 use crate::mirror::Mirror;
 use crate::ops::{self, Event, OpsError};
 
@@ -83,6 +84,7 @@ pub enum Request {
 /// command line's own process (which may draw progress on its stderr), not the server.
 pub fn execute(
     cache: &Cache,
+    hosted: Option<&Hosted>,
     config: &Config,
     req: &Request,
     here: bool,
@@ -91,11 +93,28 @@ pub fn execute(
     match req {
         Request::Pin { images } => ops::pin(cache, config, images, out).map(|_| true),
         Request::Unpin { images } => ops::unpin(cache, config, images, out).map(|_| true),
-        Request::Ls => ops::ls(cache, out).map(|_| true),
-        Request::Verify { repair } => {
-            ops::verify(cache, *repair, here, out).map(|r| r.clean() || *repair)
+        Request::Ls => {
+            ops::ls(cache, out)?;
+            if let Some(h) = hosted {
+                ops::hosted::ls(h, out)?;
+            }
+            Ok(true)
         }
-        Request::Gc => ops::gc(cache, config.storage.gc_max_age, out).map(|_| true),
+        Request::Verify { repair } => {
+            let cached = ops::verify(cache, *repair, here, out).map(|r| r.clean() || *repair)?;
+            let hosted_ok = match hosted {
+                Some(h) => ops::hosted::verify(h, out)?,
+                None => true,
+            };
+            Ok(cached && hosted_ok)
+        }
+        Request::Gc => {
+            ops::gc(cache, config.storage.gc_max_age, out)?;
+            if let Some(h) = hosted {
+                ops::hosted::gc(h, out)?;
+            }
+            Ok(true)
+        }
         Request::Export { images, output } => {
             airgap::export(cache, config, images, output, out).map(|_| true)
         }
@@ -147,6 +166,7 @@ impl Drop for EventWriter {
 /// Runs `req` through `mirror`, sending its events (and last [`Event::End`]) to `tx`.
 async fn execute_in(
     mirror: Arc<Mirror>,
+    hosted: Option<Arc<Hosted>>,
     req: Request,
     tx: tokio::sync::mpsc::UnboundedSender<Event>,
 ) {
@@ -164,9 +184,18 @@ async fn execute_in(
                 tx: tx.clone(),
                 buf: Vec::new(),
             };
-            tokio::task::spawn_blocking(move || execute(&m.cache, &m.config, &req, false, &mut out))
-                .await
-                .unwrap_or_else(|e| Err(OpsError::Usage(format!("the command failed: {e}"))))
+            tokio::task::spawn_blocking(move || {
+                execute(
+                    &m.cache,
+                    hosted.as_deref(),
+                    &m.config,
+                    &req,
+                    false,
+                    &mut out,
+                )
+            })
+            .await
+            .unwrap_or_else(|e| Err(OpsError::Usage(format!("the command failed: {e}"))))
         }
     };
     let _ = tx.send(match result {
@@ -183,7 +212,15 @@ async fn execute_in(
 pub fn run_local(config: &Config, req: &Request, display: &mut Display) -> Result<bool, OpsError> {
     let Request::Prefetch(p) = req else {
         let cache = Cache::open(&config.storage)?;
-        let result = execute(&cache, config, req, true, &mut std::io::stdout().lock());
+        let hosted = match &config.hosted {
+            Some(settings) => Some(
+                Hosted::open(settings.clone(), &config.storage.path)
+                    .map_err(|e| OpsError::Usage(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let out = &mut std::io::stdout().lock();
+        let result = execute(&cache, hosted.as_ref(), config, req, true, out);
         cache.flush()?;
         return result;
     };
@@ -197,7 +234,12 @@ pub fn run_local(config: &Config, req: &Request, display: &mut Display) -> Resul
         .build()
         .map_err(|e| OpsError::Usage(format!("cannot start the runtime: {e}")))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = runtime.spawn(execute_in(mirror.clone(), Request::Prefetch(p.clone()), tx));
+    let task = runtime.spawn(execute_in(
+        mirror.clone(),
+        None,
+        Request::Prefetch(p.clone()),
+        tx,
+    ));
     let ended = runtime.block_on(async {
         while let Some(e) = rx.recv().await {
             if let Some(ok) = display.handle(e) {
@@ -230,6 +272,7 @@ pub struct AdminServer {
 #[derive(Clone)]
 struct AdminState {
     mirror: Arc<Mirror>,
+    hosted: Option<Arc<Hosted>>,
     stopping: tokio_util::sync::CancellationToken,
 }
 
@@ -250,7 +293,7 @@ impl AdminServer {
     /// already there is a dead server's: it is removed. The socket is bound inside a fresh 0700
     /// directory, made 0600 and only then renamed into place, so it is never reachable with
     /// looser permissions.
-    pub fn start(mirror: Arc<Mirror>) -> std::io::Result<AdminServer> {
+    pub fn start(mirror: Arc<Mirror>, hosted: Option<Arc<Hosted>>) -> std::io::Result<AdminServer> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let root = mirror.config.storage.path.clone();
         let path = socket_path(&root);
@@ -276,6 +319,7 @@ impl AdminServer {
             .route("/v1/run", axum::routing::post(run_handler))
             .with_state(AdminState {
                 mirror,
+                hosted,
                 stopping: stopping.clone(),
             });
         let shutdown = stopping.clone().cancelled_owned();
@@ -354,7 +398,7 @@ async fn run_handler(
     let interrupted = tx.clone();
     let task = tokio::spawn(async move {
         tokio::select! {
-            () = execute_in(state.mirror, req, tx) => {}
+            () = execute_in(state.mirror, state.hosted, req, tx) => {}
             () = state.stopping.cancelled() => {
                 let _ = interrupted.send(Event::End {
                     ok: false,

@@ -104,10 +104,10 @@
 //! | `fleet` | `oci`, `stream`, `metrics`, `config`, `store`, `cache` |
 //! | `mirror` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet` |
 //! | `hosted` | `oci`, `stream`, `metrics`, `policy`, `config` |
-//! | `ops` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror` |
+//! | `ops` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted` |
 //! | `airgap` | `oci`, `stream`, `metrics`, `config`, `upstream`, `cache`, `mirror`, `ops` |
 //! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror`, `hosted` |
-//! | `admin` | `oci`, `metrics`, `config`, `cache`, `mirror`, `ops`, `airgap` |
+//! | `admin` | `oci`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `airgap` |
 //! | `server` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `http`, `admin` |
 //!
 //! Tests: unit tests live beside the code; `tests/support/` is the shared harness (a real

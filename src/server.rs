@@ -43,7 +43,7 @@ pub async fn run(config: Config, security: Security) -> Result<(), Error> {
     let housekeeping = spawn_housekeeping(mirror.clone());
     let purging = hosted.clone().map(spawn_upload_purge);
     log_listening(&mirror, &listeners, &security)?;
-    let admin = start_admin(&mirror);
+    let admin = start_admin(&mirror, hosted.clone());
     let stop = stop_on(signal);
     let result = serve_until_stopped(listeners, &mirror, hosted.clone(), security, stop).await;
     if let Some(a) = admin {
@@ -210,8 +210,8 @@ fn log_listening(mirror: &Mirror, listeners: &Listeners, security: &Security) ->
 
 /// The admin socket for operator commands against this server (`stowage pin|prefetch|...
 /// --config` beside it). Without one the server still runs; the commands then need it stopped.
-fn start_admin(mirror: &Arc<Mirror>) -> Option<AdminServer> {
-    match AdminServer::start(mirror.clone()) {
+fn start_admin(mirror: &Arc<Mirror>, hosted: Option<Arc<Hosted>>) -> Option<AdminServer> {
+    match AdminServer::start(mirror.clone(), hosted) {
         Ok(a) => {
             tracing::info!(socket = %a.path().display(), "admin socket listening");
             Some(a)

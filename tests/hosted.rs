@@ -703,3 +703,97 @@ fn access_rules_decide_who_may_push_pull_and_delete() {
         .unwrap();
     assert_eq!(del.status().as_u16(), 202);
 }
+
+#[test]
+fn gc_ls_and_verify_cover_hosted_content_inside_a_running_serve() {
+    let (_upstream, stowage) = start("upload_timeout = \"1s\"\n");
+    let keep = images::push(
+        &stowage.url(),
+        "team/gc",
+        "1",
+        Image::build(Format::Oci, &[3000]),
+    );
+    let old = images::push(
+        &stowage.url(),
+        "team/gc",
+        "2",
+        Image::build(Format::Oci, &[5000]),
+    );
+    // Tag 2 moves to the kept image: the old manifest is reached by no tag any more.
+    images::push_manifest(&stowage.url(), "team/gc", "2", keep.manifest());
+    // A blob pushed and never referenced.
+    let stray = images::Blob::new("application/octet-stream", b"stray bytes".to_vec());
+    images::push_blob(&stowage.url(), "team/gc", &stray);
+    let blob_files = || files_under(&hosted_dir(&stowage).join("blobs"));
+    let before = blob_files().len();
+    std::thread::sleep(Duration::from_millis(2100)); // past the grace period (upload_timeout)
+
+    let ls = support::stowage::command_ok(&stowage, &["ls"]);
+    assert!(
+        ls.contains("hosted repositories") && ls.contains("team/gc:1"),
+        "{ls}"
+    );
+    let gc = support::stowage::command_ok(&stowage, &["gc"]);
+    assert!(gc.contains("hosted: removed 1 manifests"), "{gc}");
+    let old_layer = &old.blobs()[1];
+    let client = http();
+    let status = |url: String| client.head(url).send().unwrap().status().as_u16();
+    assert_eq!(
+        status(format!(
+            "{}/v2/team/gc/manifests/{}",
+            stowage.url(),
+            old.digest()
+        )),
+        404
+    );
+    assert_eq!(
+        status(format!(
+            "{}/v2/team/gc/blobs/{}",
+            stowage.url(),
+            old_layer.digest
+        )),
+        404
+    );
+    assert_eq!(
+        status(format!(
+            "{}/v2/team/gc/blobs/{}",
+            stowage.url(),
+            stray.digest
+        )),
+        404
+    );
+    // Old config, old layer and the stray blob are gone; the kept image is whole.
+    assert_eq!(blob_files().len(), before - 3, "{:?}", blob_files());
+    for blob in keep.blobs() {
+        assert_eq!(
+            status(format!(
+                "{}/v2/team/gc/blobs/{}",
+                stowage.url(),
+                blob.digest
+            )),
+            200
+        );
+    }
+    let verify = support::stowage::command_ok(&stowage, &["verify"]);
+    assert!(
+        verify.contains("hosted: verified 2 blobs, 0 problem(s)"),
+        "{verify}"
+    );
+    // A damaged hosted blob is reported, and verify fails.
+    let victim = &keep.blobs()[1];
+    std::fs::write(
+        hosted_dir(&stowage)
+            .join("blobs/sha256")
+            .join(&victim.hex()[..2])
+            .join(victim.hex()),
+        b"bit rot",
+    )
+    .unwrap();
+    let verify = support::stowage::command(&stowage, &["verify"]);
+    assert!(!verify.status.success());
+    assert!(
+        String::from_utf8_lossy(&verify.stdout).contains("corrupt"),
+        "{}",
+        support::stowage::text(&verify)
+    );
+}

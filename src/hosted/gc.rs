@@ -42,8 +42,9 @@ struct Repo {
 
 impl Hosted {
     /// Collects what no tag reaches (module docs). `dry_run` reports without removing.
-    pub async fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport, RegistryError> {
-        let _exclusive = self.gc_lock.write().await;
+    /// Blocking: call it from a thread outside the async runtime (`spawn_blocking`).
+    pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<GcReport, RegistryError> {
+        let _exclusive = self.gc_lock.blocking_write();
         let repos = self.load_repos()?;
         let cutoff = now_secs().saturating_sub(grace.as_secs());
         let mut report = GcReport::default();
@@ -70,13 +71,12 @@ impl Hosted {
             kept_manifests.extend(manifests);
             kept_blobs.extend(blobs);
         }
-        self.sweep(&kept_manifests, &kept_blobs, dry_run, &mut report)
-            .await?;
+        self.sweep(&kept_manifests, &kept_blobs, dry_run, &mut report)?;
         if !dry_run {
-            self.remove_orphans(cutoff, &mut report).await?;
-        }
-        if !dry_run {
-            self.index.flush().await.map_err(|e| internal("index", e))?;
+            self.remove_orphans(cutoff, &mut report)?;
+            self.index
+                .flush_blocking()
+                .map_err(|e| internal("index", e))?;
         }
         Ok(report)
     }
@@ -157,7 +157,7 @@ impl Hosted {
     }
 
     /// Removes manifest bytes and blob files that no repository links any more.
-    async fn sweep(
+    fn sweep(
         &self,
         kept_manifests: &BTreeSet<String>,
         kept_blobs: &BTreeSet<String>,
@@ -195,7 +195,7 @@ impl Hosted {
                 self.index
                     .remove_blob(&digest)
                     .map_err(|e| internal("index", e))?;
-                match tokio::fs::remove_file(self.blob_path(&digest)).await {
+                match std::fs::remove_file(self.blob_path(&digest)) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         return Err(internal("remove blob", e))
                     }
@@ -212,11 +212,7 @@ impl Hosted {
 
     /// Blob files no record names (a crash between rename and index), older than the grace
     /// period.
-    async fn remove_orphans(
-        &self,
-        cutoff: u64,
-        report: &mut GcReport,
-    ) -> Result<(), RegistryError> {
+    fn remove_orphans(&self, cutoff: u64, report: &mut GcReport) -> Result<(), RegistryError> {
         let known: BTreeSet<String> = self
             .index
             .blobs()
@@ -225,10 +221,7 @@ impl Hosted {
             .map(|(d, _)| d.hex().to_string())
             .collect();
         let root = self.root.join("blobs/sha256");
-        let orphans = tokio::task::spawn_blocking(move || orphan_files(&root, &known, cutoff))
-            .await
-            .map_err(|e| internal("gc", e))?;
-        for (path, size) in orphans {
+        for (path, size) in orphan_files(&root, &known, cutoff) {
             if std::fs::remove_file(&path).is_ok() {
                 report.blobs.push((path.display().to_string(), size));
                 report.bytes += size;

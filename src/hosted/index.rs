@@ -106,6 +106,12 @@ impl HostedIndex {
         Ok(())
     }
 
+    /// [`flush`](Self::flush) for a blocking caller.
+    pub fn flush_blocking(&self) -> Result<(), IndexError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// The size of a hosted blob file's record.
     pub fn blob(&self, digest: &Digest) -> Result<Option<u64>, IndexError> {
         Ok(self.blobs.get(digest.hex())?.map(|v| u64_of(&v)))

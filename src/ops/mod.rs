@@ -22,6 +22,7 @@ use crate::oci::{Digest, Reference, RepoName, Tag};
 
 mod event;
 mod gc;
+pub mod hosted;
 mod pins;
 mod verify;
 

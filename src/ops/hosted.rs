@@ -1,0 +1,112 @@
+//! The operator commands on hosted repositories: `gc` collects what no tag reaches, `ls`
+//! lists hosted repositories apart from cached ones, `verify` re-hashes every hosted blob.
+//! Pushed content is never repaired by deletion: `verify` reports, the operator decides.
+
+use std::io::Write;
+
+use crate::hosted::Hosted;
+use crate::oci::{Digest, RepoName};
+
+use super::{human, OpsError};
+
+fn registry(e: crate::oci::RegistryError) -> OpsError {
+    OpsError::Usage(e.to_string())
+}
+
+/// `gc` of hosted content, with `hosted.upload_timeout` as the grace period (what was pushed
+/// more recently may still be waiting for its manifest).
+pub fn gc(hosted: &Hosted, out: &mut dyn Write) -> Result<(), OpsError> {
+    let grace = hosted.settings().upload_timeout;
+    let report = hosted.gc(grace, false).map_err(registry)?;
+    for (repo, hex) in &report.manifests {
+        let _ = writeln!(out, "hosted: removed untagged manifest {repo}@sha256:{hex}");
+    }
+    let _ = writeln!(
+        out,
+        "hosted: removed {} manifests, {} blob links, {} blob files; freed {}",
+        report.manifests.len(),
+        report.links,
+        report.blobs.len(),
+        human(report.bytes)
+    );
+    hosted.publish();
+    Ok(())
+}
+
+/// `ls` of hosted repositories: each repository's tags with their digests.
+pub fn ls(hosted: &Hosted, out: &mut dyn Write) -> Result<(), OpsError> {
+    let repos = hosted.repositories().map_err(registry)?;
+    let (bytes, blobs) = hosted.usage();
+    let _ = writeln!(
+        out,
+        "\nhosted repositories ({} blobs, {} of {}):",
+        blobs,
+        human(bytes),
+        human(hosted.settings().max_size)
+    );
+    if repos.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for repo in repos {
+        let Ok(name) = repo.parse::<RepoName>() else {
+            continue;
+        };
+        let tags = hosted
+            .index()
+            .tags_of(&name)
+            .map_err(|e| OpsError::Usage(e.to_string()))?;
+        if tags.is_empty() {
+            let _ = writeln!(out, "  {repo}  (untagged)");
+        }
+        for (tag, hex) in tags {
+            let _ = writeln!(out, "  {repo}:{tag}  sha256:{}", &hex[..12.min(hex.len())]);
+        }
+    }
+    Ok(())
+}
+
+/// `verify` of hosted blobs: every file present and hashing to its name; every link naming a
+/// blob that is held. True when everything is sound.
+pub fn verify(hosted: &Hosted, out: &mut dyn Write) -> Result<bool, OpsError> {
+    let idx = hosted.index();
+    let blobs = idx.blobs().map_err(|e| OpsError::Usage(e.to_string()))?;
+    let mut bad = 0usize;
+    for (digest, size) in &blobs {
+        let path = hosted.blob_path(digest);
+        match crate::cache::hash_file(&path, |_| {}) {
+            Ok((got, n)) if &got == digest && n == *size => {}
+            Ok((got, n)) => {
+                bad += 1;
+                let _ = writeln!(
+                    out,
+                    "hosted blob {digest}: corrupt ({n} bytes hashing to {got})"
+                );
+            }
+            Err(e) => {
+                bad += 1;
+                let _ = writeln!(out, "hosted blob {digest}: missing or unreadable: {e}");
+            }
+        }
+    }
+    let held: std::collections::HashSet<&str> = blobs.iter().map(|(d, _)| d.hex()).collect();
+    for (repo, hex, _) in idx
+        .all_links()
+        .map_err(|e| OpsError::Usage(e.to_string()))?
+    {
+        if !held.contains(hex.as_str()) {
+            bad += 1;
+            let d = format!("sha256:{hex}")
+                .parse::<Digest>()
+                .map(|d| d.to_string())
+                .unwrap_or(hex);
+            let _ = writeln!(out, "hosted link {repo} -> {d}: the blob is not held");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "hosted: verified {} blobs, {} problem(s)",
+        blobs.len(),
+        bad
+    );
+    Ok(bad == 0)
+}
