@@ -548,7 +548,7 @@ fn deletes_when_enabled_and_idle_uploads_are_purged() {
     assert_eq!(r.status().as_u16(), 405);
 
     // Abandoned sessions are purged after upload_timeout, with their files.
-    for _ in 0..50 {
+    for _ in 0..1000 {
         let location = open_upload(&stowage, "team/abandoned");
         let r = client
             .patch(&location)
@@ -559,11 +559,27 @@ fn deletes_when_enabled_and_idle_uploads_are_purged() {
     }
     assert!(!upload_files(&stowage).is_empty());
     assert!(
-        wait_until(Duration::from_secs(30), || upload_files(&stowage)
+        wait_until(Duration::from_secs(60), || upload_files(&stowage)
             .is_empty()),
         "idle sessions still on disk: {}",
         upload_files(&stowage).len()
     );
+    let metric = |name: &str| -> f64 {
+        let text = client
+            .get(format!("{}/metrics", stowage.url()))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
+    assert_eq!(metric("stowage_uploads_in_progress"), 0.0);
+    assert!(metric("stowage_pushes_total{result=\"ok\"}") >= 2.0);
+    // What is left is the one image's blobs, counted in the hosted budget.
+    assert_eq!(metric("stowage_hosted_blobs"), 2.0);
 }
 
 #[test]
@@ -796,4 +812,80 @@ fn gc_ls_and_verify_cover_hosted_content_inside_a_running_serve() {
         "{}",
         support::stowage::text(&verify)
     );
+}
+
+#[test]
+fn kill_9_during_manifest_pushes_loses_no_acknowledged_tag_and_shows_no_half_image() {
+    let (_upstream, mut stowage) = start("");
+    let image = Image::build(Format::Oci, &[2000]);
+    for blob in image.blobs() {
+        images::push_blob(&stowage.url(), "team/crash", blob);
+    }
+    let url = stowage.url();
+    let pid = stowage.pid().expect("running");
+    let manifest = image.manifest.clone();
+    // Tags pushed back to back; each 201 is recorded.
+    let pusher = std::thread::spawn(move || {
+        let client = http();
+        let mut acked = Vec::new();
+        for i in 0..100_000 {
+            let tag = format!("t{i}");
+            let sent = client
+                .put(format!("{url}/v2/team/crash/manifests/{tag}"))
+                .header("Content-Type", images::OCI_MANIFEST)
+                .body(manifest.bytes.clone())
+                .send();
+            match sent {
+                Ok(r) if r.status().as_u16() == 201 => acked.push(tag),
+                _ => break,
+            }
+        }
+        acked
+    });
+    // Let some pushes through, then kill -9 in the middle of the stream.
+    assert!(wait_until(Duration::from_secs(30), || {
+        support::stowage::command_ok(&stowage, &["ls"])
+            .matches("team/crash:t")
+            .count()
+            >= 20
+    }));
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let acked = pusher.join().unwrap();
+    assert!(acked.len() >= 20, "{}", acked.len());
+    stowage.restart();
+
+    let client = http();
+    for tag in &acked {
+        let r = client
+            .get(format!("{}/v2/team/crash/manifests/{tag}", stowage.url()))
+            .header("Accept", support::manifest_accept())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "acknowledged tag {tag} lost");
+        assert_eq!(r.bytes().unwrap().to_vec(), image.manifest.bytes);
+    }
+    // Whatever the tag list holds now is whole: each tag's manifest and blobs are served.
+    let tags: serde_json::Value = client
+        .get(format!("{}/v2/team/crash/tags/list", stowage.url()))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let listed = tags["tags"].as_array().unwrap();
+    assert!(listed.len() >= acked.len());
+    for blob in image.blobs() {
+        let r = client
+            .get(format!(
+                "{}/v2/team/crash/blobs/{}",
+                stowage.url(),
+                blob.digest
+            ))
+            .send()
+            .unwrap();
+        assert_eq!(r.bytes().unwrap().to_vec(), blob.bytes);
+    }
 }
