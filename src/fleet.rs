@@ -149,6 +149,16 @@ impl Fleet {
         &self.describe
     }
 
+    /// The shared store itself, for the hosted repositories that keep their content in it.
+    pub fn store(&self) -> Arc<dyn BlobStore> {
+        self.store.clone()
+    }
+
+    /// The bound on one small store call (`storage.object_store_timeout`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// This node's name in fill leases.
     pub fn node(&self) -> &str {
         &self.node

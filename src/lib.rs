@@ -57,7 +57,9 @@
 //!   hashed while they stream, per-repository links (no cross-repository existence answers),
 //!   manifest checks, deletes, a garbage collector that runs beside pushes; its blobs, records
 //!   (a sled database of its own) and byte budget are apart from the cache's, so eviction cannot
-//!   see them, and a `201` is only sent once the content is fsynced and indexed.
+//!   see them, and a `201` is only sent once the content is fsynced and indexed. With a fleet's
+//!   shared store ([`hosted::shared`]) the store is the source of truth: pushes write it before
+//!   their `201`, and a node reads what it lacks from it.
 //! - [`ops`] — operations on an open cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`,
 //!   Docker-style image reference parsing, and the progress [`ops::Event`]s every operation
 //!   reports through.
@@ -103,7 +105,7 @@
 //! | `store`, `cache` | `oci`, `stream`, `metrics`, `config` |
 //! | `fleet` | `oci`, `stream`, `metrics`, `config`, `store`, `cache` |
 //! | `mirror` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet` |
-//! | `hosted` | `oci`, `stream`, `metrics`, `policy`, `config` |
+//! | `hosted` | `oci`, `stream`, `metrics`, `policy`, `config`, `store` |
 //! | `ops` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted` |
 //! | `airgap` | `oci`, `stream`, `metrics`, `config`, `upstream`, `cache`, `mirror`, `ops` |
 //! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror`, `hosted` |

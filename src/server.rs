@@ -35,8 +35,8 @@ pub async fn run(config: Config, security: Security) -> Result<(), Error> {
     // Before any listener is bound: a signal from here on stops the server cleanly.
     let signal = shutdown_signal();
     let reloader = reload_on_sighup(security.clone());
-    let hosted = open_hosted(&config, security.auth.is_some())?;
     let mirror = Arc::new(Mirror::new(config)?);
+    let hosted = open_hosted(&mirror, security.auth.is_some())?;
     init_metrics(&mirror).await?;
     let listeners = Listeners::bind(listen, metrics_listen).await?;
     log_cache_opened(&mirror);
@@ -124,12 +124,17 @@ fn log_cache_opened(mirror: &Mirror) {
 }
 
 /// The hosted repositories, when `[hosted]` is set. Without `[auth]` anyone who reaches the
-/// port may push (as with `registry:2`): said once, at startup.
-fn open_hosted(config: &Config, auth: bool) -> Result<Option<Arc<Hosted>>, Error> {
+/// port may push (as with `registry:2`): said once, at startup. With a fleet's shared store,
+/// hosted content is kept there too.
+fn open_hosted(mirror: &Mirror, auth: bool) -> Result<Option<Arc<Hosted>>, Error> {
+    let config = &mirror.config;
     let Some(settings) = config.hosted.clone() else {
         return Ok(None);
     };
-    let hosted = Hosted::open(settings, &config.storage.path)?;
+    let mut hosted = Hosted::open(settings, &config.storage.path)?;
+    if let Some(fleet) = &mirror.fleet {
+        hosted = hosted.with_shared_store(fleet.store(), fleet.timeout());
+    }
     hosted.publish();
     let patterns: Vec<String> = hosted
         .settings()

@@ -12,9 +12,14 @@
 //! `201`. Manifest: parsed, every reference checked in this repository → bytes, link and tag
 //! stored → index flushed → `201`. A crash between two steps leaves either nothing visible or
 //! the complete thing (a blob file without a link is unreachable and collected by `gc`).
+//!
+//! With a fleet's shared store ([`shared`]) the shared objects are written first, before any
+//! local record: a push the store refused leaves nothing visible on any node, and the local
+//! directory is a cache that fills itself from the store on a miss.
 
 pub mod gc;
 pub mod index;
+pub mod shared;
 pub mod uploads;
 
 use std::path::{Path, PathBuf};
@@ -45,6 +50,8 @@ pub struct Hosted {
     gc_lock: tokio::sync::RwLock<()>,
     /// Blob files with a record (`stowage_hosted_blobs`).
     blob_count: std::sync::atomic::AtomicU64,
+    /// The fleet's shared store, when there is one: then the source of truth ([`shared`]).
+    shared: Option<shared::SharedHosted>,
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> RegistryError {
@@ -107,7 +114,24 @@ impl Hosted {
             quota,
             gc_lock: tokio::sync::RwLock::new(()),
             blob_count: std::sync::atomic::AtomicU64::new(blob_count),
+            shared: None,
         })
+    }
+
+    /// Makes the fleet's shared store the source of truth for hosted content: pushes write it
+    /// before their `201`, local misses read it (each call bounded by `timeout`).
+    pub fn with_shared_store(
+        mut self,
+        store: Arc<dyn crate::store::BlobStore>,
+        timeout: std::time::Duration,
+    ) -> Hosted {
+        self.shared = Some(shared::SharedHosted::new(store, timeout));
+        self
+    }
+
+    /// Whether hosted content lives in a shared store.
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
     }
 
     /// Whether `name` is a hosted repository.
@@ -164,17 +188,32 @@ impl Hosted {
 
     // ---- pull side ------------------------------------------------------------------------
 
-    /// A blob linked in `repo`.
-    pub fn blob(&self, repo: &RepoName, digest: &Digest) -> Result<HostedBlob, RegistryError> {
-        if self
+    /// A blob linked in `repo`: the local copy, else (with a shared store) the shared one,
+    /// copied to local disk first.
+    pub async fn blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<HostedBlob, RegistryError> {
+        let linked = self
             .index
             .link(repo, digest)
             .map_err(|e| internal("index", e))?
-            .is_none()
-        {
-            return Err(blob_unknown(repo, digest));
+            .is_some();
+        let path = self.blob_path(digest);
+        if !linked || !path.exists() {
+            let Some(shared) = &self.shared else {
+                if linked {
+                    tracing::error!(%repo, %digest, "hosted blob linked but its file is missing");
+                }
+                return Err(blob_unknown(repo, digest));
+            };
+            if shared.link(repo, digest).await?.is_none() {
+                return Err(blob_unknown(repo, digest));
+            }
+            self.localize_blob(shared, repo, digest).await?;
         }
-        let file = std::fs::File::open(self.blob_path(digest)).map_err(|e| {
+        let file = std::fs::File::open(&path).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 tracing::error!(%repo, %digest, "hosted blob linked but its file is missing");
                 blob_unknown(repo, digest)
@@ -186,37 +225,164 @@ impl Hosted {
         Ok(HostedBlob { file, size })
     }
 
-    /// A manifest of `repo` by tag or digest.
-    pub fn manifest(
+    /// Copies a blob the shared store links into `repo` to local disk (verified) and links it
+    /// here too: the local copy is a cache of the shared one.
+    async fn localize_blob(
+        &self,
+        shared: &shared::SharedHosted,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), RegistryError> {
+        let _push = self.gc_lock.read().await;
+        let dest = self.blob_path(digest);
+        let mut size = self.index.blob(digest).map_err(|e| internal("index", e))?;
+        if size.is_none() || !dest.exists() {
+            let tmp = self.root.join("uploads").join(format!(
+                "fetch-{}-{:08x}",
+                digest.hex(),
+                rand::random::<u32>()
+            ));
+            let Some(fetched) = shared.fetch_blob(digest, &tmp).await? else {
+                tracing::error!(%repo, %digest, "shared store links a hosted blob it does not hold");
+                return Err(blob_unknown(repo, digest));
+            };
+            let (from, to) = (tmp.clone(), dest.clone());
+            let placed = tokio::task::spawn_blocking(move || place_rename(&from, &to))
+                .await
+                .map_err(|e| internal("place blob", e))
+                .and_then(|r| r.map_err(|e| internal("place blob", e)));
+            if let Err(e) = placed {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+            if self
+                .index
+                .put_blob(digest, fetched)
+                .map_err(|e| internal("index", e))?
+            {
+                self.quota.add(fetched);
+                self.blob_added();
+            }
+            size = Some(fetched);
+        }
+        self.index
+            .put_link(repo, digest, size.unwrap_or(0))
+            .map_err(|e| internal("index", e))?;
+        self.index.flush().await.map_err(|e| internal("index", e))
+    }
+
+    /// A manifest of `repo` by tag or digest: the local copy, else (with a shared store) the
+    /// shared one, kept locally. With a shared store its tag records decide what a tag is.
+    pub async fn manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<StoredManifest, RegistryError> {
-        let digest = match reference {
-            Reference::Tag(tag) => self
-                .index
-                .tag(repo, tag)
-                .map_err(|e| internal("index", e))?
-                .ok_or_else(|| manifest_unknown(repo, tag))?,
-            Reference::Digest(d) => {
-                if !self
-                    .index
-                    .has_mlink(repo, d)
-                    .map_err(|e| internal("index", e))?
-                {
-                    return Err(manifest_unknown(repo, d));
-                }
-                d.clone()
-            }
+        let (digest, tagged) = match reference {
+            Reference::Tag(tag) => match self.resolve_tag(repo, tag).await? {
+                Some(d) => (d, true),
+                None => return Err(manifest_unknown(repo, tag)),
+            },
+            Reference::Digest(d) => (d.clone(), false),
         };
-        self.index
+        let linked = self
+            .index
+            .has_mlink(repo, &digest)
+            .map_err(|e| internal("index", e))?;
+        let local = self
+            .index
+            .manifest(&digest)
+            .map_err(|e| internal("index", e))?;
+        if let (true, Some(m)) = (linked, local) {
+            return Ok(m);
+        }
+        let Some(shared) = &self.shared else {
+            return Err(manifest_unknown(repo, &digest));
+        };
+        if !tagged && !linked && !shared.has_mlink(repo, &digest).await? {
+            return Err(manifest_unknown(repo, &digest));
+        }
+        let m = shared
+            .manifest(&digest)
+            .await?
+            .ok_or_else(|| manifest_unknown(repo, &digest))?;
+        let _push = self.gc_lock.read().await;
+        if self
+            .index
             .manifest(&digest)
             .map_err(|e| internal("index", e))?
-            .ok_or_else(|| manifest_unknown(repo, &digest))
+            .is_none()
+        {
+            self.index
+                .put_manifest(&m)
+                .map_err(|e| internal("index", e))?;
+            self.quota.add(m.bytes.len() as u64);
+        }
+        self.index
+            .put_mlink(repo, &digest, now_secs())
+            .map_err(|e| internal("index", e))?;
+        self.index.flush().await.map_err(|e| internal("index", e))?;
+        Ok(m)
     }
 
-    /// The tags of `repo`, sorted; `NAME_UNKNOWN` for a repository with no manifest.
-    pub fn tags(&self, repo: &RepoName) -> Result<Vec<String>, RegistryError> {
+    /// What `tag` points to: the shared record when there is a shared store (the local record
+    /// follows it; when the store cannot be read the local record answers), else the local one.
+    async fn resolve_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<Digest>, RegistryError> {
+        let local = self
+            .index
+            .tag(repo, tag)
+            .map_err(|e| internal("index", e))?;
+        let Some(shared) = &self.shared else {
+            return Ok(local);
+        };
+        match shared.tag(repo, tag).await {
+            Ok(Some(d)) => {
+                if local.as_ref() != Some(&d) {
+                    self.index
+                        .put_tag(repo, tag, &d)
+                        .map_err(|e| internal("index", e))?;
+                }
+                Ok(Some(d))
+            }
+            Ok(None) => {
+                if local.is_some() {
+                    self.index
+                        .remove_tag(repo, tag.as_str())
+                        .map_err(|e| internal("index", e))?;
+                }
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(%repo, %tag, error = %e.message, "hosted: answering from the local tag record");
+                Ok(local)
+            }
+        }
+    }
+
+    /// The tags of `repo`, sorted; `NAME_UNKNOWN` for a repository with no manifest. With a
+    /// shared store, its tag records (the local ones when it cannot be read).
+    pub async fn tags(&self, repo: &RepoName) -> Result<Vec<String>, RegistryError> {
+        if let Some(shared) = &self.shared {
+            match shared.tags(repo).await {
+                Ok(tags) if !tags.is_empty() => {
+                    return Ok(tags.into_iter().map(|(t, _)| t).collect())
+                }
+                Ok(_) if shared.has_repository(repo).await? => return Ok(Vec::new()),
+                Ok(_) => {
+                    return Err(RegistryError::new(
+                        ErrorCode::NameUnknown,
+                        format!("repository {repo} is not known"),
+                    ))
+                }
+                Err(e) => {
+                    tracing::warn!(%repo, error = %e.message, "hosted: listing the local tags");
+                }
+            }
+        }
         let tags: Vec<String> = self
             .index
             .tags_of(repo)
@@ -249,7 +415,8 @@ impl Hosted {
 
     // ---- push side: blobs -----------------------------------------------------------------
 
-    /// Links an existing hosted blob from `from` into `repo`; false when `from` does not hold it.
+    /// Links an existing hosted blob from `from` into `repo`; false when `from` does not hold it
+    /// (locally, or in the shared store when there is one).
     pub async fn mount(
         &self,
         repo: &RepoName,
@@ -257,16 +424,26 @@ impl Hosted {
         from: &RepoName,
     ) -> Result<bool, RegistryError> {
         let _push = self.gc_lock.read().await;
-        let Some(size) = self
+        let path = self.blob_path(digest);
+        let local = self
             .index
             .link(from, digest)
             .map_err(|e| internal("index", e))?
-        else {
-            return Ok(false);
-        };
-        if !self.blob_path(digest).exists() {
-            return Ok(false);
+            .filter(|_| path.exists());
+        if let Some(shared) = &self.shared {
+            let size = match local {
+                // Held here: the shared store gets the bytes too (one HEAD when it has them).
+                Some(size) => shared.put_blob(digest, &path, size).await.map(|()| size)?,
+                None => match shared.link(from, digest).await? {
+                    Some(size) if shared.has_blob(digest).await? => size,
+                    _ => return Ok(false),
+                },
+            };
+            shared.put_link(repo, digest, size).await?;
         }
+        let Some(size) = local else {
+            return Ok(self.shared.is_some());
+        };
         self.index
             .put_link(repo, digest, size)
             .map_err(|e| internal("index", e))?;
@@ -288,6 +465,10 @@ impl Hosted {
             .map_err(|e| internal("stat cached blob", e))?
             .len();
         let _push = self.gc_lock.read().await;
+        if let Some(shared) = &self.shared {
+            shared.put_blob(digest, source, size).await?;
+            shared.put_link(repo, digest, size).await?;
+        }
         if self
             .index
             .blob(digest)
@@ -385,6 +566,17 @@ impl Hosted {
         f: uploads::Finished,
     ) -> Result<(), RegistryError> {
         let _push = self.gc_lock.read().await;
+        if let Some(shared) = &self.shared {
+            let shared_first = async {
+                shared.put_blob(&f.digest, &f.path, f.size).await?;
+                shared.put_link(repo, &f.digest, f.size).await
+            };
+            if let Err(e) = shared_first.await {
+                let _ = tokio::fs::remove_file(&f.path).await;
+                self.quota.give(f.size);
+                return Err(e);
+            }
+        }
         let dest = self.blob_path(&f.digest);
         let known = self
             .index
@@ -450,14 +642,19 @@ impl Hosted {
         let parsed = manifest::parse(&bytes, content_type)
             .map_err(|e| RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()))?;
         let _push = self.gc_lock.read().await;
-        self.check_references(repo, &parsed)?;
+        self.check_references(repo, &parsed).await?;
         self.store_manifest(repo, reference, &digest, &parsed, bytes)
             .await?;
         Ok((digest, parsed))
     }
 
-    /// Every blob (but foreign layers) and child manifest must be in `repo`.
-    fn check_references(&self, repo: &RepoName, parsed: &Parsed) -> Result<(), RegistryError> {
+    /// Every blob (but foreign layers) and child manifest must be in `repo` (locally, or in
+    /// the shared store when there is one).
+    async fn check_references(
+        &self,
+        repo: &RepoName,
+        parsed: &Parsed,
+    ) -> Result<(), RegistryError> {
         for blob in &parsed.blobs {
             if blob
                 .media_type
@@ -466,11 +663,15 @@ impl Hosted {
             {
                 continue;
             }
-            let linked = self
+            let mut linked = self
                 .index
                 .link(repo, &blob.digest)
-                .map_err(|e| internal("index", e))?;
-            if linked.is_none() {
+                .map_err(|e| internal("index", e))?
+                .is_some();
+            if let (false, Some(shared)) = (linked, &self.shared) {
+                linked = shared.link(repo, &blob.digest).await?.is_some();
+            }
+            if !linked {
                 return Err(RegistryError::new(
                     ErrorCode::ManifestBlobUnknown,
                     format!("blob {} is not in {repo}: push it first", blob.digest),
@@ -478,11 +679,14 @@ impl Hosted {
             }
         }
         for child in &parsed.children {
-            if !self
+            let mut linked = self
                 .index
                 .has_mlink(repo, &child.digest)
-                .map_err(|e| internal("index", e))?
-            {
+                .map_err(|e| internal("index", e))?;
+            if let (false, Some(shared)) = (linked, &self.shared) {
+                linked = shared.has_mlink(repo, &child.digest).await?;
+            }
+            if !linked {
                 return Err(RegistryError::new(
                     ErrorCode::ManifestBlobUnknown,
                     format!("manifest {} is not in {repo}: push it first", child.digest),
@@ -500,6 +704,18 @@ impl Hosted {
         parsed: &Parsed,
         bytes: Bytes,
     ) -> Result<(), RegistryError> {
+        if let Some(shared) = &self.shared {
+            let m = StoredManifest {
+                digest: digest.clone(),
+                media_type: parsed.media_type.clone(),
+                bytes: bytes.clone(),
+            };
+            shared.put_manifest(&m).await?;
+            shared.put_mlink(repo, digest, now_secs()).await?;
+            if let Reference::Tag(tag) = reference {
+                shared.put_tag(repo, tag, digest).await?;
+            }
+        }
         let new = self
             .index
             .manifest(digest)
@@ -541,52 +757,91 @@ impl Hosted {
         }
     }
 
-    /// Deletes a manifest by digest (and every tag of `repo` pointing to it), or one tag.
+    /// Deletes a manifest by digest (and every tag of `repo` pointing to it), or one tag. With a
+    /// shared store the shared records go first, and they decide whether it existed.
     pub async fn delete_manifest(
         &self,
         repo: &RepoName,
         reference: &Reference,
     ) -> Result<(), RegistryError> {
         self.check_delete()?;
+        let shared_had = match &self.shared {
+            Some(shared) => Some(self.delete_shared_manifest(shared, repo, reference).await?),
+            None => None,
+        };
         let idx = &self.index;
-        match reference {
-            Reference::Tag(tag) => {
-                if !idx
-                    .remove_tag(repo, tag.as_str())
-                    .map_err(|e| internal("index", e))?
-                {
-                    return Err(manifest_unknown(repo, tag));
-                }
-            }
+        let local_had = match reference {
+            Reference::Tag(tag) => idx
+                .remove_tag(repo, tag.as_str())
+                .map_err(|e| internal("index", e))?,
             Reference::Digest(d) => {
-                if !idx
+                let had = idx
                     .remove_mlink(repo, d)
-                    .map_err(|e| internal("index", e))?
-                {
-                    return Err(manifest_unknown(repo, d));
-                }
+                    .map_err(|e| internal("index", e))?;
                 for (tag, hex) in idx.tags_of(repo).map_err(|e| internal("index", e))? {
                     if hex == d.hex() {
                         idx.remove_tag(repo, &tag)
                             .map_err(|e| internal("index", e))?;
                     }
                 }
+                had
+            }
+        };
+        idx.flush().await.map_err(|e| internal("index", e))?;
+        if shared_had.unwrap_or(local_had) {
+            Ok(())
+        } else {
+            Err(manifest_unknown(repo, reference))
+        }
+    }
+
+    /// The shared half of [`Hosted::delete_manifest`]: whether the shared store held it.
+    async fn delete_shared_manifest(
+        &self,
+        shared: &shared::SharedHosted,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<bool, RegistryError> {
+        match reference {
+            Reference::Tag(tag) => {
+                let had = shared.tag(repo, tag).await?.is_some();
+                shared.remove_tag(repo, tag.as_str()).await?;
+                Ok(had)
+            }
+            Reference::Digest(d) => {
+                let had = shared.has_mlink(repo, d).await?;
+                for (tag, target) in shared.tags(repo).await? {
+                    if &target == d {
+                        shared.remove_tag(repo, &tag).await?;
+                    }
+                }
+                shared.remove_mlink(repo, d).await?;
+                Ok(had)
             }
         }
-        idx.flush().await.map_err(|e| internal("index", e))
     }
 
     /// Unlinks a blob from `repo` (its file goes at the next `gc` if nothing else links it).
     pub async fn delete_blob(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
         self.check_delete()?;
-        if !self
+        let shared_had = match &self.shared {
+            Some(shared) => {
+                let had = shared.link(repo, digest).await?.is_some();
+                shared.remove_link(repo, digest).await?;
+                Some(had)
+            }
+            None => None,
+        };
+        let local_had = self
             .index
             .remove_link(repo, digest)
-            .map_err(|e| internal("index", e))?
-        {
-            return Err(blob_unknown(repo, digest));
+            .map_err(|e| internal("index", e))?;
+        self.index.flush().await.map_err(|e| internal("index", e))?;
+        if shared_had.unwrap_or(local_had) {
+            Ok(())
+        } else {
+            Err(blob_unknown(repo, digest))
         }
-        self.index.flush().await.map_err(|e| internal("index", e))
     }
 
     /// Purges upload sessions idle past `hosted.upload_timeout`.
@@ -701,21 +956,96 @@ mod tests {
             .put_manifest(&repo, &tag, None, bytes.clone())
             .await
             .unwrap();
-        assert_eq!(h.manifest(&repo, &tag).unwrap().bytes, bytes);
-        assert_eq!(h.blob(&repo, &layer).unwrap().size, 5);
+        assert_eq!(h.manifest(&repo, &tag).await.unwrap().bytes, bytes);
+        assert_eq!(h.blob(&repo, &layer).await.unwrap().size, 5);
         assert_eq!(
-            h.blob(&other, &layer).unwrap_err().code,
+            h.blob(&other, &layer).await.unwrap_err().code,
             ErrorCode::BlobUnknown
         );
         assert_eq!(
             h.manifest(&other, &Reference::Digest(digest))
+                .await
                 .unwrap_err()
                 .code,
             ErrorCode::ManifestUnknown
         );
         assert!(h.mount(&other, &layer, &repo).await.unwrap());
-        assert_eq!(h.blob(&other, &layer).unwrap().size, 5);
+        assert_eq!(h.blob(&other, &layer).await.unwrap().size, 5);
         assert_eq!(h.repositories().unwrap(), vec!["team/app"]);
+    }
+
+    fn shared_pair(store_dir: &Path) -> (tempfile::TempDir, Hosted, tempfile::TempDir, Hosted) {
+        let store: Arc<dyn crate::store::BlobStore> =
+            Arc::new(crate::store::fs::FsStore::new(store_dir.to_path_buf()));
+        let timeout = Duration::from_secs(5);
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = Hosted::open(settings(), da.path())
+            .unwrap()
+            .with_shared_store(store.clone(), timeout);
+        let b = Hosted::open(settings(), db.path())
+            .unwrap()
+            .with_shared_store(store, timeout);
+        (da, a, db, b)
+    }
+
+    #[tokio::test]
+    async fn with_a_shared_store_every_node_serves_what_one_acknowledged() {
+        let shared = tempfile::tempdir().unwrap();
+        let (_da, a, _db, b) = shared_pair(shared.path());
+        let repo: RepoName = "team/app".parse().unwrap();
+        let config = push_blob(&a, &repo, b"{}").await;
+        let layer = push_blob(&a, &repo, b"layer").await;
+        let v1 = image(&config, &layer, None);
+        let tag = Reference::Tag("1".parse().unwrap());
+        let (d1, _) = a.put_manifest(&repo, &tag, None, v1.clone()).await.unwrap();
+
+        // Node B has nothing locally, and serves all of it from the shared store.
+        assert!(b.index.link(&repo, &layer).unwrap().is_none());
+        assert_eq!(b.manifest(&repo, &tag).await.unwrap().bytes, v1);
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut b.blob(&repo, &layer).await.unwrap().file, &mut got)
+            .unwrap();
+        assert_eq!(got, b"layer");
+        assert!(b.blob_path(&layer).exists(), "B keeps a local copy");
+        assert_eq!(b.tags(&repo).await.unwrap(), vec!["1"]);
+        let other: RepoName = "team/other".parse().unwrap();
+        assert_eq!(
+            b.blob(&other, &layer).await.unwrap_err().code,
+            ErrorCode::BlobUnknown
+        );
+
+        // A tag moved on B (a manifest whose blobs were pushed to A) is what A serves.
+        let layer2 = push_blob(&a, &repo, b"layer-2").await;
+        let v2 = image(&config, &layer2, None);
+        let (d2, _) = b.put_manifest(&repo, &tag, None, v2.clone()).await.unwrap();
+        assert_ne!(d1, d2);
+        assert_eq!(a.manifest(&repo, &tag).await.unwrap().bytes, v2);
+        // A deleted on B is gone on A.
+        b.delete_manifest(&repo, &tag).await.unwrap();
+        assert_eq!(
+            a.manifest(&repo, &tag).await.unwrap_err().code,
+            ErrorCode::ManifestUnknown
+        );
+
+        // The store failing: the push is 503 and nothing is acknowledged or linked.
+        std::fs::remove_dir_all(shared.path().join(".tmp")).unwrap();
+        std::fs::write(shared.path().join(".tmp"), b"not a directory").unwrap();
+        let bytes: &'static [u8] = b"after the store broke";
+        let d = Digest::of(bytes);
+        let id = a.start_upload(&repo).await.unwrap();
+        let e = a
+            .finish_upload(&repo, &id, &d, None, once(bytes))
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), 503, "{e:?}");
+        assert!(a.index.link(&repo, &d).unwrap().is_none());
+        assert!(!a.blob_path(&d).exists());
+        let e = a
+            .put_manifest(&repo, &Reference::Tag("2".parse().unwrap()), None, v1)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status(), 503, "{e:?}");
+        assert!(a.index.tag(&repo, &"2".parse().unwrap()).unwrap().is_none());
     }
 
     #[tokio::test]
@@ -763,20 +1093,27 @@ mod tests {
             vec![("team/app".to_string(), untagged_digest.hex().to_string())]
         );
         assert!(
-            h.blob(&repo, &old_layer).is_ok(),
+            h.blob(&repo, &old_layer).await.is_ok(),
             "a dry run removes nothing"
         );
         let report = gc(Duration::ZERO, false);
         assert_eq!(report, dry);
         assert_eq!(report.blobs.len(), 2, "{report:?}");
-        assert!(h.manifest(&repo, &Reference::Digest(tagged_digest)).is_ok());
-        assert!(h.manifest(&repo, &Reference::Digest(sig_digest)).is_ok());
+        assert!(h
+            .manifest(&repo, &Reference::Digest(tagged_digest))
+            .await
+            .is_ok());
+        assert!(h
+            .manifest(&repo, &Reference::Digest(sig_digest))
+            .await
+            .is_ok());
         assert!(h
             .manifest(&repo, &Reference::Digest(untagged_digest))
+            .await
             .is_err());
-        assert!(h.blob(&repo, &kept_layer).is_ok());
+        assert!(h.blob(&repo, &kept_layer).await.is_ok());
         for gone in [&old_layer, &stray] {
-            assert!(h.blob(&repo, gone).is_err());
+            assert!(h.blob(&repo, gone).await.is_err());
             assert!(!h.blob_path(gone).exists());
         }
         assert!(h.blob_path(&config).exists());

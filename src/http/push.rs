@@ -83,11 +83,11 @@ pub(super) async fn handle(
     let head = method == Method::HEAD;
     match endpoint {
         HostedEndpoint::Tags(name) if method == Method::GET || head => {
-            tags(hosted, &name, &q, head)
+            tags(hosted, &name, &q, head).await
         }
         HostedEndpoint::Manifest(name, reference) => match *method {
             Method::GET | Method::HEAD => {
-                let m = hosted.manifest(&name, &reference)?;
+                let m = hosted.manifest(&name, &reference).await?;
                 Ok(manifest_response(m, head))
             }
             Method::PUT => put_manifest(hosted, &name, &reference, &parts.headers, body).await,
@@ -99,7 +99,7 @@ pub(super) async fn handle(
         },
         HostedEndpoint::Blob(name, digest) => match *method {
             Method::GET | Method::HEAD => {
-                let blob = hosted.blob(&name, &digest)?;
+                let blob = hosted.blob(&name, &digest).await?;
                 blob_response(
                     blob,
                     &digest,
@@ -126,7 +126,7 @@ fn accepted() -> Response {
 }
 
 /// `tags/list` of a hosted repository: lexical order, `n` and `last`, `Link` while more remain.
-fn tags(
+async fn tags(
     hosted: &Hosted,
     name: &RepoName,
     q: &PushQuery,
@@ -141,7 +141,7 @@ fn tags(
             )
         })?),
     };
-    let mut all = hosted.tags(name)?;
+    let mut all = hosted.tags(name).await?;
     all.sort();
     let after: Vec<String> = match &q.last {
         Some(last) => all.into_iter().filter(|t| t > last).collect(),

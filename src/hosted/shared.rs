@@ -1,0 +1,315 @@
+//! Hosted content in the fleet's shared store (`storage.backend`), so that what one node
+//! acknowledged every node serves.
+//!
+//! With a shared store, it is the source of truth for hosted content and each node's
+//! `hosted/` directory is a cache of it: a push writes the shared objects before its `201`, and
+//! a node that lacks a blob, manifest or tag locally reads the shared one (verified against its
+//! digest) and keeps a local copy. Keys, beside the mirror's (`blobs/`, `manifests/`, `tags/`):
+//!
+//! - `hosted/blobs/sha256/<hex>`: the blob's bytes;
+//! - `hosted/manifests/sha256/<hex>`: the manifest's media type and exact bytes (JSON);
+//! - `hosted/repos/<repo>/_links/<hex>`: the blob is in `<repo>` (its size, decimal);
+//! - `hosted/repos/<repo>/_manifests/<hex>`: the manifest is in `<repo>` (push time, seconds);
+//! - `hosted/repos/<repo>/_tags/<tag>`: the tag's digest (`sha256:<hex>`); last writer wins.
+//!
+//! Repository components never start with `_` and tags never start with `.`, so these keys
+//! cannot collide and pass the store's key rules. Every call but a blob's transfer is bounded by
+//! `storage.object_store_timeout`; a failure is `503 UNAVAILABLE` for a push (nothing is
+//! acknowledged that the store does not hold).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt as _;
+
+use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
+use crate::store::{BlobStore, StoreFuture};
+
+use super::StoredManifest;
+
+/// A shared manifest object: the exact bytes and the media type they are served with.
+#[derive(Serialize, Deserialize)]
+struct ManifestObject {
+    media_type: String,
+    /// Base64 of the manifest's bytes (checked against the digest on every read).
+    bytes: String,
+}
+
+/// The shared store as hosted repositories use it.
+pub struct SharedHosted {
+    store: Arc<dyn BlobStore>,
+    timeout: Duration,
+}
+
+fn blob_key(digest: &Digest) -> String {
+    format!("hosted/blobs/sha256/{}", digest.hex())
+}
+
+fn manifest_key(digest: &Digest) -> String {
+    format!("hosted/manifests/sha256/{}", digest.hex())
+}
+
+fn link_key(repo: &RepoName, digest: &Digest) -> String {
+    format!("hosted/repos/{repo}/_links/{}", digest.hex())
+}
+
+fn mlink_key(repo: &RepoName, digest: &Digest) -> String {
+    format!("hosted/repos/{repo}/_manifests/{}", digest.hex())
+}
+
+fn tags_prefix(repo: &RepoName) -> String {
+    format!("hosted/repos/{repo}/_tags/")
+}
+
+fn tag_key(repo: &RepoName, tag: &str) -> String {
+    format!("{}{tag}", tags_prefix(repo))
+}
+
+/// A store failure as the client sees it.
+fn unavailable(what: &str, e: impl std::fmt::Display) -> RegistryError {
+    tracing::warn!(error = %e, "hosted: shared store: {what}");
+    RegistryError::new(
+        ErrorCode::Unavailable,
+        format!("shared store unavailable ({what}): {e}"),
+    )
+}
+
+impl SharedHosted {
+    pub fn new(store: Arc<dyn BlobStore>, timeout: Duration) -> SharedHosted {
+        SharedHosted { store, timeout }
+    }
+
+    /// One small store call, bounded by the store timeout.
+    async fn bounded<'a, T>(
+        &self,
+        what: &str,
+        call: StoreFuture<'a, T>,
+    ) -> Result<T, RegistryError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(unavailable(what, e)),
+            Err(_) => Err(unavailable(
+                what,
+                format!("no answer within {:?}", self.timeout),
+            )),
+        }
+    }
+
+    async fn put_text(&self, key: &str, text: String) -> Result<(), RegistryError> {
+        self.bounded("put", self.store.put_bytes(key, Bytes::from(text)))
+            .await
+    }
+
+    async fn get_text(&self, key: &str) -> Result<Option<String>, RegistryError> {
+        let bytes = self.bounded("get", self.store.get_bytes(key)).await?;
+        Ok(bytes.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
+    }
+
+    // ---- blobs ----------------------------------------------------------------------------
+
+    /// Uploads a verified local blob file unless the store already holds `size` bytes for it.
+    pub async fn put_blob(
+        &self,
+        digest: &Digest,
+        path: &Path,
+        size: u64,
+    ) -> Result<(), RegistryError> {
+        let key = blob_key(digest);
+        if self.bounded("head", self.store.head(&key)).await? == Some(size) {
+            return Ok(());
+        }
+        self.store
+            .put_file(&key, path)
+            .await
+            .map_err(|e| unavailable("put blob", e))
+    }
+
+    /// Whether the shared blob object exists.
+    pub async fn has_blob(&self, digest: &Digest) -> Result<bool, RegistryError> {
+        let key = blob_key(digest);
+        Ok(self.bounded("head", self.store.head(&key)).await?.is_some())
+    }
+
+    /// Copies the shared blob into `tmp` (fsynced), hashing it on the way: its size, or `None`
+    /// when the store has no such object. Bytes that do not hash to `digest` are an error and
+    /// leave no file.
+    pub async fn fetch_blob(
+        &self,
+        digest: &Digest,
+        tmp: &Path,
+    ) -> Result<Option<u64>, RegistryError> {
+        let key = blob_key(digest);
+        let Some((_, mut stream)) = self.bounded("get", self.store.get(&key, 0, None)).await?
+        else {
+            return Ok(None);
+        };
+        let written = async {
+            let mut file = tokio::fs::File::create(tmp).await?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(std::io::Error::other)?;
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                file.write_all(&chunk).await?;
+            }
+            file.sync_all().await?;
+            Ok::<_, std::io::Error>((hex::encode(hasher.finalize()), size))
+        }
+        .await;
+        let verified = match written {
+            Ok((hex, size)) if hex == digest.hex() => Ok(Some(size)),
+            Ok((hex, _)) => Err(unavailable(
+                "read blob",
+                format!("{key} hashes to sha256:{hex}, not {digest}"),
+            )),
+            Err(e) => Err(unavailable("read blob", e)),
+        };
+        if verified.is_err() {
+            let _ = tokio::fs::remove_file(tmp).await;
+        }
+        verified
+    }
+
+    /// The size recorded when `digest` was linked into `repo`, if it was.
+    pub async fn link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, RegistryError> {
+        let text = self.get_text(&link_key(repo, digest)).await?;
+        Ok(text.map(|t| t.parse().unwrap_or(0)))
+    }
+
+    pub async fn put_link(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), RegistryError> {
+        self.put_text(&link_key(repo, digest), size.to_string())
+            .await
+    }
+
+    pub async fn remove_link(&self, repo: &RepoName, digest: &Digest) -> Result<(), RegistryError> {
+        let key = link_key(repo, digest);
+        self.bounded("delete", self.store.delete(&key)).await
+    }
+
+    // ---- manifests and tags ---------------------------------------------------------------
+
+    /// Stores the manifest object unless it is there already.
+    pub async fn put_manifest(&self, m: &StoredManifest) -> Result<(), RegistryError> {
+        let key = manifest_key(&m.digest);
+        if self.bounded("head", self.store.head(&key)).await?.is_some() {
+            return Ok(());
+        }
+        let object = ManifestObject {
+            media_type: m.media_type.clone(),
+            bytes: base64::engine::general_purpose::STANDARD.encode(&m.bytes),
+        };
+        let body = serde_json::to_string(&object).map_err(|e| unavailable("encode", e))?;
+        self.put_text(&key, body).await
+    }
+
+    /// A shared manifest, verified against its digest (a damaged object is an error).
+    pub async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, RegistryError> {
+        let key = manifest_key(digest);
+        let Some(raw) = self.bounded("get", self.store.get_bytes(&key)).await? else {
+            return Ok(None);
+        };
+        let object: ManifestObject =
+            serde_json::from_slice(&raw).map_err(|e| unavailable("read manifest", e))?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(object.bytes)
+            .map_err(|e| unavailable("read manifest", e))?;
+        if Digest::of(&bytes) != *digest {
+            return Err(unavailable(
+                "read manifest",
+                format!("{key} does not hash to {digest}"),
+            ));
+        }
+        Ok(Some(StoredManifest {
+            digest: digest.clone(),
+            media_type: object.media_type,
+            bytes: Bytes::from(bytes),
+        }))
+    }
+
+    pub async fn has_mlink(&self, repo: &RepoName, digest: &Digest) -> Result<bool, RegistryError> {
+        let key = mlink_key(repo, digest);
+        Ok(self.bounded("head", self.store.head(&key)).await?.is_some())
+    }
+
+    pub async fn put_mlink(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        at: u64,
+    ) -> Result<(), RegistryError> {
+        self.put_text(&mlink_key(repo, digest), at.to_string())
+            .await
+    }
+
+    pub async fn remove_mlink(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), RegistryError> {
+        let key = mlink_key(repo, digest);
+        self.bounded("delete", self.store.delete(&key)).await
+    }
+
+    /// Whether `repo` holds any manifest in the shared store.
+    pub async fn has_repository(&self, repo: &RepoName) -> Result<bool, RegistryError> {
+        let prefix = format!("hosted/repos/{repo}/_manifests/");
+        Ok(!self
+            .bounded("list", self.store.list(&prefix))
+            .await?
+            .is_empty())
+    }
+
+    /// What `tag` of `repo` points to.
+    pub async fn tag(&self, repo: &RepoName, tag: &Tag) -> Result<Option<Digest>, RegistryError> {
+        let text = self.get_text(&tag_key(repo, tag.as_str())).await?;
+        Ok(text.and_then(|t| t.parse().ok()))
+    }
+
+    /// Points `tag` of `repo` at `digest` (replacing whatever it pointed to).
+    pub async fn put_tag(
+        &self,
+        repo: &RepoName,
+        tag: &Tag,
+        digest: &Digest,
+    ) -> Result<(), RegistryError> {
+        self.put_text(&tag_key(repo, tag.as_str()), digest.to_string())
+            .await
+    }
+
+    pub async fn remove_tag(&self, repo: &RepoName, tag: &str) -> Result<(), RegistryError> {
+        let key = tag_key(repo, tag);
+        self.bounded("delete", self.store.delete(&key)).await
+    }
+
+    /// Every tag of `repo` with its digest, sorted by tag.
+    pub async fn tags(&self, repo: &RepoName) -> Result<Vec<(String, Digest)>, RegistryError> {
+        let prefix = tags_prefix(repo);
+        let listed = self.bounded("list", self.store.list(&prefix)).await?;
+        let mut out = Vec::with_capacity(listed.len());
+        for info in listed {
+            let Some(tag) = info.key.strip_prefix(&prefix) else {
+                continue;
+            };
+            if let Some(d) = self.get_text(&info.key).await?.and_then(|t| t.parse().ok()) {
+                out.push((tag.to_string(), d));
+            }
+        }
+        Ok(out)
+    }
+}
