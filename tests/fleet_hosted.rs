@@ -10,6 +10,7 @@ mod support;
 
 use std::path::Path;
 
+use support::garage::Garage;
 use support::images::{self, Format, Image, Pushed};
 use support::nginx::Nginx;
 use support::registry::Registry;
@@ -20,9 +21,17 @@ const HOSTED: &str = "[hosted]\nrepositories = [\"team/**\"]\nmax_size = \"1GiB\
 
 /// A node with hosted repositories on the shared directory `shared`.
 fn node(upstream: &Registry, shared: &Path) -> Stowage {
+    node_with(
+        upstream,
+        &format!("shared_path = \"{}\"\n", shared.display()),
+    )
+}
+
+/// A node with hosted repositories and these `[storage]` lines.
+fn node_with(upstream: &Registry, storage: &str) -> Stowage {
     Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .storage_toml(&format!("shared_path = \"{}\"\n", shared.display()))
+        .storage_toml(storage)
         .extra_toml(HOSTED)
         .start()
 }
@@ -119,6 +128,18 @@ fn a_push_to_one_node_is_pulled_byte_exact_from_another_and_tags_move_fleet_wide
         v1.digest()
     );
     assert!(hosted_files(&b).is_empty(), "node B holds nothing yet");
+    // A HEAD on B answers from the shared store without copying the blob.
+    let big = &v1.blobs()[2];
+    let head = http()
+        .head(format!("{}/v2/team/app/blobs/{}", b.url(), big.digest))
+        .send()
+        .expect("HEAD on B");
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(
+        head.headers()["content-length"],
+        big.size().to_string().as_str()
+    );
+    assert!(hosted_files(&b).is_empty(), "a HEAD copied the blob to B");
 
     pull_exact(&b, "1", &v1);
     assert!(
@@ -288,4 +309,33 @@ fn pushes_and_pulls_through_the_documented_nginx_setup_reach_every_node() {
     for n in [&a, &b] {
         pull_exact(n, "1", &v1);
     }
+}
+
+/// The same through an S3 bucket (a real 3-node Garage cluster): multipart uploads of pushed
+/// layers, listed tag records, last writer wins.
+#[test]
+fn a_garage_bucket_carries_hosted_images_between_nodes() {
+    let upstream = Registry::start();
+    let v1 = upstream.push(
+        "src/app",
+        "v1",
+        Image::build(Format::Docker, &[1024, 9 << 20]),
+    );
+    let v2 = upstream.push("src/app", "v2", Image::build(Format::Docker, &[2048]));
+    let garage = Garage::start(3);
+    let storage = garage.storage_toml("fleet-hosted/");
+    let a = node_with(&upstream, &storage);
+    let b = node_with(&upstream, &storage);
+
+    push_through(&upstream, &v1, &a, "1");
+    pull_exact(&b, "1", &v1);
+    push_through(&upstream, &v2, &b, "1");
+    assert_eq!(tag_digest(&a, "1").as_deref(), Some(v2.digest()));
+    pull_exact(&a, "1", &v2);
+    let tags: serde_json::Value = http()
+        .get(format!("{}/v2/team/app/tags/list", a.url()))
+        .send()
+        .and_then(|r| r.json())
+        .expect("tags/list on A");
+    assert_eq!(tags, serde_json::json!({"name": "team/app", "tags": ["1"]}));
 }

@@ -225,6 +225,31 @@ impl Hosted {
         Ok(HostedBlob { file, size })
     }
 
+    /// The size of a blob linked in `repo`, without copying a shared blob to local disk (what a
+    /// `HEAD` needs).
+    pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
+        let linked = self
+            .index
+            .link(repo, digest)
+            .map_err(|e| internal("index", e))?
+            .is_some();
+        if linked {
+            if let Ok(meta) = std::fs::metadata(self.blob_path(digest)) {
+                return Ok(meta.len());
+            }
+        }
+        let Some(shared) = &self.shared else {
+            return self.blob(repo, digest).await.map(|b| b.size);
+        };
+        if shared.link(repo, digest).await?.is_none() {
+            return Err(blob_unknown(repo, digest));
+        }
+        shared
+            .blob_size(digest)
+            .await?
+            .ok_or_else(|| blob_unknown(repo, digest))
+    }
+
     /// Copies a blob the shared store links into `repo` to local disk (verified) and links it
     /// here too: the local copy is a cache of the shared one.
     async fn localize_blob(
@@ -289,6 +314,10 @@ impl Hosted {
             .index
             .has_mlink(repo, &digest)
             .map_err(|e| internal("index", e))?;
+        if let (Some(shared), false) = (&self.shared, tagged) {
+            self.check_shared_mlink(shared, repo, &digest, linked)
+                .await?;
+        }
         let local = self
             .index
             .manifest(&digest)
@@ -299,9 +328,6 @@ impl Hosted {
         let Some(shared) = &self.shared else {
             return Err(manifest_unknown(repo, &digest));
         };
-        if !tagged && !linked && !shared.has_mlink(repo, &digest).await? {
-            return Err(manifest_unknown(repo, &digest));
-        }
         let m = shared
             .manifest(&digest)
             .await?
@@ -323,6 +349,34 @@ impl Hosted {
             .map_err(|e| internal("index", e))?;
         self.index.flush().await.map_err(|e| internal("index", e))?;
         Ok(m)
+    }
+
+    /// A manifest asked for by digest must be linked in the shared store (it may have been
+    /// deleted on another node: then the local link goes too). When the store cannot be read,
+    /// the local link answers.
+    async fn check_shared_mlink(
+        &self,
+        shared: &shared::SharedHosted,
+        repo: &RepoName,
+        digest: &Digest,
+        linked: bool,
+    ) -> Result<(), RegistryError> {
+        match shared.has_mlink(repo, digest).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                if linked {
+                    self.index
+                        .remove_mlink(repo, digest)
+                        .map_err(|e| internal("index", e))?;
+                }
+                Err(manifest_unknown(repo, digest))
+            }
+            Err(e) if linked => {
+                tracing::warn!(%repo, %digest, error = %e.message, "hosted: answering from the local manifest link");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// What `tag` points to: the shared record when there is a shared store (the local record
@@ -435,7 +489,7 @@ impl Hosted {
                 // Held here: the shared store gets the bytes too (one HEAD when it has them).
                 Some(size) => shared.put_blob(digest, &path, size).await.map(|()| size)?,
                 None => match shared.link(from, digest).await? {
-                    Some(size) if shared.has_blob(digest).await? => size,
+                    Some(size) if shared.blob_size(digest).await?.is_some() => size,
                     _ => return Ok(false),
                 },
             };
@@ -1020,10 +1074,17 @@ mod tests {
         let (d2, _) = b.put_manifest(&repo, &tag, None, v2.clone()).await.unwrap();
         assert_ne!(d1, d2);
         assert_eq!(a.manifest(&repo, &tag).await.unwrap().bytes, v2);
-        // A deleted on B is gone on A.
+        // A tag deleted on B is gone on A; so is a manifest deleted by digest.
         b.delete_manifest(&repo, &tag).await.unwrap();
         assert_eq!(
             a.manifest(&repo, &tag).await.unwrap_err().code,
+            ErrorCode::ManifestUnknown
+        );
+        let by_digest = Reference::Digest(d1);
+        assert!(a.manifest(&repo, &by_digest).await.is_ok());
+        b.delete_manifest(&repo, &by_digest).await.unwrap();
+        assert_eq!(
+            a.manifest(&repo, &by_digest).await.unwrap_err().code,
             ErrorCode::ManifestUnknown
         );
 

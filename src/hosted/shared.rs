@@ -130,10 +130,10 @@ impl SharedHosted {
             .map_err(|e| unavailable("put blob", e))
     }
 
-    /// Whether the shared blob object exists.
-    pub async fn has_blob(&self, digest: &Digest) -> Result<bool, RegistryError> {
+    /// The size of the shared blob object, if it exists.
+    pub async fn blob_size(&self, digest: &Digest) -> Result<Option<u64>, RegistryError> {
         let key = blob_key(digest);
-        Ok(self.bounded("head", self.store.head(&key)).await?.is_some())
+        self.bounded("head", self.store.head(&key)).await
     }
 
     /// Copies the shared blob into `tmp` (fsynced), hashing it on the way: its size, or `None`

@@ -9,7 +9,7 @@ use http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 
 use crate::cache::Cache;
-use crate::hosted::{Hosted, HostedBlob};
+use crate::hosted::Hosted;
 use crate::metrics::metrics;
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName};
 
@@ -99,11 +99,16 @@ pub(super) async fn handle(
         },
         HostedEndpoint::Blob(name, digest) => match *method {
             Method::GET | Method::HEAD => {
-                let blob = hosted.blob(&name, &digest).await?;
+                let (file, size) = if head {
+                    (None, hosted.blob_size(&name, &digest).await?)
+                } else {
+                    let blob = hosted.blob(&name, &digest).await?;
+                    (Some(blob.file), blob.size)
+                };
                 blob_response(
-                    blob,
+                    file,
+                    size,
                     &digest,
-                    head,
                     super::blob_range(&parts.headers, &digest),
                 )
             }
@@ -177,14 +182,15 @@ fn manifest_response(m: crate::hosted::StoredManifest, head: bool) -> Response {
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-/// A hosted blob, whole or one range (206 / 416 as for cached blobs).
+/// A hosted blob, whole or one range (206 / 416 as for cached blobs); without a file, the
+/// answer to a `HEAD`.
 fn blob_response(
-    blob: HostedBlob,
+    file: Option<std::fs::File>,
+    size: u64,
     digest: &Digest,
-    head: bool,
     range: RangeRequest,
 ) -> Result<Response, RegistryError> {
-    let size = blob.size;
+    let head = file.is_none();
     let span = match (range, head) {
         (RangeRequest::Single(r), false) => Some(r.resolve(size).ok_or(size)),
         (RangeRequest::Invalid, false) => Some(Err(size)),
@@ -217,10 +223,9 @@ fn blob_response(
     if let Some(s) = span {
         builder = builder.header(header::CONTENT_RANGE, s.content_range(size));
     }
-    let body = if head {
-        Body::empty()
-    } else {
-        Body::from_stream(crate::stream::file_stream(blob.file, start, len))
+    let body = match file {
+        None => Body::empty(),
+        Some(file) => Body::from_stream(crate::stream::file_stream(file, start, len)),
     };
     builder
         .body(body)
