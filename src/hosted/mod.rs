@@ -258,42 +258,71 @@ impl Hosted {
         repo: &RepoName,
         digest: &Digest,
     ) -> Result<(), RegistryError> {
-        let _push = self.gc_lock.read().await;
         let dest = self.blob_path(digest);
-        let mut size = self.index.blob(digest).map_err(|e| internal("index", e))?;
-        if size.is_none() || !dest.exists() {
+        let held = |h: &Hosted| -> Result<Option<u64>, RegistryError> {
+            let size = h.index.blob(digest).map_err(|e| internal("index", e))?;
+            Ok(size.filter(|_| dest.exists()))
+        };
+        // Fetched outside the collector's lock (it can be long); placed and recorded under it.
+        let mut fetched = None;
+        if held(self)?.is_none() {
             let tmp = self.root.join("uploads").join(format!(
                 "fetch-{}-{:08x}",
                 digest.hex(),
                 rand::random::<u32>()
             ));
-            let Some(fetched) = shared.fetch_blob(digest, &tmp).await? else {
+            let Some(size) = shared.fetch_blob(digest, &tmp).await? else {
                 tracing::error!(%repo, %digest, "shared store links a hosted blob it does not hold");
                 return Err(blob_unknown(repo, digest));
             };
-            let (from, to) = (tmp.clone(), dest.clone());
-            let placed = tokio::task::spawn_blocking(move || place_rename(&from, &to))
-                .await
-                .map_err(|e| internal("place blob", e))
-                .and_then(|r| r.map_err(|e| internal("place blob", e)));
-            if let Err(e) = placed {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e);
-            }
-            if self
-                .index
-                .put_blob(digest, fetched)
-                .map_err(|e| internal("index", e))?
-            {
-                self.quota.add(fetched);
-                self.blob_added();
-            }
-            size = Some(fetched);
+            fetched = Some((tmp, size));
         }
+        let _push = self.gc_lock.read().await;
+        let size = match (held(self)?, fetched) {
+            (Some(size), Some((tmp, _))) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                size
+            }
+            (Some(size), None) => size,
+            (None, Some((tmp, size))) => {
+                self.place_fetched(&tmp, digest, size).await?;
+                size
+            }
+            // Collected between the check and the lock: the next read fetches it again.
+            (None, None) => return Err(blob_unknown(repo, digest)),
+        };
         self.index
-            .put_link(repo, digest, size.unwrap_or(0))
+            .put_link(repo, digest, size)
             .map_err(|e| internal("index", e))?;
         self.index.flush().await.map_err(|e| internal("index", e))
+    }
+
+    /// Moves a verified copy of a shared blob into the blob layout and records it (counted in
+    /// the hosted bytes, never refused: it is already acknowledged content).
+    async fn place_fetched(
+        &self,
+        tmp: &Path,
+        digest: &Digest,
+        size: u64,
+    ) -> Result<(), RegistryError> {
+        let (from, to) = (tmp.to_path_buf(), self.blob_path(digest));
+        let placed = tokio::task::spawn_blocking(move || place_rename(&from, &to))
+            .await
+            .map_err(|e| internal("place blob", e))
+            .and_then(|r| r.map_err(|e| internal("place blob", e)));
+        if let Err(e) = placed {
+            let _ = tokio::fs::remove_file(tmp).await;
+            return Err(e);
+        }
+        if self
+            .index
+            .put_blob(digest, size)
+            .map_err(|e| internal("index", e))?
+        {
+            self.quota.add(size);
+            self.blob_added();
+        }
+        Ok(())
     }
 
     /// A manifest of `repo` by tag or digest: the local copy, else (with a shared store) the
@@ -518,11 +547,11 @@ impl Hosted {
             .await
             .map_err(|e| internal("stat cached blob", e))?
             .len();
-        let _push = self.gc_lock.read().await;
         if let Some(shared) = &self.shared {
             shared.put_blob(digest, source, size).await?;
             shared.put_link(repo, digest, size).await?;
         }
+        let _push = self.gc_lock.read().await;
         if self
             .index
             .blob(digest)
@@ -619,7 +648,7 @@ impl Hosted {
         repo: &RepoName,
         f: uploads::Finished,
     ) -> Result<(), RegistryError> {
-        let _push = self.gc_lock.read().await;
+        // The shared copy first (outside the collector's lock: it can be long).
         if let Some(shared) = &self.shared {
             let shared_first = async {
                 shared.put_blob(&f.digest, &f.path, f.size).await?;
@@ -631,6 +660,7 @@ impl Hosted {
                 return Err(e);
             }
         }
+        let _push = self.gc_lock.read().await;
         let dest = self.blob_path(&f.digest);
         let known = self
             .index
