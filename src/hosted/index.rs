@@ -248,6 +248,18 @@ impl HostedIndex {
             .is_some())
     }
 
+    /// The manifests `repo` holds, by hex.
+    pub fn mlinks_of(&self, repo: &RepoName) -> Result<Vec<String>, IndexError> {
+        let mut out = Vec::new();
+        for kv in self.mlinks.scan_prefix(prefix(repo.as_str())) {
+            let (k, _) = kv?;
+            if let Some((_, hex)) = split_key(&k) {
+                out.push(hex);
+            }
+        }
+        Ok(out)
+    }
+
     /// Every manifest link: (repository, hex, pushed at).
     pub fn all_mlinks(&self) -> Result<Vec<(String, String, u64)>, IndexError> {
         let mut out = Vec::new();

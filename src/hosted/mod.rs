@@ -15,6 +15,7 @@
 
 pub mod gc;
 pub mod index;
+pub mod referrers;
 pub mod uploads;
 
 use std::path::{Path, PathBuf};
