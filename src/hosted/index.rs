@@ -203,11 +203,12 @@ impl HostedIndex {
             .and_then(|v| decode_manifest(digest.clone(), &v)))
     }
 
-    /// Stores a manifest's bytes (idempotent: same digest, same bytes).
-    pub fn put_manifest(&self, m: &StoredManifest) -> Result<(), IndexError> {
-        self.manifests
-            .insert(m.digest.hex(), encode_manifest(&m.media_type, &m.bytes))?;
-        Ok(())
+    /// Stores a manifest's bytes (idempotent: same digest, same bytes); true when it was new.
+    pub fn put_manifest(&self, m: &StoredManifest) -> Result<bool, IndexError> {
+        Ok(self
+            .manifests
+            .insert(m.digest.hex(), encode_manifest(&m.media_type, &m.bytes))?
+            .is_none())
     }
 
     /// Removes a manifest's bytes; the size it had.

@@ -149,9 +149,20 @@ impl Hosted {
             .set(i64::try_from(self.uploads.in_progress()).unwrap_or(i64::MAX));
     }
 
-    fn blob_added(&self) {
-        self.blob_count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Records a blob file whose bytes were taken from the budget. When a concurrent push of
+    /// the same blob recorded it first, this push's bytes are given back: a blob counts once.
+    fn record_blob(&self, digest: &Digest, size: u64) -> Result<(), RegistryError> {
+        let new = self
+            .index
+            .put_blob(digest, size)
+            .map_err(|e| internal("index", e))?;
+        if new {
+            self.blob_count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.quota.give(size);
+        }
+        Ok(())
     }
 
     /// The path of a hosted blob file.
@@ -310,10 +321,7 @@ impl Hosted {
                 self.quota.give(size);
                 return Err(e);
             }
-            self.index
-                .put_blob(digest, size)
-                .map_err(|e| internal("index", e))?;
-            self.blob_added();
+            self.record_blob(digest, size)?;
         }
         self.index
             .put_link(repo, digest, size)
@@ -408,10 +416,7 @@ impl Hosted {
                 self.quota.give(f.size);
                 return Err(e);
             }
-            self.index
-                .put_blob(&f.digest, f.size)
-                .map_err(|e| internal("index", e))?;
-            self.blob_added();
+            self.record_blob(&f.digest, f.size)?;
         }
         self.index
             .put_link(repo, &f.digest, f.size)
@@ -513,9 +518,14 @@ impl Hosted {
                 media_type: parsed.media_type.clone(),
                 bytes,
             };
-            if let Err(e) = self.index.put_manifest(&stored) {
-                self.quota.give(stored.bytes.len() as u64);
-                return Err(internal("index", e));
+            match self.index.put_manifest(&stored) {
+                Ok(true) => {}
+                // Stored meanwhile by a concurrent push of the same bytes: counted once.
+                Ok(false) => self.quota.give(stored.bytes.len() as u64),
+                Err(e) => {
+                    self.quota.give(stored.bytes.len() as u64);
+                    return Err(internal("index", e));
+                }
             }
         }
         self.index
