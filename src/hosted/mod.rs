@@ -492,10 +492,7 @@ impl Hosted {
             self.quota.give(size);
             return Err(e);
         }
-        self.index
-            .put_blob(digest, size)
-            .map_err(|e| internal("index", e))?;
-        self.blob_added();
+        self.record_blob(digest, size)?;
         Ok(size)
     }
 
