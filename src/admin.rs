@@ -116,9 +116,11 @@ pub fn execute(
             Ok(true)
         }
         Request::Export { images, output } => {
-            airgap::export(cache, config, images, output, out).map(|_| true)
+            airgap::export(cache, hosted, config, images, output, out).map(|_| true)
         }
-        Request::Import { bundle, pin } => airgap::import(cache, bundle, *pin, out).map(|_| true),
+        Request::Import { bundle, pin } => {
+            airgap::import(cache, hosted, bundle, *pin, out).map(|_| true)
+        }
         Request::Prefetch(_) => Err(OpsError::Usage(
             "prefetch needs the mirror, not only the cache".into(),
         )),

@@ -64,9 +64,9 @@
 //!   Docker-style image reference parsing, and the progress [`ops::Event`]s every operation
 //!   reports through.
 //! - [`airgap`] — air-gapped sites: `prefetch` through the mirror's fill engine, `export` of
-//!   cached images to an OCI image layout (tar or directory, readable by skopeo: Docker-typed
-//!   images get an OCI-typed copy beside them) and `import` of one (every blob verified first,
-//!   images made visible whole, idempotent). `offline = true` / `serve --offline` lives in
+//!   cached and hosted images to an OCI image layout (tar or directory, readable by skopeo:
+//!   Docker-typed images get an OCI-typed copy beside them) and `import` of one (every blob
+//!   verified first, images made visible whole, hosted ones into hosted storage, idempotent). `offline = true` / `serve --offline` lives in
 //!   [`mirror`].
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), blob
 //!   `Range` parsing (`http::range`, 206/416), the one place errors become responses,
@@ -107,7 +107,7 @@
 //! | `mirror` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet` |
 //! | `hosted` | `oci`, `stream`, `metrics`, `policy`, `config`, `store` |
 //! | `ops` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted` |
-//! | `airgap` | `oci`, `stream`, `metrics`, `config`, `upstream`, `cache`, `mirror`, `ops` |
+//! | `airgap` | `oci`, `stream`, `metrics`, `config`, `upstream`, `cache`, `mirror`, `hosted`, `ops` |
 //! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror`, `hosted` |
 //! | `admin` | `oci`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `airgap` |
 //! | `server` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `http`, `admin` |

@@ -88,7 +88,7 @@ enum Command {
         pin: bool,
         images: Vec<String>,
     },
-    /// Write cached images as an OCI image layout: a tar, or a directory with `-o dir/`.
+    /// Write cached and hosted images as an OCI image layout: a tar, or a directory (`-o dir/`).
     Export {
         #[arg(long, short)]
         config: Option<PathBuf>,
@@ -100,7 +100,8 @@ enum Command {
         output: PathBuf,
         images: Vec<String>,
     },
-    /// Load an OCI image layout (tar or directory) into the cache, verifying every blob.
+    /// Load an OCI image layout (tar or directory), verifying every blob: hosted images into
+    /// hosted storage, the others into the cache.
     Import {
         #[arg(long, short)]
         config: Option<PathBuf>,

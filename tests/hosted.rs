@@ -889,3 +889,124 @@ fn kill_9_during_manifest_pushes_loses_no_acknowledged_tag_and_shows_no_half_ima
         assert_eq!(r.bytes().unwrap().to_vec(), blob.bytes);
     }
 }
+
+#[test]
+fn referrers_of_a_hosted_image_are_listed_filtered_and_forgotten_on_delete() {
+    let (_upstream, stowage) = start("delete = true\n");
+    let client = http();
+    let pushed = images::push(
+        &stowage.url(),
+        "team/signed",
+        "1",
+        Image::build(Format::Oci, &[1500]),
+    );
+    let subject = pushed.digest().to_string();
+    let url = |path: &str| format!("{}{path}", stowage.url());
+
+    // Nothing refers to it yet: 200 with an empty index.
+    let r = client
+        .get(url(&format!("/v2/team/signed/referrers/{subject}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-type"], images::OCI_INDEX);
+    let index: serde_json::Value = r.json().unwrap();
+    assert_eq!(index["manifests"], serde_json::json!([]));
+
+    // Two artifacts with the image as subject (as cosign and an SBOM tool push them).
+    let empty = images::Blob::new("application/vnd.oci.empty.v1+json", b"{}".to_vec());
+    images::push_blob(&stowage.url(), "team/signed", &empty);
+    let mut artifacts = Vec::new();
+    for (kind, payload) in [
+        (
+            "application/vnd.dev.cosign.artifact.sig.v1+json",
+            b"signature".to_vec(),
+        ),
+        ("application/spdx+json", b"{\"spdx\":true}".to_vec()),
+    ] {
+        let layer = images::Blob::new("application/octet-stream", payload);
+        images::push_blob(&stowage.url(), "team/signed", &layer);
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": images::OCI_MANIFEST,
+            "artifactType": kind,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty.digest, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": layer.digest, "size": layer.size()}],
+            "subject": {"mediaType": images::OCI_MANIFEST, "digest": subject, "size": pushed.manifest().size()},
+            "annotations": {"org.example.kind": kind}
+        })
+        .to_string();
+        let digest = sha256_digest(body.as_bytes());
+        let r = client
+            .put(url(&format!("/v2/team/signed/manifests/{digest}")))
+            .header("Content-Type", images::OCI_MANIFEST)
+            .body(body.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201, "{:?}", r.text());
+        assert_eq!(r.headers()["oci-subject"], subject.as_str());
+        artifacts.push((kind, digest, body.len()));
+    }
+    let index: serde_json::Value = client
+        .get(url(&format!("/v2/team/signed/referrers/{subject}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let listed = index["manifests"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{index}");
+    for (kind, digest, size) in &artifacts {
+        let d = listed
+            .iter()
+            .find(|d| d["digest"] == digest.as_str())
+            .expect("listed");
+        assert_eq!(d["artifactType"], *kind);
+        assert_eq!(d["size"], *size);
+        assert_eq!(d["mediaType"], images::OCI_MANIFEST);
+        assert_eq!(d["annotations"]["org.example.kind"], *kind);
+    }
+    // Filtered by artifactType, and said so.
+    let r = client
+        .get(url(&format!(
+            "/v2/team/signed/referrers/{subject}?artifactType=application/spdx%2Bjson"
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["oci-filters-applied"], "artifactType");
+    let index: serde_json::Value = r.json().unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        index["manifests"][0]["artifactType"],
+        "application/spdx+json"
+    );
+    // Another repository sees none of them.
+    let other: serde_json::Value = client
+        .get(url(&format!("/v2/team/other/referrers/{subject}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(other["manifests"], serde_json::json!([]));
+    // Deleting a referrer updates the list.
+    let r = client
+        .delete(url(&format!(
+            "/v2/team/signed/manifests/{}",
+            artifacts[0].1
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let index: serde_json::Value = client
+        .get(url(&format!("/v2/team/signed/referrers/{subject}")))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1);
+    // Mirrored names have no referrers API here: 404, so clients use the tag schema.
+    let r = client
+        .get(url(&format!("/v2/library/alpine/referrers/{subject}")))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+}

@@ -201,6 +201,8 @@ fn dashboard_is_importable_with_a_datasource_variable_and_the_issue_panels() {
         "stale serves",
         "docker hub rate limit remaining",
         "request latency percentiles",
+        "hosted size",
+        "pushes by result",
     ] {
         assert!(
             titles.iter().any(|t| t == want),

@@ -213,3 +213,79 @@ fn podman_buildah_and_manifest_push_all_land_in_hosted() {
         }
     }
 }
+
+#[test]
+fn docker_login_then_push_works_for_a_pusher_and_is_denied_to_a_reader() {
+    let upstream = Registry::start();
+    let files = tempfile::tempdir().unwrap();
+    let htpasswd = files.path().join("htpasswd");
+    let entry = |user: &str, pass: &str| format!("{user}:{}\n", bcrypt::hash(pass, 4).unwrap());
+    std::fs::write(
+        &htpasswd,
+        entry("ci", "ci-pass") + &entry("reader", "read-pass"),
+    )
+    .unwrap();
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .auth_required()
+        .extra_toml(&format!(
+            "[hosted]\nrepositories = [\"team/**\"]\n[auth]\nhtpasswd = {:?}\n\
+             [[auth.access]]\nusers = [\"ci\"]\nrepositories = [\"team/**\", \"library/**\"]\nactions = [\"pull\", \"push\"]\n\
+             [[auth.access]]\nusers = [\"reader\"]\nrepositories = [\"team/**\", \"library/**\"]\nactions = [\"pull\"]\n",
+            htpasswd.display().to_string()
+        ))
+        .start();
+    images::push(
+        &upstream.url(),
+        "library/base",
+        "1",
+        Image::build(Format::Docker, &[5000]),
+    );
+    let hp = stowage.host_port();
+    let docker = Dockerd::start(&format!("{{\"insecure-registries\": [\"{hp}\"]}}\n"));
+    // `-p` on the command line is fine for a throwaway test daemon (docker warns about it).
+    let login_as = |user: &str, pass: &str| {
+        docker.docker_ok(&["login", "-u", user, "-p", pass, &hp]);
+    };
+    login_as("ci", "ci-pass");
+    docker.docker_ok(&["pull", &format!("{hp}/library/base:1")]);
+    let image = format!("{hp}/team/app:1");
+    docker.docker_ok(&["tag", &format!("{hp}/library/base:1"), &image]);
+    docker.docker_ok(&["push", &image]);
+    served_digest_with(&stowage, "ci", "ci-pass", "team/app", "1");
+
+    login_as("reader", "read-pass");
+    let other = format!("{hp}/team/other:1");
+    docker.docker_ok(&["tag", &image, &other]);
+    let refused = docker.docker(&["push", &other]);
+    assert!(!refused.status.success(), "a pull-only user pushed");
+    let said = String::from_utf8_lossy(&refused.stderr).to_string()
+        + &String::from_utf8_lossy(&refused.stdout);
+    assert!(said.to_lowercase().contains("denied"), "{said}");
+    // The server's answer names the rule (dockerd may shorten what it prints).
+    let raw = http()
+        .post(format!("{}/v2/team/other/blobs/uploads/", stowage.url()))
+        .basic_auth("reader", Some("read-pass"))
+        .header("Content-Length", "0")
+        .send()
+        .unwrap();
+    assert_eq!(raw.status().as_u16(), 403);
+    assert!(raw
+        .text()
+        .unwrap()
+        .contains("auth.access[1] allows only pull"));
+}
+
+fn served_digest_with(stowage: &Stowage, user: &str, pass: &str, name: &str, tag: &str) -> String {
+    let resp = http()
+        .head(format!("{}/v2/{name}/manifests/{tag}", stowage.url()))
+        .basic_auth(user, Some(pass))
+        .header("Accept", support::manifest_accept())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "HEAD {name}:{tag}");
+    resp.headers()["docker-content-digest"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}

@@ -9,6 +9,11 @@
 //! skopeo reads the copy, `import` the original. An image must be fully cached (its manifests,
 //! and every blob of those manifests); an index exports with the children the cache holds (the
 //! platforms that were pulled).
+//!
+//! A reference whose name `hosted.repositories` holds (`team/app:1`) exports the hosted image,
+//! read from hosted storage: all of it (an index with every child, as pushed). Its entry is
+//! named as clients address it (`team/app:1`) and marked with [`HOSTED`], so that `import`
+//! puts it back into hosted storage.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -18,12 +23,13 @@ use std::sync::Arc;
 use crate::cache::index::{unix_now, StoredManifest};
 use crate::cache::{BlobLease, Cache};
 use crate::config::Config;
+use crate::hosted::Hosted;
 use crate::oci::convert::{docker_list_to_oci, docker_manifest_to_oci, Replacement};
 use crate::oci::media::{DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, OCI_INDEX, OCI_MANIFEST};
-use crate::oci::Digest;
+use crate::oci::{manifest, Digest, Reference, RepoName};
 use crate::ops::{self, ImageRef, OpsError};
 
-use super::{io_err, usage, CONVERTED_FROM, LAYOUT_VERSION, REF_NAME};
+use super::{io_err, usage, CONVERTED_FROM, HOSTED, LAYOUT_VERSION, REF_NAME};
 
 /// One image of an export.
 struct Entry {
@@ -33,6 +39,8 @@ struct Entry {
     size: u64,
     /// For the OCI-typed copy of a Docker-typed image: the original's digest.
     converted_from: Option<Digest>,
+    /// A hosted image (named as clients address it).
+    hosted: bool,
 }
 
 /// What an export writes, gathered before anything is written.
@@ -50,6 +58,7 @@ struct Contents {
 /// `stowage export`.
 pub fn export(
     cache: &Cache,
+    hosted: Option<&Hosted>,
     config: &Config,
     refs: &[String],
     output: &Path,
@@ -57,6 +66,12 @@ pub fn export(
 ) -> Result<(), OpsError> {
     let mut contents = Contents::default();
     for text in refs {
+        if let Some((h, (repo, reference))) =
+            hosted.and_then(|h| Some((h, super::hosted_ref(text, h)?)))
+        {
+            add_hosted_image(h, &repo, &reference, &mut contents, out)?;
+            continue;
+        }
         let r = ops::parse_image_ref(text, config)?;
         add_image(cache, &r, &mut contents, out)?;
     }
@@ -125,6 +140,7 @@ fn add_image(
         media_type: top.media_type.clone(),
         size: top.bytes.len() as u64,
         converted_from: None,
+        hosted: false,
     };
     let _ = writeln!(
         out,
@@ -134,7 +150,19 @@ fn add_image(
         held.len(),
         needed.len()
     );
-    let variant = oci_variant(&image, &root, &mut contents.manifests);
+    push_entry(&image, entry, contents, out);
+    Ok(())
+}
+
+/// Adds `entry` and, for a Docker-typed image, the entry of its OCI-typed copy.
+fn push_entry(
+    image: &HashMap<Digest, Arc<StoredManifest>>,
+    entry: Entry,
+    contents: &mut Contents,
+    out: &mut dyn Write,
+) {
+    let variant = oci_variant(image, &entry.digest, &mut contents.manifests);
+    let (name, root, hosted) = (entry.name.clone(), entry.digest.clone(), entry.hosted);
     contents.entries.push(entry);
     if let Some(v) = variant {
         let _ = writeln!(
@@ -143,13 +171,83 @@ fn add_image(
             v.digest
         );
         contents.entries.push(Entry {
-            name: r.to_string(),
+            name,
             digest: v.digest,
             media_type: v.media_type,
             size: v.size,
             converted_from: Some(root),
+            hosted,
         });
     }
+}
+
+/// Adds hosted image `reference` of `repo` to `contents`: every manifest it reaches and every
+/// blob of those (foreign layers, never pushed, aside), read from hosted storage.
+fn add_hosted_image(
+    hosted: &Hosted,
+    repo: &RepoName,
+    reference: &Reference,
+    contents: &mut Contents,
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
+    let name = super::hosted_name(repo, reference);
+    let fail = |e: crate::oci::RegistryError| usage(format!("{name}: {}", e.message));
+    let top = hosted.local_manifest(repo, reference).map_err(fail)?;
+    let mut image = HashMap::new();
+    let mut blobs = 0;
+    let mut stack = vec![top.digest.clone()];
+    while let Some(d) = stack.pop() {
+        if image.contains_key(&d) {
+            continue;
+        }
+        let m = hosted
+            .local_manifest(repo, &Reference::Digest(d.clone()))
+            .map_err(fail)?;
+        let parsed = manifest::parse(&m.bytes, Some(&m.media_type))
+            .map_err(|e| usage(format!("{name}: hosted manifest {d}: {e}")))?;
+        for b in &parsed.blobs {
+            if b.media_type
+                .as_deref()
+                .is_some_and(manifest::is_non_distributable)
+            {
+                continue;
+            }
+            hosted.local_blob(repo, &b.digest).map_err(fail)?;
+            let path = hosted.blob_path(&b.digest);
+            if contents
+                .blobs
+                .insert(b.digest.hex().to_owned(), path)
+                .is_none()
+            {
+                blobs += 1;
+            }
+        }
+        stack.extend(parsed.children.iter().map(|c| c.digest.clone()));
+        contents
+            .manifests
+            .insert(d.hex().to_owned(), m.bytes.clone());
+        let stored = StoredManifest {
+            digest: m.digest,
+            media_type: m.media_type,
+            bytes: m.bytes,
+        };
+        image.insert(d, Arc::new(stored));
+    }
+    let _ = writeln!(
+        out,
+        "export hosted {name} ({}): {} manifest(s), {blobs} blob(s)",
+        top.digest,
+        image.len(),
+    );
+    let entry = Entry {
+        name,
+        digest: top.digest.clone(),
+        media_type: top.media_type.clone(),
+        size: top.bytes.len() as u64,
+        converted_from: None,
+        hosted: true,
+    };
+    push_entry(&image, entry, contents, out);
     Ok(())
 }
 
@@ -209,13 +307,23 @@ fn index_json(entries: &[Entry]) -> Result<Vec<u8>, OpsError> {
             "mediaType": e.media_type,
             "digest": e.digest.to_string(),
             "size": e.size,
-            "annotations": match &e.converted_from {
-                None => serde_json::json!({ REF_NAME: e.name }),
-                Some(d) => serde_json::json!({ REF_NAME: e.name, CONVERTED_FROM: d.to_string() }),
-            },
+            "annotations": annotations(e),
         })).collect::<Vec<_>>(),
     });
     serde_json::to_vec_pretty(&index).map_err(|e| usage(e.to_string()))
+}
+
+/// An entry's annotations: its name, and the marks `import` reads.
+fn annotations(e: &Entry) -> serde_json::Value {
+    let mut a = serde_json::Map::new();
+    a.insert(REF_NAME.into(), e.name.clone().into());
+    if let Some(d) = &e.converted_from {
+        a.insert(CONVERTED_FROM.into(), d.to_string().into());
+    }
+    if e.hosted {
+        a.insert(HOSTED.into(), "true".into());
+    }
+    a.into()
 }
 
 /// Writes the layout as a directory at `output`.

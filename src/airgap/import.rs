@@ -6,6 +6,12 @@
 //! the fill engine (budget and index as for any fill), then the manifests, and last the tag: an
 //! image is visible only once all of it is in. Content already cached is skipped, so importing
 //! the same bundle twice changes nothing.
+//!
+//! An entry marked [`HOSTED`] goes into hosted storage instead, when this stowage hosts its
+//! name (else the import is refused before anything is written): its blobs committed as a push
+//! commits them, then its child manifests, then its top manifest with its tag, each durable
+//! before the next. The hosted images of a bundle must fit in `hosted.max_size` together, or
+//! nothing is imported.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -13,13 +19,15 @@ use std::path::{Path, PathBuf};
 
 use crate::cache::index::{unix_now, unix_now_ms};
 use crate::cache::{hash_copy, BlobSource, Cache, Pin, TagEntry};
+use crate::hosted::Hosted;
+use crate::oci::manifest;
 use crate::oci::media::OCI_INDEX;
 use crate::oci::references;
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use crate::ops::OpsError;
 use crate::stream::BlobBody;
 
-use super::{io_err, usage, CONVERTED_FROM, LAYOUT_VERSION, REF_NAME};
+use super::{io_err, usage, CONVERTED_FROM, HOSTED, LAYOUT_VERSION, REF_NAME};
 
 /// A fully qualified reference from a bundle: `host/repo:tag` or `host/repo@digest`.
 fn parse_qualified(text: &str) -> Result<(String, RepoName, Reference), OpsError> {
@@ -71,6 +79,10 @@ impl BlobSource for FileSource {
             })
         })
     }
+}
+
+fn idx(e: crate::hosted::index::IndexError) -> OpsError {
+    usage(format!("hosted index: {e}"))
 }
 
 fn valid_hex(name: &str) -> bool {
@@ -248,6 +260,8 @@ fn stage_blob(
 /// What one image of an import consists of, children before parents.
 struct ImagePlan {
     name: String,
+    /// Into hosted storage (`host` then empty), else into the cache.
+    hosted: bool,
     host: String,
     repo: RepoName,
     reference: Reference,
@@ -269,8 +283,37 @@ fn manifest_type(bytes: &[u8], fallback: &str) -> String {
         .unwrap_or_else(|| fallback.to_owned())
 }
 
+/// Where an entry named `name` goes: hosted storage (marked [`HOSTED`]) or the cache.
+fn target(
+    entry: &serde_json::Value,
+    name: &str,
+    hosted: Option<&Hosted>,
+) -> Result<(bool, String, RepoName, Reference), OpsError> {
+    let marked = entry
+        .get("annotations")
+        .and_then(|a| a.get(HOSTED))
+        .is_some();
+    if !marked {
+        let (host, repo, reference) = parse_qualified(name)?;
+        return Ok((false, host, repo, reference));
+    }
+    let (repo, reference) = hosted
+        .and_then(|h| super::hosted_ref(name, h))
+        .ok_or_else(|| {
+            usage(format!(
+                "{name} is a hosted image and this stowage does not host that name (add it to \
+                 hosted.repositories); nothing was imported"
+            ))
+        })?;
+    Ok((true, String::new(), repo, reference))
+}
+
 /// What each image of the bundle's `index.json` consists of (its OCI-typed copies skipped).
-fn plan(cache: &Cache, bundle: &Bundle) -> Result<Vec<ImagePlan>, OpsError> {
+fn plan(
+    cache: &Cache,
+    hosted: Option<&Hosted>,
+    bundle: &Bundle,
+) -> Result<Vec<ImagePlan>, OpsError> {
     let entries = bundle
         .index
         .get("manifests")
@@ -290,7 +333,7 @@ fn plan(cache: &Cache, bundle: &Bundle) -> Result<Vec<ImagePlan>, OpsError> {
             .and_then(|a| a.get(REF_NAME))
             .and_then(|n| n.as_str())
             .ok_or_else(|| usage(format!("index.json entry without {REF_NAME}")))?;
-        let (host, repo, reference) = parse_qualified(name)?;
+        let (to_hosted, host, repo, reference) = target(e, name, hosted)?;
         let root: Digest = e
             .get("digest")
             .and_then(|d| d.as_str())
@@ -301,13 +344,24 @@ fn plan(cache: &Cache, bundle: &Bundle) -> Result<Vec<ImagePlan>, OpsError> {
             .and_then(|m| m.as_str())
             .unwrap_or(OCI_INDEX)
             .to_owned();
-        let (manifests, blobs) = walk_image(cache, bundle, name, &root, &root_type)?;
+        let (manifests, blobs) = match hosted.filter(|_| to_hosted) {
+            Some(h) => {
+                let blob = |b: &Digest| Ok(h.index().link(&repo, b).map_err(idx)?.is_some());
+                let child = |c: &Digest| h.index().has_mlink(&repo, c).map_err(idx);
+                walk_image(bundle, name, (&root, &root_type), &blob, &child)?
+            }
+            None => {
+                let blob = |b: &Digest| Ok(cache.holds_blob(b)?);
+                walk_image(bundle, name, (&root, &root_type), &blob, &|_| Ok(true))?
+            }
+        };
         let root_type = manifests
             .last()
             .map(|(_, t)| t.clone())
             .unwrap_or(root_type);
         plans.push(ImagePlan {
             name: name.to_owned(),
+            hosted: to_hosted,
             host,
             repo,
             reference,
@@ -323,43 +377,42 @@ fn plan(cache: &Cache, bundle: &Bundle) -> Result<Vec<ImagePlan>, OpsError> {
 /// An image's manifests (digest, media type), children first, and its blobs.
 type Walked = (Vec<(Digest, String)>, Vec<Digest>);
 
-/// Walks image `name` from its top manifest `root` through the bundle: its manifests (digest,
-/// media type) children first, and its blobs. The top manifest and every blob must be in the
-/// bundle (or the blob in the cache); an index's children may be missing (the platforms that
-/// were not exported).
+/// Walks image `name` from its top manifest `root` (digest, media type) through the bundle: its
+/// manifests (digest, media type) children first, and its blobs. The top manifest must be in
+/// the bundle, every blob in the bundle or `held` (foreign layers aside); an index's child may
+/// be missing when `child_held` says so (for the cache: the platforms that were not exported).
 fn walk_image(
-    cache: &Cache,
     bundle: &Bundle,
     name: &str,
-    root: &Digest,
-    root_type: &str,
+    root: (&Digest, &str),
+    held: &dyn Fn(&Digest) -> Result<bool, OpsError>,
+    child_held: &dyn Fn(&Digest) -> Result<bool, OpsError>,
 ) -> Result<Walked, OpsError> {
     let mut manifests = Vec::new();
     let mut blobs = Vec::new();
     let mut seen = HashSet::new();
     // (digest, descriptor media type, required)
-    let mut stack = vec![(root.clone(), root_type.to_owned(), true)];
+    let mut stack = vec![(root.0.clone(), root.1.to_owned(), true)];
     while let Some((d, dtype, required)) = stack.pop() {
         if !seen.insert(d.clone()) {
             continue;
         }
         let bytes = match bundle.blobs.get(d.hex()) {
             Some((p, _)) => std::fs::read(p).map_err(io_err(p.display()))?,
-            None if required => {
+            None if required || !child_held(&d)? => {
                 return Err(usage(format!("{name}: the bundle lacks manifest {d}")))
             }
-            // An index's platforms that were not exported.
             None => continue,
         };
-        let refs = references(&bytes);
-        for (b, _) in refs.blobs {
-            let have = bundle.blobs.contains_key(b.hex()) || cache.holds_blob(&b)?;
-            if !have {
+        let foreign = foreign_layers(&bytes, &dtype);
+        for (b, _) in references(&bytes).blobs {
+            if bundle.blobs.contains_key(b.hex()) || held(&b)? {
+                blobs.push(b);
+            } else if !foreign.contains(&b) {
                 return Err(usage(format!(
                     "{name}: the bundle lacks blob {b} (of manifest {d})"
                 )));
             }
-            blobs.push(b);
         }
         manifests.push((d.clone(), manifest_type(&bytes, &dtype)));
         stack.extend(
@@ -372,6 +425,21 @@ fn walk_image(
     blobs.sort();
     blobs.dedup();
     Ok((manifests, blobs))
+}
+
+/// The non-distributable layers of a manifest (never pushed, so never exported).
+fn foreign_layers(bytes: &[u8], media_type: &str) -> HashSet<Digest> {
+    manifest::parse(bytes, Some(media_type))
+        .map(|p| p.blobs)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|b| {
+            b.media_type
+                .as_deref()
+                .is_some_and(manifest::is_non_distributable)
+        })
+        .map(|b| b.digest)
+        .collect()
 }
 
 /// The (digest, media type) of the manifests an index lists; none for an image manifest.
@@ -409,17 +477,134 @@ async fn fill_from(cache: &Cache, digest: &Digest, path: &Path, size: u64) -> Re
 }
 
 /// `stowage import`.
-pub fn import(cache: &Cache, input: &Path, pin: bool, out: &mut dyn Write) -> Result<(), OpsError> {
+pub fn import(
+    cache: &Cache,
+    hosted: Option<&Hosted>,
+    input: &Path,
+    pin: bool,
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
     let bundle = load_bundle(cache, input)?;
-    let plans = plan(cache, &bundle)?;
+    let plans = plan(cache, hosted, &bundle)?;
+    if let Some(h) = hosted {
+        check_room(h, &bundle, &plans)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| usage(format!("cannot start the runtime: {e}")))?;
     for p in &plans {
-        import_image(cache, &bundle, &runtime, p, pin, out)?;
+        match hosted.filter(|_| p.hosted) {
+            Some(h) => import_hosted_image(h, &bundle, &runtime, p, pin, out)?,
+            None => import_image(cache, &bundle, &runtime, p, pin, out)?,
+        }
     }
     cache.index().flush()?;
+    Ok(())
+}
+
+/// Refuses the import, before anything is written, when the bundle's hosted content that
+/// hosted storage does not hold yet does not fit in `hosted.max_size`.
+fn check_room(hosted: &Hosted, bundle: &Bundle, plans: &[ImagePlan]) -> Result<(), OpsError> {
+    let mut needed = HashMap::new();
+    for p in plans.iter().filter(|p| p.hosted) {
+        for b in &p.blobs {
+            if hosted.index().blob(b).map_err(idx)?.is_none() {
+                if let Some((_, size)) = bundle.blobs.get(b.hex()) {
+                    needed.insert(b.hex(), *size);
+                }
+            }
+        }
+        for (d, _) in &p.manifests {
+            if hosted.index().manifest(d).map_err(idx)?.is_none() {
+                if let Some((_, size)) = bundle.blobs.get(d.hex()) {
+                    needed.insert(d.hex(), *size);
+                }
+            }
+        }
+    }
+    let needed: u64 = needed.values().sum();
+    let room = hosted.room();
+    if needed > room {
+        return Err(usage(format!(
+            "the bundle's hosted images need {} more and hosted storage has room for {} \
+             (hosted.max_size = {}): nothing was imported",
+            crate::ops::human(needed),
+            crate::ops::human(room),
+            crate::ops::human(hosted.settings().max_size),
+        )));
+    }
+    Ok(())
+}
+
+/// Imports one hosted image: its blobs, then its manifests children first, the top one with
+/// its tag last; each step durable before the next.
+fn import_hosted_image(
+    hosted: &Hosted,
+    bundle: &Bundle,
+    runtime: &tokio::runtime::Runtime,
+    p: &ImagePlan,
+    pin: bool,
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
+    let fail = |e: RegistryError| {
+        usage(format!(
+            "{}: {}; the image was not tagged",
+            p.name, e.message
+        ))
+    };
+    let mut new_blobs = 0;
+    for b in &p.blobs {
+        // Not in the bundle: already linked in the repository (checked by the plan).
+        let Some((path, _)) = bundle.blobs.get(b.hex()) else {
+            continue;
+        };
+        if runtime
+            .block_on(hosted.import_blob(&p.repo, b, path))
+            .map_err(fail)?
+        {
+            new_blobs += 1;
+        }
+    }
+    let mut changed = 0;
+    for (d, t) in &p.manifests {
+        let (path, _) = bundle
+            .blobs
+            .get(d.hex())
+            .ok_or_else(|| usage(format!("{}: the bundle lacks manifest {d}", p.name)))?;
+        let bytes = std::fs::read(path).map_err(io_err(path.display()))?;
+        let reference = if d == &p.root {
+            p.reference.clone()
+        } else {
+            Reference::Digest(d.clone())
+        };
+        if runtime
+            .block_on(hosted.import_manifest(&p.repo, &reference, t, bytes.into()))
+            .map_err(fail)?
+        {
+            changed += 1;
+        }
+    }
+    hosted.publish();
+    let note = if pin {
+        " (hosted: never evicted, --pin not needed)"
+    } else {
+        ""
+    };
+    if new_blobs == 0 && changed == 0 {
+        let _ = writeln!(
+            out,
+            "{} ({}): already present (hosted){note}",
+            p.name, p.root
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "imported {} ({}) into hosted storage: {new_blobs} new blob(s), {changed} new or \
+             retagged manifest(s){note}",
+            p.name, p.root
+        );
+    }
     Ok(())
 }
 

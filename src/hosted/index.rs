@@ -203,11 +203,12 @@ impl HostedIndex {
             .and_then(|v| decode_manifest(digest.clone(), &v)))
     }
 
-    /// Stores a manifest's bytes (idempotent: same digest, same bytes).
-    pub fn put_manifest(&self, m: &StoredManifest) -> Result<(), IndexError> {
-        self.manifests
-            .insert(m.digest.hex(), encode_manifest(&m.media_type, &m.bytes))?;
-        Ok(())
+    /// Stores a manifest's bytes (idempotent: same digest, same bytes); true when it was new.
+    pub fn put_manifest(&self, m: &StoredManifest) -> Result<bool, IndexError> {
+        Ok(self
+            .manifests
+            .insert(m.digest.hex(), encode_manifest(&m.media_type, &m.bytes))?
+            .is_none())
     }
 
     /// Removes a manifest's bytes; the size it had.
@@ -246,6 +247,18 @@ impl HostedIndex {
             .mlinks
             .remove(key(repo.as_str(), digest.hex()))?
             .is_some())
+    }
+
+    /// The manifests `repo` holds, by hex.
+    pub fn mlinks_of(&self, repo: &RepoName) -> Result<Vec<String>, IndexError> {
+        let mut out = Vec::new();
+        for kv in self.mlinks.scan_prefix(prefix(repo.as_str())) {
+            let (k, _) = kv?;
+            if let Some((_, hex)) = split_key(&k) {
+                out.push(hex);
+            }
+        }
+        Ok(out)
     }
 
     /// Every manifest link: (repository, hex, pushed at).

@@ -12,6 +12,9 @@
 //! `201`. Manifest: parsed, every reference checked in this repository → bytes, link and tag
 //! stored → index flushed → `201`. A crash between two steps leaves either nothing visible or
 //! the complete thing (a blob file without a link is unreachable and collected by `gc`).
+//! `stowage import` commits through the same steps ([`Hosted::import_blob`],
+//! [`Hosted::import_manifest`]): every blob of an image, then its child manifests, its top
+//! manifest and tag last.
 //!
 //! With a fleet's shared store ([`shared`]) the shared objects are written first, before any
 //! local record: a push the store refused leaves nothing visible on any node, and the local
@@ -19,6 +22,7 @@
 
 pub mod gc;
 pub mod index;
+pub mod referrers;
 pub mod shared;
 pub mod uploads;
 
@@ -172,9 +176,20 @@ impl Hosted {
             .set(i64::try_from(self.uploads.in_progress()).unwrap_or(i64::MAX));
     }
 
-    fn blob_added(&self) {
-        self.blob_count
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Records a blob file whose bytes were taken from the budget. When a concurrent push of
+    /// the same blob recorded it first, this push's bytes are given back: a blob counts once.
+    fn record_blob(&self, digest: &Digest, size: u64) -> Result<(), RegistryError> {
+        let new = self
+            .index
+            .put_blob(digest, size)
+            .map_err(|e| internal("index", e))?;
+        if new {
+            self.blob_count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            self.quota.give(size);
+        }
+        Ok(())
     }
 
     /// The path of a hosted blob file.
@@ -223,6 +238,59 @@ impl Hosted {
         })?;
         let size = file.metadata().map_err(|e| internal("stat blob", e))?.len();
         Ok(HostedBlob { file, size })
+    }
+
+    /// A blob linked in `repo` on this node's disk, never the shared store (`export`, which
+    /// reads synchronously).
+    pub fn local_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<HostedBlob, RegistryError> {
+        if self
+            .index
+            .link(repo, digest)
+            .map_err(|e| internal("index", e))?
+            .is_none()
+        {
+            return Err(blob_unknown(repo, digest));
+        }
+        let file = std::fs::File::open(self.blob_path(digest)).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                blob_unknown(repo, digest)
+            } else {
+                internal("open blob", e)
+            }
+        })?;
+        let size = file.metadata().map_err(|e| internal("stat blob", e))?.len();
+        Ok(HostedBlob { file, size })
+    }
+
+    /// A manifest of `repo` on this node's disk, never the shared store (`export`).
+    pub fn local_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+    ) -> Result<StoredManifest, RegistryError> {
+        let digest = match reference {
+            Reference::Tag(tag) => self
+                .index
+                .tag(repo, tag)
+                .map_err(|e| internal("index", e))?
+                .ok_or_else(|| manifest_unknown(repo, tag))?,
+            Reference::Digest(d) => d.clone(),
+        };
+        if !self
+            .index
+            .has_mlink(repo, &digest)
+            .map_err(|e| internal("index", e))?
+        {
+            return Err(manifest_unknown(repo, &digest));
+        }
+        self.index
+            .manifest(&digest)
+            .map_err(|e| internal("index", e))?
+            .ok_or_else(|| manifest_unknown(repo, &digest))
     }
 
     /// The size of a blob linked in `repo`, without copying a shared blob to local disk (what a
@@ -314,15 +382,9 @@ impl Hosted {
             let _ = tokio::fs::remove_file(tmp).await;
             return Err(e);
         }
-        if self
-            .index
-            .put_blob(digest, size)
-            .map_err(|e| internal("index", e))?
-        {
-            self.quota.add(size);
-            self.blob_added();
-        }
-        Ok(())
+        // Counted like a push's bytes; `record_blob` gives them back when already recorded.
+        self.quota.add(size);
+        self.record_blob(digest, size)
     }
 
     /// A manifest of `repo` by tag or digest: the local copy, else (with a shared store) the
@@ -362,15 +424,12 @@ impl Hosted {
             .await?
             .ok_or_else(|| manifest_unknown(repo, &digest))?;
         let _push = self.gc_lock.read().await;
+        // The same bytes under the same key: a copy written meanwhile is simply replaced.
         if self
             .index
-            .manifest(&digest)
+            .put_manifest(&m)
             .map_err(|e| internal("index", e))?
-            .is_none()
         {
-            self.index
-                .put_manifest(&m)
-                .map_err(|e| internal("index", e))?;
             self.quota.add(m.bytes.len() as u64);
         }
         self.index
@@ -573,10 +632,7 @@ impl Hosted {
                 self.quota.give(size);
                 return Err(e);
             }
-            self.index
-                .put_blob(digest, size)
-                .map_err(|e| internal("index", e))?;
-            self.blob_added();
+            self.record_blob(digest, size)?;
         }
         self.index
             .put_link(repo, digest, size)
@@ -683,15 +739,119 @@ impl Hosted {
                 self.quota.give(f.size);
                 return Err(e);
             }
-            self.index
-                .put_blob(&f.digest, f.size)
-                .map_err(|e| internal("index", e))?;
-            self.blob_added();
+            self.record_blob(&f.digest, f.size)?;
         }
         self.index
             .put_link(repo, &f.digest, f.size)
             .map_err(|e| internal("index", e))?;
         self.index.flush().await.map_err(|e| internal("index", e))
+    }
+
+    // ---- import (`stowage import` of a bundle) ----------------------------------------------
+
+    /// Bytes the hosted budget still has room for.
+    pub fn room(&self) -> u64 {
+        self.quota.max().saturating_sub(self.quota.used())
+    }
+
+    /// Commits the file at `source` as blob `digest` of `repo`, as a push does: copied into the
+    /// uploads directory while hashed, refused unless it hashes to `digest` (nothing kept),
+    /// counted in `hosted.max_size`, then placed in the order of the module docs. A blob already
+    /// held is only linked. Returns whether anything changed.
+    pub async fn import_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        source: &Path,
+    ) -> Result<bool, RegistryError> {
+        let _push = self.gc_lock.read().await;
+        let dest = self.blob_path(digest);
+        let held = self.index.blob(digest).map_err(|e| internal("index", e))?;
+        let (size, mut changed) = match held {
+            Some(size) if dest.exists() => (size, false),
+            _ => (self.place_import(digest, source, dest.clone()).await?, true),
+        };
+        if let Some(shared) = &self.shared {
+            shared.put_blob(digest, &dest, size).await?;
+            shared.put_link(repo, digest, size).await?;
+        }
+        if self
+            .index
+            .link(repo, digest)
+            .map_err(|e| internal("index", e))?
+            .is_none()
+        {
+            self.index
+                .put_link(repo, digest, size)
+                .map_err(|e| internal("index", e))?;
+            changed = true;
+        }
+        self.index.flush().await.map_err(|e| internal("index", e))?;
+        Ok(changed)
+    }
+
+    /// Copies, verifies and places a blob file that hosted storage does not hold; its size.
+    async fn place_import(
+        &self,
+        digest: &Digest,
+        source: &Path,
+        dest: PathBuf,
+    ) -> Result<u64, RegistryError> {
+        let size = tokio::fs::metadata(source)
+            .await
+            .map_err(|e| internal("stat imported blob", e))?
+            .len();
+        self.quota.take(size)?;
+        let tmp = self
+            .root
+            .join("uploads")
+            .join(format!("import-{}", digest.hex()));
+        let (source, want) = (source.to_path_buf(), digest.clone());
+        let placed =
+            tokio::task::spawn_blocking(move || place_verified(&source, &tmp, &dest, &want))
+                .await
+                .map_err(|e| internal("import blob", e))
+                .and_then(|r| r);
+        if let Err(e) = placed {
+            self.quota.give(size);
+            return Err(e);
+        }
+        self.record_blob(digest, size)?;
+        Ok(size)
+    }
+
+    /// Stores a manifest as a push of it to `reference` would (the same checks, byte-exact,
+    /// durable on return). Returns whether anything changed: a new manifest, its first link in
+    /// `repo`, or a tag that moved.
+    pub async fn import_manifest(
+        &self,
+        repo: &RepoName,
+        reference: &Reference,
+        media_type: &str,
+        bytes: Bytes,
+    ) -> Result<bool, RegistryError> {
+        let digest = Digest::of(&bytes);
+        let present = self
+            .index
+            .has_mlink(repo, &digest)
+            .map_err(|e| internal("index", e))?
+            && self
+                .index
+                .manifest(&digest)
+                .map_err(|e| internal("index", e))?
+                .is_some();
+        let tagged = match reference {
+            Reference::Tag(t) => {
+                self.index.tag(repo, t).map_err(|e| internal("index", e))? == Some(digest.clone())
+            }
+            Reference::Digest(_) => true,
+        };
+        if present && tagged {
+            return Ok(false);
+        }
+        self.put_manifest(repo, reference, Some(media_type), bytes)
+            .await?;
+        Ok(true)
     }
 
     // ---- push side: manifests -------------------------------------------------------------
@@ -812,9 +972,14 @@ impl Hosted {
                 media_type: parsed.media_type.clone(),
                 bytes,
             };
-            if let Err(e) = self.index.put_manifest(&stored) {
-                self.quota.give(stored.bytes.len() as u64);
-                return Err(internal("index", e));
+            match self.index.put_manifest(&stored) {
+                Ok(true) => {}
+                // Stored meanwhile by a concurrent push of the same bytes: counted once.
+                Ok(false) => self.quota.give(stored.bytes.len() as u64),
+                Err(e) => {
+                    self.quota.give(stored.bytes.len() as u64);
+                    return Err(internal("index", e));
+                }
             }
         }
         self.index
@@ -950,6 +1115,53 @@ fn place_rename(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     std::fs::rename(from, to)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Copies `source` to `tmp` while hashing it; refuses (removing `tmp`) unless it hashes to
+/// `want`; else fsyncs it and renames it to `dest` durably.
+fn place_verified(
+    source: &Path,
+    tmp: &Path,
+    dest: &Path,
+    want: &Digest,
+) -> Result<(), RegistryError> {
+    use sha2::Digest as _;
+    use std::io::{Read, Write};
+    let copy = || -> std::io::Result<Digest> {
+        let mut input = std::fs::File::open(source)?;
+        let mut output = std::fs::File::create(tmp)?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = input.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            let chunk = buf.get(..n).unwrap_or_default();
+            hasher.update(chunk);
+            output.write_all(chunk)?;
+        }
+        output.sync_all()?;
+        Ok(Digest::from_hasher(hasher))
+    };
+    let got = match copy() {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp);
+            return Err(internal("import blob", e));
+        }
+    };
+    if &got != want {
+        let _ = std::fs::remove_file(tmp);
+        return Err(RegistryError::new(
+            ErrorCode::DigestInvalid,
+            format!("{} hashes to {got}, not {want}", source.display()),
+        ));
+    }
+    place_rename(tmp, dest).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        internal("import blob", e)
+    })
 }
 
 /// Places a copy of `source` at `dest`: a hard link when the file system allows, else a copy
@@ -1208,5 +1420,61 @@ mod tests {
             assert!(!h.blob_path(gone).exists());
         }
         assert!(h.blob_path(&config).exists());
+    }
+
+    #[tokio::test]
+    async fn an_import_verifies_its_blobs_fits_the_budget_and_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = Hosted::open(settings(), dir.path()).unwrap();
+        let repo: RepoName = "team/app".parse().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        let put = |name: &str, bytes: &[u8]| {
+            let p = src.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let (config, layer) = (put("c", b"{}"), put("l", b"layer"));
+        let (cd, ld) = (Digest::of(b"{}"), Digest::of(b"layer"));
+
+        // A file that does not hash to its digest is refused, and nothing stays.
+        let e = h.import_blob(&repo, &ld, &config).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::DigestInvalid);
+        assert!(!h.blob_path(&ld).exists() && h.blob(&repo, &ld).await.is_err());
+        assert_eq!(h.usage(), (0, 0));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("hosted/uploads"))
+                .unwrap()
+                .count(),
+            0
+        );
+
+        assert!(h.import_blob(&repo, &cd, &config).await.unwrap());
+        assert!(h.import_blob(&repo, &ld, &layer).await.unwrap());
+        assert!(!h.import_blob(&repo, &ld, &layer).await.unwrap(), "held");
+        let bytes = image(&cd, &ld, None);
+        let tag = Reference::Tag("1".parse().unwrap());
+        let t = crate::oci::media::OCI_MANIFEST;
+        assert!(h
+            .import_manifest(&repo, &tag, t, bytes.clone())
+            .await
+            .unwrap());
+        assert!(!h
+            .import_manifest(&repo, &tag, t, bytes.clone())
+            .await
+            .unwrap());
+        assert_eq!(h.manifest(&repo, &tag).await.unwrap().bytes, bytes);
+        assert_eq!(h.blob(&repo, &ld).await.unwrap().size, 5);
+        let used = 2 + 5 + bytes.len() as u64;
+        assert_eq!(h.usage(), (used, 2));
+        assert_eq!(h.room(), (1 << 20) - used);
+
+        // Past hosted.max_size: refused, nothing kept.
+        let big = put("big", &vec![7u8; 1 << 20]);
+        let bd = Digest::of(&vec![7u8; 1 << 20]);
+        let e = h.import_blob(&repo, &bd, &big).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::Denied, "{e}");
+        assert!(!h.blob_path(&bd).exists());
+        assert_eq!(h.usage(), (used, 2));
     }
 }

@@ -357,7 +357,12 @@ impl Caller {
                 }) && r.repositories.iter().any(|p| p.matches(repo.as_str()))
             })
             .collect();
-        if mine.iter().any(|(_, r)| r.actions.contains(&action)) {
+        // Whoever may push a repository may read it (clients check blobs before uploading).
+        let grants = |r: &AccessRule| {
+            r.actions.contains(&action)
+                || (action == Action::Pull && r.actions.contains(&Action::Push))
+        };
+        if mine.iter().any(|(_, r)| grants(r)) {
             return Ok(());
         }
         let Some(user) = &self.user else {

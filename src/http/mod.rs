@@ -504,6 +504,13 @@ async fn handle(
         Endpoint::Base => Ok(json_response(b"{}".to_vec(), head, None)),
         Endpoint::Catalog => catalog(mirror, hosted, caller.as_ref(), &req.uri, head),
         Endpoint::Upload(..) => Err(not_pushable(hosted.is_some())),
+        // A 404 tells clients to fall back to the referrers tag schema, which works through
+        // the mirror as plain tags.
+        Endpoint::Referrers(..) => Err(RegistryError::new(
+            ErrorCode::NameUnknown,
+            "the referrers API is served for hosted repositories; use the sha256-<hex> tag",
+        )
+        .with_status(404)),
         Endpoint::Tags(name) => tags_list(mirror, &name, ns, &req.uri, head).await,
         Endpoint::Manifest(name, reference) => {
             let route = mirror.route(&name, ns)?;
@@ -535,7 +542,8 @@ fn hosted_endpoint(
         Endpoint::Tags(n)
         | Endpoint::Manifest(n, _)
         | Endpoint::Blob(n, _)
-        | Endpoint::Upload(n, _) => n,
+        | Endpoint::Upload(n, _)
+        | Endpoint::Referrers(n, _) => n,
         Endpoint::Base | Endpoint::Catalog => return None,
     };
     if !hosted.holds_name(name) || (ns.is_some() && mirror.route(name, ns).is_ok()) {
@@ -547,6 +555,7 @@ fn hosted_endpoint(
         Endpoint::Blob(n, d) => push::HostedEndpoint::Blob(n.clone(), d.clone()),
         Endpoint::Upload(n, None) => push::HostedEndpoint::Uploads(n.clone()),
         Endpoint::Upload(n, Some(id)) => push::HostedEndpoint::Session(n.clone(), id.clone()),
+        Endpoint::Referrers(n, d) => push::HostedEndpoint::Referrers(n.clone(), d.clone()),
         Endpoint::Base | Endpoint::Catalog => return None,
     })
 }
@@ -576,7 +585,7 @@ fn authorize(
     let (name, action) = match endpoint {
         Endpoint::Base | Endpoint::Catalog => return Ok(()),
         Endpoint::Upload(n, _) => (n, Action::Push),
-        Endpoint::Tags(n) => (n, Action::Pull),
+        Endpoint::Tags(n) | Endpoint::Referrers(n, _) => (n, Action::Pull),
         Endpoint::Manifest(n, _) | Endpoint::Blob(n, _) if read => (n, Action::Pull),
         Endpoint::Manifest(n, _) | Endpoint::Blob(n, _) if method == Method::DELETE => {
             (n, Action::Delete)

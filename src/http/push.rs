@@ -23,6 +23,8 @@ struct PushQuery {
     from: Option<String>,
     n: Option<String>,
     last: Option<String>,
+    #[serde(rename = "artifactType")]
+    artifact_type: Option<String>,
 }
 
 /// A hosted request, as the edge parsed it.
@@ -32,6 +34,7 @@ pub(super) enum HostedEndpoint {
     Blob(RepoName, Digest),
     Uploads(RepoName),
     Session(RepoName, String),
+    Referrers(RepoName, Digest),
 }
 
 fn query(uri: &http::Uri) -> Result<PushQuery, RegistryError> {
@@ -122,6 +125,9 @@ pub(super) async fn handle(
             post_upload(hosted, cache, caller, &name, &q, &parts.headers, body).await
         }
         HostedEndpoint::Session(name, id) => session(hosted, &name, &id, &q, &parts, body).await,
+        HostedEndpoint::Referrers(name, digest) if method == Method::GET || head => {
+            referrers(hosted, &name, &digest, q.artifact_type.as_deref(), head)
+        }
         _ => Err(unsupported(method)),
     }
 }
@@ -162,6 +168,38 @@ async fn tags(
         if let Ok(v) = HeaderValue::from_str(&link) {
             resp.headers_mut().insert(header::LINK, v);
         }
+    }
+    Ok(resp)
+}
+
+/// `GET /v2/<name>/referrers/<digest>`: an OCI index of the manifests whose subject is
+/// `<digest>` (empty when none), filtered by `artifactType` when asked (and then said in
+/// `OCI-Filters-Applied`).
+fn referrers(
+    hosted: &Hosted,
+    name: &RepoName,
+    subject: &Digest,
+    artifact_type: Option<&str>,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    let manifests = hosted.referrers(name, subject, artifact_type)?;
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::media::OCI_INDEX,
+        "manifests": manifests,
+    });
+    let body = serde_json::to_vec(&index)
+        .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
+    let mut resp = super::json_response(body, head, None);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::oci::media::OCI_INDEX),
+    );
+    if artifact_type.is_some() {
+        resp.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
     }
     Ok(resp)
 }

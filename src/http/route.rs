@@ -17,6 +17,8 @@ pub enum Endpoint {
     Manifest(RepoName, Reference),
     /// `/v2/<name>/blobs/<digest>`
     Blob(RepoName, Digest),
+    /// `/v2/<name>/referrers/<digest>` (OCI 1.1)
+    Referrers(RepoName, Digest),
     /// `/v2/<name>/blobs/uploads/` (no id: open a session, mount, monolithic upload) or
     /// `/v2/<name>/blobs/uploads/<id>` (a session)
     Upload(RepoName, Option<String>),
@@ -86,6 +88,10 @@ pub fn parse(rest: &str) -> Result<Endpoint, RegistryError> {
             let repo = name(n)?;
             Ok(Endpoint::Blob(repo, digest(last)?))
         }
+        "referrers" => {
+            let repo = name(n)?;
+            Ok(Endpoint::Referrers(repo, digest(last)?))
+        }
         _ => Err(unknown_endpoint(rest)),
     }
 }
@@ -103,6 +109,10 @@ mod tests {
     #[test]
     fn endpoints_parse_from_the_right() {
         assert_eq!(parse("").unwrap(), Endpoint::Base);
+        assert_eq!(
+            parse(&format!("a/b/referrers/{D}")).unwrap(),
+            Endpoint::Referrers("a/b".parse().unwrap(), D.parse().unwrap())
+        );
         assert_eq!(parse("_catalog").unwrap(), Endpoint::Catalog);
         assert!(
             matches!(parse("a/b/tags/list").unwrap(), Endpoint::Tags(n) if n.as_str() == "a/b")
