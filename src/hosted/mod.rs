@@ -1287,7 +1287,7 @@ mod tests {
     #[tokio::test]
     async fn with_a_shared_store_every_node_serves_what_one_acknowledged() {
         let shared = tempfile::tempdir().unwrap();
-        let (_da, a, _db, b) = shared_pair(shared.path());
+        let (da, a, _db, b) = shared_pair(shared.path());
         let repo: RepoName = "team/app".parse().unwrap();
         let config = push_blob(&a, &repo, b"{}").await;
         let layer = push_blob(&a, &repo, b"layer").await;
@@ -1309,6 +1309,13 @@ mod tests {
             b.blob(&other, &layer).await.unwrap_err().code,
             ErrorCode::BlobUnknown
         );
+
+        // An imported blob is shared like a pushed one.
+        let source = da.path().join("imported");
+        std::fs::write(&source, b"imported").unwrap();
+        let imported = Digest::of(b"imported");
+        assert!(a.import_blob(&repo, &imported, &source).await.unwrap());
+        assert_eq!(b.blob(&repo, &imported).await.unwrap().size, 8);
 
         // A tag moved on B (a manifest whose blobs were pushed to A) is what A serves.
         let layer2 = push_blob(&a, &repo, b"layer-2").await;
