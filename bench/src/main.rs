@@ -198,6 +198,20 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// User + system CPU seconds the process has used so far (`/proc/<pid>/stat`, fields 14
+    /// and 15, in clock ticks of 1/100 s as on every Linux the bench targets).
+    fn cpu_secs(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // The command name (field 2) may hold spaces; the fields after it follow its `)`.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let mut fields = rest.split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        Some((utime + stime) as f64 / 100.0)
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -1040,6 +1054,7 @@ mod all {
                 v[format!("push_{mib}_pull_s")] = json!(s.pull_s);
                 v[format!("push_{mib}_peak_rss_mib")] = json!(s.rss_push_mib);
                 v[format!("push_{mib}_pull_peak_rss_mib")] = json!(s.rss_all_mib);
+                v[format!("push_{mib}_server_cpu_s")] = json!(s.cpu_push_s);
             }
         }
     }

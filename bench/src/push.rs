@@ -60,6 +60,8 @@ pub struct Run {
     pub rss_push_kib: Option<u64>,
     /// `VmHWM` right after the pull.
     pub rss_all_kib: Option<u64>,
+    /// The server's CPU seconds (user + system) during the push.
+    pub cpu_push_s: Option<f64>,
 }
 
 /// The figures of one server at one layer size: best times, worst peaks.
@@ -68,6 +70,8 @@ pub struct Summary {
     pub pull_s: f64,
     pub rss_push_mib: Option<f64>,
     pub rss_all_mib: Option<f64>,
+    /// The server's CPU seconds during the fastest push.
+    pub cpu_push_s: Option<f64>,
 }
 
 impl Opts {
@@ -83,6 +87,7 @@ pub fn summary(runs: &[Run], server: ServerKind, layer_mib: usize) -> Option<Sum
         .iter()
         .filter(|r| r.server == server && r.layer_mib == layer_mib)
         .collect();
+    let fastest = mine.iter().min_by_key(|r| r.push)?;
     let best = |f: fn(&Run) -> Duration| mine.iter().map(|r| f(r)).min();
     let peak = |f: fn(&Run) -> Option<u64>| {
         mine.iter()
@@ -95,6 +100,7 @@ pub fn summary(runs: &[Run], server: ServerKind, layer_mib: usize) -> Option<Sum
         pull_s: best(|r| r.pull)?.as_secs_f64(),
         rss_push_mib: peak(|r| r.rss_push_kib),
         rss_all_mib: peak(|r| r.rss_all_kib),
+        cpu_push_s: fastest.cpu_push_s,
     })
 }
 
@@ -290,8 +296,10 @@ async fn push_pull(
     let home = dir.join("skopeo");
     let src = format!("oci:{}:{TAG}", image.dir.display());
     let dst = format!("docker://{hp}/{REPO}:{TAG}");
+    let cpu_before = proc.cpu_secs();
     let push = skopeo_copy(&home, &src, &dst).await?;
     let rss_push_kib = proc.peak_rss_kib();
+    let cpu_push_s = proc.cpu_secs().zip(cpu_before).map(|(a, b)| a - b);
     let out = dir.join("pulled");
     let pull = skopeo_copy(&home, &dst, &format!("dir:{}", out.display())).await?;
     let rss_all_kib = proc.peak_rss_kib();
@@ -305,6 +313,7 @@ async fn push_pull(
         pull,
         rss_push_kib,
         rss_all_kib,
+        cpu_push_s,
     })
 }
 
@@ -325,10 +334,12 @@ pub async fn run(cli: &Cli, work: &Path, o: &Opts) -> Result<Vec<Run>, BoxError>
             for &kind in &cli.servers {
                 let r = push_pull(cli, work, kind, &image, mib).await?;
                 note(&format!(
-                    "push: {} {} x {mib} MiB: push {:.2} s, pull {:.2} s, peak RSS {} / {} MiB",
+                    "push: {} {} x {mib} MiB: push {:.2} s (server CPU {} s), pull {:.2} s, \
+                     peak RSS {} / {} MiB",
                     label(kind),
                     o.layers,
                     r.push.as_secs_f64(),
+                    secs_text(r.cpu_push_s),
                     r.pull.as_secs_f64(),
                     mib_text(r.rss_push_kib.map(|k| k as f64 / 1024.0)),
                     mib_text(r.rss_all_kib.map(|k| k as f64 / 1024.0)),
@@ -349,6 +360,10 @@ pub fn label(kind: ServerKind) -> &'static str {
     }
 }
 
+fn secs_text(v: Option<f64>) -> String {
+    v.map(|s| format!("{s:.2}")).unwrap_or_else(|| "?".into())
+}
+
 fn mib_text(v: Option<f64>) -> String {
     v.map(|m| format!("{m:.1}")).unwrap_or_else(|| "?".into())
 }
@@ -367,8 +382,8 @@ fn print_table(cli: &Cli, o: &Opts, runs: &[Run], load_start: &str) -> Result<()
         out,
         "push with skopeo of {} random layers, then pull back with skopeo; best of {} fresh \
          servers per row; load average at start {}, at end {}\n\n\
-         | layers | server | push | push MB/s | pull back | peak RSS during push | peak RSS push + pull |\n\
-         |---|---|---|---|---|---|---|",
+         | layers | server | push | push MB/s | server CPU during push | pull back | \
+         peak RSS during push | peak RSS push + pull |\n|---|---|---|---|---|---|---|---|",
         o.layers,
         o.runs.max(1),
         load_start.trim(),
@@ -384,11 +399,12 @@ fn print_table(cli: &Cli, o: &Opts, runs: &[Run], load_start: &str) -> Result<()
             };
             writeln!(
                 out,
-                "| {} x {mib} MiB | {} | {:.2} s | {:.0} | {:.2} s | {} MiB | {} MiB |",
+                "| {} x {mib} MiB | {} | {:.2} s | {:.0} | {} s | {:.2} s | {} MiB | {} MiB |",
                 o.layers,
                 label(kind),
                 s.push_s,
                 bytes / s.push_s / 1e6,
+                secs_text(s.cpu_push_s),
                 s.pull_s,
                 mib_text(s.rss_push_mib),
                 mib_text(s.rss_all_mib),
