@@ -1055,6 +1055,7 @@ mod all {
                 v[format!("push_{mib}_peak_rss_mib")] = json!(s.rss_push_mib);
                 v[format!("push_{mib}_pull_peak_rss_mib")] = json!(s.rss_all_mib);
                 v[format!("push_{mib}_server_cpu_s")] = json!(s.cpu_push_s);
+                v[format!("push_{mib}_pull_server_cpu_s")] = json!(s.cpu_pull_s);
             }
         }
     }

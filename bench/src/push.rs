@@ -62,6 +62,8 @@ pub struct Run {
     pub rss_all_kib: Option<u64>,
     /// The server's CPU seconds (user + system) during the push.
     pub cpu_push_s: Option<f64>,
+    /// The server's CPU seconds during the pull.
+    pub cpu_pull_s: Option<f64>,
 }
 
 /// The figures of one server at one layer size: best times, worst peaks.
@@ -72,6 +74,8 @@ pub struct Summary {
     pub rss_all_mib: Option<f64>,
     /// The server's CPU seconds during the fastest push.
     pub cpu_push_s: Option<f64>,
+    /// The server's CPU seconds during the fastest pull.
+    pub cpu_pull_s: Option<f64>,
 }
 
 impl Opts {
@@ -88,6 +92,7 @@ pub fn summary(runs: &[Run], server: ServerKind, layer_mib: usize) -> Option<Sum
         .filter(|r| r.server == server && r.layer_mib == layer_mib)
         .collect();
     let fastest = mine.iter().min_by_key(|r| r.push)?;
+    let fastest_pull = mine.iter().min_by_key(|r| r.pull)?;
     let best = |f: fn(&Run) -> Duration| mine.iter().map(|r| f(r)).min();
     let peak = |f: fn(&Run) -> Option<u64>| {
         mine.iter()
@@ -101,6 +106,7 @@ pub fn summary(runs: &[Run], server: ServerKind, layer_mib: usize) -> Option<Sum
         rss_push_mib: peak(|r| r.rss_push_kib),
         rss_all_mib: peak(|r| r.rss_all_kib),
         cpu_push_s: fastest.cpu_push_s,
+        cpu_pull_s: fastest_pull.cpu_pull_s,
     })
 }
 
@@ -301,8 +307,10 @@ async fn push_pull(
     let rss_push_kib = proc.peak_rss_kib();
     let cpu_push_s = proc.cpu_secs().zip(cpu_before).map(|(a, b)| a - b);
     let out = dir.join("pulled");
+    let cpu_before = proc.cpu_secs();
     let pull = skopeo_copy(&home, &dst, &format!("dir:{}", out.display())).await?;
     let rss_all_kib = proc.peak_rss_kib();
+    let cpu_pull_s = proc.cpu_secs().zip(cpu_before).map(|(a, b)| a - b);
     check_pulled(&out, image)?;
     drop(proc);
     let _ = std::fs::remove_dir_all(&dir);
@@ -314,6 +322,7 @@ async fn push_pull(
         rss_push_kib,
         rss_all_kib,
         cpu_push_s,
+        cpu_pull_s,
     })
 }
 
@@ -334,13 +343,14 @@ pub async fn run(cli: &Cli, work: &Path, o: &Opts) -> Result<Vec<Run>, BoxError>
             for &kind in &cli.servers {
                 let r = push_pull(cli, work, kind, &image, mib).await?;
                 note(&format!(
-                    "push: {} {} x {mib} MiB: push {:.2} s (server CPU {} s), pull {:.2} s, \
-                     peak RSS {} / {} MiB",
+                    "push: {} {} x {mib} MiB: push {:.2} s (server CPU {} s), pull {:.2} s \
+                     (server CPU {} s), peak RSS {} / {} MiB",
                     label(kind),
                     o.layers,
                     r.push.as_secs_f64(),
                     secs_text(r.cpu_push_s),
                     r.pull.as_secs_f64(),
+                    secs_text(r.cpu_pull_s),
                     mib_text(r.rss_push_kib.map(|k| k as f64 / 1024.0)),
                     mib_text(r.rss_all_kib.map(|k| k as f64 / 1024.0)),
                 ));
@@ -383,7 +393,8 @@ fn print_table(cli: &Cli, o: &Opts, runs: &[Run], load_start: &str) -> Result<()
         "push with skopeo of {} random layers, then pull back with skopeo; best of {} fresh \
          servers per row; load average at start {}, at end {}\n\n\
          | layers | server | push | push MB/s | server CPU during push | pull back | \
-         peak RSS during push | peak RSS push + pull |\n|---|---|---|---|---|---|---|---|",
+         server CPU during pull | peak RSS during push | peak RSS push + pull |\n\
+         |---|---|---|---|---|---|---|---|---|",
         o.layers,
         o.runs.max(1),
         load_start.trim(),
@@ -399,13 +410,14 @@ fn print_table(cli: &Cli, o: &Opts, runs: &[Run], load_start: &str) -> Result<()
             };
             writeln!(
                 out,
-                "| {} x {mib} MiB | {} | {:.2} s | {:.0} | {} s | {:.2} s | {} MiB | {} MiB |",
+                "| {} x {mib} MiB | {} | {:.2} s | {:.0} | {} s | {:.2} s | {} s | {} MiB | {} MiB |",
                 o.layers,
                 label(kind),
                 s.push_s,
                 bytes / s.push_s / 1e6,
                 secs_text(s.cpu_push_s),
                 s.pull_s,
+                secs_text(s.cpu_pull_s),
                 mib_text(s.rss_push_mib),
                 mib_text(s.rss_all_mib),
             )?;
