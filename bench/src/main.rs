@@ -17,6 +17,7 @@
 //! ```text
 //! cargo build --release --workspace --bins
 //! target/release/stowage-bench cold-blob --size-mib 256 --clients 1,8,32
+//! target/release/stowage-bench push --layers 8 --layer-mib 128 --small-layer-mib 16
 //! target/release/stowage-bench all --json bench-results.json
 //! ```
 //!
@@ -27,7 +28,10 @@
 //! upstream directly; (4) the cold blob to N = 8 and 32 clients at once (the `cold-blob` runs:
 //! upstream bytes, wall time, time to first byte); (5) each server's peak RSS over 1-4; (6) the
 //! time from spawning the server until it is ready on a cache holding 100k blobs (see
-//! [`startup`]). It prints one table (stowage, peer, ratio) and writes a JSON file.
+//! [`startup`]); (7) a push with skopeo of an image of random layers to stowage (a `[hosted]`
+//! repository) and to a plain distribution registry, the pull back, and the peak RSS during the
+//! push at two layer sizes (see [`push`]). It prints one table (stowage, peer, ratio) and writes
+//! a JSON file.
 //!
 //! To add a workload: a new [`Workload`] variant and a function that drives clients against a
 //! [`Server`] and returns [`Sample`]s; the servers, upstream and reporting are shared.
@@ -42,6 +46,8 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use rand::RngCore;
 use sha2::{Digest as _, Sha256};
+
+mod push;
 
 #[derive(Parser)]
 #[command(about = "Benchmarks stowage against distribution's pull-through proxy")]
@@ -75,6 +81,10 @@ enum Workload {
         #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
         clients: Vec<usize>,
     },
+    /// An image of random layers pushed with skopeo to stowage (`[hosted]`) and to a plain
+    /// distribution registry, then pulled back with skopeo: wall times and peak RSS, at two
+    /// layer sizes.
+    Push(push::Opts),
     /// Every workload in one run: warm blob throughput (vs nginx sendfile and a raw read), warm
     /// manifests with `wrk`, a cold multi-layer pull (vs the upstream directly), the cold blob to
     /// N concurrent clients, peak RSS, startup with 100k cached blobs: one table on stdout and a
@@ -107,6 +117,18 @@ enum Workload {
         /// Fresh processes timed per server in the startup runs.
         #[arg(long, default_value_t = 3)]
         startup_runs: usize,
+        /// Layers of the pushed image (workload 7).
+        #[arg(long, default_value_t = 8)]
+        push_layers: usize,
+        /// Size of each pushed layer in MiB; 0 skips the push workload.
+        #[arg(long, default_value_t = 128)]
+        push_layer_mib: usize,
+        /// The smaller layer size of the push peak-RSS comparison; 0 skips it.
+        #[arg(long, default_value_t = 16)]
+        push_small_layer_mib: usize,
+        /// Fresh servers per server and layer size in the push workload.
+        #[arg(long, default_value_t = 1)]
+        push_runs: usize,
     },
 }
 
@@ -173,6 +195,20 @@ impl Proc {
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+}
+
+impl Proc {
+    /// User + system CPU seconds the process has used so far (`/proc/<pid>/stat`, fields 14
+    /// and 15, in clock ticks of 1/100 s as on every Linux the bench targets).
+    fn cpu_secs(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).ok()?;
+        // The command name (field 2) may hold spaces; the fields after it follow its `)`.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let mut fields = rest.split_whitespace().skip(11);
+        let utime: u64 = fields.next()?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        Some((utime + stime) as f64 / 100.0)
     }
 }
 
@@ -310,7 +346,7 @@ impl Server {
         let proc = match kind {
             ServerKind::Stowage => {
                 let bin = stowage_bin(cli)?;
-                let cmd = stowage_command(&bin, dir, &dir.join("data"), port, &upstream.url)?;
+                let cmd = stowage_command(&bin, dir, &dir.join("data"), port, &upstream.url, "")?;
                 Proc::spawn(cmd, &dir.join("server.log"))?
             }
             ServerKind::Distribution => {
@@ -338,20 +374,22 @@ fn stowage_bin(cli: &Cli) -> Result<PathBuf, BoxError> {
     })
 }
 
-/// `stowage serve` on `port` with its cache at `data`, config written in `dir`.
+/// `stowage serve` on `port` with its cache at `data`, config written in `dir`; `extra` is
+/// appended to the config (more TOML sections).
 fn stowage_command(
     bin: &Path,
     dir: &Path,
     data: &Path,
     port: u16,
     upstream: &str,
+    extra: &str,
 ) -> Result<Command, BoxError> {
     let config = dir.join("stowage.toml");
     std::fs::write(
         &config,
         format!(
             "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\npath = \"{}\"\n\
-             [[upstreams]]\nhost = \"docker.io\"\nurl = \"{upstream}\"\n",
+             [[upstreams]]\nhost = \"docker.io\"\nurl = \"{upstream}\"\n{extra}",
             data.display(),
         ),
     )?;
@@ -541,6 +579,10 @@ fn main() -> std::process::ExitCode {
                 cold_clients,
                 startup_blobs,
                 startup_runs,
+                push_layers,
+                push_layer_mib,
+                push_small_layer_mib,
+                push_runs,
             } => {
                 let opts = all::Opts {
                     size_mib: *size_mib,
@@ -552,9 +594,16 @@ fn main() -> std::process::ExitCode {
                     cold_clients: cold_clients.clone(),
                     startup_blobs: *startup_blobs,
                     startup_runs: (*startup_runs).max(1),
+                    push: push::Opts {
+                        layers: *push_layers,
+                        layer_mib: *push_layer_mib,
+                        small_layer_mib: *push_small_layer_mib,
+                        runs: (*push_runs).max(1),
+                    },
                 };
                 all::run(&cli, &work, &opts).await
             }
+            Workload::Push(o) => push::command(&cli, &work, o).await,
             Workload::ColdBlob { size_mib, clients } => {
                 let samples = cold_blob(&cli, &work, *size_mib, clients).await?;
                 let size = (*size_mib as u64) << 20;
@@ -597,6 +646,7 @@ mod all {
         pub cold_clients: Vec<usize>,
         pub startup_blobs: u64,
         pub startup_runs: usize,
+        pub push: push::Opts,
     }
 
     const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -973,6 +1023,85 @@ mod all {
         }
     }
 
+    /// Workloads 6 (startup with many cached blobs) and 7 (push with skopeo and pull back, at two
+    /// layer sizes), each unless its options turn it off.
+    async fn startup_and_push(
+        cli: &Cli,
+        upstream: &str,
+        work: &Path,
+        o: &Opts,
+        per: &mut [(ServerKind, serde_json::Value)],
+    ) -> Result<(), BoxError> {
+        if o.startup_blobs > 0 {
+            let times = startup::run(cli, upstream, work, o.startup_blobs, o.startup_runs).await?;
+            merge_startup(per, times);
+        }
+        if o.push.enabled() {
+            let runs = push::run(cli, work, &o.push).await?;
+            merge_push(per, &o.push, &runs);
+        }
+        Ok(())
+    }
+
+    /// Adds the push runs (workload 7) to each server's figures, per layer size.
+    fn merge_push(per: &mut [(ServerKind, serde_json::Value)], o: &push::Opts, runs: &[push::Run]) {
+        for (kind, v) in per.iter_mut() {
+            for mib in push::sizes(o) {
+                let Some(s) = push::summary(runs, *kind, mib) else {
+                    continue;
+                };
+                v[format!("push_{mib}_s")] = json!(s.push_s);
+                v[format!("push_{mib}_pull_s")] = json!(s.pull_s);
+                v[format!("push_{mib}_peak_rss_mib")] = json!(s.rss_push_mib);
+                v[format!("push_{mib}_pull_peak_rss_mib")] = json!(s.rss_all_mib);
+                v[format!("push_{mib}_server_cpu_s")] = json!(s.cpu_push_s);
+                v[format!("push_{mib}_pull_server_cpu_s")] = json!(s.cpu_pull_s);
+            }
+        }
+    }
+
+    /// The rows of workload 7: push and pull-back times of the large layers, and the peak RSS
+    /// during the push at each layer size.
+    fn push_lines(
+        o: &push::Opts,
+        get: &dyn Fn(ServerKind, &str) -> Option<f64>,
+        lines: &mut Vec<Line>,
+    ) {
+        let (n, big) = (o.layers, o.layer_mib);
+        let best = if o.runs > 1 {
+            format!(" (best of {})", o.runs)
+        } else {
+            String::new()
+        };
+        let mut add = |w: String, unit, key: String| {
+            lines.push(Line {
+                workload: w,
+                unit,
+                stowage: get(ServerKind::Stowage, &key),
+                peer: get(ServerKind::Distribution, &key),
+                peer_name: "distribution",
+                higher_is_better: false,
+            })
+        };
+        add(
+            format!("push {n} x {big} MiB with skopeo{best}"),
+            "s",
+            format!("push_{big}_s"),
+        );
+        add(
+            format!("pull it back with skopeo{best}"),
+            "s",
+            format!("push_{big}_pull_s"),
+        );
+        for mib in push::sizes(o) {
+            add(
+                format!("peak RSS during the push, {n} x {mib} MiB layers"),
+                "MiB",
+                format!("push_{mib}_peak_rss_mib"),
+            );
+        }
+    }
+
     /// The table's rows: stowage's figure beside its peer's for every workload.
     fn table_lines(o: &Opts, raw: f64, per: &[(ServerKind, serde_json::Value)]) -> Vec<Line> {
         let get = |k: ServerKind, f: &str| {
@@ -1137,6 +1266,9 @@ mod all {
             "distribution",
             false,
         ));
+        if o.push.enabled() {
+            push_lines(&o.push, &get, &mut lines);
+        }
         lines
     }
 
@@ -1203,7 +1335,9 @@ mod all {
         let doc = json!({
             "config": {"blob_mib": o.size_mib, "layers": o.layers, "layer_mib": o.layer_mib,
                        "wrk_secs": o.wrk_secs, "cold_clients": o.cold_clients,
-                       "startup_blobs": o.startup_blobs, "startup_runs": o.startup_runs},
+                       "startup_blobs": o.startup_blobs, "startup_runs": o.startup_runs,
+                       "push_layers": o.push.layers, "push_layer_mib": o.push.layer_mib,
+                       "push_small_layer_mib": o.push.small_layer_mib, "push_runs": o.push.runs},
             "load_average_start": load_start.trim(),
             "load_average_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
             "ceiling": {"raw_read_gbps": raw,
@@ -1277,13 +1411,7 @@ mod all {
         .await?;
         merge_cold_runs(&mut per, &cold, size);
 
-        // Workload 6: startup with many cached blobs.
-        if o.startup_blobs > 0 {
-            let times =
-                startup::run(cli, &upstream.url, work, o.startup_blobs, o.startup_runs).await?;
-            merge_startup(&mut per, times);
-        }
-
+        startup_and_push(cli, &upstream.url, work, o, &mut per).await?;
         let lines = table_lines(o, raw, &per);
         let run = Run {
             raw,
@@ -1440,7 +1568,8 @@ mod startup {
                 let log = dir.join(format!("server-{run}.log"));
                 let elapsed = match kind {
                     ServerKind::Stowage => {
-                        let cmd = stowage_command(&stowage_bin(cli)?, &dir, &data, port, upstream)?;
+                        let cmd =
+                            stowage_command(&stowage_bin(cli)?, &dir, &data, port, upstream, "")?;
                         time_to_ready(cmd, &log, &format!("{url}/readyz")).await?
                     }
                     ServerKind::Distribution => {
