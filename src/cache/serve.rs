@@ -80,8 +80,8 @@ fn window(
     }
     let n = usize::try_from(len).map_err(std::io::Error::other)?;
     if len >= MMAP_MIN {
-        // SAFETY: the file is a committed blob, which nobody writes or truncates (see the module
-        // docs); unlinking it while mapped leaves the mapping valid.
+        // SAFETY: the file is a committed blob (cached or hosted), which nobody writes or
+        // truncates (see the module docs); unlinking it while mapped leaves the mapping valid.
         let mapped = unsafe {
             memmap2::MmapOptions::new()
                 .offset(offset)
@@ -124,7 +124,7 @@ pub(super) fn read_window(
 
 struct State {
     file: Arc<std::fs::File>,
-    lease: Arc<BlobLease>,
+    lease: Option<Arc<BlobLease>>,
     /// Start of the next window not yet requested.
     pos: u64,
     end: u64,
@@ -137,7 +137,7 @@ impl State {
             return None;
         }
         let len = (self.end - self.pos).min(MMAP_WINDOW);
-        let p = read_window(&self.file, self.pos, len, Some(self.lease.clone()));
+        let p = read_window(&self.file, self.pos, len, self.lease.clone());
         self.pos += len;
         Some(p)
     }
@@ -146,9 +146,24 @@ impl State {
 /// Streams `len` bytes of a committed blob from `offset` as mapped windows, the next one mapped
 /// while the current one is sent. The lease is held by the stream and by every window.
 pub fn blob_stream(file: std::fs::File, offset: u64, len: u64, lease: BlobLease) -> ByteStream {
+    windows(file, offset, len, Some(Arc::new(lease)))
+}
+
+/// [`blob_stream`] for a file that no cache budget holds: a hosted blob, which is as immutable
+/// as a committed cached one (written once, then only renamed or unlinked) and never evicted.
+pub fn immutable_file_stream(file: std::fs::File, offset: u64, len: u64) -> ByteStream {
+    windows(file, offset, len, None)
+}
+
+fn windows(
+    file: std::fs::File,
+    offset: u64,
+    len: u64,
+    lease: Option<Arc<BlobLease>>,
+) -> ByteStream {
     let mut state = State {
         file: Arc::new(file),
-        lease: Arc::new(lease),
+        lease,
         pos: offset,
         end: offset.saturating_add(len),
         pending: None,

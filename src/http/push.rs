@@ -263,7 +263,9 @@ fn blob_response(
     }
     let body = match file {
         None => Body::empty(),
-        Some(file) => Body::from_stream(crate::stream::file_stream(file, start, len)),
+        Some(file) => {
+            Body::from_stream(crate::cache::serve::immutable_file_stream(file, start, len))
+        }
     };
     builder
         .body(body)
