@@ -21,6 +21,9 @@ use tokio::io::AsyncWriteExt;
 
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
 
+/// How much of an upload body is gathered before it is written to the session's file.
+const WRITE_BUFFER: usize = 1 << 20;
+
 /// The bytes hosted content may take: committed blobs and manifests plus open uploads.
 #[derive(Debug)]
 pub struct Quota {
@@ -289,11 +292,15 @@ impl Uploads {
         E: std::fmt::Display,
     {
         ensure_hashed(s).await?;
-        let mut file = tokio::fs::OpenOptions::new()
+        let file = tokio::fs::OpenOptions::new()
             .append(true)
             .open(&s.path)
             .await
             .map_err(|e| internal("opening an upload file", e))?;
+        // Bodies arrive in chunks of a few KiB: coalesce them into large writes, each one a
+        // round trip to the blocking pool. Bytes still buffered when the body breaks off are
+        // dropped with the writer; the caller cuts the file back to where the request began.
+        let mut file = tokio::io::BufWriter::with_capacity(WRITE_BUFFER, file);
         let mut body = std::pin::pin!(body);
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| {
