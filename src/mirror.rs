@@ -1082,7 +1082,9 @@ pub struct TagList {
 }
 
 /// Sorts, drops tags up to `last` (exclusive), keeps `n`. Returns the page and whether it was cut.
-fn window_tags(tags: &mut Vec<String>, page: &TagPage) -> (Vec<String>, bool) {
+/// One page of `tags` (sorted and deduplicated here): those after `last`, at most `n`, and
+/// whether more remain. Also the window of `_catalog` and of hosted tag lists.
+pub fn window_tags(tags: &mut Vec<String>, page: &TagPage) -> (Vec<String>, bool) {
     tags.sort();
     tags.dedup();
     let start = match &page.last {

@@ -878,29 +878,28 @@ fn catalog(
                 .is_ok_and(|name| c.check(&name, Action::Pull).is_ok())
         });
     }
-    let after: Vec<String> = all
-        .into_iter()
-        .filter(|r| last.as_ref().is_none_or(|l| r.as_str() > l.as_str()))
-        .collect();
-    let (page, more) = match n {
-        Some(n) => (
-            after.iter().take(n).cloned().collect::<Vec<_>>(),
-            after.len() > n && n > 0,
-        ),
-        None => (after, false),
-    };
+    let page_asked = TagPage { n, last };
+    let (page, more) = crate::mirror::window_tags(&mut all, &page_asked);
     let body = serde_json::to_vec(&serde_json::json!({ "repositories": page }))
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     let mut resp = json_response(body, head, Some(Outcome::Hit));
     if more {
-        if let (Some(n), Some(l)) = (n, page.last()) {
-            let link = format!("</v2/_catalog?n={n}&last={l}>; rel=\"next\"");
-            if let Ok(v) = HeaderValue::from_str(&link) {
-                resp.headers_mut().insert(header::LINK, v);
-            }
-        }
+        link_next(&mut resp, "/v2/_catalog", page_asked.n, page.last());
     }
     Ok(resp)
+}
+
+/// `Link: <path?n=..&last=..>; rel="next"` on a page that has more after it.
+fn link_next(resp: &mut Response, path: &str, n: Option<usize>, last: Option<&String>) {
+    if let (Some(n), Some(l)) = (n, last) {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("n", &n.to_string());
+        q.append_pair("last", l);
+        let link = format!("<{path}?{}>; rel=\"next\"", q.finish());
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            resp.headers_mut().insert(header::LINK, v);
+        }
+    }
 }
 
 /// Cached and hosted repository names, sorted, each once.

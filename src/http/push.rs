@@ -21,8 +21,6 @@ struct PushQuery {
     digest: Option<String>,
     mount: Option<String>,
     from: Option<String>,
-    n: Option<String>,
-    last: Option<String>,
     #[serde(rename = "artifactType")]
     artifact_type: Option<String>,
 }
@@ -86,7 +84,7 @@ pub(super) async fn handle(
     let head = method == Method::HEAD;
     match endpoint {
         HostedEndpoint::Tags(name) if method == Method::GET || head => {
-            tags(hosted, &name, &q, head).await
+            tags(hosted, &name, &parts.uri, head).await
         }
         HostedEndpoint::Manifest(name, reference) => match *method {
             Method::GET | Method::HEAD => {
@@ -136,38 +134,23 @@ fn accepted() -> Response {
     (StatusCode::ACCEPTED, [(header::CONTENT_LENGTH, "0")]).into_response()
 }
 
-/// `tags/list` of a hosted repository: lexical order, `n` and `last`, `Link` while more remain.
+/// `tags/list` of a hosted repository: lexical order, `n` and `last`, `Link` while more remain
+/// (the same window and pagination as the mirror's lists).
 async fn tags(
     hosted: &Hosted,
     name: &RepoName,
-    q: &PushQuery,
+    uri: &http::Uri,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    let n = match &q.n {
-        None => None,
-        Some(v) => Some(v.parse::<usize>().map_err(|_| {
-            RegistryError::new(
-                ErrorCode::PaginationNumberInvalid,
-                "n must be a non-negative integer",
-            )
-        })?),
-    };
+    let (n, last) = super::pagination(uri)?;
+    let asked = crate::mirror::TagPage { n, last };
     let mut all = hosted.tags(name).await?;
-    all.sort();
-    let after: Vec<String> = match &q.last {
-        Some(last) => all.into_iter().filter(|t| t > last).collect(),
-        None => all,
-    };
-    let more = n.is_some_and(|n| after.len() > n);
-    let page: Vec<String> = after.into_iter().take(n.unwrap_or(usize::MAX)).collect();
+    let (page, more) = crate::mirror::window_tags(&mut all, &asked);
     let body = serde_json::to_vec(&serde_json::json!({"name": name.as_str(), "tags": page}))
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     let mut resp = super::json_response(body, head, None);
-    if let (true, Some(n), Some(last)) = (more, n, page.last()) {
-        let link = format!("</v2/{name}/tags/list?n={n}&last={last}>; rel=\"next\"");
-        if let Ok(v) = HeaderValue::from_str(&link) {
-            resp.headers_mut().insert(header::LINK, v);
-        }
+    if more {
+        super::link_next(&mut resp, &format!("/v2/{name}/tags/list"), n, page.last());
     }
     Ok(resp)
 }
