@@ -614,13 +614,8 @@ fn a_push_over_hosted_max_size_is_refused_with_507_and_keeps_nothing() {
 fn access_rules_decide_who_may_push_pull_and_delete() {
     let upstream = Registry::start();
     let files = tempfile::tempdir().unwrap();
-    let htpasswd = files.path().join("htpasswd");
-    let entry = |user: &str, pass: &str| format!("{user}:{}\n", bcrypt::hash(pass, 4).unwrap());
-    std::fs::write(
-        &htpasswd,
-        entry("ci", "ci-pass") + &entry("reader", "read-pass"),
-    )
-    .unwrap();
+    let htpasswd =
+        support::write_htpasswd(files.path(), &[("ci", "ci-pass"), ("reader", "read-pass")]);
     let rules = "[[auth.access]]\nusers = [\"ci\"]\nrepositories = [\"team/**\"]\nactions = [\"pull\", \"push\", \"delete\"]\n\
                  [[auth.access]]\nusers = [\"reader\"]\nrepositories = [\"team/**\", \"library/**\"]\nactions = [\"pull\"]\n\
                  [[auth.access]]\nusers = [\"anonymous\"]\nrepositories = [\"team/public\"]\nactions = [\"pull\"]\n";

@@ -20,13 +20,15 @@ fn world() -> (Registry, Stowage) {
     (upstream, stowage)
 }
 
-/// The digest stowage answers for `name:tag` (a HEAD, as clients ask).
-fn served_digest(stowage: &Stowage, name: &str, tag: &str) -> String {
-    let resp = http()
+/// The digest stowage answers for `name:tag` (a HEAD, as clients ask), as `creds` if given.
+fn served_digest(stowage: &Stowage, creds: Option<(&str, &str)>, name: &str, tag: &str) -> String {
+    let mut req = http()
         .head(format!("{}/v2/{name}/manifests/{tag}", stowage.url()))
-        .header("Accept", support::manifest_accept())
-        .send()
-        .unwrap();
+        .header("Accept", support::manifest_accept());
+    if let Some((user, pass)) = creds {
+        req = req.basic_auth(user, Some(pass));
+    }
+    let resp = req.send().unwrap();
     assert_eq!(resp.status().as_u16(), 200, "HEAD {name}:{tag}");
     resp.headers()["docker-content-digest"]
         .to_str()
@@ -99,7 +101,7 @@ fn docker_push_mounts_cached_base_layers_and_podman_pulls_the_image_back() {
             && r.status == 201),
         "{requests:#?}"
     );
-    let digest = served_digest(&stowage, "team/app", "1");
+    let digest = served_digest(&stowage, None, "team/app", "1");
 
     // A second client pulls it through the same endpoint.
     let podman = ContainersEnv::new("unqualified-search-registries = []\n");
@@ -218,13 +220,8 @@ fn podman_buildah_and_manifest_push_all_land_in_hosted() {
 fn docker_login_then_push_works_for_a_pusher_and_is_denied_to_a_reader() {
     let upstream = Registry::start();
     let files = tempfile::tempdir().unwrap();
-    let htpasswd = files.path().join("htpasswd");
-    let entry = |user: &str, pass: &str| format!("{user}:{}\n", bcrypt::hash(pass, 4).unwrap());
-    std::fs::write(
-        &htpasswd,
-        entry("ci", "ci-pass") + &entry("reader", "read-pass"),
-    )
-    .unwrap();
+    let htpasswd =
+        support::write_htpasswd(files.path(), &[("ci", "ci-pass"), ("reader", "read-pass")]);
     let stowage = Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .auth_required()
@@ -252,7 +249,7 @@ fn docker_login_then_push_works_for_a_pusher_and_is_denied_to_a_reader() {
     let image = format!("{hp}/team/app:1");
     docker.docker_ok(&["tag", &format!("{hp}/library/base:1"), &image]);
     docker.docker_ok(&["push", &image]);
-    served_digest_with(&stowage, "ci", "ci-pass", "team/app", "1");
+    served_digest(&stowage, Some(("ci", "ci-pass")), "team/app", "1");
 
     login_as("reader", "read-pass");
     let other = format!("{hp}/team/other:1");
@@ -274,18 +271,4 @@ fn docker_login_then_push_works_for_a_pusher_and_is_denied_to_a_reader() {
         .text()
         .unwrap()
         .contains("auth.access[1] allows only pull"));
-}
-
-fn served_digest_with(stowage: &Stowage, user: &str, pass: &str, name: &str, tag: &str) -> String {
-    let resp = http()
-        .head(format!("{}/v2/{name}/manifests/{tag}", stowage.url()))
-        .basic_auth(user, Some(pass))
-        .header("Accept", support::manifest_accept())
-        .send()
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 200, "HEAD {name}:{tag}");
-    resp.headers()["docker-content-digest"]
-        .to_str()
-        .unwrap()
-        .to_string()
 }

@@ -19,6 +19,7 @@ use base64::Engine as _;
 use support::images::{self, Format, Image};
 use support::registry::Registry;
 use support::stowage::{Stowage, StowageBuilder, UpstreamSpec};
+use support::write_htpasswd;
 use support::{error_codes, http, manifest_accept, raw_request, skopeo, wait_until, RawResponse};
 
 /// A test CA and a server certificate for `localhost` and `127.0.0.1` signed by it.
@@ -105,19 +106,6 @@ fn tls_builder(
             toml_path(&k)
         ))
         .https(pki.ca_pem().as_bytes())
-}
-
-/// Writes an htpasswd file with bcrypt entries and returns its path.
-fn write_htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
-    let path = dir.join("htpasswd");
-    let mut text = String::from("# made by the test\n");
-    for (user, password) in users {
-        let hash = bcrypt::hash(password, 4).expect("bcrypt");
-        text.push_str(&format!("{user}:{hash}\n"));
-    }
-    std::fs::write(dir.join("htpasswd.new"), text).expect("write htpasswd");
-    std::fs::rename(dir.join("htpasswd.new"), &path).expect("rename htpasswd");
-    path
 }
 
 fn basic(user: &str, password: &str) -> String {

@@ -501,3 +501,17 @@ pub fn error_codes(body: &[u8], context: &str) -> Vec<String> {
         })
         .collect()
 }
+
+/// Writes an htpasswd file of bcrypt entries (cost 4) into `dir` and returns its path; replaced
+/// atomically, so a server re-reading it on SIGHUP never sees half a file.
+pub fn write_htpasswd(dir: &Path, users: &[(&str, &str)]) -> PathBuf {
+    let path = dir.join("htpasswd");
+    let mut text = String::from("# made by the test\n");
+    for (user, password) in users {
+        let hash = bcrypt::hash(password, 4).expect("bcrypt");
+        text.push_str(&format!("{user}:{hash}\n"));
+    }
+    std::fs::write(dir.join("htpasswd.new"), text).expect("write htpasswd");
+    std::fs::rename(dir.join("htpasswd.new"), &path).expect("rename htpasswd");
+    path
+}
