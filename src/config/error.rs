@@ -15,6 +15,21 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("invalid config: {key}: {message}")]
     Invalid { key: String, message: String },
+    /// A `STOWAGE_*` variable's value is wrong, or the variable names no key (`key` is empty).
+    #[error("invalid config: environment variable {var}{}: {message}", key_of(.key))]
+    Env {
+        var: String,
+        key: String,
+        message: String,
+    },
+}
+
+fn key_of(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!(" ({key})")
+    }
 }
 
 /// The error for a value that parsed but is not acceptable: `key` is its dotted path

@@ -9,13 +9,17 @@
 //! shared store's settings and the rules for store keys live here (`config::store`); the store
 //! layer reads them.
 
+mod env;
 mod error;
 mod hosted;
 mod raw;
+mod schema;
+mod show;
 mod store;
 mod units;
 mod upstream;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,7 +27,8 @@ use std::time::Duration;
 use error::invalid;
 pub use error::ConfigError;
 pub use hosted::{AccessRule, Action, HostedConfig};
-use raw::{parse_raw, read_raw, RawAuth, RawConfig, RawServer, RawStorage};
+use raw::{parse_raw, RawAuth, RawConfig, RawServer, RawStorage};
+pub use show::mask_url;
 pub use store::{
     check_store_key, AzureStoreConfig, GcsStoreConfig, S3StoreConfig, Secret, SharedStoreConfig,
     SharedStoreKind, DEFAULT_FILL_LEASE_TTL, DEFAULT_OBJECT_STORE_TIMEOUT, MAX_KEY_LEN,
@@ -134,23 +139,47 @@ pub const DEFAULT_FILL_RETRIES: u32 = 5;
 
 impl Config {
     /// Loads the configuration the way `stowage serve` does: `path` if given, else `./config.toml`
-    /// if it exists, else built-in defaults; then `STOWAGE_*` overrides from `env`.
+    /// if it exists, else built-in defaults; then the `STOWAGE_*` variables `env` answers for.
     pub fn load(
         path: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        let raw = match path {
-            Some(p) => read_raw(p)?,
-            None => {
-                let default = Path::new("config.toml");
-                if default.exists() {
-                    read_raw(default)?
-                } else {
-                    RawConfig::default()
-                }
-            }
+        let layers = Layers::read(path, &env, None)?;
+        layers.validate(&env)
+    }
+
+    /// [`load`](Self::load) with the whole environment at hand (`vars`), which also refuses a
+    /// `STOWAGE_*` variable that looks like a key but names none.
+    pub fn load_vars(
+        path: Option<&Path>,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let env = |k: &str| vars.get(k).cloned();
+        let layers = Layers::read(path, &env, Some(vars))?;
+        layers.validate(&env)
+    }
+
+    /// `stowage config`: the configuration [`load_vars`](Self::load_vars) would give, as a
+    /// TOML document naming where each value came from, secrets masked.
+    pub fn describe(
+        path: Option<&Path>,
+        vars: &BTreeMap<String, String>,
+    ) -> Result<String, ConfigError> {
+        let env = |k: &str| vars.get(k).cloned();
+        let layers = Layers::read(path, &env, Some(vars))?;
+        layers.validate(&env)?;
+        let check = |t: &toml::Table| {
+            let raw = toml::Value::Table(t.clone()).try_into::<RawConfig>().ok()?;
+            Config::from_raw(raw, env).ok().map(|c| format!("{c:?}"))
         };
-        Config::from_raw(raw, env)
+        let view = show::View {
+            file: &layers.file,
+            file_name: layers.file_name.as_ref().map(|p| p.display().to_string()),
+            effective: &layers.effective,
+            from_env: &layers.from_env,
+            check: &check,
+        };
+        Ok(show::render(&layers.schema, &view))
     }
 
     /// Parses a TOML document (no environment overrides).
@@ -158,13 +187,12 @@ impl Config {
         Config::from_raw(parse_raw(text, Path::new("<inline>"))?, |_| None)
     }
 
-    /// Validates `raw` after applying the environment's overrides, section by section; the
-    /// first problem found is the error.
+    /// Validates `raw` section by section (`env` answers `*_env` keys); the first problem found
+    /// is the error.
     fn from_raw(
-        mut raw: RawConfig,
+        raw: RawConfig,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
-        raw.apply_env(&env);
         let (listen, metrics_listen) = listeners(&raw.server)?;
         let storage = storage_config(raw.storage, &env)?;
         let upstreams = upstream::upstreams_config(raw.upstreams, &env)?;
@@ -178,6 +206,116 @@ impl Config {
             hosted,
         })
     }
+}
+
+/// The configuration before validation: the file's table, and the environment laid over it.
+struct Layers {
+    schema: Vec<schema::Field>,
+    file_name: Option<PathBuf>,
+    file: toml::Table,
+    effective: toml::Table,
+    /// Key path (`upstreams[0].url`) → the variable that set it.
+    from_env: BTreeMap<String, String>,
+}
+
+impl Layers {
+    /// Reads `path` (or `./config.toml` if it exists) and applies `env`; with `all`, the whole
+    /// environment, a `STOWAGE_*` variable naming no key is an error.
+    fn read(
+        path: Option<&Path>,
+        env: &impl Fn(&str) -> Option<String>,
+        all: Option<&BTreeMap<String, String>>,
+    ) -> Result<Layers, ConfigError> {
+        let default = Path::new("config.toml");
+        let file_name = path.or(default.exists().then_some(default));
+        let text = match file_name {
+            Some(p) => Some(
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        Layers::from_text(text.as_deref().zip(file_name), env, all)
+    }
+
+    fn from_text(
+        text: Option<(&str, &Path)>,
+        env: &impl Fn(&str) -> Option<String>,
+        all: Option<&BTreeMap<String, String>>,
+    ) -> Result<Layers, ConfigError> {
+        let schema = schema::schema().map_err(|m| invalid("(schema)", m))?;
+        let file = match text {
+            // The raw structs first: their errors carry line numbers and name unknown keys.
+            Some((text, path)) => parse_raw(text, path).and_then(|_| {
+                toml::from_str::<toml::Table>(text).map_err(|e| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message: e.to_string(),
+                })
+            })?,
+            None => toml::Table::new(),
+        };
+        if let Some(all) = all {
+            let names = all.keys().map(String::as_str);
+            if let Some(var) = env::unknown(&schema, &file, names).into_iter().next() {
+                return Err(ConfigError::Env {
+                    var,
+                    key: String::new(),
+                    message: "names no configuration key (STOWAGE_<TABLE>_<KEY>, see config.toml)"
+                        .into(),
+                });
+            }
+        }
+        let mut effective = file.clone();
+        let from_env = env::overlay(&schema, &mut effective, env)?;
+        Ok(Layers {
+            schema,
+            file_name: file_name_of(text),
+            file,
+            effective,
+            from_env,
+        })
+    }
+
+    /// The validated configuration; an error about a key a variable set names the variable.
+    fn validate(&self, env: &impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let raw = toml::Value::Table(self.effective.clone())
+            .try_into::<RawConfig>()
+            .map_err(|e| ConfigError::Env {
+                var: self
+                    .from_env
+                    .values()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                key: String::new(),
+                message: e.message().to_string(),
+            })?;
+        Config::from_raw(raw, env).map_err(|e| match e {
+            ConfigError::Invalid { key, message } => match self.blamed(&key) {
+                Some(var) => ConfigError::Env { var, key, message },
+                None => ConfigError::Invalid { key, message },
+            },
+            other => other,
+        })
+    }
+
+    /// The variable that set `key`, a table above it or a key below it.
+    fn blamed(&self, key: &str) -> Option<String> {
+        let under = |a: &str, b: &str| {
+            a.strip_prefix(b)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+        };
+        self.from_env
+            .iter()
+            .find(|(set, _)| *set == key || under(key, set) || under(set, key))
+            .map(|(_, var)| var.clone())
+    }
+}
+
+fn file_name_of(text: Option<(&str, &Path)>) -> Option<PathBuf> {
+    text.map(|(_, p)| p.to_owned())
 }
 
 /// `server.listen` and `server.metrics_listen` (distinct; an empty `metrics_listen` is none).
@@ -642,24 +780,149 @@ mod tests {
         assert!(e.contains("upstreams[0].deny[0]"), "{e}");
     }
 
+    /// `text` as the file, `vars` as the whole environment.
+    fn with_env(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let vars: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let env = |k: &str| vars.get(k).cloned();
+        Layers::from_text(Some((text, Path::new("x"))), &env, Some(&vars))?.validate(&env)
+    }
+
     #[test]
     fn environment_overrides_the_file() {
-        let c = Config::from_raw(
-            parse_raw("[server]\nlisten = \"0.0.0.0:1\"", Path::new("x")).unwrap(),
-            |k| match k {
-                "STOWAGE_LISTEN" => Some("127.0.0.1:7".into()),
-                "STOWAGE_STORAGE_PATH" => Some("/tmp/s".into()),
-                _ => None,
-            },
+        let c = with_env(
+            "[server]\nlisten = \"0.0.0.0:1\"",
+            &[
+                ("STOWAGE_LISTEN", "127.0.0.1:7"),
+                ("STOWAGE_STORAGE_PATH", "/tmp/s"),
+            ],
         )
         .unwrap();
         assert_eq!(c.server.listen.to_string(), "127.0.0.1:7");
         assert_eq!(c.storage.path, PathBuf::from("/tmp/s"));
-        let e = Config::from_raw(RawConfig::default(), |k| {
-            (k == "STOWAGE_LISTEN").then(|| "bad".to_string())
-        })
-        .unwrap_err();
-        assert!(e.to_string().contains("server.listen"));
+        let e = with_env("", &[("STOWAGE_LISTEN", "bad")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("server.listen") && e.contains("STOWAGE_LISTEN"),
+            "{e}"
+        );
+        let both = [
+            ("STOWAGE_LISTEN", "127.0.0.1:7"),
+            ("STOWAGE_SERVER_LISTEN", "127.0.0.1:8"),
+        ];
+        let c = with_env("", &both).unwrap();
+        assert_eq!(
+            c.server.listen.to_string(),
+            "127.0.0.1:8",
+            "the full name wins"
+        );
+    }
+
+    #[test]
+    fn every_kind_of_key_is_set_by_its_variable() {
+        let c = with_env(
+            "",
+            &[
+                ("STOWAGE_SERVER_MAX_CONNECTIONS", "7"),
+                ("STOWAGE_STORAGE_HIGH_WATERMARK", "0.9"),
+                ("STOWAGE_OFFLINE", "true"),
+                ("STOWAGE_AUTH_OPEN_PATHS", "/healthz, /metrics"),
+                ("STOWAGE_UPSTREAM_URL", "http://127.0.0.1:9"),
+                ("STOWAGE_UPSTREAM_USERNAME", "u"),
+                ("STOWAGE_UPSTREAM_PASSWORD", "p"),
+                (
+                    "STOWAGE_UPSTREAM_IMMUTABLE_TAGS",
+                    r#"['^v\d{1,3}$', "^sha-"]"#,
+                ),
+                ("STOWAGE_UPSTREAMS_1_HOST", "ghcr.io"),
+                ("STOWAGE_UPSTREAMS_1_URL", "https://ghcr.io"),
+                ("STOWAGE_HOSTED_REPOSITORIES", "team/**"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.server.max_connections, 7);
+        assert_eq!(c.storage.high_watermark, 0.9);
+        assert!(c.offline);
+        assert_eq!(c.auth.open_paths, ["/healthz", "/metrics"]);
+        assert_eq!(c.upstreams.len(), 2);
+        let hub = &c.upstreams[0];
+        assert_eq!(
+            hub.host, "docker.io",
+            "the built-in entry, its url replaced"
+        );
+        assert_eq!(hub.url.as_str(), "http://127.0.0.1:9/");
+        assert_eq!(
+            (hub.username.as_deref(), hub.password.as_deref()),
+            (Some("u"), Some("p"))
+        );
+        assert!(hub.is_immutable("v12") && !hub.is_immutable("v1234"));
+        assert_eq!(c.upstreams[1].host, "ghcr.io");
+        assert!(c.hosted.is_some());
+        let c = with_env(
+            "[[upstreams]]\nhost = \"quay.io\"\nurl = \"https://quay.io\"",
+            &[("STOWAGE_UPSTREAM_URL", "http://127.0.0.1:9")],
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].host, "quay.io", "the file's first entry");
+        let c = with_env(
+            "[server]\nmax_connections = 5",
+            &[("STOWAGE_SERVER_MAX_CONNECTIONS", "")],
+        );
+        assert_eq!(
+            c.unwrap().server.max_connections,
+            DEFAULT_MAX_CONNECTIONS,
+            "empty resets"
+        );
+    }
+
+    #[test]
+    fn a_wrong_variable_is_named() {
+        let e = |vars: &[(&str, &str)]| with_env("", vars).unwrap_err().to_string();
+        let m = e(&[("STOWAGE_SERVER_MAX_CONNECTIONS", "many")]);
+        assert!(
+            m.contains("STOWAGE_SERVER_MAX_CONNECTIONS") && m.contains("integer"),
+            "{m}"
+        );
+        let m = e(&[("STOWAGE_STORAGE_MAX_SIZE", "12 parsecs")]);
+        assert!(
+            m.contains("STOWAGE_STORAGE_MAX_SIZE") && m.contains("storage.max_size"),
+            "{m}"
+        );
+        let m = e(&[("STOWAGE_OFFLINE", "perhaps")]);
+        assert!(m.contains("STOWAGE_OFFLINE"), "{m}");
+        let m = e(&[("STOWAGE_UPSTREAMS_0_URL", "ftp://x")]);
+        assert!(
+            m.contains("STOWAGE_UPSTREAMS_0_URL") && m.contains("upstreams[0].url"),
+            "{m}"
+        );
+        let m = e(&[("STOWAGE_STORAGE_S3_BUCKET", "b")]);
+        assert!(m.contains("STOWAGE_STORAGE_S3_BUCKET"), "{m}");
+        let m = e(&[("STOWAGE_SERVER_LISTN", "127.0.0.1:1")]);
+        assert!(
+            m.contains("STOWAGE_SERVER_LISTN") && m.contains("names no"),
+            "{m}"
+        );
+        let m = e(&[("STOWAGE_UPSTREAMS_5_URL", "http://x")]);
+        assert!(m.contains("STOWAGE_UPSTREAMS_5_URL"), "{m}");
+        assert!(with_env("", &[("STOWAGE_TEST_TOKEN", "x"), ("STOWAGE_CONFIG", "/x")]).is_ok());
+        let referenced = "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://a\"\nusername = \"u\"\npassword_env = \"STOWAGE_UPSTREAM_TOKEN\"";
+        assert!(with_env(referenced, &[("STOWAGE_UPSTREAM_TOKEN", "t")]).is_ok());
+    }
+
+    #[test]
+    fn variable_names_are_unique() {
+        let schema = schema::schema().unwrap();
+        let vars = env::variables(&schema, &toml::Table::new());
+        let mut names: Vec<&str> = vars.iter().map(|v| v.name.as_str()).collect();
+        names.sort();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(n, names.len(), "two keys share a variable");
+        assert!(names.contains(&"STOWAGE_STORAGE_S3_BUCKET"));
+        assert!(names.contains(&"STOWAGE_UPSTREAM_PASSWORD"));
     }
 
     #[test]
