@@ -297,6 +297,19 @@ impl Dockerd {
         Dockerd { daemon }
     }
 
+    /// The `DOCKER_HOST` (`unix://...`) and `DOCKER_CONFIG` directory of this daemon, for a
+    /// script that runs `docker` itself.
+    pub fn client_env(&self) -> [(&'static str, String); 2] {
+        let d = self.daemon.dir();
+        [
+            (
+                "DOCKER_HOST",
+                format!("unix://{}", d.join("docker.sock").display()),
+            ),
+            ("DOCKER_CONFIG", d.join("cli").display().to_string()),
+        ]
+    }
+
     /// `--data-root`: where vfs unpacks layers (`vfs/dir/<id>/...`).
     pub fn data_root(&self) -> PathBuf {
         self.daemon.dir().join("data")
