@@ -36,8 +36,8 @@ pub use store::{
 };
 pub use units::{parse_byte_size, parse_duration};
 pub use upstream::{
-    canonical_host, UpstreamConfig, DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL,
-    DEFAULT_REVALIDATE_TIMEOUT,
+    canonical_host, proxy_name, ProxySetting, ProxyUrl, UpstreamConfig, DEFAULT_MANIFEST_TTL,
+    DEFAULT_NEGATIVE_TTL, DEFAULT_REVALIDATE_TIMEOUT,
 };
 
 /// The validated configuration.

@@ -136,6 +136,7 @@ pub(super) struct RawUpstream {
     pub(super) revalidate_timeout: Option<String>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,
+    pub(super) proxy: Option<String>,
 }
 
 /// The upstream used when the file has no `[[upstreams]]`: Docker Hub (`host`, `url`).
@@ -159,6 +160,7 @@ impl RawUpstream {
             revalidate_timeout: None,
             allow: None,
             deny: None,
+            proxy: None,
         }
     }
 }

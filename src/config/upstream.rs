@@ -39,6 +39,63 @@ pub struct UpstreamConfig {
     pub revalidate_timeout: Duration,
     /// `allow` / `deny` repository patterns (see [`crate::policy`]).
     pub policy: RepoPolicy,
+    /// How requests reach it: `proxy`, else the `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY`
+    /// environment.
+    pub proxy: ProxySetting,
+}
+
+/// An upstream's egress proxy (`proxy`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ProxySetting {
+    /// No key: the proxy environment variables decide, per destination, as for other tools.
+    Environment,
+    /// `proxy = "none"`: straight to the registry, whatever the environment says.
+    Direct,
+    /// `proxy = "http://user:pass@host:3128"`: every request through this proxy.
+    Url(ProxyUrl),
+}
+
+/// A proxy URL whose password stays out of `Debug` and [`Display`](std::fmt::Display) (it is
+/// only handed to the HTTP client through [`ProxyUrl::expose`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl(url::Url);
+
+impl ProxyUrl {
+    /// The URL with its credentials, for the HTTP client alone.
+    pub fn expose(&self) -> &url::Url {
+        &self.0
+    }
+
+    /// `scheme://host:port`: how logs, errors and `/readyz` name the proxy.
+    pub fn name(&self) -> String {
+        proxy_name(&self.0)
+    }
+}
+
+/// `scheme://host:port` of a proxy URL, credentials and path left out.
+pub fn proxy_name(url: &url::Url) -> String {
+    let host = url.host_str().unwrap_or("?");
+    match url.port_or_known_default() {
+        Some(port) => format!("{}://{host}:{port}", url.scheme()),
+        None => format!("{}://{host}", url.scheme()),
+    }
+}
+
+impl std::fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let user = if self.0.username().is_empty() {
+            ""
+        } else {
+            "<user>:<redacted>@"
+        };
+        write!(f, "ProxyUrl({user}{})", self.name())
+    }
+}
+
+impl std::fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
 }
 
 /// A registry host name as routing compares it: trimmed, lowercase, and every name of Docker
@@ -113,6 +170,7 @@ fn upstream_config(
     let password = upstream_password(&u, &key, env)?;
     let timing = upstream_timing(&u, &key)?;
     let immutable_tags = immutable_tags(u.immutable_tags.unwrap_or_default(), &key)?;
+    let proxy = upstream_proxy(u.proxy.as_deref(), &key("proxy"))?;
     let policy = RepoPolicy {
         allow: policy_patterns(u.allow, &key("allow"))?,
         deny: policy_patterns(u.deny, &key("deny"))?,
@@ -130,6 +188,7 @@ fn upstream_config(
         negative_ttl: timing.negative_ttl,
         revalidate_timeout: timing.revalidate_timeout,
         policy,
+        proxy,
     })
 }
 
@@ -158,6 +217,29 @@ fn upstream_url(text: &str, key: &str) -> Result<url::Url, ConfigError> {
         ));
     }
     Ok(url)
+}
+
+/// `proxy`: absent (the environment decides), `"none"`, or an `http://` / `https://` URL with
+/// optional credentials and nothing after the port. An error never repeats the password.
+fn upstream_proxy(text: Option<&str>, key: &str) -> Result<ProxySetting, ConfigError> {
+    let Some(text) = text.map(str::trim) else {
+        return Ok(ProxySetting::Environment);
+    };
+    if text.eq_ignore_ascii_case("none") {
+        return Ok(ProxySetting::Direct);
+    }
+    let shown = super::show::mask_url(text);
+    let url = url::Url::parse(text).map_err(|e| invalid(key, format!("{shown:?}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(invalid(
+            key,
+            format!("{shown:?} must be an http:// or https:// proxy URL (or \"none\")"),
+        ));
+    }
+    if !matches!(url.path(), "" | "/") || url.query().is_some() {
+        return Err(invalid(key, format!("{shown:?}: a proxy URL has no path")));
+    }
+    Ok(ProxySetting::Url(ProxyUrl(url)))
 }
 
 /// `password`, or the variable `password_env` names; either needs `username`.

@@ -359,6 +359,8 @@ async fn probe_upstreams(mirror: &Mirror) -> Vec<serde_json::Value> {
             "host": u.host(),
             "reachable": answer.is_ok(),
             "status": answer.as_ref().ok(),
+            "proxy": u.proxy(),
+            "error": answer.as_ref().err().map(|e| e.to_string()),
         })
     });
     futures_util::future::join_all(probes).await

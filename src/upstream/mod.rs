@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use reqwest::Response;
 
-use crate::config::UpstreamConfig;
+use crate::config::{ProxySetting, UpstreamConfig};
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
 use crate::stream::BlobBody;
 use auth::{Challenge, Secret, TokenCache};
@@ -174,6 +174,9 @@ impl RateLimit {
 pub struct Upstream {
     pub config: UpstreamConfig,
     client: reqwest::Client,
+    /// The proxy requests to the registry's own URL go through (`scheme://host:port`, no
+    /// credentials), for errors and `/readyz`; `None` when they go direct.
+    via: Option<String>,
     tokens: TokenCache,
     /// How each repository scope authenticates, learnt from its first challenge.
     modes: Mutex<HashMap<String, AuthMode>>,
@@ -206,15 +209,33 @@ impl std::fmt::Debug for Upstream {
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Result<Upstream, reqwest::Error> {
-        let client = reqwest::Client::builder()
+        let builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
-            .user_agent(concat!("stowage/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            .user_agent(concat!("stowage/", env!("CARGO_PKG_VERSION")));
+        // Without a `proxy` key reqwest reads HTTP(S)_PROXY / ALL_PROXY / NO_PROXY itself.
+        let builder = match &config.proxy {
+            ProxySetting::Environment => builder,
+            ProxySetting::Direct => builder.no_proxy(),
+            ProxySetting::Url(p) => builder.proxy(reqwest::Proxy::all(p.expose().as_str())?),
+        };
+        let via = proxy_for(&config);
+        if let Some(via) = &via {
+            tracing::info!(upstream = %config.host, proxy = %via, "upstream requests go through a proxy");
+        }
+        // Through a forward proxy (http:// upstream, no tunnel) a connection is not reused:
+        // proxies may close it after a response that did not say so (tinyproxy does), and the
+        // next request on it would fail.
+        let builder = if via.is_some() && config.url.scheme() == "http" {
+            builder.pool_max_idle_per_host(0)
+        } else {
+            builder
+        };
         Ok(Upstream {
             config,
-            client,
+            client: builder.build()?,
+            via,
             tokens: TokenCache::default(),
             modes: Mutex::default(),
             ratelimit: Mutex::default(),
@@ -279,11 +300,35 @@ impl Upstream {
         format!("{base}/v2/{repo}/{rest}")
     }
 
+    /// The proxy this upstream's requests go through, if any (`scheme://host:port`).
+    pub fn proxy(&self) -> Option<&str> {
+        self.via.as_deref()
+    }
+
     fn unreachable(&self, e: impl std::fmt::Display) -> UpstreamError {
+        let message = match &self.via {
+            Some(via) => format!("through proxy {via}: {e}"),
+            None => e.to_string(),
+        };
         UpstreamError::Unreachable {
             host: self.config.host.clone(),
-            message: e.to_string(),
+            message,
         }
+    }
+
+    /// A 407 is the proxy's answer, never the registry's: the upstream could not be reached.
+    fn refused_by_proxy(&self, resp: Response) -> Result<Response, UpstreamError> {
+        if resp.status() != StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+            return Ok(resp);
+        }
+        let message = match &self.via {
+            Some(via) => format!("proxy {via} refused the request: 407 Proxy Authentication Required (check the proxy's credentials)"),
+            None => "a proxy refused the request: 407 Proxy Authentication Required".into(),
+        };
+        Err(UpstreamError::Unreachable {
+            host: self.config.host.clone(),
+            message,
+        })
     }
 
     fn basic_auth(&self) -> Option<HeaderValue> {
@@ -402,7 +447,9 @@ impl Upstream {
                 method,
                 resp.as_ref().ok().map(|r| r.status()),
             );
-            let resp = resp.map_err(|e| self.unreachable(describe(&e)))?;
+            let resp = resp
+                .map_err(|e| self.unreachable(describe(&e)))
+                .and_then(|r| self.refused_by_proxy(r))?;
             if !resp.status().is_redirection() {
                 return Ok(resp);
             }
@@ -754,8 +801,9 @@ impl Upstream {
             &Method::GET,
             resp.as_ref().ok().map(|r| r.status()),
         );
-        resp.map(|r| r.status().as_u16())
-            .map_err(|e| self.unreachable(describe(&e)))
+        resp.map_err(|e| self.unreachable(describe(&e)))
+            .and_then(|r| self.refused_by_proxy(r))
+            .map(|r| r.status().as_u16())
     }
 }
 
@@ -773,6 +821,21 @@ fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
 }
 
 /// reqwest's error with its causes, for logs (URLs only; they carry no credentials).
+/// The proxy (`scheme://host:port`) requests to the upstream's own URL take: its `proxy` key,
+/// else what the proxy environment variables say for that URL (the matcher reqwest applies).
+fn proxy_for(config: &UpstreamConfig) -> Option<String> {
+    match &config.proxy {
+        ProxySetting::Direct => None,
+        ProxySetting::Url(p) => Some(p.name()),
+        ProxySetting::Environment => {
+            let uri: http::Uri = config.url.as_str().parse().ok()?;
+            let hit = hyper_util::client::proxy::matcher::Matcher::from_env().intercept(&uri)?;
+            let url = url::Url::parse(&hit.uri().to_string()).ok()?;
+            Some(crate::config::proxy_name(&url))
+        }
+    }
+}
+
 fn describe(e: &reqwest::Error) -> String {
     let mut s = e.to_string();
     let mut src = std::error::Error::source(e);

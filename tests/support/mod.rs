@@ -7,6 +7,7 @@
 //!   formats) built in memory and pushed with the plain v2 push API;
 //! - [`stowage`]: the mirror under test, started from the built binary on an ephemeral port;
 //! - [`nginx`]: nginx as the fleet's load balancer, from `docs/fleet.md`'s own config block;
+//! - [`proxy`]: tinyproxy, a real forward proxy (CONNECT, 407 with Basic auth) for egress tests;
 //! - [`scrape`]: stowage's `/metrics` parsed, for exact counter assertions;
 //! - [`garage`]: a real S3-compatible object store (a Garage cluster on loopback) for the shared
 //!   store of a fleet;
@@ -25,6 +26,7 @@ pub mod fake_upstream;
 pub mod garage;
 pub mod images;
 pub mod nginx;
+pub mod proxy;
 pub mod reader;
 pub mod registry;
 pub mod scrape;

@@ -34,22 +34,38 @@ pub struct Registry {
     port: u16,
     log_path: PathBuf,
     markers: AtomicU64,
+    /// Serving HTTPS (certificate and key files), see [`Registry::start_tls_beside`].
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Registry {
     /// Starts a fresh, empty registry and waits until `GET /v2/` answers 200.
     /// Retries with another port if the chosen one was taken in the meantime.
     pub fn start() -> Registry {
+        Registry::launch(None, None)
+    }
+
+    /// A second registry serving `beside`'s storage over HTTPS with the PEM files `cert` and
+    /// `key`: images pushed to `beside` are pulled from this one.
+    pub fn start_tls_beside(beside: &Registry, cert: &Path, key: &Path) -> Registry {
+        Registry::launch(
+            Some(beside.dir.path().join("data")),
+            Some((cert.to_owned(), key.to_owned())),
+        )
+    }
+
+    fn launch(data: Option<PathBuf>, tls: Option<(PathBuf, PathBuf)>) -> Registry {
         let mut dir = tempfile::Builder::new()
             .prefix("stowage-upstream-")
             .tempdir()
             .expect("temp dir for docker-registry");
+        let data = data.unwrap_or_else(|| dir.path().join("data"));
         let log_path = dir.path().join("registry.log");
         let mut last_log = String::new();
         for _attempt in 0..3 {
             let port = free_port();
             let config_path = dir.path().join("config.yml");
-            std::fs::write(&config_path, config_yaml(&dir.path().join("data"), port))
+            std::fs::write(&config_path, config_yaml(&data, port, tls.as_ref()))
                 .expect("write docker-registry config");
             let mut cmd = Command::new("docker-registry");
             cmd.arg("serve").arg(&config_path);
@@ -61,6 +77,7 @@ impl Registry {
                 port,
                 log_path: log_path.clone(),
                 markers: AtomicU64::new(0),
+                tls: tls.clone(),
             };
             if registry.wait_ready() {
                 return registry;
@@ -80,12 +97,18 @@ impl Registry {
     }
 
     /// Polls `/v2/` until 200; false if the child exits or the timeout passes.
-    fn wait_ready(&mut self) -> bool {
-        let client = reqwest::blocking::Client::builder()
+    /// The harness's own client for this registry (a TLS one's test certificate accepted).
+    fn client(&self, timeout: Duration) -> reqwest::blocking::Client {
+        reqwest::blocking::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_secs(2))
+            .danger_accept_invalid_certs(self.tls.is_some())
+            .timeout(timeout)
             .build()
-            .expect("readiness client");
+            .expect("registry probe client")
+    }
+
+    fn wait_ready(&mut self) -> bool {
+        let client = self.client(Duration::from_secs(2));
         let url = format!("{}/v2/", self.url());
         let mut exited = false;
         let ready = wait_until(READY_TIMEOUT, || {
@@ -105,9 +128,10 @@ impl Registry {
         super::images::push(&self.url(), name, tag, image)
     }
 
-    /// `http://127.0.0.1:<port>`
+    /// `http://127.0.0.1:<port>` (`https://` for [`Registry::start_tls_beside`])
     pub fn url(&self) -> String {
-        format!("http://{}", self.host_port())
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.host_port())
     }
 
     /// `127.0.0.1:<port>`, as used in `docker://` references.
@@ -130,7 +154,11 @@ impl Registry {
         let n = self.markers.fetch_add(1, Ordering::SeqCst);
         let marker = format!("{MARKER}={n}");
         let url = format!("{}/v2/?{marker}", self.url());
-        let resp = http().get(&url).send();
+        let resp = if self.tls.is_some() {
+            self.client(Duration::from_secs(30)).get(&url).send()
+        } else {
+            http().get(&url).send()
+        };
         assert!(
             matches!(&resp, Ok(r) if r.status().is_success()),
             "upstream registry did not answer the log marker request: {resp:?}"
@@ -209,12 +237,21 @@ impl Drop for Registry {
     }
 }
 
-fn config_yaml(data: &Path, port: u16) -> String {
+fn config_yaml(data: &Path, port: u16, tls: Option<&(PathBuf, PathBuf)>) -> String {
+    let tls = tls
+        .map(|(cert, key)| {
+            format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            )
+        })
+        .unwrap_or_default();
     format!(
         "version: 0.1\n\
          log:\n  level: info\n  accesslog:\n    disabled: false\n\
          storage:\n  filesystem:\n    rootdirectory: {data}\n  delete:\n    enabled: true\n\
-         http:\n  addr: 127.0.0.1:{port}\n  secret: stowage-tests-secret\n",
+         http:\n  addr: 127.0.0.1:{port}\n  secret: stowage-tests-secret\n{tls}",
         data = data.display()
     )
 }
