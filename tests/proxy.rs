@@ -10,11 +10,12 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use support::garage::Garage;
 use support::images::{Format, Image};
 use support::proxy::Tinyproxy;
 use support::registry::Registry;
 use support::stowage::{Stowage, UpstreamSpec};
-use support::{error_codes, http, manifest_accept, skopeo_ok};
+use support::{error_codes, http, manifest_accept, skopeo_ok, wait_until};
 
 const PASSWORD: &str = "pr0xy-s3cret-pw";
 
@@ -317,4 +318,29 @@ fn https_proxy_tunnels_to_a_tls_upstream() {
         "{body}"
     );
     assert!(!body.contains("nope"), "{body}");
+}
+
+#[test]
+fn the_object_store_follows_the_proxy_environment() {
+    let upstream = upstream_with("team/shared");
+    let garage = Garage::start(1);
+    let proxy = Tinyproxy::start();
+    // The upstream is told to go direct; the shared store (Garage's S3 API) has no such key.
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()).with_extra("proxy = \"none\""))
+        .storage_toml(&garage.storage_toml("proxied/"))
+        .env("HTTP_PROXY", &proxy.url())
+        .start();
+    pull(&stowage, "team/shared:1");
+    let endpoint = garage.s3_endpoint();
+    let s3 = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let stored = wait_until(Duration::from_secs(90), || {
+        proxy
+            .requests()
+            .iter()
+            .any(|r| r.starts_with("PUT ") && r.contains(s3))
+    });
+    assert!(stored, "blobs reached the store through the proxy: {:?}", proxy.requests());
+    assert!(proxied(&proxy, &upstream).is_empty(), "proxy = \"none\" goes direct");
+    assert!(reached(&upstream, "team/shared"));
 }
