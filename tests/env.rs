@@ -200,8 +200,19 @@ fn every_documented_key_is_set_by_its_variable() {
         let secret = ["password", "secret"].iter().any(|w| k.name.contains(w))
             && !k.name.ends_with("_env")
             || k.name == "access_key";
+        let url_password = match &k.sample {
+            toml::Value::String(s) => url::Url::parse(s)
+                .ok()
+                .and_then(|u| u.password().map(str::to_string)),
+            _ => None,
+        };
         if secret {
             assert_eq!(shown, "\"********\"", "{var} is masked");
+        } else if let Some(password) = url_password {
+            assert!(
+                !shown.contains(&password) && shown.contains(":********@"),
+                "{var}: {line}"
+            );
         } else {
             let shown: toml::Value = toml::from_str::<toml::Table>(&format!("v = {shown}"))
                 .unwrap_or_else(|e| panic!("{line}: {e}"))["v"]

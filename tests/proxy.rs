@@ -340,7 +340,14 @@ fn the_object_store_follows_the_proxy_environment() {
             .iter()
             .any(|r| r.starts_with("PUT ") && r.contains(s3))
     });
-    assert!(stored, "blobs reached the store through the proxy: {:?}", proxy.requests());
-    assert!(proxied(&proxy, &upstream).is_empty(), "proxy = \"none\" goes direct");
+    assert!(
+        stored,
+        "blobs reached the store through the proxy: {:?}",
+        proxy.requests()
+    );
+    assert!(
+        proxied(&proxy, &upstream).is_empty(),
+        "proxy = \"none\" goes direct"
+    );
     assert!(reached(&upstream, "team/shared"));
 }
