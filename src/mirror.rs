@@ -36,6 +36,9 @@ use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use crate::stream::BlobBody;
 use crate::upstream::{ManifestHead, Route, Router, Upstream, UpstreamError};
 
+pub mod referrers;
+pub use referrers::ReferrersAnswer;
+
 /// How a request was answered, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -1081,17 +1084,23 @@ pub struct TagList {
     pub next: Option<String>,
 }
 
-/// Sorts, drops tags up to `last` (exclusive), keeps `n`. Returns the page and whether it was cut.
 /// One page of `tags` (sorted and deduplicated here): those after `last`, at most `n`, and
 /// whether more remain. Also the window of `_catalog` and of hosted tag lists.
 pub fn window_tags(tags: &mut Vec<String>, page: &TagPage) -> (Vec<String>, bool) {
     tags.sort();
     tags.dedup();
+    window(tags, |t| t.as_str(), page)
+}
+
+/// One page of `items`, sorted by `key` and each key once: those whose key is after `last`,
+/// at most `n`, and whether more remain. The one window of every paged list (tags, the
+/// catalog, referrers by digest).
+pub fn window<T: Clone>(items: &[T], key: impl Fn(&T) -> &str, page: &TagPage) -> (Vec<T>, bool) {
     let start = match &page.last {
-        Some(l) => tags.partition_point(|t| t.as_str() <= l.as_str()),
+        Some(l) => items.partition_point(|t| key(t) <= l.as_str()),
         None => 0,
     };
-    let rest = &tags[start..];
+    let rest = &items[start..];
     match page.n {
         Some(n) if rest.len() > n => (rest[..n].to_vec(), n > 0),
         _ => (rest.to_vec(), false),

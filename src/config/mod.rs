@@ -526,6 +526,7 @@ mod tests {
         .unwrap();
         let u = &c.upstreams[0];
         assert_eq!(u.manifest_ttl, Duration::ZERO);
+        assert_eq!(u.referrers_ttl, Duration::ZERO, "referrers_ttl follows manifest_ttl");
         assert_eq!(u.max_stale, Some(Duration::from_secs(86400)));
         assert_eq!(u.negative_ttl, Duration::from_secs(5));
         assert!(u.is_immutable("v1.2.3") && u.is_immutable("1.2.3"));
@@ -536,6 +537,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.upstreams[0].max_stale, None);
+        let c = Config::from_toml(
+            "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\nreferrers_ttl = \"1h\"",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].referrers_ttl, Duration::from_secs(3600));
+        assert_eq!(c.upstreams[0].manifest_ttl, Duration::from_secs(300));
     }
 
     #[test]
@@ -543,6 +550,7 @@ mod tests {
         let up =
             |extra: &str| format!("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\n{extra}");
         assert!(err(&up("manifest_ttl = \"soon\"")).contains("upstreams[0].manifest_ttl"));
+        assert!(err(&up("referrers_ttl = \"soon\"")).contains("upstreams[0].referrers_ttl"));
         assert!(err(&up("max_stale = \"-1s\"")).contains("upstreams[0].max_stale"));
         assert!(err(&up("negative_ttl = \"x\"")).contains("upstreams[0].negative_ttl"));
         assert!(err(&up("revalidate_timeout = \"0\"")).contains("upstreams[0].revalidate_timeout"));

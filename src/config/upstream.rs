@@ -27,6 +27,9 @@ pub struct UpstreamConfig {
     /// How long a tag answer is trusted without asking upstream (`manifest_ttl`, default 5m;
     /// zero = revalidate on every request).
     pub manifest_ttl: Duration,
+    /// How long a mirrored referrers answer (`/v2/<name>/referrers/<digest>`) is trusted
+    /// without asking upstream (`referrers_ttl`, default: this upstream's `manifest_ttl`).
+    pub referrers_ttl: Duration,
     /// Tags matching any of these patterns never change once cached (`immutable_tags`).
     pub immutable_tags: Vec<regex::Regex>,
     /// How long past its last successful check a tag may still be served when the upstream
@@ -96,6 +99,7 @@ struct Timing {
     connect_timeout: Duration,
     read_timeout: Duration,
     manifest_ttl: Duration,
+    referrers_ttl: Duration,
     negative_ttl: Duration,
     revalidate_timeout: Duration,
     max_stale: Option<Duration>,
@@ -125,6 +129,7 @@ fn upstream_config(
         connect_timeout: timing.connect_timeout,
         read_timeout: timing.read_timeout,
         manifest_ttl: timing.manifest_ttl,
+        referrers_ttl: timing.referrers_ttl,
         immutable_tags,
         max_stale: timing.max_stale,
         negative_ttl: timing.negative_ttl,
@@ -203,6 +208,10 @@ fn upstream_timing(u: &RawUpstream, key: &impl Fn(&str) -> String) -> Result<Tim
     let connect_timeout = duration(&u.connect_timeout, "10s", "connect_timeout")?;
     let read_timeout = duration(&u.read_timeout, "60s", "read_timeout")?;
     let manifest_ttl = duration(&u.manifest_ttl, DEFAULT_MANIFEST_TTL, "manifest_ttl")?;
+    let referrers_ttl = match &u.referrers_ttl {
+        Some(t) => parse_duration(t).map_err(|m| invalid(key("referrers_ttl"), m))?,
+        None => manifest_ttl,
+    };
     let negative_ttl = duration(&u.negative_ttl, DEFAULT_NEGATIVE_TTL, "negative_ttl")?;
     let revalidate_timeout = duration(
         &u.revalidate_timeout,
@@ -223,6 +232,7 @@ fn upstream_timing(u: &RawUpstream, key: &impl Fn(&str) -> String) -> Result<Tim
         connect_timeout,
         read_timeout,
         manifest_ttl,
+        referrers_ttl,
         negative_ttl,
         revalidate_timeout,
         max_stale,
