@@ -67,6 +67,9 @@ pub enum Request {
     Export {
         images: Vec<String>,
         output: PathBuf,
+        /// Also each image's referrers, recursively.
+        #[serde(default)]
+        with_referrers: bool,
     },
     /// `bundle` is absolute, like `Export::output`.
     Import {
@@ -115,9 +118,12 @@ pub fn execute(
             }
             Ok(true)
         }
-        Request::Export { images, output } => {
-            airgap::export(cache, hosted, config, images, output, out).map(|_| true)
-        }
+        Request::Export {
+            images,
+            output,
+            with_referrers,
+        } => airgap::export(cache, hosted, config, images, output, *with_referrers, out)
+            .map(|_| true),
         Request::Import { bundle, pin } => {
             airgap::import(cache, hosted, bundle, *pin, out).map(|_| true)
         }
@@ -744,6 +750,7 @@ mod tests {
             refs: vec!["alpine:3.19".into()],
             platforms: airgap::Platforms::Some(vec!["linux/arm64/v8".into()]),
             pin: true,
+            with_referrers: true,
         });
         let text = serde_json::to_string(&req).unwrap();
         assert!(text.contains("\"command\":\"prefetch\""), "{text}");
@@ -752,6 +759,7 @@ mod tests {
             refs: vec![],
             platforms: airgap::Platforms::All,
             pin: false,
+            with_referrers: false,
         });
         let text = serde_json::to_string(&all).unwrap();
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), all);

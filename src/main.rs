@@ -86,6 +86,10 @@ enum Command {
         /// Pin the fetched images.
         #[arg(long)]
         pin: bool,
+        /// Also each image's referrers (signatures, SBOMs, attestations; the referrers API and
+        /// cosign's `sha256-<hex>.sig` / `.att` / `.sbom` tags), recursively.
+        #[arg(long)]
+        with_referrers: bool,
         images: Vec<String>,
     },
     /// Write cached and hosted images as an OCI image layout: a tar, or a directory (`-o dir/`).
@@ -98,6 +102,9 @@ enum Command {
         /// `bundle.tar`, or `dir/` (trailing slash or an existing directory) for a directory.
         #[arg(long, short, required = true)]
         output: PathBuf,
+        /// Also each image's referrers the cache (or hosted storage) holds, recursively.
+        #[arg(long)]
+        with_referrers: bool,
         images: Vec<String>,
     },
     /// Load an OCI image layout (tar or directory), verifying every blob: hosted images into
@@ -138,6 +145,7 @@ fn main() -> ExitCode {
             platforms,
             all_platforms,
             pin,
+            with_referrers,
             images,
         } => {
             let refs = match airgap::gather_refs(&images, file.as_deref()) {
@@ -160,6 +168,7 @@ fn main() -> ExitCode {
                     refs,
                     platforms,
                     pin,
+                    with_referrers,
                 }),
             )
         }
@@ -167,6 +176,7 @@ fn main() -> ExitCode {
             config,
             file,
             output,
+            with_referrers,
             images,
         } => {
             let images = match airgap::gather_refs(&images, file.as_deref()) {
@@ -177,7 +187,14 @@ fn main() -> ExitCode {
                 }
             };
             let output = absolute(output);
-            operate(config, Request::Export { images, output })
+            operate(
+                config,
+                Request::Export {
+                    images,
+                    output,
+                    with_referrers,
+                },
+            )
         }
         Command::Import {
             config,
