@@ -51,7 +51,9 @@
 //!   upstream; per-Accept tag variants; stale serving (bounded by `max_stale`) when upstream
 //!   fails; negative cache of upstream 404s (and of Docker Hub's 401 for a repository that does
 //!   not exist); blob hit / join / start fill; `offline` (cache only, 404 naming the offline
-//!   mirror, no upstream contact).
+//!   mirror, no upstream contact); the OCI 1.1 referrers of mirrored manifests
+//!   ([`mirror::referrers`]: the upstream's API or its `sha256-<hex>` tag schema, cached for
+//!   `referrers_ttl`, served stale and offline).
 //! - [`hosted`] — the private registry beside the mirror: names matching `hosted.repositories`
 //!   are pushed to and pulled from stowage, never forwarded upstream. Upload sessions as files
 //!   hashed while they stream, per-repository links (no cross-repository existence answers),

@@ -15,6 +15,7 @@
 //!   is never handed over: the tag's variant for the client's Accept set is fetched once with
 //!   the client's own `Accept` and kept beside the tag until it moves.
 //! - Blobs: a hit streams the file; a miss joins or starts a fill (see [`crate::cache::fill`]).
+//! - Referrers (OCI 1.1 `/v2/<name>/referrers/<digest>`): see [`referrers`].
 //! - With a shared store (`storage.backend`, [`crate::fleet`]): local misses of blobs,
 //!   manifests and tags look in the fleet's store before the upstream, and what the upstream
 //!   gives is shared (verified blobs after commit; manifests; tag records with their check

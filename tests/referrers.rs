@@ -221,7 +221,12 @@ fn an_upstream_referrers_api_is_passed_through_filtered_paged_and_cached() {
     );
 
     // The filter is applied here, on the cached answer.
-    let r = referrers(&stowage, repo, subject, "?artifactType=application/spdx%2Bjson");
+    let r = referrers(
+        &stowage,
+        repo,
+        subject,
+        "?artifactType=application/spdx%2Bjson",
+    );
     assert_eq!(r.header("oci-filters-applied"), "artifactType");
     assert_eq!(digests(&listed(&r)), vec![sbom.manifest.digest.clone()]);
     let r = referrers(&stowage, repo, subject, "?artifactType=application/none");
@@ -237,7 +242,12 @@ fn an_upstream_referrers_api_is_passed_through_filtered_paged_and_cached() {
     let got = pages(&stowage, &format!("/v2/{repo}/referrers/{subject}?n=2"));
     assert_eq!(got.len(), 2, "{got:?}");
     assert_eq!(got.concat(), want);
-    let r = referrers(&stowage, repo, subject, "?n=1&artifactType=application/spdx%2Bjson");
+    let r = referrers(
+        &stowage,
+        repo,
+        subject,
+        "?n=1&artifactType=application/spdx%2Bjson",
+    );
     assert_eq!(r.header("link"), "", "one match: one page");
     let r = referrers(&stowage, repo, subject, "?n=x");
     assert_eq!(r.status, 400);
@@ -255,7 +265,11 @@ fn an_upstream_referrers_api_is_passed_through_filtered_paged_and_cached() {
     assert_eq!(m.status, 200);
     assert_eq!(m.body, sig.manifest.bytes);
     let layer = &sig.blobs[1];
-    let b = get(&format!("{}/v2/{repo}/blobs/{}", stowage.url(), layer.digest));
+    let b = get(&format!(
+        "{}/v2/{repo}/blobs/{}",
+        stowage.url(),
+        layer.digest
+    ));
     assert_eq!(b.body, layer.bytes);
 
     // Nothing refers to a digest: 200 and an empty index. A malformed digest: 400.
@@ -367,9 +381,17 @@ fn an_upstream_without_the_api_is_read_through_the_tag_schema_and_cosign_tags_pa
     assert_eq!(all, vec![sbom.descriptor(SBOM)]);
     upstream.sync_log();
     let log = upstream.access_log_lines().join("\n");
-    assert!(log.contains("/referrers/"), "the API was asked first:\n{log}");
+    assert!(
+        log.contains("/referrers/"),
+        "the API was asked first:\n{log}"
+    );
     assert!(log.contains(&format!("/manifests/{schema_tag}")), "{log}");
-    let r = referrers(&stowage, repo, &image.digest, "?artifactType=application/spdx%2Bjson");
+    let r = referrers(
+        &stowage,
+        repo,
+        &image.digest,
+        "?artifactType=application/spdx%2Bjson",
+    );
     assert_eq!(r.header("oci-filters-applied"), "artifactType");
     assert_eq!(listed(&r).len(), 1);
     let r = referrers(&stowage, repo, &image.digest, "?artifactType=text/plain");
@@ -455,16 +477,31 @@ fn referrers_cross_the_air_gap_and_pin_holds_them() {
     for b in &sig_blobs {
         fake.add_blob(repo, b.bytes.clone());
     }
-    fake.add_manifest(repo, &sig_tag(&amd64.digest), OCI_MANIFEST, sig.bytes.clone());
+    fake.add_manifest(
+        repo,
+        &sig_tag(&amd64.digest),
+        OCI_MANIFEST,
+        sig.bytes.clone(),
+    );
 
     let online = Stowage::start(&[UpstreamSpec::new("docker.io", &fake.url())]);
     let image = format!("docker.io/{repo}:1");
     command_ok(
         &online,
-        &["prefetch", "--with-referrers", "--platform", "linux/amd64", &image],
+        &[
+            "prefetch",
+            "--with-referrers",
+            "--platform",
+            "linux/amd64",
+            &image,
+        ],
     );
     let out = command_ok(&online, &["pin", &image]);
-    for d in [&sbom.manifest.digest, &sbom_sig.manifest.digest, &sig.digest] {
+    for d in [
+        &sbom.manifest.digest,
+        &sbom_sig.manifest.digest,
+        &sig.digest,
+    ] {
         assert!(out.contains(&format!("pinned its referrer {d}")), "{out}");
     }
     let bundle = online.dir().join("bundle.tar");
@@ -496,7 +533,11 @@ fn referrers_cross_the_air_gap_and_pin_holds_them() {
         vec![sbom_sig.manifest.digest.clone()]
     );
     let d = &listed(&referrers(&offline, repo, &index.manifest.digest, ""))[0];
-    assert_eq!(*d, sbom.descriptor(SBOM), "the same descriptor as upstream's");
+    assert_eq!(
+        *d,
+        sbom.descriptor(SBOM),
+        "the same descriptor as upstream's"
+    );
     let r = get(&format!(
         "{}/v2/{repo}/manifests/{}",
         offline.url(),
@@ -508,5 +549,8 @@ fn referrers_cross_the_air_gap_and_pin_holds_them() {
         let r = get(&format!("{}/v2/{repo}/blobs/{}", offline.url(), b.digest));
         assert_eq!(r.body, b.bytes, "blob {}", b.digest);
     }
-    assert!(fake.requests().is_empty(), "offline: the upstream is never asked");
+    assert!(
+        fake.requests().is_empty(),
+        "offline: the upstream is never asked"
+    );
 }

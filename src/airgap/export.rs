@@ -127,7 +127,11 @@ fn add_cached_referrers(
             repo: r.repo.clone(),
             reference,
         };
-        if contents.entries.iter().any(|e| e.name == referrer.to_string()) {
+        if contents
+            .entries
+            .iter()
+            .any(|e| e.name == referrer.to_string())
+        {
             continue;
         }
         let _ = write!(out, "  referrer: ");

@@ -526,7 +526,11 @@ mod tests {
         .unwrap();
         let u = &c.upstreams[0];
         assert_eq!(u.manifest_ttl, Duration::ZERO);
-        assert_eq!(u.referrers_ttl, Duration::ZERO, "referrers_ttl follows manifest_ttl");
+        assert_eq!(
+            u.referrers_ttl,
+            Duration::ZERO,
+            "referrers_ttl follows manifest_ttl"
+        );
         assert_eq!(u.max_stale, Some(Duration::from_secs(86400)));
         assert_eq!(u.negative_ttl, Duration::from_secs(5));
         assert!(u.is_immutable("v1.2.3") && u.is_immutable("1.2.3"));

@@ -986,7 +986,15 @@ async fn mirrored_referrers(
     // (`n` is checked before the upstream is asked.)
     pagination(uri)?;
     let answer = mirror.referrers(&route, subject, artifact_type).await?;
-    let mut resp = referrers_page(name, subject, answer.manifests, artifact_type, uri, ns, head)?;
+    let mut resp = referrers_page(
+        name,
+        subject,
+        answer.manifests,
+        artifact_type,
+        uri,
+        ns,
+        head,
+    )?;
     if let Some(w) = &answer.warning {
         if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "'"))) {
             resp.headers_mut().insert(header::WARNING, v);

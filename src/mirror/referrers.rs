@@ -379,7 +379,9 @@ mod tests {
         let mut want = vec![a.clone(), b.clone()];
         want.sort();
         assert_eq!(
-            n.iter().map(|d| d["digest"].as_str().unwrap()).collect::<Vec<_>>(),
+            n.iter()
+                .map(|d| d["digest"].as_str().unwrap())
+                .collect::<Vec<_>>(),
             want
         );
         let only_x = filtered(n, Some("x"));

@@ -171,7 +171,11 @@ fn descriptor(d: &Value) -> Option<Descriptor> {
 /// The referrers-API descriptor of the manifest `bytes` (stored as `media_type`, addressed as
 /// `digest`) and the digest it refers to, when it has a `subject`: media type, digest, size,
 /// `artifactType` (else the config's media type) and its annotations.
-pub fn referrer_descriptor(bytes: &[u8], media_type: &str, digest: &Digest) -> Option<(Digest, Value)> {
+pub fn referrer_descriptor(
+    bytes: &[u8],
+    media_type: &str,
+    digest: &Digest,
+) -> Option<(Digest, Value)> {
     let parsed = parse(bytes, Some(media_type)).ok()?;
     let subject = parsed.subject?;
     let mut d = serde_json::json!({

@@ -113,7 +113,11 @@ fn pin_referrers(
                 pinned: unix_now(),
             },
         )?;
-        let named = c.tag.as_ref().map(|t| format!(" ({t})")).unwrap_or_default();
+        let named = c
+            .tag
+            .as_ref()
+            .map(|t| format!(" ({t})"))
+            .unwrap_or_default();
         let _ = writeln!(out, "  pinned its referrer {}{named}", c.digest);
     }
     Ok(())

@@ -145,7 +145,10 @@ mod tests {
     fn next_pages_stay_in_the_repository() {
         let repo: RepoName = "a/b".parse().unwrap();
         assert_eq!(
-            next_page("</v2/a/b/referrers/sha256:00?n=2&last=x>; rel=\"next\"", &repo),
+            next_page(
+                "</v2/a/b/referrers/sha256:00?n=2&last=x>; rel=\"next\"",
+                &repo
+            ),
             Some("referrers/sha256:00?n=2&last=x".into())
         );
         assert_eq!(

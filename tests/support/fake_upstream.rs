@@ -983,7 +983,12 @@ fn referrers(state: &Shared, repo: &str, subject: &str, query: Option<&str>) -> 
     let mut list: Vec<serde_json::Value> = {
         let content = state.content();
         let Some(r) = content.repos.get(repo) else {
-            return error(StatusCode::NOT_FOUND, "NAME_UNKNOWN", "no such repository", false);
+            return error(
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                "no such repository",
+                false,
+            );
         };
         r.manifests
             .iter()
@@ -998,7 +1003,9 @@ fn referrers(state: &Shared, repo: &str, subject: &str, query: Option<&str>) -> 
                     "digest": digest,
                     "size": m.bytes.len(),
                 });
-                let t = v["artifactType"].as_str().or(v["config"]["mediaType"].as_str());
+                let t = v["artifactType"]
+                    .as_str()
+                    .or(v["config"]["mediaType"].as_str());
                 if let Some(t) = t {
                     d["artifactType"] = t.into();
                 }
@@ -1022,7 +1029,9 @@ fn referrers(state: &Shared, repo: &str, subject: &str, query: Option<&str>) -> 
     if let Some(n) = page.filter(|n| list.len() > *n) {
         list.truncate(n);
         let l = list.last().and_then(|d| d["digest"].as_str()).unwrap_or("");
-        link = Some(format!("</v2/{repo}/referrers/{subject}?last={l}>; rel=\"next\""));
+        link = Some(format!(
+            "</v2/{repo}/referrers/{subject}?last={l}>; rel=\"next\""
+        ));
     }
     let body = serde_json::json!({
         "schemaVersion": 2,
