@@ -554,3 +554,40 @@ fn referrers_cross_the_air_gap_and_pin_holds_them() {
         "offline: the upstream is never asked"
     );
 }
+
+#[test]
+fn hosted_referrers_cross_the_air_gap() {
+    let upstream = Registry::start();
+    let start = || {
+        Stowage::builder()
+            .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+            .extra_toml("[hosted]\nrepositories = [\"team/**\"]\nmax_size = \"1GiB\"\n")
+            .start()
+    };
+    let connected = start();
+    let pushed = images::push(
+        &connected.url(),
+        "team/app",
+        "1",
+        Image::build(Format::Oci, &[256]),
+    );
+    let sbom = Artifact::new(SBOM, b"{\"spdx\":4}", pushed.manifest());
+    sbom.push(&connected.url(), "team/app");
+    let sbom_sig = Artifact::new(SIG, b"sbom signature", &sbom.manifest);
+    sbom_sig.push(&connected.url(), "team/app");
+    let bundle = connected.dir().join("hosted.tar");
+    let bundle = bundle.to_str().unwrap();
+    command_ok(
+        &connected,
+        &["export", "--with-referrers", "-o", bundle, "team/app:1"],
+    );
+
+    let gapped = start();
+    command_ok(&gapped, &["import", bundle]);
+    let at = |subject: &str| digests(&listed(&referrers(&gapped, "team/app", subject, "")));
+    assert_eq!(at(pushed.digest()), vec![sbom.manifest.digest.clone()]);
+    assert_eq!(
+        at(&sbom.manifest.digest),
+        vec![sbom_sig.manifest.digest.clone()]
+    );
+}

@@ -75,8 +75,24 @@ impl Upstream {
                 source: ReferrersSource::Api,
             });
         }
+        // A `HEAD` first: most digests have no such tag, and a `HEAD` is free on Docker Hub.
         let tag = referrers_tag(subject);
-        let manifests = match self.get_manifest(repo, &tag, None, OCI_INDEX).await {
+        let head = match self.head_manifest(repo, &tag, OCI_INDEX).await {
+            Ok(h) => h,
+            Err(e) if e.status() == Some(404) => {
+                return Ok(UpstreamReferrers {
+                    manifests: Vec::new(),
+                    source: ReferrersSource::TagSchema,
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        let reference = head.digest.as_ref().map(Digest::to_string);
+        let reference = reference.as_deref().unwrap_or(&tag);
+        let manifests = match self
+            .get_manifest(repo, reference, head.digest.as_ref(), OCI_INDEX)
+            .await
+        {
             Ok(m) => index_manifests(&m.bytes).unwrap_or_default(),
             Err(e) if e.status() == Some(404) => Vec::new(),
             Err(e) => return Err(e),
