@@ -10,7 +10,11 @@ use super::{blob_unknown, internal, shared, Hosted, HostedBlob};
 impl Hosted {
     /// Whether `repo` links `digest` on this node with its file present. A link whose file is
     /// missing is logged: it answers as absent (and, with a shared store, is fetched again).
-    fn held_here(&self, repo: &RepoName, digest: &Digest) -> Result<bool, RegistryError> {
+    pub(super) fn held_here(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<bool, RegistryError> {
         let linked = self
             .index
             .link(repo, digest)

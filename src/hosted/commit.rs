@@ -10,7 +10,7 @@ use futures_util::Stream;
 use crate::oci::{Digest, RegistryError, RepoName};
 
 use super::blobs::{place_copy, place_rename, place_verified};
-use super::{internal, uploads, Hosted};
+use super::{internal, shared, uploads, Hosted};
 
 impl Hosted {
     /// Links an existing hosted blob from `from` into `repo`; false when `from` does not hold it
@@ -29,6 +29,9 @@ impl Hosted {
             .map_err(|e| internal("index", e))?
             .filter(|_| path.exists());
         if let Some(shared) = &self.shared {
+            shared
+                .clear_candidates(&shared::blob_keys(repo, digest))
+                .await?;
             let size = match local {
                 // Held here: the shared store gets the bytes too (one HEAD when it has them).
                 Some(size) => shared.put_blob(digest, &path, size).await.map(|()| size)?,
@@ -63,8 +66,7 @@ impl Hosted {
             .map_err(|e| internal("stat cached blob", e))?
             .len();
         if let Some(shared) = &self.shared {
-            shared.put_blob(digest, source, size).await?;
-            shared.put_link(repo, digest, size).await?;
+            shared.share_blob(repo, digest, source, size).await?;
         }
         let _push = self.gc_lock.read().await;
         if self
@@ -162,11 +164,7 @@ impl Hosted {
     ) -> Result<(), RegistryError> {
         // The shared copy first (outside the collector's lock: it can be long).
         if let Some(shared) = &self.shared {
-            let shared_first = async {
-                shared.put_blob(&f.digest, &f.path, f.size).await?;
-                shared.put_link(repo, &f.digest, f.size).await
-            };
-            if let Err(e) = shared_first.await {
+            if let Err(e) = shared.share_blob(repo, &f.digest, &f.path, f.size).await {
                 let _ = tokio::fs::remove_file(&f.path).await;
                 self.quota.give(f.size);
                 return Err(e);
@@ -228,8 +226,7 @@ impl Hosted {
             _ => (self.place_import(digest, source, dest.clone()).await?, true),
         };
         if let Some(shared) = &self.shared {
-            shared.put_blob(digest, &dest, size).await?;
-            shared.put_link(repo, digest, size).await?;
+            shared.share_blob(repo, digest, &dest, size).await?;
         }
         if self
             .index

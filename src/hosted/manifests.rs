@@ -157,36 +157,28 @@ impl Hosted {
         let parsed = manifest::parse(&bytes, content_type)
             .map_err(|e| RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()))?;
         let _push = self.gc_lock.read().await;
+        if let Some(shared) = &self.shared {
+            // Before anything is checked: the shared collector must not remove what this push
+            // references (`shared_gc`).
+            shared
+                .clear_candidates(&referenced_keys(repo, &digest, &parsed))
+                .await?;
+        }
         self.check_references(repo, &parsed).await?;
         self.store_manifest(repo, reference, &digest, &parsed, bytes)
             .await?;
         Ok((digest, parsed))
     }
 
-    /// Every blob (but foreign layers) and child manifest must be in `repo` (locally, or in
-    /// the shared store when there is one).
+    /// Every blob (but foreign layers) and child manifest must be in `repo`: with a shared
+    /// store, in it (the source of truth).
     async fn check_references(
         &self,
         repo: &RepoName,
         parsed: &Parsed,
     ) -> Result<(), RegistryError> {
-        for blob in &parsed.blobs {
-            if blob
-                .media_type
-                .as_deref()
-                .is_some_and(manifest::is_non_distributable)
-            {
-                continue;
-            }
-            let mut linked = self
-                .index
-                .link(repo, &blob.digest)
-                .map_err(|e| internal("index", e))?
-                .is_some();
-            if let (false, Some(shared)) = (linked, &self.shared) {
-                linked = shared.link(repo, &blob.digest).await?.is_some();
-            }
-            if !linked {
+        for blob in distributable(parsed) {
+            if !self.blob_in(repo, &blob.digest).await? {
                 return Err(RegistryError::new(
                     ErrorCode::ManifestBlobUnknown,
                     format!("blob {} is not in {repo}: push it first", blob.digest),
@@ -194,14 +186,7 @@ impl Hosted {
             }
         }
         for child in &parsed.children {
-            let mut linked = self
-                .index
-                .has_mlink(repo, &child.digest)
-                .map_err(|e| internal("index", e))?;
-            if let (false, Some(shared)) = (linked, &self.shared) {
-                linked = shared.has_mlink(repo, &child.digest).await?;
-            }
-            if !linked {
+            if !self.manifest_in(repo, &child.digest).await? {
                 return Err(RegistryError::new(
                     ErrorCode::ManifestBlobUnknown,
                     format!("manifest {} is not in {repo}: push it first", child.digest),
@@ -209,6 +194,53 @@ impl Hosted {
             }
         }
         Ok(())
+    }
+
+    /// Whether blob `digest` is in `repo`. A blob this node holds that the shared store no
+    /// longer links (collected or unlinked elsewhere after the client's `HEAD` here) is shared
+    /// again from the verified local copy: the manifest being pushed references it.
+    async fn blob_in(&self, repo: &RepoName, digest: &Digest) -> Result<bool, RegistryError> {
+        let here = self.held_here(repo, digest)?;
+        let Some(shared) = &self.shared else {
+            return Ok(here);
+        };
+        if shared.link(repo, digest).await?.is_some() {
+            return Ok(true);
+        }
+        if !here {
+            return Ok(false);
+        }
+        let path = self.blob_path(digest);
+        let size = std::fs::metadata(&path)
+            .map_err(|e| internal("stat blob", e))?
+            .len();
+        shared.share_blob(repo, digest, &path, size).await?;
+        Ok(true)
+    }
+
+    /// Whether manifest `digest` is in `repo`; as [`Hosted::blob_in`], a local one the shared
+    /// store lacks is shared again.
+    async fn manifest_in(&self, repo: &RepoName, digest: &Digest) -> Result<bool, RegistryError> {
+        let idx = &self.index;
+        let here = idx
+            .has_mlink(repo, digest)
+            .map_err(|e| internal("index", e))?;
+        let Some(shared) = &self.shared else {
+            return Ok(here);
+        };
+        if shared.has_mlink(repo, digest).await? {
+            return Ok(true);
+        }
+        let local = match here {
+            true => idx.manifest(digest).map_err(|e| internal("index", e))?,
+            false => None,
+        };
+        let Some(m) = local else {
+            return Ok(false);
+        };
+        shared.put_manifest(&m).await?;
+        shared.put_mlink(repo, digest, now_secs()).await?;
+        Ok(true)
     }
 
     async fn store_manifest(
@@ -226,6 +258,12 @@ impl Hosted {
                 bytes: bytes.clone(),
             };
             shared.put_manifest(&m).await?;
+            if let Some(subject) = &parsed.subject {
+                let descriptor = super::referrers::descriptor(&m, parsed);
+                shared
+                    .put_referrer(repo, subject, digest, &descriptor)
+                    .await?;
+            }
             shared.put_mlink(repo, digest, now_secs()).await?;
             if let Reference::Tag(tag) = reference {
                 shared.put_tag(repo, tag, digest).await?;
@@ -336,9 +374,32 @@ impl Hosted {
                     }
                 }
                 shared.remove_mlink(repo, d).await?;
+                if let Some(subject) = self.subject_of(shared, d).await? {
+                    shared.remove_referrer(repo, &subject, d).await?;
+                }
                 Ok(had)
             }
         }
+    }
+
+    /// The subject manifest `digest` names, if any (read locally, else from the shared store).
+    async fn subject_of(
+        &self,
+        shared: &shared::SharedHosted,
+        digest: &Digest,
+    ) -> Result<Option<Digest>, RegistryError> {
+        let local = self
+            .index
+            .manifest(digest)
+            .map_err(|e| internal("index", e))?;
+        let m = match local {
+            Some(m) => Some(m),
+            None => shared.manifest(digest).await?,
+        };
+        Ok(
+            m.and_then(|m| manifest::parse(&m.bytes, Some(&m.media_type)).ok())
+                .and_then(|p| p.subject),
+        )
     }
 
     /// A tag parsed for a push.
@@ -348,4 +409,26 @@ impl Hosted {
             Reference::Digest(_) => None,
         }
     }
+}
+
+/// The blobs of a manifest that are pushed (foreign layers never are).
+fn distributable(parsed: &Parsed) -> impl Iterator<Item = &manifest::Descriptor> {
+    parsed.blobs.iter().filter(|b| {
+        !b.media_type
+            .as_deref()
+            .is_some_and(manifest::is_non_distributable)
+    })
+}
+
+/// The shared keys a push of this manifest into `repo` references: its own, its blobs' and its
+/// children's.
+fn referenced_keys(repo: &RepoName, digest: &Digest, parsed: &Parsed) -> Vec<String> {
+    let mut keys = shared::manifest_keys(repo, digest).to_vec();
+    for b in distributable(parsed) {
+        keys.extend(shared::blob_keys(repo, &b.digest));
+    }
+    for c in &parsed.children {
+        keys.extend(shared::manifest_keys(repo, &c.digest));
+    }
+    keys
 }

@@ -24,7 +24,7 @@
 //! makes a blob hosted (upload closed, mount, adoption, import), `manifests` reads, pushes and
 //! deletes manifests, `tags` resolves tags and lists repositories, [`uploads`] holds upload
 //! sessions, [`referrers`] answers the referrers API, [`gc`] collects, [`shared`] speaks to the
-//! fleet's store, [`index`] is the sled database.
+//! fleet's store and [`shared_gc`] collects in it, [`index`] is the sled database.
 
 mod blobs;
 mod commit;
@@ -33,6 +33,7 @@ pub mod index;
 mod manifests;
 pub mod referrers;
 pub mod shared;
+pub mod shared_gc;
 mod tags;
 pub mod uploads;
 

@@ -44,53 +44,64 @@ impl Hosted {
         }
     }
 
-    /// The tags of `repo`, sorted; `NAME_UNKNOWN` for a repository with no manifest. With a
-    /// shared store, its tag records (the local ones when it cannot be read).
-    pub async fn tags(&self, repo: &RepoName) -> Result<Vec<String>, RegistryError> {
+    /// The tags of `repo` with their digests, sorted by tag; `NAME_UNKNOWN` for a repository
+    /// with no manifest. With a shared store, its records (the local ones when it cannot be
+    /// read).
+    pub async fn tagged(&self, repo: &RepoName) -> Result<Vec<(String, Digest)>, RegistryError> {
+        let unknown = || {
+            RegistryError::new(
+                ErrorCode::NameUnknown,
+                format!("repository {repo} is not known"),
+            )
+        };
         if let Some(shared) = &self.shared {
             match shared.tags(repo).await {
-                Ok(tags) if !tags.is_empty() => {
-                    return Ok(tags.into_iter().map(|(t, _)| t).collect())
-                }
+                Ok(tags) if !tags.is_empty() => return Ok(tags),
                 Ok(_) if shared.has_repository(repo).await? => return Ok(Vec::new()),
-                Ok(_) => {
-                    return Err(RegistryError::new(
-                        ErrorCode::NameUnknown,
-                        format!("repository {repo} is not known"),
-                    ))
-                }
+                Ok(_) => return Err(unknown()),
                 Err(e) => {
                     tracing::warn!(%repo, error = %e.message, "hosted: listing the local tags");
                 }
             }
         }
-        let tags: Vec<String> = self
+        let tags: Vec<(String, Digest)> = self
             .index
             .tags_of(repo)
             .map_err(|e| internal("index", e))?
             .into_iter()
-            .map(|(t, _)| t)
+            .filter_map(|(t, hex)| Some((t, format!("sha256:{hex}").parse().ok()?)))
             .collect();
-        if tags.is_empty() && !self.has_repository(repo)? {
-            return Err(RegistryError::new(
-                ErrorCode::NameUnknown,
-                format!("repository {repo} is not known"),
-            ));
+        let local_repos = self
+            .index
+            .repositories()
+            .map_err(|e| internal("index", e))?;
+        if tags.is_empty() && !local_repos.iter().any(|r| r == repo.as_str()) {
+            return Err(unknown());
         }
         Ok(tags)
     }
 
-    fn has_repository(&self, repo: &RepoName) -> Result<bool, RegistryError> {
+    /// The tags of `repo`, sorted (as [`Hosted::tagged`]).
+    pub async fn tags(&self, repo: &RepoName) -> Result<Vec<String>, RegistryError> {
         Ok(self
-            .index
-            .repositories()
-            .map_err(|e| internal("index", e))?
-            .iter()
-            .any(|r| r == repo.as_str()))
+            .tagged(repo)
+            .await?
+            .into_iter()
+            .map(|(t, _)| t)
+            .collect())
     }
 
-    /// Hosted repositories holding at least one manifest.
-    pub fn repositories(&self) -> Result<Vec<String>, RegistryError> {
+    /// Hosted repositories holding at least one manifest, sorted. With a shared store, those
+    /// it links manifests in (this node's when it cannot be read).
+    pub async fn repositories(&self) -> Result<Vec<String>, RegistryError> {
+        if let Some(shared) = &self.shared {
+            match shared.repositories().await {
+                Ok(repos) => return Ok(repos),
+                Err(e) => {
+                    tracing::warn!(error = %e.message, "hosted: listing the local repositories");
+                }
+            }
+        }
         self.index.repositories().map_err(|e| internal("index", e))
     }
 }

@@ -76,7 +76,7 @@ async fn a_push_is_visible_only_in_its_repository_and_checks_its_references() {
     );
     assert!(h.mount(&other, &layer, &repo).await.unwrap());
     assert_eq!(h.blob(&other, &layer).await.unwrap().size, 5);
-    assert_eq!(h.repositories().unwrap(), vec!["team/app"]);
+    assert_eq!(h.repositories().await.unwrap(), vec!["team/app"]);
 }
 
 fn shared_pair(store_dir: &Path) -> (tempfile::TempDir, Hosted, tempfile::TempDir, Hosted) {
@@ -291,4 +291,66 @@ async fn an_import_verifies_its_blobs_fits_the_budget_and_is_idempotent() {
     assert_eq!(e.code, ErrorCode::Denied, "{e}");
     assert!(!h.blob_path(&bd).exists());
     assert_eq!(h.usage(), (used, 2));
+}
+
+#[tokio::test]
+async fn shared_gc_records_first_removes_later_and_a_push_saves_a_candidate() {
+    let store = tempfile::tempdir().unwrap();
+    let (_da, a, _db, b) = shared_pair(store.path());
+    let repo: RepoName = "team/app".parse().unwrap();
+    let config = push_blob(&a, &repo, b"{}").await;
+    let kept = push_blob(&a, &repo, b"layer").await;
+    let old = push_blob(&a, &repo, b"old-layer").await;
+    let saved = push_blob(&a, &repo, b"saved-layer").await;
+    let tag = Reference::Tag("1".parse().unwrap());
+    let (tagged, _) = a
+        .put_manifest(&repo, &tag, None, image(&config, &kept, None))
+        .await
+        .unwrap();
+    let sig = image(&config, &kept, Some(&tagged));
+    let sig_ref = Reference::Digest(Digest::of(&sig));
+    a.put_manifest(&repo, &sig_ref, None, sig).await.unwrap();
+    let untagged = image(&config, &old, None);
+    let (untagged_digest, _) = a
+        .put_manifest(
+            &repo,
+            &Reference::Digest(Digest::of(&untagged)),
+            None,
+            untagged,
+        )
+        .await
+        .unwrap();
+    let object = |d: &Digest| {
+        store
+            .path()
+            .join(format!("hosted/blobs/sha256/{}", d.hex()))
+    };
+
+    let first = b.gc_shared(Duration::ZERO, false).await.unwrap();
+    // The untagged manifest (link, object) and the two unreferenced blobs (links, objects).
+    assert_eq!(first.recorded, 6, "{first:?}");
+    assert!(
+        first.manifests.is_empty() && first.objects == 0,
+        "{first:?}"
+    );
+    // A push naming a candidate takes it back before the next run.
+    let again = a.mount(&repo, &saved, &repo).await.unwrap();
+    assert!(again);
+    let dry = b.gc_shared(Duration::ZERO, true).await.unwrap();
+    assert!(object(&old).exists(), "a dry run removes nothing");
+    let second = b.gc_shared(Duration::ZERO, false).await.unwrap();
+    assert_eq!(second, dry);
+    assert_eq!(
+        second.manifests,
+        vec![("team/app".to_string(), untagged_digest.hex().to_string())]
+    );
+    assert!(!object(&old).exists());
+    assert!(object(&kept).exists() && object(&config).exists());
+    let by_digest = Reference::Digest(untagged_digest);
+    assert!(b.manifest(&repo, &by_digest).await.is_err());
+    assert_eq!(b.referrers(&repo, &tagged, None).await.unwrap().len(), 1);
+    assert_eq!(b.manifest(&repo, &tag).await.unwrap().digest, tagged);
+    assert!(b.blob(&repo, &kept).await.is_ok());
+    // The saved blob became a candidate again (still unreferenced), recorded anew.
+    assert!(object(&saved).exists());
 }

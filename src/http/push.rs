@@ -124,7 +124,7 @@ pub(super) async fn handle(
         }
         HostedEndpoint::Session(name, id) => session(hosted, &name, &id, &q, &parts, body).await,
         HostedEndpoint::Referrers(name, digest) if method == Method::GET || head => {
-            referrers(hosted, &name, &digest, q.artifact_type.as_deref(), head)
+            referrers(hosted, &name, &digest, q.artifact_type.as_deref(), head).await
         }
         _ => Err(unsupported(method)),
     }
@@ -158,14 +158,14 @@ async fn tags(
 /// `GET /v2/<name>/referrers/<digest>`: an OCI index of the manifests whose subject is
 /// `<digest>` (empty when none), filtered by `artifactType` when asked (and then said in
 /// `OCI-Filters-Applied`).
-fn referrers(
+async fn referrers(
     hosted: &Hosted,
     name: &RepoName,
     subject: &Digest,
     artifact_type: Option<&str>,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    let manifests = hosted.referrers(name, subject, artifact_type)?;
+    let manifests = hosted.referrers(name, subject, artifact_type).await?;
     let index = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": crate::oci::media::OCI_INDEX,
