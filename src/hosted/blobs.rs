@@ -62,15 +62,20 @@ impl Hosted {
     }
 
     /// The size of a blob linked in `repo`, without copying a shared blob to local disk (what a
-    /// `HEAD` needs).
+    /// `HEAD` needs). A shared blob's collector records are removed first.
     pub async fn blob_size(&self, repo: &RepoName, digest: &Digest) -> Result<u64, RegistryError> {
         if self.held_here(repo, digest)? {
             if let Ok(meta) = std::fs::metadata(self.blob_path(digest)) {
                 return Ok(meta.len());
             }
         }
-        self.shared_link(repo, digest)
-            .await?
+        let shared = self.shared_link(repo, digest).await?;
+        // A push asks this before it skips an upload: the collector must not remove the blob
+        // it is about to reference (`shared_gc`).
+        shared
+            .clear_candidates(&shared::blob_keys(repo, digest))
+            .await?;
+        shared
             .blob_size(digest)
             .await?
             .ok_or_else(|| blob_unknown(repo, digest))
