@@ -86,10 +86,13 @@ pub fn ls(hosted: &Hosted, out: &mut dyn Write) -> Result<(), OpsError> {
         let Ok(name) = repo.parse::<RepoName>() else {
             continue;
         };
-        let tags = hosted
-            .wait(hosted.tagged(&name))
-            .and_then(|r| r)
-            .map_err(registry)?;
+        let tags = match hosted.wait(hosted.tagged(&name)).and_then(|r| r) {
+            Ok(tags) => tags,
+            Err(e) => {
+                let _ = writeln!(out, "  {repo}  (tags unreadable: {})", e.message);
+                continue;
+            }
+        };
         if tags.is_empty() {
             let _ = writeln!(out, "  {repo}  (untagged)");
         }
