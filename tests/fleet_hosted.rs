@@ -26,15 +26,16 @@ fn node(upstream: &Registry, shared: &Path) -> Stowage {
     node_with(
         upstream,
         &format!("shared_path = \"{}\"\n", shared.display()),
+        HOSTED,
     )
 }
 
-/// A node with hosted repositories and these `[storage]` lines.
-fn node_with(upstream: &Registry, storage: &str) -> Stowage {
+/// A node with these `[storage]` lines and this `[hosted]` table.
+fn node_with(upstream: &Registry, storage: &str, hosted: &str) -> Stowage {
     Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .storage_toml(storage)
-        .extra_toml(HOSTED)
+        .extra_toml(hosted)
         .start()
 }
 
@@ -314,7 +315,8 @@ fn pushes_and_pulls_through_the_documented_nginx_setup_reach_every_node() {
 }
 
 /// The same through an S3 bucket (a real 3-node Garage cluster): multipart uploads of pushed
-/// layers, listed tag records, last writer wins.
+/// layers, listed tag records, last writer wins; the catalog and referrers of a node that never
+/// saw the push, and the collector's two runs over the bucket's listings.
 #[test]
 fn a_garage_bucket_carries_hosted_images_between_nodes() {
     let upstream = Registry::start();
@@ -326,8 +328,8 @@ fn a_garage_bucket_carries_hosted_images_between_nodes() {
     let v2 = upstream.push("src/app", "v2", Image::build(Format::Docker, &[2048]));
     let garage = Garage::start(3);
     let storage = garage.storage_toml("fleet-hosted/");
-    let a = node_with(&upstream, &storage);
-    let b = node_with(&upstream, &storage);
+    let a = node_with(&upstream, &storage, HOSTED_SHORT_GRACE);
+    let b = node_with(&upstream, &storage, HOSTED_SHORT_GRACE);
 
     push_through(&upstream, &v1, &a, "1");
     pull_exact(&b, "1", &v1);
@@ -340,6 +342,41 @@ fn a_garage_bucket_carries_hosted_images_between_nodes() {
         .and_then(|r| r.json())
         .expect("tags/list on A");
     assert_eq!(tags, serde_json::json!({"name": "team/app", "tags": ["1"]}));
+
+    // A third node, which never saw either push: the bucket's listings answer.
+    let signature = push_referrer(&a, v2.digest(), v2.manifest().bytes.len());
+    let c = node_with(&upstream, &storage, HOSTED_SHORT_GRACE);
+    let catalog = get_json(&format!("{}/v2/_catalog", c.url()));
+    assert_eq!(catalog["repositories"], serde_json::json!(["team/app"]));
+    let referrers = get_json(&format!(
+        "{}/v2/team/app/referrers/{}",
+        c.url(),
+        v2.digest()
+    ));
+    assert_eq!(referrers["manifests"][0]["digest"], signature.as_str());
+
+    // v1 lost its tag: two runs a grace period apart remove it from the bucket.
+    past_grace();
+    support::stowage::command_ok(&c, &["gc"]);
+    past_grace();
+    let gc = support::stowage::command_ok(&c, &["gc"]);
+    let line = format!("removed untagged manifest team/app@{}", v1.digest());
+    assert!(gc.contains(&line), "{gc}");
+    let d = node_with(&upstream, &storage, HOSTED_SHORT_GRACE);
+    assert_eq!(tag_digest(&d, v1.digest()), None);
+    let big = &v1.blobs()[2];
+    let head = http()
+        .head(format!("{}/v2/team/app/blobs/{}", d.url(), big.digest))
+        .send()
+        .expect("HEAD on D");
+    assert_eq!(head.status().as_u16(), 404, "v1's layer is still shared");
+    pull_exact(&d, "1", &v2);
+    let referrers = get_json(&format!(
+        "{}/v2/team/app/referrers/{}",
+        d.url(),
+        v2.digest()
+    ));
+    assert_eq!(referrers["manifests"][0]["digest"], signature.as_str());
 }
 
 /// Pushes an OCI artifact (empty config, no layers) whose subject is `subject` to `node`'s
@@ -447,11 +484,11 @@ fn a_node_that_never_saw_a_push_lists_it_answers_its_referrers_and_exports_it() 
 const HOSTED_SHORT_GRACE: &str = "[hosted]\nrepositories = [\"team/**\"]\nmax_size = \"1GiB\"\ndelete = true\nupload_timeout = \"2s\"\n";
 
 fn short_grace_node(upstream: &Registry, shared: &Path) -> Stowage {
-    Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
-        .storage_toml(&format!("shared_path = \"{}\"\n", shared.display()))
-        .extra_toml(HOSTED_SHORT_GRACE)
-        .start()
+    node_with(
+        upstream,
+        &format!("shared_path = \"{}\"\n", shared.display()),
+        HOSTED_SHORT_GRACE,
+    )
 }
 
 /// Pushes `image` as `team/app:<tag>` through `node`, then deletes the tag: an untagged manifest.
