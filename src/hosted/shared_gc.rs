@@ -41,6 +41,8 @@ pub struct SharedGcReport {
     pub recorded: usize,
     /// Unreferenced objects recorded by an earlier run, still within the grace period.
     pub waiting: usize,
+    /// Referrer records written for linked manifests that lacked one.
+    pub referrers: usize,
 }
 
 /// One unreferenced shared object.
@@ -56,6 +58,10 @@ struct Garbage {
 struct Loaded {
     repos: BTreeMap<String, Repo>,
     parsed: BTreeMap<String, Parsed>,
+    /// Referrer descriptors of the linked manifests that have a subject, by hex.
+    descriptors: BTreeMap<String, serde_json::Value>,
+    /// (repository, subject hex, hex) of every referrer record.
+    referrers: BTreeSet<(String, String, String)>,
 }
 
 impl Hosted {
@@ -73,12 +79,15 @@ impl Hosted {
         let cutoff = now.saturating_sub(grace.as_secs());
         let loaded = load(shared).await?;
         let garbage = unreferenced(shared, &loaded, cutoff).await?;
+        let mut report = SharedGcReport {
+            referrers: restore_referrers(shared, &loaded, dry_run).await?,
+            ..SharedGcReport::default()
+        };
         let mut recorded = BTreeMap::new();
         for o in shared.list(CANDIDATES).await? {
             let at: Option<u64> = shared.get_text(&o.key).await?.and_then(|t| t.parse().ok());
             recorded.insert(o.key, at);
         }
-        let mut report = SharedGcReport::default();
         let mut live = BTreeSet::new();
         for g in &garbage {
             let record = candidate_key(&g.key);
@@ -106,6 +115,40 @@ impl Hosted {
         }
         Ok(report)
     }
+}
+
+/// Writes the referrer record a linked manifest with a subject lacks (pushed before such records
+/// existed, or by a push that stopped between its record and its link's removal); how many.
+async fn restore_referrers(
+    shared: &SharedHosted,
+    loaded: &Loaded,
+    dry_run: bool,
+) -> Result<usize, RegistryError> {
+    let mut restored = 0;
+    for (name, repo) in &loaded.repos {
+        for hex in repo.manifests.keys() {
+            let (Some(p), Some(descriptor)) = (loaded.parsed.get(hex), loaded.descriptors.get(hex))
+            else {
+                continue;
+            };
+            let Some(subject) = &p.subject else { continue };
+            let record = (name.clone(), subject.hex().to_string(), hex.clone());
+            if loaded.referrers.contains(&record) {
+                continue;
+            }
+            restored += 1;
+            let names = (
+                name.parse::<RepoName>(),
+                format!("sha256:{hex}").parse::<Digest>(),
+            );
+            if let (false, Ok(repo), Ok(digest)) = (dry_run, names.0, names.1) {
+                shared
+                    .put_referrer(&repo, subject, &digest, descriptor)
+                    .await?;
+            }
+        }
+    }
+    Ok(restored)
 }
 
 fn count(report: &mut SharedGcReport, g: &Garbage) {
@@ -149,6 +192,7 @@ async fn remove(
 /// parses the manifests they link. A store failure aborts the collection.
 async fn load(shared: &SharedHosted) -> Result<Loaded, RegistryError> {
     let mut repos: BTreeMap<String, Repo> = BTreeMap::new();
+    let mut referrers = BTreeSet::new();
     for o in shared.list("hosted/repos/").await? {
         let Some((repo, rest)) = o
             .key
@@ -164,6 +208,11 @@ async fn load(shared: &SharedHosted) -> Result<Loaded, RegistryError> {
         } else if let Some(hex) = rest.strip_prefix("links/") {
             // Blob links carry no time: the candidate records give them their grace.
             entry.links.insert(hex.to_string(), 0);
+        } else if let Some((subject, hex)) = rest
+            .strip_prefix("referrers/")
+            .and_then(|r| r.split_once('/'))
+        {
+            referrers.insert((repo.to_string(), subject.to_string(), hex.to_string()));
         } else if rest.starts_with("tags/") {
             let target = shared.get_text(&o.key).await?;
             if let Some(d) = target.and_then(|t| t.parse::<Digest>().ok()) {
@@ -171,7 +220,7 @@ async fn load(shared: &SharedHosted) -> Result<Loaded, RegistryError> {
             }
         }
     }
-    let mut parsed = BTreeMap::new();
+    let (mut parsed, mut descriptors) = (BTreeMap::new(), BTreeMap::new());
     let linked: BTreeSet<&String> = repos.values().flat_map(|r| r.manifests.keys()).collect();
     for hex in linked {
         let Ok(digest) = format!("sha256:{hex}").parse::<Digest>() else {
@@ -179,11 +228,19 @@ async fn load(shared: &SharedHosted) -> Result<Loaded, RegistryError> {
         };
         if let Some(m) = shared.manifest(&digest).await? {
             if let Ok(p) = manifest::parse(&m.bytes, Some(&m.media_type)) {
+                if p.subject.is_some() {
+                    descriptors.insert(hex.clone(), super::referrers::descriptor(&m, &p));
+                }
                 parsed.insert(hex.clone(), p);
             }
         }
     }
-    Ok(Loaded { repos, parsed })
+    Ok(Loaded {
+        repos,
+        parsed,
+        descriptors,
+        referrers,
+    })
 }
 
 /// Every unreferenced shared object: links first (they name the objects), then manifests and

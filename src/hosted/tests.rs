@@ -353,4 +353,21 @@ async fn shared_gc_records_first_removes_later_and_a_push_saves_a_candidate() {
     assert!(b.blob(&repo, &kept).await.is_ok());
     // The saved blob became a candidate again (still unreferenced), recorded anew.
     assert!(object(&saved).exists());
+
+    // A referrer record lost (or never written, by an older version): gc writes it again.
+    let sig_digest = match &sig_ref {
+        Reference::Digest(d) => d.clone(),
+        Reference::Tag(_) => unreachable!(),
+    };
+    let record = store.path().join(format!(
+        "hosted/repos/team/app/_referrers/{}/{}",
+        tagged.hex(),
+        sig_digest.hex()
+    ));
+    std::fs::remove_file(&record).unwrap();
+    assert!(b.referrers(&repo, &tagged, None).await.unwrap().is_empty());
+    let third = b.gc_shared(Duration::ZERO, false).await.unwrap();
+    assert_eq!(third.referrers, 1, "{third:?}");
+    let found = b.referrers(&repo, &tagged, None).await.unwrap();
+    assert_eq!(found[0]["digest"], sig_digest.to_string());
 }

@@ -43,6 +43,14 @@ pub fn gc(hosted: &Hosted, dry_run: bool, out: &mut dyn Write) -> Result<(), Ops
                 "hosted (shared store): {done} untagged manifest {repo}@sha256:{hex}"
             );
         }
+        if shared.referrers > 0 {
+            let _ = writeln!(
+                out,
+                "hosted (shared store): {} referrer record(s) {}",
+                shared.referrers,
+                if dry_run { "missing" } else { "restored" }
+            );
+        }
         let _ = writeln!(
             out,
             "hosted (shared store): {done} {} manifests, {} blob links, {} objects ({}); {} newly unreferenced, {} waiting for the grace period ({})",
