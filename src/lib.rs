@@ -61,7 +61,8 @@
 //!   (a sled database of its own) and byte budget are apart from the cache's, so eviction cannot
 //!   see them, and a `201` is only sent once the content is fsynced and indexed. With a fleet's
 //!   shared store ([`hosted::shared`]) the store is the source of truth: pushes write it before
-//!   their `201`, and a node reads what it lacks from it.
+//!   their `201`, a node reads what it lacks from it, listings come from it, and
+//!   [`hosted::shared_gc`] collects it in two runs a grace period apart.
 //! - [`ops`] — operations on an open cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`,
 //!   Docker-style image reference parsing, and the progress [`ops::Event`]s every operation
 //!   reports through.

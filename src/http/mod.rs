@@ -504,7 +504,7 @@ async fn handle(
     let head = method == Method::HEAD;
     match endpoint {
         Endpoint::Base => Ok(json_response(b"{}".to_vec(), head, None)),
-        Endpoint::Catalog => catalog(mirror, hosted, caller.as_ref(), &req.uri, head),
+        Endpoint::Catalog => catalog(mirror, hosted, caller.as_ref(), &req.uri, head).await,
         Endpoint::Upload(..) => Err(not_pushable(hosted.is_some())),
         Endpoint::Referrers(name, digest) => {
             mirrored_referrers(mirror, &name, &digest, ns, &req.uri, head).await
@@ -853,7 +853,7 @@ fn pagination(uri: &http::Uri) -> Result<(Option<usize>, Option<String>), Regist
     Ok((n, params.get("last").map(str::to_string)))
 }
 
-fn catalog(
+async fn catalog(
     mirror: &Mirror,
     hosted: Option<&Hosted>,
     caller: Option<&auth::Caller>,
@@ -861,7 +861,7 @@ fn catalog(
     head: bool,
 ) -> Result<Response, RegistryError> {
     let (n, last) = pagination(uri)?;
-    let mut all = all_repositories(mirror, hosted)?;
+    let mut all = all_repositories(mirror, hosted).await?;
     if let Some(c) = caller {
         // Only what the caller may pull is listed.
         all.retain(|r| {
@@ -1005,13 +1005,13 @@ async fn mirrored_referrers(
 }
 
 /// Cached and hosted repository names, sorted, each once.
-fn all_repositories(
+async fn all_repositories(
     mirror: &Mirror,
     hosted: Option<&Hosted>,
 ) -> Result<Vec<String>, RegistryError> {
     let mut all = mirror.catalog()?;
     if let Some(h) = hosted {
-        all.extend(h.repositories()?);
+        all.extend(h.repositories().await?);
         all.sort();
         all.dedup();
     }
@@ -1039,7 +1039,7 @@ async fn search(
         );
     };
     let term = q.q.unwrap_or_default().to_ascii_lowercase();
-    let names = match all_repositories(&mirror, hosted.as_deref()) {
+    let names = match all_repositories(&mirror, hosted.as_deref()).await {
         Ok(n) => n,
         Err(e) => return error_response(&e, false),
     };
