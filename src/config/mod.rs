@@ -31,7 +31,7 @@ pub use store::{
 };
 pub use units::{parse_byte_size, parse_duration};
 pub use upstream::{
-    canonical_host, UpstreamConfig, DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL,
+    canonical_host, SignaturePolicy, UpstreamConfig, DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL,
     DEFAULT_REVALIDATE_TIMEOUT,
 };
 
