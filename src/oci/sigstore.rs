@@ -409,7 +409,10 @@ mod tests {
         let r = |s: &str| reference_repository(s).unwrap();
         let pair = |a: &str, b: &str| (a.to_owned(), b.to_owned());
         assert_eq!(r("alpine"), pair("docker.io", "library/alpine"));
-        assert_eq!(r("docker.io/alpine:3.19"), pair("docker.io", "library/alpine"));
+        assert_eq!(
+            r("docker.io/alpine:3.19"),
+            pair("docker.io", "library/alpine")
+        );
         assert_eq!(r("user/app@sha256:abc"), pair("docker.io", "user/app"));
         assert_eq!(
             r("127.0.0.1:5000/team/app:1"),
