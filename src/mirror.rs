@@ -21,7 +21,7 @@
 //!   gives is shared (verified blobs after commit; manifests; tag records with their check
 //!   time, so a tag confirmed by another node within `manifest_ttl` needs no upstream request).
 //! - `require_signatures = "sigstore"`: a manifest from that upstream is stored only once its
-//!   signature verifies ([`signatures`]); otherwise 403 DENIED.
+//!   signature verifies (`mirror/signatures.rs`); otherwise 403 DENIED.
 
 mod signatures;
 

@@ -204,7 +204,7 @@ fn skopeo_carries_signatures_into_hosted_repositories_and_pulls_them_back_verifi
         Image::build(Format::Oci, &[5000]),
     );
     let identity = format!("{hp}/team/signed:1");
-    sign(&upstream.url(), "src/a", &signed.digest(), &identity, &key);
+    sign(&upstream.url(), "src/a", signed.digest(), &identity, &key);
     images::push(
         &upstream.url(),
         "src/b",
@@ -260,7 +260,7 @@ fn signed_upstream(key: &Key) -> Registry {
     sign(
         &upstream.url(),
         "library/signed",
-        &p.digest(),
+        p.digest(),
         "docker.io/library/signed:1",
         key,
     );
@@ -330,7 +330,7 @@ fn gated_world(key: &Key, other: &Key) -> (Registry, Stowage) {
     sign(
         &url,
         "library/forged",
-        &forged.digest(),
+        forged.digest(),
         "docker.io/library/forged:1",
         other,
     );
@@ -343,7 +343,7 @@ fn gated_world(key: &Key, other: &Key) -> (Registry, Stowage) {
     sign(
         &url,
         "library/renamed",
-        &renamed.digest(),
+        renamed.digest(),
         "docker.io/library/elsewhere:1",
         key,
     );
@@ -356,7 +356,7 @@ fn gated_world(key: &Key, other: &Key) -> (Registry, Stowage) {
             .collect();
         let p = images::push(&url, name, "1", index);
         let identity = format!("docker.io/{name}:1");
-        sign(&url, name, &p.digest(), &identity, key);
+        sign(&url, name, p.digest(), &identity, key);
         if name == "library/multi" {
             for child in &children {
                 sign(&url, name, child, &identity, key);

@@ -563,6 +563,30 @@ mod tests {
     }
 
     #[test]
+    fn require_signatures_needs_a_key_and_a_key_needs_it() {
+        let up =
+            |extra: &str| format!("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\n{extra}");
+        let c = Config::from_toml(&up("")).unwrap();
+        assert_eq!(c.upstreams[0].signatures, SignaturePolicy::None);
+        let c = Config::from_toml(&up(
+            "require_signatures = \"sigstore\"\nsignature_public_key = \"/k.pub\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.upstreams[0].signatures,
+            SignaturePolicy::Sigstore {
+                public_key: "/k.pub".into()
+            }
+        );
+        let e = err(&up("require_signatures = \"sigstore\""));
+        assert!(e.contains("upstreams[0].signature_public_key"), "{e}");
+        let e = err(&up("signature_public_key = \"/k.pub\""));
+        assert!(e.contains("upstreams[0].signature_public_key"), "{e}");
+        let e = err(&up("require_signatures = \"gpg\""));
+        assert!(e.contains("upstreams[0].require_signatures"), "{e}");
+    }
+
+    #[test]
     fn password_env_reads_the_environment() {
         let text = "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\nusername = \"u\"\npassword_env = \"HUB_TOKEN\"";
         let raw = || parse_raw(text, Path::new("x")).unwrap();
