@@ -23,8 +23,6 @@
 //! - `require_signatures = "sigstore"`: a manifest from that upstream is stored only once its
 //!   signature verifies (`mirror/signatures.rs`); otherwise 403 DENIED.
 
-mod signatures;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -42,6 +40,7 @@ use crate::stream::BlobBody;
 use crate::upstream::{ManifestHead, Route, Router, Upstream, UpstreamError};
 
 pub mod referrers;
+mod signatures;
 pub use referrers::ReferrersAnswer;
 
 /// How a request was answered, for logs and metrics.
