@@ -20,6 +20,8 @@
 //!   manifests and tags look in the fleet's store before the upstream, and what the upstream
 //!   gives is shared (verified blobs after commit; manifests; tag records with their check
 //!   time, so a tag confirmed by another node within `manifest_ttl` needs no upstream request).
+//! - `require_signatures = "sigstore"`: a manifest from that upstream is stored only once its
+//!   signature verifies (`mirror/signatures.rs`); otherwise 403 DENIED.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -38,6 +40,7 @@ use crate::stream::BlobBody;
 use crate::upstream::{ManifestHead, Route, Router, Upstream, UpstreamError};
 
 pub mod referrers;
+mod signatures;
 pub use referrers::ReferrersAnswer;
 
 /// How a request was answered, for logs and metrics.
@@ -103,6 +106,8 @@ pub struct Mirror {
     negative: NegativeCache,
     /// One revalidation (or first resolution) per tag at a time; the others wait for its result.
     revalidations: Gates,
+    /// The `require_signatures` gate in front of the cache.
+    signatures: signatures::Signatures,
 }
 
 /// Per-key async locks, dropped when nobody holds or waits for them. The lock holds the last
@@ -289,7 +294,9 @@ impl Mirror {
             }
             None => None,
         };
+        let signatures = signatures::Signatures::load(&config)?;
         Ok(Mirror {
+            signatures,
             config,
             cache,
             router: Router::new(upstreams),
@@ -798,6 +805,7 @@ impl Mirror {
         media_type: String,
         bytes: Bytes,
     ) -> Result<Arc<StoredManifest>, RegistryError> {
+        self.signatures.admit(route, &digest, &bytes).await?;
         let m = self.cache.put_manifest(StoredManifest {
             digest,
             media_type,

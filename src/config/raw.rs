@@ -138,6 +138,8 @@ pub(super) struct RawUpstream {
     pub(super) revalidate_timeout: Option<String>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,
+    pub(super) require_signatures: Option<String>,
+    pub(super) signature_public_key: Option<String>,
 }
 
 impl RawUpstream {
@@ -159,6 +161,8 @@ impl RawUpstream {
             revalidate_timeout: None,
             allow: None,
             deny: None,
+            require_signatures: None,
+            signature_public_key: None,
         }
     }
 }
