@@ -92,6 +92,10 @@ enum Command {
     Gc {
         #[command(flatten)]
         config: ConfigArg,
+        /// Report what hosted content would be removed (this node's and, with a shared store,
+        /// the fleet's), removing nothing; the cache is not collected.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Pull images (manifests, the selected platforms, all blobs) into the cache through the
     /// fill engine: inside a `serve` running on the cache (its admin socket), else directly.
@@ -110,6 +114,10 @@ enum Command {
         /// Pin the fetched images.
         #[arg(long)]
         pin: bool,
+        /// Also each image's referrers (signatures, SBOMs, attestations; the referrers API and
+        /// cosign's `sha256-<hex>.sig` / `.att` / `.sbom` tags), recursively.
+        #[arg(long)]
+        with_referrers: bool,
         images: Vec<String>,
     },
     /// Write cached and hosted images as an OCI image layout: a tar, or a directory (`-o dir/`).
@@ -122,6 +130,9 @@ enum Command {
         /// `bundle.tar`, or `dir/` (trailing slash or an existing directory) for a directory.
         #[arg(long, short, required = true)]
         output: PathBuf,
+        /// Also each image's referrers the cache (or hosted storage) holds, recursively.
+        #[arg(long)]
+        with_referrers: bool,
         images: Vec<String>,
     },
     /// Load an OCI image layout (tar or directory), verifying every blob: hosted images into
@@ -169,13 +180,14 @@ fn main() -> ExitCode {
         Command::Unpin { config, images } => operate(config.path, Request::Unpin { images }),
         Command::Ls { config } => operate(config.path, Request::Ls),
         Command::Verify { config, repair } => operate(config.path, Request::Verify { repair }),
-        Command::Gc { config } => operate(config.path, Request::Gc),
+        Command::Gc { config, dry_run } => operate(config.path, Request::Gc { dry_run }),
         Command::Prefetch {
             config,
             file,
             platforms,
             all_platforms,
             pin,
+            with_referrers,
             images,
         } => {
             let refs = match airgap::gather_refs(&images, file.as_deref()) {
@@ -198,6 +210,7 @@ fn main() -> ExitCode {
                     refs,
                     platforms,
                     pin,
+                    with_referrers,
                 }),
             )
         }
@@ -205,6 +218,7 @@ fn main() -> ExitCode {
             config,
             file,
             output,
+            with_referrers,
             images,
         } => {
             let images = match airgap::gather_refs(&images, file.as_deref()) {
@@ -215,7 +229,14 @@ fn main() -> ExitCode {
                 }
             };
             let output = absolute(output);
-            operate(config.path, Request::Export { images, output })
+            operate(
+                config.path,
+                Request::Export {
+                    images,
+                    output,
+                    with_referrers,
+                },
+            )
         }
         Command::Import {
             config,

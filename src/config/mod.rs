@@ -36,8 +36,8 @@ pub use store::{
 };
 pub use units::{parse_byte_size, parse_duration};
 pub use upstream::{
-    canonical_host, proxy_name, ProxySetting, ProxyUrl, UpstreamConfig, DEFAULT_MANIFEST_TTL,
-    DEFAULT_NEGATIVE_TTL, DEFAULT_REVALIDATE_TIMEOUT,
+    canonical_host, proxy_name, ProxySetting, ProxyUrl, SignaturePolicy, UpstreamConfig,
+    DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL, DEFAULT_REVALIDATE_TIMEOUT,
 };
 
 /// The validated configuration.
@@ -301,16 +301,28 @@ impl Layers {
         })
     }
 
-    /// The variable that set `key`, a table above it or a key below it.
+    /// The variable that set `key`, a table above it or a key below it; else the variables
+    /// that set a key beside it (an error about a combination: `a` needs `b`).
     fn blamed(&self, key: &str) -> Option<String> {
         let under = |a: &str, b: &str| {
             a.strip_prefix(b)
                 .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
         };
-        self.from_env
+        let direct = self
+            .from_env
             .iter()
-            .find(|(set, _)| *set == key || under(key, set) || under(set, key))
-            .map(|(_, var)| var.clone())
+            .find(|(set, _)| *set == key || under(key, set) || under(set, key));
+        if let Some((_, var)) = direct {
+            return Some(var.clone());
+        }
+        let table = key.rsplit_once('.').map(|(t, _)| t)?;
+        let beside: Vec<&str> = self
+            .from_env
+            .iter()
+            .filter(|(set, _)| set.rsplit_once('.').is_some_and(|(t, _)| t == table))
+            .map(|(_, var)| var.as_str())
+            .collect();
+        (!beside.is_empty()).then(|| beside.join(", "))
     }
 }
 
@@ -664,6 +676,11 @@ mod tests {
         .unwrap();
         let u = &c.upstreams[0];
         assert_eq!(u.manifest_ttl, Duration::ZERO);
+        assert_eq!(
+            u.referrers_ttl,
+            Duration::ZERO,
+            "referrers_ttl follows manifest_ttl"
+        );
         assert_eq!(u.max_stale, Some(Duration::from_secs(86400)));
         assert_eq!(u.negative_ttl, Duration::from_secs(5));
         assert!(u.is_immutable("v1.2.3") && u.is_immutable("1.2.3"));
@@ -674,6 +691,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.upstreams[0].max_stale, None);
+        let c = Config::from_toml(
+            "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\nreferrers_ttl = \"1h\"",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].referrers_ttl, Duration::from_secs(3600));
+        assert_eq!(c.upstreams[0].manifest_ttl, Duration::from_secs(300));
     }
 
     #[test]
@@ -681,11 +704,36 @@ mod tests {
         let up =
             |extra: &str| format!("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\n{extra}");
         assert!(err(&up("manifest_ttl = \"soon\"")).contains("upstreams[0].manifest_ttl"));
+        assert!(err(&up("referrers_ttl = \"soon\"")).contains("upstreams[0].referrers_ttl"));
         assert!(err(&up("max_stale = \"-1s\"")).contains("upstreams[0].max_stale"));
         assert!(err(&up("negative_ttl = \"x\"")).contains("upstreams[0].negative_ttl"));
         assert!(err(&up("revalidate_timeout = \"0\"")).contains("upstreams[0].revalidate_timeout"));
         let e = err(&up("immutable_tags = [\"^v\", \"(\"]"));
         assert!(e.contains("upstreams[0].immutable_tags[1]"), "{e}");
+    }
+
+    #[test]
+    fn require_signatures_needs_a_key_and_a_key_needs_it() {
+        let up =
+            |extra: &str| format!("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\n{extra}");
+        let c = Config::from_toml(&up("")).unwrap();
+        assert_eq!(c.upstreams[0].signatures, SignaturePolicy::None);
+        let c = Config::from_toml(&up(
+            "require_signatures = \"sigstore\"\nsignature_public_key = \"/k.pub\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.upstreams[0].signatures,
+            SignaturePolicy::Sigstore {
+                public_key: "/k.pub".into()
+            }
+        );
+        let e = err(&up("require_signatures = \"sigstore\""));
+        assert!(e.contains("upstreams[0].signature_public_key"), "{e}");
+        let e = err(&up("signature_public_key = \"/k.pub\""));
+        assert!(e.contains("upstreams[0].signature_public_key"), "{e}");
+        let e = err(&up("require_signatures = \"gpg\""));
+        assert!(e.contains("upstreams[0].require_signatures"), "{e}");
     }
 
     #[test]
@@ -900,6 +948,11 @@ mod tests {
         );
         let m = e(&[("STOWAGE_STORAGE_S3_BUCKET", "b")]);
         assert!(m.contains("STOWAGE_STORAGE_S3_BUCKET"), "{m}");
+        let m = e(&[("STOWAGE_SERVER_TLS_CERT", "/c.pem")]);
+        assert!(
+            m.contains("server.tls_key") && m.contains("STOWAGE_SERVER_TLS_CERT"),
+            "{m}"
+        );
         let m = e(&[("STOWAGE_SERVER_LISTN", "127.0.0.1:1")]);
         assert!(
             m.contains("STOWAGE_SERVER_LISTN") && m.contains("names no"),
