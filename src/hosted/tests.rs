@@ -392,7 +392,9 @@ async fn a_push_waits_out_a_removal_in_progress_then_sees_what_is_left() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!head.is_finished(), "the HEAD did not wait for the removal");
     // The collector deletes the blob, then its record: the HEAD then finds it gone.
-    let object = store.path().join(format!("hosted/blobs/sha256/{}", blob.hex()));
+    let object = store
+        .path()
+        .join(format!("hosted/blobs/sha256/{}", blob.hex()));
     std::fs::remove_file(&object).unwrap();
     std::fs::remove_file(&removing).unwrap();
     let (_b, size) = tokio::time::timeout(Duration::from_secs(30), head)
