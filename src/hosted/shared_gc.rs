@@ -17,7 +17,7 @@
 //! removal record of its objects exists, then checks that they exist. Whatever the
 //! interleaving, the collector sees the push's removal (and keeps the object) or the push sees
 //! the collector's removal (and then finds the object gone and is refused): an acknowledged
-//! push never loses an object. A collector slower than [`REMOVAL_WINDOW`] between its removal
+//! push never loses an object. A collector slower than `REMOVAL_WINDOW` between its removal
 //! record and its delete gives up on that object.
 
 use std::collections::{BTreeMap, BTreeSet};
