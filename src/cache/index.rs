@@ -104,6 +104,7 @@ pub struct Index {
     checks: Arc<Mutex<PendingChecks>>,
     access: sled::Tree,
     pins: sled::Tree,
+    stats: sled::Tree,
 }
 
 /// A tag record with its key parts, for listing.
@@ -177,6 +178,7 @@ impl Index {
             checks: Arc::default(),
             access: db.open_tree("access")?,
             pins: db.open_tree("pins")?,
+            stats: db.open_tree("stats")?,
             db,
         })
     }
@@ -595,6 +597,53 @@ impl Index {
         if !self.repos.contains_key(&key)? {
             self.repos.insert(key, unix_now().to_string().as_bytes())?;
         }
+        Ok(())
+    }
+
+    /// Every cached repository with the unix second it was first cached, ordered by (upstream,
+    /// repository).
+    pub fn repos_first_cached(&self) -> Result<Vec<(RepoEntry, u64)>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.repos.iter() {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k);
+            if let Some((upstream, repo)) = key.split_once('\0') {
+                let first = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                out.push((
+                    RepoEntry {
+                        upstream: upstream.to_owned(),
+                        repo: repo.to_owned(),
+                    },
+                    first,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The per-repository and per-tag counters (see `cache::stats`), as (key, JSON value).
+    pub fn stats_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.stats.iter() {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes counters (`Some`) and removes them (`None`) in one batch.
+    pub fn write_stats(&self, records: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), IndexError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in records {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        self.stats.apply_batch(batch)?;
         Ok(())
     }
 
