@@ -452,8 +452,10 @@ impl Cache {
         Ok(())
     }
 
-    /// Periodic housekeeping (blocking): flush recency, evict blobs that became free.
+    /// Periodic housekeeping (blocking): sample the history, flush recency and counters, evict
+    /// blobs that became free.
     pub fn maintain(&self) {
+        self.activity.sample(index::unix_now());
         if let Err(e) = self.flush_access() {
             tracing::warn!(error = %e, "could not write access times");
         }

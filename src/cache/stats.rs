@@ -391,6 +391,12 @@ impl Activity {
         self.totals.load()
     }
 
+    /// Moves the totals counted since the last sample into the history's bucket of `now`.
+    pub fn sample(&self, now: u64) {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        h.sample(now, self.totals.load());
+    }
+
     /// Moves the totals into the history (at `now`, unix seconds) and returns the buckets of the
     /// last 24 hours, oldest first.
     pub fn history(&self, now: u64) -> Vec<Bucket> {
