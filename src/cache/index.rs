@@ -353,6 +353,34 @@ impl Index {
         Ok(out)
     }
 
+    /// The tag records of one repository.
+    pub fn tags_of(&self, upstream: &str, repo: &str) -> Result<Vec<TagRecord>, IndexError> {
+        let mut out = Vec::new();
+        for item in self
+            .tags
+            .scan_prefix(format!("{upstream}\0{repo}\0").as_bytes())
+        {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let Some(tag) = key.splitn(3, '\0').nth(2) else {
+                continue;
+            };
+            let Ok(mut entry) = serde_json::from_slice::<TagEntry>(&v) else {
+                continue;
+            };
+            if let Some(t) = self.pending().times.get(k.as_ref()) {
+                entry.checked = entry.checked.max(*t);
+            }
+            out.push(TagRecord {
+                upstream: upstream.to_owned(),
+                repo: repo.to_owned(),
+                tag: tag.to_owned(),
+                entry,
+            });
+        }
+        Ok(out)
+    }
+
     /// Removes a tag record by its raw key parts.
     pub fn remove_tag_raw(&self, upstream: &str, repo: &str, tag: &str) -> Result<(), IndexError> {
         self.tags

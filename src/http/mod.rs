@@ -47,11 +47,14 @@ const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
 /// Builds the router; `auth` (from `[auth]`) guards everything but its open paths.
 pub fn router(mirror: AppState, hosted: HostedState, auth: Option<Arc<auth::Auth>>) -> Router {
+    let console = crate::console::router(mirror.clone(), hosted.clone())
+        .layer(axum::middleware::from_fn(console_viewer));
     Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .route("/metrics", axum::routing::get(metrics_endpoint))
         .route("/v1/search", axum::routing::get(search))
+        .merge(console)
         .fallback(dispatch)
         .layer(axum::middleware::from_fn_with_state(
             auth.clone(),
@@ -60,6 +63,28 @@ pub fn router(mirror: AppState, hosted: HostedState, auth: Option<Arc<auth::Auth
         .layer(axum::middleware::from_fn(observe))
         .layer(axum::Extension(hosted))
         .with_state(mirror)
+}
+
+/// The caller as the console sees it: its user and what `[[auth.access]]` grants it.
+struct CallerPermissions(auth::Caller);
+
+impl crate::console::Permissions for CallerPermissions {
+    fn user(&self) -> Option<&str> {
+        self.0.user.as_deref()
+    }
+
+    fn may_delete(&self, repo: &RepoName) -> bool {
+        self.0.check(repo, Action::Delete).is_ok()
+    }
+}
+
+/// Hands the authenticated caller (if `[auth]` is on) to the console.
+async fn console_viewer(mut req: Request, next: Next) -> Response {
+    if let Some(c) = req.extensions().get::<auth::Caller>().cloned() {
+        let viewer = crate::console::Viewer(Arc::new(CallerPermissions(c)));
+        req.extensions_mut().insert(viewer);
+    }
+    next.run(req).await
 }
 
 /// The router of the optional `server.metrics_listen` listener: `/metrics` and health only,
@@ -133,6 +158,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/v1/search" => return "search",
         "/metrics" => return "metrics",
         "/healthz" | "/readyz" => return "health",
+        p if p.starts_with("/api/v1/") || p == "/ui" || p.starts_with("/ui/") => return "console",
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
