@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
+use axum::extract::State;
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use http::header;
 
-use super::Console;
+use super::{ApiError, Console, Viewer};
 
 const INDEX: &str = include_str!("ui/index.html");
 const SCRIPT: &str = include_str!("ui/app.js");
@@ -17,18 +18,34 @@ const STYLE: &str = include_str!("ui/style.css");
 pub(super) fn routes() -> Router<Arc<Console>> {
     Router::new()
         .route("/ui", get(|| async { Redirect::permanent("/ui/") }))
-        .route(
-            "/ui/",
-            get(|| async { asset("text/html; charset=utf-8", INDEX) }),
-        )
-        .route(
-            "/ui/app.js",
-            get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }),
-        )
-        .route(
-            "/ui/style.css",
-            get(|| async { asset("text/css; charset=utf-8", STYLE) }),
-        )
+        .route("/ui/", get(index))
+        .route("/ui/app.js", get(script))
+        .route("/ui/style.css", get(style))
+}
+
+type Caller = Option<Extension<Viewer>>;
+
+/// With `[auth]`, the page itself needs a user: the browser asks for credentials here.
+fn guarded(
+    c: &Console,
+    v: &Caller,
+    content_type: &'static str,
+    body: &'static str,
+) -> Result<Response, ApiError> {
+    c.check_read(v.as_ref().map(|Extension(v)| v))?;
+    Ok(asset(content_type, body))
+}
+
+async fn index(State(c): State<Arc<Console>>, v: Caller) -> Result<Response, ApiError> {
+    guarded(&c, &v, "text/html; charset=utf-8", INDEX)
+}
+
+async fn script(State(c): State<Arc<Console>>, v: Caller) -> Result<Response, ApiError> {
+    guarded(&c, &v, "text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn style(State(c): State<Arc<Console>>, v: Caller) -> Result<Response, ApiError> {
+    guarded(&c, &v, "text/css; charset=utf-8", STYLE)
 }
 
 /// An embedded file. Never framed by another site; scripts and styles only from here.
@@ -40,7 +57,7 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
             (header::X_FRAME_OPTIONS, "DENY"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'",
             ),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         ],
