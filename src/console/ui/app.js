@@ -7,6 +7,8 @@ const view = document.getElementById("view");
 const statusBox = document.getElementById("status");
 let timer = null;
 let me = { may_act: false, user: null, auth: false };
+// A message to show after the next navigation (an action that leaves the page it was on).
+let flash = null;
 
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({
@@ -283,12 +285,11 @@ async function action(r, b) {
     say(`Unpinned ${reference}.`, "ok");
   } else if (b.dataset.action === "purge") {
     await act("DELETE", `/repositories/${path}/tags/${encodeURIComponent(tag)}`);
+    if (r.tags.length === 1) return leave(`Purged ${reference}: the repository is gone.`);
     say(`Purged ${reference}.`, "ok");
   } else if (b.dataset.action === "purge-repo") {
     await act("DELETE", `/repositories/${path}`);
-    say(`Purged ${r.name}.`, "ok");
-    location.hash = "#/repos";
-    return;
+    return leave(`Purged ${r.name}.`);
   }
   await repo(r.name);
 }
@@ -308,6 +309,12 @@ async function evictions() {
   };
   document.getElementById("evict-go").addEventListener("click", () => run().catch(fail));
   await run();
+}
+
+// Goes to the repository table with a message (the page acted on is gone).
+function leave(text) {
+  flash = text;
+  location.hash = "#/repos";
 }
 
 function parseSize(text) {
@@ -330,7 +337,8 @@ function fail(e) {
 
 async function route() {
   clearInterval(timer);
-  say("");
+  say(flash || "", flash ? "ok" : "");
+  flash = null;
   const hash = location.hash || "#/";
   for (const a of document.querySelectorAll("nav a")) {
     a.classList.toggle("active", hash === a.getAttribute("href") || (a.dataset.nav === "repos" && hash.startsWith("#/repo/")));
