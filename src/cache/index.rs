@@ -86,6 +86,9 @@ struct PendingChecks {
     since: Option<Instant>,
 }
 
+/// A raw record: key and value bytes.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 /// A repository present in the cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepoEntry {
@@ -653,7 +656,7 @@ impl Index {
     }
 
     /// The per-repository and per-tag counters (see `cache::stats`), as (key, JSON value).
-    pub fn stats_records(&self) -> Result<Vec<(Vec<u8>, Vec<u8>)>, IndexError> {
+    pub fn stats_records(&self) -> Result<Vec<Record>, IndexError> {
         let mut out = Vec::new();
         for item in self.stats.iter() {
             let (k, v) = item?;

@@ -5,7 +5,7 @@
 //!
 //! Counters are atomics behind an `Arc` each, found once per request (a read lock on a map) and
 //! then bumped without a lock, so a blob stream counts its chunks for free. They are written to
-//! sled's `stats` tree in one batch by [`Activity::flush`] (with recency, by the housekeeping
+//! sled's `stats` tree in one batch by `Cache::flush_access` (with recency, by the housekeeping
 //! task and at shutdown), never per request, and read back at open: they survive restarts. A
 //! crash loses at most one flush interval of counts.
 //!

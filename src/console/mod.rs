@@ -1,5 +1,5 @@
 //! The console: a JSON API under `/api/v1/` ([`api`]) and the page at `/ui/` that uses only it
-//! ([`assets`]: plain HTML, CSS and JavaScript embedded in the binary).
+//! (`assets`: plain HTML, CSS and JavaScript embedded in the binary).
 //!
 //! What it shows comes from the cache's statistics (`cache::stats`), the budget (sizes, the
 //! eviction order), the fills in flight, the upstreams (reachability probed at most every

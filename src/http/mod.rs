@@ -1074,6 +1074,10 @@ mod tests {
             ("/metrics", "metrics"),
             ("/healthz", "health"),
             ("/readyz", "health"),
+            ("/api/v1/repositories/docker.io/library/alpine", "console"),
+            ("/ui/", "console"),
+            ("/ui/app.js", "console"),
+            ("/uix", "other"),
             ("/v2/library/alpine", "other"),
             ("/favicon.ico", "other"),
         ] {
