@@ -525,3 +525,50 @@ fn actions_are_off_without_auth_unless_allowed() {
     assert_eq!(r.status().as_u16(), 200);
     assert!(r.text().unwrap().contains("stowage"));
 }
+
+#[test]
+fn fills_in_flight_show_their_progress() {
+    use rand::RngCore;
+    use support::fake_upstream::{FakeUpstream, Fault};
+    use support::reader::{assert_whole, wait_for_bytes, Reader};
+
+    let fake = FakeUpstream::start();
+    let mut blob = vec![0u8; 4 << 20];
+    rand::thread_rng().fill_bytes(&mut blob);
+    let digest = fake.add_blob("library/fill", blob.clone());
+    // The upstream sends the first MiB, then holds the rest until the test has looked.
+    fake.push_faults(&digest, [Fault::HoldAt(1 << 20)]);
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &fake.url()))
+        .start();
+    let url = format!("{}/v2/library/fill/blobs/{digest}", stowage.url());
+    let reader = Reader::start(&url, &[], false, None);
+    wait_for_bytes(&reader, 1, "the client");
+    let mut seen = Value::Null;
+    let shown = wait_until(Duration::from_secs(120), || {
+        seen = get_ok(&stowage, "/api/v1/summary")["fills"].clone();
+        seen[0]["written"].as_u64().is_some_and(|w| w >= 1 << 20)
+    });
+    assert!(shown, "the fill never showed its progress: {seen}");
+    assert_eq!(seen.as_array().map(Vec::len), Some(1), "{seen}");
+    assert_eq!(seen[0]["digest"], digest.as_str());
+    assert_eq!(seen[0]["total"], 4 << 20);
+    assert_eq!(seen[0]["repository"], "docker.io/library/fill");
+    assert_eq!(seen[0]["phase"], "streaming");
+    assert!(
+        seen[0]["written"].as_u64().unwrap() < 4 << 20,
+        "held back: {seen}"
+    );
+    fake.release_holds();
+    assert_whole(&reader.finish(), &blob, "the client");
+    assert!(wait_until(Duration::from_secs(120), || {
+        get_ok(&stowage, "/api/v1/summary")["fills"] == json!([])
+    }));
+    let traffic = &get_ok(&stowage, "/api/v1/summary")["traffic"]["since_start"];
+    assert_eq!(traffic["bytes_fetched"], 4 << 20);
+    assert_eq!(traffic["bytes_served"], 4 << 20);
+    assert_eq!(
+        traffic["bytes_from_cache"], 0,
+        "tailed from the fill, not a committed file"
+    );
+}
