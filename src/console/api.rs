@@ -354,8 +354,13 @@ async fn pin(
     let text = body.reference.clone();
     let out = blocking(move || {
         let mut out = Vec::new();
-        crate::ops::pin(&cc.mirror.cache, &cc.mirror.config, &[text], &mut out)
-            .map_err(|e| not_found(e.to_string()))?;
+        crate::ops::pin(&cc.mirror.cache, &cc.mirror.config, &[text], &mut out).map_err(
+            |e| match e {
+                // What is not cached (the parse was checked above).
+                crate::ops::OpsError::Usage(m) => not_found(m),
+                other => internal(other),
+            },
+        )?;
         Ok(String::from_utf8_lossy(&out).trim().to_owned())
     })
     .await?;
@@ -379,8 +384,12 @@ async fn unpin(
     let text = reference.clone();
     let out = blocking(move || {
         let mut out = Vec::new();
-        crate::ops::unpin(&cc.mirror.cache, &cc.mirror.config, &[text], &mut out)
-            .map_err(|e| bad_request(e.to_string()))?;
+        crate::ops::unpin(&cc.mirror.cache, &cc.mirror.config, &[text], &mut out).map_err(|e| {
+            match e {
+                crate::ops::OpsError::Usage(m) => bad_request(m),
+                other => internal(other),
+            }
+        })?;
         Ok(String::from_utf8_lossy(&out).trim().to_owned())
     })
     .await?;
