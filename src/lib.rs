@@ -12,7 +12,8 @@
 //! - [`oci`] — protocol vocabulary, pure and unit-tested: [`oci::Digest`], [`oci::RepoName`],
 //!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body,
 //!   what a manifest references ([`oci::references()`]), Docker schema 2 → OCI conversion of
-//!   manifests ([`oci::convert`], for `export`).
+//!   manifests ([`oci::convert`], for `export`), sigstore signatures and their verification
+//!   with a public key ([`oci::sigstore`], RustCrypto ECDSA).
 //! - [`stream`] — the byte-stream vocabulary every layer hands blobs around in: a boxed stream
 //!   of chunks, an upstream body with its length, a file read as a stream.
 //! - [`metrics`] — every Prometheus metric in one struct, registered once and reached through
@@ -51,7 +52,10 @@
 //!   upstream; per-Accept tag variants; stale serving (bounded by `max_stale`) when upstream
 //!   fails; negative cache of upstream 404s (and of Docker Hub's 401 for a repository that does
 //!   not exist); blob hit / join / start fill; `offline` (cache only, 404 naming the offline
-//!   mirror, no upstream contact).
+//!   mirror, no upstream contact); the OCI 1.1 referrers of mirrored manifests
+//!   ([`mirror::referrers`]: the upstream's API or its `sha256-<hex>` tag schema, cached for
+//!   `referrers_ttl`, served stale and offline); `require_signatures` (a manifest enters the
+//!   cache only once its sigstore signature verifies, `mirror/signatures.rs`).
 //! - [`hosted`] — the private registry beside the mirror: names matching `hosted.repositories`
 //!   are pushed to and pulled from stowage, never forwarded upstream. Upload sessions as files
 //!   hashed while they stream, per-repository links (no cross-repository existence answers),
@@ -59,7 +63,8 @@
 //!   (a sled database of its own) and byte budget are apart from the cache's, so eviction cannot
 //!   see them, and a `201` is only sent once the content is fsynced and indexed. With a fleet's
 //!   shared store ([`hosted::shared`]) the store is the source of truth: pushes write it before
-//!   their `201`, and a node reads what it lacks from it.
+//!   their `201`, a node reads what it lacks from it, listings come from it, and
+//!   [`hosted::shared_gc`] collects it in two runs a grace period apart.
 //! - [`ops`] — operations on an open cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`,
 //!   Docker-style image reference parsing, and the progress [`ops::Event`]s every operation
 //!   reports through.

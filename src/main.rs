@@ -68,6 +68,10 @@ enum Command {
     Gc {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Report what hosted content would be removed (this node's and, with a shared store,
+        /// the fleet's), removing nothing; the cache is not collected.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Pull images (manifests, the selected platforms, all blobs) into the cache through the
     /// fill engine: inside a `serve` running on the cache (its admin socket), else directly.
@@ -86,6 +90,10 @@ enum Command {
         /// Pin the fetched images.
         #[arg(long)]
         pin: bool,
+        /// Also each image's referrers (signatures, SBOMs, attestations; the referrers API and
+        /// cosign's `sha256-<hex>.sig` / `.att` / `.sbom` tags), recursively.
+        #[arg(long)]
+        with_referrers: bool,
         images: Vec<String>,
     },
     /// Write cached and hosted images as an OCI image layout: a tar, or a directory (`-o dir/`).
@@ -98,6 +106,9 @@ enum Command {
         /// `bundle.tar`, or `dir/` (trailing slash or an existing directory) for a directory.
         #[arg(long, short, required = true)]
         output: PathBuf,
+        /// Also each image's referrers the cache (or hosted storage) holds, recursively.
+        #[arg(long)]
+        with_referrers: bool,
         images: Vec<String>,
     },
     /// Load an OCI image layout (tar or directory), verifying every blob: hosted images into
@@ -131,13 +142,14 @@ fn main() -> ExitCode {
         Command::Unpin { config, images } => operate(config, Request::Unpin { images }),
         Command::Ls { config } => operate(config, Request::Ls),
         Command::Verify { config, repair } => operate(config, Request::Verify { repair }),
-        Command::Gc { config } => operate(config, Request::Gc),
+        Command::Gc { config, dry_run } => operate(config, Request::Gc { dry_run }),
         Command::Prefetch {
             config,
             file,
             platforms,
             all_platforms,
             pin,
+            with_referrers,
             images,
         } => {
             let refs = match airgap::gather_refs(&images, file.as_deref()) {
@@ -160,6 +172,7 @@ fn main() -> ExitCode {
                     refs,
                     platforms,
                     pin,
+                    with_referrers,
                 }),
             )
         }
@@ -167,6 +180,7 @@ fn main() -> ExitCode {
             config,
             file,
             output,
+            with_referrers,
             images,
         } => {
             let images = match airgap::gather_refs(&images, file.as_deref()) {
@@ -177,7 +191,14 @@ fn main() -> ExitCode {
                 }
             };
             let output = absolute(output);
-            operate(config, Request::Export { images, output })
+            operate(
+                config,
+                Request::Export {
+                    images,
+                    output,
+                    with_referrers,
+                },
+            )
         }
         Command::Import {
             config,

@@ -15,10 +15,13 @@
 //!   is never handed over: the tag's variant for the client's Accept set is fetched once with
 //!   the client's own `Accept` and kept beside the tag until it moves.
 //! - Blobs: a hit streams the file; a miss joins or starts a fill (see [`crate::cache::fill`]).
+//! - Referrers (OCI 1.1 `/v2/<name>/referrers/<digest>`): see [`referrers`].
 //! - With a shared store (`storage.backend`, [`crate::fleet`]): local misses of blobs,
 //!   manifests and tags look in the fleet's store before the upstream, and what the upstream
 //!   gives is shared (verified blobs after commit; manifests; tag records with their check
 //!   time, so a tag confirmed by another node within `manifest_ttl` needs no upstream request).
+//! - `require_signatures = "sigstore"`: a manifest from that upstream is stored only once its
+//!   signature verifies (`mirror/signatures.rs`); otherwise 403 DENIED.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -37,6 +40,10 @@ use crate::oci::media::{self, Accept};
 use crate::oci::{Digest, ErrorCode, Reference, RegistryError, RepoName, Tag};
 use crate::stream::BlobBody;
 use crate::upstream::{ManifestHead, Route, Router, Upstream, UpstreamError};
+
+pub mod referrers;
+mod signatures;
+pub use referrers::ReferrersAnswer;
 
 /// How a request was answered, for logs and metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,6 +108,8 @@ pub struct Mirror {
     negative: NegativeCache,
     /// One revalidation (or first resolution) per tag at a time; the others wait for its result.
     revalidations: Gates,
+    /// The `require_signatures` gate in front of the cache.
+    signatures: signatures::Signatures,
 }
 
 /// Per-key async locks, dropped when nobody holds or waits for them. The lock holds the last
@@ -297,7 +306,9 @@ impl Mirror {
             }
             None => None,
         };
+        let signatures = signatures::Signatures::load(&config)?;
         Ok(Mirror {
+            signatures,
             config,
             cache,
             router: Router::new(upstreams),
@@ -806,6 +817,7 @@ impl Mirror {
         media_type: String,
         bytes: Bytes,
     ) -> Result<Arc<StoredManifest>, RegistryError> {
+        self.signatures.admit(route, &digest, &bytes).await?;
         let m = self.cache.put_manifest(StoredManifest {
             digest,
             media_type,
@@ -1096,17 +1108,23 @@ pub struct TagList {
     pub next: Option<String>,
 }
 
-/// Sorts, drops tags up to `last` (exclusive), keeps `n`. Returns the page and whether it was cut.
 /// One page of `tags` (sorted and deduplicated here): those after `last`, at most `n`, and
 /// whether more remain. Also the window of `_catalog` and of hosted tag lists.
 pub fn window_tags(tags: &mut Vec<String>, page: &TagPage) -> (Vec<String>, bool) {
     tags.sort();
     tags.dedup();
+    window(tags, |t| t.as_str(), page)
+}
+
+/// One page of `items`, sorted by `key` and each key once: those whose key is after `last`,
+/// at most `n`, and whether more remain. The one window of every paged list (tags, the
+/// catalog, referrers by digest).
+pub fn window<T: Clone>(items: &[T], key: impl Fn(&T) -> &str, page: &TagPage) -> (Vec<T>, bool) {
     let start = match &page.last {
-        Some(l) => tags.partition_point(|t| t.as_str() <= l.as_str()),
+        Some(l) => items.partition_point(|t| key(t) <= l.as_str()),
         None => 0,
     };
-    let rest = &tags[start..];
+    let rest = &items[start..];
     match page.n {
         Some(n) if rest.len() > n => (rest[..n].to_vec(), n > 0),
         _ => (rest.to_vec(), false),

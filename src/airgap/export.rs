@@ -14,6 +14,11 @@
 //! read from hosted storage: all of it (an index with every child, as pushed). Its entry is
 //! named as clients address it (`team/app:1`) and marked with [`HOSTED`], so that `import`
 //! puts it back into hosted storage.
+//!
+//! With `--with-referrers`, each image's referrers follow it (see [`super::referrers`]): one
+//! entry each, named by digest (`docker.io/library/alpine@sha256:...`) or by its tag (cosign's
+//! `...:sha256-<hex>.sig`), so that `import` restores them and their subjects' referrers
+//! answers. A referrer the cache does not hold whole is skipped, and said so.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
@@ -62,6 +67,7 @@ pub fn export(
     config: &Config,
     refs: &[String],
     output: &Path,
+    with_referrers: bool,
     out: &mut dyn Write,
 ) -> Result<(), OpsError> {
     let mut contents = Contents::default();
@@ -69,11 +75,17 @@ pub fn export(
         if let Some((h, (repo, reference))) =
             hosted.and_then(|h| Some((h, super::hosted_ref(text, h)?)))
         {
-            add_hosted_image(h, &repo, &reference, &mut contents, out)?;
+            let top = add_hosted_image(h, &repo, &reference, &mut contents, out)?;
+            if with_referrers {
+                add_hosted_referrers(h, &repo, &top, &mut contents, out)?;
+            }
             continue;
         }
         let r = ops::parse_image_ref(text, config)?;
-        add_image(cache, &r, &mut contents, out)?;
+        let held = add_image(cache, &r, &mut contents, out)?;
+        if with_referrers {
+            add_cached_referrers(cache, &r, &held, &mut contents, out)?;
+        }
     }
     let index = index_json(&contents.entries)?;
     let layout = format!(r#"{{"imageLayoutVersion":"{LAYOUT_VERSION}"}}"#);
@@ -96,14 +108,66 @@ pub fn export(
     Ok(())
 }
 
+/// Adds the referrers the cache holds of image `r` (whose manifests are `held`), recursively,
+/// each as an entry of its own; one not held whole is skipped with a note.
+fn add_cached_referrers(
+    cache: &Cache,
+    r: &ImageRef,
+    held: &[Digest],
+    contents: &mut Contents,
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
+    for c in super::referrers::cached_referrers(cache, &r.host, &r.repo, held)? {
+        let reference = match c.tag {
+            Some(t) => Reference::Tag(t),
+            None => Reference::Digest(c.digest),
+        };
+        let referrer = ImageRef {
+            host: r.host.clone(),
+            repo: r.repo.clone(),
+            reference,
+        };
+        if contents
+            .entries
+            .iter()
+            .any(|e| e.name == referrer.to_string())
+        {
+            continue;
+        }
+        let _ = write!(out, "  referrer: ");
+        if let Err(e) = add_image(cache, &referrer, contents, out) {
+            let _ = writeln!(out, "skipped {referrer}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Adds the referrers of hosted manifest `top` in `repo`, recursively, each as a hosted entry.
+fn add_hosted_referrers(
+    hosted: &Hosted,
+    repo: &RepoName,
+    top: &Digest,
+    contents: &mut Contents,
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
+    let referrers = super::referrers::hosted_referrers(hosted, repo, top)
+        .map_err(|e| usage(format!("{repo}: referrers of {top}: {}", e.message)))?;
+    for d in referrers {
+        let _ = write!(out, "  referrer: ");
+        add_hosted_image(hosted, repo, &Reference::Digest(d), contents, out)?;
+    }
+    Ok(())
+}
+
 /// Adds image `r` to `contents`: its manifests, its blobs (leased), its `index.json` entry and,
 /// for a Docker-typed image, the entry of its OCI-typed copy. Fails unless all of it is cached.
+/// Returns the digests of its manifests.
 fn add_image(
     cache: &Cache,
     r: &ImageRef,
     contents: &mut Contents,
     out: &mut dyn Write,
-) -> Result<(), OpsError> {
+) -> Result<Vec<Digest>, OpsError> {
     let root = ops::resolve(cache, r)?;
     let (held, needed) = ops::closure(cache, &root)?;
     let mut image = HashMap::new();
@@ -151,7 +215,7 @@ fn add_image(
         needed.len()
     );
     push_entry(&image, entry, contents, out);
-    Ok(())
+    Ok(held.into_iter().collect())
 }
 
 /// Adds `entry` and, for a Docker-typed image, the entry of its OCI-typed copy.
@@ -182,17 +246,21 @@ fn push_entry(
 }
 
 /// Adds hosted image `reference` of `repo` to `contents`: every manifest it reaches and every
-/// blob of those (foreign layers, never pushed, aside), read from hosted storage.
+/// blob of those (foreign layers, never pushed, aside), read from hosted storage (with a shared
+/// store, what this node lacks is fetched from it first).
 fn add_hosted_image(
     hosted: &Hosted,
     repo: &RepoName,
     reference: &Reference,
     contents: &mut Contents,
     out: &mut dyn Write,
-) -> Result<(), OpsError> {
+) -> Result<Digest, OpsError> {
     let name = super::hosted_name(repo, reference);
     let fail = |e: crate::oci::RegistryError| usage(format!("{name}: {}", e.message));
-    let top = hosted.local_manifest(repo, reference).map_err(fail)?;
+    let top = hosted
+        .wait(hosted.manifest(repo, reference))
+        .and_then(|r| r)
+        .map_err(fail)?;
     let mut image = HashMap::new();
     let mut blobs = 0;
     let mut stack = vec![top.digest.clone()];
@@ -200,8 +268,10 @@ fn add_hosted_image(
         if image.contains_key(&d) {
             continue;
         }
+        let by_digest = Reference::Digest(d.clone());
         let m = hosted
-            .local_manifest(repo, &Reference::Digest(d.clone()))
+            .wait(hosted.manifest(repo, &by_digest))
+            .and_then(|r| r)
             .map_err(fail)?;
         let parsed = manifest::parse(&m.bytes, Some(&m.media_type))
             .map_err(|e| usage(format!("{name}: hosted manifest {d}: {e}")))?;
@@ -212,7 +282,11 @@ fn add_hosted_image(
             {
                 continue;
             }
-            hosted.local_blob(repo, &b.digest).map_err(fail)?;
+            // Fetched from the shared store (verified, kept locally) when this node lacks it.
+            hosted
+                .wait(hosted.blob(repo, &b.digest))
+                .and_then(|r| r)
+                .map_err(fail)?;
             let path = hosted.blob_path(&b.digest);
             if contents
                 .blobs
@@ -248,7 +322,7 @@ fn add_hosted_image(
         hosted: true,
     };
     push_entry(&image, entry, contents, out);
-    Ok(())
+    Ok(top.digest)
 }
 
 /// For an image whose top manifest is Docker schema 2 (a manifest or a manifest list): the

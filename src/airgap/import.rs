@@ -7,6 +7,10 @@
 //! image is visible only once all of it is in. Content already cached is skipped, so importing
 //! the same bundle twice changes nothing.
 //!
+//! An imported manifest with a `subject` (a signature, an SBOM: see `export --with-referrers`)
+//! is added to the cached referrers answer of its subject, so that the referrers API answers
+//! for it offline as it did where the bundle was made.
+//!
 //! An entry marked [`HOSTED`] goes into hosted storage instead, when this stowage hosts its
 //! name (else the import is refused before anything is written): its blobs committed as a push
 //! commits them, then its child manifests, then its top manifest with its tag, each durable
@@ -627,6 +631,12 @@ fn import_image(
         .collect();
     let new_blobs = import_blobs(cache, bundle, runtime, p)?;
     let new_manifests = import_manifests(cache, bundle, p)?;
+    // A referrer (a manifest with a `subject`) joins its subject's referrers answer.
+    for (d, _) in &p.manifests {
+        if let Some(m) = cache.manifest_untouched(d)? {
+            crate::mirror::referrers::remember_referrer(cache, &p.host, &p.repo, &m)?;
+        }
+    }
     // The tag last: the image becomes visible whole.
     for b in &p.blobs {
         if !cache.holds_blob(b)? {

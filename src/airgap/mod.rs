@@ -20,6 +20,7 @@ use crate::ops::OpsError;
 mod export;
 mod import;
 mod prefetch;
+pub mod referrers;
 
 pub use export::export;
 pub use import::import;

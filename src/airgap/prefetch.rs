@@ -1,5 +1,6 @@
-//! `stowage prefetch REF... [--file] [--platform ...|--all-platforms] [--pin]`: images into the
-//! cache ahead of their first pull.
+//! `stowage prefetch REF... [--file] [--platform ...|--all-platforms] [--pin]
+//! [--with-referrers]`: images into the cache ahead of their first pull (with their
+//! signatures, SBOMs and attestations, see [`super::referrers`]).
 //!
 //! Each image goes through a [`Mirror`]: the one of a `serve` running on the cache (the command
 //! is sent through its admin socket, so fills are shared with live clients), or one opened by
@@ -56,6 +57,9 @@ pub struct PrefetchRequest {
     pub platforms: Platforms,
     /// Pin the images fetched.
     pub pin: bool,
+    /// Also each image's referrers, recursively (see [`super::referrers`]).
+    #[serde(default)]
+    pub with_referrers: bool,
 }
 
 /// Images prefetched at once; each fills up to `min(max_concurrent_fills, 8)` blobs at once.
@@ -137,12 +141,23 @@ async fn prefetch_one(
     mirror: &Mirror,
     id: usize,
     r: &ops::ImageRef,
-    platforms: &Platforms,
+    req: &PrefetchRequest,
     parallel: usize,
     emit: &Emit,
 ) -> Result<Fetched, RegistryError> {
     let route = route_to(mirror, r)?;
-    let (images, manifests) = fetch_manifests(mirror, &route, r, platforms).await?;
+    let (top, mut images, mut manifests) =
+        fetch_manifests(mirror, &route, &r.reference, &req.platforms).await?;
+    if req.with_referrers {
+        let mut roots = vec![top];
+        roots.extend(images.iter().map(|m| m.digest.clone()));
+        for d in super::referrers::referrers_upstream(mirror, &route, &roots).await? {
+            let reference = Reference::Digest(d);
+            let (_, more, n) = fetch_manifests(mirror, &route, &reference, &Platforms::All).await?;
+            images.extend(more);
+            manifests += n;
+        }
+    }
     let mut blobs: Vec<(Digest, u64)> = images
         .iter()
         .flat_map(|m| references(&m.bytes).blobs)
@@ -209,23 +224,20 @@ fn route_to(mirror: &Mirror, r: &ops::ImageRef) -> Result<Route, RegistryError> 
     })
 }
 
-/// Fetches image `r`'s top manifest and, for an index, the manifests of the platforms wanted.
-/// Returns the image manifests whose blobs to fetch (the top one, or the platforms'), and how
-/// many manifests were fetched in all.
+/// Fetches the top manifest `reference` names and, for an index, the manifests of the
+/// platforms wanted. Returns the top manifest's digest, the image manifests whose blobs to
+/// fetch (the top one, or the platforms'), and how many manifests were fetched in all.
 async fn fetch_manifests(
     mirror: &Mirror,
     route: &Route,
-    r: &ops::ImageRef,
+    reference: &Reference,
     platforms: &Platforms,
-) -> Result<(Vec<Arc<StoredManifest>>, usize), RegistryError> {
+) -> Result<(Digest, Vec<Arc<StoredManifest>>, usize), RegistryError> {
     let accept = Accept::parse(&crate::oci::media::upstream_manifest_accept());
-    let top = mirror
-        .manifest(route, &r.reference, &accept)
-        .await?
-        .manifest;
+    let top = mirror.manifest(route, reference, &accept).await?.manifest;
     let v: serde_json::Value = serde_json::from_slice(&top.bytes).unwrap_or_default();
     let Some(children) = v.get("manifests").and_then(|m| m.as_array()) else {
-        return Ok((vec![top], 1));
+        return Ok((top.digest.clone(), vec![top], 1));
     };
     let mut images = Vec::new();
     for c in children {
@@ -252,7 +264,7 @@ async fn fetch_manifests(
         ));
     }
     let fetched = 1 + images.len();
-    Ok((images, fetched))
+    Ok((top.digest.clone(), images, fetched))
 }
 
 /// Fills `digests` through `mirror`, at most `parallel` at once: each digest with
@@ -298,7 +310,7 @@ async fn prefetch_ref(
         }
     };
     let started = std::time::Instant::now();
-    let f = match prefetch_one(&mirror, id, &r, &req.platforms, parallel, emit).await {
+    let f = match prefetch_one(&mirror, id, &r, req, parallel, emit).await {
         Ok(f) => f,
         Err(e) => {
             emit(Event::Failed {

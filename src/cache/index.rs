@@ -74,6 +74,18 @@ pub struct TagVariant {
     pub media_type: String,
 }
 
+/// A mirrored referrers answer: the descriptors of the manifests whose `subject` is one digest
+/// (as the upstream listed them, through its referrers API or its `sha256-<hex>` tag), and when
+/// the upstream last said so.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct ReferrersEntry {
+    /// Unix milliseconds of the last answer from upstream; 0 = never asked (rebuilt from
+    /// imported manifests).
+    pub checked: u64,
+    /// Image-index descriptors, sorted by digest, each digest once.
+    pub manifests: Vec<serde_json::Value>,
+}
+
 /// How long check times may wait in memory before they are written to sled.
 pub const CHECK_PERSIST_INTERVAL: Duration = Duration::from_secs(15);
 /// Pending check times that force a write regardless of the interval.
@@ -108,6 +120,7 @@ pub struct Index {
     access: sled::Tree,
     pins: sled::Tree,
     stats: sled::Tree,
+    referrers: sled::Tree,
 }
 
 /// A tag record with its key parts, for listing.
@@ -182,6 +195,7 @@ impl Index {
             access: db.open_tree("access")?,
             pins: db.open_tree("pins")?,
             stats: db.open_tree("stats")?,
+            referrers: db.open_tree("referrers")?,
             db,
         })
     }
@@ -619,6 +633,41 @@ impl Index {
             }
         }
         self.tags.insert(key, v)?;
+        Ok(())
+    }
+
+    /// The cached referrers answer for `subject` in a mirrored repository.
+    pub fn referrers(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Option<ReferrersEntry>, IndexError> {
+        let key = format!("{upstream}\0{repo}\0{}", subject.hex());
+        let Some(v) = self.referrers.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| IndexError::Corrupt {
+                key: format!("{upstream}/{repo} referrers of {subject}"),
+                message: e.to_string(),
+            })
+    }
+
+    pub fn put_referrers(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        subject: &Digest,
+        entry: &ReferrersEntry,
+    ) -> Result<(), IndexError> {
+        let v = serde_json::to_vec(entry).map_err(|e| IndexError::Corrupt {
+            key: format!("{upstream}/{repo} referrers of {subject}"),
+            message: e.to_string(),
+        })?;
+        let key = format!("{upstream}\0{repo}\0{}", subject.hex());
+        self.referrers.insert(key.as_bytes(), v)?;
         Ok(())
     }
 

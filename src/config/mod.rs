@@ -31,7 +31,7 @@ pub use store::{
 };
 pub use units::{parse_byte_size, parse_duration};
 pub use upstream::{
-    canonical_host, UpstreamConfig, DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL,
+    canonical_host, SignaturePolicy, UpstreamConfig, DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL,
     DEFAULT_REVALIDATE_TIMEOUT,
 };
 
@@ -542,6 +542,11 @@ mod tests {
         .unwrap();
         let u = &c.upstreams[0];
         assert_eq!(u.manifest_ttl, Duration::ZERO);
+        assert_eq!(
+            u.referrers_ttl,
+            Duration::ZERO,
+            "referrers_ttl follows manifest_ttl"
+        );
         assert_eq!(u.max_stale, Some(Duration::from_secs(86400)));
         assert_eq!(u.negative_ttl, Duration::from_secs(5));
         assert!(u.is_immutable("v1.2.3") && u.is_immutable("1.2.3"));
@@ -552,6 +557,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.upstreams[0].max_stale, None);
+        let c = Config::from_toml(
+            "[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\nreferrers_ttl = \"1h\"",
+        )
+        .unwrap();
+        assert_eq!(c.upstreams[0].referrers_ttl, Duration::from_secs(3600));
+        assert_eq!(c.upstreams[0].manifest_ttl, Duration::from_secs(300));
     }
 
     #[test]
@@ -559,11 +570,36 @@ mod tests {
         let up =
             |extra: &str| format!("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\n{extra}");
         assert!(err(&up("manifest_ttl = \"soon\"")).contains("upstreams[0].manifest_ttl"));
+        assert!(err(&up("referrers_ttl = \"soon\"")).contains("upstreams[0].referrers_ttl"));
         assert!(err(&up("max_stale = \"-1s\"")).contains("upstreams[0].max_stale"));
         assert!(err(&up("negative_ttl = \"x\"")).contains("upstreams[0].negative_ttl"));
         assert!(err(&up("revalidate_timeout = \"0\"")).contains("upstreams[0].revalidate_timeout"));
         let e = err(&up("immutable_tags = [\"^v\", \"(\"]"));
         assert!(e.contains("upstreams[0].immutable_tags[1]"), "{e}");
+    }
+
+    #[test]
+    fn require_signatures_needs_a_key_and_a_key_needs_it() {
+        let up =
+            |extra: &str| format!("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\n{extra}");
+        let c = Config::from_toml(&up("")).unwrap();
+        assert_eq!(c.upstreams[0].signatures, SignaturePolicy::None);
+        let c = Config::from_toml(&up(
+            "require_signatures = \"sigstore\"\nsignature_public_key = \"/k.pub\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.upstreams[0].signatures,
+            SignaturePolicy::Sigstore {
+                public_key: "/k.pub".into()
+            }
+        );
+        let e = err(&up("require_signatures = \"sigstore\""));
+        assert!(e.contains("upstreams[0].signature_public_key"), "{e}");
+        let e = err(&up("signature_public_key = \"/k.pub\""));
+        assert!(e.contains("upstreams[0].signature_public_key"), "{e}");
+        let e = err(&up("require_signatures = \"gpg\""));
+        assert!(e.contains("upstreams[0].require_signatures"), "{e}");
     }
 
     #[test]

@@ -140,12 +140,15 @@ pub(super) struct RawUpstream {
     pub(super) connect_timeout: Option<String>,
     pub(super) read_timeout: Option<String>,
     pub(super) manifest_ttl: Option<String>,
+    pub(super) referrers_ttl: Option<String>,
     pub(super) immutable_tags: Option<Vec<String>>,
     pub(super) max_stale: Option<String>,
     pub(super) negative_ttl: Option<String>,
     pub(super) revalidate_timeout: Option<String>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,
+    pub(super) require_signatures: Option<String>,
+    pub(super) signature_public_key: Option<String>,
 }
 
 impl RawUpstream {
@@ -160,12 +163,15 @@ impl RawUpstream {
             connect_timeout: None,
             read_timeout: None,
             manifest_ttl: None,
+            referrers_ttl: None,
             immutable_tags: None,
             max_stale: None,
             negative_ttl: None,
             revalidate_timeout: None,
             allow: None,
             deny: None,
+            require_signatures: None,
+            signature_public_key: None,
         }
     }
 }

@@ -27,6 +27,9 @@ pub struct UpstreamConfig {
     /// How long a tag answer is trusted without asking upstream (`manifest_ttl`, default 5m;
     /// zero = revalidate on every request).
     pub manifest_ttl: Duration,
+    /// How long a mirrored referrers answer (`/v2/<name>/referrers/<digest>`) is trusted
+    /// without asking upstream (`referrers_ttl`, default: this upstream's `manifest_ttl`).
+    pub referrers_ttl: Duration,
     /// Tags matching any of these patterns never change once cached (`immutable_tags`).
     pub immutable_tags: Vec<regex::Regex>,
     /// How long past its last successful check a tag may still be served when the upstream
@@ -39,6 +42,20 @@ pub struct UpstreamConfig {
     pub revalidate_timeout: Duration,
     /// `allow` / `deny` repository patterns (see [`crate::policy`]).
     pub policy: RepoPolicy,
+    /// What a manifest from this upstream must carry before it is cached
+    /// (`require_signatures` with `signature_public_key`).
+    pub signatures: SignaturePolicy,
+}
+
+/// `require_signatures`: whether manifests from an upstream must carry a verifying signature.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SignaturePolicy {
+    /// `"none"` (the default): nothing is checked.
+    #[default]
+    None,
+    /// `"sigstore"`: a sigstore signature (the `sha256-<hex>.sig` attachment skopeo, podman and
+    /// cosign write) verifying with a key of the PEM file `public_key`.
+    Sigstore { public_key: std::path::PathBuf },
 }
 
 /// A registry host name as routing compares it: trimmed, lowercase, and every name of Docker
@@ -96,6 +113,7 @@ struct Timing {
     connect_timeout: Duration,
     read_timeout: Duration,
     manifest_ttl: Duration,
+    referrers_ttl: Duration,
     negative_ttl: Duration,
     revalidate_timeout: Duration,
     max_stale: Option<Duration>,
@@ -112,6 +130,7 @@ fn upstream_config(
     let url = upstream_url(&u.url, &key("url"))?;
     let password = upstream_password(&u, &key, env)?;
     let timing = upstream_timing(&u, &key)?;
+    let signatures = signature_policy(&u, &key)?;
     let immutable_tags = immutable_tags(u.immutable_tags.unwrap_or_default(), &key)?;
     let policy = RepoPolicy {
         allow: policy_patterns(u.allow, &key("allow"))?,
@@ -125,12 +144,46 @@ fn upstream_config(
         connect_timeout: timing.connect_timeout,
         read_timeout: timing.read_timeout,
         manifest_ttl: timing.manifest_ttl,
+        referrers_ttl: timing.referrers_ttl,
         immutable_tags,
         max_stale: timing.max_stale,
         negative_ttl: timing.negative_ttl,
         revalidate_timeout: timing.revalidate_timeout,
         policy,
+        signatures,
     })
+}
+
+/// `require_signatures` (`"none"` or `"sigstore"`) and `signature_public_key`, which
+/// `"sigstore"` needs and which means nothing without it. The key file is read (and its keys
+/// checked) when the mirror starts.
+fn signature_policy(
+    u: &RawUpstream,
+    key: &impl Fn(&str) -> String,
+) -> Result<SignaturePolicy, ConfigError> {
+    let path = u
+        .signature_public_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty());
+    match (u.require_signatures.as_deref().map(str::trim), path) {
+        (None | Some("none"), None) => Ok(SignaturePolicy::None),
+        (None | Some("none"), Some(_)) => Err(invalid(
+            key("signature_public_key"),
+            "has no effect unless require_signatures = \"sigstore\"",
+        )),
+        (Some("sigstore"), Some(p)) => Ok(SignaturePolicy::Sigstore {
+            public_key: p.into(),
+        }),
+        (Some("sigstore"), None) => Err(invalid(
+            key("signature_public_key"),
+            "require_signatures = \"sigstore\" needs the PEM file of the public key",
+        )),
+        (Some(other), _) => Err(invalid(
+            key("require_signatures"),
+            format!("{other:?} is not \"sigstore\" or \"none\""),
+        )),
+    }
 }
 
 /// A registry host (`docker.io`, `registry.local:5000`), lowercased.
@@ -203,6 +256,10 @@ fn upstream_timing(u: &RawUpstream, key: &impl Fn(&str) -> String) -> Result<Tim
     let connect_timeout = duration(&u.connect_timeout, "10s", "connect_timeout")?;
     let read_timeout = duration(&u.read_timeout, "60s", "read_timeout")?;
     let manifest_ttl = duration(&u.manifest_ttl, DEFAULT_MANIFEST_TTL, "manifest_ttl")?;
+    let referrers_ttl = match &u.referrers_ttl {
+        Some(t) => parse_duration(t).map_err(|m| invalid(key("referrers_ttl"), m))?,
+        None => manifest_ttl,
+    };
     let negative_ttl = duration(&u.negative_ttl, DEFAULT_NEGATIVE_TTL, "negative_ttl")?;
     let revalidate_timeout = duration(
         &u.revalidate_timeout,
@@ -223,6 +280,7 @@ fn upstream_timing(u: &RawUpstream, key: &impl Fn(&str) -> String) -> Result<Tim
         connect_timeout,
         read_timeout,
         manifest_ttl,
+        referrers_ttl,
         negative_ttl,
         revalidate_timeout,
         max_stale,

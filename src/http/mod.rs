@@ -170,6 +170,8 @@ pub fn route_label(path: &str) -> &'static str {
         "manifests"
     } else if rest.contains("/blobs/") {
         "blobs"
+    } else if rest.contains("/referrers/") {
+        "referrers"
     } else {
         "other"
     }
@@ -541,15 +543,11 @@ async fn handle(
     let head = method == Method::HEAD;
     match endpoint {
         Endpoint::Base => Ok(json_response(b"{}".to_vec(), head, None)),
-        Endpoint::Catalog => catalog(mirror, hosted, caller.as_ref(), &req.uri, head),
+        Endpoint::Catalog => catalog(mirror, hosted, caller.as_ref(), &req.uri, head).await,
         Endpoint::Upload(..) => Err(not_pushable(hosted.is_some())),
-        // A 404 tells clients to fall back to the referrers tag schema, which works through
-        // the mirror as plain tags.
-        Endpoint::Referrers(..) => Err(RegistryError::new(
-            ErrorCode::NameUnknown,
-            "the referrers API is served for hosted repositories; use the sha256-<hex> tag",
-        )
-        .with_status(404)),
+        Endpoint::Referrers(name, digest) => {
+            mirrored_referrers(mirror, &name, &digest, ns, &req.uri, head).await
+        }
         Endpoint::Tags(name) => tags_list(mirror, &name, ns, &req.uri, head).await,
         Endpoint::Manifest(name, reference) => {
             let route = mirror.route(&name, ns)?;
@@ -710,20 +708,13 @@ async fn tags_list(
     let mut resp = json_response(body, head, Some(Outcome::Upstream));
     // Whenever there is more (also when only the upstream pages, by its default page
     // size), in the client's namespace: its prefix in the path, its `ns`, its `n`.
-    if let Some(next) = &list.next {
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        if let Some(n) = n {
-            q.append_pair("n", &n.to_string());
-        }
-        q.append_pair("last", next);
-        if let Some(ns) = ns {
-            q.append_pair("ns", ns);
-        }
-        let link = format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish());
-        if let Ok(v) = HeaderValue::from_str(&link) {
-            resp.headers_mut().insert(header::LINK, v);
-        }
-    }
+    link_next(
+        &mut resp,
+        &format!("/v2/{name}/tags/list"),
+        n,
+        list.next.as_deref(),
+        &[("ns", ns)],
+    );
     Ok(resp)
 }
 
@@ -950,7 +941,7 @@ fn pagination(uri: &http::Uri) -> Result<(Option<usize>, Option<String>), Regist
     Ok((n, params.get("last").map(str::to_string)))
 }
 
-fn catalog(
+async fn catalog(
     mirror: &Mirror,
     hosted: Option<&Hosted>,
     caller: Option<&auth::Caller>,
@@ -958,7 +949,7 @@ fn catalog(
     head: bool,
 ) -> Result<Response, RegistryError> {
     let (n, last) = pagination(uri)?;
-    let mut all = all_repositories(mirror, hosted)?;
+    let mut all = all_repositories(mirror, hosted).await?;
     if let Some(c) = caller {
         // Only what the caller may pull is listed.
         all.retain(|r| {
@@ -972,32 +963,143 @@ fn catalog(
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     let mut resp = json_response(body, head, Some(Outcome::Hit));
     if more {
-        link_next(&mut resp, "/v2/_catalog", page_asked.n, page.last());
+        link_next(
+            &mut resp,
+            "/v2/_catalog",
+            page_asked.n,
+            page.last().map(String::as_str),
+            &[],
+        );
     }
     Ok(resp)
 }
 
-/// `Link: <path?n=..&last=..>; rel="next"` on a page that has more after it.
-fn link_next(resp: &mut Response, path: &str, n: Option<usize>, last: Option<&String>) {
-    if let (Some(n), Some(l)) = (n, last) {
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
+/// `Link: <path?n=..&last=..&..>; rel="next"` on a page that has more after it: the client's
+/// `n` (when it gave one), `last` and the `extra` parameters it must keep (`ns`,
+/// `artifactType`). The one `Link` of every paged list.
+fn link_next(
+    resp: &mut Response,
+    path: &str,
+    n: Option<usize>,
+    last: Option<&str>,
+    extra: &[(&str, Option<&str>)],
+) {
+    let Some(l) = last else {
+        return;
+    };
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(n) = n {
         q.append_pair("n", &n.to_string());
-        q.append_pair("last", l);
-        let link = format!("<{path}?{}>; rel=\"next\"", q.finish());
-        if let Ok(v) = HeaderValue::from_str(&link) {
-            resp.headers_mut().insert(header::LINK, v);
+    }
+    q.append_pair("last", l);
+    for (k, v) in extra {
+        if let Some(v) = v {
+            q.append_pair(k, v);
         }
+    }
+    let link = format!("<{path}?{}>; rel=\"next\"", q.finish());
+    if let Ok(v) = HeaderValue::from_str(&link) {
+        resp.headers_mut().insert(header::LINK, v);
     }
 }
 
+/// Referrers answered per page: at most this many descriptors when the client gives no `n`.
+const REFERRERS_PAGE: usize = 1000;
+
+/// The referrers answer of `subject` in `name` (its whole list, sorted by digest, already
+/// filtered when `artifact_type` is given): one page of it as an image index, `n` and `last`
+/// (a digest) as tag lists take them, a `Link` while more remain, `OCI-Filters-Applied`
+/// exactly when the filter was applied. Hosted and mirrored answers both go through here.
+pub(crate) fn referrers_page(
+    name: &RepoName,
+    subject: &Digest,
+    manifests: Vec<serde_json::Value>,
+    artifact_type: Option<&str>,
+    uri: &http::Uri,
+    ns: Option<&str>,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    let (n, last) = pagination(uri)?;
+    let page = TagPage {
+        n: Some(n.unwrap_or(REFERRERS_PAGE)),
+        last,
+    };
+    fn key(d: &serde_json::Value) -> &str {
+        d.get("digest").and_then(|v| v.as_str()).unwrap_or("")
+    }
+    let (page_items, more) = crate::mirror::window(&manifests, key, &page);
+    let next = page_items.last().map(|d| key(d).to_owned());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": crate::oci::media::OCI_INDEX,
+        "manifests": page_items,
+    });
+    let body = serde_json::to_vec(&index)
+        .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
+    let mut resp = json_response(body, head, None);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::oci::media::OCI_INDEX),
+    );
+    if artifact_type.is_some() {
+        resp.headers_mut().insert(
+            "oci-filters-applied",
+            HeaderValue::from_static("artifactType"),
+        );
+    }
+    if more {
+        link_next(
+            &mut resp,
+            &format!("/v2/{name}/referrers/{subject}"),
+            n,
+            next.as_deref(),
+            &[("artifactType", artifact_type), ("ns", ns)],
+        );
+    }
+    Ok(resp)
+}
+
+/// `GET /v2/<name>/referrers/<digest>` of a mirrored name: the upstream's answer, cached.
+async fn mirrored_referrers(
+    mirror: &Mirror,
+    name: &RepoName,
+    subject: &Digest,
+    ns: Option<&str>,
+    uri: &http::Uri,
+    head: bool,
+) -> Result<Response, RegistryError> {
+    let route = mirror.route(name, ns)?;
+    let params = Params::of(uri).map_err(bad_query)?;
+    let artifact_type = params.get("artifactType").filter(|t| !t.is_empty());
+    // (`n` is checked before the upstream is asked.)
+    pagination(uri)?;
+    let answer = mirror.referrers(&route, subject, artifact_type).await?;
+    let mut resp = referrers_page(
+        name,
+        subject,
+        answer.manifests,
+        artifact_type,
+        uri,
+        ns,
+        head,
+    )?;
+    if let Some(w) = &answer.warning {
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{}\"", w.replace('"', "'"))) {
+            resp.headers_mut().insert(header::WARNING, v);
+        }
+    }
+    resp.extensions_mut().insert(answer.outcome);
+    Ok(resp)
+}
+
 /// Cached and hosted repository names, sorted, each once.
-fn all_repositories(
+async fn all_repositories(
     mirror: &Mirror,
     hosted: Option<&Hosted>,
 ) -> Result<Vec<String>, RegistryError> {
     let mut all = mirror.catalog()?;
     if let Some(h) = hosted {
-        all.extend(h.repositories()?);
+        all.extend(h.repositories().await?);
         all.sort();
         all.dedup();
     }
@@ -1025,7 +1127,7 @@ async fn search(
         );
     };
     let term = q.q.unwrap_or_default().to_ascii_lowercase();
-    let names = match all_repositories(&mirror, hosted.as_deref()) {
+    let names = match all_repositories(&mirror, hosted.as_deref()).await {
         Ok(n) => n,
         Err(e) => return error_response(&e, false),
     };
@@ -1078,6 +1180,7 @@ mod tests {
             ("/ui/", "console"),
             ("/ui/app.js", "console"),
             ("/uix", "other"),
+            ("/v2/library/alpine/referrers/sha256:00", "referrers"),
             ("/v2/library/alpine", "other"),
             ("/favicon.ico", "other"),
         ] {

@@ -124,7 +124,8 @@ pub(super) async fn handle(
         }
         HostedEndpoint::Session(name, id) => session(hosted, &name, &id, &q, &parts, body).await,
         HostedEndpoint::Referrers(name, digest) if method == Method::GET || head => {
-            referrers(hosted, &name, &digest, q.artifact_type.as_deref(), head)
+            let artifact_type = q.artifact_type.as_deref().filter(|t| !t.is_empty());
+            referrers(hosted, &name, &digest, artifact_type, &parts.uri, head).await
         }
         _ => Err(unsupported(method)),
     }
@@ -150,41 +151,30 @@ async fn tags(
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
     let mut resp = super::json_response(body, head, None);
     if more {
-        super::link_next(&mut resp, &format!("/v2/{name}/tags/list"), n, page.last());
+        super::link_next(
+            &mut resp,
+            &format!("/v2/{name}/tags/list"),
+            n,
+            page.last().map(String::as_str),
+            &[],
+        );
     }
     Ok(resp)
 }
 
 /// `GET /v2/<name>/referrers/<digest>`: an OCI index of the manifests whose subject is
 /// `<digest>` (empty when none), filtered by `artifactType` when asked (and then said in
-/// `OCI-Filters-Applied`).
-fn referrers(
+/// `OCI-Filters-Applied`), paged like tag lists.
+async fn referrers(
     hosted: &Hosted,
     name: &RepoName,
     subject: &Digest,
     artifact_type: Option<&str>,
+    uri: &http::Uri,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    let manifests = hosted.referrers(name, subject, artifact_type)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": crate::oci::media::OCI_INDEX,
-        "manifests": manifests,
-    });
-    let body = serde_json::to_vec(&index)
-        .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
-    let mut resp = super::json_response(body, head, None);
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(crate::oci::media::OCI_INDEX),
-    );
-    if artifact_type.is_some() {
-        resp.headers_mut().insert(
-            "oci-filters-applied",
-            HeaderValue::from_static("artifactType"),
-        );
-    }
-    Ok(resp)
+    let manifests = hosted.referrers(name, subject, artifact_type).await?;
+    super::referrers_page(name, subject, manifests, artifact_type, uri, None, head)
 }
 
 fn manifest_response(m: crate::hosted::StoredManifest, head: bool) -> Response {

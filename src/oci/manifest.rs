@@ -168,6 +168,33 @@ fn descriptor(d: &Value) -> Option<Descriptor> {
     })
 }
 
+/// The referrers-API descriptor of the manifest `bytes` (stored as `media_type`, addressed as
+/// `digest`) and the digest it refers to, when it has a `subject`: media type, digest, size,
+/// `artifactType` (else the config's media type) and its annotations.
+pub fn referrer_descriptor(
+    bytes: &[u8],
+    media_type: &str,
+    digest: &Digest,
+) -> Option<(Digest, Value)> {
+    let parsed = parse(bytes, Some(media_type)).ok()?;
+    let subject = parsed.subject?;
+    let mut d = serde_json::json!({
+        "mediaType": parsed.media_type,
+        "digest": digest.to_string(),
+        "size": bytes.len(),
+    });
+    if let Some(t) = &parsed.artifact_type {
+        d["artifactType"] = Value::from(t.as_str());
+    }
+    if let Some(a) = serde_json::from_slice::<Value>(bytes)
+        .ok()
+        .and_then(|v| v.get("annotations").cloned())
+    {
+        d["annotations"] = a;
+    }
+    Some((subject, d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

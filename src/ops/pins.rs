@@ -4,12 +4,17 @@
 //! of its manifest (children and blobs). Both commands end by applying the index's pins to the
 //! running budget, whatever happened to the references, so that eviction never ignores a pin the
 //! index records.
+//!
+//! Pinning an image pins the referrers the cache holds of it too (signatures, SBOMs,
+//! attestations, cosign's `sha256-<hex>.sig` tags; recursively), recorded under the image's
+//! reference: a signature check of a pinned image keeps passing after eviction ran.
 
 use std::io::Write;
 
 use crate::cache::index::unix_now;
 use crate::cache::{Cache, Pin};
 use crate::config::Config;
+use crate::mirror::referrers::cached_referrers;
 use crate::oci::{Digest, Reference};
 
 use super::{closure, parse_image_ref, resolve, ImageRef, OpsError};
@@ -88,6 +93,33 @@ fn pin_one(
         manifests.len(),
         blobs.len()
     );
+    pin_referrers(cache, &r, &manifests.into_iter().collect::<Vec<_>>(), out)
+}
+
+/// Pins the referrers the cache holds of an image (whose manifests are `roots`), recursively:
+/// under the image's own reference, so that unpinning the image unpins them too.
+fn pin_referrers(
+    cache: &Cache,
+    r: &ImageRef,
+    roots: &[Digest],
+    out: &mut dyn Write,
+) -> Result<(), OpsError> {
+    let referrers = cached_referrers(cache, &r.host, &r.repo, roots)?;
+    for c in &referrers {
+        cache.index().put_pin(
+            &c.digest,
+            &Pin {
+                reference: r.to_string(),
+                pinned: unix_now(),
+            },
+        )?;
+        let named = c
+            .tag
+            .as_ref()
+            .map(|t| format!(" ({t})"))
+            .unwrap_or_default();
+        let _ = writeln!(out, "  pinned its referrer {}{named}", c.digest);
+    }
     Ok(())
 }
 

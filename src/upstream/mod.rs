@@ -4,6 +4,7 @@
 //! Docker Hub `ratelimit-limit` / `ratelimit-remaining` it was sent ([`Upstream::ratelimit`]).
 
 pub mod auth;
+pub mod referrers;
 pub mod route;
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use crate::oci::{Digest, ErrorCode, RegistryError, RepoName};
 use crate::stream::BlobBody;
 use auth::{Challenge, Secret, TokenCache};
 
+pub use referrers::{ReferrersSource, UpstreamReferrers};
 pub use route::{Route, Router};
 
 /// Largest manifest accepted from upstream (containerd's limit is ~4 MiB).

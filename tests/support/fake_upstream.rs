@@ -31,6 +31,11 @@
 //! [`FakeUpstream::blob_gets`] lists the `GET`s of a blob with their `Range` headers.
 //! [`FakeUpstream::push_manifest_faults`] does the same for manifest `GET`s (cut / stall / status).
 //!
+//! The OCI 1.1 referrers API (`/v2/<name>/referrers/<digest>`, computed from the registered
+//! manifests' `subject`, never filtered, paged with [`FakeUpstream::page_referrers`]) is served
+//! only with [`FakeUpstreamBuilder::referrers_api`]; without it the path is a 404, as on
+//! registries that have none.
+//!
 //! Other registries' quirks: [`FakeUpstreamBuilder::not_found_code`] answers missing manifests and
 //! blobs with a non-standard error code (Harbor's `NOT_FOUND`), and
 //! [`FakeUpstream::revoke_tokens_after`] makes tokens stop working early (key rotation,
@@ -150,6 +155,7 @@ pub struct FakeUpstreamBuilder {
     credentials: Option<(String, String)>,
     redirect_blobs: bool,
     not_found_code: Option<String>,
+    referrers_api: bool,
 }
 
 impl FakeUpstreamBuilder {
@@ -177,6 +183,12 @@ impl FakeUpstreamBuilder {
     /// / `BLOB_UNKNOWN` (Harbor answers `{"errors":[{"code":"NOT_FOUND"}]}`).
     pub fn not_found_code(mut self, code: &str) -> Self {
         self.not_found_code = Some(code.to_owned());
+        self
+    }
+
+    /// Serve the OCI 1.1 referrers API (else its path is a 404, as on registries without it).
+    pub fn referrers_api(mut self) -> Self {
+        self.referrers_api = true;
         self
     }
 
@@ -243,6 +255,8 @@ struct Hooks {
     tag_page: Mutex<Option<usize>>,
     /// Blob digests served without `Content-Length` (see [`FakeUpstream::serve_chunked`]).
     chunked: Mutex<HashSet<String>>,
+    /// Page size of referrers answers (see [`FakeUpstream::page_referrers`]).
+    referrer_page: Mutex<Option<usize>>,
 }
 
 impl Shared {
@@ -500,6 +514,31 @@ impl FakeUpstream {
         *lock(&self.shared.hooks.tag_page) = Some(n);
     }
 
+    /// From now on referrers answers hold at most `n` descriptors, with `Link: </v2/<name>/
+    /// referrers/<digest>?last=..>; rel="next"` while more remain.
+    pub fn page_referrers(&self, n: usize) {
+        *lock(&self.shared.hooks.referrer_page) = Some(n);
+    }
+
+    /// Forgets a manifest registered by digest (and every tag pointing at it).
+    pub fn remove_manifest(&self, repo: &str, digest: &str) {
+        self.with_repo(repo, |r| {
+            let Some(m) = r.manifests.remove(digest) else {
+                return;
+            };
+            let tags: Vec<String> = r
+                .manifests
+                .iter()
+                .filter(|(k, v)| !k.starts_with("sha256:") && v.bytes == m.bytes)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for t in tags {
+                r.manifests.remove(&t);
+                r.tags.remove(&t);
+            }
+        });
+    }
+
     /// From now on `GET`s of `digest` answer without `Content-Length` (chunked transfer
     /// encoding): the size is unknown until the body ends. Combines with [`Fault`]s.
     pub fn serve_chunked(&self, digest: &str) {
@@ -735,6 +774,9 @@ async fn registry_handler(State(state): State<Arc<Shared>>, req: Request) -> Res
 
     match (kind, last) {
         ("tags", "list") if method == Method::GET => tags_list(&state, repo),
+        ("referrers", digest) if method == Method::GET && state.options.referrers_api => {
+            referrers(&state, repo, digest, req.uri().query())
+        }
         ("manifests", reference) if method == Method::GET || head => {
             manifest(&state, repo, reference, head)
         }
@@ -933,6 +975,79 @@ fn tags_list(state: &Shared, repo: &str) -> Response {
     tags.sort();
     let body = serde_json::json!({ "name": repo, "tags": tags });
     json(StatusCode::OK, &body.to_string())
+}
+
+/// The referrers of `subject`: every registered manifest whose `subject` names it, sorted by
+/// digest, after `last`, at most the page size (with a `Link` while more remain).
+fn referrers(state: &Shared, repo: &str, subject: &str, query: Option<&str>) -> Response {
+    let mut list: Vec<serde_json::Value> = {
+        let content = state.content();
+        let Some(r) = content.repos.get(repo) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                "NAME_UNKNOWN",
+                "no such repository",
+                false,
+            );
+        };
+        r.manifests
+            .iter()
+            .filter(|(k, _)| k.starts_with("sha256:"))
+            .filter_map(|(digest, m)| {
+                let v: serde_json::Value = serde_json::from_slice(&m.bytes).ok()?;
+                if v["subject"]["digest"].as_str() != Some(subject) {
+                    return None;
+                }
+                let mut d = serde_json::json!({
+                    "mediaType": m.media_type,
+                    "digest": digest,
+                    "size": m.bytes.len(),
+                });
+                let t = v["artifactType"]
+                    .as_str()
+                    .or(v["config"]["mediaType"].as_str());
+                if let Some(t) = t {
+                    d["artifactType"] = t.into();
+                }
+                if let Some(a) = v.get("annotations") {
+                    d["annotations"] = a.clone();
+                }
+                Some(d)
+            })
+            .collect()
+    };
+    list.sort_by(|a, b| a["digest"].as_str().cmp(&b["digest"].as_str()));
+    let last = query_params(query)
+        .into_iter()
+        .find(|(k, _)| k == "last")
+        .map(|(_, v)| v);
+    if let Some(l) = last {
+        list.retain(|d| d["digest"].as_str().is_some_and(|x| x > l.as_str()));
+    }
+    let page = *lock(&state.hooks.referrer_page);
+    let mut link = None;
+    if let Some(n) = page.filter(|n| list.len() > *n) {
+        list.truncate(n);
+        let l = list.last().and_then(|d| d["digest"].as_str()).unwrap_or("");
+        link = Some(format!(
+            "</v2/{repo}/referrers/{subject}?last={l}>; rel=\"next\""
+        ));
+    }
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": list,
+    });
+    let mut resp = respond(
+        StatusCode::OK,
+        "application/vnd.oci.image.index.v1+json",
+        Bytes::from(body.to_string()),
+        false,
+    );
+    if let Some(l) = link.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        resp.headers_mut().insert(header::LINK, l);
+    }
+    resp
 }
 
 /// A 404 with `code`, or the code the fake was told to use instead (Harbor's `NOT_FOUND`).
