@@ -73,6 +73,11 @@
 //!   Docker-typed images get an OCI-typed copy beside them) and `import` of one (every blob
 //!   verified first, images made visible whole, hosted ones into hosted storage, idempotent). `offline = true` / `serve --offline` lives in
 //!   [`mirror`].
+//! - [`console`] — the web console: per-repository statistics, sizes, fills, upstreams and the
+//!   eviction preview as JSON under `/api/v1/`, pin / unpin / purge actions (marked with
+//!   `X-Requested-With: stowage`, allowed by `[auth]` rules or `[console]`), and the page at
+//!   `/ui/` (plain HTML / CSS / JS embedded in the binary) that uses only that API. The edge
+//!   mounts its router and hands it the caller.
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), blob
 //!   `Range` parsing (`http::range`, 206/416), the one place errors become responses,
 //!   per-request observability (request id, request metrics, cache hit / miss counters, the log
@@ -113,7 +118,8 @@
 //! | `hosted` | `oci`, `stream`, `metrics`, `policy`, `config`, `store` |
 //! | `ops` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted` |
 //! | `airgap` | `oci`, `stream`, `metrics`, `config`, `upstream`, `cache`, `mirror`, `hosted`, `ops` |
-//! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror`, `hosted` |
+//! | `console` | `oci`, `config`, `cache`, `mirror`, `hosted`, `ops` |
+//! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror`, `hosted`, `console` |
 //! | `admin` | `oci`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `airgap` |
 //! | `server` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `http`, `admin` |
 //!
@@ -128,6 +134,7 @@ pub mod admin;
 pub mod airgap;
 pub mod cache;
 pub mod config;
+pub mod console;
 pub mod fleet;
 pub mod hosted;
 pub mod http;

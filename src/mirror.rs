@@ -31,7 +31,9 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::cache::index::{unix_now_ms, TagVariant};
-use crate::cache::{BlobSource, Cache, CachedBlob, Fill, FillPolicy, StoredManifest, TagEntry};
+use crate::cache::{
+    BlobSource, Cache, CachedBlob, Fill, FillPolicy, StoredManifest, TagEntry, Tally,
+};
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::oci::media::{self, Accept};
@@ -251,15 +253,25 @@ struct UpstreamSource {
     upstream: Arc<Upstream>,
     repo: RepoName,
     digest: Digest,
+    /// Counts the bytes fetched for the repository (the console's statistics).
+    tally: Tally,
 }
 
 impl BlobSource for UpstreamSource {
     fn open(&self, offset: u64) -> BoxFuture<'_, Result<BlobBody, RegistryError>> {
         Box::pin(async move {
-            self.upstream
+            let mut body = self
+                .upstream
                 .get_blob(&self.repo, &self.digest, offset)
                 .await
-                .map_err(|e| e.to_registry_error(ErrorCode::BlobUnknown))
+                .map_err(|e| e.to_registry_error(ErrorCode::BlobUnknown))?;
+            let tally = self.tally.clone();
+            body.stream = Box::pin(futures_util::StreamExt::inspect(body.stream, move |c| {
+                if let Ok(b) = c {
+                    tally.fetched(b.len() as u64);
+                }
+            }));
+            Ok(body)
         })
     }
 
@@ -932,11 +944,14 @@ impl Mirror {
         route: &Route,
         digest: &Digest,
     ) -> Result<(Arc<Fill>, bool), RegistryError> {
+        let key = (route.host().to_owned(), route.repo.to_string());
         let upstream = || -> Box<dyn BlobSource> {
+            self.cache.activity().fill_for(digest.hex(), &key);
             Box::new(UpstreamSource {
                 upstream: route.upstream.clone(),
                 repo: route.repo.clone(),
                 digest: digest.clone(),
+                tally: self.cache.activity().tally(&key),
             })
         };
         match &self.fleet {

@@ -7,7 +7,8 @@
 //! and pulls them back, or through the mirror from a real upstream; the signatures it pulled
 //! are verified here as its `sigstoreSigned` policy would. With
 //! `require_signatures = "sigstore"` stowage itself refuses unsigned, foreign-signed and
-//! misnamed manifests (403 DENIED, counted) before caching them.
+//! misnamed manifests (403 DENIED, counted) before caching them; and signatures carried by
+//! `prefetch` / `export --with-referrers` → `import` still verify from an offline stowage.
 
 mod support;
 
@@ -19,7 +20,7 @@ use support::clients::{registries_conf, ContainersEnv};
 use support::images::{self, Blob, Format, Image, ImageIndex, Manifest};
 use support::registry::Registry;
 use support::scrape::Scrape;
-use support::stowage::{Stowage, UpstreamSpec};
+use support::stowage::{command_ok, Stowage, UpstreamSpec};
 use support::{http, manifest_accept, sha256_digest};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -347,29 +348,41 @@ fn gated_world(key: &Key, other: &Key) -> (Registry, Stowage) {
         "docker.io/library/elsewhere:1",
         key,
     );
-    for name in ["library/multi", "library/partial"] {
-        let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[2000]);
-        let children: Vec<String> = index
-            .children
-            .iter()
-            .map(|c| c.manifest.digest.clone())
-            .collect();
-        let p = images::push(&url, name, "1", index);
-        let identity = format!("docker.io/{name}:1");
-        sign(&url, name, p.digest(), &identity, key);
-        if name == "library/multi" {
-            for child in &children {
-                sign(&url, name, child, &identity, key);
-            }
-        }
-    }
+    signed_index(&url, "library/multi", key, true);
+    signed_index(&url, "library/partial", key, false);
     let stowage = Stowage::builder()
-        .upstream(UpstreamSpec::new("docker.io", &url).with_extra(&format!(
-            "require_signatures = \"sigstore\"\nsignature_public_key = {:?}\n",
-            key.public.display().to_string()
-        )))
+        .upstream(UpstreamSpec::new("docker.io", &url).with_extra(&require_signatures(key)))
         .start();
     (upstream, stowage)
+}
+
+/// Pushes a two-platform index (amd64, arm64) as `name:1` to the registry at `url` and signs it
+/// for `docker.io/<name>:1`, and each platform manifest too when `children`; returns the
+/// platform manifests' digests.
+fn signed_index(url: &str, name: &str, key: &Key, children: bool) -> Vec<String> {
+    let index = ImageIndex::build(Format::Oci, &["amd64", "arm64"], &[2000]);
+    let platforms: Vec<String> = index
+        .children
+        .iter()
+        .map(|c| c.manifest.digest.clone())
+        .collect();
+    let p = images::push(url, name, "1", index);
+    let identity = format!("docker.io/{name}:1");
+    sign(url, name, p.digest(), &identity, key);
+    if children {
+        for child in &platforms {
+            sign(url, name, child, &identity, key);
+        }
+    }
+    platforms
+}
+
+/// The `[[upstreams]]` lines that gate on sigstore signatures by `key`.
+fn require_signatures(key: &Key) -> String {
+    format!(
+        "require_signatures = \"sigstore\"\nsignature_public_key = {:?}\n",
+        key.public.display().to_string()
+    )
 }
 
 #[test]
@@ -465,4 +478,101 @@ fn a_key_file_without_a_usable_key_stops_startup() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("signature_public_key"), "{stderr}");
+}
+
+/// The air gap: a signed image and a signed two-platform index, prefetched and exported with
+/// their signatures from a mirror that requires them, imported into a fresh stowage and served
+/// offline — skopeo pulls them with signatures that still verify. `library/bare`, signed
+/// upstream but exported without `--with-referrers`, comes across with no signature. The far
+/// side is served once as a plain offline mirror and once with `require_signatures` configured
+/// too: imported content is served as it is, never checked (the gate is on the way in from an
+/// upstream, and an offline mirror has none).
+#[test]
+fn signatures_cross_the_air_gap_and_still_verify() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = new_key(keys.path(), "cosign");
+    let mut upstream = signed_upstream(&key);
+    let url = upstream.url();
+    let platforms = signed_index(&url, "library/multi", &key, true);
+    let bare = images::push(
+        &url,
+        "library/bare",
+        "1",
+        Image::build(Format::Oci, &[2500]),
+    );
+    sign(
+        &url,
+        "library/bare",
+        bare.digest(),
+        "docker.io/library/bare:1",
+        &key,
+    );
+    let gate = require_signatures(&key);
+    let connected = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &url).with_extra(&gate))
+        .start();
+    let (signed, multi) = ("docker.io/library/signed:1", "docker.io/library/multi:1");
+    let bare_ref = "docker.io/library/bare:1";
+    command_ok(
+        &connected,
+        &["prefetch", "--with-referrers", signed, multi, bare_ref],
+    );
+    let carried = connected.dir().join("signed.tar");
+    let out = command_ok(
+        &connected,
+        &[
+            "export",
+            "--with-referrers",
+            "-o",
+            carried.to_str().unwrap(),
+            signed,
+            multi,
+        ],
+    );
+    assert!(!out.contains("skipped"), "{out}");
+    let dropped = connected.dir().join("bare.tar");
+    command_ok(
+        &connected,
+        &["export", "-o", dropped.to_str().unwrap(), bare_ref],
+    );
+    // Nothing on the far side can reach the upstream.
+    upstream.stop();
+
+    for far_gate in ["", gate.as_str()] {
+        let offline = Stowage::builder()
+            .upstream(UpstreamSpec::new("docker.io", &url).with_extra(far_gate))
+            .arg("--offline")
+            .start();
+        for bundle in [&carried, &dropped] {
+            command_ok(&offline, &["import", bundle.to_str().unwrap()]);
+        }
+        let env = clients(&registries_conf(&offline, &[]));
+        let case = if far_gate.is_empty() {
+            "offline"
+        } else {
+            "offline with require_signatures"
+        };
+
+        let pulled = pull(&env, &format!("docker://{signed}"));
+        assert_eq!(verified_identities(&pulled, &key), [signed], "{case}");
+        // skopeo picks the host's platform (linux/amd64, prefetch's default) and checks its
+        // own signature.
+        let pulled = pull(&env, &format!("docker://{multi}"));
+        assert_eq!(pulled.digest, platforms[0], "{case}");
+        assert_eq!(verified_identities(&pulled, &key), [multi], "{case}");
+        let other = new_key(keys.path(), "other");
+        assert!(verified_identities(&pulled, &other).is_empty(), "{case}");
+
+        let pulled = pull(&env, &format!("docker://{bare_ref}"));
+        assert_eq!(pulled.digest, bare.digest(), "{case}");
+        assert!(
+            pulled.signatures.is_empty(),
+            "{case}: exported without --with-referrers, so no signature came across"
+        );
+        if !far_gate.is_empty() {
+            for result in ["verified", "refused", "error"] {
+                assert_eq!(checks(&offline, result), 0.0, "{case}: {result}");
+            }
+        }
+    }
 }

@@ -102,6 +102,7 @@ impl State {
 }
 
 /// A victim chosen by eviction: delete its index entry and file.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Victim {
     pub hex: String,
     pub size: u64,
@@ -394,23 +395,7 @@ impl Budget {
         if s.used() <= target {
             return 0;
         }
-        let mut victims = Vec::new();
-        let mut projected = s.used();
-        for (_, hex) in s.order.iter() {
-            if projected <= target {
-                break;
-            }
-            if s.pinned.contains(hex) || s.readers.contains_key(hex) || ev.held_by_fill(hex) {
-                continue;
-            }
-            let size = s.blobs.get(hex).map(|e| e.size).unwrap_or(0);
-            projected = projected.saturating_sub(size);
-            victims.push(Victim {
-                hex: hex.clone(),
-                size,
-            });
-        }
-        for v in victims {
+        for v in victims_locked(s, target, ev) {
             match ev.delete(&v) {
                 Ok(()) => {
                     if let Some(e) = s.blobs.remove(&v.hex) {
@@ -431,6 +416,20 @@ impl Budget {
         }
         s.publish_gauges();
         freed
+    }
+
+    /// What eviction would remove, in order, to free `bytes` now: the same choice
+    /// [`Budget::reserve`] makes (least recently used first; pinned, leased and filling blobs
+    /// skipped), without removing anything. Fewer bytes than asked when not enough is evictable.
+    pub fn eviction_preview(&self, bytes: u64, ev: &dyn Evictor) -> Vec<Victim> {
+        let s = self.lock();
+        let target = s.used().saturating_sub(bytes);
+        victims_locked(&s, target, ev)
+    }
+
+    /// A committed blob's size, if the budget accounts it.
+    pub fn blob_size(&self, hex: &str) -> Option<u64> {
+        self.lock().blobs.get(hex).map(|e| e.size)
     }
 
     /// Blobs in least-recently-used-first order with their ticks (for tests and `ls`).
@@ -463,6 +462,28 @@ impl Budget {
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The blobs to evict, in order, until `used <= target`: least recently used first, skipping
+/// pinned ones, leased ones and those a fill's readers still hold.
+fn victims_locked(s: &State, target: u64, ev: &dyn Evictor) -> Vec<Victim> {
+    let mut victims = Vec::new();
+    let mut projected = s.used();
+    for (_, hex) in s.order.iter() {
+        if projected <= target {
+            break;
+        }
+        if s.pinned.contains(hex) || s.readers.contains_key(hex) || ev.held_by_fill(hex) {
+            continue;
+        }
+        let size = s.blobs.get(hex).map(|e| e.size).unwrap_or(0);
+        projected = projected.saturating_sub(size);
+        victims.push(Victim {
+            hex: hex.clone(),
+            size,
+        });
+    }
+    victims
 }
 
 /// Bytes of blobs that eviction may remove now (not pinned, leased or held by a fill).

@@ -56,6 +56,18 @@ pub struct Config {
     pub offline: bool,
     /// Hosted repositories (`[hosted]`); `None`: every name is mirrored and pushes get 405.
     pub hosted: Option<HostedConfig>,
+    /// `[console]`: who may act through the console's API and page.
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: the web console at `/ui/` and its API under `/api/v1/`.
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleConfig {
+    /// htpasswd users who may pin, unpin and purge, beside those `[[auth.access]]` grants
+    /// `delete`.
+    pub admins: Vec<String>,
+    /// Without `[auth]`: whether anyone may pin, unpin and purge (default: nobody may).
+    pub allow_actions_without_auth: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -204,6 +216,10 @@ impl Config {
             auth: auth_config(raw.auth)?,
             offline: raw.offline.unwrap_or(false),
             hosted,
+            console: ConsoleConfig {
+                admins: raw.console.admins.unwrap_or_default(),
+                allow_actions_without_auth: raw.console.allow_actions_without_auth.unwrap_or(false),
+            },
         })
     }
 }

@@ -22,6 +22,15 @@ pub(super) struct RawConfig {
     pub(super) auth: RawAuth,
     pub(super) offline: Option<bool>,
     pub(super) hosted: Option<RawHosted>,
+    #[serde(default)]
+    pub(super) console: RawConsole,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConsole {
+    pub(super) admins: Option<Vec<String>>,
+    pub(super) allow_actions_without_auth: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,6 +260,7 @@ mod tests {
             ("auth", fields::<RawAuth>()),
             ("auth.access", fields::<RawAccess>()),
             ("hosted", fields::<RawHosted>()),
+            ("console", fields::<RawConsole>()),
         ]
     }
 

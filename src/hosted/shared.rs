@@ -17,7 +17,10 @@
 //!   link is skipped);
 //! - `hosted/_gc/candidates/<key without hosted/>`: the shared collector found that object
 //!   unreferenced at this time (seconds); a push naming the object removes the record
-//!   (`super::shared_gc`).
+//!   (`super::shared_gc`);
+//! - `hosted/_gc/removing/<key without hosted/>`: the collector is about to delete that object
+//!   (written before its last check of the candidate record, removed once it is done); a push
+//!   that removed a candidate record waits for such a record to go before it checks anything.
 //!
 //! Repository components never start with `_` and tags never start with `.`, so these keys
 //! cannot collide and pass the store's key rules. Every call but a blob's transfer is bounded by
@@ -81,6 +84,18 @@ pub(super) fn candidate_key(key: &str) -> String {
 
 /// The prefix of the collector's candidate records.
 pub(super) const CANDIDATES: &str = "hosted/_gc/candidates/";
+
+/// The prefix of the collector's removal records.
+pub(super) const REMOVING: &str = "hosted/_gc/removing/";
+
+/// Where the collector says it is about to delete `key`.
+pub(super) fn removing_key(key: &str) -> String {
+    format!("{REMOVING}{}", key.strip_prefix("hosted/").unwrap_or(key))
+}
+
+/// The longest a collector may take from writing a removal record to sending its delete; past
+/// it, the collector gives up on that object and a waiting push stops waiting.
+pub(super) const REMOVAL_WINDOW: Duration = Duration::from_secs(20);
 
 /// The keys a push of a blob into `repo` makes referenced.
 pub(super) fn blob_keys(repo: &RepoName, digest: &Digest) -> [String; 2] {
@@ -439,18 +454,52 @@ impl SharedHosted {
         Ok(out)
     }
 
-    /// Removes the collector's records of `keys` (a push is about to reference them), with one
-    /// listing of the records: there are none unless a collection found garbage lately.
+    /// Takes `keys` back from the collector before a push references them: removes their
+    /// candidate records, then waits out any removal of them in progress, so that the push's own
+    /// checks see whether the objects survived. Against the collector's order (removal record,
+    /// candidate check, delete), this order (candidate removal, removal check) means that of the
+    /// two, at least one sees the other: the collector keeps the object, or the push sees it
+    /// gone and is refused. One listing when the collector has nothing of these keys.
     pub async fn clear_candidates(&self, keys: &[String]) -> Result<(), RegistryError> {
-        let listed = self.list(CANDIDATES).await?;
-        if listed.is_empty() {
+        let listed = self.list("hosted/_gc/").await?;
+        let candidates: std::collections::HashSet<String> =
+            keys.iter().map(|k| candidate_key(k)).collect();
+        let removals: std::collections::HashSet<String> =
+            keys.iter().map(|k| removing_key(k)).collect();
+        let ours = |o: &&ObjectInfo| candidates.contains(&o.key) || removals.contains(&o.key);
+        if !listed.iter().any(|o| ours(&o)) {
             return Ok(());
         }
-        let wanted: std::collections::HashSet<String> =
-            keys.iter().map(|k| candidate_key(k)).collect();
-        for o in listed.iter().filter(|o| wanted.contains(&o.key)) {
+        for o in listed.iter().filter(|o| candidates.contains(&o.key)) {
             self.delete(&o.key).await?;
         }
-        Ok(())
+        self.await_removals(&removals).await
+    }
+
+    /// Waits until no removal record of `removals` is left. A collector past its window has
+    /// given up (or stopped): its record is dropped.
+    async fn await_removals(
+        &self,
+        removals: &std::collections::HashSet<String>,
+    ) -> Result<(), RegistryError> {
+        let deadline = tokio::time::Instant::now() + REMOVAL_WINDOW + 2 * self.timeout;
+        loop {
+            let pending: Vec<ObjectInfo> = self
+                .list(REMOVING)
+                .await?
+                .into_iter()
+                .filter(|o| removals.contains(&o.key))
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for o in &pending {
+                    self.delete(&o.key).await?;
+                }
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

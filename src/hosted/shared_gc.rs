@@ -11,10 +11,14 @@
 //! at least the grace period (`hosted.upload_timeout`) after the record, if it is still
 //! unreferenced and its record is still there. Every push that references an object (a blob
 //! upload, mount, adoption or import; a manifest push, for the manifest itself, its blobs and
-//! its children) removes the records of those objects before it checks or writes anything, so a
-//! push that completed before a run's last check of a record is never undone. What remains: a
-//! push whose record removal falls between the collector's last read of that record and its
-//! delete of the object (one store round trip) can lose that object; `docs/fleet.md` says so.
+//! its children) removes the records of those objects before it checks or writes anything.
+//! The last step is a handshake: the collector writes a removal record, then re-reads the
+//! candidate record, then deletes; a push removes the candidate record, then waits while a
+//! removal record of its objects exists, then checks that they exist. Whatever the
+//! interleaving, the collector sees the push's removal (and keeps the object) or the push sees
+//! the collector's removal (and then finds the object gone and is refused): an acknowledged
+//! push never loses an object. A collector slower than `REMOVAL_WINDOW` between its removal
+//! record and its delete gives up on that object.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -23,7 +27,9 @@ use crate::oci::manifest::{self, Parsed};
 use crate::oci::{Digest, RegistryError, RepoName};
 
 use super::gc::{mark, Repo};
-use super::shared::{candidate_key, SharedHosted, CANDIDATES};
+use super::shared::{
+    candidate_key, removing_key, SharedHosted, CANDIDATES, REMOVAL_WINDOW, REMOVING,
+};
 use super::{now_secs, Hosted};
 
 /// What a collection of the shared store did (or, dry, would do).
@@ -107,14 +113,28 @@ impl Hosted {
                 }
             }
         }
-        // Records of objects referenced again (or gone): dropped.
-        for key in recorded.keys().filter(|k| !live.contains(*k)) {
-            if !dry_run {
+        if !dry_run {
+            // Records of objects referenced again (or gone), and removal records a stopped
+            // collector left behind: dropped.
+            for key in recorded.keys().filter(|k| !live.contains(*k)) {
                 shared.delete(key).await?;
             }
+            drop_stale_removals(shared, now).await?;
         }
         Ok(report)
     }
+}
+
+/// Removes removal records older than ten windows: their collector stopped before its delete.
+async fn drop_stale_removals(shared: &SharedHosted, now: u64) -> Result<(), RegistryError> {
+    let stale = now.saturating_sub(10 * REMOVAL_WINDOW.as_secs());
+    for o in shared.list(REMOVING).await? {
+        let at: Option<u64> = shared.get_text(&o.key).await?.and_then(|t| t.parse().ok());
+        if at.is_none_or(|at| at < stale) {
+            shared.delete(&o.key).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes the referrer record a linked manifest with a subject lacks (pushed before such records
@@ -163,14 +183,20 @@ fn count(report: &mut SharedGcReport, g: &Garbage) {
 }
 
 /// Removes one unreferenced object whose record is older than the grace period, unless a push
-/// removed the record meanwhile (checked last, right before the delete). Whether it went.
+/// removed the record meanwhile (checked after the removal record is written: see the module
+/// docs). Whether it went.
 async fn remove(
     shared: &SharedHosted,
     loaded: &Loaded,
     g: &Garbage,
     record: &str,
 ) -> Result<bool, RegistryError> {
-    if shared.get_text(record).await?.is_none() {
+    let removing = removing_key(&g.key);
+    let started = std::time::Instant::now();
+    shared.put_text(&removing, now_secs().to_string()).await?;
+    let claimed = shared.get_text(record).await?.is_none();
+    if claimed || started.elapsed() >= REMOVAL_WINDOW {
+        shared.delete(&removing).await?;
         return Ok(false);
     }
     shared.delete(&g.key).await?;
@@ -185,6 +211,7 @@ async fn remove(
         }
     }
     shared.delete(record).await?;
+    shared.delete(&removing).await?;
     Ok(true)
 }
 

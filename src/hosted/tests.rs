@@ -371,3 +371,35 @@ async fn shared_gc_records_first_removes_later_and_a_push_saves_a_candidate() {
     let found = b.referrers(&repo, &tagged, None).await.unwrap();
     assert_eq!(found[0]["digest"], sig_digest.to_string());
 }
+
+#[tokio::test]
+async fn a_push_waits_out_a_removal_in_progress_then_sees_what_is_left() {
+    let store = tempfile::tempdir().unwrap();
+    let (_da, a, _db, b) = shared_pair(store.path());
+    let repo: RepoName = "team/app".parse().unwrap();
+    let blob = push_blob(&a, &repo, b"layer").await;
+    // The collector is between its removal record and its delete of the blob.
+    let removing = store
+        .path()
+        .join(format!("hosted/_gc/removing/blobs/sha256/{}", blob.hex()));
+    std::fs::create_dir_all(removing.parent().unwrap()).unwrap();
+    std::fs::write(&removing, "0").unwrap();
+    let asked = blob.clone();
+    let head = tokio::spawn(async move {
+        let size = b.blob_size(&repo, &asked).await;
+        (b, size)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!head.is_finished(), "the HEAD did not wait for the removal");
+    // The collector deletes the blob, then its record: the HEAD then finds it gone.
+    let object = store
+        .path()
+        .join(format!("hosted/blobs/sha256/{}", blob.hex()));
+    std::fs::remove_file(&object).unwrap();
+    std::fs::remove_file(&removing).unwrap();
+    let (_b, size) = tokio::time::timeout(Duration::from_secs(30), head)
+        .await
+        .expect("the HEAD stops waiting once the record is gone")
+        .unwrap();
+    assert_eq!(size.unwrap_err().code, ErrorCode::BlobUnknown);
+}
