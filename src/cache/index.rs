@@ -268,6 +268,52 @@ impl Index {
         })
     }
 
+    /// Blob records as (hex, size) in hex order; `None` size if the record is unreadable.
+    pub fn blob_sizes(
+        &self,
+    ) -> impl Iterator<Item = Result<(sled::IVec, Option<u64>), IndexError>> {
+        self.blobs.iter().map(|item| {
+            let (k, v) = item?;
+            let meta: Option<BlobMeta> = serde_json::from_slice(&v).ok();
+            Ok((k, meta.map(|m| m.size)))
+        })
+    }
+
+    /// Blob records whose hex starts with `prefix` (one fan-out directory's worth).
+    pub fn blobs_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> impl Iterator<Item = Result<(String, Option<BlobMeta>), IndexError>> {
+        self.blobs.scan_prefix(prefix.as_bytes()).map(|item| {
+            let (k, v) = item?;
+            Ok((
+                String::from_utf8_lossy(&k).into_owned(),
+                serde_json::from_slice(&v).ok(),
+            ))
+        })
+    }
+
+    /// Blob access records as (hex, tick), in hex order.
+    pub fn blob_ticks(&self) -> impl Iterator<Item = Result<(sled::IVec, u64), IndexError>> {
+        self.access.scan_prefix(b"b").filter_map(|item| match item {
+            Err(e) => Some(Err(e.into())),
+            Ok((k, v)) => {
+                let (tick, _) = decode_access(&v)?;
+                Some(Ok((k.subslice(1, k.len() - 1), tick)))
+            }
+        })
+    }
+
+    /// Ticks of the access records of manifests and tags (not blobs).
+    pub fn other_ticks(&self) -> impl Iterator<Item = Result<u64, IndexError>> {
+        let below = self.access.range::<&[u8], _>(..&b"b"[..]);
+        let above = self.access.range::<&[u8], _>(&b"c"[..]..);
+        below.chain(above).filter_map(|item| match item {
+            Err(e) => Some(Err(e.into())),
+            Ok((_, v)) => decode_access(&v).map(|(t, _)| Ok(t)),
+        })
+    }
+
     /// Removes a blob record by hex (startup reconcile, repair).
     pub fn remove_blob_hex(&self, hex: &str) -> Result<(), IndexError> {
         self.blobs.remove(hex.as_bytes())?;
