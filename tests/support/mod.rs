@@ -23,6 +23,7 @@ pub mod azurite;
 pub mod clients;
 pub mod fake_upstream;
 pub mod garage;
+pub mod gcs;
 pub mod images;
 pub mod nginx;
 pub mod reader;
