@@ -61,7 +61,11 @@ pub enum Request {
     Verify {
         repair: bool,
     },
-    Gc,
+    /// `dry_run`: hosted content is reported, nothing removed; the cache is not collected.
+    Gc {
+        #[serde(default)]
+        dry_run: bool,
+    },
     /// `output` is absolute (the client resolves it against its own working directory); a
     /// trailing `/` asks for a directory, as on the command line.
     Export {
@@ -111,10 +115,17 @@ pub fn execute(
             };
             Ok(cached && hosted_ok)
         }
-        Request::Gc => {
-            ops::gc(cache, config.storage.gc_max_age, out)?;
+        Request::Gc { dry_run } => {
+            if *dry_run {
+                let _ = writeln!(
+                    out,
+                    "gc --dry-run: reporting hosted content only; the cache is not collected"
+                );
+            } else {
+                ops::gc(cache, config.storage.gc_max_age, out)?;
+            }
             if let Some(h) = hosted {
-                ops::hosted::gc(h, out)?;
+                ops::hosted::gc(h, *dry_run, out)?;
             }
             Ok(true)
         }
@@ -219,18 +230,7 @@ async fn execute_in(
 /// rendering it with `display`. Returns whether it succeeded; `Err` only when it could not run.
 pub fn run_local(config: &Config, req: &Request, display: &mut Display) -> Result<bool, OpsError> {
     let Request::Prefetch(p) = req else {
-        let cache = Cache::open(&config.storage)?;
-        let hosted = match &config.hosted {
-            Some(settings) => Some(
-                Hosted::open(settings.clone(), &config.storage.path)
-                    .map_err(|e| OpsError::Usage(e.to_string()))?,
-            ),
-            None => None,
-        };
-        let out = &mut std::io::stdout().lock();
-        let result = execute(&cache, hosted.as_ref(), config, req, true, out);
-        cache.flush()?;
-        return result;
+        return run_local_command(config, req);
     };
     let mirror = Arc::new(Mirror::new(config.clone()).map_err(|e| match e {
         crate::Error::Cache(c) => OpsError::Cache(c),
@@ -262,6 +262,48 @@ pub fn run_local(config: &Config, req: &Request, display: &mut Display) -> Resul
         runtime.block_on(fleet.settle(std::time::Duration::from_secs(600)));
     }
     ended.ok_or_else(|| OpsError::Usage("prefetch stopped without a result".into()))
+}
+
+/// Runs a command other than `prefetch` in this process. Hosted operations reach async code
+/// through a runtime entered here ([`Hosted::wait`]); with a shared store and `[hosted]`, the
+/// store is opened as `serve` opens it, so hosted commands see the fleet's content.
+fn run_local_command(config: &Config, req: &Request) -> Result<bool, OpsError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| OpsError::Usage(format!("cannot start the runtime: {e}")))?;
+    let _entered = runtime.enter();
+    let mirror = match (&config.storage.shared, &config.hosted) {
+        (Some(_), Some(_)) => Some(Mirror::new(config.clone()).map_err(|e| match e {
+            crate::Error::Cache(c) => OpsError::Cache(c),
+            other => OpsError::Usage(other.to_string()),
+        })?),
+        _ => None,
+    };
+    let own_cache;
+    let cache = match &mirror {
+        Some(m) => &m.cache,
+        None => {
+            own_cache = Cache::open(&config.storage)?;
+            &own_cache
+        }
+    };
+    let hosted = match &config.hosted {
+        Some(settings) => {
+            let mut h = Hosted::open(settings.clone(), &config.storage.path)
+                .map_err(|e| OpsError::Usage(e.to_string()))?;
+            if let Some(fleet) = mirror.as_ref().and_then(|m| m.fleet.as_ref()) {
+                h = h.with_shared_store(fleet.store(), fleet.timeout());
+            }
+            Some(h)
+        }
+        None => None,
+    };
+    let out = &mut std::io::stdout().lock();
+    let result = execute(cache, hosted.as_ref(), config, req, true, out);
+    cache.flush()?;
+    result
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@
 //! - [`oci`] — protocol vocabulary, pure and unit-tested: [`oci::Digest`], [`oci::RepoName`],
 //!   [`oci::Reference`], media types and `Accept` negotiation, the OCI error codes and body,
 //!   what a manifest references ([`oci::references()`]), Docker schema 2 → OCI conversion of
-//!   manifests ([`oci::convert`], for `export`).
+//!   manifests ([`oci::convert`], for `export`), sigstore signatures and their verification
+//!   with a public key ([`oci::sigstore`], RustCrypto ECDSA).
 //! - [`stream`] — the byte-stream vocabulary every layer hands blobs around in: a boxed stream
 //!   of chunks, an upstream body with its length, a file read as a stream.
 //! - [`metrics`] — every Prometheus metric in one struct, registered once and reached through
@@ -54,7 +55,8 @@
 //!   not exist); blob hit / join / start fill; `offline` (cache only, 404 naming the offline
 //!   mirror, no upstream contact); the OCI 1.1 referrers of mirrored manifests
 //!   ([`mirror::referrers`]: the upstream's API or its `sha256-<hex>` tag schema, cached for
-//!   `referrers_ttl`, served stale and offline).
+//!   `referrers_ttl`, served stale and offline); `require_signatures` (a manifest enters the
+//!   cache only once its sigstore signature verifies, `mirror/signatures.rs`).
 //! - [`hosted`] — the private registry beside the mirror: names matching `hosted.repositories`
 //!   are pushed to and pulled from stowage, never forwarded upstream. Upload sessions as files
 //!   hashed while they stream, per-repository links (no cross-repository existence answers),
@@ -62,7 +64,8 @@
 //!   (a sled database of its own) and byte budget are apart from the cache's, so eviction cannot
 //!   see them, and a `201` is only sent once the content is fsynced and indexed. With a fleet's
 //!   shared store ([`hosted::shared`]) the store is the source of truth: pushes write it before
-//!   their `201`, and a node reads what it lacks from it.
+//!   their `201`, a node reads what it lacks from it, listings come from it, and
+//!   [`hosted::shared_gc`] collects it in two runs a grace period apart.
 //! - [`ops`] — operations on an open cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`,
 //!   Docker-style image reference parsing, and the progress [`ops::Event`]s every operation
 //!   reports through.
@@ -71,6 +74,11 @@
 //!   Docker-typed images get an OCI-typed copy beside them) and `import` of one (every blob
 //!   verified first, images made visible whole, hosted ones into hosted storage, idempotent). `offline = true` / `serve --offline` lives in
 //!   [`mirror`].
+//! - [`console`] — the web console: per-repository statistics, sizes, fills, upstreams and the
+//!   eviction preview as JSON under `/api/v1/`, pin / unpin / purge actions (marked with
+//!   `X-Requested-With: stowage`, allowed by `[auth]` rules or `[console]`), and the page at
+//!   `/ui/` (plain HTML / CSS / JS embedded in the binary) that uses only that API. The edge
+//!   mounts its router and hands it the caller.
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), blob
 //!   `Range` parsing (`http::range`, 206/416), the one place errors become responses,
 //!   per-request observability (request id, request metrics, cache hit / miss counters, the log
@@ -111,7 +119,8 @@
 //! | `hosted` | `oci`, `stream`, `metrics`, `policy`, `config`, `store` |
 //! | `ops` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted` |
 //! | `airgap` | `oci`, `stream`, `metrics`, `config`, `upstream`, `cache`, `mirror`, `hosted`, `ops` |
-//! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror`, `hosted` |
+//! | `console` | `oci`, `config`, `cache`, `mirror`, `hosted`, `ops` |
+//! | `http` | `oci`, `stream`, `metrics`, `policy`, `config`, `upstream`, `store`, `cache`, `fleet`, `mirror`, `hosted`, `console` |
 //! | `admin` | `oci`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `airgap` |
 //! | `server` | `oci`, `stream`, `metrics`, `config`, `cache`, `mirror`, `hosted`, `ops`, `http`, `admin` |
 //!
@@ -126,6 +135,7 @@ pub mod admin;
 pub mod airgap;
 pub mod cache;
 pub mod config;
+pub mod console;
 pub mod fleet;
 pub mod hosted;
 pub mod http;

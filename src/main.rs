@@ -68,6 +68,10 @@ enum Command {
     Gc {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Report what hosted content would be removed (this node's and, with a shared store,
+        /// the fleet's), removing nothing; the cache is not collected.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Pull images (manifests, the selected platforms, all blobs) into the cache through the
     /// fill engine: inside a `serve` running on the cache (its admin socket), else directly.
@@ -138,7 +142,7 @@ fn main() -> ExitCode {
         Command::Unpin { config, images } => operate(config, Request::Unpin { images }),
         Command::Ls { config } => operate(config, Request::Ls),
         Command::Verify { config, repair } => operate(config, Request::Verify { repair }),
-        Command::Gc { config } => operate(config, Request::Gc),
+        Command::Gc { config, dry_run } => operate(config, Request::Gc { dry_run }),
         Command::Prefetch {
             config,
             file,

@@ -27,6 +27,7 @@
 //! | `stowage_hosted_bytes`, `stowage_hosted_blobs` | pushed content held (blobs, manifests, open uploads) and blob files |
 //! | `stowage_uploads_in_progress` | open upload sessions |
 //! | `stowage_pushes_total{result}` | finished blob uploads, mounts and manifest PUTs: `ok`, `rejected` (4xx), `full` (507), `error` |
+//! | `stowage_signature_checks_total{upstream,result}` | sigstore checks of manifests from upstreams with `require_signatures = "sigstore"`: `verified`, `refused` (403 sent), `error` (the signature could not be fetched) |
 //!
 //! Label values are bounded: routes are templates, methods and reasons come from fixed lists,
 //! `upstream` is a configured host, `status` a number.
@@ -80,6 +81,7 @@ pub struct Metrics {
     pub object_store_hits: IntCounterVec,
     pub object_store_fallbacks: IntCounter,
     pub fill_sources: IntCounterVec,
+    pub signature_checks: IntCounterVec,
 }
 
 /// What kind of content a cache hit or miss was about.
@@ -388,6 +390,12 @@ impl Metrics {
                 "Blob fills by where their bytes came from (upstream, object_store).",
                 &["source"],
             ),
+            signature_checks: counter_vec(
+                r,
+                "stowage_signature_checks_total",
+                "Sigstore signature checks of upstream manifests, by upstream and result (verified, refused, error).",
+                &["upstream", "result"],
+            ),
             registry,
         };
         // Series with known label values exist from the start, so that rates and ratios have
@@ -508,7 +516,24 @@ impl Metrics {
     pub fn stale(&self, host: &str) {
         self.stale_served.with_label_values(&[host]).inc();
     }
+
+    /// Creates the signature-check series (at zero) of an upstream that requires signatures.
+    pub fn init_signature_checks(&self, host: &str) {
+        for result in SIGNATURE_RESULTS {
+            self.signature_checks.with_label_values(&[host, result]);
+        }
+    }
+
+    /// One signature check of a manifest from `host`: `verified`, `refused` or `error`.
+    pub fn signature_check(&self, host: &str, result: &'static str) {
+        self.signature_checks
+            .with_label_values(&[host, result])
+            .inc();
+    }
 }
+
+/// The `result` values of `stowage_signature_checks_total`.
+pub const SIGNATURE_RESULTS: [&str; 3] = ["verified", "refused", "error"];
 
 /// A bounded method label.
 pub fn method_label(m: &http::Method) -> &'static str {

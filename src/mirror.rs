@@ -20,6 +20,8 @@
 //!   manifests and tags look in the fleet's store before the upstream, and what the upstream
 //!   gives is shared (verified blobs after commit; manifests; tag records with their check
 //!   time, so a tag confirmed by another node within `manifest_ttl` needs no upstream request).
+//! - `require_signatures = "sigstore"`: a manifest from that upstream is stored only once its
+//!   signature verifies (`mirror/signatures.rs`); otherwise 403 DENIED.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,7 +31,9 @@ use bytes::Bytes;
 use futures_util::future::BoxFuture;
 
 use crate::cache::index::{unix_now_ms, TagVariant};
-use crate::cache::{BlobSource, Cache, CachedBlob, Fill, FillPolicy, StoredManifest, TagEntry};
+use crate::cache::{
+    BlobSource, Cache, CachedBlob, Fill, FillPolicy, StoredManifest, TagEntry, Tally,
+};
 use crate::config::Config;
 use crate::fleet::Fleet;
 use crate::oci::media::{self, Accept};
@@ -38,6 +42,7 @@ use crate::stream::BlobBody;
 use crate::upstream::{ManifestHead, Route, Router, Upstream, UpstreamError};
 
 pub mod referrers;
+mod signatures;
 pub use referrers::ReferrersAnswer;
 
 /// How a request was answered, for logs and metrics.
@@ -103,6 +108,8 @@ pub struct Mirror {
     negative: NegativeCache,
     /// One revalidation (or first resolution) per tag at a time; the others wait for its result.
     revalidations: Gates,
+    /// The `require_signatures` gate in front of the cache.
+    signatures: signatures::Signatures,
 }
 
 /// Per-key async locks, dropped when nobody holds or waits for them. The lock holds the last
@@ -246,15 +253,25 @@ struct UpstreamSource {
     upstream: Arc<Upstream>,
     repo: RepoName,
     digest: Digest,
+    /// Counts the bytes fetched for the repository (the console's statistics).
+    tally: Tally,
 }
 
 impl BlobSource for UpstreamSource {
     fn open(&self, offset: u64) -> BoxFuture<'_, Result<BlobBody, RegistryError>> {
         Box::pin(async move {
-            self.upstream
+            let mut body = self
+                .upstream
                 .get_blob(&self.repo, &self.digest, offset)
                 .await
-                .map_err(|e| e.to_registry_error(ErrorCode::BlobUnknown))
+                .map_err(|e| e.to_registry_error(ErrorCode::BlobUnknown))?;
+            let tally = self.tally.clone();
+            body.stream = Box::pin(futures_util::StreamExt::inspect(body.stream, move |c| {
+                if let Ok(b) = c {
+                    tally.fetched(b.len() as u64);
+                }
+            }));
+            Ok(body)
         })
     }
 
@@ -290,7 +307,9 @@ impl Mirror {
             }
             None => None,
         };
+        let signatures = signatures::Signatures::load(&config)?;
         Ok(Mirror {
+            signatures,
             config,
             cache,
             router: Router::new(upstreams),
@@ -817,6 +836,7 @@ impl Mirror {
         media_type: String,
         bytes: Bytes,
     ) -> Result<Arc<StoredManifest>, RegistryError> {
+        self.signatures.admit(route, &digest, &bytes).await?;
         let m = self.cache.put_manifest(StoredManifest {
             digest,
             media_type,
@@ -943,11 +963,14 @@ impl Mirror {
         route: &Route,
         digest: &Digest,
     ) -> Result<(Arc<Fill>, bool), RegistryError> {
+        let key = (route.host().to_owned(), route.repo.to_string());
         let upstream = || -> Box<dyn BlobSource> {
+            self.cache.activity().fill_for(digest.hex(), &key);
             Box::new(UpstreamSource {
                 upstream: route.upstream.clone(),
                 repo: route.repo.clone(),
                 digest: digest.clone(),
+                tally: self.cache.activity().tally(&key),
             })
         };
         match &self.fleet {

@@ -2,7 +2,9 @@
 //! (`storage.shared_path`), skopeo as the client, a real upstream (distribution) as the source
 //! of the images pushed. What one node acknowledged (`201`) is in the shared store already, so
 //! the other node serves it; a tag moved on either node is what both serve; a store that fails
-//! during a push turns it into a `503` that acknowledged nothing.
+//! during a push turns it into a `503` that acknowledged nothing. A node that never saw a push
+//! lists it in `_catalog`, answers its referrers and exports it; `stowage gc` collects the
+//! store's untagged content a grace period after recording it, losing no concurrent push.
 //!
 //! Each test starts its own upstream, store directory and nodes (own ports, own temp dirs).
 
@@ -24,15 +26,16 @@ fn node(upstream: &Registry, shared: &Path) -> Stowage {
     node_with(
         upstream,
         &format!("shared_path = \"{}\"\n", shared.display()),
+        HOSTED,
     )
 }
 
-/// A node with hosted repositories and these `[storage]` lines.
-fn node_with(upstream: &Registry, storage: &str) -> Stowage {
+/// A node with these `[storage]` lines and this `[hosted]` table.
+fn node_with(upstream: &Registry, storage: &str, hosted: &str) -> Stowage {
     Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .storage_toml(storage)
-        .extra_toml(HOSTED)
+        .extra_toml(hosted)
         .start()
 }
 
@@ -312,7 +315,8 @@ fn pushes_and_pulls_through_the_documented_nginx_setup_reach_every_node() {
 }
 
 /// The same through an S3 bucket (a real 3-node Garage cluster): multipart uploads of pushed
-/// layers, listed tag records, last writer wins.
+/// layers, listed tag records, last writer wins; the catalog and referrers of a node that never
+/// saw the push, and the collector's two runs over the bucket's listings.
 #[test]
 fn a_garage_bucket_carries_hosted_images_between_nodes() {
     let upstream = Registry::start();
@@ -324,8 +328,8 @@ fn a_garage_bucket_carries_hosted_images_between_nodes() {
     let v2 = upstream.push("src/app", "v2", Image::build(Format::Docker, &[2048]));
     let garage = Garage::start(3);
     let storage = garage.storage_toml("fleet-hosted/");
-    let a = node_with(&upstream, &storage);
-    let b = node_with(&upstream, &storage);
+    let a = node_with(&upstream, &storage, HOSTED_SHORT_GRACE);
+    let b = node_with(&upstream, &storage, HOSTED_SHORT_GRACE);
 
     push_through(&upstream, &v1, &a, "1");
     pull_exact(&b, "1", &v1);
@@ -338,4 +342,244 @@ fn a_garage_bucket_carries_hosted_images_between_nodes() {
         .and_then(|r| r.json())
         .expect("tags/list on A");
     assert_eq!(tags, serde_json::json!({"name": "team/app", "tags": ["1"]}));
+
+    // A third node, which never saw either push: the bucket's listings answer.
+    let signature = push_referrer(&a, v2.digest(), v2.manifest().bytes.len());
+    let c = node_with(&upstream, &storage, HOSTED_SHORT_GRACE);
+    let catalog = get_json(&format!("{}/v2/_catalog", c.url()));
+    assert_eq!(catalog["repositories"], serde_json::json!(["team/app"]));
+    let referrers = get_json(&format!(
+        "{}/v2/team/app/referrers/{}",
+        c.url(),
+        v2.digest()
+    ));
+    assert_eq!(referrers["manifests"][0]["digest"], signature.as_str());
+
+    // v1 lost its tag: two runs a grace period apart remove it from the bucket.
+    past_grace();
+    support::stowage::command_ok(&c, &["gc"]);
+    past_grace();
+    let gc = support::stowage::command_ok(&c, &["gc"]);
+    let line = format!("removed untagged manifest team/app@{}", v1.digest());
+    assert!(gc.contains(&line), "{gc}");
+    let d = node_with(&upstream, &storage, HOSTED_SHORT_GRACE);
+    assert_eq!(tag_digest(&d, v1.digest()), None);
+    let big = &v1.blobs()[2];
+    let head = http()
+        .head(format!("{}/v2/team/app/blobs/{}", d.url(), big.digest))
+        .send()
+        .expect("HEAD on D");
+    assert_eq!(head.status().as_u16(), 404, "v1's layer is still shared");
+    pull_exact(&d, "1", &v2);
+    let referrers = get_json(&format!(
+        "{}/v2/team/app/referrers/{}",
+        d.url(),
+        v2.digest()
+    ));
+    assert_eq!(referrers["manifests"][0]["digest"], signature.as_str());
+}
+
+/// Pushes an OCI artifact (empty config, no layers) whose subject is `subject` to `node`'s
+/// `team/app`, by digest; its digest.
+fn push_referrer(node: &Stowage, subject: &str, subject_size: usize) -> String {
+    let client = http();
+    let config = b"{}";
+    let config_digest = sha256_digest(config);
+    let post = client
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={config_digest}",
+            node.url()
+        ))
+        .body(config.to_vec())
+        .send()
+        .expect("POST config");
+    assert_eq!(post.status().as_u16(), 201);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": images::OCI_MANIFEST,
+        "artifactType": "application/vnd.example.signature",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": config_digest, "size": 2},
+        "layers": [],
+        "subject": {"mediaType": images::OCI_MANIFEST, "digest": subject, "size": subject_size},
+    })
+    .to_string();
+    let digest = sha256_digest(manifest.as_bytes());
+    let put = client
+        .put(format!("{}/v2/team/app/manifests/{digest}", node.url()))
+        .header("Content-Type", images::OCI_MANIFEST)
+        .body(manifest)
+        .send()
+        .expect("PUT referrer");
+    assert_eq!(put.status().as_u16(), 201);
+    digest
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    let resp = http().get(url).send().expect("GET");
+    assert_eq!(resp.status().as_u16(), 200, "GET {url}");
+    resp.json().expect("JSON body")
+}
+
+#[test]
+fn a_node_that_never_saw_a_push_lists_it_answers_its_referrers_and_exports_it() {
+    let upstream = Registry::start();
+    let v1 = upstream.push(
+        "src/app",
+        "v1",
+        Image::build(Format::Oci, &[2048, 64 << 10]),
+    );
+    let shared = tempfile::tempdir().expect("tempdir");
+    let a = node(&upstream, shared.path());
+    let b = node(&upstream, shared.path());
+    push_through(&upstream, &v1, &a, "1");
+    let signature = push_referrer(&a, v1.digest(), v1.manifest().bytes.len());
+
+    // B was never pushed to and never pulled: everything below comes from the shared store.
+    assert!(hosted_files(&b).is_empty());
+    let catalog = get_json(&format!("{}/v2/_catalog", b.url()));
+    let repos = catalog["repositories"].as_array().expect("repositories");
+    assert!(repos.iter().any(|r| r == "team/app"), "{catalog}");
+    let referrers = get_json(&format!(
+        "{}/v2/team/app/referrers/{}",
+        b.url(),
+        v1.digest()
+    ));
+    let found = referrers["manifests"].as_array().expect("manifests");
+    assert_eq!(found.len(), 1, "{referrers}");
+    assert_eq!(found[0]["digest"], signature.as_str());
+    assert_eq!(
+        found[0]["artifactType"],
+        "application/vnd.example.signature"
+    );
+    let ls = support::stowage::command_ok(&b, &["ls"]);
+    assert!(ls.contains("team/app:1"), "{ls}");
+
+    // Export on B (through its admin socket), read back by skopeo byte-exact.
+    let work = tempfile::tempdir().expect("tempdir");
+    let layout = format!("{}/layout/", work.path().display());
+    let out = support::stowage::command_ok(&b, &["export", "team/app:1", "-o", &layout]);
+    assert!(out.contains("export hosted team/app:1"), "{out}");
+    let copy = work.path().join("copy");
+    skopeo_ok(
+        &[
+            "copy",
+            "--preserve-digests",
+            &format!("oci:{layout}:team/app:1"),
+            &format!("dir:{}", copy.display()),
+        ],
+        "reading the exported layout",
+    );
+    let manifest = std::fs::read(copy.join("manifest.json")).expect("manifest.json");
+    assert!(
+        manifest == v1.manifest().bytes,
+        "the exported manifest differs"
+    );
+    for blob in v1.blobs() {
+        let got = std::fs::read(copy.join(blob.hex())).expect("blob in the copy");
+        assert_eq!(sha256_hex(&got), blob.hex());
+    }
+}
+
+/// `[hosted]` with a two-second grace period (`upload_timeout`), for the collector.
+const HOSTED_SHORT_GRACE: &str = "[hosted]\nrepositories = [\"team/**\"]\nmax_size = \"1GiB\"\ndelete = true\nupload_timeout = \"2s\"\n";
+
+fn short_grace_node(upstream: &Registry, shared: &Path) -> Stowage {
+    node_with(
+        upstream,
+        &format!("shared_path = \"{}\"\n", shared.display()),
+        HOSTED_SHORT_GRACE,
+    )
+}
+
+/// Pushes `image` as `team/app:<tag>` through `node`, then deletes the tag: an untagged manifest.
+fn push_untagged(upstream: &Registry, image: &Pushed, node: &Stowage, tag: &str) {
+    push_through(upstream, image, node, tag);
+    let del = http()
+        .delete(format!("{}/v2/team/app/manifests/{tag}", node.url()))
+        .send()
+        .expect("DELETE tag");
+    assert_eq!(del.status().as_u16(), 202);
+}
+
+/// Past the grace period (2 s) of everything pushed or recorded so far.
+fn past_grace() {
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+}
+
+#[test]
+fn shared_gc_removes_untagged_content_after_the_grace_and_loses_no_concurrent_push() {
+    let upstream = Registry::start();
+    let v1 = upstream.push("src/app", "v1", Image::build(Format::Oci, &[2048, 8192]));
+    let v2 = upstream.push("src/app", "v2", Image::build(Format::Oci, &[4096, 16384]));
+    let v3 = upstream.push("src/app", "v3", Image::build(Format::Oci, &[3072, 1 << 20]));
+    let shared = tempfile::tempdir().expect("tempdir");
+    let a = short_grace_node(&upstream, shared.path());
+    let b = short_grace_node(&upstream, shared.path());
+    push_through(&upstream, &v1, &a, "1");
+    push_untagged(&upstream, &v2, &a, "2");
+    let object = |hex: &str| shared.path().join(format!("hosted/blobs/sha256/{hex}"));
+    let unique: Vec<String> = v2
+        .blobs()
+        .iter()
+        .map(|b| b.hex().to_string())
+        .filter(|h| !v1.blobs().iter().any(|k| k.hex() == h.as_str()))
+        .collect();
+    assert!(!unique.is_empty());
+
+    // First run: the untagged image is only recorded; a dry run later removes nothing.
+    past_grace();
+    let first = support::stowage::command_ok(&b, &["gc"]);
+    assert!(
+        first.contains("hosted (shared store): removed 0 manifests"),
+        "{first}"
+    );
+    assert!(
+        unique.iter().all(|h| object(h).is_file()),
+        "removed before the grace"
+    );
+    past_grace();
+    let dry = support::stowage::command_ok(&b, &["gc", "--dry-run"]);
+    let line = format!("would remove untagged manifest team/app@{}", v2.digest());
+    assert!(dry.contains(&line), "{dry}");
+    assert!(
+        unique.iter().all(|h| object(h).is_file()),
+        "a dry run removed"
+    );
+
+    // Second run, a grace period after the first: gone from the store, for every node.
+    let second = support::stowage::command_ok(&b, &["gc"]);
+    assert!(
+        second.contains(&format!(
+            "removed untagged manifest team/app@{}",
+            v2.digest()
+        )),
+        "{second}"
+    );
+    for h in &unique {
+        assert!(!object(h).exists(), "blob {h} of the untagged image kept");
+    }
+    let manifest_object = shared.path().join(format!(
+        "hosted/manifests/sha256/{}",
+        &v2.digest()["sha256:".len()..]
+    ));
+    assert!(!manifest_object.exists());
+    let c = short_grace_node(&upstream, shared.path());
+    assert_eq!(tag_digest(&c, v2.digest()), None);
+    pull_exact(&c, "1", &v1);
+
+    // An untagged image recorded, then pushed again while the collector runs: nothing lost.
+    push_untagged(&upstream, &v3, &a, "3");
+    past_grace();
+    support::stowage::command_ok(&b, &["gc"]);
+    past_grace();
+    let gc = std::thread::scope(|s| {
+        let gc = s.spawn(|| support::stowage::command_ok(&b, &["gc"]));
+        push_through(&upstream, &v3, &c, "again");
+        gc.join().expect("gc thread")
+    });
+    assert!(gc.contains("hosted (shared store)"), "{gc}");
+    support::stowage::command_ok(&b, &["gc"]);
+    let d = short_grace_node(&upstream, shared.path());
+    pull_exact(&d, "again", &v3);
+    pull_exact(&d, "1", &v1);
 }

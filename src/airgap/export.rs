@@ -246,8 +246,8 @@ fn push_entry(
 }
 
 /// Adds hosted image `reference` of `repo` to `contents`: every manifest it reaches and every
-/// blob of those (foreign layers, never pushed, aside), read from hosted storage. Returns the
-/// top manifest's digest.
+/// blob of those (foreign layers, never pushed, aside), read from hosted storage (with a shared
+/// store, what this node lacks is fetched from it first).
 fn add_hosted_image(
     hosted: &Hosted,
     repo: &RepoName,
@@ -257,7 +257,10 @@ fn add_hosted_image(
 ) -> Result<Digest, OpsError> {
     let name = super::hosted_name(repo, reference);
     let fail = |e: crate::oci::RegistryError| usage(format!("{name}: {}", e.message));
-    let top = hosted.local_manifest(repo, reference).map_err(fail)?;
+    let top = hosted
+        .wait(hosted.manifest(repo, reference))
+        .and_then(|r| r)
+        .map_err(fail)?;
     let mut image = HashMap::new();
     let mut blobs = 0;
     let mut stack = vec![top.digest.clone()];
@@ -265,8 +268,10 @@ fn add_hosted_image(
         if image.contains_key(&d) {
             continue;
         }
+        let by_digest = Reference::Digest(d.clone());
         let m = hosted
-            .local_manifest(repo, &Reference::Digest(d.clone()))
+            .wait(hosted.manifest(repo, &by_digest))
+            .and_then(|r| r)
             .map_err(fail)?;
         let parsed = manifest::parse(&m.bytes, Some(&m.media_type))
             .map_err(|e| usage(format!("{name}: hosted manifest {d}: {e}")))?;
@@ -277,7 +282,11 @@ fn add_hosted_image(
             {
                 continue;
             }
-            hosted.local_blob(repo, &b.digest).map_err(fail)?;
+            // Fetched from the shared store (verified, kept locally) when this node lacks it.
+            hosted
+                .wait(hosted.blob(repo, &b.digest))
+                .and_then(|r| r)
+                .map_err(fail)?;
             let path = hosted.blob_path(&b.digest);
             if contents
                 .blobs

@@ -91,7 +91,10 @@ pub(super) fn hosted_referrers(
     for _ in 0..MAX_DEPTH {
         let mut next = Vec::new();
         for subject in &level {
-            for d in hosted.referrers(repo, subject, None)? {
+            for d in hosted
+                .wait(hosted.referrers(repo, subject, None))
+                .and_then(|r| r)?
+            {
                 let Some(d) = d
                     .get("digest")
                     .and_then(|v| v.as_str())

@@ -245,6 +245,7 @@ impl State {
 }
 
 /// A victim chosen by eviction: delete its index entry and file.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Victim {
     pub hex: String,
     pub size: u64,
@@ -599,23 +600,7 @@ impl Budget {
         if s.used() <= target {
             return 0;
         }
-        let mut victims = Vec::new();
-        let mut projected = s.used();
-        let mut buf = [0u8; 64];
-        for slot in s.blobs.by_recency() {
-            if projected <= target {
-                break;
-            }
-            if in_use(s, ev, hex_of(&slot.key, &mut buf)) {
-                continue;
-            }
-            projected = projected.saturating_sub(slot.size);
-            victims.push(Victim {
-                hex: hex_of(&slot.key, &mut buf).to_owned(),
-                size: slot.size,
-            });
-        }
-        for v in victims {
+        for v in victims_locked(s, target, ev) {
             match ev.delete(&v) {
                 Ok(()) => {
                     if let Some(key) = key_of(&v.hex) {
@@ -635,6 +620,20 @@ impl Budget {
         }
         s.publish_gauges();
         freed
+    }
+
+    /// What eviction would remove, in order, to free `bytes` now: the same choice
+    /// [`Budget::reserve`] makes (least recently used first; pinned, leased and filling blobs
+    /// skipped), without removing anything. Fewer bytes than asked when not enough is evictable.
+    pub fn eviction_preview(&self, bytes: u64, ev: &dyn Evictor) -> Vec<Victim> {
+        let s = self.lock();
+        let target = s.used().saturating_sub(bytes);
+        victims_locked(&s, target, ev)
+    }
+
+    /// A committed blob's size, if the budget accounts it.
+    pub fn blob_size(&self, hex: &str) -> Option<u64> {
+        key_of(hex).and_then(|k| self.lock().blobs.get(&k).map(|e| e.size))
     }
 
     /// Blobs in least-recently-used-first order with their ticks (for tests and `ls`).
@@ -667,6 +666,28 @@ impl Budget {
             fills_refused: self.fills_refused.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The blobs to evict, in order, until `used <= target`: least recently used first, skipping
+/// pinned ones, leased ones and those a fill's readers still hold.
+fn victims_locked(s: &State, target: u64, ev: &dyn Evictor) -> Vec<Victim> {
+    let mut victims = Vec::new();
+    let mut projected = s.used();
+    let mut buf = [0u8; 64];
+    for slot in s.blobs.by_recency() {
+        if projected <= target {
+            break;
+        }
+        if in_use(s, ev, hex_of(&slot.key, &mut buf)) {
+            continue;
+        }
+        projected = projected.saturating_sub(slot.size);
+        victims.push(Victim {
+            hex: hex_of(&slot.key, &mut buf).to_owned(),
+            size: slot.size,
+        });
+    }
+    victims
 }
 
 /// Whether a blob may not be evicted now: pinned, leased or held by a fill.

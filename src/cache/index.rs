@@ -98,6 +98,9 @@ struct PendingChecks {
     since: Option<Instant>,
 }
 
+/// A raw record: key and value bytes.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 /// A repository present in the cache.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RepoEntry {
@@ -116,6 +119,7 @@ pub struct Index {
     checks: Arc<Mutex<PendingChecks>>,
     access: sled::Tree,
     pins: sled::Tree,
+    stats: sled::Tree,
     referrers: sled::Tree,
 }
 
@@ -196,6 +200,7 @@ impl Index {
             checks: Arc::default(),
             access: db.open_tree("access")?,
             pins: db.open_tree("pins")?,
+            stats: db.open_tree("stats")?,
             referrers: db.open_tree("referrers")?,
             db,
         })
@@ -407,6 +412,34 @@ impl Index {
             let Ok(entry) = serde_json::from_slice::<TagEntry>(&v) else {
                 continue;
             };
+            out.push(TagRecord {
+                upstream: upstream.to_owned(),
+                repo: repo.to_owned(),
+                tag: tag.to_owned(),
+                entry,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The tag records of one repository.
+    pub fn tags_of(&self, upstream: &str, repo: &str) -> Result<Vec<TagRecord>, IndexError> {
+        let mut out = Vec::new();
+        for item in self
+            .tags
+            .scan_prefix(format!("{upstream}\0{repo}\0").as_bytes())
+        {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let Some(tag) = key.splitn(3, '\0').nth(2) else {
+                continue;
+            };
+            let Ok(mut entry) = serde_json::from_slice::<TagEntry>(&v) else {
+                continue;
+            };
+            if let Some(t) = self.pending().times.get(k.as_ref()) {
+                entry.checked = entry.checked.max(*t);
+            }
             out.push(TagRecord {
                 upstream: upstream.to_owned(),
                 repo: repo.to_owned(),
@@ -696,6 +729,53 @@ impl Index {
         if !self.repos.contains_key(&key)? {
             self.repos.insert(key, unix_now().to_string().as_bytes())?;
         }
+        Ok(())
+    }
+
+    /// Every cached repository with the unix second it was first cached, ordered by (upstream,
+    /// repository).
+    pub fn repos_first_cached(&self) -> Result<Vec<(RepoEntry, u64)>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.repos.iter() {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k);
+            if let Some((upstream, repo)) = key.split_once('\0') {
+                let first = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                    .unwrap_or(0);
+                out.push((
+                    RepoEntry {
+                        upstream: upstream.to_owned(),
+                        repo: repo.to_owned(),
+                    },
+                    first,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The per-repository and per-tag counters (see `cache::stats`), as (key, JSON value).
+    pub fn stats_records(&self) -> Result<Vec<Record>, IndexError> {
+        let mut out = Vec::new();
+        for item in self.stats.iter() {
+            let (k, v) = item?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Writes counters (`Some`) and removes them (`None`) in one batch.
+    pub fn write_stats(&self, records: Vec<(Vec<u8>, Option<Vec<u8>>)>) -> Result<(), IndexError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in records {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        self.stats.apply_batch(batch)?;
         Ok(())
     }
 

@@ -20,6 +20,7 @@ pub mod fill;
 pub mod index;
 pub mod serve;
 mod startup;
+pub mod stats;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ use crate::stream::{BlobBody, ByteStream};
 pub use budget::{BlobLease, Budget, CacheStats, Limits};
 pub use fill::{BlobSource, Fill, FillMap, FillPolicy};
 pub use index::{BlobMeta, Index, IndexError, Pin, RepoEntry, StoredManifest, TagEntry, TagRecord};
+pub use stats::{Activity, Footprint, Tally};
 
 /// Local store failures. Clients see them as `500 UNKNOWN`; the log has the detail.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +177,8 @@ pub struct Cache {
     manifest_writes: Mutex<()>,
     budget: Arc<Budget>,
     startup: Arc<Startup>,
+    /// Per-repository counters and the footprint (see [`stats`]).
+    activity: Arc<Activity>,
     _lock: std::fs::File,
 }
 
@@ -251,7 +255,7 @@ impl Cache {
             storage.low_watermark,
         )));
         budget.begin_loading();
-        let cache = Cache {
+        let mut cache = Cache {
             root: root.to_owned(),
             index,
             fills: Arc::default(),
@@ -264,8 +268,10 @@ impl Cache {
             manifest_writes: Mutex::new(()),
             budget,
             startup,
+            activity: Arc::default(),
             _lock: lock,
         };
+        cache.activity = Arc::new(Activity::load(cache.index.stats_records()?.into_iter()));
         cache.refresh_pins()?;
         let work = startup::Work {
             evictor: cache.evictor(),
@@ -316,6 +322,7 @@ impl Cache {
     pub fn refresh_pins(&self) -> Result<(), CacheError> {
         let (_, blobs) = self.pinned_closure()?;
         self.budget.set_pinned(blobs);
+        self.activity.changed();
         Ok(())
     }
 
@@ -338,8 +345,16 @@ impl Cache {
         Ok((manifests, blobs))
     }
 
-    /// Writes recency recorded in memory to the index, in one batch. Blocking.
+    /// Writes recency and the activity counters recorded in memory to the index, in one batch
+    /// each. Blocking.
     pub fn flush_access(&self) -> Result<(), CacheError> {
+        let counters = self.activity.take_dirty();
+        let keys: Vec<Vec<u8>> = counters.iter().map(|(k, _)| k.clone()).collect();
+        let records = counters.into_iter().map(|(k, v)| (k, Some(v))).collect();
+        if let Err(e) = self.index.write_stats(records) {
+            self.activity.restore_dirty(&keys);
+            return Err(e.into());
+        }
         let dirty = self.budget.take_dirty();
         if dirty.is_empty() {
             return Ok(());
@@ -351,8 +366,10 @@ impl Cache {
         Ok(())
     }
 
-    /// Periodic housekeeping (blocking): flush recency, evict blobs that became free.
+    /// Periodic housekeeping (blocking): sample the history, flush recency and counters, evict
+    /// blobs that became free.
     pub fn maintain(&self) {
+        self.activity.sample(index::unix_now());
         if let Err(e) = self.flush_access() {
             tracing::warn!(error = %e, "could not write access times");
         }
@@ -410,6 +427,7 @@ impl Cache {
 
     /// Drops a blob from index, budget and disk (`verify --repair`, `gc`).
     pub fn remove_blob(&self, digest: &Digest) -> Result<(), CacheError> {
+        self.activity.changed();
         self.index.remove_blob(digest)?;
         self.budget.forget_blob(digest.hex());
         let path = self.blob_path(digest);
@@ -521,6 +539,7 @@ impl Cache {
             }
         }
         self.budget.touch_key(manifest_access_key(&m.digest));
+        self.activity.changed();
         let m = Arc::new(m);
         self.manifests.insert(m.digest.clone(), m.clone());
         Ok(m)
@@ -551,6 +570,7 @@ impl Cache {
         }
         self.budget.forget_key(manifest_access_key(digest));
         self.manifests.invalidate(digest);
+        self.activity.forget_manifest(digest.hex());
         Ok(())
     }
 
@@ -562,7 +582,9 @@ impl Cache {
         e: &TagEntry,
     ) -> Result<(), CacheError> {
         self.budget.touch_key(tag_access_key(upstream, repo, tag));
-        Ok(self.index.put_tag(upstream, repo, tag, e)?)
+        self.index.put_tag(upstream, repo, tag, e)?;
+        self.activity.changed();
+        Ok(())
     }
 
     pub fn touch_repo(&self, upstream: &str, repo: &RepoName) -> Result<(), CacheError> {
@@ -587,6 +609,22 @@ impl Cache {
         for fill in verified {
             let _ = fill.settled().await;
         }
+    }
+
+    /// The fills in flight and how far each has got.
+    pub fn fills_snapshot(&self) -> Vec<(Digest, fill::FillState)> {
+        let map = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(d, f)| (d.clone(), f.state())).collect()
+    }
+
+    /// What eviction would remove next to free `bytes` (see [`Budget::eviction_preview`]).
+    pub fn eviction_preview(&self, bytes: u64) -> Vec<budget::Victim> {
+        self.budget.eviction_preview(bytes, &self.evictor())
+    }
+
+    /// Per-repository counters, totals and history (see [`stats`]).
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// Number of fills in flight.

@@ -31,7 +31,7 @@ pub use store::{
 };
 pub use units::{parse_byte_size, parse_duration};
 pub use upstream::{
-    canonical_host, UpstreamConfig, DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL,
+    canonical_host, SignaturePolicy, UpstreamConfig, DEFAULT_MANIFEST_TTL, DEFAULT_NEGATIVE_TTL,
     DEFAULT_REVALIDATE_TIMEOUT,
 };
 
@@ -51,6 +51,18 @@ pub struct Config {
     pub offline: bool,
     /// Hosted repositories (`[hosted]`); `None`: every name is mirrored and pushes get 405.
     pub hosted: Option<HostedConfig>,
+    /// `[console]`: who may act through the console's API and page.
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: the web console at `/ui/` and its API under `/api/v1/`.
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleConfig {
+    /// htpasswd users who may pin, unpin and purge, beside those `[[auth.access]]` grants
+    /// `delete`.
+    pub admins: Vec<String>,
+    /// Without `[auth]`: whether anyone may pin, unpin and purge (default: nobody may).
+    pub allow_actions_without_auth: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -176,6 +188,10 @@ impl Config {
             auth: auth_config(raw.auth)?,
             offline: raw.offline.unwrap_or(false),
             hosted,
+            console: ConsoleConfig {
+                admins: raw.console.admins.unwrap_or_default(),
+                allow_actions_without_auth: raw.console.allow_actions_without_auth.unwrap_or(false),
+            },
         })
     }
 }
@@ -560,6 +576,30 @@ mod tests {
         assert!(err(&up("revalidate_timeout = \"0\"")).contains("upstreams[0].revalidate_timeout"));
         let e = err(&up("immutable_tags = [\"^v\", \"(\"]"));
         assert!(e.contains("upstreams[0].immutable_tags[1]"), "{e}");
+    }
+
+    #[test]
+    fn require_signatures_needs_a_key_and_a_key_needs_it() {
+        let up =
+            |extra: &str| format!("[[upstreams]]\nhost = \"a.io\"\nurl = \"http://x\"\n{extra}");
+        let c = Config::from_toml(&up("")).unwrap();
+        assert_eq!(c.upstreams[0].signatures, SignaturePolicy::None);
+        let c = Config::from_toml(&up(
+            "require_signatures = \"sigstore\"\nsignature_public_key = \"/k.pub\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.upstreams[0].signatures,
+            SignaturePolicy::Sigstore {
+                public_key: "/k.pub".into()
+            }
+        );
+        let e = err(&up("require_signatures = \"sigstore\""));
+        assert!(e.contains("upstreams[0].signature_public_key"), "{e}");
+        let e = err(&up("signature_public_key = \"/k.pub\""));
+        assert!(e.contains("upstreams[0].signature_public_key"), "{e}");
+        let e = err(&up("require_signatures = \"gpg\""));
+        assert!(e.contains("upstreams[0].require_signatures"), "{e}");
     }
 
     #[test]

@@ -23,6 +23,15 @@ pub(super) struct RawConfig {
     pub(super) auth: RawAuth,
     pub(super) offline: Option<bool>,
     pub(super) hosted: Option<RawHosted>,
+    #[serde(default)]
+    pub(super) console: RawConsole,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConsole {
+    pub(super) admins: Option<Vec<String>>,
+    pub(super) allow_actions_without_auth: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,6 +148,8 @@ pub(super) struct RawUpstream {
     pub(super) revalidate_timeout: Option<String>,
     pub(super) allow: Option<Vec<String>>,
     pub(super) deny: Option<Vec<String>>,
+    pub(super) require_signatures: Option<String>,
+    pub(super) signature_public_key: Option<String>,
 }
 
 impl RawUpstream {
@@ -160,6 +171,8 @@ impl RawUpstream {
             revalidate_timeout: None,
             allow: None,
             deny: None,
+            require_signatures: None,
+            signature_public_key: None,
         }
     }
 }
@@ -270,6 +283,7 @@ mod tests {
             ("auth", fields::<RawAuth>()),
             ("auth.access", fields::<RawAccess>()),
             ("hosted", fields::<RawHosted>()),
+            ("console", fields::<RawConsole>()),
         ]
     }
 

@@ -42,6 +42,20 @@ pub struct UpstreamConfig {
     pub revalidate_timeout: Duration,
     /// `allow` / `deny` repository patterns (see [`crate::policy`]).
     pub policy: RepoPolicy,
+    /// What a manifest from this upstream must carry before it is cached
+    /// (`require_signatures` with `signature_public_key`).
+    pub signatures: SignaturePolicy,
+}
+
+/// `require_signatures`: whether manifests from an upstream must carry a verifying signature.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SignaturePolicy {
+    /// `"none"` (the default): nothing is checked.
+    #[default]
+    None,
+    /// `"sigstore"`: a sigstore signature (the `sha256-<hex>.sig` attachment skopeo, podman and
+    /// cosign write) verifying with a key of the PEM file `public_key`.
+    Sigstore { public_key: std::path::PathBuf },
 }
 
 /// A registry host name as routing compares it: trimmed, lowercase, and every name of Docker
@@ -116,6 +130,7 @@ fn upstream_config(
     let url = upstream_url(&u.url, &key("url"))?;
     let password = upstream_password(&u, &key, env)?;
     let timing = upstream_timing(&u, &key)?;
+    let signatures = signature_policy(&u, &key)?;
     let immutable_tags = immutable_tags(u.immutable_tags.unwrap_or_default(), &key)?;
     let policy = RepoPolicy {
         allow: policy_patterns(u.allow, &key("allow"))?,
@@ -135,7 +150,40 @@ fn upstream_config(
         negative_ttl: timing.negative_ttl,
         revalidate_timeout: timing.revalidate_timeout,
         policy,
+        signatures,
     })
+}
+
+/// `require_signatures` (`"none"` or `"sigstore"`) and `signature_public_key`, which
+/// `"sigstore"` needs and which means nothing without it. The key file is read (and its keys
+/// checked) when the mirror starts.
+fn signature_policy(
+    u: &RawUpstream,
+    key: &impl Fn(&str) -> String,
+) -> Result<SignaturePolicy, ConfigError> {
+    let path = u
+        .signature_public_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|p| !p.is_empty());
+    match (u.require_signatures.as_deref().map(str::trim), path) {
+        (None | Some("none"), None) => Ok(SignaturePolicy::None),
+        (None | Some("none"), Some(_)) => Err(invalid(
+            key("signature_public_key"),
+            "has no effect unless require_signatures = \"sigstore\"",
+        )),
+        (Some("sigstore"), Some(p)) => Ok(SignaturePolicy::Sigstore {
+            public_key: p.into(),
+        }),
+        (Some("sigstore"), None) => Err(invalid(
+            key("signature_public_key"),
+            "require_signatures = \"sigstore\" needs the PEM file of the public key",
+        )),
+        (Some(other), _) => Err(invalid(
+            key("require_signatures"),
+            format!("{other:?} is not \"sigstore\" or \"none\""),
+        )),
+    }
 }
 
 /// A registry host (`docker.io`, `registry.local:5000`), lowercased.

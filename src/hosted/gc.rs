@@ -34,10 +34,10 @@ pub struct GcReport {
 
 /// Per repository: manifest hex → pushed at, blob hex → linked at, tag targets.
 #[derive(Default)]
-struct Repo {
-    manifests: BTreeMap<String, u64>,
-    links: BTreeMap<String, u64>,
-    tagged: BTreeSet<String>,
+pub(super) struct Repo {
+    pub(super) manifests: BTreeMap<String, u64>,
+    pub(super) links: BTreeMap<String, u64>,
+    pub(super) tagged: BTreeSet<String>,
 }
 
 impl Hosted {
@@ -116,44 +116,7 @@ impl Hosted {
                 }
             }
         }
-        let mut marked: BTreeSet<String> = repo
-            .manifests
-            .iter()
-            .filter(|(hex, at)| **at > cutoff || repo.tagged.contains(*hex))
-            .map(|(hex, _)| hex.clone())
-            .collect();
-        // To a fixpoint: children of marked indexes, referrers of marked subjects.
-        loop {
-            let before = marked.len();
-            for (hex, p) in &parsed {
-                let refers_to_marked = p.subject.as_ref().is_some_and(|s| marked.contains(s.hex()));
-                if refers_to_marked {
-                    marked.insert(hex.clone());
-                }
-                if marked.contains(hex) {
-                    for child in &p.children {
-                        if repo.manifests.contains_key(child.digest.hex()) {
-                            marked.insert(child.digest.hex().to_string());
-                        }
-                    }
-                }
-            }
-            if marked.len() == before {
-                break;
-            }
-        }
-        let mut blobs: BTreeSet<String> = repo
-            .links
-            .iter()
-            .filter(|(_, at)| **at > cutoff)
-            .map(|(hex, _)| hex.clone())
-            .collect();
-        for hex in &marked {
-            if let Some(p) = parsed.get(hex) {
-                blobs.extend(p.blobs.iter().map(|b| b.digest.hex().to_string()));
-            }
-        }
-        Ok((marked, blobs))
+        Ok(mark(repo, &parsed, cutoff))
     }
 
     /// Removes manifest bytes and blob files that no repository links any more.
@@ -229,6 +192,56 @@ impl Hosted {
         }
         Ok(())
     }
+}
+
+/// The manifests and blobs of `repo` that stay (module docs), given its manifests parsed (hex
+/// → parsed; one that cannot be read marks nothing).
+pub(super) fn mark(
+    repo: &Repo,
+    parsed: &BTreeMap<String, manifest::Parsed>,
+    cutoff: u64,
+) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut marked: BTreeSet<String> = repo
+        .manifests
+        .iter()
+        .filter(|(hex, at)| **at > cutoff || repo.tagged.contains(*hex))
+        .map(|(hex, _)| hex.clone())
+        .collect();
+    // To a fixpoint: children of marked indexes, referrers of marked subjects.
+    loop {
+        let before = marked.len();
+        for (hex, p) in parsed
+            .iter()
+            .filter(|(h, _)| repo.manifests.contains_key(*h))
+        {
+            let refers_to_marked = p.subject.as_ref().is_some_and(|s| marked.contains(s.hex()));
+            if refers_to_marked {
+                marked.insert(hex.clone());
+            }
+            if marked.contains(hex) {
+                for child in &p.children {
+                    if repo.manifests.contains_key(child.digest.hex()) {
+                        marked.insert(child.digest.hex().to_string());
+                    }
+                }
+            }
+        }
+        if marked.len() == before {
+            break;
+        }
+    }
+    let mut blobs: BTreeSet<String> = repo
+        .links
+        .iter()
+        .filter(|(_, at)| **at > cutoff)
+        .map(|(hex, _)| hex.clone())
+        .collect();
+    for hex in &marked {
+        if let Some(p) = parsed.get(hex) {
+            blobs.extend(p.blobs.iter().map(|b| b.digest.hex().to_string()));
+        }
+    }
+    (marked, blobs)
 }
 
 fn orphan_files(

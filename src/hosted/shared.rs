@@ -10,7 +10,17 @@
 //! - `hosted/manifests/sha256/<hex>`: the manifest's media type and exact bytes (JSON);
 //! - `hosted/repos/<repo>/_links/<hex>`: the blob is in `<repo>` (its size, decimal);
 //! - `hosted/repos/<repo>/_manifests/<hex>`: the manifest is in `<repo>` (push time, seconds);
-//! - `hosted/repos/<repo>/_tags/<tag>`: the tag's digest (`sha256:<hex>`); last writer wins.
+//! - `hosted/repos/<repo>/_tags/<tag>`: the tag's digest (`sha256:<hex>`); last writer wins;
+//! - `hosted/repos/<repo>/_referrers/<subject hex>/<hex>`: the manifest `<hex>` of `<repo>` names
+//!   `<subject>` as its subject (its descriptor in the referrers API, JSON); written before the
+//!   manifest's link, removed after it, so a link always has its record (a record without a
+//!   link is skipped);
+//! - `hosted/_gc/candidates/<key without hosted/>`: the shared collector found that object
+//!   unreferenced at this time (seconds); a push naming the object removes the record
+//!   (`super::shared_gc`);
+//! - `hosted/_gc/removing/<key without hosted/>`: the collector is about to delete that object
+//!   (written before its last check of the candidate record, removed once it is done); a push
+//!   that removed a candidate record waits for such a record to go before it checks anything.
 //!
 //! Repository components never start with `_` and tags never start with `.`, so these keys
 //! cannot collide and pass the store's key rules. Every call but a blob's transfer is bounded by
@@ -29,7 +39,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt as _;
 
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
-use crate::store::{BlobStore, StoreFuture};
+use crate::store::{BlobStore, ObjectInfo, StoreFuture};
 
 use super::StoredManifest;
 
@@ -61,6 +71,40 @@ fn link_key(repo: &RepoName, digest: &Digest) -> String {
 
 fn mlink_key(repo: &RepoName, digest: &Digest) -> String {
     format!("hosted/repos/{repo}/_manifests/{}", digest.hex())
+}
+
+fn referrers_prefix(repo: &RepoName, subject: &Digest) -> String {
+    format!("hosted/repos/{repo}/_referrers/{}/", subject.hex())
+}
+
+/// Where the shared collector records `key` as unreferenced since some time.
+pub(super) fn candidate_key(key: &str) -> String {
+    format!("{CANDIDATES}{}", key.strip_prefix("hosted/").unwrap_or(key))
+}
+
+/// The prefix of the collector's candidate records.
+pub(super) const CANDIDATES: &str = "hosted/_gc/candidates/";
+
+/// The prefix of the collector's removal records.
+pub(super) const REMOVING: &str = "hosted/_gc/removing/";
+
+/// Where the collector says it is about to delete `key`.
+pub(super) fn removing_key(key: &str) -> String {
+    format!("{REMOVING}{}", key.strip_prefix("hosted/").unwrap_or(key))
+}
+
+/// The longest a collector may take from writing a removal record to sending its delete; past
+/// it, the collector gives up on that object and a waiting push stops waiting.
+pub(super) const REMOVAL_WINDOW: Duration = Duration::from_secs(20);
+
+/// The keys a push of a blob into `repo` makes referenced.
+pub(super) fn blob_keys(repo: &RepoName, digest: &Digest) -> [String; 2] {
+    [blob_key(digest), link_key(repo, digest)]
+}
+
+/// The keys a push of a manifest into `repo` makes referenced.
+pub(super) fn manifest_keys(repo: &RepoName, digest: &Digest) -> [String; 2] {
+    [manifest_key(digest), mlink_key(repo, digest)]
 }
 
 fn tags_prefix(repo: &RepoName) -> String {
@@ -101,12 +145,12 @@ impl SharedHosted {
         }
     }
 
-    async fn put_text(&self, key: &str, text: String) -> Result<(), RegistryError> {
+    pub(super) async fn put_text(&self, key: &str, text: String) -> Result<(), RegistryError> {
         self.bounded("put", self.store.put_bytes(key, Bytes::from(text)))
             .await
     }
 
-    async fn get_text(&self, key: &str) -> Result<Option<String>, RegistryError> {
+    pub(super) async fn get_text(&self, key: &str) -> Result<Option<String>, RegistryError> {
         let bytes = self.bounded("get", self.store.get_bytes(key)).await?;
         Ok(bytes.map(|b| String::from_utf8_lossy(&b).trim().to_string()))
     }
@@ -128,6 +172,21 @@ impl SharedHosted {
             .put_file(&key, path)
             .await
             .map_err(|e| unavailable("put blob", e))
+    }
+
+    /// Shares a verified local blob file as blob `digest` of `repo`: the collector's records of
+    /// both objects removed first (this push references them), then the bytes (unless held),
+    /// then the link.
+    pub async fn share_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        path: &Path,
+        size: u64,
+    ) -> Result<(), RegistryError> {
+        self.clear_candidates(&blob_keys(repo, digest)).await?;
+        self.put_blob(digest, path, size).await?;
+        self.put_link(repo, digest, size).await
     }
 
     /// The size of the shared blob object, if it exists.
@@ -311,5 +370,136 @@ impl SharedHosted {
             }
         }
         Ok(out)
+    }
+
+    // ---- listings, referrers, the collector's records -------------------------------------
+
+    /// Every object under `prefix`, sorted by key.
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, RegistryError> {
+        self.bounded("list", self.store.list(prefix)).await
+    }
+
+    /// Removes one object (absent is fine).
+    pub(super) async fn delete(&self, key: &str) -> Result<(), RegistryError> {
+        self.bounded("delete", self.store.delete(key)).await
+    }
+
+    /// The repositories holding at least one manifest link, sorted.
+    pub async fn repositories(&self) -> Result<Vec<String>, RegistryError> {
+        let mut out: Vec<String> = self
+            .list("hosted/repos/")
+            .await?
+            .iter()
+            .filter_map(|o| {
+                let rest = o.key.strip_prefix("hosted/repos/")?;
+                let (repo, _) = rest.split_once("/_manifests/")?;
+                Some(repo.to_string())
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Records that manifest `digest` of `repo` refers to `subject`, with its descriptor.
+    pub async fn put_referrer(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        digest: &Digest,
+        descriptor: &serde_json::Value,
+    ) -> Result<(), RegistryError> {
+        let key = format!("{}{}", referrers_prefix(repo, subject), digest.hex());
+        self.put_text(&key, descriptor.to_string()).await
+    }
+
+    pub async fn remove_referrer(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+        digest: &Digest,
+    ) -> Result<(), RegistryError> {
+        let key = format!("{}{}", referrers_prefix(repo, subject), digest.hex());
+        self.delete(&key).await
+    }
+
+    /// The descriptors of the manifests of `repo` whose subject is `subject` and that are
+    /// linked (a record whose link is gone is skipped), in key order.
+    pub async fn referrers(
+        &self,
+        repo: &RepoName,
+        subject: &Digest,
+    ) -> Result<Vec<serde_json::Value>, RegistryError> {
+        let prefix = referrers_prefix(repo, subject);
+        let mut out = Vec::new();
+        for o in self.list(&prefix).await? {
+            let Some(d) = o
+                .key
+                .strip_prefix(&prefix)
+                .and_then(|hex| format!("sha256:{hex}").parse::<Digest>().ok())
+            else {
+                continue;
+            };
+            if !self.has_mlink(repo, &d).await? {
+                continue;
+            }
+            if let Some(v) = self
+                .get_text(&o.key)
+                .await?
+                .and_then(|t| serde_json::from_str(&t).ok())
+            {
+                out.push(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Takes `keys` back from the collector before a push references them: removes their
+    /// candidate records, then waits out any removal of them in progress, so that the push's own
+    /// checks see whether the objects survived. Against the collector's order (removal record,
+    /// candidate check, delete), this order (candidate removal, removal check) means that of the
+    /// two, at least one sees the other: the collector keeps the object, or the push sees it
+    /// gone and is refused. One listing when the collector has nothing of these keys.
+    pub async fn clear_candidates(&self, keys: &[String]) -> Result<(), RegistryError> {
+        let listed = self.list("hosted/_gc/").await?;
+        let candidates: std::collections::HashSet<String> =
+            keys.iter().map(|k| candidate_key(k)).collect();
+        let removals: std::collections::HashSet<String> =
+            keys.iter().map(|k| removing_key(k)).collect();
+        let ours = |o: &&ObjectInfo| candidates.contains(&o.key) || removals.contains(&o.key);
+        if !listed.iter().any(|o| ours(&o)) {
+            return Ok(());
+        }
+        for o in listed.iter().filter(|o| candidates.contains(&o.key)) {
+            self.delete(&o.key).await?;
+        }
+        self.await_removals(&removals).await
+    }
+
+    /// Waits until no removal record of `removals` is left. A collector past its window has
+    /// given up (or stopped): its record is dropped.
+    async fn await_removals(
+        &self,
+        removals: &std::collections::HashSet<String>,
+    ) -> Result<(), RegistryError> {
+        let deadline = tokio::time::Instant::now() + REMOVAL_WINDOW + 2 * self.timeout;
+        loop {
+            let pending: Vec<ObjectInfo> = self
+                .list(REMOVING)
+                .await?
+                .into_iter()
+                .filter(|o| removals.contains(&o.key))
+                .collect();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                for o in &pending {
+                    self.delete(&o.key).await?;
+                }
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }

@@ -28,11 +28,12 @@ use http::{header, HeaderValue, Method, StatusCode};
 use serde::Deserialize;
 use tracing::Instrument as _;
 
+use crate::cache::Tally;
 use crate::config::Action;
 use crate::hosted::Hosted;
 use crate::metrics::{method_label, metrics, Kind, Source};
 use crate::mirror::{BlobAnswer, ManifestAnswer, Mirror, Outcome, TagPage};
-use crate::oci::{Accept, Digest, ErrorCode, RegistryError, RepoName};
+use crate::oci::{Accept, Digest, ErrorCode, Reference, RegistryError, RepoName};
 use range::RangeRequest;
 use route::Endpoint;
 
@@ -46,11 +47,14 @@ const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
 /// Builds the router; `auth` (from `[auth]`) guards everything but its open paths.
 pub fn router(mirror: AppState, hosted: HostedState, auth: Option<Arc<auth::Auth>>) -> Router {
+    let console = crate::console::router(mirror.clone(), hosted.clone())
+        .layer(axum::middleware::from_fn(console_viewer));
     Router::new()
         .route("/healthz", axum::routing::get(healthz))
         .route("/readyz", axum::routing::get(readyz))
         .route("/metrics", axum::routing::get(metrics_endpoint))
         .route("/v1/search", axum::routing::get(search))
+        .merge(console)
         .fallback(dispatch)
         .layer(axum::middleware::from_fn_with_state(
             auth.clone(),
@@ -59,6 +63,28 @@ pub fn router(mirror: AppState, hosted: HostedState, auth: Option<Arc<auth::Auth
         .layer(axum::middleware::from_fn(observe))
         .layer(axum::Extension(hosted))
         .with_state(mirror)
+}
+
+/// The caller as the console sees it: its user and what `[[auth.access]]` grants it.
+struct CallerPermissions(auth::Caller);
+
+impl crate::console::Permissions for CallerPermissions {
+    fn user(&self) -> Option<&str> {
+        self.0.user.as_deref()
+    }
+
+    fn may_delete(&self, repo: &RepoName) -> bool {
+        self.0.check(repo, Action::Delete).is_ok()
+    }
+}
+
+/// Hands the authenticated caller (if `[auth]` is on) to the console.
+async fn console_viewer(mut req: Request, next: Next) -> Response {
+    if let Some(c) = req.extensions().get::<auth::Caller>().cloned() {
+        let viewer = crate::console::Viewer(Arc::new(CallerPermissions(c)));
+        req.extensions_mut().insert(viewer);
+    }
+    next.run(req).await
 }
 
 /// The router of the optional `server.metrics_listen` listener: `/metrics` and health only,
@@ -132,6 +158,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/v1/search" => return "search",
         "/metrics" => return "metrics",
         "/healthz" | "/readyz" => return "health",
+        p if p.starts_with("/api/v1/") || p == "/ui" || p.starts_with("/ui/") => return "console",
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
@@ -387,10 +414,15 @@ async fn probe_shared_store(mirror: &Mirror) -> (serde_json::Value, bool) {
 }
 
 /// Counts blob bytes as they are handed to the connection.
-fn counted(stream: crate::stream::ByteStream, source: Source) -> crate::stream::ByteStream {
+fn counted(
+    stream: crate::stream::ByteStream,
+    source: Source,
+    tally: Tally,
+) -> crate::stream::ByteStream {
     Box::pin(stream.inspect(move |chunk| {
         if let Ok(b) = chunk {
             metrics().served(source, b.len() as u64);
+            tally.served(b.len() as u64, source == Source::Cache);
         }
     }))
 }
@@ -489,9 +521,16 @@ async fn handle(
     }
     if let Some(hosted) = hosted {
         if let Some(endpoint) = hosted_endpoint(mirror, hosted, &endpoint, ns) {
+            let pulled = hosted_pull(&endpoint, &req.method);
             let answer =
                 push::handle(hosted, &mirror.cache, caller.as_ref(), endpoint, req, body).await;
             hosted.publish();
+            if let (Some((key, tag)), Ok(resp)) = (pulled, &answer) {
+                if resp.status() == StatusCode::OK {
+                    let activity = mirror.cache.activity();
+                    activity.manifest_answered(&key, tag.as_deref(), true, true, 0);
+                }
+            }
             return answer;
         }
     }
@@ -504,7 +543,7 @@ async fn handle(
     let head = method == Method::HEAD;
     match endpoint {
         Endpoint::Base => Ok(json_response(b"{}".to_vec(), head, None)),
-        Endpoint::Catalog => catalog(mirror, hosted, caller.as_ref(), &req.uri, head),
+        Endpoint::Catalog => catalog(mirror, hosted, caller.as_ref(), &req.uri, head).await,
         Endpoint::Upload(..) => Err(not_pushable(hosted.is_some())),
         Endpoint::Referrers(name, digest) => {
             mirrored_referrers(mirror, &name, &digest, ns, &req.uri, head).await
@@ -514,6 +553,7 @@ async fn handle(
             let route = mirror.route(&name, ns)?;
             let accept = Accept::from_headers(&req.headers);
             let answer = mirror.manifest(&route, &reference, &accept).await?;
+            count_manifest(mirror, &route, &reference, head, &answer);
             Ok(manifest_response(answer, head))
         }
         Endpoint::Blob(name, digest) => {
@@ -523,9 +563,55 @@ async fn handle(
             if !head && range.needs_size() {
                 size_for_range(&mut answer).await?;
             }
-            blob_response(answer, &digest, head, range)
+            let activity = mirror.cache.activity();
+            activity.request(matches!(answer, BlobAnswer::Cached(_)));
+            let tally = activity.tally(&(route.host().to_owned(), route.repo.to_string()));
+            blob_response(answer, &digest, head, range, tally)
         }
     }
+}
+
+/// A manifest GET of a hosted repository: its statistics key and tag, to count once answered.
+fn hosted_pull(
+    endpoint: &push::HostedEndpoint,
+    method: &Method,
+) -> Option<(crate::cache::stats::RepoKey, Option<String>)> {
+    match endpoint {
+        push::HostedEndpoint::Manifest(n, r) if method == Method::GET => {
+            let tag = match r {
+                Reference::Tag(t) => Some(t.to_string()),
+                Reference::Digest(_) => None,
+            };
+            Some(((crate::cache::stats::HOSTED.to_owned(), n.to_string()), tag))
+        }
+        _ => None,
+    }
+}
+
+/// Counts a manifest answer in the console's statistics: a GET is a pull of the repository (and
+/// of the tag, by tag); a miss fetched the manifest's bytes from the upstream.
+fn count_manifest(
+    mirror: &Mirror,
+    route: &crate::upstream::Route,
+    reference: &Reference,
+    head: bool,
+    answer: &ManifestAnswer,
+) {
+    let hit = cache_event("manifests", answer.outcome).is_some_and(|(_, hit)| hit);
+    let fetched = if answer.outcome == Outcome::Miss {
+        answer.manifest.bytes.len() as u64
+    } else {
+        0
+    };
+    let tag = match reference {
+        Reference::Tag(t) => Some(t.as_str()),
+        Reference::Digest(_) => None,
+    };
+    let key = (route.host().to_owned(), route.repo.to_string());
+    mirror
+        .cache
+        .activity()
+        .manifest_answered(&key, tag, !head, hit, fetched);
 }
 
 /// The endpoint as a hosted one, when its name is hosted. A `ns` that names an upstream keeps
@@ -702,6 +788,7 @@ fn blob_response(
     digest: &Digest,
     head: bool,
     range: RangeRequest,
+    tally: Tally,
 ) -> Result<Response, RegistryError> {
     let (size, outcome) = match &answer {
         BlobAnswer::Cached(b) => (Some(b.size), Outcome::Hit),
@@ -746,7 +833,7 @@ fn blob_response(
     if let Some(l) = length {
         builder = builder.header(header::CONTENT_LENGTH, l);
     }
-    let body = blob_body(answer, head, span);
+    let body = blob_body(answer, head, span, tally);
     let mut resp = builder
         .body(body)
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
@@ -773,13 +860,13 @@ fn unsatisfiable(digest: &Digest, size: u64, head: bool, outcome: Outcome) -> Re
 
 /// The bytes of a blob answer (the whole blob, or `span` of it), counted as they are sent;
 /// nothing for a HEAD.
-fn blob_body(answer: BlobAnswer, head: bool, span: Option<range::Span>) -> Body {
+fn blob_body(answer: BlobAnswer, head: bool, span: Option<range::Span>, tally: Tally) -> Body {
     match answer {
         _ if head => Body::empty(),
         BlobAnswer::Cached(b) => {
             let (start, len) = span.map_or((0, b.size), |s| (s.start, s.len()));
             // The stream holds the blob's read lease: it is not evicted while being sent.
-            Body::from_stream(counted(b.into_stream(start, len), Source::Cache))
+            Body::from_stream(counted(b.into_stream(start, len), Source::Cache, tally))
         }
         BlobAnswer::Filling { fill, .. } => Body::from_stream(counted(
             match span {
@@ -787,6 +874,7 @@ fn blob_body(answer: BlobAnswer, head: bool, span: Option<range::Span>) -> Body 
                 None => fill.reader(),
             },
             Source::Fill,
+            tally,
         )),
         BlobAnswer::Head { .. } => Body::empty(),
     }
@@ -853,7 +941,7 @@ fn pagination(uri: &http::Uri) -> Result<(Option<usize>, Option<String>), Regist
     Ok((n, params.get("last").map(str::to_string)))
 }
 
-fn catalog(
+async fn catalog(
     mirror: &Mirror,
     hosted: Option<&Hosted>,
     caller: Option<&auth::Caller>,
@@ -861,7 +949,7 @@ fn catalog(
     head: bool,
 ) -> Result<Response, RegistryError> {
     let (n, last) = pagination(uri)?;
-    let mut all = all_repositories(mirror, hosted)?;
+    let mut all = all_repositories(mirror, hosted).await?;
     if let Some(c) = caller {
         // Only what the caller may pull is listed.
         all.retain(|r| {
@@ -1005,13 +1093,13 @@ async fn mirrored_referrers(
 }
 
 /// Cached and hosted repository names, sorted, each once.
-fn all_repositories(
+async fn all_repositories(
     mirror: &Mirror,
     hosted: Option<&Hosted>,
 ) -> Result<Vec<String>, RegistryError> {
     let mut all = mirror.catalog()?;
     if let Some(h) = hosted {
-        all.extend(h.repositories()?);
+        all.extend(h.repositories().await?);
         all.sort();
         all.dedup();
     }
@@ -1039,7 +1127,7 @@ async fn search(
         );
     };
     let term = q.q.unwrap_or_default().to_ascii_lowercase();
-    let names = match all_repositories(&mirror, hosted.as_deref()) {
+    let names = match all_repositories(&mirror, hosted.as_deref()).await {
         Ok(n) => n,
         Err(e) => return error_response(&e, false),
     };
@@ -1088,6 +1176,10 @@ mod tests {
             ("/metrics", "metrics"),
             ("/healthz", "health"),
             ("/readyz", "health"),
+            ("/api/v1/repositories/docker.io/library/alpine", "console"),
+            ("/ui/", "console"),
+            ("/ui/app.js", "console"),
+            ("/uix", "other"),
             ("/v2/library/alpine/referrers/sha256:00", "referrers"),
             ("/v2/library/alpine", "other"),
             ("/favicon.ico", "other"),

@@ -125,7 +125,7 @@ pub(super) async fn handle(
         HostedEndpoint::Session(name, id) => session(hosted, &name, &id, &q, &parts, body).await,
         HostedEndpoint::Referrers(name, digest) if method == Method::GET || head => {
             let artifact_type = q.artifact_type.as_deref().filter(|t| !t.is_empty());
-            referrers(hosted, &name, &digest, artifact_type, &parts.uri, head)
+            referrers(hosted, &name, &digest, artifact_type, &parts.uri, head).await
         }
         _ => Err(unsupported(method)),
     }
@@ -165,7 +165,7 @@ async fn tags(
 /// `GET /v2/<name>/referrers/<digest>`: an OCI index of the manifests whose subject is
 /// `<digest>` (empty when none), filtered by `artifactType` when asked (and then said in
 /// `OCI-Filters-Applied`), paged like tag lists.
-fn referrers(
+async fn referrers(
     hosted: &Hosted,
     name: &RepoName,
     subject: &Digest,
@@ -173,7 +173,7 @@ fn referrers(
     uri: &http::Uri,
     head: bool,
 ) -> Result<Response, RegistryError> {
-    let manifests = hosted.referrers(name, subject, artifact_type)?;
+    let manifests = hosted.referrers(name, subject, artifact_type).await?;
     super::referrers_page(name, subject, manifests, artifact_type, uri, None, head)
 }
 

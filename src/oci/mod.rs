@@ -8,6 +8,7 @@ pub mod manifest;
 pub mod media;
 pub mod name;
 pub mod references;
+pub mod sigstore;
 
 pub use digest::{Digest, DigestError};
 pub use error::{ErrorCode, RegistryError};

@@ -14,35 +14,78 @@ fn registry(e: crate::oci::RegistryError) -> OpsError {
 }
 
 /// `gc` of hosted content, with `hosted.upload_timeout` as the grace period (what was pushed
-/// more recently may still be waiting for its manifest).
-pub fn gc(hosted: &Hosted, out: &mut dyn Write) -> Result<(), OpsError> {
+/// more recently may still be waiting for its manifest): this node's copies, then, with a
+/// shared store, the shared store's content. `dry_run` reports without removing anything.
+pub fn gc(hosted: &Hosted, dry_run: bool, out: &mut dyn Write) -> Result<(), OpsError> {
     let grace = hosted.settings().upload_timeout;
-    let report = hosted.gc(grace, false).map_err(registry)?;
+    let done = if dry_run { "would remove" } else { "removed" };
+    let report = hosted.gc(grace, dry_run).map_err(registry)?;
     for (repo, hex) in &report.manifests {
-        let _ = writeln!(out, "hosted: removed untagged manifest {repo}@sha256:{hex}");
+        let _ = writeln!(out, "hosted: {done} untagged manifest {repo}@sha256:{hex}");
     }
     let _ = writeln!(
         out,
-        "hosted: removed {} manifests, {} blob links, {} blob files; freed {}",
+        "hosted: {done} {} manifests, {} blob links, {} blob files; {} {}",
         report.manifests.len(),
         report.links,
         report.blobs.len(),
+        if dry_run { "would free" } else { "freed" },
         human(report.bytes)
     );
+    if hosted.is_shared() {
+        let shared = hosted
+            .wait(hosted.gc_shared(grace, dry_run))
+            .and_then(|r| r)
+            .map_err(registry)?;
+        for (repo, hex) in &shared.manifests {
+            let _ = writeln!(
+                out,
+                "hosted (shared store): {done} untagged manifest {repo}@sha256:{hex}"
+            );
+        }
+        if shared.referrers > 0 {
+            let _ = writeln!(
+                out,
+                "hosted (shared store): {} referrer record(s) {}",
+                shared.referrers,
+                if dry_run { "missing" } else { "restored" }
+            );
+        }
+        let _ = writeln!(
+            out,
+            "hosted (shared store): {done} {} manifests, {} blob links, {} objects ({}); {} newly unreferenced, {} waiting for the grace period ({})",
+            shared.manifests.len(),
+            shared.links,
+            shared.objects,
+            human(shared.bytes),
+            shared.recorded,
+            shared.waiting,
+            humantime::format_duration(grace)
+        );
+    }
     hosted.publish();
     Ok(())
 }
 
-/// `ls` of hosted repositories: each repository's tags with their digests.
+/// `ls` of hosted repositories: each repository's tags with their digests (with a shared store,
+/// the fleet's).
 pub fn ls(hosted: &Hosted, out: &mut dyn Write) -> Result<(), OpsError> {
-    let repos = hosted.repositories().map_err(registry)?;
+    let repos = hosted
+        .wait(hosted.repositories())
+        .and_then(|r| r)
+        .map_err(registry)?;
     let (bytes, blobs) = hosted.usage();
     let _ = writeln!(
         out,
-        "\nhosted repositories ({} blobs, {} of {}):",
+        "\nhosted repositories ({} blobs, {} of {}{}):",
         blobs,
         human(bytes),
-        human(hosted.settings().max_size)
+        human(hosted.settings().max_size),
+        if hosted.is_shared() {
+            " on this node"
+        } else {
+            ""
+        }
     );
     if repos.is_empty() {
         let _ = writeln!(out, "  (none)");
@@ -51,14 +94,18 @@ pub fn ls(hosted: &Hosted, out: &mut dyn Write) -> Result<(), OpsError> {
         let Ok(name) = repo.parse::<RepoName>() else {
             continue;
         };
-        let tags = hosted
-            .index()
-            .tags_of(&name)
-            .map_err(|e| OpsError::Usage(e.to_string()))?;
+        let tags = match hosted.wait(hosted.tagged(&name)).and_then(|r| r) {
+            Ok(tags) => tags,
+            Err(e) => {
+                let _ = writeln!(out, "  {repo}  (tags unreadable: {})", e.message);
+                continue;
+            }
+        };
         if tags.is_empty() {
             let _ = writeln!(out, "  {repo}  (untagged)");
         }
-        for (tag, hex) in tags {
+        for (tag, digest) in tags {
+            let hex = digest.hex();
             let _ = writeln!(out, "  {repo}:{tag}  sha256:{}", &hex[..12.min(hex.len())]);
         }
     }

@@ -1,4 +1,5 @@
-//! Operator commands on a cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`.
+//! Operator commands on a cache: `pin`, `unpin`, `ls`, `verify [--repair]`, `gc`, and `purge`
+//! (the console's removal of a mirrored repository or tag).
 //!
 //! Each works on an open [`Cache`]. The command line opens the cache itself when no server runs
 //! (taking the cache's lock: sled allows one process per database, and a second writer behind a
@@ -24,11 +25,13 @@ mod event;
 mod gc;
 pub mod hosted;
 mod pins;
+mod purge;
 mod verify;
 
 pub use event::Event;
 pub use gc::{gc, GcReport};
 pub use pins::{pin, unpin};
+pub use purge::{purge, PurgeRefused, PurgeReport};
 pub use verify::{verify, VerifyReport};
 
 /// An operator command failure: a message for the terminal.

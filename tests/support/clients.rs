@@ -537,6 +537,12 @@ impl ContainersEnv {
         ContainersEnv { dir }
     }
 
+    /// The config dir: `policy.json` and `registries.d/` are what skopeo is given; podman reads
+    /// `home/.config/containers/{policy.json,registries.d}` (its `HOME` is `home/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// podman's graphroot (vfs unpacks into `vfs/dir/<id>/...`).
     pub fn graphroot(&self) -> PathBuf {
         self.dir.path().join("graph")

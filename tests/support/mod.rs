@@ -20,6 +20,7 @@
 #![allow(dead_code)]
 
 pub mod azurite;
+pub mod browser;
 pub mod clients;
 pub mod fake_upstream;
 pub mod garage;
