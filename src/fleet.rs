@@ -19,6 +19,10 @@
 //!   the way back in) and **tags** as their records (`tags/<upstream>/<repo>/<tag>`: digest, type,
 //!   the time upstream last confirmed them, Accept variants). A tag confirmed by node A within
 //!   `manifest_ttl` is a hit on node B without an upstream request.
+//! - **negative answers**: an upstream's "no such tag" (404, or Docker Hub's 401 for a missing
+//!   repository) is shared as `negative/<upstream>/<repo>/<tag>` with its expiry (`negative_ttl`
+//!   from when the node was told): a node that misses the tag locally reads it before asking the
+//!   upstream, and answers the same until it expires.
 //! - **losing the store**: every store call is bounded (`storage.object_store_timeout`); a
 //!   failure marks the store down (`stowage_object_store_up`, `/readyz`), counts it, and the node
 //!   carries on with its local tier and the upstream. Shared writes (manifests, tags, uploads)
@@ -113,6 +117,29 @@ fn tag_key(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
     format!("tags/{}/{repo}/{tag}", upstream.replace(':', "_"))
 }
 
+/// `negative/<upstream>/<repo>/<tag>`: an upstream's "no such tag", shared with its expiry.
+fn negative_key(upstream: &str, repo: &RepoName, tag: &Tag) -> String {
+    format!("negative/{}/{repo}/{tag}", upstream.replace(':', "_"))
+}
+
+/// A shared negative answer: the code to answer with, until when.
+#[derive(Serialize, Deserialize)]
+struct SharedNegative {
+    /// Unix milliseconds after which the upstream is asked again.
+    expires: u64,
+    /// The OCI error code the node answered with (`MANIFEST_UNKNOWN`, `NAME_UNKNOWN`,
+    /// `UNAUTHORIZED`).
+    code: String,
+}
+
+/// The codes a negative answer may carry; anything else reads as `MANIFEST_UNKNOWN`.
+fn negative_code(code: &str) -> ErrorCode {
+    [ErrorCode::NameUnknown, ErrorCode::Unauthorized]
+        .into_iter()
+        .find(|c| c.as_str() == code)
+        .unwrap_or(ErrorCode::ManifestUnknown)
+}
+
 impl Fleet {
     pub fn new(store: Arc<dyn BlobStore>, lease_ttl: Duration, timeout: Duration) -> Fleet {
         let describe = store.describe();
@@ -123,7 +150,7 @@ impl Fleet {
             .object_store_up
             .with_label_values(&[describe.as_str()])
             .set(1);
-        for kind in ["blob", "manifest", "tag"] {
+        for kind in ["blob", "manifest", "tag", "negative"] {
             metrics().object_store_hits.with_label_values(&[kind]);
         }
         Fleet {
@@ -443,6 +470,56 @@ impl Fleet {
             return;
         };
         let key = tag_key(upstream, repo, tag);
+        let fleet = self.clone();
+        self.tasks.spawn(async move {
+            let r = fleet.store.put_bytes(&key, Bytes::from(body)).await;
+            let _ = fleet.record("put", r);
+        });
+    }
+
+    /// An upstream's "no such tag" another node (or this one) shared, while it lasts: the code
+    /// to answer and how long it still holds. Store trouble: `None` (ask the upstream).
+    pub async fn negative(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Option<(ErrorCode, Duration)> {
+        if !self.worth_trying() {
+            return None;
+        }
+        let r = self
+            .store
+            .get_bytes(&negative_key(upstream, repo, tag))
+            .await;
+        let bytes = self.record("get", r).ok().flatten()?;
+        let shared: SharedNegative = serde_json::from_slice(&bytes).ok()?;
+        let left = shared
+            .expires
+            .checked_sub(unix_now_ms())
+            .filter(|&ms| ms > 0)?;
+        metrics().object_store_hit("negative");
+        Some((negative_code(&shared.code), Duration::from_millis(left)))
+    }
+
+    /// Shares an upstream's "no such tag" until `ttl` from now (in the background).
+    pub fn put_negative(
+        self: &Arc<Self>,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        ttl: Duration,
+        code: ErrorCode,
+    ) {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let shared = SharedNegative {
+            expires: unix_now_ms().saturating_add(ttl_ms),
+            code: code.as_str().to_owned(),
+        };
+        let Ok(body) = serde_json::to_vec(&shared) else {
+            return;
+        };
+        let key = negative_key(upstream, repo, tag);
         let fleet = self.clone();
         self.tasks.spawn(async move {
             let r = fleet.store.put_bytes(&key, Bytes::from(body)).await;

@@ -34,8 +34,9 @@
 //!   mount) and the `object_store` crate (S3, Ceph RGW, Garage, MinIO, GCS, Azure). All pass one
 //!   suite, `tests/store.rs`; Garage runs as a real 3-node cluster in `tests/support/garage.rs`,
 //!   Azure's API as Azurite in `tests/support/azurite.rs`.
-//! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, crash
-//!   reconciliation at open and the cache's lock file (`cache/mod.rs`), fills in `tmp/` owned by
+//! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, the cache's lock
+//!   file (`cache/mod.rs`), the budget's load and crash reconciliation in the background after
+//!   open (`cache/startup.rs`), fills in `tmp/` owned by
 //!   the cache and shared by every reader (single flight), resumed with `Range` when the upstream
 //!   breaks ([`cache::fill`]), committed blobs served as memory-mapped windows handed to hyper
 //!   without a copy ([`cache::serve`]), the sled [`cache::index`] (tag records with their

@@ -281,9 +281,10 @@ impl BlobSource for UpstreamSource {
 }
 
 impl Mirror {
-    /// Opens the cache and builds the upstream clients.
+    /// Opens the cache (its budget loads and its files reconcile in the background) and builds
+    /// the upstream clients.
     pub fn new(config: Config) -> Result<Mirror, crate::Error> {
-        let cache = Cache::open(&config.storage)?.with_fill_policy(FillPolicy {
+        let cache = Cache::open_serving(&config.storage)?.with_fill_policy(FillPolicy {
             max_concurrent: config.storage.max_concurrent_fills,
             retries: config.storage.fill_retries,
             ..FillPolicy::default()
@@ -499,7 +500,7 @@ impl Mirror {
         mut turn: TurnGuard,
     ) -> Result<ManifestAnswer, RegistryError> {
         if cached.is_none() {
-            self.check_negative(route, tag)?;
+            self.check_negative(route, tag).await?;
         }
         // The upstream said (429 + Retry-After) to come back later: don't ask for cached tags.
         if let (Some(left), Some(_)) = (route.upstream.backing_off(), &cached) {
@@ -540,9 +541,18 @@ impl Mirror {
             .await
     }
 
-    /// An upstream 404 (or equivalent) for this tag remembered within `negative_ttl`.
-    fn check_negative(&self, route: &Route, tag: &Tag) -> Result<(), RegistryError> {
-        match self.negative.get(&negative_key(route, tag)) {
+    /// An upstream 404 (or equivalent) for this tag remembered within `negative_ttl`, here or
+    /// (shared) by another node of the fleet.
+    async fn check_negative(&self, route: &Route, tag: &Tag) -> Result<(), RegistryError> {
+        let key = negative_key(route, tag);
+        let mut remembered = self.negative.get(&key);
+        if let (None, Some(fleet)) = (remembered, &self.fleet) {
+            if let Some((code, left)) = fleet.negative(route.host(), &route.repo, tag).await {
+                self.negative.insert(key, left, code);
+                remembered = Some(code);
+            }
+        }
+        match remembered {
             Some(code) => Err(RegistryError::new(
                 code,
                 format!(
@@ -765,6 +775,15 @@ impl Mirror {
                 config.negative_ttl,
                 client_error.code,
             );
+            if let Some(fleet) = &self.fleet {
+                fleet.put_negative(
+                    host,
+                    &route.repo,
+                    tag,
+                    config.negative_ttl,
+                    client_error.code,
+                );
+            }
         }
         if err.status() == Some(404) && cached.is_some() {
             tracing::info!(upstream = %host, repo = %route.repo, %tag, "tag gone upstream; forgetting it");

@@ -96,29 +96,19 @@ async fn init_metrics(mirror: &Arc<Mirror>) -> Result<(), Error> {
     m.cache_budget_bytes
         .set(i64::try_from(mirror.config.storage.max_size).unwrap_or(i64::MAX));
     m.init_upstreams(mirror.router.upstreams().iter().map(|u| u.host()));
-    let index = mirror.cache.index().clone();
-    let (blobs, bytes) = tokio::task::spawn_blocking(move || index.blob_totals())
-        .await
-        .map_err(|e| Error::Startup(format!("scanning the index: {e}")))?
-        .map_err(crate::cache::CacheError::from)?;
-    m.cache_blobs.set(i64::try_from(blobs).unwrap_or(i64::MAX));
-    m.cache_size_bytes
-        .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    // `stowage_cache_blobs` and `stowage_cache_size_bytes` are the budget's, set as it loads.
     Ok(())
 }
 
-/// Logs what crash reconciliation found when the cache was opened, and its size.
+/// Logs that the cache is open. Its budget loads and its files reconcile in the background
+/// ("cache reconciled" says what that found).
 fn log_cache_opened(mirror: &Mirror) {
     let r = mirror.cache.reconciled();
     let stats = mirror.cache.stats();
     tracing::info!(
-        blobs = r.blobs,
-        dropped_entries = r.dropped_entries,
-        adopted_files = r.adopted_files,
-        removed_files = r.removed_files,
         temp_files = r.temp_files,
-        size = stats.size_bytes,
         budget = stats.budget_bytes,
+        loading = mirror.cache.budget().loading(),
         "cache opened"
     );
 }

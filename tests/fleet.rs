@@ -393,3 +393,96 @@ fn the_documented_nginx_setup_sends_each_digest_to_one_node() {
         upstream.access_log_lines()
     );
 }
+
+/// `GET /v2/<name>/manifests/<reference>` on `node`: the status.
+fn manifest_status(node: &Stowage, name: &str, reference: &str) -> u16 {
+    http()
+        .get(format!("{}/v2/{name}/manifests/{reference}", node.url()))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_upstream_404_is_shared_with_its_ttl() {
+    let upstream = Registry::start();
+    let shared = tempfile::tempdir().expect("tempdir");
+    let storage = format!("shared_path = \"{}\"\n", shared.path().display());
+    // Long enough that the steps before the expiry fit in it on a busy machine.
+    let ttl = Duration::from_secs(20);
+    let spec = UpstreamSpec::new("docker.io", &upstream.url())
+        .with_extra(&format!("negative_ttl = \"{}s\"", ttl.as_secs()));
+    let start = |spec: &UpstreamSpec| {
+        Stowage::builder()
+            .upstream(spec.clone())
+            .storage_toml(&storage)
+            .start()
+    };
+    let (a, b) = (start(&spec), start(&spec));
+    // Reads of the tag (the push below writes it).
+    let asked = || {
+        upstream
+            .access_log_lines()
+            .iter()
+            .filter(|l| l.contains("/v2/fleet/late/manifests/v1") && !l.contains("PUT"))
+            .count()
+    };
+
+    assert_eq!(manifest_status(&a, "fleet/late", "v1"), 404);
+    let told = std::time::Instant::now();
+    let after_a = asked();
+    assert!(after_a >= 1, "node A never asked the upstream");
+    let negative = shared.path().join("negative/docker.io/fleet/late/v1");
+    assert!(
+        wait_until(SHARE_TIMEOUT, || negative.is_file()),
+        "node A never shared its negative answer"
+    );
+
+    // Node B misses locally, finds A's answer in the store, and does not ask the upstream.
+    assert_eq!(manifest_status(&b, "fleet/late", "v1"), 404);
+    assert_eq!(asked(), after_a, "node B asked the upstream within the TTL");
+    assert_eq!(
+        metric(
+            &b,
+            "stowage_object_store_hits_total",
+            &[("kind", "negative")]
+        ),
+        1.0
+    );
+
+    // The tag appears upstream: both nodes keep the answer until it expires...
+    let pushed = upstream.push("fleet/late", "v1", Image::build(Format::Docker, &[1024]));
+    assert_eq!(manifest_status(&a, "fleet/late", "v1"), 404);
+    assert_eq!(manifest_status(&b, "fleet/late", "v1"), 404);
+    assert_eq!(asked(), after_a, "a node asked the upstream within the TTL");
+    assert!(
+        told.elapsed() < ttl,
+        "the machine is too slow for this TTL: the checks above may have run after it"
+    );
+
+    // ...and after it, ask again and find it.
+    std::thread::sleep(ttl.saturating_sub(told.elapsed()));
+    assert!(
+        wait_until(Duration::from_secs(60), || manifest_status(
+            &b,
+            "fleet/late",
+            "v1"
+        ) == 200),
+        "node B still answers 404 after the TTL"
+    );
+    assert!(asked() > after_a, "node B did not ask the upstream again");
+    assert!(
+        wait_until(Duration::from_secs(60), || manifest_status(
+            &a,
+            "fleet/late",
+            "v1"
+        ) == 200),
+        "node A still answers 404 after the TTL"
+    );
+    let out = tempfile::tempdir().expect("tempdir");
+    pull(&a, &pushed, out.path());
+}

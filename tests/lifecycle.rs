@@ -571,7 +571,26 @@ fn kill_9_during_fills_and_eviction_leaves_a_consistent_cache() {
     std::fs::write(&liar_path, b"something else").expect("write liar blob");
     std::fs::write(stowage.data_dir().join("tmp").join("x.partial"), b"junk").expect("tmp junk");
 
+    // Ready first, reconciled in the background: the server answers before it is done, and
+    // says what it found when it is.
+    let before = stowage.log().matches("cache reconciled").count();
     stowage.restart();
+    let reconciled = || {
+        stowage
+            .log()
+            .lines()
+            .filter(|l| l.contains("cache reconciled"))
+            .nth(before)
+            .map(str::to_owned)
+    };
+    assert!(
+        wait_until(Duration::from_secs(120), || reconciled().is_some()),
+        "no reconciliation after the restart"
+    );
+    let line = reconciled().unwrap_or_default();
+    for found in ["dropped_entries=1 ", "adopted_files=1 ", "removed_files=1 "] {
+        assert!(line.contains(found), "{found} expected: {line}");
+    }
     stop_cleanly(&mut stowage);
     assert!(stowage.tmp_files().is_empty());
     assert!(

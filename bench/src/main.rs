@@ -85,6 +85,16 @@ enum Workload {
     /// distribution registry, then pulled back with skopeo: wall times and peak RSS, at two
     /// layer sizes.
     Push(push::Opts),
+    /// Startup alone (workload 6 of `all`): time to ready and resident memory with N cached
+    /// blobs, for each N.
+    Startup {
+        /// Cached blob counts.
+        #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+        blobs: Vec<u64>,
+        /// Fresh processes timed per server and count.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
     /// Every workload in one run: warm blob throughput (vs nginx sendfile and a raw read), warm
     /// manifests with `wrk`, a cold multi-layer pull (vs the upstream directly), the cold blob to
     /// N concurrent clients, peak RSS, startup with 100k cached blobs: one table on stdout and a
@@ -189,11 +199,20 @@ impl Proc {
         Ok(Proc { child })
     }
 
+    /// Resident memory now (`VmRSS`).
+    fn rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmRSS:")
+    }
+
     fn peak_rss_kib(&self) -> Option<u64> {
+        self.status_kib("VmHWM:")
+    }
+
+    fn status_kib(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
     }
 }
@@ -604,6 +623,9 @@ fn main() -> std::process::ExitCode {
                 all::run(&cli, &work, &opts).await
             }
             Workload::Push(o) => push::command(&cli, &work, o).await,
+            Workload::Startup { blobs, runs } => {
+                startup::command(&cli, &work, blobs, (*runs).max(1)).await
+            }
             Workload::ColdBlob { size_mib, clients } => {
                 let samples = cold_blob(&cli, &work, *size_mib, clients).await?;
                 let size = (*size_mib as u64) << 20;
@@ -1010,15 +1032,16 @@ mod all {
     /// Adds the startup times (workload 6) to each server's figures: the median and every run.
     fn merge_startup(
         per: &mut [(ServerKind, serde_json::Value)],
-        times: Vec<(ServerKind, Vec<Duration>)>,
+        times: Vec<(ServerKind, Vec<startup::Started>)>,
     ) {
-        for (kind, mut t) in times {
-            let secs: Vec<f64> = t.iter().map(Duration::as_secs_f64).collect();
-            t.sort();
-            let median = t[t.len() / 2].as_secs_f64();
+        for (kind, t) in times {
+            let secs: Vec<f64> = t.iter().map(|r| r.ready.as_secs_f64()).collect();
+            let (median, rss, peak) = startup::medians(&t);
             if let Some((_, v)) = per.iter_mut().find(|(k, _)| *k == kind) {
                 v["startup_s_median"] = json!(median);
                 v["startup_s_runs"] = json!(secs);
+                v["startup_rss_mib"] = json!(rss);
+                v["startup_peak_rss_mib"] = json!(peak);
             }
         }
     }
@@ -1258,6 +1281,24 @@ mod all {
                 false,
             ));
         }
+        if o.startup_blobs > 0 {
+            lines.push(line(
+                &format!("RSS 10 s after ready, {} cached blobs", o.startup_blobs),
+                "MiB",
+                s("startup_rss_mib"),
+                d("startup_rss_mib"),
+                "distribution",
+                false,
+            ));
+            lines.push(line(
+                &format!("peak RSS to then, {} cached blobs", o.startup_blobs),
+                "MiB",
+                s("startup_peak_rss_mib"),
+                d("startup_peak_rss_mib"),
+                "distribution",
+                false,
+            ));
+        }
         lines.push(line(
             "peak RSS over workloads 1-4",
             "MiB",
@@ -1432,6 +1473,17 @@ mod all {
 mod startup {
     use super::*;
 
+    /// One timed startup: until ready, then the resident memory once settled and its peak.
+    pub struct Started {
+        pub ready: Duration,
+        pub rss_kib: Option<u64>,
+        pub peak_kib: Option<u64>,
+    }
+
+    /// How long after ready the resident memory is sampled: long enough for work the server
+    /// does in the background after it is ready (a reconciliation of the cache) to show.
+    const SETTLE: Duration = Duration::from_secs(10);
+
     /// The digests of the seeded blobs: the sha256 of each index's 8 little-endian bytes.
     fn seeded(n: u64) -> impl Iterator<Item = (Vec<u8>, String)> {
         (0..n).map(|i| {
@@ -1492,18 +1544,25 @@ mod startup {
         Ok(())
     }
 
-    /// Spawns `cmd` and polls `url` until it answers 2xx: the time from spawn, and the process.
-    async fn time_to_ready(cmd: Command, log: &Path, url: &str) -> Result<Duration, BoxError> {
+    /// Spawns `cmd` and polls `url` until it answers 2xx: the time from spawn; then the
+    /// resident memory [`SETTLE`] later and the peak until then.
+    async fn time_to_ready(cmd: Command, log: &Path, url: &str) -> Result<Started, BoxError> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(5))
             .build()?;
         let t0 = Instant::now();
-        let _proc = Proc::spawn(cmd, log)?;
+        let proc = Proc::spawn(cmd, log)?;
         loop {
             if let Ok(r) = client.get(url).send().await {
                 if r.status().is_success() {
-                    return Ok(t0.elapsed());
+                    let ready = t0.elapsed();
+                    tokio::time::sleep(SETTLE).await;
+                    return Ok(Started {
+                        ready,
+                        rss_kib: proc.rss_kib(),
+                        peak_kib: proc.peak_rss_kib(),
+                    });
                 }
             }
             if t0.elapsed() > Duration::from_secs(120) {
@@ -1516,10 +1575,7 @@ mod startup {
     /// The fixture of `n` blobs for `kind`, built once and kept (outside the run's work
     /// directory) for later runs: building it and deleting it take minutes on a busy disk.
     async fn fixture(kind: ServerKind, n: u64) -> Result<PathBuf, BoxError> {
-        let data = std::env::temp_dir().join(format!(
-            "stowage-bench-startup-{}-{n}",
-            kind.name().replace(' ', "-")
-        ));
+        let data = fixtures_dir()?.join(format!("startup-{}-{n}", kind.name().replace(' ', "-")));
         let done = data.join("stowage-bench-fixture-complete");
         if done.exists() {
             note(&format!("{}: reusing {}", kind.name(), data.display()));
@@ -1548,6 +1604,75 @@ mod startup {
         Ok(data)
     }
 
+    /// KiB as MiB with one decimal, or `-`.
+    pub fn mib(kib: Option<u64>) -> String {
+        kib.map_or("-".to_owned(), |k| format!("{:.1}", k as f64 / 1024.0))
+    }
+
+    /// Median of the runs' ready times (s), and of their settled and peak RSS (MiB).
+    pub fn medians(runs: &[Started]) -> (f64, Option<f64>, Option<f64>) {
+        fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> Option<T> {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            v.get(v.len() / 2).copied()
+        }
+        let ready = median(runs.iter().map(|r| r.ready.as_secs_f64()).collect()).unwrap_or(0.0);
+        let to_mib = |k: u64| k as f64 / 1024.0;
+        let rss = median(runs.iter().filter_map(|r| r.rss_kib).map(to_mib).collect());
+        let peak = median(runs.iter().filter_map(|r| r.peak_kib).map(to_mib).collect());
+        (ready, rss, peak)
+    }
+
+    /// The `startup` subcommand: one table row per server and blob count.
+    pub async fn command(
+        cli: &Cli,
+        work: &Path,
+        counts: &[u64],
+        runs: usize,
+    ) -> Result<(), BoxError> {
+        let upstream = "http://127.0.0.1:9"; // never asked: startup needs no upstream
+        let mut rows = Vec::new();
+        for &n in counts {
+            for (kind, started) in run(cli, upstream, work, n, runs).await? {
+                let (ready, rss, peak) = medians(&started);
+                let all: Vec<String> = started
+                    .iter()
+                    .map(|r| format!("{:.3}", r.ready.as_secs_f64()))
+                    .collect();
+                let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+                rows.push(format!(
+                    "| {} | {n} | {ready:.3} ({}) | {} | {} |",
+                    kind.name(),
+                    all.join(", "),
+                    f(rss),
+                    f(peak)
+                ));
+            }
+        }
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "startup with N cached blobs (median of {runs} fresh processes; RSS {} s after ready)\n\n\
+             | server | N | ready s (runs) | RSS MiB | peak RSS MiB |\n|---|---|---|---|---|",
+            SETTLE.as_secs()
+        )?;
+        for r in rows {
+            writeln!(out, "{r}")?;
+        }
+        Ok(())
+    }
+
+    /// Where fixtures are kept between runs: `bench-fixtures/` in the target directory this
+    /// program was built into (`target/release/stowage-bench` → `target/bench-fixtures`), so
+    /// `cargo clean` removes them.
+    fn fixtures_dir() -> Result<PathBuf, BoxError> {
+        let exe = std::env::current_exe()?;
+        let target = exe
+            .parent()
+            .and_then(Path::parent)
+            .ok_or("cannot locate the target directory from this program's path")?;
+        Ok(target.join("bench-fixtures"))
+    }
+
     /// Startup times (`runs` fresh processes each) of every server in `cli.servers`.
     pub async fn run(
         cli: &Cli,
@@ -1555,7 +1680,7 @@ mod startup {
         work: &Path,
         n: u64,
         runs: usize,
-    ) -> Result<Vec<(ServerKind, Vec<Duration>)>, BoxError> {
+    ) -> Result<Vec<(ServerKind, Vec<Started>)>, BoxError> {
         let mut out = Vec::new();
         for &kind in &cli.servers {
             let dir = work.join(format!("startup-{}", kind.name().replace(' ', "-")));
@@ -1566,7 +1691,7 @@ mod startup {
                 let port = free_port()?;
                 let url = format!("http://127.0.0.1:{port}");
                 let log = dir.join(format!("server-{run}.log"));
-                let elapsed = match kind {
+                let started = match kind {
                     ServerKind::Stowage => {
                         let cmd =
                             stowage_command(&stowage_bin(cli)?, &dir, &data, port, upstream, "")?;
@@ -1581,11 +1706,14 @@ mod startup {
                     }
                 };
                 note(&format!(
-                    "{}: ready in {:.3} s with {n} cached blobs",
+                    "{}: ready in {:.3} s with {n} cached blobs; RSS {} MiB {} s later, peak {} MiB",
                     kind.name(),
-                    elapsed.as_secs_f64()
+                    started.ready.as_secs_f64(),
+                    mib(started.rss_kib),
+                    SETTLE.as_secs(),
+                    mib(started.peak_kib),
                 ));
-                times.push(elapsed);
+                times.push(started);
             }
             out.push((kind, times));
         }

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 /// Watermarks and the hard limit, in bytes.
 #[derive(Clone, Copy, Debug)]
@@ -67,16 +67,135 @@ pub fn blob_key(hex: &str) -> Vec<u8> {
     k
 }
 
+/// A blob's digest bytes (sha256), the budget's key: 32 bytes rather than a 64-character string.
+pub type Key = [u8; 32];
+
+/// The key of a blob by hex; `None` if `hex` is not 64 hex digits.
+pub fn key_of(hex: &str) -> Option<Key> {
+    let mut k = [0u8; 32];
+    hex::decode_to_slice(hex, &mut k).ok()?;
+    Some(k)
+}
+
+/// One accounted blob.
 #[derive(Clone, Copy, Debug)]
-struct Entry {
+struct Slot {
+    key: Key,
     size: u64,
     tick: u64,
 }
 
+/// The accounted blobs, compact: a million of them take ~80 bytes each (a slot, ~2 table
+/// entries of 4 bytes, and one LRU entry of 16). A blob is named by its slot's index (`u32`).
+#[derive(Default)]
+struct Blobs {
+    /// Slots by id; ids in `free` are unused.
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Ids, hashed by their slot's key.
+    table: hashbrown::HashTable<u32>,
+    hasher: std::collections::hash_map::RandomState,
+    /// `(tick, id)`: least recently used first.
+    order: BTreeSet<(u64, u32)>,
+}
+
+impl Blobs {
+    fn hash(&self, key: &Key) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn reserve(&mut self, n: usize) {
+        self.slots.reserve(n.saturating_sub(self.free.len()));
+        let hasher = self.hasher.clone();
+        let slots = &self.slots;
+        self.table.reserve(n, |id| {
+            use std::hash::BuildHasher;
+            hasher.hash_one(slots[*id as usize].key)
+        });
+    }
+
+    fn id(&self, key: &Key) -> Option<u32> {
+        let slots = &self.slots;
+        self.table
+            .find(self.hash(key), |id| slots[*id as usize].key == *key)
+            .copied()
+    }
+
+    fn get(&self, key: &Key) -> Option<Slot> {
+        self.id(key).map(|id| self.slots[id as usize])
+    }
+
+    /// Inserts or replaces; returns the replaced slot's size.
+    fn insert(&mut self, key: Key, size: u64, tick: u64) -> Option<u64> {
+        if let Some(id) = self.id(&key) {
+            let slot = &mut self.slots[id as usize];
+            let (old_tick, old_size) = (slot.tick, slot.size);
+            (slot.size, slot.tick) = (size, tick);
+            self.order.remove(&(old_tick, id));
+            self.order.insert((tick, id));
+            return Some(old_size);
+        }
+        let slot = Slot { key, size, tick };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = slot;
+                id
+            }
+            None => {
+                self.slots.push(slot);
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let hash = self.hash(&key);
+        let hasher = self.hasher.clone();
+        let slots = &self.slots;
+        self.table.insert_unique(hash, id, |id| {
+            use std::hash::BuildHasher;
+            hasher.hash_one(slots[*id as usize].key)
+        });
+        self.order.insert((tick, id));
+        None
+    }
+
+    fn remove(&mut self, key: &Key) -> Option<Slot> {
+        let slots = &self.slots;
+        let entry = self
+            .table
+            .find_entry(self.hash(key), |id| slots[*id as usize].key == *key)
+            .ok()?;
+        let (id, _) = entry.remove();
+        let slot = self.slots[id as usize];
+        self.order.remove(&(slot.tick, id));
+        self.free.push(id);
+        Some(slot)
+    }
+
+    /// Marks a blob used at `tick`; false if it is not accounted.
+    fn touch(&mut self, key: &Key, tick: u64) -> bool {
+        let Some(id) = self.id(key) else {
+            return false;
+        };
+        let slot = &mut self.slots[id as usize];
+        let old = std::mem::replace(&mut slot.tick, tick);
+        self.order.remove(&(old, id));
+        self.order.insert((tick, id));
+        true
+    }
+
+    /// Slots, least recently used first.
+    fn by_recency(&self) -> impl Iterator<Item = &Slot> + '_ {
+        self.order.iter().map(|(_, id)| &self.slots[*id as usize])
+    }
+}
+
 #[derive(Default)]
 struct State {
-    blobs: HashMap<String, Entry>,
-    order: BTreeSet<(u64, String)>,
+    blobs: Blobs,
     clock: u64,
     blob_bytes: u64,
     manifest_bytes: u64,
@@ -84,6 +203,15 @@ struct State {
     readers: HashMap<String, usize>,
     pinned: HashSet<String>,
     dirty: HashMap<Vec<u8>, AccessUpdate>,
+    /// While the index is being loaded (see [`Budget::begin_loading`]): uses of blobs not loaded
+    /// yet (they load as used now) and blobs dropped meanwhile (they do not load).
+    loading: Option<Loading>,
+}
+
+#[derive(Default)]
+struct Loading {
+    touched: HashSet<Key>,
+    forgotten: HashSet<Key>,
 }
 
 impl State {
@@ -98,6 +226,21 @@ impl State {
     fn bump(&mut self) -> u64 {
         self.clock += 1;
         self.clock
+    }
+    /// Accounts a blob, replacing any previous accounting of it.
+    fn put(&mut self, key: Key, size: u64, tick: u64) {
+        if let Some(old) = self.blobs.insert(key, size, tick) {
+            self.blob_bytes -= old;
+        }
+        self.blob_bytes += size;
+    }
+    fn forget(&mut self, key: &Key) {
+        if let Some(slot) = self.blobs.remove(key) {
+            self.blob_bytes -= slot.size;
+        }
+        if let Some(l) = self.loading.as_mut() {
+            l.forgotten.insert(*key);
+        }
     }
 }
 
@@ -128,6 +271,8 @@ pub struct Full {
 pub struct Budget {
     limits: Limits,
     state: Mutex<State>,
+    /// Signalled when loading ends.
+    loaded: Condvar,
     evictions: AtomicU64,
     evicted_bytes: AtomicU64,
     fills_refused: AtomicU64,
@@ -159,6 +304,7 @@ impl Budget {
         Budget {
             limits,
             state: Mutex::default(),
+            loaded: Condvar::new(),
             evictions: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
             fills_refused: AtomicU64::new(0),
@@ -173,31 +319,94 @@ impl Budget {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Loads a blob at startup with its persisted tick (0 if never recorded).
-    pub fn load_blob(&self, hex: &str, size: u64, tick: u64) {
+    /// The state once loading is over (see [`Budget::begin_loading`]): what eviction needs.
+    fn lock_loaded(&self) -> MutexGuard<'_, State> {
         let mut s = self.lock();
-        if let Some(old) = s.blobs.insert(hex.to_owned(), Entry { size, tick }) {
-            s.order.remove(&(old.tick, hex.to_owned()));
-            s.blob_bytes -= old.size;
+        while s.loading.is_some() {
+            s = self.loaded.wait(s).unwrap_or_else(|p| p.into_inner());
         }
-        s.order.insert((tick, hex.to_owned()));
-        s.blob_bytes += size;
+        s
+    }
+
+    /// Accounts a blob found at startup (adopted by reconciliation) with its persisted tick (0 if
+    /// never recorded), replacing any accounting of it.
+    pub fn load_blob(&self, hex: &str, size: u64, tick: u64) {
+        let Some(key) = key_of(hex) else { return };
+        let mut s = self.lock();
+        s.put(key, size, tick);
         s.clock = s.clock.max(tick);
         s.publish_gauges();
     }
 
-    /// Loads many blobs at startup: (hex, size, persisted tick), under one lock.
-    pub fn load_blobs(&self, blobs: Vec<(String, u64, u64)>) {
+    /// Accounts a blob adopted by reconciliation if `adopt()` says so. Runs `adopt` under the
+    /// budget's lock, which eviction holds while it deletes: a blob being evicted is not adopted
+    /// back.
+    pub fn adopt_blob(
+        &self,
+        hex: &str,
+        size: u64,
+        tick: u64,
+        adopt: impl FnOnce() -> bool,
+    ) -> bool {
+        let Some(key) = key_of(hex) else { return false };
+        let mut s = self.lock();
+        if !adopt() {
+            return false;
+        }
+        s.put(key, size, tick);
+        s.clock = s.clock.max(tick);
+        s.publish_gauges();
+        true
+    }
+
+    /// From now until [`Budget::finish_loading`], blobs are loaded from the index while the
+    /// cache serves: eviction (and so any reservation) waits for the end, a blob committed or
+    /// dropped meanwhile keeps what happened to it, and one used meanwhile loads as used now.
+    pub fn begin_loading(&self) {
+        self.lock().loading = Some(Loading::default());
+    }
+
+    /// Loading is over: eviction may run.
+    pub fn finish_loading(&self) {
+        let mut s = self.lock();
+        s.loading = None;
+        s.publish_gauges();
+        self.loaded.notify_all();
+    }
+
+    /// Whether blobs are still being loaded.
+    pub fn loading(&self) -> bool {
+        self.lock().loading.is_some()
+    }
+
+    /// Blocks until loading is over.
+    pub fn wait_loaded(&self) {
+        drop(self.lock_loaded());
+    }
+
+    /// Loads indexed blobs — (digest bytes, size, persisted tick) — under one lock. A blob
+    /// already accounted keeps its accounting.
+    pub fn load_blobs(&self, blobs: &[(Key, u64, u64)]) {
         let mut s = self.lock();
         s.blobs.reserve(blobs.len());
-        for (hex, size, tick) in blobs {
-            if let Some(old) = s.blobs.insert(hex.clone(), Entry { size, tick }) {
-                s.order.remove(&(old.tick, hex.clone()));
-                s.blob_bytes -= old.size;
-            }
-            s.order.insert((tick, hex));
-            s.blob_bytes += size;
+        for &(key, size, mut tick) in blobs {
             s.clock = s.clock.max(tick);
+            if s.blobs.get(&key).is_some() {
+                continue;
+            }
+            if let Some(l) = s.loading.as_mut() {
+                if l.forgotten.contains(&key) {
+                    continue;
+                }
+                if l.touched.remove(&key) {
+                    tick = s.bump();
+                    let mut buf = [0u8; 64];
+                    let key = blob_key(hex_of(&key, &mut buf));
+                    s.dirty
+                        .insert(key, Some((tick, crate::cache::index::unix_now())));
+                }
+            }
+            s.put(key, size, tick);
         }
         s.publish_gauges();
     }
@@ -229,7 +438,7 @@ impl Budget {
 
     /// Whether the budget accounts this blob as committed.
     pub fn contains(&self, hex: &str) -> bool {
-        self.lock().blobs.contains_key(hex)
+        key_of(hex).is_some_and(|k| self.lock().blobs.get(&k).is_some())
     }
 
     /// Marks a blob used now and takes a read lease on it. The lease is taken even if the blob
@@ -275,12 +484,9 @@ impl Budget {
         let mut s = self.lock();
         s.reserved = s.reserved.saturating_sub(reserved);
         let tick = s.bump();
-        if let Some(old) = s.blobs.insert(hex.to_owned(), Entry { size, tick }) {
-            s.order.remove(&(old.tick, hex.to_owned()));
-            s.blob_bytes -= old.size;
+        if let Some(key) = key_of(hex) {
+            s.put(key, size, tick);
         }
-        s.order.insert((tick, hex.to_owned()));
-        s.blob_bytes += size;
         s.dirty
             .insert(blob_key(hex), Some((tick, crate::cache::index::unix_now())));
         s.publish_gauges();
@@ -295,9 +501,8 @@ impl Budget {
     /// Drops a blob from the accounting (removed by `verify --repair`, `gc`, or found missing).
     pub fn forget_blob(&self, hex: &str) {
         let mut s = self.lock();
-        if let Some(e) = s.blobs.remove(hex) {
-            s.order.remove(&(e.tick, hex.to_owned()));
-            s.blob_bytes -= e.size;
+        if let Some(key) = key_of(hex) {
+            s.forget(&key);
         }
         s.dirty.insert(blob_key(hex), None);
         s.publish_gauges();
@@ -307,7 +512,7 @@ impl Budget {
     /// the high watermark (down to the low one) or if the disk has less room than `n`. Fails if
     /// the budget cannot make room. Blocking: call from a blocking context.
     pub fn reserve(&self, n: u64, ev: &dyn Evictor) -> Result<(), Full> {
-        let mut s = self.lock();
+        let mut s = self.lock_loaded();
         let l = self.limits;
         if s.used() + s.reserved + n > l.high {
             // Refuse up front what would not fit even with everything evictable gone: evicting
@@ -380,7 +585,7 @@ impl Budget {
     /// Evicts down to the low watermark if the cache is above the high one (e.g. after blobs
     /// that were in use became free). Blocking.
     pub fn maybe_evict(&self, ev: &dyn Evictor) -> u64 {
-        let mut s = self.lock();
+        let mut s = self.lock_loaded();
         if s.used() + s.reserved > self.limits.high {
             let target = self.limits.low.saturating_sub(s.reserved);
             return self.evict_locked(&mut s, target, ev);
@@ -398,9 +603,8 @@ impl Budget {
         for v in victims_locked(s, target, ev) {
             match ev.delete(&v) {
                 Ok(()) => {
-                    if let Some(e) = s.blobs.remove(&v.hex) {
-                        s.order.remove(&(e.tick, v.hex.clone()));
-                        s.blob_bytes -= e.size;
+                    if let Some(key) = key_of(&v.hex) {
+                        s.forget(&key);
                     }
                     s.dirty.insert(blob_key(&v.hex), None);
                     freed += v.size;
@@ -429,15 +633,15 @@ impl Budget {
 
     /// A committed blob's size, if the budget accounts it.
     pub fn blob_size(&self, hex: &str) -> Option<u64> {
-        self.lock().blobs.get(hex).map(|e| e.size)
+        key_of(hex).and_then(|k| self.lock().blobs.get(&k).map(|e| e.size))
     }
 
     /// Blobs in least-recently-used-first order with their ticks (for tests and `ls`).
     pub fn lru_order(&self) -> Vec<(String, u64)> {
         self.lock()
-            .order
-            .iter()
-            .map(|(t, h)| (h.clone(), *t))
+            .blobs
+            .by_recency()
+            .map(|slot| (hex::encode(slot.key), slot.tick))
             .collect()
     }
 
@@ -446,7 +650,7 @@ impl Budget {
         let pinned_blob_bytes = s
             .pinned
             .iter()
-            .filter_map(|h| s.blobs.get(h))
+            .filter_map(|h| s.blobs.get(&key_of(h)?))
             .map(|e| e.size)
             .sum();
         CacheStats {
@@ -469,42 +673,54 @@ impl Budget {
 fn victims_locked(s: &State, target: u64, ev: &dyn Evictor) -> Vec<Victim> {
     let mut victims = Vec::new();
     let mut projected = s.used();
-    for (_, hex) in s.order.iter() {
+    let mut buf = [0u8; 64];
+    for slot in s.blobs.by_recency() {
         if projected <= target {
             break;
         }
-        if s.pinned.contains(hex) || s.readers.contains_key(hex) || ev.held_by_fill(hex) {
+        if in_use(s, ev, hex_of(&slot.key, &mut buf)) {
             continue;
         }
-        let size = s.blobs.get(hex).map(|e| e.size).unwrap_or(0);
-        projected = projected.saturating_sub(size);
+        projected = projected.saturating_sub(slot.size);
         victims.push(Victim {
-            hex: hex.clone(),
-            size,
+            hex: hex_of(&slot.key, &mut buf).to_owned(),
+            size: slot.size,
         });
     }
     victims
 }
 
+/// Whether a blob may not be evicted now: pinned, leased or held by a fill.
+fn in_use(s: &State, ev: &dyn Evictor, hex: &str) -> bool {
+    s.pinned.contains(hex) || s.readers.contains_key(hex) || ev.held_by_fill(hex)
+}
+
+/// A key as hex, written into `buf` (no allocation per blob in eviction's scans).
+fn hex_of<'a>(key: &Key, buf: &'a mut [u8; 64]) -> &'a str {
+    match hex::encode_to_slice(key, buf) {
+        Ok(()) => std::str::from_utf8(buf).unwrap_or(""),
+        Err(_) => "",
+    }
+}
+
 /// Bytes of blobs that eviction may remove now (not pinned, leased or held by a fill).
 fn evictable(s: &State, ev: &dyn Evictor) -> u64 {
-    s.order
-        .iter()
-        .filter(|(_, h)| !(s.pinned.contains(h) || s.readers.contains_key(h) || ev.held_by_fill(h)))
-        .filter_map(|(_, h)| s.blobs.get(h))
-        .map(|e| e.size)
+    let mut buf = [0u8; 64];
+    s.blobs
+        .by_recency()
+        .filter(|slot| !in_use(s, ev, hex_of(&slot.key, &mut buf)))
+        .map(|slot| slot.size)
         .sum()
 }
 
 fn touch_blob(s: &mut State, hex: &str) {
+    let Some(key) = key_of(hex) else { return };
     let tick = s.bump();
-    if let Some(e) = s.blobs.get_mut(hex) {
-        let old = e.tick;
-        e.tick = tick;
-        s.order.remove(&(old, hex.to_owned()));
-        s.order.insert((tick, hex.to_owned()));
+    if s.blobs.touch(&key, tick) {
         s.dirty
             .insert(blob_key(hex), Some((tick, crate::cache::index::unix_now())));
+    } else if let Some(l) = s.loading.as_mut() {
+        l.touched.insert(key);
     }
 }
 
@@ -532,6 +748,15 @@ mod tests {
         }
     }
 
+    /// A blob's hex from a short name (`"a"` → 62 zeros and `61`).
+    fn h(name: &str) -> String {
+        format!("{:0>64}", hex::encode(name))
+    }
+
+    fn hs(names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| h(n)).collect()
+    }
+
     fn budget(max: u64) -> Arc<Budget> {
         Arc::new(Budget::new(Limits::new(max, 0.9, 0.5)))
     }
@@ -539,15 +764,15 @@ mod tests {
     #[test]
     fn evicts_least_recently_used_first_down_to_the_low_watermark() {
         let b = budget(100);
-        for (i, h) in ["a", "b", "c", "d"].iter().enumerate() {
+        for (i, name) in ["a", "b", "c", "d"].iter().enumerate() {
             b.reserve(20, &Recorder::default()).unwrap();
-            b.commit(h, 20, 20);
+            b.commit(&h(name), 20, 20);
             assert_eq!(b.stats().size_bytes, 20 * (i as u64 + 1));
         }
-        drop(b.lease("a")); // a is now the most recently used
+        drop(b.lease(&h("a"))); // a is now the most recently used
         let ev = Recorder::default();
         b.reserve(20, &ev).unwrap(); // 80 + 20 > 90: evict to 50 - 20 = 30
-        assert_eq!(*ev.deleted.lock().unwrap(), vec!["b", "c", "d"]);
+        assert_eq!(*ev.deleted.lock().unwrap(), hs(&["b", "c", "d"]));
         assert_eq!(b.stats().size_bytes, 20);
         assert_eq!(b.stats().reserved_bytes, 20);
         assert_eq!(b.stats().evictions, 3);
@@ -556,18 +781,18 @@ mod tests {
     #[test]
     fn never_evicts_pinned_or_leased_blobs_and_refuses_what_cannot_fit() {
         let b = budget(100);
-        for h in ["a", "b", "c", "d"] {
+        for name in ["a", "b", "c", "d"] {
             b.reserve(20, &Recorder::default()).unwrap();
-            b.commit(h, 20, 20);
+            b.commit(&h(name), 20, 20);
         }
-        b.set_pinned(["a".to_owned()].into());
-        let lease = b.lease("b");
+        b.set_pinned([h("a")].into());
+        let lease = b.lease(&h("b"));
         let ev = Recorder {
-            held: ["c".to_owned()].into(),
+            held: [h("c")].into(),
             ..Default::default()
         };
         b.reserve(15, &ev).unwrap(); // 80 + 15 > 90: only d may go
-        assert_eq!(*ev.deleted.lock().unwrap(), vec!["d"]);
+        assert_eq!(*ev.deleted.lock().unwrap(), hs(&["d"]));
         let e = b.reserve(50, &ev).unwrap_err();
         assert!(e.message.contains("budget"), "{}", e.message);
         assert_eq!(b.stats().fills_refused, 1);
@@ -581,19 +806,49 @@ mod tests {
         let ev = Recorder::default();
         // b was leased after c was committed, so c is the older one.
         b.reserve(50, &ev).unwrap();
-        assert_eq!(*ev.deleted.lock().unwrap(), vec!["c", "b"]);
+        assert_eq!(*ev.deleted.lock().unwrap(), hs(&["c", "b"]));
+    }
+
+    fn key(name: &str) -> Key {
+        key_of(&h(name)).unwrap()
+    }
+
+    #[test]
+    fn loading_keeps_what_happened_meanwhile_and_holds_eviction_back() {
+        let b = budget(100);
+        b.begin_loading();
+        b.commit(&h("new"), 0, 10); // committed while loading: keeps its accounting
+        drop(b.lease(&h("used"))); // used before it loaded: loads as used now
+        b.forget_blob(&h("gone")); // dropped before it loaded: does not load
+        b.load_blobs(&[
+            (key("old"), 20, 0),
+            (key("used"), 20, 0),
+            (key("gone"), 20, 3),
+            (key("new"), 99, 4),
+        ]);
+        let waiter = {
+            let b = b.clone();
+            std::thread::spawn(move || b.reserve(25, &Recorder::default()))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!waiter.is_finished(), "a reservation ran while loading");
+        b.finish_loading();
+        waiter.join().unwrap().unwrap();
+        let order: Vec<String> = b.lru_order().into_iter().map(|(h, _)| h).collect();
+        assert_eq!(order, hs(&["old", "new", "used"]));
+        assert_eq!(b.stats().blob_bytes, 50);
     }
 
     #[test]
     fn recency_updates_are_batched_until_taken() {
         let b = budget(100);
-        b.commit("a", 0, 1);
-        drop(b.lease("a"));
-        drop(b.lease("a"));
+        b.commit(&h("a"), 0, 1);
+        drop(b.lease(&h("a")));
+        drop(b.lease(&h("a")));
         let d = b.take_dirty();
         assert_eq!(d.len(), 1);
         assert!(b.take_dirty().is_empty());
-        b.forget_blob("a");
-        assert_eq!(b.take_dirty().get(&blob_key("a")), Some(&None));
+        b.forget_blob(&h("a"));
+        assert_eq!(b.take_dirty().get(&blob_key(&h("a"))), Some(&None));
     }
 }

@@ -178,12 +178,18 @@ fn repo_key(upstream: &str, repo: &RepoName) -> Vec<u8> {
     format!("{upstream}\0{repo}").into_bytes()
 }
 
+/// The bound of sled's page cache (see [`Index::open`]).
+const INDEX_CACHE_BYTES: u64 = 16 << 20;
+
 impl Index {
     /// Opens (or creates) the index at `dir`.
     pub fn open(dir: &Path) -> Result<Index, IndexError> {
+        // sled's cache counts pages by their serialized size; in memory they take a few times
+        // that. 16 MiB keeps the index under ~100 MiB of RSS with a million blobs; the hot
+        // lookups (manifests) are in moka, and blob records are small.
         let db = sled::Config::new()
             .path(dir)
-            .cache_capacity(64 << 20)
+            .cache_capacity(INDEX_CACHE_BYTES)
             .flush_every_ms(Some(500))
             .open()?;
         Ok(Index {
@@ -270,6 +276,52 @@ impl Index {
                 String::from_utf8_lossy(&k).into_owned(),
                 serde_json::from_slice(&v).ok(),
             ))
+        })
+    }
+
+    /// Blob records as (hex, size) in hex order; `None` size if the record is unreadable.
+    pub fn blob_sizes(
+        &self,
+    ) -> impl Iterator<Item = Result<(sled::IVec, Option<u64>), IndexError>> {
+        self.blobs.iter().map(|item| {
+            let (k, v) = item?;
+            let meta: Option<BlobMeta> = serde_json::from_slice(&v).ok();
+            Ok((k, meta.map(|m| m.size)))
+        })
+    }
+
+    /// Blob records whose hex starts with `prefix` (one fan-out directory's worth).
+    pub fn blobs_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> impl Iterator<Item = Result<(String, Option<BlobMeta>), IndexError>> {
+        self.blobs.scan_prefix(prefix.as_bytes()).map(|item| {
+            let (k, v) = item?;
+            Ok((
+                String::from_utf8_lossy(&k).into_owned(),
+                serde_json::from_slice(&v).ok(),
+            ))
+        })
+    }
+
+    /// Blob access records as (hex, tick), in hex order.
+    pub fn blob_ticks(&self) -> impl Iterator<Item = Result<(sled::IVec, u64), IndexError>> {
+        self.access.scan_prefix(b"b").filter_map(|item| match item {
+            Err(e) => Some(Err(e.into())),
+            Ok((k, v)) => {
+                let (tick, _) = decode_access(&v)?;
+                Some(Ok((k.subslice(1, k.len() - 1), tick)))
+            }
+        })
+    }
+
+    /// Ticks of the access records of manifests and tags (not blobs).
+    pub fn other_ticks(&self) -> impl Iterator<Item = Result<u64, IndexError>> {
+        let below = self.access.range::<&[u8], _>(..&b"b"[..]);
+        let above = self.access.range::<&[u8], _>(&b"c"[..]..);
+        below.chain(above).filter_map(|item| match item {
+            Err(e) => Some(Err(e.into())),
+            Ok((_, v)) => decode_access(&v).map(|(t, _)| Ok(t)),
         })
     }
 

@@ -19,6 +19,7 @@ pub mod budget;
 pub mod fill;
 pub mod index;
 pub mod serve;
+mod startup;
 pub mod stats;
 
 use std::collections::{HashMap, HashSet};
@@ -117,40 +118,6 @@ impl budget::Evictor for CacheEvictor {
     }
 }
 
-/// Blob files under `blobs/sha256` by hex, and stray paths (anything not named like a blob).
-type Listing = (HashSet<String>, Vec<PathBuf>);
-
-/// What reconciliation reads before it changes anything: recency ticks by blob hex, the indexed
-/// blobs (hex and metadata, `None` if unreadable), and the files on disk.
-type Scan = (
-    HashMap<String, u64>,
-    Vec<(String, Option<BlobMeta>)>,
-    Listing,
-);
-
-fn list_blob_files(blobs_dir: &Path) -> std::io::Result<Listing> {
-    let mut on_disk = HashSet::new();
-    let mut strays = Vec::new();
-    for dir in std::fs::read_dir(blobs_dir)? {
-        let dir = dir?;
-        let dpath = dir.path();
-        if !dir.file_type()?.is_dir() {
-            strays.push(dpath);
-            continue;
-        }
-        for f in std::fs::read_dir(&dpath)? {
-            let f = f?;
-            let name = f.file_name().to_string_lossy().into_owned();
-            if name.len() == 64 && format!("sha256:{name}").parse::<Digest>().is_ok() {
-                on_disk.insert(name);
-            } else {
-                strays.push(f.path());
-            }
-        }
-    }
-    Ok((on_disk, strays))
-}
-
 fn blob_path_in(root: &Path, hex: &str) -> PathBuf {
     root.join("blobs")
         .join("sha256")
@@ -168,6 +135,33 @@ pub struct Reconciled {
     pub temp_files: u64,
 }
 
+/// The startup work done in the background (see [`startup`]): what it found so far and
+/// whether it is over.
+#[derive(Default)]
+struct Startup {
+    state: Mutex<(Reconciled, bool)>,
+    done: std::sync::Condvar,
+}
+
+impl Startup {
+    fn update(&self, f: impl FnOnce(&mut Reconciled)) {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()).0);
+    }
+
+    fn finish(&self) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).1 = true;
+        self.done.notify_all();
+    }
+
+    fn wait(&self) -> Reconciled {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while !s.1 {
+            s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.0.clone()
+    }
+}
+
 /// The cache.
 pub struct Cache {
     root: PathBuf,
@@ -182,7 +176,7 @@ pub struct Cache {
     /// exactly once (concurrent first stores of one digest) and leave it once.
     manifest_writes: Mutex<()>,
     budget: Arc<Budget>,
-    reconciled: Reconciled,
+    startup: Arc<Startup>,
     /// Per-repository counters and the footprint (see [`stats`]).
     activity: Arc<Activity>,
     _lock: std::fs::File,
@@ -220,19 +214,31 @@ fn take_lock(root: &Path) -> Result<std::fs::File, CacheError> {
 }
 
 impl Cache {
-    /// Opens the cache at `storage.path`: takes the lock, creates the directories, discards
-    /// leftover temp files, reconciles index and files, and loads sizes and recency.
+    /// Opens the cache at `storage.path` and waits for its startup reconciliation (see
+    /// [`Cache::open_serving`]): for commands that read the whole cache.
     pub fn open(storage: &StorageConfig) -> Result<Cache, CacheError> {
+        let cache = Cache::open_serving(storage)?;
+        cache.wait_reconciled();
+        Ok(cache)
+    }
+
+    /// Opens the cache at `storage.path`: takes the lock, creates the directories, discards
+    /// leftover temp files and opens the index, then returns, ready to serve. Loading sizes and
+    /// recency into the budget and reconciling index and files (a crash may leave a file
+    /// without an entry or an entry without a file) go on in a thread of their own; until the
+    /// budget is loaded, reservations that may need eviction wait (see [`Budget::begin_loading`]).
+    pub fn open_serving(storage: &StorageConfig) -> Result<Cache, CacheError> {
         let root = storage.path.as_path();
         let blobs = root.join("blobs").join("sha256");
         std::fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
         let lock = take_lock(root)?;
         let tmp = root.join("tmp");
-        let mut reconciled = Reconciled::default();
+        let startup = Arc::new(Startup::default());
         if tmp.exists() {
-            reconciled.temp_files = std::fs::read_dir(&tmp)
+            let n = std::fs::read_dir(&tmp)
                 .map(|d| d.count() as u64)
                 .unwrap_or(0);
+            startup.update(|r| r.temp_files = n);
             std::fs::remove_dir_all(&tmp).map_err(io_at(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
@@ -248,6 +254,7 @@ impl Cache {
             storage.high_watermark,
             storage.low_watermark,
         )));
+        budget.begin_loading();
         let mut cache = Cache {
             root: root.to_owned(),
             index,
@@ -260,130 +267,37 @@ impl Cache {
             manifests,
             manifest_writes: Mutex::new(()),
             budget,
-            reconciled,
+            startup,
             activity: Arc::default(),
             _lock: lock,
         };
         cache.activity = Arc::new(Activity::load(cache.index.stats_records()?.into_iter()));
-        cache.reconcile()?;
         cache.refresh_pins()?;
-        let freed = cache.budget.maybe_evict(&cache.evictor());
-        if freed > 0 {
-            tracing::info!(bytes = freed, "evicted at startup to fit the budget");
-        }
+        let work = startup::Work {
+            evictor: cache.evictor(),
+            budget: cache.budget.clone(),
+            startup: cache.startup.clone(),
+        };
+        std::thread::Builder::new()
+            .name("cache-startup".into())
+            .spawn(move || work.run())
+            .map_err(io_at(root))?;
         Ok(cache)
     }
 
-    /// Makes the index and `blobs/` agree, and loads sizes and recency into the budget.
-    fn reconcile(&mut self) -> Result<(), CacheError> {
-        let (ticks, indexed, (mut on_disk, strays)) = self.scan()?;
-        for p in strays {
-            tracing::warn!(path = %p.display(), "removing a stray file from blobs/");
-            let _ = std::fs::remove_file(&p);
-            self.reconciled.removed_files += 1;
-        }
-        let mut dropped = Vec::new();
-        let mut present = Vec::with_capacity(indexed.len());
-        for (hex, meta) in indexed {
-            match meta {
-                Some(m) if on_disk.remove(&hex) => {
-                    let tick = ticks.get(&hex).copied().unwrap_or(0);
-                    present.push((hex, m.size, tick));
-                }
-                _ => dropped.push(hex),
-            }
-        }
-        self.reconciled.blobs += present.len() as u64;
-        self.budget.load_blobs(present);
-        for hex in dropped {
-            tracing::warn!(digest = %format!("sha256:{hex}"), "index entry without a blob file; dropped");
-            self.index.remove_blob_hex(&hex)?;
-            self.budget.forget_blob(&hex);
-            self.reconciled.dropped_entries += 1;
-        }
-        self.adopt_unindexed(on_disk, &ticks)?;
-        let mut manifest_bytes = 0;
-        for rec in self.index.manifest_sizes() {
-            manifest_bytes += rec?.1;
-        }
-        self.budget.add_manifest_bytes(manifest_bytes);
-        self.index.flush()?;
-        Ok(())
+    /// Blocks until the startup reconciliation is over; what it found.
+    pub fn wait_reconciled(&self) -> Reconciled {
+        self.startup.wait()
     }
 
-    /// Reads the index (recency ticks by blob hex, indexed blobs) and lists the files on disk.
-    /// The listing (one readdir per fan-out directory, no stat per file) runs on another thread
-    /// while the index is read: both take a few hundred ms with 100k blobs.
-    fn scan(&self) -> Result<Scan, CacheError> {
-        let blobs_dir = self.root.join("blobs").join("sha256");
-        let lister = {
-            let blobs_dir = blobs_dir.clone();
-            std::thread::spawn(move || list_blob_files(&blobs_dir))
-        };
-        let mut ticks: HashMap<String, u64> = HashMap::new();
-        let mut indexed: Vec<(String, Option<BlobMeta>)> = Vec::new();
-        let read_index = (|| -> Result<(), CacheError> {
-            for rec in self.index.access_records() {
-                let (k, tick, _) = rec?;
-                if let Some(hex) = k.strip_prefix(b"b") {
-                    ticks.insert(String::from_utf8_lossy(hex).into_owned(), tick);
-                } else {
-                    self.budget.observe_tick(tick);
-                }
-            }
-            for rec in self.index.blobs() {
-                indexed.push(rec?);
-            }
-            Ok(())
-        })();
-        let listed = lister
-            .join()
-            .map_err(|_| CacheError::Io {
-                path: blobs_dir.clone(),
-                source: std::io::Error::other("listing blob files panicked"),
-            })?
-            .map_err(io_at(&blobs_dir))?;
-        read_index?;
-        Ok((ticks, indexed, listed))
-    }
-
-    /// Files the index does not know: a crash between rename and index write. Adopts them if
-    /// their bytes match their name, removes them otherwise.
-    fn adopt_unindexed(
-        &mut self,
-        on_disk: HashSet<String>,
-        ticks: &HashMap<String, u64>,
-    ) -> Result<(), CacheError> {
-        for hex in on_disk {
-            let path = blob_path_in(&self.root, &hex);
-            match hash_file(&path, |_| {}) {
-                Ok((actual, size)) if actual.hex() == hex => {
-                    self.index.put_blob(
-                        &actual,
-                        &BlobMeta {
-                            size,
-                            added: index::unix_now(),
-                        },
-                    )?;
-                    self.budget
-                        .load_blob(&hex, size, ticks.get(&hex).copied().unwrap_or(0));
-                    self.reconciled.adopted_files += 1;
-                    self.reconciled.blobs += 1;
-                    tracing::info!(digest = %actual, "adopted an unindexed blob file");
-                }
-                _ => {
-                    tracing::warn!(path = %path.display(), "removing an unindexed blob file that does not match its name");
-                    let _ = std::fs::remove_file(&path);
-                    self.reconciled.removed_files += 1;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// What startup reconciliation did.
-    pub fn reconciled(&self) -> &Reconciled {
-        &self.reconciled
+    /// What startup reconciliation found so far.
+    pub fn reconciled(&self) -> Reconciled {
+        self.startup
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
     }
 
     fn evictor(&self) -> CacheEvictor {

@@ -115,6 +115,7 @@ pub(super) struct RawGcs {
     pub(super) bucket: Option<String>,
     pub(super) prefix: Option<String>,
     pub(super) service_account_path: Option<String>,
+    pub(super) endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -65,6 +65,8 @@ pub struct GcsStoreConfig {
     pub prefix: String,
     /// A service-account JSON key file; `None`: `GOOGLE_*` environment / ambient credentials.
     pub service_account_path: Option<PathBuf>,
+    /// A non-Google endpoint (an emulator: `http://127.0.0.1:4443`).
+    pub endpoint: Option<String>,
 }
 
 /// `[storage.azure]`.
@@ -283,6 +285,7 @@ fn gcs_store(raw: Option<RawGcs>) -> Result<GcsStoreConfig, ConfigError> {
         prefix: store_prefix(gcs.prefix, &key("prefix"))?,
         service_account_path: nonempty_opt(gcs.service_account_path, &key("service_account_path"))?
             .map(PathBuf::from),
+        endpoint: endpoint_url(gcs.endpoint, &key("endpoint"))?,
     })
 }
 

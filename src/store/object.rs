@@ -122,16 +122,19 @@ fn gcs_client(
     let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
         .with_bucket_name(&gcs.bucket)
         .with_retry(retry)
-        .with_client_options(client_options(timeout, None));
+        .with_client_options(client_options(timeout, gcs.endpoint.as_deref()));
     if let Some(path) = &gcs.service_account_path {
         b = b.with_service_account_path(path.to_string_lossy());
+    }
+    if let Some(endpoint) = &gcs.endpoint {
+        b = b.with_base_url(endpoint.trim_end_matches('/'));
     }
     Ok(Client {
         store: Arc::new(b.build().map_err(refused)?),
         scheme: "gs",
         bucket: gcs.bucket.clone(),
         prefix: gcs.prefix.clone(),
-        endpoint: None,
+        endpoint: gcs.endpoint.clone(),
     })
 }
 

@@ -25,6 +25,7 @@ pub mod browser;
 pub mod clients;
 pub mod fake_upstream;
 pub mod garage;
+pub mod gcs;
 pub mod images;
 pub mod nginx;
 pub mod proxy;
