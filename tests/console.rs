@@ -190,6 +190,36 @@ fn numbers_match_what_was_pulled_and_survive_a_restart() {
 }
 
 #[test]
+fn hosted_pulls_and_bytes_are_counted_for_the_repository_not_the_cache() {
+    let upstream = Registry::start();
+    let stowage = Stowage::builder()
+        .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+        .extra_toml("[hosted]\nrepositories = [\"team/**\"]\n")
+        .start();
+    let pushed = support::images::push(
+        &stowage.url(),
+        "team/app",
+        "1",
+        Image::build(Format::Oci, &[100 * 1024, 50 * 1024]),
+    );
+    pull_image(&stowage, &pushed);
+    pull_image(&stowage, &pushed);
+    let blobs = blob_bytes(&pushed);
+    let listing = get_ok(&stowage, "/api/v1/repositories?sort=pulls");
+    let r = row(&listing, "team/app").expect("hosted repository listed");
+    assert_eq!(r["kind"], "hosted", "{r}");
+    assert_eq!(r["pulls"], 2, "{r}");
+    assert_eq!(r["bytes_served"], 2 * blobs, "{r}");
+    let summary = get_ok(&stowage, "/api/v1/summary");
+    let totals = &summary["traffic"]["since_start"];
+    assert_eq!(
+        (&totals["requests"], &totals["bytes_served"]),
+        (&json!(0), &json!(0)),
+        "pushed content is not counted as the cache's: {summary}"
+    );
+}
+
+#[test]
 fn pins_and_purges_through_the_api() {
     let upstream = Registry::start();
     let image = Image::build(Format::Oci, &[100 * 1024]);

@@ -316,14 +316,10 @@ impl Activity {
         fetched: u64,
     ) {
         self.request(hit);
-        let now = unix_now();
-        let cell = get_or_insert(&self.repos, key);
         if pull {
-            cell.pull(now);
-            if let Some(t) = tag {
-                get_or_insert(&self.tags, &(key.0.clone(), key.1.clone(), t.to_owned())).pull(now);
-            }
+            self.pulled(key, tag);
         }
+        let cell = get_or_insert(&self.repos, key);
         if fetched > 0 {
             cell.fetched.fetch_add(fetched, Ordering::Relaxed);
             cell.dirty.store(true, Ordering::Relaxed);
@@ -337,6 +333,24 @@ impl Activity {
         if hit {
             self.totals.hits.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// A pull of a repository (and of its tag, by tag), now. Hosted pulls count only this: the
+    /// request and hit totals measure the cache.
+    pub fn pulled(&self, key: &RepoKey, tag: Option<&str>) {
+        let now = unix_now();
+        get_or_insert(&self.repos, key).pull(now);
+        if let Some(t) = tag {
+            get_or_insert(&self.tags, &(key.0.clone(), key.1.clone(), t.to_owned())).pull(now);
+        }
+    }
+
+    /// Blob bytes a hosted repository answered with: counted for the repository only, since
+    /// the totals measure the cache against the upstream and pushed content is neither.
+    pub fn hosted_served(&self, key: &RepoKey, n: u64) {
+        let cell = get_or_insert(&self.repos, key);
+        cell.served.fetch_add(n, Ordering::Relaxed);
+        cell.dirty.store(true, Ordering::Relaxed);
     }
 
     /// The byte counter of a repository.

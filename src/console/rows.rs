@@ -211,6 +211,7 @@ fn hosted_row<'a>(
             repository: repo.to_owned(),
             pull: pull_name(c, &key),
             pulls: cv.pulls,
+            bytes_served: cv.bytes_served,
             last_pulled: (cv.last_pulled > 0).then_some(cv.last_pulled),
             ..RepoRow::default()
         }

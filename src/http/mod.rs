@@ -527,11 +527,8 @@ async fn handle(
             let answer =
                 push::handle(hosted, &mirror.cache, caller.as_ref(), endpoint, req, body).await;
             hosted.publish();
-            if let (Some((key, tag)), Ok(resp)) = (pulled, &answer) {
-                if resp.status() == StatusCode::OK {
-                    let activity = mirror.cache.activity();
-                    activity.manifest_answered(&key, tag.as_deref(), true, true, 0);
-                }
+            if let (Some(pull), Ok(resp)) = (pulled, &answer) {
+                count_hosted_pull(mirror, pull, resp);
             }
             return answer;
         }
@@ -573,20 +570,52 @@ async fn handle(
     }
 }
 
-/// A manifest GET of a hosted repository: its statistics key and tag, to count once answered.
-fn hosted_pull(
-    endpoint: &push::HostedEndpoint,
-    method: &Method,
-) -> Option<(crate::cache::stats::RepoKey, Option<String>)> {
+/// What a hosted GET counts in the console's statistics, once answered.
+enum HostedPull {
+    /// A manifest: a pull of the repository (and of the tag, by tag).
+    Manifest(crate::cache::stats::RepoKey, Option<String>),
+    /// A blob: the bytes sent.
+    Blob(crate::cache::stats::RepoKey),
+}
+
+/// A GET of a hosted manifest or blob, to count once answered.
+fn hosted_pull(endpoint: &push::HostedEndpoint, method: &Method) -> Option<HostedPull> {
+    if method != Method::GET {
+        return None;
+    }
+    let key = |n: &RepoName| (crate::cache::stats::HOSTED.to_owned(), n.to_string());
     match endpoint {
-        push::HostedEndpoint::Manifest(n, r) if method == Method::GET => {
+        push::HostedEndpoint::Manifest(n, r) => {
             let tag = match r {
                 Reference::Tag(t) => Some(t.to_string()),
                 Reference::Digest(_) => None,
             };
-            Some(((crate::cache::stats::HOSTED.to_owned(), n.to_string()), tag))
+            Some(HostedPull::Manifest(key(n), tag))
         }
+        push::HostedEndpoint::Blob(n, _) => Some(HostedPull::Blob(key(n))),
         _ => None,
+    }
+}
+
+/// Counts an answered hosted GET: a manifest as a pull, a blob (whole or a range) by the bytes
+/// its answer carries.
+fn count_hosted_pull(mirror: &Mirror, pull: HostedPull, resp: &Response) {
+    let activity = mirror.cache.activity();
+    match pull {
+        HostedPull::Manifest(key, tag) if resp.status() == StatusCode::OK => {
+            activity.pulled(&key, tag.as_deref());
+        }
+        HostedPull::Blob(key)
+            if matches!(resp.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT) =>
+        {
+            let len = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            activity.hosted_served(&key, len.unwrap_or(0));
+        }
+        _ => {}
     }
 }
 
