@@ -190,13 +190,6 @@ fn main() -> ExitCode {
             with_referrers,
             images,
         } => {
-            let refs = match airgap::gather_refs(&images, file.as_deref()) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("stowage: {e}");
-                    return ExitCode::from(2);
-                }
-            };
             let platforms = if all_platforms {
                 airgap::Platforms::All
             } else if platforms.is_empty() {
@@ -204,15 +197,18 @@ fn main() -> ExitCode {
             } else {
                 airgap::Platforms::Some(platforms)
             };
-            operate(
-                config.path,
-                Request::Prefetch(airgap::PrefetchRequest {
-                    refs,
-                    platforms,
-                    pin,
-                    with_referrers,
-                }),
-            )
+            match airgap::gather_refs(&images, file.as_deref()) {
+                Ok(refs) => operate(
+                    config.path,
+                    Request::Prefetch(airgap::PrefetchRequest {
+                        refs,
+                        platforms,
+                        pin,
+                        with_referrers,
+                    }),
+                ),
+                Err(e) => usage_failure(&e, ExitCode::from(2)),
+            }
         }
         Command::Export {
             config,
@@ -220,24 +216,17 @@ fn main() -> ExitCode {
             output,
             with_referrers,
             images,
-        } => {
-            let images = match airgap::gather_refs(&images, file.as_deref()) {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("stowage: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let output = absolute(output);
-            operate(
+        } => match airgap::gather_refs(&images, file.as_deref()) {
+            Ok(images) => operate(
                 config.path,
                 Request::Export {
                     images,
-                    output,
+                    output: absolute(output),
                     with_referrers,
                 },
-            )
-        }
+            ),
+            Err(e) => usage_failure(&e, ExitCode::FAILURE),
+        },
         Command::Import {
             config,
             pin,
@@ -250,6 +239,12 @@ fn main() -> ExitCode {
             },
         ),
     }
+}
+
+/// Says why a command could not start, and exits with `code`.
+fn usage_failure(e: &impl std::fmt::Display, code: ExitCode) -> ExitCode {
+    eprintln!("stowage: {e}");
+    code
 }
 
 /// `path` against the working directory, for a server that has another one (`join` keeps a

@@ -51,20 +51,21 @@ async fn direct_referrers(
     Ok(out)
 }
 
-/// The referrers of `roots` upstream, recursively, each once (the roots excluded), through
-/// the mirror: the manifests to fetch (each by digest, with what it references).
-pub(super) async fn referrers_upstream(
-    mirror: &Mirror,
-    route: &Route,
-    roots: &[Digest],
-) -> Result<Vec<Digest>, RegistryError> {
+/// The manifests that refer to `roots`, recursively (a signature of an SBOM), each once, the
+/// roots excluded, breadth first and at most [`MAX_DEPTH`] levels deep; `direct` lists one
+/// subject's referrers.
+async fn walk<F, Fut>(roots: &[Digest], mut direct: F) -> Result<Vec<Digest>, RegistryError>
+where
+    F: FnMut(Digest) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Digest>, RegistryError>>,
+{
     let mut seen: HashSet<Digest> = roots.iter().cloned().collect();
     let mut level: Vec<Digest> = roots.to_vec();
     let mut out = Vec::new();
     for _ in 0..MAX_DEPTH {
         let mut next = Vec::new();
         for subject in &level {
-            for d in direct_referrers(mirror, route, subject).await? {
+            for d in direct(subject.clone()).await? {
                 if seen.insert(d.clone()) {
                     next.push(d);
                 }
@@ -79,39 +80,33 @@ pub(super) async fn referrers_upstream(
     Ok(out)
 }
 
+/// The referrers of `roots` upstream, recursively, each once (the roots excluded), through
+/// the mirror: the manifests to fetch (each by digest, with what it references).
+pub(super) async fn referrers_upstream(
+    mirror: &Mirror,
+    route: &Route,
+    roots: &[Digest],
+) -> Result<Vec<Digest>, RegistryError> {
+    walk(roots, |s| async move {
+        direct_referrers(mirror, route, &s).await
+    })
+    .await
+}
+
 /// The referrers of a hosted manifest, recursively, each once (the root excluded).
 pub(super) fn hosted_referrers(
     hosted: &Hosted,
     repo: &RepoName,
     root: &Digest,
 ) -> Result<Vec<Digest>, RegistryError> {
-    let mut seen = HashSet::from([root.clone()]);
-    let mut level = vec![root.clone()];
-    let mut out = Vec::new();
-    for _ in 0..MAX_DEPTH {
-        let mut next = Vec::new();
-        for subject in &level {
-            for d in hosted
-                .wait(hosted.referrers(repo, subject, None))
-                .and_then(|r| r)?
-            {
-                let Some(d) = d
-                    .get("digest")
-                    .and_then(|v| v.as_str())
-                    .and_then(|v| v.parse::<Digest>().ok())
-                else {
-                    continue;
-                };
-                if seen.insert(d.clone()) {
-                    next.push(d);
-                }
-            }
-        }
-        if next.is_empty() {
-            break;
-        }
-        out.extend(next.iter().cloned());
-        level = next;
-    }
-    Ok(out)
+    let direct = |subject: Digest| async move {
+        let list = hosted.referrers(repo, &subject, None).await?;
+        Ok(list
+            .iter()
+            .filter_map(|d| d.get("digest")?.as_str()?.parse().ok())
+            .collect())
+    };
+    hosted
+        .wait(walk(std::slice::from_ref(root), direct))
+        .and_then(|r| r)
 }
