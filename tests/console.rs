@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::images::{push_test, Format, Image, Pushed};
 use support::registry::Registry;
-use support::stowage::{command_ok, pull_image, Stowage, UpstreamSpec};
+use support::stowage::{ls_line, pull_image, Stowage, UpstreamSpec};
 use support::{http, wait_until, write_htpasswd};
 
 const ALLOW: &str = "[console]\nallow_actions_without_auth = true\n";
@@ -87,14 +87,6 @@ fn row<'a>(listing: &'a Value, name: &str) -> Option<&'a Value> {
 
 fn blob_bytes(p: &Pushed) -> u64 {
     p.blobs().iter().map(|b| b.size() as u64).sum()
-}
-
-/// The `stowage ls` line of an image (`docker.io/library/app:1`), if listed.
-fn ls_line(stowage: &Stowage, image: &str) -> Option<String> {
-    command_ok(stowage, &["ls"])
-        .lines()
-        .find(|l| l.starts_with(&format!("{image} ")))
-        .map(str::to_owned)
 }
 
 #[test]

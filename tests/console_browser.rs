@@ -10,18 +10,11 @@ use serde_json::Value;
 use support::browser::Browser;
 use support::images::{Format, Image};
 use support::registry::Registry;
-use support::stowage::{command_ok, pull_image, Stowage, UpstreamSpec};
+use support::stowage::{command_ok, ls_line, pull_image, Stowage, UpstreamSpec};
 use support::write_htpasswd;
 
 fn ls(stowage: &Stowage) -> String {
     command_ok(stowage, &["ls"])
-}
-
-fn ls_line(stowage: &Stowage, image: &str) -> Option<String> {
-    ls(stowage)
-        .lines()
-        .find(|l| l.starts_with(&format!("{image} ")))
-        .map(str::to_owned)
 }
 
 #[test]

@@ -545,6 +545,14 @@ pub fn command_ok(stowage: &Stowage, args: &[&str]) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The `stowage ls` line of an image (`docker.io/library/app:1`), if listed.
+pub fn ls_line(stowage: &Stowage, image: &str) -> Option<String> {
+    command_ok(stowage, &["ls"])
+        .lines()
+        .find(|l| l.starts_with(&format!("{image} ")))
+        .map(str::to_owned)
+}
+
 /// A command's status, stdout and stderr, for failure messages.
 pub fn text(o: &Output) -> String {
     format!(
