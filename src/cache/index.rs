@@ -156,6 +156,17 @@ pub fn unix_now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A record's JSON; a value that cannot be written is reported as corrupt under `key`.
+fn encode<T: serde::Serialize + ?Sized>(
+    value: &T,
+    key: &dyn std::fmt::Display,
+) -> Result<Vec<u8>, IndexError> {
+    serde_json::to_vec(value).map_err(|e| IndexError::Corrupt {
+        key: key.to_string(),
+        message: e.to_string(),
+    })
+}
+
 /// The key of a tag record (and, prefixed with `t`, of its access record).
 pub fn tag_key(upstream: &str, repo: &RepoName, tag: &Tag) -> Vec<u8> {
     format!("{upstream}\0{repo}\0{tag}").into_bytes()
@@ -236,10 +247,7 @@ impl Index {
 
     /// Records a committed blob. Flushed before returning: the file is already durable.
     pub fn put_blob(&self, digest: &Digest, meta: &BlobMeta) -> Result<(), IndexError> {
-        let v = serde_json::to_vec(meta).map_err(|e| IndexError::Corrupt {
-            key: digest.to_string(),
-            message: e.to_string(),
-        })?;
+        let v = encode(meta, &digest)?;
         self.blobs.insert(digest.hex(), v)?;
         Ok(())
     }
@@ -483,10 +491,7 @@ impl Index {
 
     /// Records a pin of `digest` by `pin.reference`, beside the pins of other references.
     pub fn put_pin(&self, digest: &Digest, pin: &Pin) -> Result<(), IndexError> {
-        let v = serde_json::to_vec(pin).map_err(|e| IndexError::Corrupt {
-            key: digest.to_string(),
-            message: e.to_string(),
-        })?;
+        let v = encode(pin, &digest)?;
         let mut batch = sled::Batch::default();
         // A record keyed by the digest alone (one pin per digest, the earlier layout) for the
         // same reference is replaced by the per-reference one.
@@ -672,10 +677,7 @@ impl Index {
         tag: &Tag,
         entry: &TagEntry,
     ) -> Result<(), IndexError> {
-        let v = serde_json::to_vec(entry).map_err(|e| IndexError::Corrupt {
-            key: format!("{upstream}/{repo}:{tag}"),
-            message: e.to_string(),
-        })?;
+        let v = encode(entry, &format!("{upstream}/{repo}:{tag}"))?;
         let key = tag_key(upstream, repo, tag);
         {
             // The record carries the newest check time; a pending older one is moot.
@@ -714,10 +716,7 @@ impl Index {
         subject: &Digest,
         entry: &ReferrersEntry,
     ) -> Result<(), IndexError> {
-        let v = serde_json::to_vec(entry).map_err(|e| IndexError::Corrupt {
-            key: format!("{upstream}/{repo} referrers of {subject}"),
-            message: e.to_string(),
-        })?;
+        let v = encode(entry, &format!("{upstream}/{repo} referrers of {subject}"))?;
         let key = format!("{upstream}\0{repo}\0{}", subject.hex());
         self.referrers.insert(key.as_bytes(), v)?;
         Ok(())
