@@ -136,7 +136,8 @@ impl Hosted {
         store: Arc<dyn crate::store::BlobStore>,
         timeout: std::time::Duration,
     ) -> Hosted {
-        self.shared = Some(shared::SharedHosted::new(store, timeout));
+        let grace = self.settings.upload_timeout;
+        self.shared = Some(shared::SharedHosted::new(store, timeout, grace));
         self
     }
 

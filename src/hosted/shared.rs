@@ -55,6 +55,19 @@ struct ManifestObject {
 pub struct SharedHosted {
     store: Arc<dyn BlobStore>,
     timeout: Duration,
+    /// How long an empty listing of [`GC_RECORDS`] is trusted: [`gc_empty_ttl`] of the grace.
+    gc_empty_ttl: Duration,
+    /// Until when the last empty listing of [`GC_RECORDS`] is trusted (`clear_candidates`).
+    gc_empty_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// The prefix of every record of the shared collector.
+const GC_RECORDS: &str = "hosted/_gc/";
+
+/// How long a node trusts an empty listing of the collector's records, for a grace period of
+/// `grace`: three seconds, or a tenth of the grace if that is shorter (see `clear_candidates`).
+fn gc_empty_ttl(grace: Duration) -> Duration {
+    (grace / 10).min(Duration::from_secs(3))
 }
 
 fn blob_key(digest: &Digest) -> String {
@@ -125,8 +138,15 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> RegistryError {
 }
 
 impl SharedHosted {
-    pub fn new(store: Arc<dyn BlobStore>, timeout: Duration) -> SharedHosted {
-        SharedHosted { store, timeout }
+    /// `timeout` bounds every small call; `grace` is the collector's grace period
+    /// (`hosted.upload_timeout`).
+    pub fn new(store: Arc<dyn BlobStore>, timeout: Duration, grace: Duration) -> SharedHosted {
+        SharedHosted {
+            store,
+            timeout,
+            gc_empty_ttl: gc_empty_ttl(grace),
+            gc_empty_until: std::sync::Mutex::new(None),
+        }
     }
 
     /// One small store call, bounded by the store timeout.
@@ -145,7 +165,12 @@ impl SharedHosted {
         }
     }
 
+    /// Writes a small text object. A collector record written here (this node collecting)
+    /// ends the trust in an empty listing of them at once.
     pub(super) async fn put_text(&self, key: &str, text: String) -> Result<(), RegistryError> {
+        if key.starts_with(GC_RECORDS) {
+            self.set_gc_empty_until(None);
+        }
         self.bounded("put", self.store.put_bytes(key, Bytes::from(text)))
             .await
     }
@@ -460,8 +485,27 @@ impl SharedHosted {
     /// candidate check, delete), this order (candidate removal, removal check) means that of the
     /// two, at least one sees the other: the collector keeps the object, or the push sees it
     /// gone and is refused. One listing when the collector has nothing of these keys.
+    ///
+    /// An empty listing is trusted for `gc_empty_ttl` (at most a tenth of the grace period)
+    /// from when it was asked for, so that pushes and blob `HEAD`s do not list the records each
+    /// time. The guarantee holds: a candidate record missing from that listing was written after
+    /// it, and a collector writes a removal record (then deletes) only for a candidate recorded
+    /// by a run that started at least a grace period before. So a removal record can appear
+    /// within the trusted moment only behind a collector run that lasted most of a grace period,
+    /// and a push acting on the trusted answer has the grace period, less at most a tenth, to
+    /// land its references: as after one listing call that took that long, which the store
+    /// timeout allows anyway. Listed records are never trusted away: a non-empty listing is not
+    /// remembered, and this node's own collector ends the trust when it writes a record.
     pub async fn clear_candidates(&self, keys: &[String]) -> Result<(), RegistryError> {
-        let listed = self.list("hosted/_gc/").await?;
+        let now = std::time::Instant::now();
+        if self.gc_empty_until().is_some_and(|until| now < until) {
+            return Ok(());
+        }
+        let listed = self.list(GC_RECORDS).await?;
+        if listed.is_empty() {
+            self.set_gc_empty_until(Some(now + self.gc_empty_ttl));
+            return Ok(());
+        }
         let candidates: std::collections::HashSet<String> =
             keys.iter().map(|k| candidate_key(k)).collect();
         let removals: std::collections::HashSet<String> =
@@ -474,6 +518,16 @@ impl SharedHosted {
             self.delete(&o.key).await?;
         }
         self.await_removals(&removals).await
+    }
+
+    fn gc_empty_until(&self) -> Option<std::time::Instant> {
+        self.gc_empty_until.lock().ok().and_then(|g| *g)
+    }
+
+    fn set_gc_empty_until(&self, until: Option<std::time::Instant>) {
+        if let Ok(mut g) = self.gc_empty_until.lock() {
+            *g = until;
+        }
     }
 
     /// Waits until no removal record of `removals` is left. A collector past its window has

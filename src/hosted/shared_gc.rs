@@ -18,7 +18,9 @@
 //! interleaving, the collector sees the push's removal (and keeps the object) or the push sees
 //! the collector's removal (and then finds the object gone and is refused): an acknowledged
 //! push never loses an object. A collector slower than `REMOVAL_WINDOW` between its removal
-//! record and its delete gives up on that object.
+//! record and its delete gives up on that object. A node trusts an empty listing of these
+//! records for a moment, well below the grace period (`SharedHosted::clear_candidates` says why
+//! that keeps the guarantee).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

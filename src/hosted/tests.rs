@@ -79,6 +79,15 @@ async fn a_push_is_visible_only_in_its_repository_and_checks_its_references() {
     assert_eq!(h.repositories().await.unwrap(), vec!["team/app"]);
 }
 
+/// How long a node of [`shared_pair`] (grace period 60 s) trusts an empty listing of the
+/// collector's records.
+const TRUSTED_EMPTY: Duration = Duration::from_secs(3);
+
+/// Past the moment a node of [`shared_pair`] trusts an empty listing of the collector's records.
+async fn past_trusted_empty_listing() {
+    tokio::time::sleep(TRUSTED_EMPTY + Duration::from_millis(200)).await;
+}
+
 fn shared_pair(store_dir: &Path) -> (tempfile::TempDir, Hosted, tempfile::TempDir, Hosted) {
     let store: Arc<dyn crate::store::BlobStore> =
         Arc::new(crate::store::fs::FsStore::new(store_dir.to_path_buf()));
@@ -333,7 +342,10 @@ async fn shared_gc_records_first_removes_later_and_a_push_saves_a_candidate() {
         first.manifests.is_empty() && first.objects == 0,
         "{first:?}"
     );
-    // A push naming a candidate takes it back before the next run.
+    // A push naming a candidate takes it back before the next run. Node A listed no records
+    // when it pushed, and trusts that for a moment: the collector here runs with no grace
+    // (which no configuration allows), so the push comes after that moment.
+    past_trusted_empty_listing().await;
     let again = a.mount(&repo, &saved, &repo).await.unwrap();
     assert!(again);
     let dry = b.gc_shared(Duration::ZERO, true).await.unwrap();
@@ -402,4 +414,41 @@ async fn a_push_waits_out_a_removal_in_progress_then_sees_what_is_left() {
         .expect("the HEAD stops waiting once the record is gone")
         .unwrap();
     assert_eq!(size.unwrap_err().code, ErrorCode::BlobUnknown);
+}
+
+#[tokio::test]
+async fn an_empty_listing_of_the_collector_records_is_trusted_for_a_moment_only() {
+    let store = tempfile::tempdir().unwrap();
+    let (_da, a, _db, b) = shared_pair(store.path());
+    let repo: RepoName = "team/app".parse().unwrap();
+    let blob = push_blob(&a, &repo, b"layer").await;
+    let record = store
+        .path()
+        .join(format!("hosted/_gc/candidates/blobs/sha256/{}", blob.hex()));
+    // Node B answers a HEAD from the store, listing the collector's records: none.
+    let listed = std::time::Instant::now();
+    assert_eq!(b.blob_size(&repo, &blob).await.unwrap(), 5);
+    // Another node's collector records the blob just after: node B does not list again yet
+    // (checked only if this machine was quick enough to ask within the moment).
+    std::fs::create_dir_all(record.parent().unwrap()).unwrap();
+    std::fs::write(&record, now_secs().to_string()).unwrap();
+    assert_eq!(b.blob_size(&repo, &blob).await.unwrap(), 5);
+    if listed.elapsed() < TRUSTED_EMPTY {
+        assert!(record.exists(), "the empty listing was not trusted");
+    }
+    // A moment later it lists again, and takes the blob back.
+    past_trusted_empty_listing().await;
+    assert_eq!(b.blob_size(&repo, &blob).await.unwrap(), 5);
+    assert!(!record.exists(), "the empty listing was trusted too long");
+
+    // A node that collects forgets its empty listing at once: its own records are listed.
+    assert!(a.mount(&repo, &blob, &repo).await.unwrap());
+    let collected = a.gc_shared(Duration::from_secs(3600), false).await.unwrap();
+    assert_eq!(collected.recorded, 2, "{collected:?}");
+    assert!(record.exists());
+    assert!(a.mount(&repo, &blob, &repo).await.unwrap());
+    assert!(
+        !record.exists(),
+        "the collector's node trusted its old empty listing"
+    );
 }
