@@ -511,20 +511,17 @@ pub fn import(
 /// hosted storage does not hold yet does not fit in `hosted.max_size`.
 fn check_room(hosted: &Hosted, bundle: &Bundle, plans: &[ImagePlan]) -> Result<(), OpsError> {
     let mut needed = HashMap::new();
+    let mut need = |d: &Digest, held: bool| {
+        if let (false, Some((hex, (_, size)))) = (held, bundle.blobs.get_key_value(d.hex())) {
+            needed.insert(hex.as_str(), *size);
+        }
+    };
     for p in plans.iter().filter(|p| p.hosted) {
         for b in &p.blobs {
-            if hosted.index().blob(b).map_err(idx)?.is_none() {
-                if let Some((_, size)) = bundle.blobs.get(b.hex()) {
-                    needed.insert(b.hex(), *size);
-                }
-            }
+            need(b, hosted.index().blob(b).map_err(idx)?.is_some());
         }
         for (d, _) in &p.manifests {
-            if hosted.index().manifest(d).map_err(idx)?.is_none() {
-                if let Some((_, size)) = bundle.blobs.get(d.hex()) {
-                    needed.insert(d.hex(), *size);
-                }
-            }
+            need(d, hosted.index().manifest(d).map_err(idx)?.is_some());
         }
     }
     let needed: u64 = needed.values().sum();
@@ -572,11 +569,7 @@ fn import_hosted_image(
     }
     let mut changed = 0;
     for (d, t) in &p.manifests {
-        let (path, _) = bundle
-            .blobs
-            .get(d.hex())
-            .ok_or_else(|| usage(format!("{}: the bundle lacks manifest {d}", p.name)))?;
-        let bytes = std::fs::read(path).map_err(io_err(path.display()))?;
+        let bytes = manifest_bytes(bundle, p, d)?;
         let reference = if d == &p.root {
             p.reference.clone()
         } else {
@@ -698,6 +691,15 @@ fn import_blobs(
     Ok(new_blobs)
 }
 
+/// The bytes of manifest `d` of image `p`, as the bundle holds them.
+fn manifest_bytes(bundle: &Bundle, p: &ImagePlan, d: &Digest) -> Result<Vec<u8>, OpsError> {
+    let (path, _) = bundle
+        .blobs
+        .get(d.hex())
+        .ok_or_else(|| usage(format!("{}: the bundle lacks manifest {d}", p.name)))?;
+    std::fs::read(path).map_err(io_err(path.display()))
+}
+
 /// Stores the image's manifests the cache does not hold, children first. Returns how many.
 fn import_manifests(cache: &Cache, bundle: &Bundle, p: &ImagePlan) -> Result<usize, OpsError> {
     let mut new_manifests = 0;
@@ -705,11 +707,7 @@ fn import_manifests(cache: &Cache, bundle: &Bundle, p: &ImagePlan) -> Result<usi
         if cache.manifest_untouched(d)?.is_some() {
             continue;
         }
-        let (path, _) = bundle
-            .blobs
-            .get(d.hex())
-            .ok_or_else(|| usage(format!("{}: the bundle lacks manifest {d}", p.name)))?;
-        let bytes = std::fs::read(path).map_err(io_err(path.display()))?;
+        let bytes = manifest_bytes(bundle, p, d)?;
         cache.put_manifest(crate::cache::StoredManifest {
             digest: d.clone(),
             media_type: t.clone(),
