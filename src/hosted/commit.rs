@@ -205,7 +205,7 @@ impl Hosted {
 
     /// Bytes the hosted budget still has room for.
     pub fn room(&self) -> u64 {
-        self.quota.max().saturating_sub(self.quota.used())
+        self.quota.room()
     }
 
     /// Commits the file at `source` as blob `digest` of `repo`, as a push does: copied into the

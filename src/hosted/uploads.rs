@@ -57,6 +57,19 @@ impl Quota {
         }
     }
 
+    /// Refuses, taking nothing, when `n` more bytes would not fit now.
+    pub fn check(&self, n: u64) -> Result<(), RegistryError> {
+        if self.used().saturating_add(n) > self.max {
+            return Err(full(self.max));
+        }
+        Ok(())
+    }
+
+    /// The bytes that still fit.
+    pub fn room(&self) -> u64 {
+        self.max.saturating_sub(self.used())
+    }
+
     /// Gives `n` bytes back.
     pub fn give(&self, n: u64) {
         let _ = self
@@ -264,9 +277,7 @@ impl Uploads {
         }
         if let Some(n) = length {
             // Checked, not taken: bytes are taken as they arrive.
-            if self.quota.used().saturating_add(n) > self.quota.max() {
-                return Err(full(self.quota.max()));
-            }
+            self.quota.check(n)?;
         }
         s.touched = Instant::now();
         let before = s.offset;
