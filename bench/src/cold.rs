@@ -151,7 +151,13 @@ pub async fn runs(
         let server = Proc::spawn(cmd, &dir.join("server.log"))?;
         let url = format!("http://127.0.0.1:{port}");
         super::wait_ready(&url).await?;
-        let stowage = pull(&url, repo, tag, blobs).await?;
+        let stowage = match pull(&url, repo, tag, blobs).await {
+            Ok(p) => p,
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                return Err(format!("pull through stowage: {e}; its log:\n{log}").into());
+            }
+        };
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
         if show {

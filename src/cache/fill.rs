@@ -411,9 +411,11 @@ impl Sink {
         self.hasher.clone().unwrap_or_default()
     }
 
-    /// Bytes received from the source: written, being written, and pending.
+    /// Bytes received from the source: written, being written, and pending. (A batch whose
+    /// write is collected is in `written` already, even while its hash is still running.)
     fn received(&self) -> u64 {
-        self.written + self.inflight.as_ref().map_or(0, |b| b.len) + self.pending_len as u64
+        let writing = self.inflight.as_ref().filter(|b| b.write.is_some());
+        self.written + writing.map_or(0, |b| b.len) + self.pending_len as u64
     }
 
     /// Waits for the batch in flight: publishes the new length once it is written, then takes
@@ -1189,5 +1191,49 @@ mod tests {
         }
         fill.settled().await.unwrap();
         assert!(matches!(fill.state().phase, Phase::Committed));
+    }
+
+    /// A batch is counted once: in flight until its write is collected, then in `written`
+    /// while its hash may still run (a settle interrupted there must not count it twice).
+    #[tokio::test]
+    async fn a_written_batch_still_hashing_is_received_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("partial")).unwrap();
+        let (tx, _rx) = watch::channel(FillState {
+            total: None,
+            written: 0,
+            verified: false,
+            phase: Phase::Streaming,
+        });
+        let mut sink = Sink {
+            file: Some(file),
+            hasher: Some(Sha256::new()),
+            pending: vec![Bytes::from_static(b"0123456789")],
+            pending_len: 10,
+            written: 0,
+            inflight: None,
+        };
+        sink.start(&tx).await.unwrap();
+        assert_eq!(sink.received(), 10);
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let batch = sink.inflight.as_mut().unwrap();
+        // Hold the hash back: the write is collected first, the hash later.
+        let hash = batch.hash.take().unwrap();
+        let rt = tokio::runtime::Handle::current();
+        batch.hash = Some(tokio::task::spawn_blocking(move || {
+            gate_rx.recv().unwrap();
+            rt.block_on(hash).unwrap()
+        }));
+        let write = batch.write.as_mut().unwrap();
+        let (f, r) = write.await.unwrap();
+        r.unwrap();
+        batch.write = None;
+        sink.file = Some(f);
+        sink.written += 10;
+        assert_eq!(sink.received(), 10);
+        gate_tx.send(()).unwrap();
+        sink.settle(&tx).await.unwrap();
+        assert_eq!(sink.received(), 10);
+        assert!(sink.inflight.is_none());
     }
 }
