@@ -1,6 +1,6 @@
 //! The cold pull: one client pulls a multi-layer image (the manifest by tag, then every blob in
 //! turn) through a fresh stowage, against pulling it straight from the upstream, optionally with
-//! the upstream behind a [`shape`](super::shape) proxy (an internet-like round trip and rate).
+//! the upstream behind a [`shape`] proxy (an internet-like round trip and rate).
 //! The direct pull goes through the same proxy, so both see the same path; each run pairs a
 //! direct pull with a stowage pull seconds apart (the ratio is per pair, on a shared machine).
 
