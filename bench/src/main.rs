@@ -47,7 +47,9 @@ use futures_util::StreamExt;
 use rand::RngCore;
 use sha2::{Digest as _, Sha256};
 
+mod cold;
 mod push;
+mod shape;
 
 #[derive(Parser)]
 #[command(about = "Benchmarks stowage against distribution's pull-through proxy")]
@@ -85,6 +87,10 @@ enum Workload {
     /// distribution registry, then pulled back with skopeo: wall times and peak RSS, at two
     /// layer sizes.
     Push(push::Opts),
+    /// A cold pull of a multi-layer image by one client through a fresh stowage, against the
+    /// same pull straight from the upstream; the upstream behind a shaping proxy (round trip
+    /// and rate), or on loopback with `--rtt-ms 0 --rate-mbit 0`.
+    ColdPull(cold::Opts),
     /// Startup alone (workload 6 of `all`): time to ready and resident memory with N cached
     /// blobs, for each N.
     Startup {
@@ -637,6 +643,7 @@ fn main() -> std::process::ExitCode {
                 all::run(&cli, &work, &opts).await
             }
             Workload::Push(o) => push::command(&cli, &work, o).await,
+            Workload::ColdPull(o) => cold::command(&cli, &work, o).await,
             Workload::Startup { blobs, runs } => {
                 startup::command(&cli, &work, blobs, (*runs).max(1)).await
             }
@@ -686,7 +693,7 @@ mod all {
     }
 
     const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
-    const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+    pub const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
         application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
 
     /// One row: a workload, stowage's figure, the peer's, and what "better" means.
@@ -707,7 +714,7 @@ mod all {
 
     /// Pushes a schema-2 image of `layers` random layers; returns (manifest digest, blob digests
     /// with sizes, config digest included).
-    async fn push_image(
+    pub async fn push_image(
         upstream: &str,
         repo: &str,
         tag: &str,
@@ -1019,6 +1026,16 @@ mod all {
         Ok(figures)
     }
 
+    /// Adds the paired cold pulls (loopback and shaped, see [`cold::for_all`]) to stowage's
+    /// figures.
+    fn merge_cold_pulls(per: &mut [(ServerKind, serde_json::Value)], pulls: serde_json::Value) {
+        for (_, v) in per.iter_mut().filter(|(k, _)| *k == ServerKind::Stowage) {
+            if let (Some(v), Some(p)) = (v.as_object_mut(), pulls.as_object()) {
+                v.extend(p.clone());
+            }
+        }
+    }
+
     /// Adds the cold-blob runs (workload 4) to each server's figures, and the peak RSS over
     /// workloads 1-4.
     fn merge_cold_runs(per: &mut [(ServerKind, serde_json::Value)], cold: &[Sample], size: u64) {
@@ -1247,6 +1264,22 @@ mod all {
                 "distribution",
                 false,
             ),
+            line(
+                "cold pull, 1 client, loopback (median of 3 pairs)",
+                "s",
+                s("cold_pull_loopback_s"),
+                s("direct_pull_loopback_s"),
+                "upstream direct",
+                false,
+            ),
+            line(
+                &cold::shaped_label(),
+                "s",
+                s("cold_pull_shaped_s"),
+                s("direct_pull_shaped_s"),
+                "upstream direct",
+                false,
+            ),
         ];
         for n in &o.cold_clients {
             let w = |what: &str| format!("cold blob, {n} clients: {what}");
@@ -1452,6 +1485,11 @@ mod all {
             per.push((kind, measure_server(cli, work, o, kind, &loaded).await?));
         }
 
+        if cli.servers.contains(&ServerKind::Stowage) {
+            let image = (img_repo, tag, blobs.as_slice());
+            let pulls = cold::for_all(cli, work, &upstream, image).await?;
+            merge_cold_pulls(&mut per, pulls);
+        }
         let nginx_rss = nginx_proc.peak_rss_kib();
         drop(nginx_proc);
 

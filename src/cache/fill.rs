@@ -381,23 +381,26 @@ impl ReaderState {
     }
 }
 
-/// A batch being written and hashed on the blocking pool: its length and the job, which hands
-/// the file and the hasher back.
-type Batch = (
-    u64,
-    tokio::task::JoinHandle<(std::fs::File, Sha256, std::io::Result<()>)>,
-);
+/// A batch on the blocking pool: its length, the job writing it (which hands the file back) and,
+/// on another thread at the same time, the job hashing it (which hands the hasher back). Each
+/// handle is `None` once its job has been collected.
+struct Batch {
+    len: u64,
+    write: Option<tokio::task::JoinHandle<(std::fs::File, std::io::Result<()>)>>,
+    hash: Option<tokio::task::JoinHandle<Sha256>>,
+}
 
 /// The partial file and its hash, written in batches off the runtime threads. One batch is in
 /// flight while the next one is received, so the upstream connection keeps flowing while the
-/// previous batch is written and hashed.
+/// previous batch is written; the batch is hashed on a second thread while it is written, and
+/// published as soon as it is in the file (the hash is needed only to verify the end).
 struct Sink {
     file: Option<std::fs::File>,
     hasher: Option<Sha256>,
     /// Chunks received and not yet written, as the source delivered them (not copied).
     pending: Vec<Bytes>,
     pending_len: usize,
-    /// Bytes in the file (and in the hasher), as published.
+    /// Bytes in the file, as published (the hasher holds them too once nothing is in flight).
     written: u64,
     inflight: Option<Batch>,
 }
@@ -408,23 +411,35 @@ impl Sink {
         self.hasher.clone().unwrap_or_default()
     }
 
-    /// Bytes received from the source: written, being written, and pending.
+    /// Bytes received from the source: written, being written, and pending. (A batch whose
+    /// write is collected is in `written` already, even while its hash is still running.)
     fn received(&self) -> u64 {
-        self.written + self.inflight.as_ref().map_or(0, |b| b.0) + self.pending_len as u64
+        let writing = self.inflight.as_ref().filter(|b| b.write.is_some());
+        self.written + writing.map_or(0, |b| b.len) + self.pending_len as u64
     }
 
-    /// Waits for the batch in flight, then publishes the new length.
+    /// Waits for the batch in flight: publishes the new length once it is written, then takes
+    /// the hasher back. Cancel-safe: a job's handle is dropped only once its result is kept, so
+    /// an interrupted call is simply resumed by the next one.
     async fn settle(&mut self, tx: &watch::Sender<FillState>) -> std::io::Result<()> {
-        let Some((len, job)) = self.inflight.take() else {
+        let Some(batch) = self.inflight.as_mut() else {
             return Ok(());
         };
-        let (file, hasher, result) = job.await.map_err(std::io::Error::other)?;
-        self.file = Some(file);
-        self.hasher = Some(hasher);
-        result?;
-        self.written += len;
-        let written = self.written;
-        tx.send_modify(|s| s.written = written);
+        if let Some(job) = batch.write.as_mut() {
+            let (file, result) = job.await.map_err(std::io::Error::other)?;
+            batch.write = None;
+            self.file = Some(file);
+            result?;
+            self.written += batch.len;
+            let written = self.written;
+            tx.send_modify(|s| s.written = written);
+        }
+        if let Some(job) = batch.hash.as_mut() {
+            let hasher = job.await.map_err(std::io::Error::other)?;
+            batch.hash = None;
+            self.hasher = Some(hasher);
+        }
+        self.inflight = None;
         Ok(())
     }
 
@@ -441,18 +456,22 @@ impl Sink {
                 "partial file lost after an earlier error",
             ));
         };
-        let job = tokio::task::spawn_blocking(move || {
-            let mut r = Ok(());
-            for buf in &bufs {
-                r = file.write_all(buf);
-                if r.is_err() {
-                    break;
-                }
+        let to_hash = bufs.clone();
+        let hash = tokio::task::spawn_blocking(move || {
+            for buf in &to_hash {
                 hasher.update(buf);
             }
-            (file, hasher, r)
+            hasher
         });
-        self.inflight = Some((len, job));
+        let write = tokio::task::spawn_blocking(move || {
+            let r = bufs.iter().try_for_each(|buf| file.write_all(buf));
+            (file, r)
+        });
+        self.inflight = Some(Batch {
+            len,
+            write: Some(write),
+            hash: Some(hash),
+        });
         Ok(())
     }
 
@@ -900,9 +919,11 @@ async fn pump(
     }
 }
 
-/// The source's next item. Takes what is ready without waiting; when the upstream pauses, writes
-/// what the sink has so readers get it promptly, then waits, bounded by the idle timeout (`None`
-/// when it passes). An error is the sink's (the disk's).
+/// The source's next item. Takes what is ready without waiting; when the upstream pauses, starts
+/// writing what the sink has so readers get it promptly, and waits for the upstream while that
+/// batch is written (publishing it as soon as it is): the connection is read meanwhile, not
+/// left until the disk is done. The wait is bounded by the idle timeout (`None` when it
+/// passes). An error is the sink's (the disk's).
 async fn next_item(
     stream: &mut ByteStream,
     sink: &mut Sink,
@@ -912,11 +933,31 @@ async fn next_item(
     if let Some(item) = stream.next().now_or_never() {
         return Ok(Some(item));
     }
-    sink.flush(tx).await?;
-    Ok(match idle {
-        Some(d) => tokio::time::timeout(d, stream.next()).await.ok(),
-        None => Some(stream.next().await),
-    })
+    sink.start(tx).await?;
+    let quiet = async {
+        match idle {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(quiet);
+    let next = stream.next();
+    tokio::pin!(next);
+    loop {
+        if sink.inflight.is_none() {
+            return Ok(tokio::select! {
+                item = &mut next => Some(item),
+                () = &mut quiet => None,
+            });
+        }
+        // `settle` is cancel-safe: an item arriving first leaves the batch in flight.
+        tokio::select! {
+            biased;
+            item = &mut next => return Ok(Some(item)),
+            r = sink.settle(tx) => r?,
+            () = &mut quiet => return Ok(None),
+        }
+    }
 }
 
 /// Atomically moves a verified temp file into the content store and makes the rename durable.
@@ -1150,5 +1191,49 @@ mod tests {
         }
         fill.settled().await.unwrap();
         assert!(matches!(fill.state().phase, Phase::Committed));
+    }
+
+    /// A batch is counted once: in flight until its write is collected, then in `written`
+    /// while its hash may still run (a settle interrupted there must not count it twice).
+    #[tokio::test]
+    async fn a_written_batch_still_hashing_is_received_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::File::create(dir.path().join("partial")).unwrap();
+        let (tx, _rx) = watch::channel(FillState {
+            total: None,
+            written: 0,
+            verified: false,
+            phase: Phase::Streaming,
+        });
+        let mut sink = Sink {
+            file: Some(file),
+            hasher: Some(Sha256::new()),
+            pending: vec![Bytes::from_static(b"0123456789")],
+            pending_len: 10,
+            written: 0,
+            inflight: None,
+        };
+        sink.start(&tx).await.unwrap();
+        assert_eq!(sink.received(), 10);
+        let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+        let batch = sink.inflight.as_mut().unwrap();
+        // Hold the hash back: the write is collected first, the hash later.
+        let hash = batch.hash.take().unwrap();
+        let rt = tokio::runtime::Handle::current();
+        batch.hash = Some(tokio::task::spawn_blocking(move || {
+            gate_rx.recv().unwrap();
+            rt.block_on(hash).unwrap()
+        }));
+        let write = batch.write.as_mut().unwrap();
+        let (f, r) = write.await.unwrap();
+        r.unwrap();
+        batch.write = None;
+        sink.file = Some(f);
+        sink.written += 10;
+        assert_eq!(sink.received(), 10);
+        gate_tx.send(()).unwrap();
+        sink.settle(&tx).await.unwrap();
+        assert_eq!(sink.received(), 10);
+        assert!(sink.inflight.is_none());
     }
 }

@@ -1,0 +1,277 @@
+//! The cold pull: one client pulls a multi-layer image (the manifest by tag, then every blob in
+//! turn) through a fresh stowage, against pulling it straight from the upstream, optionally with
+//! the upstream behind a [`shape`] proxy (an internet-like round trip and rate).
+//! The direct pull goes through the same proxy, so both see the same path; each run pairs a
+//! direct pull with a stowage pull seconds apart (the ratio is per pair, on a shared machine).
+
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+
+use super::shape::{self, Shape};
+use super::{all, note, stowage_bin, stowage_command, BoxError, Cli, Proc, Upstream};
+
+/// The subcommand's options.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Opts {
+    /// Round trip between the cache (or the direct client) and the upstream, in ms; 0 and
+    /// `--rate-mbit 0`: plain loopback, no proxy.
+    #[arg(long, default_value_t = 25)]
+    pub rtt_ms: u64,
+    /// Bottleneck rate in each direction, in Mbit/s; 0: unlimited.
+    #[arg(long, default_value_t = 400)]
+    pub rate_mbit: u64,
+    /// Layers of the image.
+    #[arg(long, default_value_t = 8)]
+    pub layers: usize,
+    /// Size of each layer in MiB.
+    #[arg(long, default_value_t = 16)]
+    pub layer_mib: usize,
+    /// Pairs of pulls (direct, then through a fresh stowage).
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Print each pull's per-blob timeline (first and last byte) on stderr.
+    #[arg(long)]
+    pub timeline: bool,
+}
+
+/// One pull: its total time and, per blob (manifest first), first and last byte since start.
+pub struct Pull {
+    pub total: Duration,
+    pub steps: Vec<(Duration, Duration)>,
+}
+
+/// One pair of pulls.
+pub struct Pair {
+    pub direct: Pull,
+    pub stowage: Pull,
+}
+
+impl Pair {
+    pub fn ratio(&self) -> f64 {
+        self.stowage.total.as_secs_f64() / self.direct.total.as_secs_f64()
+    }
+}
+
+/// Reads a response to its end: (first byte, last byte, bytes) since `t0`.
+async fn drain(
+    resp: reqwest::Response,
+    t0: Instant,
+) -> Result<(Duration, Duration, u64), BoxError> {
+    if !resp.status().is_success() {
+        return Err(format!("GET {} answered {}", resp.url(), resp.status()).into());
+    }
+    let mut s = resp.bytes_stream();
+    let (mut first, mut n) = (None, 0u64);
+    while let Some(c) = s.next().await {
+        n += c?.len() as u64;
+        first.get_or_insert_with(|| t0.elapsed());
+    }
+    let last = t0.elapsed();
+    Ok((first.unwrap_or(last), last, n))
+}
+
+/// A pull by one client, timed per step.
+async fn pull(
+    base: &str,
+    repo: &str,
+    tag: &str,
+    blobs: &[(String, u64)],
+) -> Result<Pull, BoxError> {
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let t0 = Instant::now();
+    let m = client
+        .get(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("accept", all::ACCEPT)
+        .send()
+        .await?;
+    let (f, l, _) = drain(m, t0).await?;
+    let mut steps = vec![(f, l)];
+    for (d, size) in blobs {
+        let r = client
+            .get(format!("{base}/v2/{repo}/blobs/{d}"))
+            .send()
+            .await?;
+        let (f, l, n) = drain(r, t0).await?;
+        if n != *size {
+            return Err(format!("blob {d}: {n} of {size} bytes").into());
+        }
+        steps.push((f, l));
+    }
+    Ok(Pull {
+        total: t0.elapsed(),
+        steps,
+    })
+}
+
+fn timeline(label: &str, p: &Pull) {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    let steps: Vec<String> = p
+        .steps
+        .iter()
+        .map(|(f, l)| format!("{:.0}/{:.0}", ms(*f), ms(*l)))
+        .collect();
+    note(&format!(
+        "{label}: {:.0} ms; first/last byte (ms) manifest, blobs: {}",
+        ms(p.total),
+        steps.join(" ")
+    ));
+}
+
+/// `runs` pairs of pulls of the image (already in `upstream`) with the upstream shaped as
+/// `shape`: each pair a direct pull and a pull through a fresh stowage.
+#[allow(clippy::too_many_arguments)]
+pub async fn runs(
+    cli: &Cli,
+    work: &Path,
+    upstream: &Upstream,
+    image: (&str, &str, &[(String, u64)]),
+    shape: Shape,
+    runs: usize,
+    show: bool,
+) -> Result<Vec<Pair>, BoxError> {
+    let (repo, tag, blobs) = image;
+    let proxy = if shape.is_none() {
+        None
+    } else {
+        let target = upstream.url.trim_start_matches("http://").parse()?;
+        Some(shape::start(target, shape).await?)
+    };
+    let via = proxy.as_ref().map_or(upstream.url.as_str(), |p| &p.url);
+    let bin = stowage_bin(cli)?;
+    let mut pairs = Vec::new();
+    for i in 0..runs {
+        let direct = pull(via, repo, tag, blobs).await?;
+        let dir = work.join(format!("cold-pull-{i}"));
+        std::fs::create_dir_all(&dir)?;
+        let port = super::free_port()?;
+        let cmd = stowage_command(&bin, &dir, &dir.join("data"), port, via, "")?;
+        let server = Proc::spawn(cmd, &dir.join("server.log"))?;
+        let url = format!("http://127.0.0.1:{port}");
+        super::wait_ready(&url).await?;
+        let stowage = match pull(&url, repo, tag, blobs).await {
+            Ok(p) => p,
+            Err(e) => {
+                let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+                return Err(format!("pull through stowage: {e}; its log:\n{log}").into());
+            }
+        };
+        drop(server);
+        let _ = std::fs::remove_dir_all(&dir);
+        if show {
+            timeline("direct ", &direct);
+            timeline("stowage", &stowage);
+        }
+        let pair = Pair { direct, stowage };
+        note(&format!(
+            "cold pull {}/{runs} ({:?} RTT, {} B/s): stowage {:.3} s, direct {:.3} s, {:.2}x",
+            i + 1,
+            shape.rtt,
+            shape.rate,
+            pair.stowage.total.as_secs_f64(),
+            pair.direct.total.as_secs_f64(),
+            pair.ratio()
+        ));
+        pairs.push(pair);
+    }
+    Ok(pairs)
+}
+
+/// Median, min and max of `v` (not empty).
+pub fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (median, v[0], v[n - 1])
+}
+
+/// The `cold-pull` subcommand: its own upstream and image, then `o.runs` pairs; a table.
+pub async fn command(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
+    let upstream = Upstream::start(&cli.registry, work).await?;
+    let (repo, tag) = ("bench/image", "v1");
+    let (_, blobs) = all::push_image(&upstream.url, repo, tag, o.layers, o.layer_mib << 20).await?;
+    let shape = Shape::new(o.rtt_ms, o.rate_mbit);
+    let image = (repo, tag, blobs.as_slice());
+    let pairs = runs(
+        cli,
+        work,
+        &upstream,
+        image,
+        shape,
+        o.runs.max(1),
+        o.timeline,
+    )
+    .await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "cold pull of {} x {} MiB layers, 1 client; upstream {}\n\n\
+         | | median | min | max |\n|---|---|---|---|",
+        o.layers,
+        o.layer_mib,
+        if shape.is_none() {
+            "on loopback".to_owned()
+        } else {
+            format!("behind {} ms RTT, {} Mbit/s", o.rtt_ms, o.rate_mbit)
+        }
+    )?;
+    let col = |f: &dyn Fn(&Pair) -> f64| spread(pairs.iter().map(f).collect());
+    for (name, (m, lo, hi), unit) in [
+        ("stowage", col(&|p| p.stowage.total.as_secs_f64()), " s"),
+        ("direct", col(&|p| p.direct.total.as_secs_f64()), " s"),
+        ("ratio (per pair)", col(&|p| p.ratio()), "x"),
+    ] {
+        writeln!(
+            out,
+            "| {name} | {m:.3}{unit} | {lo:.3}{unit} | {hi:.3}{unit} |"
+        )?;
+    }
+    Ok(())
+}
+
+/// The shaped path of `all`: an internet-like upstream (the subcommand's defaults).
+const ALL_SHAPED: (u64, u64) = (25, 400);
+
+/// Pairs per path in `all`.
+const ALL_RUNS: usize = 3;
+
+/// The cold-pull pairs of `all`, on loopback and with the upstream shaped, as figures for
+/// stowage's JSON object: per path the median times and the median, min and max ratio.
+pub async fn for_all(
+    cli: &Cli,
+    work: &Path,
+    upstream: &Upstream,
+    image: (&str, &str, &[(String, u64)]),
+) -> Result<serde_json::Value, BoxError> {
+    let mut figures = serde_json::Map::new();
+    for (key, shape) in [
+        ("loopback", Shape::new(0, 0)),
+        ("shaped", Shape::new(ALL_SHAPED.0, ALL_SHAPED.1)),
+    ] {
+        let pairs = runs(cli, work, upstream, image, shape, ALL_RUNS, false).await?;
+        let col = |f: &dyn Fn(&Pair) -> f64| spread(pairs.iter().map(f).collect());
+        let (s, _, _) = col(&|p| p.stowage.total.as_secs_f64());
+        let (d, _, _) = col(&|p| p.direct.total.as_secs_f64());
+        let (r, lo, hi) = col(&|p| p.ratio());
+        figures.insert(format!("cold_pull_{key}_s"), s.into());
+        figures.insert(format!("direct_pull_{key}_s"), d.into());
+        figures.insert(format!("cold_pull_{key}_ratio"), r.into());
+        figures.insert(format!("cold_pull_{key}_ratio_min"), lo.into());
+        figures.insert(format!("cold_pull_{key}_ratio_max"), hi.into());
+    }
+    Ok(figures.into())
+}
+
+/// The path of the shaped figures, for the table.
+pub fn shaped_label() -> String {
+    format!(
+        "cold pull, 1 client, upstream at {} ms RTT / {} Mbit/s (median of {ALL_RUNS})",
+        ALL_SHAPED.0, ALL_SHAPED.1
+    )
+}
