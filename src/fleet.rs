@@ -719,9 +719,12 @@ impl TieredSource {
     /// again without it (the shared copy, our own claim, or waiting) and returns `None`.
     async fn open_peer(&self, offset: u64) -> Option<BlobBody> {
         let fleet = &self.fleet;
-        let (peer, expires) = self.peer.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
-        let wait = Duration::from_millis(expires.saturating_sub(unix_now_ms()))
-            .max(fleet.timeout);
+        let (peer, expires) = self
+            .peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let wait = Duration::from_millis(expires.saturating_sub(unix_now_ms())).max(fleet.timeout);
         match fleet.peers.open(&peer, &self.digest, offset, wait).await {
             Ok(body) => Some(body),
             Err(e) => {

@@ -43,7 +43,10 @@ async fn answer(
         .with_status(404));
     };
     let digest: Digest = digest.parse().map_err(|_| {
-        RegistryError::new(ErrorCode::DigestInvalid, format!("{digest:?} is not a digest"))
+        RegistryError::new(
+            ErrorCode::DigestInvalid,
+            format!("{digest:?} is not a digest"),
+        )
     })?;
     let authorization = headers
         .get(header::AUTHORIZATION)
