@@ -11,10 +11,14 @@
 //!   once it is committed (verified) locally: only verified content is ever shared, and an
 //!   interrupted upload leaves no object (see [`BlobStore::put_file`]).
 //! - **fill leases**: before going upstream, a node claims `leases/sha256/<hex>` with a
-//!   conditional create. A node that finds another's live claim waits (up to the claim's expiry,
-//!   `storage.fill_lease_ttl`) for the object to appear and reads it from the store instead. The
-//!   lease is best effort: stores without conditional create (Garage) make it a no-op, and the
-//!   load balancer's consistent hashing (`docs/fleet.md`) is the first line of cross-node dedup.
+//!   conditional create. A node that finds another's live claim does not go upstream: when the
+//!   claim names its node (`storage.advertise_url` and a per-lease token, [`peer`]) it streams
+//!   the blob from that node's fill in progress, through its own fill (so verified here too);
+//!   otherwise, or when that node fails it, it waits (up to the claim's expiry,
+//!   `storage.fill_lease_ttl`, or until the claim is released) for the object to appear and
+//!   reads it from the store, resuming at the bytes it holds. The lease is best effort: stores
+//!   without conditional create (Garage) make it a no-op, and the load balancer's consistent
+//!   hashing (`docs/fleet.md`) is the first line of cross-node dedup.
 //! - **manifests** are shared by digest (`manifests/sha256/<hex>`, checked against the digest on
 //!   the way back in) and **tags** as their records (`tags/<upstream>/<repo>/<tag>`: digest, type,
 //!   the time upstream last confirmed them, Accept variants). A tag confirmed by node A within
@@ -50,7 +54,7 @@ use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
 use crate::store::{BlobStore, Created, StoreError};
 use crate::stream::BlobBody;
 
-mod peer;
+pub mod peer;
 
 pub use peer::PEER_PATH;
 use peer::{PeerClient, PeerLease};

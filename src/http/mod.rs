@@ -1217,6 +1217,7 @@ mod tests {
             ("/api/v1/repositories/docker.io/library/alpine", "console"),
             ("/ui/", "console"),
             ("/ui/app.js", "console"),
+            ("/_stowage/fleet/blobs/sha256:00", "fleet"),
             ("/uix", "other"),
             ("/v2/library/alpine/referrers/sha256:00", "referrers"),
             ("/v2/library/alpine", "other"),
