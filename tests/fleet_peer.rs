@@ -15,14 +15,18 @@ use std::time::Duration;
 
 use support::fake_upstream::{FakeUpstream, Fault, WrongBytes};
 use support::scrape::Scrape;
-use support::stowage::{Stowage, UpstreamSpec};
-use support::{http, sha256_hex, wait_until};
+use support::stowage::{Stowage, StowageBuilder, UpstreamSpec};
+use support::{http, sha256_hex, wait_until, write_htpasswd};
 
 /// The bytes the upstream sends before it holds the rest.
 const HEAD: u64 = 64 * 1024;
 
 /// A node in front of `upstream` on the shared directory `shared`, advertising itself.
 fn node(upstream: &FakeUpstream, shared: &Path, lease_ttl: &str) -> Stowage {
+    builder(upstream, shared, lease_ttl).start()
+}
+
+fn builder(upstream: &FakeUpstream, shared: &Path, lease_ttl: &str) -> StowageBuilder {
     Stowage::builder()
         .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
         .storage_toml(&format!(
@@ -30,7 +34,6 @@ fn node(upstream: &FakeUpstream, shared: &Path, lease_ttl: &str) -> Stowage {
             shared.display()
         ))
         .advertise()
-        .start()
 }
 
 fn blob(len: u32, modulus: u32) -> Vec<u8> {
@@ -213,6 +216,8 @@ fn peer_get(a: &Stowage, digest: &str, token: Option<&str>) -> (u16, String) {
     (status, code)
 }
 
+/// With client authentication on (`[auth]`): the endpoint answers to the lease's token, not to
+/// client credentials.
 #[test]
 fn the_peer_endpoint_wants_the_fill_leases_token() {
     let upstream = FakeUpstream::start();
@@ -221,9 +226,15 @@ fn the_peer_endpoint_wants_the_fill_leases_token() {
     let other = upstream.add_blob("fleet/app", blob(1024, 13));
     upstream.push_faults(&digest, [Fault::HoldAt(HEAD)]);
     let shared = tempfile::tempdir().expect("tempdir");
-    let a = node(&upstream, shared.path(), "2m");
+    let files = tempfile::tempdir().expect("tempdir");
+    let htpasswd = write_htpasswd(files.path(), &[("alice", "horse")]);
+    let a = builder(&upstream, shared.path(), "2m")
+        .extra_toml(&format!("[auth]\nhtpasswd = \"{}\"", htpasswd.display()))
+        .auth_required()
+        .start();
+    let with_creds = a.url().replace("http://", "http://alice:horse@");
 
-    let (_, get_a) = streaming_get(format!("{}/v2/fleet/app/blobs/{digest}", a.url()));
+    let (_, get_a) = streaming_get(format!("{with_creds}/v2/fleet/app/blobs/{digest}"));
     let mut held = None;
     assert!(
         wait_until(Duration::from_secs(30), || {
@@ -241,6 +252,7 @@ fn the_peer_endpoint_wants_the_fill_leases_token() {
     let token = held["peer"]["token"].as_str().expect("a token").to_owned();
 
     assert_eq!(peer_get(&a, &digest, None), (401, "UNAUTHORIZED".into()));
+    // A 403, not client auth's 401: the endpoint is outside it, behind its own token.
     assert_eq!(
         peer_get(&a, &digest, Some("not-the-token")),
         (403, "DENIED".into())
