@@ -320,3 +320,113 @@ fn a_blob_that_fails_verification_on_the_filler_is_not_served_as_good_by_the_fol
         "an unverified blob was shared"
     );
 }
+
+/// A figure, not a check (`cargo test --release --test fleet_peer -- --ignored --nocapture`):
+/// `n` cold clients split over two nodes start at once on one 16 MiB blob; the first byte of
+/// the clients of the node that did not fill (the follower), with and without
+/// `advertise_url`, as median / max in ms.
+#[test]
+#[ignore]
+fn figure_followers_first_byte() {
+    let n: usize = std::env::var("FOLLOWERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    let modes: &[bool] = if std::env::var("FOLLOWERS_ONLY_PEER").is_ok() {
+        &[true]
+    } else {
+        &[true, false]
+    };
+    for &advertise in modes {
+        for _run in 0..std::env::var("FOLLOWERS_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3)
+        {
+            let (follower, filler) = first_bytes(n, advertise);
+            println!(
+                "advertise_url {advertise:5}  {n} clients over 2 nodes: first byte median / max, follower node {:.1} / {:.1} ms, filling node {:.1} / {:.1} ms",
+                follower.0, follower.1, filler.0, filler.1
+            );
+        }
+    }
+}
+
+/// (median, max) first byte in ms of the follower node's clients, then of the filler's.
+fn first_bytes(n: usize, advertise: bool) -> ((f64, f64), (f64, f64)) {
+    let upstream = FakeUpstream::start();
+    let bytes = blob(16 * 1024 * 1024, 229);
+    let digest = upstream.add_blob("fleet/app", bytes.clone());
+    let shared = tempfile::tempdir().expect("tempdir");
+    let start = |adv: bool| {
+        let b = Stowage::builder()
+            .upstream(UpstreamSpec::new("docker.io", &upstream.url()))
+            .storage_toml(&format!("shared_path = \"{}\"", shared.path().display()));
+        if adv { b.advertise() } else { b }.start()
+    };
+    let nodes = [start(advertise), start(advertise)];
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(n));
+    let clients: Vec<_> = (0..n)
+        .map(|i| {
+            let url = format!("{}/v2/fleet/app/blobs/{digest}", nodes[i % 2].url());
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let client = http();
+                barrier.wait();
+                let t0 = std::time::Instant::now();
+                let mut resp = client.get(&url).send().expect("GET");
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut first = None;
+                let mut hasher = Vec::new();
+                loop {
+                    let got = resp.read(&mut buf).expect("body");
+                    if got == 0 {
+                        break;
+                    }
+                    first.get_or_insert(t0.elapsed());
+                    hasher.extend_from_slice(&buf[..got]);
+                }
+                (i % 2, first.expect("a byte"), sha256_hex(&hasher))
+            })
+        })
+        .collect();
+    let results: Vec<_> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client"))
+        .collect();
+    assert!(results.iter().all(|(_, _, h)| *h == sha256_hex(&bytes)));
+    assert_eq!(
+        upstream.blob_gets(&digest).len(),
+        1,
+        "one upstream transfer"
+    );
+    let filler = (0..2)
+        .find(|&i| {
+            metric(
+                &nodes[i],
+                "stowage_fill_sources_total",
+                &[("source", "upstream")],
+            ) == 1.0
+        })
+        .expect("one node filled from the upstream");
+    let spread = |on: usize| {
+        let mut ms: Vec<f64> = results
+            .iter()
+            .filter(|(node, _, _)| *node == on)
+            .map(|(_, t, _)| t.as_secs_f64() * 1000.0)
+            .collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        (ms[ms.len() / 2], ms[ms.len() - 1])
+    };
+    if std::env::var("FOLLOWERS_LOG").is_ok() {
+        for line in nodes[1 - filler].log().lines() {
+            if line.contains("another node")
+                || line.contains("falling back")
+                || line.contains("fill started")
+            {
+                println!("  {line}");
+            }
+        }
+    }
+    (spread(1 - filler), spread(filler))
+}
