@@ -212,8 +212,9 @@ impl Fleet {
         authorization: Option<&str>,
     ) -> Result<(), RegistryError> {
         let offered = authorization
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .filter(|t| !t.is_empty())
             .ok_or_else(|| {
                 RegistryError::new(
