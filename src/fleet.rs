@@ -11,10 +11,14 @@
 //!   once it is committed (verified) locally: only verified content is ever shared, and an
 //!   interrupted upload leaves no object (see [`BlobStore::put_file`]).
 //! - **fill leases**: before going upstream, a node claims `leases/sha256/<hex>` with a
-//!   conditional create. A node that finds another's live claim waits (up to the claim's expiry,
-//!   `storage.fill_lease_ttl`) for the object to appear and reads it from the store instead. The
-//!   lease is best effort: stores without conditional create (Garage) make it a no-op, and the
-//!   load balancer's consistent hashing (`docs/fleet.md`) is the first line of cross-node dedup.
+//!   conditional create. A node that finds another's live claim does not go upstream: when the
+//!   claim names its node (`storage.advertise_url` and a per-lease token, [`peer`]) it streams
+//!   the blob from that node's fill in progress, through its own fill (so verified here too);
+//!   otherwise, or when that node fails it, it waits (up to the claim's expiry,
+//!   `storage.fill_lease_ttl`, or until the claim is released) for the object to appear and
+//!   reads it from the store, resuming at the bytes it holds. The lease is best effort: stores
+//!   without conditional create (Garage) make it a no-op, and the load balancer's consistent
+//!   hashing (`docs/fleet.md`) is the first line of cross-node dedup.
 //! - **manifests** are shared by digest (`manifests/sha256/<hex>`, checked against the digest on
 //!   the way back in) and **tags** as their records (`tags/<upstream>/<repo>/<tag>`: digest, type,
 //!   the time upstream last confirmed them, Accept variants). A tag confirmed by node A within
@@ -28,7 +32,7 @@
 //!   carries on with its local tier and the upstream. Shared writes (manifests, tags, uploads)
 //!   happen in the background and never delay or fail a client's request.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,10 +48,16 @@ use tokio_util::task::TaskTracker;
 use crate::cache::budget::Budget;
 use crate::cache::index::unix_now_ms;
 use crate::cache::{BlobSource, Fill, StoredManifest, TagEntry};
+use crate::config::SharedStoreConfig;
 use crate::metrics::metrics;
 use crate::oci::{Digest, ErrorCode, RegistryError, RepoName, Tag};
 use crate::store::{BlobStore, Created, StoreError};
 use crate::stream::BlobBody;
+
+pub mod peer;
+
+pub use peer::PEER_PATH;
+use peer::{PeerClient, PeerLease};
 
 /// How often a node waiting on another node's fill lease looks for the finished object.
 const LEASE_POLL: Duration = Duration::from_millis(500);
@@ -65,19 +75,23 @@ struct SharedManifest {
 }
 
 /// A node's claim to fill one blob from the upstream.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct Lease {
     node: String,
     /// Unix milliseconds after which the claim no longer holds anyone off.
     expires: u64,
+    /// Where the filler streams the blob to waiting nodes, with this lease's token (only when
+    /// the filler has `storage.advertise_url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peer: Option<PeerLease>,
 }
 
 /// What a claim attempt found.
 enum Claim {
     /// Ours: go upstream, then release.
     Ours,
-    /// Another node is filling until `expires` (Unix ms).
-    Theirs { node: String, expires: u64 },
+    /// Another node is filling.
+    Theirs(Lease),
     /// No lease possible (store without conditional create, or store trouble): go upstream.
     None,
 }
@@ -97,6 +111,13 @@ pub struct Fleet {
     tasks: TaskTracker,
     /// Blobs being uploaded by this node (so two commits never upload the same blob twice).
     uploading: Mutex<HashSet<String>>,
+    /// `storage.advertise_url` (`None`: this node's leases name no URL).
+    advertise: Option<String>,
+    /// Reads the nodes that do advertise theirs.
+    peers: PeerClient,
+    /// The tokens of the fill leases this node holds, by blob hex: what its peer endpoint
+    /// accepts. An entry lives from the claim to the lease's release.
+    held: Mutex<HashMap<String, String>>,
 }
 
 fn blob_key(digest: &Digest) -> String {
@@ -141,7 +162,15 @@ fn negative_code(code: &str) -> ErrorCode {
 }
 
 impl Fleet {
-    pub fn new(store: Arc<dyn BlobStore>, lease_ttl: Duration, timeout: Duration) -> Fleet {
+    /// The fleet tier over `store`; with `advertise_url`, this node streams the blobs it fills
+    /// to the nodes waiting on its leases, and reads from the nodes that advertise theirs.
+    pub fn new(
+        store: Arc<dyn BlobStore>,
+        shared: &SharedStoreConfig,
+        advertise_url: Option<&str>,
+    ) -> Result<Fleet, String> {
+        let (lease_ttl, timeout) = (shared.fill_lease_ttl, shared.timeout);
+        let peers = PeerClient::new(timeout)?;
         let describe = store.describe();
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
@@ -153,7 +182,7 @@ impl Fleet {
         for kind in ["blob", "manifest", "tag", "negative"] {
             metrics().object_store_hits.with_label_values(&[kind]);
         }
-        Fleet {
+        Ok(Fleet {
             store,
             describe,
             node: format!(
@@ -168,6 +197,38 @@ impl Fleet {
             last_error: Mutex::new(None),
             tasks: TaskTracker::new(),
             uploading: Mutex::new(HashSet::new()),
+            advertise: advertise_url.map(str::to_owned),
+            peers,
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether `authorization` (the request's header) carries the token of this node's live
+    /// lease on `digest`: `401` without a bearer token, `403` with a wrong one or when this
+    /// node holds no lease on the blob.
+    pub fn authorize_peer(
+        &self,
+        digest: &Digest,
+        authorization: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        let offered = authorization
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| {
+                RegistryError::new(
+                    ErrorCode::Unauthorized,
+                    "a fleet peer request needs the fill lease's token",
+                )
+            })?;
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        match held.get(digest.hex()) {
+            Some(token) if constant_time_eq(token.as_bytes(), offered.as_bytes()) => Ok(()),
+            _ => Err(RegistryError::new(
+                ErrorCode::Denied,
+                format!("this node holds no fill lease on {digest} with that token"),
+            )),
         }
     }
 
@@ -291,6 +352,7 @@ impl Fleet {
                 digest: digest.clone(),
                 upstream,
                 mode: mode.clone(),
+                peer: Mutex::new(None),
             },
             mode,
         )
@@ -335,6 +397,11 @@ impl Fleet {
             if leased {
                 let r = fleet.store.delete(&lease_key(&digest)).await;
                 let _ = fleet.record("delete", r);
+                fleet
+                    .held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(digest.hex());
             }
         });
     }
@@ -378,38 +445,57 @@ impl Fleet {
         let lease = Lease {
             node: self.node.clone(),
             expires: unix_now_ms() + self.lease_ttl.as_millis() as u64,
+            peer: self.advertise.as_deref().map(PeerLease::fresh),
         };
         let Ok(body) = serde_json::to_vec(&lease) else {
             return Claim::None;
         };
         let key = lease_key(digest);
+        // The token is accepted from before the lease is visible, so no follower is refused.
+        self.hold(digest, &lease);
         let r = self.store.create(&key, Bytes::from(body.clone())).await;
-        match self.record("create", r) {
+        let claim = match self.record("create", r) {
             Ok(Created::Created) => Claim::Ours,
             Ok(Created::Unsupported) | Err(_) => Claim::None,
-            Ok(Created::Exists) => {
-                let r = self.store.get_bytes(&key).await;
-                let held = self
-                    .record("get", r)
-                    .ok()
-                    .flatten()
-                    .and_then(|b| serde_json::from_slice::<Lease>(&b).ok());
-                match held {
-                    Some(l) if l.expires > unix_now_ms() && l.node != self.node => Claim::Theirs {
-                        node: l.node,
-                        expires: l.expires,
-                    },
-                    // Expired (its holder died or is slow) or unreadable: take it over.
-                    _ => {
-                        let r = self.store.put_bytes(&key, Bytes::from(body)).await;
-                        match self.record("put", r) {
-                            Ok(()) => Claim::Ours,
-                            Err(_) => Claim::None,
-                        }
+            Ok(Created::Exists) => match self.current_lease(digest).await {
+                Some(l) if l.expires > unix_now_ms() && l.node != self.node => Claim::Theirs(l),
+                // Expired (its holder died or is slow) or unreadable: take it over.
+                _ => {
+                    let r = self.store.put_bytes(&key, Bytes::from(body)).await;
+                    match self.record("put", r) {
+                        Ok(()) => Claim::Ours,
+                        Err(_) => Claim::None,
                     }
                 }
-            }
+            },
+        };
+        if !matches!(claim, Claim::Ours) {
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(digest.hex());
         }
+        claim
+    }
+
+    /// Remembers the token of a lease this node is about to hold.
+    fn hold(&self, digest: &Digest, lease: &Lease) {
+        if let Some(p) = &lease.peer {
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(digest.hex().to_owned(), p.token.clone());
+        }
+    }
+
+    /// The lease on `digest` as the store holds it now (none, unreadable or store trouble:
+    /// `None`).
+    async fn current_lease(&self, digest: &Digest) -> Option<Lease> {
+        let r = self.store.get_bytes(&lease_key(digest)).await;
+        self.record("get", r)
+            .ok()
+            .flatten()
+            .and_then(|b| serde_json::from_slice::<Lease>(&b).ok())
     }
 
     /// A shared manifest by digest, verified against it (store trouble or a bad object: `None`).
@@ -547,6 +633,8 @@ pub enum Mode {
     Shared,
     /// The upstream; `leased` if this node holds the fill lease.
     Upstream { leased: bool },
+    /// The node holding the fill lease, streaming its fill in progress.
+    Peer,
 }
 
 /// A fill source that reads the shared object when the fleet has it and the upstream
@@ -556,6 +644,8 @@ pub struct TieredSource {
     digest: Digest,
     upstream: Option<Box<dyn BlobSource>>,
     mode: Arc<Mutex<Mode>>,
+    /// The filler read from in [`Mode::Peer`].
+    peer: Mutex<Option<(PeerLease, u64)>>,
 }
 
 impl TieredSource {
@@ -567,9 +657,10 @@ impl TieredSource {
         *self.mode.lock().unwrap_or_else(|p| p.into_inner()) = m;
     }
 
-    /// First open: the shared object, else a claim on the upstream fill (waiting out another
-    /// node's live claim while polling for its result).
-    async fn decide(&self) -> Mode {
+    /// First open: the shared object, else a claim on the upstream fill; another node's live
+    /// claim is streamed from that node when it advertises itself (unless it is `failed`, a
+    /// peer that just failed us), else waited out while polling for its result.
+    async fn decide(&self, failed: Option<&str>) -> Mode {
         let fleet = &self.fleet;
         if self.upstream.is_none() {
             return Mode::Shared;
@@ -578,30 +669,74 @@ impl TieredSource {
             metrics().object_store_fallbacks.inc();
             return Mode::Upstream { leased: false };
         }
-        if fleet.blob_size(&self.digest).await.is_some() {
-            return Mode::Shared;
-        }
-        if !fleet.up.load(Ordering::Relaxed) {
-            metrics().object_store_fallbacks.inc();
-            return Mode::Upstream { leased: false };
-        }
-        match fleet.claim(&self.digest).await {
-            Claim::Ours => Mode::Upstream { leased: true },
-            Claim::None => Mode::Upstream { leased: false },
-            Claim::Theirs { node, expires } => {
-                tracing::info!(digest = %self.digest, %node, "another node is filling this blob; waiting for it to share it");
-                while unix_now_ms() < expires {
-                    tokio::time::sleep(LEASE_POLL).await;
-                    if fleet.blob_size(&self.digest).await.is_some() {
-                        return Mode::Shared;
-                    }
-                    if !fleet.up.load(Ordering::Relaxed) {
-                        metrics().object_store_fallbacks.inc();
-                        break;
-                    }
+        loop {
+            if fleet.blob_size(&self.digest).await.is_some() {
+                return Mode::Shared;
+            }
+            if !fleet.up.load(Ordering::Relaxed) {
+                metrics().object_store_fallbacks.inc();
+                return Mode::Upstream { leased: false };
+            }
+            let lease = match fleet.claim(&self.digest).await {
+                Claim::Ours => return Mode::Upstream { leased: true },
+                Claim::None => return Mode::Upstream { leased: false },
+                Claim::Theirs(lease) => lease,
+            };
+            match &lease.peer {
+                Some(p) if failed != Some(p.url.as_str()) => {
+                    tracing::info!(digest = %self.digest, node = %lease.node, peer = %p.url, "another node is filling this blob; streaming it from that node");
+                    *self.peer.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((p.clone(), lease.expires));
+                    return Mode::Peer;
                 }
-                tracing::info!(digest = %self.digest, %node, "the other node's fill did not appear in time; fetching upstream");
-                Mode::Upstream { leased: false }
+                _ => {}
+            }
+            tracing::info!(digest = %self.digest, node = %lease.node, "another node is filling this blob; waiting for it to share it");
+            if let Some(mode) = self.wait_out(&lease).await {
+                return mode;
+            }
+        }
+    }
+
+    /// Waits while `lease` holds, polling for the shared object: `Shared` once it appears, the
+    /// upstream when the lease expires or the store fails, `None` when the lease was released
+    /// or replaced (decide again).
+    async fn wait_out(&self, lease: &Lease) -> Option<Mode> {
+        let fleet = &self.fleet;
+        while unix_now_ms() < lease.expires {
+            tokio::time::sleep(LEASE_POLL).await;
+            if fleet.blob_size(&self.digest).await.is_some() {
+                return Some(Mode::Shared);
+            }
+            if !fleet.up.load(Ordering::Relaxed) {
+                metrics().object_store_fallbacks.inc();
+                return Some(Mode::Upstream { leased: false });
+            }
+            if fleet.current_lease(&self.digest).await.as_ref() != Some(lease) {
+                return None;
+            }
+        }
+        tracing::info!(digest = %self.digest, node = %lease.node, "the other node's fill did not appear in time; fetching upstream");
+        Some(Mode::Upstream { leased: false })
+    }
+
+    /// Streams from the filler chosen by [`Self::decide`]; when it cannot be opened, decides
+    /// again without it (the shared copy, our own claim, or waiting) and returns `None`.
+    async fn open_peer(&self, offset: u64) -> Option<BlobBody> {
+        let fleet = &self.fleet;
+        let (peer, expires) = self
+            .peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let wait = Duration::from_millis(expires.saturating_sub(unix_now_ms())).max(fleet.timeout);
+        match fleet.peers.open(&peer, &self.digest, offset, wait).await {
+            Ok(body) => Some(body),
+            Err(e) => {
+                tracing::warn!(digest = %self.digest, offset, peer = %peer.url, error = %e, "cannot stream from the filling node; falling back");
+                let next = self.decide(Some(&peer.url)).await;
+                self.set_mode(next);
+                None
             }
         }
     }
@@ -637,13 +772,26 @@ impl BlobSource for TieredSource {
     fn open(&self, offset: u64) -> BoxFuture<'_, Result<BlobBody, RegistryError>> {
         Box::pin(async move {
             if self.mode() == Mode::Undecided {
-                let decided = self.decide().await;
-                metrics().fill_source(if decided == Mode::Shared {
-                    "object_store"
-                } else {
-                    "upstream"
+                let decided = self.decide(None).await;
+                metrics().fill_source(match decided {
+                    Mode::Shared => "object_store",
+                    Mode::Peer => "peer",
+                    _ => "upstream",
                 });
                 self.set_mode(decided);
+            }
+            // A new filler may be found when one fails; each is tried once per open.
+            for _ in 0..3 {
+                if self.mode() != Mode::Peer {
+                    break;
+                }
+                if let Some(body) = self.open_peer(offset).await {
+                    return Ok(body);
+                }
+            }
+            if self.mode() == Mode::Peer {
+                // Fillers kept failing us: the upstream, unleased.
+                self.set_mode(Mode::Upstream { leased: false });
             }
             if self.mode() == Mode::Shared {
                 if offset == 0 {
@@ -687,4 +835,9 @@ impl BlobSource for TieredSource {
             None => Some(self.fleet.timeout),
         }
     }
+}
+
+/// Compares two secrets in time that depends on their lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -46,8 +46,9 @@
 //! - [`fleet`] — several nodes sharing one [`store`]: local misses of blobs, manifests and
 //!   tags look in the shared store before the upstream ([`fleet::TieredSource`] feeds the same
 //!   fill engine, so shared bytes are verified like upstream ones); blobs from the upstream are
-//!   uploaded once verified; best-effort fill leases (conditional create); a failing store is
-//!   counted, reported by `/readyz` and bypassed.
+//!   uploaded once verified; best-effort fill leases (conditional create) that name the filling
+//!   node, so that a node waiting on one streams the blob from it (`fleet/peer.rs`: its client,
+//!   the lease's token); a failing store is counted, reported by `/readyz` and bypassed.
 //! - [`mirror`] — the pull-through policy: tags fresh within `manifest_ttl` (or
 //!   `immutable_tags`) without upstream, then revalidated with one `HEAD`; by-digest hits without
 //!   upstream; per-Accept tag variants; stale serving (bounded by `max_stale`) when upstream
@@ -82,7 +83,8 @@
 //! - [`http`] — the axum edge: `/v2/` path parsing into typed endpoints (`http::route`), blob
 //!   `Range` parsing (`http::range`, 206/416), the one place errors become responses,
 //!   per-request observability (request id, request metrics, cache hit / miss counters, the log
-//!   line), `/metrics`, `/healthz`, `/readyz`, `/v1/search`; htpasswd client auth
+//!   line), `/metrics`, `/healthz`, `/readyz`, `/v1/search`, the fleet's peer endpoint
+//!   (`http/peer.rs`: a fill in progress to a node holding its lease's token); htpasswd client auth
 //!   (`http::auth`); under the router the connection layer (`http::listener`: hyper-util accept
 //!   loop, connection/header/URI limits, slow-loris timeout) with rustls TLS reloadable on SIGHUP
 //!   (`http::tls`).

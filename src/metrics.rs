@@ -81,6 +81,8 @@ pub struct Metrics {
     pub object_store_hits: IntCounterVec,
     pub object_store_fallbacks: IntCounter,
     pub fill_sources: IntCounterVec,
+    /// Streams of a blob from the fleet node filling it (`fleet`), by how each ended.
+    pub fleet_peer_fetches: IntCounterVec,
     pub signature_checks: IntCounterVec,
 }
 
@@ -387,8 +389,14 @@ impl Metrics {
             fill_sources: counter_vec(
                 r,
                 "stowage_fill_sources_total",
-                "Blob fills by where their bytes came from (upstream, object_store).",
+                "Blob fills by where their bytes came from (upstream, object_store, peer).",
                 &["source"],
+            ),
+            fleet_peer_fetches: counter_vec(
+                r,
+                "stowage_fleet_peer_fetches_total",
+                "Streams of a blob from the fleet node filling it, by result (complete, broken, refused, unreachable).",
+                &["result"],
             ),
             signature_checks: counter_vec(
                 r,
@@ -410,8 +418,11 @@ impl Metrics {
         for reason in FillFailure::ALL {
             m.fill_failures.with_label_values(&[reason.as_str()]);
         }
-        for source in ["upstream", "object_store"] {
+        for source in ["upstream", "object_store", "peer"] {
             m.fill_sources.with_label_values(&[source]);
+        }
+        for result in ["complete", "broken", "refused", "unreachable"] {
+            m.fleet_peer_fetches.with_label_values(&[result]);
         }
         m
     }

@@ -299,11 +299,9 @@ impl Mirror {
             Some(shared) => {
                 let store = crate::store::open(shared)
                     .map_err(|e| crate::Error::Startup(format!("storage.backend: {e}")))?;
-                Some(Arc::new(Fleet::new(
-                    store,
-                    shared.fill_lease_ttl,
-                    shared.timeout,
-                )))
+                let fleet = Fleet::new(store, shared, config.storage.advertise_url.as_deref())
+                    .map_err(crate::Error::Startup)?;
+                Some(Arc::new(fleet))
             }
             None => None,
         };

@@ -135,6 +135,10 @@ pub struct StorageConfig {
     /// The store shared by a fleet of nodes (`storage.backend`, `storage.shared_path`); `None`
     /// for a single node on its local disk only (`backend = "filesystem"`, the default).
     pub shared: Option<SharedStoreConfig>,
+    /// This node's base URL as the other nodes of its fleet reach it (`storage.advertise_url`):
+    /// named in its fill leases, so that a node waiting on one streams the blob from it. `None`:
+    /// waiting nodes wait for the shared copy. Only with a shared store.
+    pub advertise_url: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -395,6 +399,7 @@ fn storage_config(
     let gc_max_age = parse_duration(raw.gc_max_age.as_deref().unwrap_or("30d"))
         .map_err(|m| invalid("storage.gc_max_age", m))?;
     let shared = store::shared_store_config(&mut raw, &path, env)?;
+    let advertise_url = store::advertise_url(raw.advertise_url.take(), shared.is_some())?;
     Ok(StorageConfig {
         path,
         max_size,
@@ -405,6 +410,7 @@ fn storage_config(
         max_concurrent_fills,
         fill_retries,
         shared,
+        advertise_url,
     })
 }
 
@@ -1010,6 +1016,15 @@ mod tests {
         );
         assert_eq!(shared.timeout, Duration::from_secs(10));
         assert_eq!(shared.fill_lease_ttl, Duration::from_secs(30));
+        assert_eq!(c.storage.advertise_url, None);
+        let c = Config::from_toml(
+            "[storage]\nshared_path = \"/s\"\nadvertise_url = \"http://10.0.0.11:5000/\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.storage.advertise_url.as_deref(),
+            Some("http://10.0.0.11:5000")
+        );
     }
 
     #[test]
@@ -1128,6 +1143,10 @@ mod tests {
             ("path = \"/d\"\nshared_path = \"/d\"", "storage.shared_path"),
             ("shared_path = \"/s\"\nobject_store_timeout = \"0s\"", "storage.object_store_timeout"),
             ("shared_path = \"/s\"\nfill_lease_ttl = \"soon\"", "storage.fill_lease_ttl"),
+            ("advertise_url = \"http://10.0.0.1:5000\"", "storage.advertise_url"),
+            ("shared_path = \"/s\"\nadvertise_url = \"ftp://x\"", "storage.advertise_url"),
+            ("shared_path = \"/s\"\nadvertise_url = \"http://u:p@x\"", "storage.advertise_url"),
+            ("shared_path = \"/s\"\nadvertise_url = \"http://x/?a=b\"", "storage.advertise_url"),
         ];
         for (storage, key) in cases {
             let e = err(&format!("[storage]\n{storage}"));

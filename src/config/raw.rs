@@ -91,6 +91,7 @@ pub(super) struct RawStorage {
     pub(super) shared_path: Option<String>,
     pub(super) object_store_timeout: Option<String>,
     pub(super) fill_lease_ttl: Option<String>,
+    pub(super) advertise_url: Option<String>,
     pub(super) s3: Option<RawS3>,
     pub(super) gcs: Option<RawGcs>,
     pub(super) azure: Option<RawAzure>,

@@ -389,3 +389,35 @@ fn endpoint_url(value: Option<String>, key: &str) -> Result<Option<String>, Conf
     }
     Ok(Some(text.trim().trim_end_matches('/').to_owned()))
 }
+
+/// `storage.advertise_url`: an `http(s)://host[:port][/path]` base URL without credentials,
+/// query or fragment, kept without its trailing `/`; only meaningful beside a shared store.
+pub(super) fn advertise_url(
+    value: Option<String>,
+    shared: bool,
+) -> Result<Option<String>, ConfigError> {
+    const KEY: &str = "storage.advertise_url";
+    let Some(text) = value.filter(|t| !t.trim().is_empty()) else {
+        return Ok(None);
+    };
+    if !shared {
+        return Err(invalid(
+            KEY,
+            "only used with a shared store (storage.backend or storage.shared_path)",
+        ));
+    }
+    let url = url::Url::parse(text.trim()).map_err(|e| invalid(KEY, format!("{text:?}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(invalid(
+            KEY,
+            format!("{text:?} must be an http:// or https:// URL"),
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(invalid(KEY, "must not contain credentials"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(KEY, "must not have a query or fragment"));
+    }
+    Ok(Some(url.as_str().trim_end_matches('/').to_owned()))
+}

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod listener;
+mod peer;
 mod push;
 pub mod range;
 pub mod route;
@@ -45,7 +46,8 @@ pub type HostedState = Option<Arc<Hosted>>;
 
 const API_VERSION: HeaderValue = HeaderValue::from_static("registry/2.0");
 
-/// Builds the router; `auth` (from `[auth]`) guards everything but its open paths.
+/// Builds the router; `auth` (from `[auth]`) guards everything but its open paths and the
+/// fleet's peer endpoint, which checks a fill lease's token instead.
 pub fn router(mirror: AppState, hosted: HostedState, auth: Option<Arc<auth::Auth>>) -> Router {
     let console = crate::console::router(mirror.clone(), hosted.clone())
         .layer(axum::middleware::from_fn(console_viewer));
@@ -60,6 +62,10 @@ pub fn router(mirror: AppState, hosted: HostedState, auth: Option<Arc<auth::Auth
             auth.clone(),
             auth::require,
         ))
+        .route(
+            &format!("{}{{digest}}", crate::fleet::PEER_PATH),
+            axum::routing::get(peer::fleet_blob),
+        )
         .layer(axum::middleware::from_fn(observe))
         .layer(axum::Extension(hosted))
         .with_state(mirror)
@@ -158,6 +164,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/v1/search" => return "search",
         "/metrics" => return "metrics",
         "/healthz" | "/readyz" => return "health",
+        p if p.starts_with(crate::fleet::PEER_PATH) => return "fleet",
         p if p.starts_with("/api/v1/") || p == "/ui" || p.starts_with("/ui/") => return "console",
         _ => {}
     }
@@ -1210,6 +1217,7 @@ mod tests {
             ("/api/v1/repositories/docker.io/library/alpine", "console"),
             ("/ui/", "console"),
             ("/ui/app.js", "console"),
+            ("/_stowage/fleet/blobs/sha256:00", "fleet"),
             ("/uix", "other"),
             ("/v2/library/alpine/referrers/sha256:00", "referrers"),
             ("/v2/library/alpine", "other"),

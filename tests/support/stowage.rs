@@ -67,6 +67,8 @@ pub struct StowageBuilder {
     tls_ca: Option<Vec<u8>>,
     /// Client auth is on: the readiness probe takes `401` on `/v2/` as ready.
     auth: bool,
+    /// `storage.advertise_url` is the node's own URL (known once its port is).
+    advertise: bool,
 }
 
 impl StowageBuilder {
@@ -124,6 +126,12 @@ impl StowageBuilder {
     /// The config turns on `[auth]`: readiness is `401` on `/v2/`.
     pub fn auth_required(mut self) -> Self {
         self.auth = true;
+        self
+    }
+    /// The config sets `storage.advertise_url` to the node's own URL: other nodes on the same
+    /// shared store stream the blobs it fills from it.
+    pub fn advertise(mut self) -> Self {
+        self.advertise = true;
         self
     }
     pub fn start(self) -> Stowage {
@@ -310,6 +318,9 @@ impl Stowage {
             toml_str(o.max_size.as_deref().unwrap_or("20GiB"))
         ));
         t.push_str(&o.storage_extra);
+        if o.advertise {
+            t.push_str(&format!("advertise_url = {}\n", toml_str(&self.url())));
+        }
         for u in &o.upstreams {
             t.push_str("\n[[upstreams]]\n");
             t.push_str(&format!("host = {}\n", toml_str(&u.host)));
