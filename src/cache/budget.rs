@@ -1,7 +1,7 @@
 //! The byte budget: what the cache holds, in which order it was last used, and eviction.
 //!
-//! [`Budget`] keeps every committed blob's size and a logical "last used" tick in memory, in an
-//! LRU order (a `BTreeSet` of `(tick, hex)`), plus the bytes of stored manifests and the bytes
+//! [`Budget`] keeps every committed blob's size in memory, in LRU order (a list linked through
+//! compact slots, see `Blobs`), plus the bytes of stored manifests and the bytes
 //! *reserved* by fills in flight. A fill reserves its blob's size before it writes a byte (see
 //! [`Budget::reserve`]); if that would cross the high watermark, least recently used blobs are
 //! evicted down to the low watermark first. Blobs that are pinned, being read by a client (a
@@ -13,7 +13,7 @@
 //! filtered eviction cannot promise. Hits cost one short mutex section and no I/O; recency is
 //! written to sled in batches by [`Budget::take_dirty`] (see `Cache::flush_access`).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -77,17 +77,43 @@ pub fn key_of(hex: &str) -> Option<Key> {
     Some(k)
 }
 
-/// One accounted blob.
+/// One accounted blob: 48 bytes.
 #[derive(Clone, Copy, Debug)]
 struct Slot {
     key: Key,
+    /// Size in bytes; the top bit ([`WAITING`]) marks a blob loaded from the index and not yet
+    /// placed in the LRU list.
     size: u64,
-    tick: u64,
+    /// Neighbours in the LRU list (toward least / most recently used; [`NIL`] at the ends) —
+    /// or, while the blob waits to be placed, its persisted tick (high and low halves).
+    prev: u32,
+    next: u32,
 }
 
-/// The accounted blobs, compact: a million of them take ~80 bytes each (a slot, ~2 table
-/// entries of 4 bytes, and one LRU entry of 16). A blob is named by its slot's index (`u32`).
-#[derive(Default)]
+/// No slot: the end of the LRU list.
+const NIL: u32 = u32::MAX;
+/// The flag in [`Slot::size`] of a blob waiting to be placed by recency.
+const WAITING: u64 = 1 << 63;
+
+impl Slot {
+    fn size(&self) -> u64 {
+        self.size & !WAITING
+    }
+    fn waiting(&self) -> bool {
+        self.size & WAITING != 0
+    }
+    /// The persisted tick of a waiting blob.
+    fn tick(&self) -> u64 {
+        (u64::from(self.prev) << 32) | u64::from(self.next)
+    }
+}
+
+/// The accounted blobs, compact: ~58 bytes each at a million (a 48-byte slot and a hash-table
+/// entry of 4 bytes plus a control byte, at most half empty). A blob is named by its slot's
+/// index (`u32`). Recency is an intrusive doubly linked list through the slots: a use moves a
+/// blob to the most recently used end, eviction walks from the other, and neither allocates.
+/// Blobs loaded from the index wait outside the list with their persisted tick until
+/// [`Blobs::place_waiting`] sorts them in, before everything used since.
 struct Blobs {
     /// Slots by id; ids in `free` are unused.
     slots: Vec<Slot>,
@@ -95,8 +121,25 @@ struct Blobs {
     /// Ids, hashed by their slot's key.
     table: hashbrown::HashTable<u32>,
     hasher: std::collections::hash_map::RandomState,
-    /// `(tick, id)`: least recently used first.
-    order: BTreeSet<(u64, u32)>,
+    /// Least and most recently used ends of the list.
+    head: u32,
+    tail: u32,
+    /// Slots waiting to be placed.
+    waiting: usize,
+}
+
+impl Default for Blobs {
+    fn default() -> Blobs {
+        Blobs {
+            slots: Vec::new(),
+            free: Vec::new(),
+            table: hashbrown::HashTable::new(),
+            hasher: Default::default(),
+            head: NIL,
+            tail: NIL,
+            waiting: 0,
+        }
+    }
 }
 
 impl Blobs {
@@ -130,17 +173,56 @@ impl Blobs {
         self.id(key).map(|id| self.slots[id as usize])
     }
 
-    /// Inserts or replaces; returns the replaced slot's size.
-    fn insert(&mut self, key: Key, size: u64, tick: u64) -> Option<u64> {
-        if let Some(id) = self.id(&key) {
-            let slot = &mut self.slots[id as usize];
-            let (old_tick, old_size) = (slot.tick, slot.size);
-            (slot.size, slot.tick) = (size, tick);
-            self.order.remove(&(old_tick, id));
-            self.order.insert((tick, id));
-            return Some(old_size);
+    /// Links a slot that is in no list at the most recently used end.
+    fn push_back(&mut self, id: u32) {
+        let tail = self.tail;
+        let slot = &mut self.slots[id as usize];
+        (slot.prev, slot.next) = (tail, NIL);
+        match tail {
+            NIL => self.head = id,
+            t => self.slots[t as usize].next = id,
         }
-        let slot = Slot { key, size, tick };
+        self.tail = id;
+    }
+
+    /// Links a slot that is in no list at the least recently used end.
+    fn push_front(&mut self, id: u32) {
+        let head = self.head;
+        let slot = &mut self.slots[id as usize];
+        (slot.prev, slot.next) = (NIL, head);
+        match head {
+            NIL => self.tail = id,
+            h => self.slots[h as usize].prev = id,
+        }
+        self.head = id;
+    }
+
+    /// Takes a slot out of the list, or out of the waiting ones.
+    fn unlink(&mut self, id: u32) {
+        let slot = self.slots[id as usize];
+        if slot.waiting() {
+            self.slots[id as usize].size = slot.size();
+            self.waiting -= 1;
+            return;
+        }
+        match slot.prev {
+            NIL => self.head = slot.next,
+            p => self.slots[p as usize].next = slot.next,
+        }
+        match slot.next {
+            NIL => self.tail = slot.prev,
+            n => self.slots[n as usize].prev = slot.prev,
+        }
+    }
+
+    /// A new slot for `key` (not accounted yet), in no list.
+    fn new_slot(&mut self, key: Key, size: u64) -> u32 {
+        let slot = Slot {
+            key,
+            size: size & !WAITING,
+            prev: NIL,
+            next: NIL,
+        };
         let id = match self.free.pop() {
             Some(id) => {
                 self.slots[id as usize] = slot;
@@ -158,8 +240,60 @@ impl Blobs {
             use std::hash::BuildHasher;
             hasher.hash_one(slots[*id as usize].key)
         });
-        self.order.insert((tick, id));
-        None
+        id
+    }
+
+    /// Inserts or replaces a blob, as the most recently used (`front`: the least); returns the
+    /// replaced slot's size.
+    fn insert(&mut self, key: Key, size: u64, front: bool) -> Option<u64> {
+        let (id, old) = match self.id(&key) {
+            Some(id) => {
+                let old = self.slots[id as usize].size();
+                self.unlink(id);
+                self.slots[id as usize].size = size & !WAITING;
+                (id, Some(old))
+            }
+            None => (self.new_slot(key, size), None),
+        };
+        if front {
+            self.push_front(id);
+        } else {
+            self.push_back(id);
+        }
+        old
+    }
+
+    /// Inserts a blob that waits, with its persisted tick, to be placed by
+    /// [`Blobs::place_waiting`]. `key` must not be accounted yet.
+    fn insert_waiting(&mut self, key: Key, size: u64, tick: u64) {
+        let id = self.new_slot(key, size);
+        let slot = &mut self.slots[id as usize];
+        slot.size |= WAITING;
+        (slot.prev, slot.next) = ((tick >> 32) as u32, tick as u32);
+        self.waiting += 1;
+    }
+
+    /// Places the waiting blobs by their persisted ticks, all before the blobs in the list
+    /// (used since they were persisted).
+    fn place_waiting(&mut self) {
+        if self.waiting == 0 {
+            return;
+        }
+        let mut ids: Vec<u32> = Vec::with_capacity(self.waiting);
+        let table = &self.table;
+        ids.extend(
+            table
+                .iter()
+                .copied()
+                .filter(|id| self.slots[*id as usize].waiting()),
+        );
+        ids.sort_unstable_by_key(|id| self.slots[*id as usize].tick());
+        for &id in ids.iter().rev() {
+            let slot = &mut self.slots[id as usize];
+            slot.size = slot.size();
+            self.push_front(id);
+        }
+        self.waiting = 0;
     }
 
     fn remove(&mut self, key: &Key) -> Option<Slot> {
@@ -169,27 +303,29 @@ impl Blobs {
             .find_entry(self.hash(key), |id| slots[*id as usize].key == *key)
             .ok()?;
         let (id, _) = entry.remove();
-        let slot = self.slots[id as usize];
-        self.order.remove(&(slot.tick, id));
+        self.unlink(id);
         self.free.push(id);
-        Some(slot)
+        Some(self.slots[id as usize])
     }
 
-    /// Marks a blob used at `tick`; false if it is not accounted.
-    fn touch(&mut self, key: &Key, tick: u64) -> bool {
+    /// Marks a blob used now (the most recently used); false if it is not accounted.
+    fn touch(&mut self, key: &Key) -> bool {
         let Some(id) = self.id(key) else {
             return false;
         };
-        let slot = &mut self.slots[id as usize];
-        let old = std::mem::replace(&mut slot.tick, tick);
-        self.order.remove(&(old, id));
-        self.order.insert((tick, id));
+        self.unlink(id);
+        self.push_back(id);
         true
     }
 
-    /// Slots, least recently used first.
+    /// Slots in the list, least recently used first (waiting ones are not in it yet).
     fn by_recency(&self) -> impl Iterator<Item = &Slot> + '_ {
-        self.order.iter().map(|(_, id)| &self.slots[*id as usize])
+        let mut id = self.head;
+        std::iter::from_fn(move || {
+            let slot = self.slots.get(id as usize)?;
+            id = slot.next;
+            Some(slot)
+        })
     }
 }
 
@@ -227,16 +363,17 @@ impl State {
         self.clock += 1;
         self.clock
     }
-    /// Accounts a blob, replacing any previous accounting of it.
-    fn put(&mut self, key: Key, size: u64, tick: u64) {
-        if let Some(old) = self.blobs.insert(key, size, tick) {
+    /// Accounts a blob as the most recently used (`front`: the least), replacing any previous
+    /// accounting of it.
+    fn put(&mut self, key: Key, size: u64, front: bool) {
+        if let Some(old) = self.blobs.insert(key, size, front) {
             self.blob_bytes -= old;
         }
         self.blob_bytes += size;
     }
     fn forget(&mut self, key: &Key) {
         if let Some(slot) = self.blobs.remove(key) {
-            self.blob_bytes -= slot.size;
+            self.blob_bytes -= slot.size();
         }
         if let Some(l) = self.loading.as_mut() {
             l.forgotten.insert(*key);
@@ -328,33 +465,16 @@ impl Budget {
         s
     }
 
-    /// Accounts a blob found at startup (adopted by reconciliation) with its persisted tick (0 if
-    /// never recorded), replacing any accounting of it.
-    pub fn load_blob(&self, hex: &str, size: u64, tick: u64) {
-        let Some(key) = key_of(hex) else { return };
-        let mut s = self.lock();
-        s.put(key, size, tick);
-        s.clock = s.clock.max(tick);
-        s.publish_gauges();
-    }
-
-    /// Accounts a blob adopted by reconciliation if `adopt()` says so. Runs `adopt` under the
-    /// budget's lock, which eviction holds while it deletes: a blob being evicted is not adopted
-    /// back.
-    pub fn adopt_blob(
-        &self,
-        hex: &str,
-        size: u64,
-        tick: u64,
-        adopt: impl FnOnce() -> bool,
-    ) -> bool {
+    /// Accounts a blob adopted by reconciliation if `adopt()` says so, as the least recently
+    /// used (its last use is unknown). Runs `adopt` under the budget's lock, which eviction holds
+    /// while it deletes: a blob being evicted is not adopted back.
+    pub fn adopt_blob(&self, hex: &str, size: u64, adopt: impl FnOnce() -> bool) -> bool {
         let Some(key) = key_of(hex) else { return false };
         let mut s = self.lock();
         if !adopt() {
             return false;
         }
-        s.put(key, size, tick);
-        s.clock = s.clock.max(tick);
+        s.put(key, size, true);
         s.publish_gauges();
         true
     }
@@ -370,6 +490,7 @@ impl Budget {
     pub fn finish_loading(&self) {
         let mut s = self.lock();
         s.loading = None;
+        s.blobs.place_waiting();
         s.publish_gauges();
         self.loaded.notify_all();
     }
@@ -385,28 +506,35 @@ impl Budget {
     }
 
     /// Loads indexed blobs — (digest bytes, size, persisted tick) — under one lock. A blob
-    /// already accounted keeps its accounting.
+    /// already accounted keeps its accounting. While loading, they are placed by recency when it
+    /// ends (before every blob used meanwhile); otherwise at once.
     pub fn load_blobs(&self, blobs: &[(Key, u64, u64)]) {
         let mut s = self.lock();
         s.blobs.reserve(blobs.len());
-        for &(key, size, mut tick) in blobs {
+        for &(key, size, tick) in blobs {
             s.clock = s.clock.max(tick);
             if s.blobs.get(&key).is_some() {
                 continue;
             }
-            if let Some(l) = s.loading.as_mut() {
-                if l.forgotten.contains(&key) {
-                    continue;
-                }
-                if l.touched.remove(&key) {
-                    tick = s.bump();
-                    let mut buf = [0u8; 64];
-                    let key = blob_key(hex_of(&key, &mut buf));
-                    s.dirty
-                        .insert(key, Some((tick, crate::cache::index::unix_now())));
-                }
+            let touched = match s.loading.as_mut() {
+                Some(l) if l.forgotten.contains(&key) => continue,
+                Some(l) => l.touched.remove(&key),
+                None => false,
+            };
+            if touched {
+                let tick = s.bump();
+                let mut buf = [0u8; 64];
+                let access = blob_key(hex_of(&key, &mut buf));
+                s.dirty
+                    .insert(access, Some((tick, crate::cache::index::unix_now())));
+                s.put(key, size, false);
+            } else {
+                s.blobs.insert_waiting(key, size, tick);
+                s.blob_bytes += size;
             }
-            s.put(key, size, tick);
+        }
+        if s.loading.is_none() {
+            s.blobs.place_waiting();
         }
         s.publish_gauges();
     }
@@ -485,7 +613,7 @@ impl Budget {
         s.reserved = s.reserved.saturating_sub(reserved);
         let tick = s.bump();
         if let Some(key) = key_of(hex) {
-            s.put(key, size, tick);
+            s.put(key, size, false);
         }
         s.dirty
             .insert(blob_key(hex), Some((tick, crate::cache::index::unix_now())));
@@ -633,15 +761,15 @@ impl Budget {
 
     /// A committed blob's size, if the budget accounts it.
     pub fn blob_size(&self, hex: &str) -> Option<u64> {
-        key_of(hex).and_then(|k| self.lock().blobs.get(&k).map(|e| e.size))
+        key_of(hex).and_then(|k| self.lock().blobs.get(&k).map(|e| e.size()))
     }
 
-    /// Blobs in least-recently-used-first order with their ticks (for tests and `ls`).
-    pub fn lru_order(&self) -> Vec<(String, u64)> {
+    /// Blobs in least-recently-used-first order.
+    pub fn lru_order(&self) -> Vec<String> {
         self.lock()
             .blobs
             .by_recency()
-            .map(|slot| (hex::encode(slot.key), slot.tick))
+            .map(|slot| hex::encode(slot.key))
             .collect()
     }
 
@@ -651,7 +779,7 @@ impl Budget {
             .pinned
             .iter()
             .filter_map(|h| s.blobs.get(&key_of(h)?))
-            .map(|e| e.size)
+            .map(|e| e.size())
             .sum();
         CacheStats {
             budget_bytes: self.limits.max,
@@ -681,10 +809,10 @@ fn victims_locked(s: &State, target: u64, ev: &dyn Evictor) -> Vec<Victim> {
         if in_use(s, ev, hex_of(&slot.key, &mut buf)) {
             continue;
         }
-        projected = projected.saturating_sub(slot.size);
+        projected = projected.saturating_sub(slot.size());
         victims.push(Victim {
             hex: hex_of(&slot.key, &mut buf).to_owned(),
-            size: slot.size,
+            size: slot.size(),
         });
     }
     victims
@@ -709,14 +837,14 @@ fn evictable(s: &State, ev: &dyn Evictor) -> u64 {
     s.blobs
         .by_recency()
         .filter(|slot| !in_use(s, ev, hex_of(&slot.key, &mut buf)))
-        .map(|slot| slot.size)
+        .map(|slot| slot.size())
         .sum()
 }
 
 fn touch_blob(s: &mut State, hex: &str) {
     let Some(key) = key_of(hex) else { return };
     let tick = s.bump();
-    if s.blobs.touch(&key, tick) {
+    if s.blobs.touch(&key) {
         s.dirty
             .insert(blob_key(hex), Some((tick, crate::cache::index::unix_now())));
     } else if let Some(l) = s.loading.as_mut() {
@@ -834,9 +962,40 @@ mod tests {
         assert!(!waiter.is_finished(), "a reservation ran while loading");
         b.finish_loading();
         waiter.join().unwrap().unwrap();
-        let order: Vec<String> = b.lru_order().into_iter().map(|(h, _)| h).collect();
+        let order: Vec<String> = b.lru_order();
         assert_eq!(order, hs(&["old", "new", "used"]));
         assert_eq!(b.stats().blob_bytes, 50);
+    }
+
+    #[test]
+    fn loaded_blobs_take_their_place_by_persisted_tick_and_slots_are_reused() {
+        let b = budget(1000);
+        b.begin_loading();
+        b.load_blobs(&[(key("c"), 1, 30), (key("a"), 2, 10), (key("d"), 4, 0)]);
+        b.load_blobs(&[(key("b"), 8, 20), (key("e"), 16, 40)]);
+        assert!(b.lru_order().is_empty(), "placed only when loading ends");
+        b.forget_blob(&h("b")); // a waiting blob goes without a trace
+        drop(b.lease(&h("a"))); // a waiting blob used: the most recent
+        b.commit(&h("f"), 0, 32); // reuses b's slot
+        b.finish_loading();
+        assert_eq!(b.lru_order(), hs(&["d", "c", "e", "a", "f"]));
+        assert_eq!(b.stats().blob_bytes, 1 + 2 + 4 + 16 + 32);
+        assert_eq!(b.blob_size(&h("f")), Some(32));
+        // Loaded outside a loading phase: placed at once, before what was used.
+        b.load_blobs(&[(key("g"), 64, 1)]);
+        assert_eq!(b.lru_order(), hs(&["g", "d", "c", "e", "a", "f"]));
+        for name in ["d", "a", "g"] {
+            b.forget_blob(&h(name));
+        }
+        drop(b.lease(&h("c")));
+        assert_eq!(b.lru_order(), hs(&["e", "f", "c"]));
+        assert_eq!(b.stats().blob_count, 3);
+        assert_eq!(b.stats().blob_bytes, 1 + 16 + 32);
+        let ev = Recorder::default();
+        assert_eq!(b.maybe_evict(&ev), 0);
+        b.reserve(900, &ev).unwrap(); // 49 + 900 > 900: evict to 500 - 900 = 0
+        assert_eq!(*ev.deleted.lock().unwrap(), hs(&["e", "f", "c"]));
+        assert!(b.lru_order().is_empty());
     }
 
     #[test]

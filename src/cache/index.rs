@@ -190,14 +190,14 @@ fn repo_key(upstream: &str, repo: &RepoName) -> Vec<u8> {
 }
 
 /// The bound of sled's page cache (see [`Index::open`]).
-const INDEX_CACHE_BYTES: u64 = 16 << 20;
+const INDEX_CACHE_BYTES: u64 = 4 << 20;
 
 impl Index {
     /// Opens (or creates) the index at `dir`.
     pub fn open(dir: &Path) -> Result<Index, IndexError> {
         // sled's cache counts pages by their serialized size; in memory they take a few times
-        // that. 16 MiB keeps the index under ~100 MiB of RSS with a million blobs; the hot
-        // lookups (manifests) are in moka, and blob records are small.
+        // that. 4 MiB holds the hot pages (tags, recent blob records): manifests are served from
+        // moka, and a scan of a million blob records (startup) pages through without growing it.
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(INDEX_CACHE_BYTES)

@@ -18,7 +18,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::budget::{blob_key, key_of, Key};
+use super::budget::{key_of, Key};
 use super::{blob_path_in, hash_file, index, BlobMeta, Budget, CacheError, CacheEvictor, Startup};
 use crate::oci::Digest;
 
@@ -190,9 +190,8 @@ impl Work {
             }
             return Ok(());
         };
-        let tick = index.access(&blob_key(hex))?.map_or(0, |(t, _)| t);
         let mut failed = None;
-        let adopted = self.budget.adopt_blob(hex, size, tick, || {
+        let adopted = self.budget.adopt_blob(hex, size, || {
             // Not evicted meanwhile (eviction deletes under this lock), not indexed meanwhile.
             if !path.is_file() || !matches!(index.blob(&actual), Ok(None)) {
                 return false;
