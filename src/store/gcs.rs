@@ -97,9 +97,9 @@ struct ListPage {
 
 impl ObjectMeta {
     fn size(&self) -> Result<u64, StoreError> {
-        self.size.parse().map_err(|_| {
-            StoreError::Refused(format!("{}: object size {:?}", self.name, self.size))
-        })
+        self.size
+            .parse()
+            .map_err(|_| StoreError::Refused(format!("{}: object size {:?}", self.name, self.size)))
     }
 }
 
@@ -122,7 +122,9 @@ impl GcsStore {
         let base = Url::parse(endpoint)
             .ok()
             .filter(|u| !u.cannot_be_a_base() && matches!(u.scheme(), "http" | "https"))
-            .ok_or_else(|| StoreError::Refused("storage.gcs.endpoint is not an http(s) URL".into()))?;
+            .ok_or_else(|| {
+                StoreError::Refused("storage.gcs.endpoint is not an http(s) URL".into())
+            })?;
         let http = reqwest::Client::builder()
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()
@@ -309,7 +311,9 @@ impl GcsStore {
             let location = resp.headers().get(LOCATION).and_then(|v| v.to_str().ok());
             location
                 .and_then(|l| self.base.join(l).ok())
-                .ok_or_else(|| StoreError::Refused(format!("{key}: resumable upload without a session URI")))
+                .ok_or_else(|| {
+                    StoreError::Refused(format!("{key}: resumable upload without a session URI"))
+                })
         };
         let uri = within(deadline, key, start).await??;
         Ok(Session {
@@ -380,7 +384,9 @@ impl GcsStore {
             if !resp.status().is_success() {
                 return Err(failure(what, resp).await);
             }
-            resp.json::<ListPage>().await.map_err(|e| transport(what, e))
+            resp.json::<ListPage>()
+                .await
+                .map_err(|e| transport(what, e))
         };
         within(deadline, what, fetch).await?
     }
@@ -390,7 +396,11 @@ impl GcsStore {
     fn total_size(resp: &Response) -> Option<u64> {
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
         if resp.status() == StatusCode::PARTIAL_CONTENT {
-            return header(CONTENT_RANGE.as_str())?.rsplit('/').next()?.parse().ok();
+            return header(CONTENT_RANGE.as_str())?
+                .rsplit('/')
+                .next()?
+                .parse()
+                .ok();
         }
         header("x-goog-stored-content-length")
             .or_else(|| header(CONTENT_LENGTH.as_str()))?
@@ -656,8 +666,13 @@ impl Session {
     /// Cancels the session now (bounded).
     async fn cancel(&mut self) {
         if let Some(uri) = self.uri.take() {
-            cancel_session(self.http.clone(), uri, std::mem::take(&mut self.key), self.timeout)
-                .await;
+            cancel_session(
+                self.http.clone(),
+                uri,
+                std::mem::take(&mut self.key),
+                self.timeout,
+            )
+            .await;
         }
     }
 }
