@@ -125,7 +125,9 @@ impl GcsStore {
             .ok_or_else(|| {
                 StoreError::Refused("storage.gcs.endpoint is not an http(s) URL".into())
             })?;
+        // No redirects: a resumable upload's "308 Resume Incomplete" is an answer, not a move.
         let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .build()
             .map_err(|e| StoreError::Refused(format!("GCS HTTP client: {e}")))?;
@@ -795,5 +797,98 @@ async fn failure(what: &str, resp: Response) -> StoreError {
         StoreError::Unavailable(message)
     } else {
         StoreError::Refused(message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store on `endpoint` whose service-account file turns OAuth off (kept in `dir`).
+    fn store(dir: &std::path::Path, endpoint: &str, timeout: Duration) -> GcsStore {
+        let key = dir.join("sa.json");
+        let json = r#"{"private_key": "secretkey", "private_key_id": "kid",
+                       "client_email": "x@localhost", "disable_oauth": true}"#;
+        std::fs::write(&key, json).unwrap();
+        let cfg = GcsStoreConfig {
+            bucket: "bkt".into(),
+            prefix: "/fleet/a/".into(),
+            service_account_path: Some(key),
+            endpoint: Some(endpoint.into()),
+        };
+        GcsStore::new(&cfg, timeout).unwrap()
+    }
+
+    #[test]
+    fn names_are_one_percent_encoded_segment_below_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(
+            dir.path(),
+            "http://u:pw@127.0.0.1:9/base/",
+            Duration::from_secs(1),
+        );
+        let name = store.name("tags/h:5000/a b/v+1%").unwrap();
+        assert_eq!(name, "fleet/a/tags/h:5000/a b/v+1%");
+        assert_eq!(
+            store.object_url(&name).as_str(),
+            "http://u:pw@127.0.0.1:9/base/storage/v1/b/bkt/o/fleet%2Fa%2Ftags%2Fh:5000%2Fa%20b%2Fv+1%25"
+        );
+        assert!(store
+            .media_url(&name)
+            .as_str()
+            .ends_with("/base/download/storage/v1/b/bkt/o/fleet%2Fa%2Ftags%2Fh:5000%2Fa%20b%2Fv+1%25?alt=media"));
+        assert!(matches!(store.name("../x"), Err(StoreError::Refused(_))));
+        assert_eq!(store.describe(), "gs://bkt/fleet/a/ at http://127.0.0.1:9");
+        let debug = format!("{store:?}");
+        assert!(
+            !debug.contains("pw") && !debug.contains("secretkey"),
+            "{debug}"
+        );
+    }
+
+    #[test]
+    fn multipart_bodies_frame_the_data_with_an_absent_boundary() {
+        let (content_type, body) = multipart_related("a/b", b"--x\r\ndata");
+        let boundary = content_type
+            .strip_prefix("multipart/related; boundary=")
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.starts_with(&format!("--{boundary}\r\n")));
+        assert!(body.contains("\r\n\r\n{\"name\":\"a/b\"}\r\n"));
+        assert!(body.ends_with(&format!("\r\n\r\n--x\r\ndata\r\n--{boundary}--\r\n")));
+        assert_eq!(body.matches(boundary).count(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_dead_endpoint_fails_fast_as_unavailable() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(
+            dir.path(),
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(2),
+        );
+        let started = std::time::Instant::now();
+        let err = store.head("x").await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        let err = store
+            .put_bytes("x", Bytes::from_static(b"1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        let err = store
+            .create("x", Bytes::from_static(b"1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "took {:?}",
+            started.elapsed()
+        );
     }
 }
