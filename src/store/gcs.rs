@@ -656,9 +656,14 @@ impl Session {
             if kept >= end && total.is_none() {
                 return Ok(());
             }
-            if kept <= from || kept > end {
+            if kept <= from || kept >= end {
                 return Err(StoreError::Unavailable(format!(
-                    "{key}: the store kept {kept} bytes of an upload sent up to {end}"
+                    "{key}: the store kept {kept} bytes of an upload sent up to {end}{}",
+                    if total.is_some() {
+                        " and did not finish it"
+                    } else {
+                        ""
+                    }
                 )));
             }
             from = kept;
@@ -802,6 +807,8 @@ async fn failure(what: &str, resp: Response) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// A store on `endpoint` whose service-account file turns OAuth off (kept in `dir`).
@@ -890,5 +897,72 @@ mod tests {
             "took {:?}",
             started.elapsed()
         );
+    }
+
+    /// A server answering every request with `status` and a GCS error body; counts requests.
+    async fn answering(status: u16) -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let body = r#"{"error":{"code":0,"message":"told no"}}"#;
+                    let answer = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = conn.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (port, count)
+    }
+
+    #[tokio::test]
+    async fn busy_answers_are_retried_and_refusals_are_not() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let dir = tempfile::tempdir().unwrap();
+        let (port, count) = answering(503).await;
+        let busy = store(
+            dir.path(),
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(10),
+        );
+        let err = busy.head("x").await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert!(err.to_string().contains("told no"), "{err}");
+        assert_eq!(count.load(SeqCst), 1 + RETRIES as usize);
+        // A conditional create is sent once: a retry could find its own object.
+        let err = busy
+            .create("x", Bytes::from_static(b"1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err}");
+        assert_eq!(count.load(SeqCst), 2 + RETRIES as usize);
+
+        let (port, count) = answering(403).await;
+        let refusing = store(
+            dir.path(),
+            &format!("http://127.0.0.1:{port}"),
+            Duration::from_secs(10),
+        );
+        let err = refusing.get("x", 0, None).await.err().unwrap();
+        assert!(matches!(err, StoreError::Refused(_)), "{err}");
+        let err = refusing.list("").await.unwrap_err();
+        assert!(matches!(err, StoreError::Refused(_)), "{err}");
+        assert_eq!(count.load(SeqCst), 2);
     }
 }
