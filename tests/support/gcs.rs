@@ -143,6 +143,18 @@ impl GcsEmulator {
         }
     }
 
+    /// The `[storage]` lines of a stowage node on this bucket, keys below `prefix`.
+    pub fn storage_toml(&self, prefix: &str) -> String {
+        format!(
+            "backend = \"gcs\"\nobject_store_timeout = \"5s\"\n\
+             gcs = {{ bucket = \"{}\", prefix = \"{prefix}\", service_account_path = \"{}\", \
+             endpoint = \"{}\" }}\n",
+            self.bucket,
+            self.service_account_path().display(),
+            self.endpoint()
+        )
+    }
+
     /// Every request it answered so far, as `METHOD target status` (from its access log).
     pub fn requests(&self) -> Vec<String> {
         self.log()
