@@ -31,9 +31,10 @@
 //! - [`store`] — the blob store a fleet of nodes shares (`storage.backend`): the small
 //!   [`store::BlobStore`] trait (head / ranged get / put_file / put_bytes / conditional create /
 //!   delete / sorted list) and its backends, a directory ([`store::fs::FsStore`], also on a shared
-//!   mount) and the `object_store` crate (S3, Ceph RGW, Garage, MinIO, GCS, Azure). All pass one
-//!   suite, `tests/store.rs`; Garage runs as a real 3-node cluster in `tests/support/garage.rs`,
-//!   Azure's API as Azurite in `tests/support/azurite.rs`.
+//!   mount), the `object_store` crate (S3, Ceph RGW, Garage, MinIO, Azure) and GCS's JSON API
+//!   ([`store::gcs::GcsStore`]). All pass one suite, `tests/store.rs`; Garage runs as a real
+//!   3-node cluster in `tests/support/garage.rs`, Azure's API as Azurite in
+//!   `tests/support/azurite.rs`, GCS's as fake-gcs-server in `tests/support/gcs.rs`.
 //! - [`cache`] — the local store: blob files under `blobs/sha256/<2>/<64>`, the cache's lock
 //!   file (`cache/mod.rs`), the budget's load and crash reconciliation in the background after
 //!   open (`cache/startup.rs`), fills in `tmp/` owned by

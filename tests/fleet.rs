@@ -1,6 +1,6 @@
 //! A fleet of stowage nodes sharing one object store, end to end: a real upstream
-//! (distribution), real Garage (a 3-node S3-compatible cluster started by the test), skopeo as
-//! the client; the in-process fake upstream where a test must hold a blob mid-fill; the shared
+//! (distribution), real Garage (a 3-node S3-compatible cluster started by the test; one pair of
+//! nodes on GCS's JSON API, fake-gcs-server), skopeo as the client; the in-process fake upstream where a test must hold a blob mid-fill; the shared
 //! directory backend (`storage.shared_path`) where the test needs conditional create, which
 //! Garage lacks.
 //!
@@ -15,6 +15,7 @@ use std::time::Duration;
 use support::clients::stowage_blob_gets;
 use support::fake_upstream::{FakeUpstream, Fault};
 use support::garage::Garage;
+use support::gcs::GcsEmulator;
 use support::images::{Format, Image, Pushed};
 use support::nginx::Nginx;
 use support::registry::Registry;
@@ -153,6 +154,43 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
         pushed.blobs().len() as f64,
         "the second pull on node B is served from its local tier"
     );
+}
+
+/// The same sharing with the store on Google Cloud Storage's JSON API (`backend = "gcs"`).
+#[test]
+fn nodes_on_gcs_share_what_one_of_them_fetched() {
+    let upstream = Registry::start();
+    let pushed = upstream.push("fleet/app", "v1", Image::build(Format::Docker, LAYERS));
+    let gcs = GcsEmulator::start();
+    let storage = gcs.storage_toml(PREFIX);
+    let a = node(&upstream.url(), &storage);
+    let b = node(&upstream.url(), &storage);
+
+    let out_a = tempfile::tempdir().expect("tempdir");
+    pull(&a, &pushed, out_a.path());
+    let store = stowage::store::open(&gcs.shared_store_config(PREFIX, Duration::from_secs(10)))
+        .expect("opening the GCS bucket");
+    wait_shared(&store, &pushed);
+    let requests_before_b = upstream.access_log().len();
+
+    let out_b = tempfile::tempdir().expect("tempdir");
+    pull(&b, &pushed, out_b.path());
+    let during_b: Vec<String> = upstream.access_log_lines()[requests_before_b..].to_vec();
+    assert!(
+        !during_b.iter().any(|l| l.contains("/blobs/")),
+        "node B must not ask the upstream for any blob: {during_b:#?}"
+    );
+    assert_eq!(
+        fill_sources(&b, "object_store"),
+        pushed.blobs().len() as f64,
+        "every blob of node B came from the object store"
+    );
+    let uploads = gcs
+        .requests()
+        .into_iter()
+        .filter(|r| r.starts_with("POST /upload/") && r.contains("name=fleet%2Fblobs%2Fsha256%2F"))
+        .count();
+    assert_eq!(uploads, pushed.blobs().len(), "{:#?}", gcs.requests());
 }
 
 #[test]

