@@ -47,6 +47,7 @@ use futures_util::StreamExt;
 use rand::RngCore;
 use sha2::{Digest as _, Sha256};
 
+mod many;
 mod push;
 
 #[derive(Parser)]
@@ -85,6 +86,9 @@ enum Workload {
     /// distribution registry, then pulled back with skopeo: wall times and peak RSS, at two
     /// layer sizes.
     Push(push::Opts),
+    /// N clients pulling N different images at once through a cold cache whose budget is half
+    /// their total size: wall time, upstream bytes, failed pulls, peak cache size vs budget.
+    ManyImages(many::Opts),
     /// Startup alone (workload 6 of `all`): time to ready and resident memory with N cached
     /// blobs, for each N.
     Startup {
@@ -139,6 +143,8 @@ enum Workload {
         /// Fresh servers per server and layer size in the push workload.
         #[arg(long, default_value_t = 1)]
         push_runs: usize,
+        #[command(flatten)]
+        many: many::AllOpts,
     },
 }
 
@@ -616,6 +622,7 @@ fn main() -> std::process::ExitCode {
                 push_layer_mib,
                 push_small_layer_mib,
                 push_runs,
+                many,
             } => {
                 let opts = all::Opts {
                     size_mib: *size_mib,
@@ -633,10 +640,12 @@ fn main() -> std::process::ExitCode {
                         small_layer_mib: *push_small_layer_mib,
                         runs: (*push_runs).max(1),
                     },
+                    many: many.opts(),
                 };
                 all::run(&cli, &work, &opts).await
             }
             Workload::Push(o) => push::command(&cli, &work, o).await,
+            Workload::ManyImages(o) => many::command(&cli, &work, o).await,
             Workload::Startup { blobs, runs } => {
                 startup::command(&cli, &work, blobs, (*runs).max(1)).await
             }
@@ -683,10 +692,11 @@ mod all {
         pub startup_blobs: u64,
         pub startup_runs: usize,
         pub push: push::Opts,
+        pub many: many::Opts,
     }
 
     const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
-    const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
+    pub(super) const ACCEPT: &str = "application/vnd.docker.distribution.manifest.v2+json, \
         application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
 
     /// One row: a workload, stowage's figure, the peer's, and what "better" means.
@@ -707,7 +717,7 @@ mod all {
 
     /// Pushes a schema-2 image of `layers` random layers; returns (manifest digest, blob digests
     /// with sizes, config digest included).
-    async fn push_image(
+    pub(super) async fn push_image(
         upstream: &str,
         repo: &str,
         tag: &str,
@@ -1326,6 +1336,18 @@ mod all {
         if o.push.enabled() {
             push_lines(&o.push, &get, &mut lines);
         }
+        if o.many.enabled() {
+            for r in many::rows(&o.many) {
+                lines.push(line(
+                    &r.workload,
+                    r.unit,
+                    s(r.key),
+                    get(r.peer.0, r.peer.1),
+                    r.peer_name,
+                    false,
+                ));
+            }
+        }
         lines
     }
 
@@ -1394,7 +1416,10 @@ mod all {
                        "wrk_secs": o.wrk_secs, "cold_clients": o.cold_clients,
                        "startup_blobs": o.startup_blobs, "startup_runs": o.startup_runs,
                        "push_layers": o.push.layers, "push_layer_mib": o.push.layer_mib,
-                       "push_small_layer_mib": o.push.small_layer_mib, "push_runs": o.push.runs},
+                       "push_small_layer_mib": o.push.small_layer_mib, "push_runs": o.push.runs,
+                       "many_clients": o.many.clients, "many_images": o.many.images,
+                       "many_layers": o.many.layers, "many_layer_mib": o.many.layer_mib,
+                       "many_budget_mib": o.many.budget() >> 20, "many_runs": o.many.runs},
             "load_average_start": load_start.trim(),
             "load_average_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
             "ceiling": {"raw_read_gbps": raw,
@@ -1467,6 +1492,16 @@ mod all {
         )
         .await?;
         merge_cold_runs(&mut per, &cold, size);
+
+        // Workload 8: many images at once through a cache half their size.
+        if o.many.enabled() {
+            let runs = many::run(cli, &mut upstream, work, &o.many).await?;
+            for (kind, v) in per.iter_mut() {
+                if let Some(serde_json::Value::Object(f)) = many::figures(&runs, *kind) {
+                    v.as_object_mut().map(|m| m.extend(f));
+                }
+            }
+        }
 
         startup_and_push(cli, &upstream.url, work, o, &mut per).await?;
         let lines = table_lines(o, raw, &per);
