@@ -1497,8 +1497,10 @@ mod all {
         if o.many.enabled() {
             let runs = many::run(cli, &mut upstream, work, &o.many).await?;
             for (kind, v) in per.iter_mut() {
-                if let Some(serde_json::Value::Object(f)) = many::figures(&runs, *kind) {
-                    v.as_object_mut().map(|m| m.extend(f));
+                if let (Some(serde_json::Value::Object(f)), Some(m)) =
+                    (many::figures(&runs, *kind), v.as_object_mut())
+                {
+                    m.extend(f);
                 }
             }
         }
