@@ -48,6 +48,7 @@ use rand::RngCore;
 use sha2::{Digest as _, Sha256};
 
 mod cold;
+mod many;
 mod push;
 mod shape;
 
@@ -91,6 +92,9 @@ enum Workload {
     /// same pull straight from the upstream; the upstream behind a shaping proxy (round trip
     /// and rate), or on loopback with `--rtt-ms 0 --rate-mbit 0`.
     ColdPull(cold::Opts),
+    /// N clients pulling N different images at once through a cold cache whose budget is half
+    /// their total size: wall time, upstream bytes, failed pulls, peak cache size vs budget.
+    ManyImages(many::Opts),
     /// Startup alone (workload 6 of `all`): time to ready and resident memory with N cached
     /// blobs, for each N.
     Startup {
@@ -145,6 +149,8 @@ enum Workload {
         /// Fresh servers per server and layer size in the push workload.
         #[arg(long, default_value_t = 1)]
         push_runs: usize,
+        #[command(flatten)]
+        many: many::AllOpts,
     },
 }
 
@@ -622,6 +628,7 @@ fn main() -> std::process::ExitCode {
                 push_layer_mib,
                 push_small_layer_mib,
                 push_runs,
+                many,
             } => {
                 let opts = all::Opts {
                     size_mib: *size_mib,
@@ -639,11 +646,13 @@ fn main() -> std::process::ExitCode {
                         small_layer_mib: *push_small_layer_mib,
                         runs: (*push_runs).max(1),
                     },
+                    many: many.opts(),
                 };
                 all::run(&cli, &work, &opts).await
             }
             Workload::Push(o) => push::command(&cli, &work, o).await,
             Workload::ColdPull(o) => cold::command(&cli, &work, o).await,
+            Workload::ManyImages(o) => many::command(&cli, &work, o).await,
             Workload::Startup { blobs, runs } => {
                 startup::command(&cli, &work, blobs, (*runs).max(1)).await
             }
@@ -690,6 +699,7 @@ mod all {
         pub startup_blobs: u64,
         pub startup_runs: usize,
         pub push: push::Opts,
+        pub many: many::Opts,
     }
 
     const MANIFEST_TYPE: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -1359,6 +1369,18 @@ mod all {
         if o.push.enabled() {
             push_lines(&o.push, &get, &mut lines);
         }
+        if o.many.enabled() {
+            for r in many::rows(&o.many) {
+                lines.push(line(
+                    &r.workload,
+                    r.unit,
+                    s(r.key),
+                    get(r.peer.0, r.peer.1),
+                    r.peer_name,
+                    false,
+                ));
+            }
+        }
         lines
     }
 
@@ -1427,7 +1449,10 @@ mod all {
                        "wrk_secs": o.wrk_secs, "cold_clients": o.cold_clients,
                        "startup_blobs": o.startup_blobs, "startup_runs": o.startup_runs,
                        "push_layers": o.push.layers, "push_layer_mib": o.push.layer_mib,
-                       "push_small_layer_mib": o.push.small_layer_mib, "push_runs": o.push.runs},
+                       "push_small_layer_mib": o.push.small_layer_mib, "push_runs": o.push.runs,
+                       "many_clients": o.many.clients, "many_images": o.many.images,
+                       "many_layers": o.many.layers, "many_layer_mib": o.many.layer_mib,
+                       "many_budget_mib": o.many.budget() >> 20, "many_runs": o.many.runs},
             "load_average_start": load_start.trim(),
             "load_average_end": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
             "ceiling": {"raw_read_gbps": raw,
@@ -1505,6 +1530,18 @@ mod all {
         )
         .await?;
         merge_cold_runs(&mut per, &cold, size);
+
+        // Workload 8: many images at once through a cache half their size.
+        if o.many.enabled() {
+            let runs = many::run(cli, &mut upstream, work, &o.many).await?;
+            for (kind, v) in per.iter_mut() {
+                if let (Some(serde_json::Value::Object(f)), Some(m)) =
+                    (many::figures(&runs, *kind), v.as_object_mut())
+                {
+                    m.extend(f);
+                }
+            }
+        }
 
         startup_and_push(cli, &upstream.url, work, o, &mut per).await?;
         let lines = table_lines(o, raw, &per);

@@ -227,9 +227,16 @@ impl Index {
     /// Makes every write so far durable (an fsync of sled's log). Called after writes that a
     /// crash must not lose: committed blobs, new manifests, moved tags. Failures are logged —
     /// sled's own periodic flush still runs.
+    ///
+    /// The wait runs on a blocking thread of ours, never on sled's own small thread pool (as
+    /// `flush_async` would): sled writes its log on that pool, so a handful of concurrent waits
+    /// parked there would take every thread from the write they wait for, and never end.
     pub async fn durable(&self) {
-        if let Err(e) = self.db.flush_async().await {
-            tracing::warn!(error = %e, "index flush failed");
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "index flush failed"),
+            Err(e) => tracing::warn!(error = %e, "index flush task failed"),
         }
     }
 

@@ -100,9 +100,14 @@ impl HostedIndex {
         })
     }
 
-    /// Makes every record written so far durable.
+    /// Makes every record written so far durable. The wait runs on a blocking thread of ours,
+    /// never on sled's own thread pool (as `flush_async` would), where concurrent waits would
+    /// take every thread from the log write they wait for.
     pub async fn flush(&self) -> Result<(), IndexError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| sled::Error::Io(std::io::Error::other(e.to_string())))??;
         Ok(())
     }
 
