@@ -123,6 +123,7 @@ fn prerequisites(k: &Key) -> (&'static str, Vec<(&'static str, &'static str)>) {
     let vars = match (k.table.as_str(), k.name.as_str()) {
         ("upstreams", "password") => vec![("STOWAGE_UPSTREAM_USERNAME", "u")],
         ("upstreams", "password_env") => vec![("STOWAGE_UPSTREAM_USERNAME", "u")],
+        ("storage", "advertise_url") => vec![("STOWAGE_STORAGE_SHARED_PATH", "/srv/stowage")],
         ("upstreams", "signature_public_key") => {
             vec![("STOWAGE_UPSTREAM_REQUIRE_SIGNATURES", "sigstore")]
         }
