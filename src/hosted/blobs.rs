@@ -71,10 +71,14 @@ impl Hosted {
         }
         let shared = self.shared_link(repo, digest).await?;
         // A push asks this before it skips an upload: the collector must not remove the blob
-        // it is about to reference (`shared_gc`).
+        // it is about to reference (`shared_gc`). The handshake covers only what is checked
+        // after the records are cleared, so the link is checked again, then the object.
         shared
             .clear_candidates(&shared::blob_keys(repo, digest))
             .await?;
+        if shared.link(repo, digest).await?.is_none() {
+            return Err(blob_unknown(repo, digest));
+        }
         shared
             .blob_size(digest)
             .await?
