@@ -47,12 +47,28 @@ pub struct Pull {
 pub struct Pair {
     pub direct: Pull,
     pub stowage: Pull,
+    /// CPU time stowage spent from being ready to the pull's last byte, all threads (`None`
+    /// where `/proc` does not say). On a shared machine this is steadier than the wall clock,
+    /// and on a saturated one it is what the pull pays for.
+    pub stowage_cpu: Option<Duration>,
 }
 
 impl Pair {
     pub fn ratio(&self) -> f64 {
         self.stowage.total.as_secs_f64() / self.direct.total.as_secs_f64()
     }
+}
+
+/// CPU time `pid` has spent so far, summed over its live threads (`/proc/<pid>/task/*/schedstat`,
+/// nanoseconds on a CPU). Threads that ended are not counted: stowage's runtime and blocking
+/// threads outlive a pull.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(ns))
 }
 
 /// Reads a response to its end: (first byte, last byte, bytes) since `t0`.
@@ -151,6 +167,7 @@ pub async fn runs(
         let server = Proc::spawn(cmd, &dir.join("server.log"))?;
         let url = format!("http://127.0.0.1:{port}");
         super::wait_ready(&url).await?;
+        let cpu_before = cpu_time(server.child.id());
         let stowage = match pull(&url, repo, tag, blobs).await {
             Ok(p) => p,
             Err(e) => {
@@ -158,19 +175,29 @@ pub async fn runs(
                 return Err(format!("pull through stowage: {e}; its log:\n{log}").into());
             }
         };
+        let stowage_cpu = cpu_time(server.child.id())
+            .zip(cpu_before)
+            .map(|(after, before)| after.saturating_sub(before));
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
         if show {
             timeline("direct ", &direct);
             timeline("stowage", &stowage);
         }
-        let pair = Pair { direct, stowage };
+        let pair = Pair {
+            direct,
+            stowage,
+            stowage_cpu,
+        };
         note(&format!(
-            "cold pull {}/{runs} ({:?} RTT, {} B/s): stowage {:.3} s, direct {:.3} s, {:.2}x",
+            "cold pull {}/{runs} ({:?} RTT, {} B/s): stowage {:.3} s (CPU {}), direct {:.3} s, \
+             {:.2}x",
             i + 1,
             shape.rtt,
             shape.rate,
             pair.stowage.total.as_secs_f64(),
+            pair.stowage_cpu
+                .map_or("?".to_owned(), |c| format!("{:.3} s", c.as_secs_f64())),
             pair.direct.total.as_secs_f64(),
             pair.ratio()
         ));
@@ -227,6 +254,18 @@ pub async fn command(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
         ("direct", col(&|p| p.direct.total.as_secs_f64()), " s"),
         ("ratio (per pair)", col(&|p| p.ratio()), "x"),
     ] {
+        writeln!(
+            out,
+            "| {name} | {m:.3}{unit} | {lo:.3}{unit} | {hi:.3}{unit} |"
+        )?;
+    }
+    let cpu: Vec<f64> = pairs
+        .iter()
+        .filter_map(|p| p.stowage_cpu.map(|c| c.as_secs_f64()))
+        .collect();
+    if !cpu.is_empty() {
+        let (m, lo, hi) = spread(cpu);
+        let (name, unit) = ("stowage CPU during the pull", " s");
         writeln!(
             out,
             "| {name} | {m:.3}{unit} | {lo:.3}{unit} | {hi:.3}{unit} |"
