@@ -40,8 +40,8 @@ use reqwest::{RequestBuilder, Response, StatusCode};
 use url::Url;
 
 use super::object::{
-    beyond_end, classify, client_options, empty_stream, idle_bounded, origin_of, read_part,
-    refused, retry_config, MIN_RATE, PART_SIZE,
+    classify, client_options, empty_at, idle_bounded, origin_of, read_part, refused, retry_config,
+    MIN_RATE, PART_SIZE,
 };
 use super::{
     validate_key, validate_prefix, BlobStore, Created, ObjectInfo, StoreError, StoreFuture,
@@ -252,21 +252,6 @@ impl GcsStore {
         within(deadline, key, fetch).await?
     }
 
-    /// An empty read at `offset`: `None` if absent, `Refused` past the end.
-    async fn empty_at(
-        &self,
-        key: &str,
-        offset: u64,
-    ) -> Result<Option<(u64, ByteStream)>, StoreError> {
-        let Some(size) = self.head(key).await? else {
-            return Ok(None);
-        };
-        if offset > size {
-            return Err(beyond_end(key, offset, size));
-        }
-        Ok(Some((size, empty_stream())))
-    }
-
     /// Writes `bytes` as the object `name` in one request (replacing any).
     async fn upload_media(&self, key: &str, name: &str, bytes: Bytes) -> Result<(), StoreError> {
         let deadline = Instant::now() + self.transfer_bound(bytes.len());
@@ -437,7 +422,7 @@ impl BlobStore for GcsStore {
             let name = self.name(key)?;
             let range = match len {
                 // A zero-length range is not a valid HTTP range: answer it from the size.
-                Some(0) => return self.empty_at(key, offset).await,
+                Some(0) => return empty_at(self, key, offset).await,
                 Some(n) => Some(format!("bytes={offset}-{}", offset.saturating_add(n - 1))),
                 None if offset == 0 => None,
                 None => Some(format!("bytes={offset}-")),
@@ -457,7 +442,7 @@ impl BlobStore for GcsStore {
             match status {
                 StatusCode::NOT_FOUND => return Ok(None),
                 // At or past the end: the size tells which.
-                StatusCode::RANGE_NOT_SATISFIABLE => return self.empty_at(key, offset).await,
+                StatusCode::RANGE_NOT_SATISFIABLE => return empty_at(self, key, offset).await,
                 s if !s.is_success() => return Err(failure(key, resp).await),
                 _ => {}
             }

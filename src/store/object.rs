@@ -258,21 +258,6 @@ impl ObjectBackend {
         self.timeout + Duration::from_secs_f64(bytes as f64 / MIN_RATE as f64)
     }
 
-    /// An empty read at `offset`: `None` if absent, `Refused` past the end.
-    async fn empty_at(
-        &self,
-        key: &str,
-        offset: u64,
-    ) -> Result<Option<(u64, ByteStream)>, StoreError> {
-        let Some(size) = self.head(key).await? else {
-            return Ok(None);
-        };
-        if offset > size {
-            return Err(beyond_end(key, offset, size));
-        }
-        Ok(Some((size, empty_stream())))
-    }
-
     async fn put_whole(&self, key: &str, loc: &ObjectPath, bytes: Bytes) -> Result<(), StoreError> {
         let limit = self.transfer_bound(bytes.len());
         let put = self
@@ -357,7 +342,7 @@ impl BlobStore for ObjectBackend {
             let loc = self.location(key)?;
             let range = match len {
                 // A zero-length range is not a valid HTTP range: answer it from the size.
-                Some(0) => return self.empty_at(key, offset).await,
+                Some(0) => return empty_at(self, key, offset).await,
                 Some(n) => Some(GetRange::Bounded(offset..offset.saturating_add(n))),
                 None if offset == 0 => None,
                 None => Some(GetRange::Offset(offset)),
@@ -711,6 +696,22 @@ pub(super) async fn read_part(file: &mut tokio::fs::File) -> Result<Bytes, Store
     let mut limited = file.take(PART_SIZE as u64);
     while limited.read_buf(&mut buf).await? > 0 {}
     Ok(buf.freeze())
+}
+
+/// A read at `offset` of an object the store answered with no bytes: the object's size and an
+/// empty stream when `offset` is at its end, `None` when it is gone, an error past its end.
+pub(super) async fn empty_at(
+    store: &(impl BlobStore + ?Sized),
+    key: &str,
+    offset: u64,
+) -> Result<Option<(u64, ByteStream)>, StoreError> {
+    let Some(size) = store.head(key).await? else {
+        return Ok(None);
+    };
+    if offset > size {
+        return Err(beyond_end(key, offset, size));
+    }
+    Ok(Some((size, empty_stream())))
 }
 
 pub(super) fn empty_stream() -> ByteStream {
