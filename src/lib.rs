@@ -39,7 +39,8 @@
 //!   file (`cache/mod.rs`), the budget's load and crash reconciliation in the background after
 //!   open (`cache/startup.rs`), fills in `tmp/` owned by
 //!   the cache and shared by every reader (single flight), resumed with `Range` when the upstream
-//!   breaks ([`cache::fill`]), committed blobs served as memory-mapped windows handed to hyper
+//!   breaks ([`cache::fill`]; readers keeping up take the last written bytes from memory,
+//!   [`cache::tail`]), committed blobs served as memory-mapped windows handed to hyper
 //!   without a copy ([`cache::serve`]), the sled [`cache::index`] (tag records with their
 //!   variants; check times batched in memory), hot manifests in moka, and [`cache::budget`]: the
 //!   byte budget, LRU order and eviction (fills reserve their size first; leased, pinned and

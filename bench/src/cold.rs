@@ -35,18 +35,57 @@ pub struct Opts {
     /// Print each pull's per-blob timeline (first and last byte) on stderr.
     #[arg(long)]
     pub timeline: bool,
+    /// nginx, for a third pull of each pair through a fresh nginx `proxy_cache` (the peer that
+    /// copies to disk and serves without verifying anything); empty: skip it.
+    #[arg(long, default_value = "nginx")]
+    pub nginx: String,
 }
 
 /// One pull: its total time and, per blob (manifest first), first and last byte since start.
 pub struct Pull {
     pub total: Duration,
     pub steps: Vec<(Duration, Duration)>,
+    /// CPU time every process on the path spent during the pull (upstream, the cache if any,
+    /// this client), if `/proc` says.
+    pub cpu: Option<Duration>,
 }
 
-/// One pair of pulls.
+impl Pull {
+    /// The shortest this pull could take on `cores` cores if its CPU work were spread perfectly:
+    /// a bound no scheduling beats, for judging a ratio on a machine this small.
+    pub fn cpu_floor(&self, cores: usize) -> Option<Duration> {
+        Some(self.cpu? / cores.max(1) as u32)
+    }
+}
+
+/// Cores this machine gives its processes.
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// CPU time of the processes `pids` so far (see [`cpu_time`]).
+fn cpu_of(pids: &[u32]) -> Option<Duration> {
+    pids.iter().map(|&p| cpu_time(p)).sum()
+}
+
+/// Runs a pull and adds the CPU the processes `pids` spent meanwhile.
+async fn pull_measured(
+    base: &str,
+    image: (&str, &str, &[(String, u64)]),
+    pids: &[u32],
+) -> Result<Pull, BoxError> {
+    let before = cpu_of(pids);
+    let mut p = pull(base, image.0, image.1, image.2).await?;
+    p.cpu = cpu_of(pids).zip(before).map(|(a, b)| a.saturating_sub(b));
+    Ok(p)
+}
+
+/// One pair of pulls (and the peer's, if it ran).
 pub struct Pair {
     pub direct: Pull,
     pub stowage: Pull,
+    /// The same pull through a fresh nginx caching proxy.
+    pub nginx: Option<Pull>,
     /// CPU time stowage spent from being ready to the pull's last byte, all threads (`None`
     /// where `/proc` does not say). On a shared machine this is steadier than the wall clock,
     /// and on a saturated one it is what the pull pays for.
@@ -57,6 +96,75 @@ impl Pair {
     pub fn ratio(&self) -> f64 {
         self.stowage.total.as_secs_f64() / self.direct.total.as_secs_f64()
     }
+
+    /// The lowest ratio this machine allows for the stowage pull: its processes' CPU spread
+    /// perfectly over the machine's cores, over the direct pull's wall time.
+    pub fn floor_ratio(&self) -> Option<f64> {
+        let floor = self.stowage.cpu_floor(cores())?;
+        Some(floor.as_secs_f64() / self.direct.total.as_secs_f64())
+    }
+
+    /// nginx's time over the direct pull's.
+    pub fn nginx_ratio(&self) -> Option<f64> {
+        let n = self.nginx.as_ref()?;
+        Some(n.total.as_secs_f64() / self.direct.total.as_secs_f64())
+    }
+}
+
+/// nginx as a pull-through cache of `upstream` (every `200` kept, keyed by URL), with its own
+/// prefix and an empty cache; one process (no master), so dropping it stops it.
+fn start_nginx_cache(nginx: &str, dir: &Path, upstream: &str) -> Result<(Proc, String), BoxError> {
+    let port = super::free_port()?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nuser root;\n\
+             error_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             proxy_cache_path {d}/cache levels=1:2 keys_zone=blobs:10m max_size=10g \
+             use_temp_path=off;\n\
+             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+             proxy_pass {upstream};\n      proxy_http_version 1.1;\n\
+             proxy_set_header Connection \"\";\n      proxy_cache blobs;\n\
+             proxy_cache_valid 200 1h;\n    }}\n  }}\n}}\n",
+            d = dir.display(),
+        ),
+    )?;
+    let mut cmd = std::process::Command::new(nginx);
+    cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
+    let proc = Proc::spawn(cmd, &dir.join("nginx.out"))?;
+    Ok((proc, format!("http://127.0.0.1:{port}")))
+}
+
+/// A pull through a fresh nginx cache in `dir`, or `None` if nginx cannot be started.
+async fn nginx_pull(
+    nginx: &str,
+    dir: &Path,
+    via: &str,
+    image: (&str, &str, &[(String, u64)]),
+    pids: &[u32],
+) -> Result<Option<Pull>, BoxError> {
+    if nginx.is_empty() {
+        return Ok(None);
+    }
+    let (proc, url) = match start_nginx_cache(nginx, dir, via) {
+        Ok(p) => p,
+        Err(e) => {
+            note(&format!("nginx peer skipped: {e}"));
+            return Ok(None);
+        }
+    };
+    super::wait_ready(&url).await?;
+    let pids: Vec<u32> = pids.iter().copied().chain([proc.child.id()]).collect();
+    let p = pull_measured(&url, image, &pids).await?;
+    drop(proc);
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(Some(p))
 }
 
 /// CPU time `pid` has spent so far, summed over its live threads (`/proc/<pid>/task/*/schedstat`,
@@ -119,6 +227,7 @@ async fn pull(
     Ok(Pull {
         total: t0.elapsed(),
         steps,
+        cpu: None,
     })
 }
 
@@ -147,8 +256,8 @@ pub async fn runs(
     shape: Shape,
     runs: usize,
     show: bool,
+    nginx: &str,
 ) -> Result<Vec<Pair>, BoxError> {
-    let (repo, tag, blobs) = image;
     let proxy = if shape.is_none() {
         None
     } else {
@@ -159,7 +268,8 @@ pub async fn runs(
     let bin = stowage_bin(cli)?;
     let mut pairs = Vec::new();
     for i in 0..runs {
-        let direct = pull(via, repo, tag, blobs).await?;
+        let pids = [upstream.pid(), std::process::id()];
+        let direct = pull_measured(via, image, &pids).await?;
         let dir = work.join(format!("cold-pull-{i}"));
         std::fs::create_dir_all(&dir)?;
         let port = super::free_port()?;
@@ -168,7 +278,8 @@ pub async fn runs(
         let url = format!("http://127.0.0.1:{port}");
         super::wait_ready(&url).await?;
         let cpu_before = cpu_time(server.child.id());
-        let stowage = match pull(&url, repo, tag, blobs).await {
+        let with_server = [upstream.pid(), std::process::id(), server.child.id()];
+        let stowage = match pull_measured(&url, image, &with_server).await {
             Ok(p) => p,
             Err(e) => {
                 let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
@@ -180,18 +291,25 @@ pub async fn runs(
             .map(|(after, before)| after.saturating_sub(before));
         drop(server);
         let _ = std::fs::remove_dir_all(&dir);
+        let nginx_dir = work.join(format!("cold-nginx-{i}"));
+        let nginx = nginx_pull(nginx, &nginx_dir, via, image, &pids).await?;
         if show {
             timeline("direct ", &direct);
             timeline("stowage", &stowage);
+            if let Some(n) = &nginx {
+                timeline("nginx  ", n);
+            }
         }
         let pair = Pair {
             direct,
             stowage,
+            nginx,
             stowage_cpu,
         };
         note(&format!(
             "cold pull {}/{runs} ({:?} RTT, {} B/s): stowage {:.3} s (CPU {}), direct {:.3} s, \
-             {:.2}x",
+             {:.2}x; nginx cache {}; CPU of all processes: direct {}, stowage {}, nginx {}; \
+             floor {}",
             i + 1,
             shape.rtt,
             shape.rate,
@@ -199,11 +317,22 @@ pub async fn runs(
             pair.stowage_cpu
                 .map_or("?".to_owned(), |c| format!("{:.3} s", c.as_secs_f64())),
             pair.direct.total.as_secs_f64(),
-            pair.ratio()
+            pair.ratio(),
+            pair.nginx_ratio()
+                .map_or("-".to_owned(), |r| format!("{r:.2}x")),
+            secs(pair.direct.cpu),
+            secs(pair.stowage.cpu),
+            secs(pair.nginx.as_ref().and_then(|n| n.cpu)),
+            pair.floor_ratio()
+                .map_or("-".to_owned(), |r| format!("{r:.2}x")),
         ));
         pairs.push(pair);
     }
     Ok(pairs)
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("-".to_owned(), |d| format!("{:.3} s", d.as_secs_f64()))
 }
 
 /// Median, min and max of `v` (not empty).
@@ -217,6 +346,9 @@ pub fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     };
     (median, v[0], v[n - 1])
 }
+
+/// One figure of a pair, if measured.
+type Figure = dyn Fn(&Pair) -> Option<f64>;
 
 /// The `cold-pull` subcommand: its own upstream and image, then `o.runs` pairs; a table.
 pub async fn command(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
@@ -233,6 +365,7 @@ pub async fn command(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
         shape,
         o.runs.max(1),
         o.timeline,
+        &o.nginx,
     )
     .await?;
     let mut out = std::io::stdout().lock();
@@ -259,17 +392,48 @@ pub async fn command(cli: &Cli, work: &Path, o: &Opts) -> Result<(), BoxError> {
             "| {name} | {m:.3}{unit} | {lo:.3}{unit} | {hi:.3}{unit} |"
         )?;
     }
-    let cpu: Vec<f64> = pairs
-        .iter()
-        .filter_map(|p| p.stowage_cpu.map(|c| c.as_secs_f64()))
-        .collect();
-    if !cpu.is_empty() {
-        let (m, lo, hi) = spread(cpu);
-        let (name, unit) = ("stowage CPU during the pull", " s");
-        writeln!(
-            out,
-            "| {name} | {m:.3}{unit} | {lo:.3}{unit} | {hi:.3}{unit} |"
-        )?;
+    let ng: Vec<f64> = pairs.iter().filter_map(Pair::nginx_ratio).collect();
+    if !ng.is_empty() {
+        let (m, lo, hi) = spread(ng);
+        let name = "nginx proxy_cache over direct";
+        writeln!(out, "| {name} | {m:.3}x | {lo:.3}x | {hi:.3}x |")?;
+    }
+    let rows: [(&str, &Figure, &str); 5] = [
+        (
+            "stowage CPU during the pull",
+            &|p| p.stowage_cpu.map(|c| c.as_secs_f64()),
+            " s",
+        ),
+        (
+            "CPU of all processes, direct pull",
+            &|p| p.direct.cpu.map(|c| c.as_secs_f64()),
+            " s",
+        ),
+        (
+            "CPU of all processes, stowage pull",
+            &|p| p.stowage.cpu.map(|c| c.as_secs_f64()),
+            " s",
+        ),
+        (
+            "CPU of all processes, nginx pull",
+            &|p| p.nginx.as_ref()?.cpu.map(|c| c.as_secs_f64()),
+            " s",
+        ),
+        (
+            "ratio floor (stowage pull's CPU / cores / direct)",
+            &|p| p.floor_ratio(),
+            "x",
+        ),
+    ];
+    for (name, f, unit) in rows {
+        let v: Vec<f64> = pairs.iter().filter_map(f).collect();
+        if !v.is_empty() {
+            let (m, lo, hi) = spread(v);
+            writeln!(
+                out,
+                "| {name} | {m:.3}{unit} | {lo:.3}{unit} | {hi:.3}{unit} |"
+            )?;
+        }
     }
     Ok(())
 }
@@ -287,13 +451,14 @@ pub async fn for_all(
     work: &Path,
     upstream: &Upstream,
     image: (&str, &str, &[(String, u64)]),
+    nginx: &str,
 ) -> Result<serde_json::Value, BoxError> {
     let mut figures = serde_json::Map::new();
     for (key, shape) in [
         ("loopback", Shape::new(0, 0)),
         ("shaped", Shape::new(ALL_SHAPED.0, ALL_SHAPED.1)),
     ] {
-        let pairs = runs(cli, work, upstream, image, shape, ALL_RUNS, false).await?;
+        let pairs = runs(cli, work, upstream, image, shape, ALL_RUNS, false, nginx).await?;
         let col = |f: &dyn Fn(&Pair) -> f64| spread(pairs.iter().map(f).collect());
         let (s, _, _) = col(&|p| p.stowage.total.as_secs_f64());
         let (d, _, _) = col(&|p| p.direct.total.as_secs_f64());
@@ -303,6 +468,14 @@ pub async fn for_all(
         figures.insert(format!("cold_pull_{key}_ratio"), r.into());
         figures.insert(format!("cold_pull_{key}_ratio_min"), lo.into());
         figures.insert(format!("cold_pull_{key}_ratio_max"), hi.into());
+        let ng: Vec<f64> = pairs.iter().filter_map(Pair::nginx_ratio).collect();
+        if !ng.is_empty() {
+            figures.insert(format!("nginx_cache_pull_{key}_ratio"), spread(ng).0.into());
+        }
+        let fl: Vec<f64> = pairs.iter().filter_map(Pair::floor_ratio).collect();
+        if !fl.is_empty() {
+            figures.insert(format!("cold_pull_{key}_ratio_floor"), spread(fl).0.into());
+        }
     }
     Ok(figures.into())
 }

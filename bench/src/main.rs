@@ -287,6 +287,10 @@ struct Upstream {
 }
 
 impl Upstream {
+    fn pid(&self) -> u32 {
+        self._proc.child.id()
+    }
+
     async fn start(registry: &str, dir: &Path) -> Result<Upstream, BoxError> {
         let port = free_port()?;
         let config = dir.join("upstream.yml");
@@ -1512,7 +1516,7 @@ mod all {
 
         if cli.servers.contains(&ServerKind::Stowage) {
             let image = (img_repo, tag, blobs.as_slice());
-            let pulls = cold::for_all(cli, work, &upstream, image).await?;
+            let pulls = cold::for_all(cli, work, &upstream, image, &o.nginx).await?;
             merge_cold_pulls(&mut per, pulls);
         }
         let nginx_rss = nginx_proc.peak_rss_kib();

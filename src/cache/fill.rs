@@ -2,10 +2,11 @@
 //!
 //! The fill writes `tmp/<hex>.<rand>.partial`, hashes as it writes, and publishes how many bytes
 //! are in the file through a `watch` channel. Every reader — the client that caused the fill and
-//! any that join it later, whole-blob or ranged — tails the partial file up to the published
-//! length, so all of them stream bytes as they arrive, and a client hanging up does not touch the
-//! fill: it always runs to completion (there is no abandon switch; [`FillPolicy`] bounds how many
-//! run at once and how long a broken upstream is retried). On success (size and sha256 match) the
+//! any that join it later, whole-blob or ranged — follows the published length, taking the last
+//! published bytes from memory ([`Tail`]: the buffers just written, no file access) and anything
+//! older from the partial file, so all of them stream bytes as they arrive, and a client hanging
+//! up does not touch the fill: it always runs to completion (there is no abandon switch;
+//! [`FillPolicy`] bounds how many run at once and how long a broken upstream is retried). On success (size and sha256 match) the
 //! file is fsynced, renamed into `blobs/` and indexed; on failure it is deleted and every reader's
 //! stream ends in an error, which aborts its connection. A reader never receives its last byte
 //! before the size and sha256 are verified, so a client never sees a clean end to a wrong or
@@ -41,6 +42,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{watch, Semaphore};
 
 use super::index::{unix_now, BlobMeta, Index};
+use super::tail::Tail;
 use crate::oci::{Digest, ErrorCode, RegistryError};
 use crate::stream::{BlobBody, ByteStream};
 
@@ -126,14 +128,16 @@ pub struct Fill {
     tmp_path: PathBuf,
     final_path: PathBuf,
     state: watch::Receiver<FillState>,
+    /// The last published bytes, for readers keeping up.
+    tail: Arc<Tail>,
 }
 
 /// In-flight fills by digest: the single-flight map.
 pub type FillMap = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
 
-/// Read size of a reader following a fill (at most what has been published). 256 KiB keeps 32
-/// followers within 8 MiB of buffers and matches the fill's write batches ([`FLUSH_AT`]).
-const READ_CHUNK: usize = 256 * 1024;
+/// The most a reader following a fill takes at once from the tail (longer buffers are cut;
+/// shorter ones are not joined beyond the tail's own limit).
+const TAIL_CHUNK: usize = 1 << 20;
 
 /// Bytes gathered before a write to the partial file (earlier if the upstream pauses).
 pub const FLUSH_AT: usize = 256 * 1024;
@@ -162,11 +166,13 @@ impl Fill {
             verified: false,
             phase: Phase::Starting,
         });
+        let tail = Arc::new(Tail::default());
         let fill = Arc::new(Fill {
             digest: digest.clone(),
             tmp_path: cx.tmp_path.clone(),
             final_path: cx.final_path.clone(),
             state: rx,
+            tail: tail.clone(),
         });
         crate::metrics::metrics().fills_in_flight.inc();
         tokio::spawn(async move {
@@ -177,7 +183,7 @@ impl Fill {
             // Set once the blob verifies; dropped last, after the end is published, so that
             // `stowage_fill_commits_pending` reaching 0 means the fill is completely over.
             let mut pending = None;
-            let outcome = run(&digest, source.as_ref(), cx, &tx, &mut pending).await;
+            let outcome = run(&digest, source.as_ref(), cx, &tx, &mut pending, tail).await;
             // Leave the single-flight map before publishing the end, so that a request arriving
             // after a failure starts afresh and one arriving after success finds the file.
             {
@@ -347,11 +353,15 @@ impl ReaderState {
                 )
             };
             if self.pos < readable {
+                if let Some(b) = self.fill.tail.get(self.pos, readable, TAIL_CHUNK) {
+                    self.pos += b.len() as u64;
+                    return Ok(Some(b));
+                }
                 let file = self
                     .file
                     .as_ref()
                     .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
-                let want = (readable - self.pos).min(READ_CHUNK as u64);
+                let want = (readable - self.pos).min(super::serve::MMAP_WINDOW);
                 // Published bytes are in the file and never change (a failed fill unlinks the
                 // file, it never truncates it), so they can be mapped like a committed blob.
                 let buf = super::serve::read_window(file, self.pos, want, None)
@@ -386,6 +396,8 @@ impl ReaderState {
 /// handle is `None` once its job has been collected.
 struct Batch {
     len: u64,
+    /// The batch's buffers, for the tail once they are in the file.
+    bufs: Vec<Bytes>,
     write: Option<tokio::task::JoinHandle<(std::fs::File, std::io::Result<()>)>>,
     hash: Option<tokio::task::JoinHandle<Sha256>>,
 }
@@ -403,6 +415,8 @@ struct Sink {
     /// Bytes in the file, as published (the hasher holds them too once nothing is in flight).
     written: u64,
     inflight: Option<Batch>,
+    /// Every batch goes here once written, before its length is published.
+    tail: Arc<Tail>,
 }
 
 impl Sink {
@@ -430,6 +444,7 @@ impl Sink {
             batch.write = None;
             self.file = Some(file);
             result?;
+            self.tail.push(self.written, &batch.bufs);
             self.written += batch.len;
             let written = self.written;
             tx.send_modify(|s| s.written = written);
@@ -457,6 +472,7 @@ impl Sink {
             ));
         };
         let to_hash = bufs.clone();
+        let kept = bufs.clone();
         let hash = tokio::task::spawn_blocking(move || {
             for buf in &to_hash {
                 hasher.update(buf);
@@ -469,6 +485,7 @@ impl Sink {
         });
         self.inflight = Some(Batch {
             len,
+            bufs: kept,
             write: Some(write),
             hash: Some(hash),
         });
@@ -537,6 +554,7 @@ async fn run(
     cx: FillContext,
     tx: &watch::Sender<FillState>,
     pending: &mut Option<PendingCommit>,
+    tail: Arc<Tail>,
 ) -> Result<(), RegistryError> {
     let _slot = cx
         .slots
@@ -551,6 +569,7 @@ async fn run(
         pending_len: 0,
         written: 0,
         inflight: None,
+        tail,
     };
     let mut transfer = Transfer {
         digest,
@@ -1193,6 +1212,80 @@ mod tests {
         assert!(matches!(fill.state().phase, Phase::Committed));
     }
 
+    /// A source whose bytes the test releases chunk by chunk.
+    struct Gated {
+        total: u64,
+        chunks: Mutex<Option<tokio::sync::mpsc::Receiver<Bytes>>>,
+    }
+
+    impl BlobSource for Gated {
+        fn open(&self, _offset: u64) -> BoxFuture<'_, Result<BlobBody, RegistryError>> {
+            let rx = self.chunks.lock().unwrap().take().expect("opened once");
+            let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+                Some((Ok(rx.recv().await?), rx))
+            });
+            Box::pin(async move {
+                Ok(BlobBody {
+                    start: 0,
+                    total: Some(self.total),
+                    stream: Box::pin(stream),
+                })
+            })
+        }
+    }
+
+    /// Readers keeping up take bytes from the fill's tail, readers joining late from the file and
+    /// then the tail: all of them get exactly the blob, whole or ranged.
+    #[tokio::test]
+    async fn readers_in_the_tail_and_behind_it_get_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache(dir.path());
+        let bytes = data(5 << 20);
+        let digest = Digest::of(&bytes);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let source = Gated {
+            total: bytes.len() as u64,
+            chunks: Mutex::new(Some(rx)),
+        };
+        let (fill, _) = cache.fill(&digest, || Box::new(source)).unwrap();
+        let collect = |s: ByteStream| tokio::spawn(s.map(|c| c.unwrap().to_vec()).concat());
+        let early = collect(fill.reader());
+        let mut late = Vec::new();
+        // Uneven chunks, so tail buffers and reads straddle each other.
+        let mut sent = 0;
+        for (i, n) in [70_001usize, 300_000, 1000, 524_287]
+            .iter()
+            .cycle()
+            .enumerate()
+        {
+            if sent >= bytes.len() {
+                break;
+            }
+            let end = (sent + n).min(bytes.len());
+            tx.send(bytes.slice(sent..end)).await.unwrap();
+            sent = end;
+            if i % 5 == 4 {
+                // Let the fill publish, then join: from 0 (the file), and a range across the
+                // published end.
+                while fill.state().written < sent as u64 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                late.push((0, None, collect(fill.reader())));
+                let (a, b) = (sent as u64 - 100_000, sent as u64 + 100_000);
+                late.push((a, Some(b), collect(fill.reader_range(a, Some(b)))));
+            }
+        }
+        drop(tx);
+        assert_eq!(early.await.unwrap(), bytes.to_vec());
+        assert!(late.len() >= 4);
+        for (start, end, got) in late {
+            let end = end.unwrap_or(bytes.len() as u64) as usize;
+            let got = got.await.unwrap();
+            assert_eq!(got, bytes[start as usize..end].to_vec(), "{start}..{end}");
+        }
+        fill.settled().await.unwrap();
+    }
+
     /// A batch is counted once: in flight until its write is collected, then in `written`
     /// while its hash may still run (a settle interrupted there must not count it twice).
     #[tokio::test]
@@ -1212,6 +1305,7 @@ mod tests {
             pending_len: 10,
             written: 0,
             inflight: None,
+            tail: Arc::default(),
         };
         sink.start(&tx).await.unwrap();
         assert_eq!(sink.received(), 10);

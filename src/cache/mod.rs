@@ -21,6 +21,7 @@ pub mod index;
 pub mod serve;
 mod startup;
 pub mod stats;
+pub mod tail;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
