@@ -373,6 +373,27 @@ fn wrong_bytes_abort_every_client_and_commit_nothing() {
     stowage.wait_committed(&digest, &blob, EVENTUALLY);
 }
 
+/// A blob that fails verification before any of its bytes could be sent (a one-byte blob: its
+/// only byte is its last, held back until verified) is an error status with an OCI body, not a
+/// connection closed before its status line.
+#[test]
+fn wrong_bytes_before_the_first_byte_are_an_error_status() {
+    let fake = FakeUpstream::start();
+    let digest = fake.add_blob(REPO, b"a".to_vec());
+    fake.serve_wrong_bytes(&digest, WrongBytes::Replaced(b"b".to_vec()));
+    let stowage = stowage(&fake.url(), "", "");
+    let r = support::raw_request(
+        stowage.port(),
+        "GET",
+        &format!("/v2/{REPO}/blobs/{digest}"),
+        &[],
+    );
+    assert!(r.status >= 500, "{} {}", r.status, r.body_text());
+    assert_eq!(error_codes(&r.body, "bad one-byte blob"), ["UNAVAILABLE"]);
+    assert!(r.body_text().contains("hash to"), "{}", r.body_text());
+    assert_nothing_committed(&stowage, &digest);
+}
+
 #[test]
 fn starting_client_hanging_up_does_not_stop_the_fill() {
     let fake = FakeUpstream::start();
@@ -571,7 +592,8 @@ fn range_requests_during_a_fill_stream_as_bytes_arrive() {
         Some(format!("bytes 1000-200999/{size}").as_str())
     );
     wait_for_bytes(&early, 199_999, "a range of bytes already filled");
-    // A range beyond the held point: headers now, bytes once they arrive.
+    // A range beyond the held point: headers (after the answer's short wait for a first byte),
+    // bytes once they arrive.
     let late_start = size * 8 / 10;
     let late = Reader::start(
         &url,

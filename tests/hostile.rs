@@ -450,17 +450,17 @@ fn oversized_upstream_answers_are_refused_and_not_cached() {
         r.body.len() < 64 * 1024,
         "the error body carries the manifest"
     );
-    let r = support::raw_request_or_abort(
+    let r = raw_request(
         stowage.port(),
         "GET",
         &format!("/v2/library/huge/blobs/{digest}"),
         &[],
     );
-    // Without a manifest naming the blob, only its digest can expose the extra bytes: the
-    // response may have started, but it must end short of its announced length (an aborted,
-    // visibly truncated body), never as a complete 200. When the bytes fail before the first
-    // one is sent, the connection closes with nothing.
-    if let Some(r) = r.filter(|r| r.status == 200) {
+    // Without a manifest naming the blob, only its digest can expose the extra bytes. When they
+    // fail before the first byte is sent, the answer is an error with an OCI body; once bytes
+    // have been sent, the body must end short of its announced length (an aborted, visibly
+    // truncated body), never as a complete 200.
+    if r.status == 200 {
         let announced: usize = r
             .header("content-length")
             .and_then(|v| v.parse().ok())
@@ -470,6 +470,9 @@ fn oversized_upstream_answers_are_refused_and_not_cached() {
             "a blob with more bytes than it has was passed on as a complete 200 ({} bytes)",
             r.body.len()
         );
+    } else {
+        assert!(r.status >= 500, "{}", r.status);
+        assert!(r.body_text().contains("\"errors\""), "{}", r.body_text());
     }
     let clean = wait_until(Duration::from_secs(30), || stowage.tmp_files().is_empty());
     assert!(clean, "leftovers in tmp/: {:?}", stowage.tmp_files());

@@ -572,7 +572,7 @@ async fn handle(
             let activity = mirror.cache.activity();
             activity.request(matches!(answer, BlobAnswer::Cached(_)));
             let tally = activity.tally(&(route.host().to_owned(), route.repo.to_string()));
-            blob_response(answer, &digest, head, range, tally)
+            blob_response(answer, &digest, head, range, tally).await
         }
     }
 }
@@ -821,7 +821,7 @@ fn manifest_response(answer: ManifestAnswer, head: bool) -> Response {
 /// `Content-Range: bytes */<size>` for an unsatisfiable or malformed one. A multi-range request
 /// gets the whole blob. A range of a fill of unknown size is answered once the size is known
 /// ([`size_for_range`]); should it still be unknown here, the whole blob.
-fn blob_response(
+async fn blob_response(
     answer: BlobAnswer,
     digest: &Digest,
     head: bool,
@@ -871,7 +871,7 @@ fn blob_response(
     if let Some(l) = length {
         builder = builder.header(header::CONTENT_LENGTH, l);
     }
-    let body = blob_body(answer, head, span, tally);
+    let body = blob_body(answer, head, span, tally).await?;
     let mut resp = builder
         .body(body)
         .map_err(|e| RegistryError::new(ErrorCode::Unknown, e.to_string()))?;
@@ -897,24 +897,58 @@ fn unsatisfiable(digest: &Digest, size: u64, head: bool, outcome: Outcome) -> Re
 }
 
 /// The bytes of a blob answer (the whole blob, or `span` of it), counted as they are sent;
-/// nothing for a HEAD.
-fn blob_body(answer: BlobAnswer, head: bool, span: Option<range::Span>, tally: Tally) -> Body {
-    match answer {
+/// nothing for a HEAD. A fill's body is started only once its first chunk is in hand
+/// ([`primed`]).
+async fn blob_body(
+    answer: BlobAnswer,
+    head: bool,
+    span: Option<range::Span>,
+    tally: Tally,
+) -> Result<Body, RegistryError> {
+    Ok(match answer {
         _ if head => Body::empty(),
         BlobAnswer::Cached(b) => {
             let (start, len) = span.map_or((0, b.size), |s| (s.start, s.len()));
             // The stream holds the blob's read lease: it is not evicted while being sent.
             Body::from_stream(counted(b.into_stream(start, len), Source::Cache, tally))
         }
-        BlobAnswer::Filling { fill, .. } => Body::from_stream(counted(
-            match span {
+        BlobAnswer::Filling { fill, .. } => {
+            let reader = match span {
                 Some(s) => fill.reader_range(s.start, Some(s.end + 1)),
                 None => fill.reader(),
-            },
-            Source::Fill,
-            tally,
-        )),
+            };
+            let reader = primed(reader).await.map_err(|e| match fill.state().phase {
+                // The fill's own error keeps its status (e.g. 507 from the budget).
+                crate::cache::fill::Phase::Failed(failed) => failed,
+                _ => e,
+            })?;
+            Body::from_stream(counted(reader, Source::Fill, tally))
+        }
         BlobAnswer::Head { .. } => Body::empty(),
+    })
+}
+
+/// How long a fill's answer waits for its first chunk before its headers go out anyway (a range
+/// far ahead of the fill, a slow upstream: the client then sees headers now, bytes later).
+const FIRST_CHUNK_WAIT: Duration = Duration::from_secs(3);
+
+/// `stream` with its first item already taken if it comes within [`FIRST_CHUNK_WAIT`]: a fill
+/// failing before its first byte (bytes that do not verify, an upstream giving up) is answered
+/// with its error status and OCI body, not with a response closed before its status line.
+/// (Once headers have been sent, a failure can only abort the connection.)
+async fn primed(
+    mut stream: crate::stream::ByteStream,
+) -> Result<crate::stream::ByteStream, RegistryError> {
+    // `next` is cancel-safe: a chunk still on its way stays in the stream.
+    let Ok(first) = tokio::time::timeout(FIRST_CHUNK_WAIT, stream.next()).await else {
+        return Ok(stream);
+    };
+    match first {
+        Some(Ok(first)) => Ok(Box::pin(
+            futures_util::stream::once(async move { Ok(first) }).chain(stream),
+        )),
+        Some(Err(e)) => Err(RegistryError::new(ErrorCode::Unavailable, e.to_string())),
+        None => Ok(stream),
     }
 }
 

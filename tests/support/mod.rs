@@ -401,28 +401,6 @@ pub fn raw_request(
     })
 }
 
-/// [`raw_request`], for an answer the server may abort before its status line (a blob whose
-/// upstream bytes fail verification before the first byte is sent): `None` when nothing arrived.
-pub fn raw_request_or_abort(
-    port: u16,
-    method: &str,
-    target: &str,
-    extra_headers: &[(&str, &str)],
-) -> Option<RawResponse> {
-    let raw = raw_exchange(port, method, target, extra_headers);
-    if raw.is_empty() {
-        return None;
-    }
-    Some(
-        parse_raw_response(&raw, method == "HEAD").unwrap_or_else(|e| {
-            panic!(
-                "cannot parse raw response to {method} {target}: {e}\n{}",
-                String::from_utf8_lossy(&raw)
-            )
-        }),
-    )
-}
-
 /// Writes one raw request and reads what comes back until the server closes.
 fn raw_exchange(port: u16, method: &str, target: &str, extra_headers: &[(&str, &str)]) -> Vec<u8> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect for raw request");
