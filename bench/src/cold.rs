@@ -469,12 +469,22 @@ pub async fn for_all(
         figures.insert(format!("cold_pull_{key}_ratio_min"), lo.into());
         figures.insert(format!("cold_pull_{key}_ratio_max"), hi.into());
         let ng: Vec<f64> = pairs.iter().filter_map(Pair::nginx_ratio).collect();
+        let ng_s: Vec<f64> = pairs
+            .iter()
+            .filter_map(|p| Some(p.nginx.as_ref()?.total.as_secs_f64()))
+            .collect();
         if !ng.is_empty() {
             figures.insert(format!("nginx_cache_pull_{key}_ratio"), spread(ng).0.into());
+            figures.insert(format!("nginx_cache_pull_{key}_s"), spread(ng_s).0.into());
         }
         let fl: Vec<f64> = pairs.iter().filter_map(Pair::floor_ratio).collect();
+        let fl_s: Vec<f64> = pairs
+            .iter()
+            .filter_map(|p| Some(p.stowage.cpu_floor(cores())?.as_secs_f64()))
+            .collect();
         if !fl.is_empty() {
             figures.insert(format!("cold_pull_{key}_ratio_floor"), spread(fl).0.into());
+            figures.insert(format!("cold_pull_{key}_floor_s"), spread(fl_s).0.into());
         }
     }
     Ok(figures.into())

@@ -25,10 +25,12 @@
 //! throughput (1 and 8 clients) against nginx with `sendfile` serving the same file and a raw
 //! read of it (the ceiling) and against distribution's proxy; (2) warm manifests by tag and
 //! digest with `wrk -t2 -c64`; (3) a cold pull of a multi-layer image against pulling from the
-//! upstream directly; (4) the cold blob to N = 8 and 32 clients at once (the `cold-blob` runs:
+//! upstream directly, then in pairs on loopback and behind a shaping proxy, each pair also pulled
+//! through a fresh nginx `proxy_cache` and with the CPU of every process on the path (see
+//! [`cold`]: its floor is that CPU over the machine's cores); (4) the cold blob to N = 8 and 32 clients at once (the `cold-blob` runs:
 //! upstream bytes, wall time, time to first byte); (5) each server's peak RSS over 1-4; (6) the
-//! time from spawning the server until it is ready on a cache holding 100k blobs (see
-//! [`startup`]); (7) a push with skopeo of an image of random layers to stowage (a `[hosted]`
+//! time from spawning the server until it is ready on a cache holding 100k blobs, its memory
+//! 10 s later and once its background reconciliation is over (see [`startup`]); (7) a push with skopeo of an image of random layers to stowage (a `[hosted]`
 //! repository) and to a plain distribution registry, the pull back, and the peak RSS during the
 //! push at two layer sizes (see [`push`]). It prints one table (stowage, peer, ratio) and writes
 //! a JSON file.
@@ -1089,6 +1091,12 @@ mod all {
                 v["startup_s_runs"] = json!(secs);
                 v["startup_rss_mib"] = json!(rss);
                 v["startup_peak_rss_mib"] = json!(peak);
+                let (rec_s, rec_rss, rec_peak) = startup::reconciled_medians(&t);
+                if rec_s.is_some() {
+                    v["startup_reconciled_s"] = json!(rec_s);
+                    v["startup_reconciled_rss_mib"] = json!(rec_rss);
+                    v["startup_reconciled_peak_rss_mib"] = json!(rec_peak);
+                }
             }
         }
     }
@@ -1287,11 +1295,35 @@ mod all {
                 false,
             ),
             line(
+                "cold pull, 1 client, loopback (median of 3 pairs)",
+                "s",
+                s("cold_pull_loopback_s"),
+                s("nginx_cache_pull_loopback_s"),
+                "nginx proxy_cache",
+                false,
+            ),
+            line(
+                "cold pull, loopback: the machine's floor (CPU of all processes / cores)",
+                "s",
+                s("cold_pull_loopback_s"),
+                s("cold_pull_loopback_floor_s"),
+                "CPU floor",
+                false,
+            ),
+            line(
                 &cold::shaped_label(),
                 "s",
                 s("cold_pull_shaped_s"),
                 s("direct_pull_shaped_s"),
                 "upstream direct",
+                false,
+            ),
+            line(
+                &cold::shaped_label(),
+                "s",
+                s("cold_pull_shaped_s"),
+                s("nginx_cache_pull_shaped_s"),
+                "nginx proxy_cache",
                 false,
             ),
         ];
@@ -1359,6 +1391,25 @@ mod all {
                 s("startup_peak_rss_mib"),
                 d("startup_peak_rss_mib"),
                 "distribution",
+                false,
+            ));
+            lines.push(line(
+                &format!(
+                    "RSS once reconciled (1 s after), {} cached blobs",
+                    o.startup_blobs
+                ),
+                "MiB",
+                s("startup_reconciled_rss_mib"),
+                d("startup_rss_mib"),
+                "distribution (10 s after ready)",
+                false,
+            ));
+            lines.push(line(
+                &format!("peak RSS to then, {} cached blobs", o.startup_blobs),
+                "MiB",
+                s("startup_reconciled_peak_rss_mib"),
+                d("startup_peak_rss_mib"),
+                "distribution (10 s after ready)",
                 false,
             ));
         }
@@ -1573,11 +1624,54 @@ mod startup {
         pub ready: Duration,
         pub rss_kib: Option<u64>,
         pub peak_kib: Option<u64>,
+        /// For stowage: seconds from ready to its log's "cache reconciled" (the background
+        /// reconciliation over), and the resident memory and its peak a second after that.
+        pub reconciled: Option<(f64, Option<u64>, Option<u64>)>,
     }
 
     /// How long after ready the resident memory is sampled: long enough for work the server
     /// does in the background after it is ready (a reconciliation of the cache) to show.
     const SETTLE: Duration = Duration::from_secs(10);
+
+    /// The longest the bench waits for stowage's background reconciliation after ready.
+    const RECONCILE_WAIT: Duration = Duration::from_secs(300);
+
+    /// After ready: the memory of `proc` [`SETTLE`] later, and with `reconciles` (stowage) the
+    /// time its `log` says "cache reconciled" and the memory a second after that (`None` if it
+    /// never says so within [`RECONCILE_WAIT`]; distribution never does).
+    async fn after_ready(
+        proc: &Proc,
+        log: &Path,
+        reconciles: bool,
+    ) -> (
+        Option<u64>,
+        Option<u64>,
+        Option<(f64, Option<u64>, Option<u64>)>,
+    ) {
+        let ready = Instant::now();
+        let mut settled = None;
+        let mut seen: Option<f64> = None;
+        loop {
+            let t = ready.elapsed();
+            if settled.is_none() && t >= SETTLE {
+                settled = Some((proc.rss_kib(), proc.peak_rss_kib()));
+            }
+            if reconciles && seen.is_none() {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                if text.contains("cache reconciled") {
+                    seen = Some(t.as_secs_f64());
+                }
+            }
+            let done_waiting = !reconciles
+                || seen.is_some_and(|s| t.as_secs_f64() >= s + 1.0)
+                || t >= RECONCILE_WAIT;
+            if let (Some((rss, peak)), true) = (settled, done_waiting) {
+                let then = seen.map(|s| (s, proc.rss_kib(), proc.peak_rss_kib()));
+                return (rss, peak, then);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 
     /// The digests of the seeded blobs: the sha256 of each index's 8 little-endian bytes.
     fn seeded(n: u64) -> impl Iterator<Item = (Vec<u8>, String)> {
@@ -1641,7 +1735,13 @@ mod startup {
 
     /// Spawns `cmd` and polls `url` until it answers 2xx: the time from spawn; then the
     /// resident memory [`SETTLE`] later and the peak until then.
-    async fn time_to_ready(cmd: Command, log: &Path, url: &str) -> Result<Started, BoxError> {
+    /// With `reconciles` (stowage), also the memory once its background reconciliation is over.
+    async fn time_to_ready(
+        cmd: Command,
+        log: &Path,
+        url: &str,
+        reconciles: bool,
+    ) -> Result<Started, BoxError> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(5))
@@ -1652,11 +1752,12 @@ mod startup {
             if let Ok(r) = client.get(url).send().await {
                 if r.status().is_success() {
                     let ready = t0.elapsed();
-                    tokio::time::sleep(SETTLE).await;
+                    let (rss_kib, peak_kib, reconciled) = after_ready(&proc, log, reconciles).await;
                     return Ok(Started {
                         ready,
-                        rss_kib: proc.rss_kib(),
-                        peak_kib: proc.peak_rss_kib(),
+                        rss_kib,
+                        peak_kib,
+                        reconciled,
                     });
                 }
             }
@@ -1717,6 +1818,22 @@ mod startup {
         (ready, rss, peak)
     }
 
+    /// Medians over the runs that saw the reconciliation end: seconds after ready, RSS then and
+    /// peak (MiB).
+    pub fn reconciled_medians(runs: &[Started]) -> (Option<f64>, Option<f64>, Option<f64>) {
+        fn median(mut v: Vec<f64>) -> Option<f64> {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v.get(v.len() / 2).copied()
+        }
+        let done: Vec<_> = runs.iter().filter_map(|r| r.reconciled).collect();
+        let to_mib = |k: u64| k as f64 / 1024.0;
+        (
+            median(done.iter().map(|r| r.0).collect()),
+            median(done.iter().filter_map(|r| r.1).map(to_mib).collect()),
+            median(done.iter().filter_map(|r| r.2).map(to_mib).collect()),
+        )
+    }
+
     /// The `startup` subcommand: one table row per server and blob count.
     pub async fn command(
         cli: &Cli,
@@ -1734,20 +1851,26 @@ mod startup {
                     .map(|r| format!("{:.3}", r.ready.as_secs_f64()))
                     .collect();
                 let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+                let (rec_s, rec_rss, rec_peak) = reconciled_medians(&started);
                 rows.push(format!(
-                    "| {} | {n} | {ready:.3} ({}) | {} | {} |",
+                    "| {} | {n} | {ready:.3} ({}) | {} | {} | {} | {} | {} |",
                     kind.name(),
                     all.join(", "),
                     f(rss),
-                    f(peak)
+                    f(peak),
+                    f(rec_s),
+                    f(rec_rss),
+                    f(rec_peak)
                 ));
             }
         }
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "startup with N cached blobs (median of {runs} fresh processes; RSS {} s after ready)\n\n\
-             | server | N | ready s (runs) | RSS MiB | peak RSS MiB |\n|---|---|---|---|---|",
+            "startup with N cached blobs (median of {runs} fresh processes; RSS {} s after ready, \
+             and 1 s after the background reconciliation is over)\n\n\
+             | server | N | ready s (runs) | RSS MiB | peak RSS MiB | reconciled after s | \
+             RSS then MiB | peak then MiB |\n|---|---|---|---|---|---|---|---|",
             SETTLE.as_secs()
         )?;
         for r in rows {
@@ -1788,25 +1911,32 @@ mod startup {
                 let log = dir.join(format!("server-{run}.log"));
                 let started = match kind {
                     ServerKind::Stowage => {
-                        let cmd =
+                        let mut cmd =
                             stowage_command(&stowage_bin(cli)?, &dir, &data, port, upstream, "")?;
-                        time_to_ready(cmd, &log, &format!("{url}/readyz")).await?
+                        // The one info line the bench waits for: "cache reconciled".
+                        cmd.env("RUST_LOG", "warn,stowage::cache::startup=info");
+                        time_to_ready(cmd, &log, &format!("{url}/readyz"), true).await?
                     }
                     ServerKind::Distribution => {
                         let config = dir.join("proxy.yml");
                         std::fs::write(&config, registry_yaml(&data, port, Some(upstream), false))?;
                         let mut cmd = Command::new(&cli.registry);
                         cmd.arg("serve").arg(&config);
-                        time_to_ready(cmd, &log, &format!("{url}/v2/")).await?
+                        time_to_ready(cmd, &log, &format!("{url}/v2/"), false).await?
                     }
                 };
                 note(&format!(
-                    "{}: ready in {:.3} s with {n} cached blobs; RSS {} MiB {} s later, peak {} MiB",
+                    "{}: ready in {:.3} s with {n} cached blobs; RSS {} MiB {} s later, peak {} MiB{}",
                     kind.name(),
                     started.ready.as_secs_f64(),
                     mib(started.rss_kib),
                     SETTLE.as_secs(),
                     mib(started.peak_kib),
+                    started.reconciled.map_or(String::new(), |(s, rss, peak)| format!(
+                        "; reconciled {s:.1} s after ready, RSS then {} MiB, peak {} MiB",
+                        mib(rss),
+                        mib(peak)
+                    )),
                 ));
                 times.push(started);
             }

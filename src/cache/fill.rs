@@ -139,6 +139,10 @@ pub type FillMap = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
 /// shorter ones are not joined beyond the tail's own limit).
 const TAIL_CHUNK: usize = 1 << 20;
 
+/// Read size of a reader behind the tail, from the file (at most what has been published).
+/// 256 KiB keeps 32 followers within 8 MiB of mapped (resident) windows.
+const READ_CHUNK: u64 = 256 * 1024;
+
 /// Bytes gathered before a write to the partial file (earlier if the upstream pauses).
 pub const FLUSH_AT: usize = 256 * 1024;
 
@@ -361,7 +365,7 @@ impl ReaderState {
                     .file
                     .as_ref()
                     .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))?;
-                let want = (readable - self.pos).min(super::serve::MMAP_WINDOW);
+                let want = (readable - self.pos).min(READ_CHUNK);
                 // Published bytes are in the file and never change (a failed fill unlinks the
                 // file, it never truncates it), so they can be mapped like a committed blob.
                 let buf = super::serve::read_window(file, self.pos, want, None)

@@ -11,10 +11,10 @@ use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 
-/// Bytes kept beyond what a reader at the head needs: a reader within this distance of the
-/// published end is served from memory. Per fill, so 16 fills hold at most 16 times this (plus
-/// one batch each).
-pub const TAIL_BYTES: u64 = 1 << 20;
+/// Bytes kept: a reader within this distance of the published end is served from memory (one
+/// at the head is usually within the last batch). Per fill; the buffers held keep their whole
+/// allocation (the upstream client's read buffer), measured at ~12 MiB of RSS over 16 fills.
+pub const TAIL_BYTES: u64 = 512 * 1024;
 
 /// Pieces shorter than this are joined with the ones after them (up to [`JOIN_UPTO`] bytes) into
 /// one buffer, so an upstream delivering small chunks does not mean a reader wake-up per chunk.
