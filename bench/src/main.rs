@@ -1405,7 +1405,10 @@ mod all {
                 false,
             ));
             lines.push(line(
-                &format!("peak RSS to then, {} cached blobs", o.startup_blobs),
+                &format!(
+                    "peak RSS until reconciled, {} cached blobs",
+                    o.startup_blobs
+                ),
                 "MiB",
                 s("startup_reconciled_peak_rss_mib"),
                 d("startup_peak_rss_mib"),
