@@ -21,19 +21,19 @@
 //! target/release/stowage-bench all --json bench-results.json
 //! ```
 //!
-//! `all` runs every workload, in one process and against one upstream: (1) warm blob
-//! throughput (1 and 8 clients) against nginx with `sendfile` serving the same file and a raw
-//! read of it (the ceiling) and against distribution's proxy; (2) warm manifests by tag and
-//! digest with `wrk -t2 -c64`; (3) a cold pull of a multi-layer image against pulling from the
-//! upstream directly, then in pairs on loopback and behind a shaping proxy, each pair also pulled
-//! through a fresh nginx `proxy_cache` and with the CPU of every process on the path (see
-//! [`cold`]: its floor is that CPU over the machine's cores); (4) the cold blob to N = 8 and 32 clients at once (the `cold-blob` runs:
-//! upstream bytes, wall time, time to first byte); (5) each server's peak RSS over 1-4; (6) the
-//! time from spawning the server until it is ready on a cache holding 100k blobs, its memory
-//! 10 s later and once its background reconciliation is over (see [`startup`]); (7) a push with skopeo of an image of random layers to stowage (a `[hosted]`
-//! repository) and to a plain distribution registry, the pull back, and the peak RSS during the
-//! push at two layer sizes (see [`push`]). It prints one table (stowage, peer, ratio) and writes
-//! a JSON file.
+//! `all` runs every workload, in one process and against one upstream: (1) warm blob throughput (1
+//! and 8 clients) against nginx with `sendfile` serving the same file and a raw read of it (the
+//! ceiling) and against distribution's proxy; (2) warm manifests by tag and digest with `wrk -t2
+//! -c64`; (3) a cold pull of a multi-layer image against pulling from the upstream directly, then
+//! in pairs on loopback and behind a shaping proxy, each pair also pulled through a fresh nginx
+//! `proxy_cache` and with the CPU of every process on the path (see [`cold`]: its floor is that
+//! CPU over the machine's cores); (4) the cold blob to N = 8 and 32 clients at once (the
+//! `cold-blob` runs: upstream bytes, wall time, time to first byte); (5) each server's peak RSS
+//! over 1-4; (6) the time from spawning the server until it is ready on a cache holding 100k
+//! blobs, its memory 10 s later and once its background reconciliation is over (see [`startup`]);
+//! (7) a push with skopeo of an image of random layers to stowage (a `[hosted]` repository) and to
+//! a plain distribution registry, the pull back, and the peak RSS during the push at two layer
+//! sizes (see [`push`]). It prints one table (stowage, peer, ratio) and writes a JSON file.
 //!
 //! To add a workload: a new [`Workload`] variant and a function that drives clients against a
 //! [`Server`] and returns [`Sample`]s; the servers, upstream and reporting are shared.

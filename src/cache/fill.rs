@@ -6,15 +6,16 @@
 //! published bytes from memory ([`Tail`]: the buffers just written, no file access) and anything
 //! older from the partial file, so all of them stream bytes as they arrive, and a client hanging
 //! up does not touch the fill: it always runs to completion (there is no abandon switch;
-//! [`FillPolicy`] bounds how many run at once and how long a broken upstream is retried). On success (size and sha256 match) the
-//! file is fsynced, renamed into `blobs/` and indexed; on failure it is deleted and every reader's
-//! stream ends in an error, which aborts its connection. A reader never receives its last byte
-//! before the size and sha256 are verified, so a client never sees a clean end to a wrong or
-//! truncated body; the last byte is released as soon as they are (the commit's fsyncs, rename
-//! and index write then finish in the fill's task, off the clients' critical path, counted in
-//! `stowage_fill_commits_pending`; a graceful stop waits for them, see
-//! [`Cache::finish_commits`](super::Cache::finish_commits)). A crash in that window loses only
-//! the commit: the blob is fetched again on its next request.
+//! [`FillPolicy`] bounds how many run at once and how long a broken upstream is retried). On
+//! success (size and sha256 match) the file is fsynced, renamed into `blobs/` and indexed; on
+//! failure it is deleted and every reader's stream ends in an error, which aborts its connection
+//! (or, before its first byte, is answered as an error status by the HTTP layer). A reader never
+//! receives its last byte before the size and sha256 are verified, so a client never sees a clean
+//! end to a wrong or truncated body; the last byte is released as soon as they are (the commit's
+//! fsyncs, rename and index write then finish in the fill's task, off the clients' critical path,
+//! counted in `stowage_fill_commits_pending`; a graceful stop waits for them, see
+//! [`Cache::finish_commits`](super::Cache::finish_commits)). A crash in that window loses only the
+//! commit: the blob is fetched again on its next request.
 //!
 //! The upstream side is a [`BlobSource`] that can be opened at an offset. When the upstream
 //! breaks, stalls longer than the source's idle timeout, or answers 5xx midway, the fill opens it
