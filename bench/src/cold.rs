@@ -111,34 +111,20 @@ impl Pair {
     }
 }
 
-/// nginx as a pull-through cache of `upstream` (every `200` kept, keyed by URL), with its own
-/// prefix and an empty cache; one process (no master), so dropping it stops it.
+/// nginx as a pull-through cache of `upstream` (every `200` kept, keyed by URL) with an empty
+/// cache in `dir`.
 fn start_nginx_cache(nginx: &str, dir: &Path, upstream: &str) -> Result<(Proc, String), BoxError> {
-    let port = super::free_port()?;
-    std::fs::create_dir_all(dir.join("logs"))?;
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nmaster_process off;\nworker_processes 1;\nuser root;\n\
-             error_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
-             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-             fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-             proxy_cache_path {d}/cache levels=1:2 keys_zone=blobs:10m max_size=10g \
-             use_temp_path=off;\n\
-             server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
-             proxy_pass {upstream};\n      proxy_http_version 1.1;\n\
-             proxy_set_header Connection \"\";\n      proxy_cache blobs;\n\
-             proxy_cache_valid 200 1h;\n    }}\n  }}\n}}\n",
-            d = dir.display(),
-        ),
-    )?;
-    let mut cmd = std::process::Command::new(nginx);
-    cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
-    let proc = Proc::spawn(cmd, &dir.join("nginx.out"))?;
-    Ok((proc, format!("http://127.0.0.1:{port}")))
+    let cache = format!(
+        "proxy_cache_path {}/cache levels=1:2 keys_zone=blobs:10m max_size=10g \
+         use_temp_path=off;",
+        dir.display()
+    );
+    let location = format!(
+        "location / {{\n      proxy_pass {upstream};\n      proxy_http_version 1.1;\n\
+         proxy_set_header Connection \"\";\n      proxy_cache blobs;\n\
+         proxy_cache_valid 200 1h;\n    }}"
+    );
+    super::start_nginx_with(nginx, dir, &cache, &location)
 }
 
 /// A pull through a fresh nginx cache in `dir`, or `None` if nginx cannot be started.

@@ -197,6 +197,38 @@ fn free_port() -> Result<u16, BoxError> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// nginx on loopback with its own prefix in `dir`, `http_extra` in its `http` block and
+/// `server_body` in its one `server`; one process (no master), so killing it stops it. Returns
+/// the process and its base URL.
+fn start_nginx_with(
+    nginx: &str,
+    dir: &Path,
+    http_extra: &str,
+    server_body: &str,
+) -> Result<(Proc, String), BoxError> {
+    let port = free_port()?;
+    std::fs::create_dir_all(dir.join("logs"))?;
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process off;\nworker_processes 1;\nuser root;\n\
+             error_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+             {http_extra}\n\
+             server {{\n    listen 127.0.0.1:{port};\n    {server_body}\n  }}\n}}\n",
+            d = dir.display(),
+        ),
+    )?;
+    let mut cmd = Command::new(nginx);
+    cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
+    let proc = Proc::spawn(cmd, &dir.join("nginx.out"))?;
+    Ok((proc, format!("http://127.0.0.1:{port}")))
+}
+
 /// A child process killed on drop.
 struct Proc {
     child: Child,
@@ -885,30 +917,9 @@ mod all {
         num.parse::<f64>().map(|x| x * scale).unwrap_or(f64::NAN)
     }
 
-    /// nginx with sendfile serving `root` on loopback, its own prefix; one process (no master),
-    /// so killing it stops it.
+    /// nginx with sendfile serving `root` on loopback (see [`start_nginx_with`]).
     fn start_nginx(nginx: &str, dir: &Path, root: &Path) -> Result<(Proc, String), BoxError> {
-        let port = free_port()?;
-        std::fs::create_dir_all(dir.join("logs"))?;
-        let conf = dir.join("nginx.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "daemon off;\nmaster_process off;\nworker_processes 1;\nuser root;\n\
-                 error_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
-                 events {{ worker_connections 256; }}\n\
-                 http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
-                 client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-                 fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-                 server {{\n    listen 127.0.0.1:{port};\n    root {r};\n  }}\n}}\n",
-                d = dir.display(),
-                r = root.display()
-            ),
-        )?;
-        let mut cmd = Command::new(nginx);
-        cmd.arg("-p").arg(dir).arg("-c").arg(&conf);
-        let proc = Proc::spawn(cmd, &dir.join("nginx.out"))?;
-        Ok((proc, format!("http://127.0.0.1:{port}")))
+        start_nginx_with(nginx, dir, "", &format!("root {};", root.display()))
     }
 
     async fn wait_get(url: &str) -> Result<(), BoxError> {
