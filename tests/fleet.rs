@@ -106,6 +106,25 @@ fn fill_sources(node: &Stowage, source: &str) -> f64 {
     metric(node, "stowage_fill_sources_total", &[("source", source)])
 }
 
+/// Node `b` pulls `pushed` (already in the shared store): no blob is asked of the upstream and
+/// every one comes from the object store. Returns the upstream's access log lines of the pull.
+fn pull_from_the_store(upstream: &Registry, b: &Stowage, pushed: &Pushed) -> Vec<String> {
+    let requests_before_b = upstream.access_log().len();
+    let out_b = tempfile::tempdir().expect("tempdir");
+    pull(b, pushed, out_b.path());
+    let during_b: Vec<String> = upstream.access_log_lines()[requests_before_b..].to_vec();
+    assert!(
+        !during_b.iter().any(|l| l.contains("/blobs/")),
+        "node B must not ask the upstream for any blob: {during_b:#?}"
+    );
+    assert_eq!(
+        fill_sources(b, "object_store"),
+        pushed.blobs().len() as f64,
+        "every blob of node B came from the object store"
+    );
+    during_b
+}
+
 #[test]
 fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
     let upstream = Registry::start();
@@ -125,23 +144,10 @@ fn node_b_serves_what_node_a_fetched_without_asking_the_upstream() {
         upstream.access_log_lines()
     );
     wait_shared(&garage_store(&garage), &pushed);
-    let requests_before_b = upstream.access_log().len();
-
-    let out_b = tempfile::tempdir().expect("tempdir");
-    pull(&b, &pushed, out_b.path());
-    let during_b: Vec<String> = upstream.access_log_lines()[requests_before_b..].to_vec();
-    assert!(
-        !during_b.iter().any(|l| l.contains("/blobs/")),
-        "node B must not ask the upstream for any blob: {during_b:#?}"
-    );
+    let during_b = pull_from_the_store(&upstream, &b, &pushed);
     assert!(
         !during_b.iter().any(|l| l.contains("/manifests/")),
         "the tag node A confirmed within manifest_ttl is a hit on node B: {during_b:#?}"
-    );
-    assert_eq!(
-        fill_sources(&b, "object_store"),
-        pushed.blobs().len() as f64,
-        "every blob of node B came from the object store"
     );
     assert_eq!(fill_sources(&b, "upstream"), 0.0);
     assert!(metric(&b, "stowage_object_store_hits_total", &[("kind", "tag")]) >= 1.0);
@@ -171,20 +177,7 @@ fn nodes_on_gcs_share_what_one_of_them_fetched() {
     let store = stowage::store::open(&gcs.shared_store_config(PREFIX, Duration::from_secs(10)))
         .expect("opening the GCS bucket");
     wait_shared(&store, &pushed);
-    let requests_before_b = upstream.access_log().len();
-
-    let out_b = tempfile::tempdir().expect("tempdir");
-    pull(&b, &pushed, out_b.path());
-    let during_b: Vec<String> = upstream.access_log_lines()[requests_before_b..].to_vec();
-    assert!(
-        !during_b.iter().any(|l| l.contains("/blobs/")),
-        "node B must not ask the upstream for any blob: {during_b:#?}"
-    );
-    assert_eq!(
-        fill_sources(&b, "object_store"),
-        pushed.blobs().len() as f64,
-        "every blob of node B came from the object store"
-    );
+    pull_from_the_store(&upstream, &b, &pushed);
     let uploads = gcs
         .requests()
         .into_iter()

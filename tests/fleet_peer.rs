@@ -111,15 +111,48 @@ fn a_fills_b_follows(
     (get_a, get_b)
 }
 
-#[test]
-fn the_follower_streams_from_the_filling_node_before_the_upstream_finishes() {
+/// A fake upstream holding a 2 MiB blob after its first [`HEAD`] bytes (served wrong if
+/// `wrong`), and two advertising nodes in front of it on one shared directory.
+struct HeldPair {
+    upstream: FakeUpstream,
+    bytes: Vec<u8>,
+    digest: String,
+    shared: tempfile::TempDir,
+    a: Stowage,
+    b: Stowage,
+}
+
+fn held_pair(modulus: u32, lease_ttl: &str, wrong: Option<WrongBytes>) -> HeldPair {
     let upstream = FakeUpstream::start();
-    let bytes = blob(2 * 1024 * 1024, 251);
+    let bytes = blob(2 * 1024 * 1024, modulus);
     let digest = upstream.add_blob("fleet/app", bytes.clone());
+    if let Some(w) = wrong {
+        upstream.serve_wrong_bytes(&digest, w);
+    }
     upstream.push_faults(&digest, [Fault::HoldAt(HEAD)]);
     let shared = tempfile::tempdir().expect("tempdir");
-    let a = node(&upstream, shared.path(), "2m");
-    let b = node(&upstream, shared.path(), "2m");
+    let a = node(&upstream, shared.path(), lease_ttl);
+    let b = node(&upstream, shared.path(), lease_ttl);
+    HeldPair {
+        upstream,
+        bytes,
+        digest,
+        shared,
+        a,
+        b,
+    }
+}
+
+#[test]
+fn the_follower_streams_from_the_filling_node_before_the_upstream_finishes() {
+    let HeldPair {
+        upstream,
+        bytes,
+        digest,
+        shared: _shared,
+        a,
+        b,
+    } = held_pair(251, "2m", None);
 
     let (get_a, get_b) = a_fills_b_follows(&upstream, &a, &b, &digest);
     // B's first bytes came while A's upstream still held the rest: released only now.
@@ -153,14 +186,15 @@ fn the_follower_streams_from_the_filling_node_before_the_upstream_finishes() {
 
 #[test]
 fn a_filler_dying_mid_stream_leaves_the_follower_with_the_right_blob() {
-    let upstream = FakeUpstream::start();
-    let bytes = blob(2 * 1024 * 1024, 241);
-    let digest = upstream.add_blob("fleet/app", bytes.clone());
-    upstream.push_faults(&digest, [Fault::HoldAt(HEAD)]);
-    let shared = tempfile::tempdir().expect("tempdir");
-    // Short enough that B stops waiting on the dead node's lease soon.
-    let mut a = node(&upstream, shared.path(), "10s");
-    let b = node(&upstream, shared.path(), "10s");
+    // A lease short enough that B stops waiting on the dead node's lease soon.
+    let HeldPair {
+        upstream,
+        bytes,
+        digest,
+        shared: _shared,
+        mut a,
+        b,
+    } = held_pair(241, "10s", None);
 
     let (get_a, get_b) = a_fills_b_follows(&upstream, &a, &b, &digest);
     a.stop();
@@ -284,15 +318,15 @@ fn the_peer_endpoint_wants_the_fill_leases_token() {
 
 #[test]
 fn a_blob_that_fails_verification_on_the_filler_is_not_served_as_good_by_the_follower() {
-    let upstream = FakeUpstream::start();
-    let bytes = blob(2 * 1024 * 1024, 233);
-    let digest = upstream.add_blob("fleet/app", bytes.clone());
+    let HeldPair {
+        upstream,
+        bytes,
+        digest,
+        shared,
+        a,
+        b,
+    } = held_pair(233, "2m", Some(WrongBytes::FlippedByte));
     let hex = digest.trim_start_matches("sha256:").to_owned();
-    upstream.serve_wrong_bytes(&digest, WrongBytes::FlippedByte);
-    upstream.push_faults(&digest, [Fault::HoldAt(HEAD)]);
-    let shared = tempfile::tempdir().expect("tempdir");
-    let a = node(&upstream, shared.path(), "2m");
-    let b = node(&upstream, shared.path(), "2m");
 
     let (get_a, get_b) = a_fills_b_follows(&upstream, &a, &b, &digest);
     upstream.release_holds();

@@ -237,15 +237,29 @@ impl GcsStore {
 
     /// An object's metadata; `None` when it does not exist.
     async fn metadata(&self, key: &str, name: &str) -> Result<Option<ObjectMeta>, StoreError> {
+        self.get_found(key, self.object_url(name), |r| r.json())
+            .await
+    }
+
+    /// GETs `url` (retried, within the store's timeout): `None` on 404, else the answer as
+    /// `read` takes it.
+    async fn get_found<T, Fut>(
+        &self,
+        key: &str,
+        url: Url,
+        read: impl FnOnce(Response) -> Fut,
+    ) -> Result<Option<T>, StoreError>
+    where
+        Fut: std::future::Future<Output = reqwest::Result<T>>,
+    {
         let deadline = Instant::now() + self.timeout;
-        let url = self.object_url(name);
         let fetch = async {
             let resp = self
                 .send(key, deadline, true, || self.http.get(url.clone()))
                 .await?;
             match resp.status() {
                 StatusCode::NOT_FOUND => Ok(None),
-                s if s.is_success() => Ok(Some(resp.json().await.map_err(|e| transport(key, e))?)),
+                s if s.is_success() => Ok(Some(read(resp).await.map_err(|e| transport(key, e))?)),
                 _ => Err(failure(key, resp).await),
             }
         };
@@ -465,21 +479,8 @@ impl BlobStore for GcsStore {
     fn get_bytes<'a>(&'a self, key: &'a str) -> StoreFuture<'a, Option<Bytes>> {
         async move {
             let name = self.name(key)?;
-            let url = self.media_url(&name);
-            let deadline = Instant::now() + self.timeout;
-            let fetch = async {
-                let resp = self
-                    .send(key, deadline, true, || self.http.get(url.clone()))
-                    .await?;
-                match resp.status() {
-                    StatusCode::NOT_FOUND => Ok(None),
-                    s if s.is_success() => {
-                        Ok(Some(resp.bytes().await.map_err(|e| transport(key, e))?))
-                    }
-                    _ => Err(failure(key, resp).await),
-                }
-            };
-            within(deadline, key, fetch).await?
+            self.get_found(key, self.media_url(&name), |r| r.bytes())
+                .await
         }
         .boxed()
     }
